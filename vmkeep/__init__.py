@@ -1,0 +1,3 @@
+"""vmkeep: agentless virtual-machine backup."""
+
+__version__ = "0.1.0"

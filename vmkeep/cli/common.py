@@ -1,0 +1,30 @@
+"""Options shared by commands that open a repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vmkeep.repository.backends import open_backend
+from vmkeep.repository.config import Credentials
+from vmkeep.repository.repo import Repository
+
+RepoArg = Annotated[str, typer.Argument(help="Repository: a directory or s3://BUCKET/PREFIX")]
+RepoOpt = Annotated[str, typer.Option("--repo", "-r", help="Repository: a directory or s3://BUCKET/PREFIX")]
+PassFile = Annotated[
+    Path | None, typer.Option(help="File holding the passphrase (else VMKEEP_PASSPHRASE)", show_default=False)
+]
+KeyFile = Annotated[Path | None, typer.Option(help="Key file of a key-file-encrypted repository")]
+S3Endpoint = Annotated[
+    str | None, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL)", envvar="VMKEEP_S3_ENDPOINT")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the figures")]
+Workers = Annotated[int, typer.Option(min=1, max=64, help="Parallel chunk workers")]
+
+
+def open_repository(location: str, passphrase_file: Path | None, key_file: Path | None,
+                    s3_endpoint: str | None) -> Repository:
+    backend = open_backend(location, s3_endpoint=s3_endpoint)
+    return Repository.open(backend, Credentials.from_env(passphrase_file, key_file))

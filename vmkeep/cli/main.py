@@ -1,0 +1,33 @@
+"""Entry point of the `vmkeep` command: sub-commands and error reporting."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from vmkeep.cli import disk_cmds, repo_cmds
+from vmkeep.cli.demo import demo_cmd
+from vmkeep.cli.output import err_console
+from vmkeep.errors import VmkeepError
+
+app = typer.Typer(help="vmkeep: agentless VM backup.", no_args_is_help=True, pretty_exceptions_enable=False)
+app.add_typer(repo_cmds.app, name="repo")
+app.add_typer(disk_cmds.app, name="disk")
+app.command("points")(disk_cmds.points_cmd)
+app.command("demo")(demo_cmd)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted: nothing partial was committed; the next run starts clean")
+        sys.exit(130)
+    except VmkeepError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""A bounded parallel map over chunk slots, shared by backup, restore and verify.
+
+Work items are submitted to a thread pool with at most ``2 × workers`` in flight, so memory
+stays bounded whatever the disk size. The first failure stops the submission of new items,
+waits for the running ones and is re-raised; Ctrl-C does the same.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_result: Callable[[T, R], None]) -> None:
+    """Run ``fn`` over ``items`` on ``workers`` threads; ``on_result`` runs in the caller's thread."""
+    limit = threading.BoundedSemaphore(workers * 2)
+    pending: dict[Future[R], T] = {}
+    failed = threading.Event()
+
+    def release(_f: Future[R]) -> None:
+        limit.release()
+        if _f.exception() is not None:
+            failed.set()
+
+    def drain(block: bool) -> None:
+        done = [f for f in pending if f.done()]
+        if block and not done:
+            finished, _ = wait(pending, return_when=FIRST_EXCEPTION)
+            done = list(finished)
+        for f in done:
+            item = pending.pop(f)
+            on_result(item, f.result())
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmkeep") as pool:
+        try:
+            for item in items:
+                while not limit.acquire(timeout=0.1):
+                    drain(block=False)
+                if failed.is_set():
+                    limit.release()
+                    break
+                f = pool.submit(fn, item)
+                pending[f] = item
+                f.add_done_callback(release)
+                if len(pending) > workers * 4:
+                    drain(block=False)
+            while pending:
+                drain(block=True)
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            raise

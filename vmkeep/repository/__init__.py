@@ -1,0 +1,1 @@
+"""The repository: content-addressed, deduplicated, compressed and encrypted chunk store."""

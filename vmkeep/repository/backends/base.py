@@ -1,0 +1,78 @@
+"""What the repository needs from a place to keep objects (a directory, an S3 bucket).
+
+Keys are slash-separated relative names such as ``chunks/ab/ab12…``. Times are storage-side
+clocks (file mtime, S3 LastModified) so that garbage collection never compares clocks of two
+machines.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float
+
+
+class Backend(ABC):
+    """A flat key → bytes store with atomic puts."""
+
+    url: str
+    immutable_days: int = 0  # objects written under retention for this many days (S3 Object Lock)
+    supports_immutability = False
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | memoryview, *, if_absent: bool = False, durable: bool = False) -> bool:
+        """Store ``data`` atomically. With ``if_absent`` an existing object is kept and False returned.
+
+        ``durable`` asks for the object to be on stable storage before returning (manifests);
+        other objects are made durable together by :meth:`flush`.
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Return the object's bytes; raises ObjectMissing when absent."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and mtime of an object, or None when absent."""
+
+    @abstractmethod
+    def touch(self, key: str) -> bool:
+        """Set the object's mtime to now (it is in use); False when it does not exist."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object; absent objects are not an error."""
+
+    @abstractmethod
+    def delete_if_older(self, key: str, cutoff: float) -> int:
+        """Delete the object only if its mtime is still before ``cutoff``; return bytes freed.
+
+        The check and the delete must not let a concurrent :meth:`touch` slip between them
+        unnoticed: this is what makes garbage collection safe while backups run.
+        """
+
+    @abstractmethod
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every object put so far durable (one syncfs instead of an fsync per chunk)."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The storage's own clock, read by writing a marker object."""
+
+    def close(self) -> None:
+        """Release connections and file descriptors."""
+
+    def free_bytes(self) -> int | None:
+        """Free space where the backend knows it (local filesystems)."""
+        return None

@@ -1,0 +1,204 @@
+"""Repository on a local (or NFS-mounted) filesystem.
+
+Atomicity: every object is written to a unique temporary name in the same directory and
+renamed into place. Durability: chunk files are not fsynced one by one; :meth:`flush` issues a
+single ``syncfs`` on the repository's filesystem before the manifest that references them is
+written with fsync + rename + fsync of its directory. A crash therefore leaves either the old
+state or the new one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmkeep.errors import BackendError, ObjectMissing
+from vmkeep.repository.backends.base import Backend, ObjectInfo
+
+_libc = ctypes.CDLL(None, use_errno=True)
+TMP_SUFFIX = ".tmp"
+TRASH = "trash"
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _translate(exc: OSError, what: str) -> BackendError:
+    if exc.errno == errno.ENOSPC:
+        return BackendError(f"the repository's filesystem is full while writing {what}; free space and retry")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return BackendError(f"no permission to write {what}: {exc.strerror}")
+    return BackendError(f"cannot write {what}: {exc}")
+
+
+class FilesystemBackend(Backend):
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.url = str(self.root)
+        self._made_dirs: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._made_dirs:
+            return
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self._made_dirs.add(directory)
+
+    def put(self, key: str, data: bytes | memoryview, *, if_absent: bool = False, durable: bool = False) -> bool:
+        path = self._path(key)
+        if if_absent and path.exists():
+            return False
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:12]}{TMP_SUFFIX}")
+        try:
+            self._ensure_dir(path.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if if_absent:
+                # link() fails if the name exists: a concurrent writer of the same key wins.
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return False
+                finally:
+                    os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
+            if durable:
+                self._fsync_dir(path.parent)
+            return True
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _translate(exc, key) from None
+
+    def _fsync_dir(self, directory: Path) -> None:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def get(self, key: str) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise ObjectMissing(f"{key} is missing from the repository at {self.root}") from None
+        except OSError as exc:
+            raise BackendError(f"cannot read {key}: {exc}") from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def touch(self, key: str) -> bool:
+        try:
+            os.utime(self._path(key))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_if_older(self, key: str, cutoff: float) -> int:
+        """Move the object aside, then look at its mtime: a touch that came first is seen and
+        the object is put back; a touch that comes later finds nothing and the writer stores
+        the chunk again itself."""
+        path = self._path(key)
+        trash = self.root / TRASH / f"{uuid.uuid4().hex}"
+        self._ensure_dir(trash.parent)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return 0
+        st = os.stat(trash)
+        if st.st_mtime >= cutoff:
+            try:
+                os.link(trash, path)
+            except FileExistsError:
+                pass  # a writer stored it again meanwhile: identical content
+            os.unlink(trash)
+            return 0
+        os.unlink(trash)
+        return st.st_size
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        base = self._path(prefix)
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return
+        for dirpath, _dirnames, filenames in os.walk(start):
+            for name in filenames:
+                if name.endswith(TMP_SUFFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                key = os.path.relpath(full, self.root)
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def flush(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _syncfs(fd)
+        except OSError as exc:
+            raise _translate(exc, "chunks (syncfs)") from None
+        finally:
+            os.close(fd)
+
+    def now(self) -> float:
+        key = "clock"
+        self.put(key, str(time.time()).encode())
+        info = self.stat(key)
+        assert info is not None
+        return info.mtime
+
+    def free_bytes(self) -> int | None:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def stale_temporaries(self, older_than: float) -> Iterator[Path]:
+        """Temporary files left by a writer that died mid-put."""
+        for dirpath, _d, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.endswith(TMP_SUFFIX):
+                    full = Path(dirpath) / name
+                    try:
+                        if full.stat().st_mtime < older_than:
+                            yield full
+                    except FileNotFoundError:
+                        continue

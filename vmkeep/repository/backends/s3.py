@@ -1,0 +1,179 @@
+"""Repository in S3-compatible object storage (AWS S3, SeaweedFS, MinIO, Ceph RGW …).
+
+Puts are atomic by nature; ``if_absent`` uses a conditional write (``If-None-Match: *``) so two
+writers of one chunk never race. With ``immutable_days`` every chunk, index and manifest is
+written under S3 Object Lock in COMPLIANCE mode: nobody, vmkeep included, can delete it before
+the retention date. ``touch`` copies an object onto itself, which refreshes LastModified.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+
+from vmkeep.errors import BackendError, ObjectMissing, UsageError
+from vmkeep.repository.backends.base import Backend, ObjectInfo
+
+LOCKED_PREFIXES = ("chunks/", "indexes/", "points/")
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+_PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict", "409"}
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Backend(Backend):
+    supports_immutability = True
+
+    def __init__(self, url: str, *, endpoint: str | None = None, workers: int = 16,
+                 immutable_days: int = 0) -> None:
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise UsageError(f"{url!r} is not an S3 location: use s3://BUCKET/PREFIX")
+        self.url = url
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.immutable_days = immutable_days
+        self.endpoint = endpoint
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            config=Config(
+                max_pool_connections=max(workers * 2, 10),
+                retries={"max_attempts": 4, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(Bucket=self.bucket, **kwargs)
+        except EndpointConnectionError as exc:
+            raise BackendError(
+                f"cannot reach the S3 endpoint for {self.url} ({exc}); check --s3-endpoint / AWS_ENDPOINT_URL "
+                "and that the server is up"
+            ) from None
+        except ClientError as exc:
+            code = _code(exc)
+            if code in _MISSING or code in _PRECONDITION:
+                raise
+            if code == "NoSuchBucket":
+                raise BackendError(
+                    f"the bucket {self.bucket!r} does not exist; create it or run `vmkeep repo init`"
+                ) from None
+            if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise BackendError(f"S3 refused {what} on {self.url}: {code}; check the credentials") from None
+            raise BackendError(f"S3 failed {what} on {self.url}: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise BackendError(f"S3 failed {what} on {self.url}: {exc}") from None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if needed (with Object Lock enabled when the repository is immutable)."""
+        try:
+            self._call("head bucket", self.client.head_bucket)
+            return
+        except (ClientError, BackendError):
+            pass
+        kwargs: dict[str, Any] = {}
+        if self.immutable_days:
+            kwargs["ObjectLockEnabledForBucket"] = True
+        self._call("create bucket", self.client.create_bucket, **kwargs)
+
+    def put(self, key: str, data: bytes | memoryview, *, if_absent: bool = False, durable: bool = False) -> bool:
+        kwargs: dict[str, Any] = {"Key": self._key(key), "Body": bytes(data)}
+        if if_absent:
+            kwargs["IfNoneMatch"] = "*"
+        if self.immutable_days and key.startswith(LOCKED_PREFIXES):
+            kwargs["ObjectLockMode"] = "COMPLIANCE"
+            kwargs["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.immutable_days)
+        try:
+            self._call(f"writing {key}", self.client.put_object, **kwargs)
+        except ClientError as exc:
+            if _code(exc) in _PRECONDITION:
+                return False
+            raise BackendError(f"S3 failed writing {key}: {_code(exc)}") from None
+        return True
+
+    def get(self, key: str) -> bytes:
+        try:
+            body = self._call(f"reading {key}", self.client.get_object, Key=self._key(key))["Body"]
+            return bytes(body.read())
+        except ClientError:
+            raise ObjectMissing(f"{key} is missing from the repository at {self.url}") from None
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            head = self._call(f"looking up {key}", self.client.head_object, Key=self._key(key))
+        except ClientError:
+            return None
+        return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
+
+    def touch(self, key: str) -> bool:
+        try:
+            self._call(
+                f"refreshing {key}", self.client.copy_object, Key=self._key(key),
+                CopySource={"Bucket": self.bucket, "Key": self._key(key)},
+                MetadataDirective="REPLACE", Metadata={"vmkeep-touched": str(time.time())},
+            )
+            return True
+        except ClientError:
+            return False
+
+    def delete(self, key: str) -> None:
+        try:
+            self._call(f"deleting {key}", self.client.delete_object, Key=self._key(key))
+        except ClientError:
+            pass
+
+    def delete_if_older(self, key: str, cutoff: float) -> int:
+        info = self.stat(key)
+        if info is None or info.mtime >= cutoff:
+            return 0
+        if self.immutable_days and info.mtime > time.time() - self.immutable_days * 86400:
+            return 0  # still under retention: S3 would refuse
+        self.delete(key)
+        return info.size
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        full = self._key(prefix)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Prefix": full}
+            if token:
+                kwargs["ContinuationToken"] = token
+            try:
+                page = self._call(f"listing {prefix}", self.client.list_objects_v2, **kwargs)
+            except ClientError as exc:
+                raise BackendError(f"S3 failed listing {prefix}: {_code(exc)}") from None
+            for obj in page.get("Contents", []):
+                yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
+            if not page.get("IsTruncated"):
+                return
+            token = page["NextContinuationToken"]
+
+    def flush(self) -> None:
+        """A successful PUT is already durable."""
+
+    def now(self) -> float:
+        self.put("clock", str(time.time()).encode())
+        info = self.stat("clock")
+        if info is None:
+            raise BackendError(f"S3 lost the clock object just written to {self.url}")
+        return info.mtime
+
+    def close(self) -> None:
+        self.client.close()

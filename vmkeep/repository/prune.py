@@ -1,0 +1,74 @@
+"""Retention: which restore points of each name to keep (last N, and the newest point of each of
+the last N hours / days / weeks / months / years)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from vmkeep.errors import UsageError
+from vmkeep.repository.points import Manifest
+from vmkeep.repository.repo import Repository
+
+PERIODS: dict[str, Callable[[datetime], tuple[int, ...]]] = {
+    "hourly": lambda t: (t.year, t.month, t.day, t.hour),
+    "daily": lambda t: (t.year, t.month, t.day),
+    "weekly": lambda t: tuple(t.isocalendar()[:2]),
+    "monthly": lambda t: (t.year, t.month),
+    "yearly": lambda t: (t.year,),
+}
+
+
+@dataclass
+class RetentionPolicy:
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def is_empty(self) -> bool:
+        return not any(self.__dict__.values())
+
+
+@dataclass
+class PruneResult:
+    keep: dict[str, list[str]] = field(default_factory=dict)  # point id -> reasons
+    remove: list[Manifest] = field(default_factory=list)
+
+
+def select(points: list[Manifest], policy: RetentionPolicy) -> PruneResult:
+    """Apply ``policy`` to the points of one name."""
+    newest_first = sorted(points, key=lambda m: (m.created, m.point_id), reverse=True)
+    result = PruneResult()
+    for m in newest_first[: policy.last]:
+        result.keep.setdefault(m.point_id, []).append("last")
+    for period, bucket_of in PERIODS.items():
+        wanted = getattr(policy, period)
+        seen: set[tuple[int, ...]] = set()
+        for m in newest_first:
+            if len(seen) >= wanted:
+                break
+            bucket = bucket_of(m.created_at)
+            if bucket not in seen:
+                seen.add(bucket)
+                result.keep.setdefault(m.point_id, []).append(period)
+    result.remove = [m for m in newest_first if m.point_id not in result.keep]
+    return result
+
+
+def prune(repo: Repository, policy: RetentionPolicy, name: str | None = None,
+          dry_run: bool = False) -> dict[str, PruneResult]:
+    """Per name, select and (unless ``dry_run``) delete the points the policy does not keep."""
+    if policy.is_empty():
+        raise UsageError("give at least one --keep-* option; prune never deletes every point")
+    by_name: dict[str, list[Manifest]] = {}
+    for m in repo.list_points(name):
+        by_name.setdefault(m.name, []).append(m)
+    results = {n: select(pts, policy) for n, pts in by_name.items()}
+    if not dry_run:
+        for r in results.values():
+            repo.delete_points(r.remove)
+    return results

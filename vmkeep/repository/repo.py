@@ -1,0 +1,169 @@
+"""The repository facade: chunks, indexes and restore points over one backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vmkeep.errors import ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
+from vmkeep.repository.backends.base import Backend
+from vmkeep.repository.chunks import decode_chunk, encode_chunk
+from vmkeep.repository.config import CONFIG_KEY, Credentials, RepoConfig
+from vmkeep.repository.crypto import RepositoryKeys
+from vmkeep.repository.index import DiskIndex
+from vmkeep.repository.points import Manifest, check_name, decode_manifest, encode_manifest, manifest_key
+
+
+def chunk_key(chunk_id: bytes) -> str:
+    h = chunk_id.hex()
+    return f"chunks/{h[:2]}/{h}"
+
+
+class Repository:
+    def __init__(self, backend: Backend, config: RepoConfig, keys: RepositoryKeys) -> None:
+        self.backend = backend
+        self.config = config
+        self.keys = keys
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        backend: Backend,
+        *,
+        chunk_size: int,
+        compression: int,
+        encrypt: bool,
+        credentials: Credentials,
+        immutable_days: int = 0,
+    ) -> Repository:
+        if immutable_days and not backend.supports_immutability:
+            raise UsageError("--immutable-days needs an S3 repository (it relies on S3 Object Lock)")
+        backend.immutable_days = immutable_days
+        if backend.stat(CONFIG_KEY) is not None:
+            raise UsageError(f"{backend.url} is already a vmkeep repository")
+        config, secret = RepoConfig.create(chunk_size, compression, encrypt, credentials, immutable_days)
+        if not backend.put(CONFIG_KEY, config.to_json(), if_absent=True, durable=True):
+            raise UsageError(f"{backend.url} is already a vmkeep repository")
+        return cls(backend, config, RepositoryKeys.derive(secret, encrypt))
+
+    @classmethod
+    def open(cls, backend: Backend, credentials: Credentials) -> Repository:
+        try:
+            raw = backend.get(CONFIG_KEY)
+        except ObjectMissing:
+            raise RepositoryError(
+                f"{backend.url} is not a vmkeep repository (no {CONFIG_KEY}); create one with `vmkeep repo init`"
+            ) from None
+        config = RepoConfig.from_json(raw, backend.url)
+        secret = config.unlock(credentials, backend.url)
+        backend.immutable_days = config.immutable_days
+        return cls(backend, config, RepositoryKeys.derive(secret, config.encrypted))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    @property
+    def chunk_size(self) -> int:
+        return self.config.chunk_size
+
+    # -- chunks ----------------------------------------------------------------------------------
+    def store_chunk(self, chunk_id: bytes, plaintext: bytes | bytearray | memoryview) -> int:
+        """Store a chunk unless the repository has it; return the bytes written (0 on a dedup hit).
+
+        A hit refreshes the chunk's mtime, which is what keeps a concurrent garbage collection
+        from sweeping a chunk this backup is about to reference.
+        """
+        key = chunk_key(chunk_id)
+        if self.backend.touch(key):
+            return 0
+        stored = encode_chunk(self.keys, chunk_id, plaintext, self.config.compression)
+        if not self.backend.put(key, stored, if_absent=True):
+            return 0
+        return len(stored)
+
+    def load_chunk(self, chunk_id: bytes, size: int) -> bytes:
+        key = chunk_key(chunk_id)
+        try:
+            stored = self.backend.get(key)
+        except ObjectMissing:
+            raise ObjectMissing(f"chunk {chunk_id.hex()} is missing from the repository") from None
+        return decode_chunk(self.keys, chunk_id, stored, size)
+
+    # -- restore points --------------------------------------------------------------------------
+    def _read_manifest(self, key: str) -> Manifest:
+        return decode_manifest(self.backend.get(key), self.keys.mac, key)
+
+    def list_points(self, name: str | None = None) -> list[Manifest]:
+        """Every committed restore point (optionally of one name), oldest first."""
+        prefix = f"points/{check_name(name)}/" if name else "points/"
+        points = []
+        for info in self.backend.list(prefix):
+            if info.key.endswith(".json"):
+                try:
+                    points.append(self._read_manifest(info.key))
+                except ObjectMissing:
+                    continue  # deleted by a concurrent prune
+        return sorted(points, key=lambda m: (m.created, m.point_id))
+
+    def damaged_points(self) -> list[tuple[str, str]]:
+        """Manifests that cannot be read or authenticated, as (key, reason)."""
+        damaged = []
+        for info in self.backend.list("points/"):
+            if info.key.endswith(".json"):
+                try:
+                    self._read_manifest(info.key)
+                except (ObjectCorrupt, RepositoryError) as exc:
+                    damaged.append((info.key, str(exc)))
+        return damaged
+
+    def names(self) -> list[str]:
+        return sorted({m.name for m in self.list_points()})
+
+    def find_point(self, name: str, point: str | None = None) -> Manifest:
+        """The point ``point`` of ``name`` (an id, a unique id prefix, or None/'latest')."""
+        points = self.list_points(name)
+        if not points:
+            raise PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
+        if point in (None, "latest"):
+            return points[-1]
+        matches = [m for m in points if m.point_id.startswith(point)]
+        if len(matches) != 1:
+            which = "no" if not matches else "more than one"
+            raise PointNotFound(f"{which} restore point of {name!r} matches {point!r}; see `vmkeep points {name}`")
+        return matches[0]
+
+    def load_index(self, manifest: Manifest, disk: str) -> DiskIndex:
+        entry = manifest.disks.get(disk)
+        if entry is None:
+            raise PointNotFound(
+                f"point {manifest.point_id} of {manifest.name} has no disk {disk!r} "
+                f"(it has {', '.join(sorted(manifest.disks))})"
+            )
+        what = f"the index of disk {disk} in point {manifest.name}@{manifest.point_id}"
+        try:
+            data = self.backend.get(entry.index_key)
+        except ObjectMissing:
+            raise ObjectMissing(f"{what} is missing from the repository") from None
+        if self.keys.mac(data) != entry.index_mac:
+            raise ObjectCorrupt(f"{what} is damaged or truncated (its MAC does not match the manifest)")
+        index = DiskIndex.decode(data, what)
+        if index.size != entry.size or index.chunk_size != manifest.chunk_size:
+            raise ObjectCorrupt(f"{what} does not match its manifest")
+        return index
+
+    def write_index(self, key: str, index: DiskIndex) -> str:
+        """Store an index object and return its MAC for the manifest."""
+        data = index.encode()
+        self.backend.put(key, data)
+        return self.keys.mac(data)
+
+    def commit_point(self, manifest: Manifest) -> None:
+        """Make the point visible: chunks and indexes durable first, then the manifest."""
+        self.backend.flush()
+        key = manifest_key(manifest.name, manifest.point_id)
+        self.backend.put(key, encode_manifest(manifest, self.keys.mac), if_absent=True, durable=True)
+
+    def delete_points(self, manifests: Iterable[Manifest]) -> None:
+        """Remove manifests only; their indexes and chunks are reclaimed by garbage collection."""
+        for m in manifests:
+            self.backend.delete(manifest_key(m.name, m.point_id))

@@ -1,0 +1,1 @@
+"""Moving disk data over NBD: exports, connections, extent maps."""
