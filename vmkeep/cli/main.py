@@ -25,7 +25,7 @@ def main() -> None:
         err_console.print("interrupted: nothing partial was committed; the next run starts clean")
         sys.exit(130)
     except VmkeepError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from vmkeep.errors import UsageError
 from vmkeep.repository.points import Manifest
@@ -39,10 +39,14 @@ class PruneResult:
     remove: list[Manifest] = field(default_factory=list)
 
 
-def select(points: list[Manifest], policy: RetentionPolicy) -> PruneResult:
-    """Apply ``policy`` to the points of one name."""
+def select(points: list[Manifest], policy: RetentionPolicy, locked_until: datetime | None = None) -> PruneResult:
+    """Apply ``policy`` to the points of one name; points newer than ``locked_until`` stay (Object Lock)."""
     newest_first = sorted(points, key=lambda m: (m.created, m.point_id), reverse=True)
     result = PruneResult()
+    if locked_until is not None:
+        for m in newest_first:
+            if m.created_at > locked_until:
+                result.keep.setdefault(m.point_id, []).append("immutable")
     for m in newest_first[: policy.last]:
         result.keep.setdefault(m.point_id, []).append("last")
     for period, bucket_of in PERIODS.items():
@@ -67,7 +71,9 @@ def prune(repo: Repository, policy: RetentionPolicy, name: str | None = None,
     by_name: dict[str, list[Manifest]] = {}
     for m in repo.list_points(name):
         by_name.setdefault(m.name, []).append(m)
-    results = {n: select(pts, policy) for n, pts in by_name.items()}
+    days = repo.config.immutable_days
+    locked = datetime.now(UTC) - timedelta(days=days) if days else None
+    results = {n: select(pts, policy, locked) for n, pts in by_name.items()}
     if not dry_run:
         for r in results.values():
             repo.delete_points(r.remove)

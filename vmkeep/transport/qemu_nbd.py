@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -64,9 +64,8 @@ def serve_image(
         raise ImageError(f"{image.path} has no persistent bitmap {bitmap!r} (it has: {known})")
     workdir = Path(tempfile.mkdtemp(prefix="vmkeep-nbd-"))
     sock = workdir / "nbd.sock"
-    pidfile = workdir / "qemu-nbd.pid"
     cmd = [
-        "qemu-nbd", "--fork", f"--pid-file={pidfile}", f"--socket={sock}", f"--format={image.format}",
+        "qemu-nbd", f"--socket={sock}", f"--format={image.format}",
         "--persistent", f"--shared={connections}", "--cache=writeback",
     ]
     if readonly:
@@ -74,35 +73,44 @@ def serve_image(
     if bitmap:
         cmd.append(f"--bitmap={bitmap}")
     cmd.append(str(image.path))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise ImageError(f"qemu-nbd cannot serve {image.path}: {proc.stderr.strip()}")
+        _wait_for_socket(proc, sock, image.path)
         yield f"nbd+unix:///?socket={sock}"
     finally:
-        _stop(pidfile)
-        for p in (sock, pidfile):
-            p.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+        sock.unlink(missing_ok=True)
         workdir.rmdir()
 
 
-def _stop(pidfile: Path) -> None:
-    try:
-        pid = int(pidfile.read_text())
-    except (OSError, ValueError):
-        return
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+def _listening(sock: Path) -> bool:
+    if not sock.exists():
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
+            s.connect(str(sock))
+            return True
+        except OSError:
+            return False
+
+
+def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, image: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not _listening(sock):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            raise ImageError(f"qemu-nbd cannot serve {image}: {err}")
+        if time.monotonic() > deadline:
+            raise ImageError(f"qemu-nbd did not start serving {image} within 30 s")
+        time.sleep(0.005)
 
 
 def create_image(path: Path, fmt: str, size: int) -> None:

@@ -112,7 +112,27 @@ class S3Backend(Backend):
             body = self._call(f"reading {key}", self.client.get_object, Key=self._key(key))["Body"]
             return bytes(body.read())
         except ClientError:
-            raise ObjectMissing(f"{key} is missing from the repository at {self.url}") from None
+            pass
+        # On an immutable repository a plain DELETE only hides an object behind a delete marker:
+        # the locked version is still there, so read it.
+        for version_id in self._versions(key) if self.immutable_days else []:
+            try:
+                body = self._call(f"reading {key}", self.client.get_object, Key=self._key(key),
+                                  VersionId=version_id)["Body"]
+                return bytes(body.read())
+            except ClientError:
+                continue
+        raise ObjectMissing(f"{key} is missing from the repository at {self.url}")
+
+    def _versions(self, key: str) -> list[str]:
+        """Version ids of ``key`` that hold data, newest first."""
+        try:
+            page = self._call(f"listing versions of {key}", self.client.list_object_versions, Prefix=self._key(key))
+        except ClientError:
+            return []
+        versions = [v for v in page.get("Versions", []) if v["Key"] == self._key(key)]
+        versions.sort(key=lambda v: v["LastModified"], reverse=True)
+        return [v["VersionId"] for v in versions]
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:
@@ -133,10 +153,17 @@ class S3Backend(Backend):
             return False
 
     def delete(self, key: str) -> None:
+        """Remove an object; on an immutable repository every version whose retention has ended."""
         try:
             self._call(f"deleting {key}", self.client.delete_object, Key=self._key(key))
         except ClientError:
             pass
+        if self.immutable_days:
+            for version_id in self._versions(key):
+                try:
+                    self.client.delete_object(Bucket=self.bucket, Key=self._key(key), VersionId=version_id)
+                except ClientError:
+                    pass  # still under retention
 
     def delete_if_older(self, key: str, cutoff: float) -> int:
         info = self.stat(key)
