@@ -74,7 +74,13 @@ def collect(repo: Repository, dry_run: bool = False) -> GcReport:
     live_keys: set[str] = set()
     for m in repo.list_points():
         for disk, entry in m.disks.items():
-            marked |= repo.load_index(m, disk).chunk_ids()
+            try:
+                marked |= repo.load_index(m, disk).chunk_ids()
+            except RepositoryError as exc:
+                raise RepositoryError(
+                    f"refusing to collect garbage: {exc}; nothing was deleted. Run `vmkeep repo verify`, "
+                    "then prune the damaged point"
+                ) from None
             live_keys.add(entry.index_key)
     _mark_protects(repo, live, marked, live_keys)
     seen = {s.key for s in all_sessions}

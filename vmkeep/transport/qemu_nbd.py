@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -16,6 +18,7 @@ from pathlib import Path
 from vmkeep.errors import ImageError
 
 SECTOR = 512
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -73,7 +76,7 @@ def serve_image(
     if bitmap:
         cmd.append(f"--bitmap={bitmap}")
     cmd.append(str(image.path))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
     try:
         _wait_for_socket(proc, sock, image.path)
         yield f"nbd+unix:///?socket={sock}"
@@ -89,6 +92,11 @@ def serve_image(
             proc.stderr.close()
         sock.unlink(missing_ok=True)
         workdir.rmdir()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when vmkeep dies, even by kill -9, so no export is left behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _listening(sock: Path) -> bool:
