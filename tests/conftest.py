@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from vmkeep.lab.images import Segment, make_image
 
@@ -80,23 +82,33 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config.write_text(json.dumps({"identities": [{"name": "vmkeep", "credentials": [
         {"accessKey": S3_USER, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     s3_port = _free_port()
-    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", f"-master.port={_free_port()}",
-           f"-volume.port={_free_port()}", "-filer", f"-filer.port={_free_port()}", "-s3", f"-s3.port={s3_port}",
-           f"-s3.config={config}", "-volume.max=0"]
-    log = open(data / "weed.log", "wb")
+    # Every listener gets an explicit free port (SeaweedFS would otherwise take fixed defaults).
+    ports = {opt: _free_port() for opt in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+                                           "filer.port", "filer.port.grpc", "s3.port.grpc")}
+    cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-filer", "-s3",
+           f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
+           "-volume.max=100", "-master.volumeSizeLimitMB=256", *(f"-{opt}={port}" for opt, port in ports.items())]
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - open for the server's whole life
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{s3_port}"
-    deadline = time.monotonic() + 90
-    while True:
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_USER, aws_secret_access_key=S3_SECRET,
+                          region_name="us-east-1", config=Config(retries={"max_attempts": 1}, connect_timeout=2))
+    deadline = time.monotonic() + 120
+    while True:  # ready once a bucket can be made and an object written (volumes registered)
         try:
-            urllib.request.urlopen(endpoint, timeout=2)
-        except urllib.error.HTTPError:
-            break  # answering (403 without credentials)
-        except OSError:
+            client.create_bucket(Bucket="vmkeep-probe")
+        except ClientError:
+            pass
+        except (BotoCoreError, OSError):
+            pass
+        try:
+            client.put_object(Bucket="vmkeep-probe", Key="probe", Body=b"x")
+            break
+        except (ClientError, BotoCoreError, OSError):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"SeaweedFS did not start: see {data / 'weed.log'}")
-            time.sleep(0.3)
+            time.sleep(0.5)
     yield endpoint
     proc.terminate()
     try:

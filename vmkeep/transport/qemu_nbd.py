@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import json
-import signal
 import os
+import signal
 import socket
 import subprocess
 import tempfile
