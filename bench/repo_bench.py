@@ -1,0 +1,186 @@
+"""Repository throughput against the hardware limits, measured side by side in one run.
+
+Scenarios (each the median of --repeat runs, every vmkeep run into a fresh repository):
+
+* disk-bound: `vmkeep disk backup` of an incompressible qcow2 into an encrypted repository on the
+  local disk vs `nbdcopy` of the same qemu-nbd export to a raw file on the same filesystem + sync;
+* CPU-bound: the same backup into repositories on tmpfs (/dev/shm), encrypted and not, vs
+  `nbdcopy` of the export to `null:`;
+* unchanged incremental: `--since latest --changed <empty>` vs the full backup;
+* restore: `vmkeep disk restore --format raw` + sync vs `qemu-img convert -O raw` + sync.
+
+Writes bench/results-repo.json and the tables of docs/performance.md between its markers.
+
+    .venv/bin/python -m bench.repo_bench [--size-gib 4] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from vmkeep.lab.images import Segment, make_image
+from vmkeep.transport.qemu_nbd import probe_image, serve_image
+
+ROOT = Path(__file__).resolve().parent.parent
+VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
+GiB = 1 << 30
+ENV = {**os.environ, "VMKEEP_PASSPHRASE": "bench-passphrase"}
+
+
+def sh(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_of(repeat: int, setup: Callable[[], None], run: Callable[[], object],
+              cleanup: Callable[[], None]) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeat):
+        setup()
+        try:
+            times.append(timed(run))
+        finally:
+            cleanup()
+    return statistics.median(times), times
+
+
+def rm(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=4.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "bench" / "work")
+    ap.add_argument("--workers", type=int, default=4)
+    args = ap.parse_args()
+    work: Path = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm/vmkeep-bench")
+    shm.mkdir(exist_ok=True)
+    size = int(args.size_gib * GiB)
+    image = work / "incompressible.qcow2"
+    if not image.exists() or probe_image(image).virtual_size != size:
+        rm(image)
+        print(f"making a {size / GiB:.1f} GiB qcow2 of incompressible data …", flush=True)
+        make_image(image, size, [Segment(0, size, "random", "bench")])
+    sh("sync")
+    results: dict[str, dict[str, object]] = {}
+    w = str(args.workers)
+
+    def record(key: str, seconds: float, runs: list[float], nbytes: int = size) -> None:
+        results[key] = {"seconds": round(seconds, 3), "runs": [round(r, 3) for r in runs],
+                        "throughput_gbps": round(nbytes / seconds / 1e9, 3)}
+        print(f"{key:34s} {seconds:7.2f} s  {nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
+
+    info = probe_image(image)
+    copy = work / "nbdcopy.raw"
+    with serve_image(info, connections=8) as uri:
+        t, runs = median_of(args.repeat, lambda: rm(copy),
+                            lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")), lambda: rm(copy))
+        record("nbdcopy to raw file + sync", t, runs)
+        t, runs = median_of(args.repeat, lambda: None, lambda: sh("nbdcopy", uri, "null:"), lambda: None)
+        record("nbdcopy to null:", t, runs)
+
+    def backup_into(repo: Path, encrypt: bool) -> tuple[float, list[float]]:
+        def setup() -> None:
+            rm(repo)
+            sh(VMKEEP, "repo", "init", str(repo), *(["--encrypt"] if encrypt else []))
+
+        return median_of(args.repeat, setup, lambda: sh(VMKEEP, "disk", "backup", str(image), "--repo", str(repo),
+                                                        "--name", "bench", "--workers", w, "--json"),
+                         lambda: None)
+
+    disk_repo, shm_repo = work / "repo", shm / "repo"
+    record("vmkeep backup, encrypted, local disk", *backup_into(disk_repo, True))
+    record("vmkeep backup, encrypted, tmpfs", *backup_into(shm_repo, True))
+    rm(shm_repo)
+    record("vmkeep backup, plain, tmpfs", *backup_into(shm_repo, False))
+    rm(shm_repo)
+
+    empty = work / "no-changes.txt"
+    empty.write_text("")
+    t, runs = median_of(args.repeat, lambda: None,
+                        lambda: sh(VMKEEP, "disk", "backup", str(image), "--repo", str(disk_repo), "--name", "bench",
+                                   "--since", "latest", "--changed", str(empty), "--json"), lambda: None)
+    record("vmkeep incremental, no changes", t, runs)
+
+    out = work / "restored.raw"
+    t, runs = median_of(args.repeat, lambda: rm(out),
+                        lambda: (sh("qemu-img", "convert", "-O", "raw", str(image), str(out)), sh("sync")),
+                        lambda: rm(out))
+    record("qemu-img convert to raw + sync", t, runs)
+    t, runs = median_of(args.repeat, lambda: rm(out),
+                        lambda: (sh(VMKEEP, "disk", "restore", "bench", "--repo", str(disk_repo), "--output", str(out),
+                                    "--format", "raw", "--workers", w, "--json"), sh("sync")),
+                        lambda: rm(out))
+    record("vmkeep restore to raw + sync", t, runs)
+    rm(disk_repo, shm)
+
+    def ratio(a: str, b: str) -> float:
+        return round(float(results[b]["seconds"]) / float(results[a]["seconds"]), 3)  # type: ignore[arg-type]
+
+    ratios = {
+        "disk-bound: encrypted backup / (nbdcopy to file + sync)": (
+            ratio("vmkeep backup, encrypted, local disk", "nbdcopy to raw file + sync"), 0.8),
+        "CPU-bound: encrypted backup on tmpfs / nbdcopy to null": (
+            ratio("vmkeep backup, encrypted, tmpfs", "nbdcopy to null:"), 0.5),
+        "CPU-bound: plain backup on tmpfs / nbdcopy to null": (
+            ratio("vmkeep backup, plain, tmpfs", "nbdcopy to null:"), 0.6),
+        "restore / qemu-img convert": (ratio("vmkeep restore to raw + sync", "qemu-img convert to raw + sync"), 0.6),
+    }
+    incr_share = round(float(results["vmkeep incremental, no changes"]["seconds"])  # type: ignore[arg-type]
+                       / float(results["vmkeep backup, encrypted, local disk"]["seconds"]), 4)  # type: ignore[arg-type]
+    doc = {"size_bytes": size, "repeat": args.repeat, "workers": args.workers, "cpus": os.cpu_count(),
+           "results": results, "ratios": {k: {"ratio": r, "target": t} for k, (r, t) in ratios.items()},
+           "unchanged_incremental_share_of_full": {"share": incr_share, "target_below": 0.02}}
+    (ROOT / "bench" / "results-repo.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_markdown(doc)
+    print(json.dumps(doc["ratios"], indent=1), "\nunchanged incremental / full:", incr_share)
+
+
+MARK_BEGIN, MARK_END = "<!-- repo-bench:begin -->", "<!-- repo-bench:end -->"
+
+
+def write_markdown(doc: dict) -> None:
+    lines = [MARK_BEGIN, "",
+             f"Image: {doc['size_bytes'] / GiB:.1f} GiB qcow2 of incompressible data; {doc['cpus']} CPUs; "
+             f"{doc['workers']} vmkeep workers; median of {doc['repeat']} runs (written by `bench/repo_bench.py`).", "",
+             "| run | seconds | GB/s |", "|---|---:|---:|"]
+    for key, r in doc["results"].items():
+        lines.append(f"| {key} | {r['seconds']:.2f} | {r['throughput_gbps']:.2f} |")
+    lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
+    for key, r in doc["ratios"].items():
+        lines.append(f"| {key} | {r['ratio']:.2f} | ≥ {r['target']} | {'yes' if r['ratio'] >= r['target'] else 'no'} |")
+    share = doc["unchanged_incremental_share_of_full"]["share"]
+    met = "yes" if share < 0.02 else "no"
+    lines.append(f"| unchanged incremental time / full time | {share:.3f} | < 0.02 | {met} |")
+    lines += ["", MARK_END]
+    path = ROOT / "docs" / "performance.md"
+    text = path.read_text() if path.exists() else f"# Performance\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    head, _, rest = text.partition(MARK_BEGIN)
+    _, _, tail = rest.partition(MARK_END)
+    path.write_text(head + "\n".join(lines) + tail)
+
+
+if __name__ == "__main__":
+    main()
