@@ -10,6 +10,7 @@ from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, Workers, open_repository
 from vmkeep.cli.output import RichProgress, emit_json, human, out_console, rate
+from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import DEFAULT_DISK, backup_image, restore_image, split_point_spec
 
 app = typer.Typer(help="Back up and restore disk images (any format qemu opens).", no_args_is_help=True)
@@ -27,7 +28,7 @@ def backup_cmd(
     ] = None,
     bitmap: Annotated[str | None, typer.Option(help="qcow2 persistent dirty bitmap holding the changes")] = None,
     changed: Annotated[Path | None, typer.Option(help="File of 'OFFSET LENGTH' lines that changed")] = None,
-    workers: Workers = 4,
+    workers: Workers = DEFAULT_WORKERS,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
     s3_endpoint: S3Endpoint = None,
@@ -60,7 +61,7 @@ def restore_cmd(
     output: Annotated[Path, typer.Option(help="Image file to create")],
     fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
     disk: Annotated[str | None, typer.Option(help="Disk of a multi-disk point")] = None,
-    workers: Workers = 4,
+    workers: Workers = DEFAULT_WORKERS,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
     s3_endpoint: S3Endpoint = None,

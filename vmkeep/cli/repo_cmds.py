@@ -9,6 +9,7 @@ from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoArg, S3Endpoint, Workers, open_repository
 from vmkeep.cli.output import RichProgress, emit_json, human, out_console
+from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.errors import UsageError
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import DEFAULT_CHUNK_SIZE, Credentials
@@ -85,7 +86,7 @@ def info_cmd(repo: RepoArg, passphrase_file: PassFile = None, key_file: KeyFile 
 def verify_cmd(
     repo: RepoArg,
     sample: Annotated[float, typer.Option(min=0.01, max=100, help="Percent of chunks to check")] = 100.0,
-    workers: Workers = 4,
+    workers: Workers = DEFAULT_WORKERS,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
     s3_endpoint: S3Endpoint = None,

@@ -25,7 +25,7 @@ from vmkeep.repository.repo import Repository
 from vmkeep.repository.sessions import WriterSession
 from vmkeep.transport.extents import Extent, ranges_by_slot, touched_slots
 
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 6
 
 
 class DiskSource(Protocol):
@@ -214,6 +214,7 @@ def backup_point(
             mac = repo.write_index(key, index)
             disks[job.disk] = DiskEntry(index.size, key, mac, stats.as_dict())
             all_stats[job.disk] = stats
+        repo.backend.flush()  # chunks and indexes durable; counted in the backup's duration
         totals = {k: sum(getattr(s, k) for s in all_stats.values())
                   for k in ("size", "bytes_read", "bytes_zero", "bytes_reused", "chunks_new", "bytes_new",
                             "bytes_stored")}

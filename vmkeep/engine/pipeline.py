@@ -24,7 +24,7 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_resul
 
     def release(_f: Future[R]) -> None:
         limit.release()
-        if _f.exception() is not None:
+        if not _f.cancelled() and _f.exception() is not None:
             failed.set()
 
     def drain(block: bool) -> None:

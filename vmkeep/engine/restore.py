@@ -23,7 +23,7 @@ from vmkeep.repository.repo import Repository
 from vmkeep.transport.nbd_client import NbdExport
 from vmkeep.transport.qemu_nbd import ImageInfo, create_image, serve_image
 
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 6
 
 
 class DiskTarget(Protocol):

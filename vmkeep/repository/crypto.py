@@ -14,7 +14,8 @@ import os
 from dataclasses import dataclass
 
 import blake3
-from Crypto.Cipher import AES
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmkeep.errors import ObjectCorrupt, WrongPassphrase
 
@@ -54,13 +55,16 @@ class RepositoryKeys:
         return blake3.blake3(data, key=self.mac_key).hexdigest()
 
 
-def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-    """AES-256-GCM: nonce | ciphertext | tag. pycryptodome releases the GIL while it works."""
+def seal_parts(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, bytes]:
+    """AES-256-GCM as (nonce, ciphertext | tag), kept apart so a 4 MiB chunk is never re-copied."""
     nonce = os.urandom(NONCE_SIZE)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce)
-    cipher.update(aad)
-    ciphertext, tag = cipher.encrypt_and_digest(plaintext)
-    return nonce + ciphertext + tag
+    return nonce, AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
+    """AES-256-GCM: nonce | ciphertext | tag."""
+    nonce, sealed = seal_parts(key, plaintext, aad)
+    return nonce + sealed
 
 
 def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
@@ -68,11 +72,9 @@ def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -
     view = memoryview(sealed)
     if len(view) < NONCE_SIZE + TAG_SIZE:
         raise ObjectCorrupt(f"{what} is truncated ({len(view)} bytes)")
-    cipher = AES.new(key, AES.MODE_GCM, nonce=bytes(view[:NONCE_SIZE]))
-    cipher.update(aad)
     try:
-        return cipher.decrypt_and_verify(view[NONCE_SIZE:-TAG_SIZE], view[-TAG_SIZE:])
-    except ValueError:
+        return AESGCM(key).decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], aad)
+    except InvalidTag:
         raise ObjectCorrupt(f"{what} failed authentication: it was modified or damaged") from None
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 from vmkeep.errors import ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
 from vmkeep.repository.backends.base import Backend
-from vmkeep.repository.chunks import decode_chunk, encode_chunk
+from vmkeep.repository.chunks import decode_chunk, encode_chunk_parts
 from vmkeep.repository.config import CONFIG_KEY, Credentials, RepoConfig
 from vmkeep.repository.crypto import RepositoryKeys
 from vmkeep.repository.index import DiskIndex
@@ -76,10 +76,10 @@ class Repository:
         key = chunk_key(chunk_id)
         if self.backend.touch(key):
             return 0
-        stored = encode_chunk(self.keys, chunk_id, plaintext, self.config.compression)
-        if not self.backend.put(key, stored, if_absent=True):
+        parts = encode_chunk_parts(self.keys, chunk_id, plaintext, self.config.compression)
+        if not self.backend.put(key, parts, if_absent=True):
             return 0
-        return len(stored)
+        return sum(len(p) for p in parts)
 
     def load_chunk(self, chunk_id: bytes, size: int) -> bytes:
         key = chunk_key(chunk_id)

@@ -19,6 +19,9 @@ class ObjectInfo:
     mtime: float
 
 
+Data = bytes | bytearray | memoryview | list[bytes | bytearray | memoryview]  # parts are written back to back
+
+
 class Backend(ABC):
     """A flat key → bytes store with atomic puts."""
 
@@ -27,7 +30,7 @@ class Backend(ABC):
     supports_immutability = False
 
     @abstractmethod
-    def put(self, key: str, data: bytes | memoryview, *, if_absent: bool = False, durable: bool = False) -> bool:
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = False) -> bool:
         """Store ``data`` atomically. With ``if_absent`` an existing object is kept and False returned.
 
         ``durable`` asks for the object to be on stable storage before returning (manifests);

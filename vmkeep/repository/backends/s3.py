@@ -19,7 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from vmkeep.errors import BackendError, ObjectMissing, UsageError
-from vmkeep.repository.backends.base import Backend, ObjectInfo
+from vmkeep.repository.backends.base import Backend, Data, ObjectInfo
 
 LOCKED_PREFIXES = ("chunks/", "indexes/", "points/")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -92,8 +92,9 @@ class S3Backend(Backend):
             kwargs["ObjectLockEnabledForBucket"] = True
         self._call("create bucket", self.client.create_bucket, **kwargs)
 
-    def put(self, key: str, data: bytes | memoryview, *, if_absent: bool = False, durable: bool = False) -> bool:
-        kwargs: dict[str, Any] = {"Key": self._key(key), "Body": bytes(data)}
+    def put(self, key: str, data: Data, *, if_absent: bool = False, durable: bool = False) -> bool:
+        body = b"".join(data) if isinstance(data, list) else bytes(data)
+        kwargs: dict[str, Any] = {"Key": self._key(key), "Body": body}
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
         if self.immutable_days and key.startswith(LOCKED_PREFIXES):
