@@ -119,10 +119,16 @@ def main() -> None:
 
     empty = work / "no-changes.txt"
     empty.write_text("")
-    t, runs = median_of(args.repeat, lambda: None,
-                        lambda: sh(VMKEEP, "disk", "backup", str(image), "--repo", str(disk_repo), "--name", "bench",
-                                   "--since", "latest", "--changed", str(empty), "--json"), lambda: None)
+    engine_times: list[float] = []
+
+    def unchanged_incremental() -> None:
+        out = sh(VMKEEP, "disk", "backup", str(image), "--repo", str(disk_repo), "--name", "bench",
+                 "--since", "latest", "--changed", str(empty), "--json")
+        engine_times.append(float(json.loads(out.stdout)["duration"]))
+
+    t, runs = median_of(args.repeat, lambda: None, unchanged_incremental, lambda: None)
     record("vmkeep incremental, no changes", t, runs)
+    record("  the same, engine time only", statistics.median(engine_times), engine_times)
 
     out = work / "restored.raw"
     t, runs = median_of(args.repeat, lambda: rm(out),
@@ -148,11 +154,13 @@ def main() -> None:
             ratio("vmkeep backup, plain, tmpfs", "nbdcopy to null:"), 0.6),
         "restore / qemu-img convert": (ratio("vmkeep restore to raw + sync", "qemu-img convert to raw + sync"), 0.6),
     }
-    incr_share = round(float(results["vmkeep incremental, no changes"]["seconds"])  # type: ignore[arg-type]
-                       / float(results["vmkeep backup, encrypted, local disk"]["seconds"]), 4)  # type: ignore[arg-type]
+    full = float(results["vmkeep backup, encrypted, local disk"]["seconds"])  # type: ignore[arg-type]
+    incr_share = round(float(results["vmkeep incremental, no changes"]["seconds"]) / full, 4)  # type: ignore[arg-type]
+    engine_share = round(float(results["  the same, engine time only"]["seconds"]) / full, 4)  # type: ignore[arg-type]
     doc = {"size_bytes": size, "repeat": args.repeat, "workers": args.workers, "cpus": os.cpu_count(),
            "results": results, "ratios": {k: {"ratio": r, "target": t} for k, (r, t) in ratios.items()},
-           "unchanged_incremental_share_of_full": {"share": incr_share, "target_below": 0.02}}
+           "unchanged_incremental_share_of_full": {"share": incr_share, "engine_share": engine_share,
+                                                   "target_below": 0.02}}
     (ROOT / "bench" / "results-repo.json").write_text(json.dumps(doc, indent=1) + "\n")
     write_markdown(doc)
     print(json.dumps(doc["ratios"], indent=1), "\nunchanged incremental / full:", incr_share)
@@ -171,9 +179,10 @@ def write_markdown(doc: dict) -> None:
     lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
     for key, r in doc["ratios"].items():
         lines.append(f"| {key} | {r['ratio']:.2f} | ≥ {r['target']} | {'yes' if r['ratio'] >= r['target'] else 'no'} |")
-    share = doc["unchanged_incremental_share_of_full"]["share"]
-    met = "yes" if share < 0.02 else "no"
-    lines.append(f"| unchanged incremental time / full time | {share:.3f} | < 0.02 | {met} |")
+    for label, key in (("unchanged incremental / full, whole command", "share"),
+                       ("unchanged incremental / full, engine time", "engine_share")):
+        share = doc["unchanged_incremental_share_of_full"][key]
+        lines.append(f"| {label} | {share:.3f} | < 0.02 | {'yes' if share < 0.02 else 'no'} |")
     lines += ["", MARK_END]
     path = ROOT / "docs" / "performance.md"
     text = path.read_text() if path.exists() else f"# Performance\n\n{MARK_BEGIN}\n{MARK_END}\n"

@@ -18,6 +18,7 @@ from typing import Protocol
 from vmkeep.engine.pipeline import bounded_map
 from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import ImageError, UsageError
+from vmkeep.fsutil import start_writeback
 from vmkeep.repository.index import DiskIndex
 from vmkeep.repository.repo import Repository
 from vmkeep.transport.nbd_client import NbdExport
@@ -39,16 +40,20 @@ class RestoreStats:
 
 
 class RawFileTarget:
-    """A sparse raw file written with pwrite (which releases the GIL)."""
+    """A sparse raw file written with pwrite (which releases the GIL); each written range starts
+    its writeback at once so the disk works while the next chunks are decrypted."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self.writeback = True
 
     def pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
+        start, view = offset, memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
             view, offset = view[n:], offset + n
+        if self.writeback:
+            self.writeback = start_writeback(self.fd, start, len(data))
 
 
 @contextmanager

@@ -9,7 +9,6 @@ state or the new one.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import threading
@@ -19,18 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmkeep.errors import BackendError, ObjectMissing
+from vmkeep.fsutil import start_writeback, syncfs
 from vmkeep.repository.backends.base import Backend, Data, ObjectInfo
 
-_libc = ctypes.CDLL(None, use_errno=True)
 TMP_SUFFIX = ".tmp"
-SYNC_FILE_RANGE_WRITE = 2
 TRASH = "trash"
-
-
-def _syncfs(fd: int) -> None:
-    if _libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def _write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
@@ -64,7 +56,7 @@ class FilesystemBackend(Backend):
     def _writeback(self, fd: int) -> None:
         """Start writing the file to disk now, without waiting: disk writes then overlap with the
         hashing and encryption of the next chunks instead of all piling up for the final syncfs."""
-        if _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE) != 0:
+        if not start_writeback(fd):
             self._start_writeback = False  # not supported here; syncfs still makes it durable
 
     def _path(self, key: str) -> Path:
@@ -193,7 +185,7 @@ class FilesystemBackend(Backend):
     def flush(self) -> None:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            _syncfs(fd)
+            syncfs(fd)
         except OSError as exc:
             raise _translate(exc, "chunks (syncfs)") from None
         finally:
