@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from vmkeep.cli import disk_cmds, repo_cmds
+from vmkeep.cli import disk_cmds, repo_cmds, vm_cmds
 from vmkeep.cli.demo import demo_cmd
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
@@ -15,6 +15,9 @@ app = typer.Typer(help="vmkeep: agentless VM backup.", no_args_is_help=True, pre
 app.add_typer(repo_cmds.app, name="repo")
 app.add_typer(disk_cmds.app, name="disk")
 app.command("points")(disk_cmds.points_cmd)
+app.command("backup")(vm_cmds.backup_cmd)
+app.command("restore")(vm_cmds.restore_cmd)
+app.command("inventory")(vm_cmds.inventory_cmd)
 app.command("demo")(demo_cmd)
 
 

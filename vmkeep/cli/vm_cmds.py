@@ -1,0 +1,157 @@
+"""`vmkeep backup`, `vmkeep restore` and `vmkeep inventory`: whole VMs through a hypervisor."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, Workers, open_repository
+from vmkeep.cli.output import ProgressBoard, RichProgress, emit_json, err_console, human, out_console, rate
+from vmkeep.engine.backup import DEFAULT_WORKERS
+from vmkeep.engine.image import restore_image, split_point_spec
+from vmkeep.engine.vm import backup_vm, restore_vm_as, restore_vm_overwrite
+from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.hypervisors.base import parse_transports
+from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+
+HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI: qemu:///system, qemu+ssh://…, qemu+tls://…")]
+
+
+def backup_cmd(
+    vms: Annotated[list[str], typer.Argument(metavar="VM...", help="VMs to back up")],
+    repo: RepoOpt,
+    host: HostOpt = "qemu:///system",
+    transport: Annotated[str, typer.Option(help="Transports to try in order")] = "san:hotadd:nbd",
+    full: Annotated[bool, typer.Option("--full", help="Read every allocated extent, not just the changes")] = False,
+    quiesce: Annotated[str, typer.Option(help="required, try or off (guest-agent fsfreeze)")] = "try",
+    parallel: Annotated[int, typer.Option(min=1, max=32, help="VMs backed up at once")] = 1,
+    workers: Workers = DEFAULT_WORKERS,
+    passphrase_file: PassFile = None,
+    key_file: KeyFile = None,
+    s3_endpoint: S3Endpoint = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Back up running or shut-off VMs; incremental from each VM's latest point when its chain holds."""
+    if quiesce not in ("required", "try", "off"):
+        raise UsageError("--quiesce must be required, try or off")
+    order = parse_transports(transport)
+    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+    results: dict[str, dict[str, Any]] = {}
+
+    def one(vm: str, progress: RichProgress) -> dict[str, Any]:
+        connector = LibvirtConnector(host)
+        started = time.monotonic()
+        try:
+            m = backup_vm(r, connector, vm, transports=order, quiesce=quiesce, full=full,  # type: ignore[arg-type]
+                          workers=workers, progress=progress)
+        except VmkeepError as exc:
+            return {"vm": vm, "ok": False, "error": str(exc), "duration": round(time.monotonic() - started, 3)}
+        finally:
+            connector.close()
+        s = m.stats
+        return {"vm": vm, "ok": True, "point": m.point_id, "mode": m.meta["mode"], "reason": m.meta["reason"],
+                "transport": m.meta["transport"], "consistency": m.meta["consistency"], "notes": m.meta["notes"],
+                "bytes_read": s["bytes_read"], "bytes_stored": s["bytes_stored"], "bytes_new": s["bytes_new"],
+                "bytes_reused": s["bytes_reused"], "duration": s["seconds"],
+                "disks": {d: e.stats for d, e in m.disks.items()}}
+
+    with ProgressBoard(not json_out) as board, ThreadPoolExecutor(parallel) as pool:
+        futures = {vm: pool.submit(one, vm, board.progress(f"{vm} ")) for vm in vms}
+        for vm, f in futures.items():
+            results[vm] = f.result()
+    if json_out:
+        emit_json({"vms": list(results.values())})
+    else:
+        table = Table("VM", "point", "mode", "transport", "consistency", "read", "stored", "time", "throughput")
+        for res in results.values():
+            if res["ok"]:
+                table.add_row(res["vm"], res["point"], res["mode"], res["transport"], res["consistency"],
+                              human(res["bytes_read"]), human(res["bytes_stored"]), f"{res['duration']:.1f} s",
+                              rate(res["bytes_read"], res["duration"]))
+            else:
+                table.add_row(res["vm"], "[red]failed[/red]", "", "", "", "", "", f"{res['duration']:.1f} s", "")
+        out_console.print(table)
+        for res in results.values():
+            if res["ok"]:
+                out_console.print(f"{res['vm']}: {res['mode']} — {res['reason']}", highlight=False)
+                for note in res["notes"]:
+                    out_console.print(f"  note: {note}", highlight=False)
+            else:
+                err_console.print(f"[red]{res['vm']}: {res['error']}[/red]", highlight=False, soft_wrap=True)
+    if not all(res["ok"] for res in results.values()):
+        raise typer.Exit(1)
+
+
+def restore_cmd(
+    spec: Annotated[str, typer.Argument(metavar="VM[@POINT]", help="What to restore (default: latest point)")],
+    repo: RepoOpt,
+    host: HostOpt = "qemu:///system",
+    as_name: Annotated[str | None, typer.Option("--as", help="Restore as a new VM with this name")] = None,
+    storage: Annotated[Path | None, typer.Option(help="Directory for the new VM's disks")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
+    disk: Annotated[str | None, typer.Option(help="Restore only this disk, to --output")] = None,
+    output: Annotated[Path | None, typer.Option(help="File for --disk")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw, for --disk")] = "qcow2",
+    start: Annotated[bool, typer.Option("--start/--no-start", help="Boot the restored VM")] = True,
+    workers: Workers = DEFAULT_WORKERS,
+    passphrase_file: PassFile = None,
+    key_file: KeyFile = None,
+    s3_endpoint: S3Endpoint = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Restore a VM as a new one (--as), over the original (--overwrite), or one disk (--disk --output)."""
+    chosen = sum(x for x in (as_name is not None, overwrite, disk is not None))
+    if chosen != 1:
+        raise UsageError("choose one of --as NEWNAME, --overwrite, or --disk DISK --output FILE")
+    vm, point = split_point_spec(spec)
+    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+    progress = RichProgress(not json_out)
+    started = time.monotonic()
+    if disk is not None:
+        if output is None:
+            raise UsageError("--disk needs --output FILE")
+        m, st = restore_image(r, vm, point, output, disk=disk, fmt=fmt, workers=workers, progress=progress)
+        result: dict[str, Any] = {"point": m.point_id, "vm": vm, "disk": disk, "output": str(output),
+                                  "bytes_written": st.bytes_written}
+    else:
+        connector = LibvirtConnector(host)
+        try:
+            if as_name is not None:
+                res = restore_vm_as(r, connector, vm, point, as_name, storage=storage, start=start, workers=workers,
+                                    progress=progress)
+            else:
+                res = restore_vm_overwrite(r, connector, vm, point, workers=workers, progress=progress)
+        finally:
+            connector.close()
+        result = {"point": res.manifest.point_id, "vm": res.name, "disks": res.disks,
+                  "bytes_written": sum(s.bytes_written for s in res.stats.values()),
+                  "started": bool(start and as_name is not None)}
+    result["duration"] = round(time.monotonic() - started, 3)
+    if json_out:
+        emit_json(result)
+    else:
+        out_console.print(f"restored {vm}@{result['point']} → {result.get('vm', vm)}: wrote "
+                          f"{human(result['bytes_written'])} in {result['duration']:.1f} s", highlight=False)
+
+
+def inventory_cmd(host: HostOpt = "qemu:///system", json_out: JsonOpt = False) -> None:
+    """VMs on a hypervisor with their state and disks."""
+    connector = LibvirtConnector(host)
+    try:
+        vms = connector.inventory()
+    finally:
+        connector.close()
+    if json_out:
+        emit_json({"host": host, "vms": [{**vm.__dict__, "disks": [d.__dict__ for d in vm.disks]} for vm in vms]})
+        return
+    table = Table("VM", "state", "disk", "format", "size", "allocated", "backup")
+    for vm in vms:
+        for i, d in enumerate(vm.disks or []):
+            table.add_row(vm.name if i == 0 else "", vm.state if i == 0 else "", d.name, d.format, human(d.size),
+                          human(d.allocation), "yes" if d.backup else d.skip_reason)
+    out_console.print(table)

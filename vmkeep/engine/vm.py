@@ -1,0 +1,145 @@
+"""Backup and restore of whole VMs through a hypervisor connector."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkeep.engine.backup import DEFAULT_WORKERS, DiskJob, backup_point
+from vmkeep.engine.progress import Progress
+from vmkeep.engine.restore import RestoreStats, open_target, restore_disk
+from vmkeep.errors import UsageError
+from vmkeep.hypervisors.base import Connector, Quiesce
+from vmkeep.repository.points import Manifest, check_name
+from vmkeep.repository.repo import Repository
+from vmkeep.transport.nbd_client import NbdExport
+
+
+def backup_vm(
+    repo: Repository,
+    connector: Connector,
+    vm: str,
+    *,
+    transports: list[str],
+    quiesce: Quiesce = "try",
+    full: bool = False,
+    workers: int = DEFAULT_WORKERS,
+    progress: Progress | None = None,
+) -> Manifest:
+    """One restore point of ``vm``: incremental from its latest point when the chain allows."""
+    check_name(vm, "VM name")
+    points = repo.list_points(vm)
+    parent = points[-1] if points else None
+    since = None if (full or parent is None) else parent.meta.get("chain")
+    previous_disks = {d: e.size for d, e in parent.disks.items()} if parent else None
+    with connector.point_in_time(vm, since=since, previous_disks=previous_disks, transports=transports,
+                                 quiesce=quiesce) as pit, ExitStack() as stack:
+        jobs = []
+        for d in pit.disks.values():
+            export = NbdExport(d.uri, d.dirty_context)
+            stack.callback(export.close)
+            jobs.append(DiskJob(d.name, export, export.dirty_extents() if d.dirty_context else None))
+        reason = pit.reason if not full else "a full backup was asked for (--full)"
+        meta: dict[str, Any] = {
+            "kind": "vm", "hypervisor": "libvirt", "transport": pit.transport, "consistency": pit.consistency,
+            "mode": pit.mode, "reason": reason, "config": pit.config, "chain": pit.chain, "notes": pit.notes,
+        }
+        return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress)
+
+
+@dataclass
+class VMRestoreResult:
+    manifest: Manifest
+    name: str
+    disks: dict[str, str]
+    stats: dict[str, RestoreStats]
+
+
+def restore_disks(repo: Repository, manifest: Manifest, paths: dict[str, Path], workers: int,
+                  progress: Progress | None) -> dict[str, RestoreStats]:
+    """Restore every disk of a point into new qcow2 files; on failure none of them is left."""
+    done: list[Path] = []
+    stats = {}
+    try:
+        for disk, path in paths.items():
+            index = repo.load_index(manifest, disk)
+            with open_target(path, "qcow2", index.size, workers) as target:
+                done.append(path)
+                stats[disk] = restore_disk(repo, index, target, workers=workers, progress=progress,
+                                           label=f"restore {disk}")
+    except BaseException:
+        for p in done:
+            p.unlink(missing_ok=True)
+        raise
+    return stats
+
+
+def restore_vm_as(
+    repo: Repository,
+    connector: Connector,
+    vm: str,
+    point: str | None,
+    new_name: str,
+    *,
+    storage: Path | None = None,
+    start: bool = True,
+    workers: int = DEFAULT_WORKERS,
+    progress: Progress | None = None,
+) -> VMRestoreResult:
+    """A new VM from a restore point: new name, UUID and MACs, qcow2 disks under ``storage``."""
+    from vmkeep.hypervisors.libvirt.domain_xml import renamed_copy
+
+    manifest = repo.find_point(vm, point)
+    xml = manifest.meta.get("config", {}).get("domain_xml")
+    if not xml:
+        raise UsageError(f"point {vm}@{manifest.point_id} holds no VM configuration: restore its disks with --disk")
+    if connector.exists(new_name):
+        raise UsageError(f"a VM named {new_name!r} already exists on {connector.uri}; choose another --as name")
+    directory = storage or Path("/var/lib/libvirt/images") / new_name
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {disk: directory / f"{new_name}-{disk}.qcow2" for disk in manifest.disks}
+    taken = [str(p) for p in paths.values() if p.exists()]
+    if taken:
+        raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
+    stats = restore_disks(repo, manifest, paths, workers, progress)
+    try:
+        connector.define(renamed_copy(xml, new_name, {d: str(p) for d, p in paths.items()}), start=start)
+    except BaseException:
+        for p in paths.values():
+            p.unlink(missing_ok=True)
+        raise
+    return VMRestoreResult(manifest, new_name, {d: str(p) for d, p in paths.items()}, stats)
+
+
+def restore_vm_overwrite(
+    repo: Repository,
+    connector: Connector,
+    vm: str,
+    point: str | None,
+    *,
+    workers: int = DEFAULT_WORKERS,
+    progress: Progress | None = None,
+) -> VMRestoreResult:
+    """Put the original VM back as it was at the point; it must be shut off."""
+    from vmkeep.hypervisors.libvirt.domain_xml import with_disk_paths
+
+    manifest = repo.find_point(vm, point)
+    xml = manifest.meta.get("config", {}).get("domain_xml")
+    disks_cfg = manifest.meta.get("config", {}).get("disks", {})
+    if not xml:
+        raise UsageError(f"point {vm}@{manifest.point_id} holds no VM configuration: restore its disks with --disk")
+    connector.require_shut_off(vm)
+    originals = {d: Path(disks_cfg.get(d, {}).get("source") or f"/var/lib/libvirt/images/{vm}-{d}.qcow2")
+                 for d in manifest.disks}
+    staging = {d: p.with_name(p.name + ".vmkeep-restore") for d, p in originals.items()}
+    for p in staging.values():
+        p.unlink(missing_ok=True)
+    stats = restore_disks(repo, manifest, staging, workers, progress)
+    connector.forget_checkpoints(vm)  # their bitmaps lived in the images being replaced
+    for d, tmp in staging.items():
+        os.replace(tmp, originals[d])
+    connector.define(with_disk_paths(xml, {d: str(p) for d, p in originals.items()}), start=False)
+    return VMRestoreResult(manifest, vm, {d: str(p) for d, p in originals.items()}, stats)

@@ -1,0 +1,1 @@
+"""Hypervisor connectors: each turns a hypervisor into (NBD export, extent map, configuration)."""

@@ -1,0 +1,101 @@
+"""The connector protocol: what the data mover needs from any hypervisor.
+
+The data mover never knows which hypervisor it reads: a connector hands it, per disk, an NBD
+URI, the size, and for an incremental the metadata context that marks what changed, plus the
+VM's configuration. Entering ``point_in_time`` takes the snapshot or checkpoint; leaving it
+releases everything, on success, on error and on Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from vmkeep.errors import VmkeepError
+
+Quiesce = Literal["required", "try", "off"]
+TRANSPORTS = ("san", "hotadd", "nbd")
+
+
+class HypervisorError(VmkeepError):
+    """The hypervisor refused or failed an operation; the message says what to do."""
+
+
+@dataclass
+class VMDisk:
+    name: str  # target name, e.g. vda
+    path: str
+    format: str
+    size: int
+    allocation: int
+    backup: bool = True
+    skip_reason: str = ""
+
+
+@dataclass
+class VMInfo:
+    name: str
+    uuid: str
+    state: str
+    host: str
+    disks: list[VMDisk]
+
+
+@dataclass
+class DiskExport:
+    """One disk of a point in time, as the data mover reads it."""
+
+    name: str
+    uri: str
+    size: int
+    dirty_context: str | None = None  # set when only changed extents need reading
+
+
+@dataclass
+class PointInTimeInfo:
+    vm: str
+    transport: str
+    consistency: Literal["application", "crash"]
+    mode: Literal["full", "incremental"]
+    reason: str  # why full, or what the incremental is relative to
+    disks: dict[str, DiskExport]
+    config: dict[str, Any]  # saved with the restore point (domain XML, …)
+    chain: dict[str, Any]  # what the next incremental needs (checkpoint name, changeId, …)
+    notes: list[str] = field(default_factory=list)  # skipped transports and disks, with reasons
+
+
+class Connector(Protocol):
+    uri: str
+
+    def inventory(self) -> list[VMInfo]: ...
+
+    def exists(self, name: str) -> bool: ...
+
+    def define(self, xml: str, *, start: bool) -> None:
+        """Register (and start) a VM from a restored configuration."""
+
+    def require_shut_off(self, vm: str) -> None: ...
+
+    def forget_checkpoints(self, vm: str) -> None:
+        """Drop change-tracking state tied to disks that a restore replaces."""
+
+    def point_in_time(
+        self,
+        vm: str,
+        *,
+        since: dict[str, Any] | None,
+        previous_disks: dict[str, int] | None,
+        transports: list[str],
+        quiesce: Quiesce,
+    ) -> AbstractContextManager[PointInTimeInfo]: ...
+
+
+def parse_transports(order: str) -> list[str]:
+    """``san:hotadd:nbd`` → ['san', 'hotadd', 'nbd'], refusing unknown names."""
+    names = [t.strip() for t in order.split(":") if t.strip()]
+    unknown = [t for t in names if t not in TRANSPORTS]
+    if unknown or not names:
+        raise VmkeepError(f"unknown transport {', '.join(unknown) or order!r}: use an order of san, hotadd, nbd "
+                          "such as san:hotadd:nbd")
+    return names

@@ -1,0 +1,1 @@
+"""KVM through libvirt: checkpoints, pull-mode backup jobs, persistent qcow2 dirty bitmaps."""

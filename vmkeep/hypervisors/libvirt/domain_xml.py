@@ -1,0 +1,100 @@
+"""Reading and rewriting libvirt domain XML: which disks to back up, and a copy for restore."""
+
+from __future__ import annotations
+
+import uuid
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+
+@dataclass
+class DiskSpec:
+    target: str
+    source: str
+    format: str
+    eligible: bool
+    reason: str  # why not eligible, or a note (raw: full every time)
+
+    @property
+    def bitmaps(self) -> bool:
+        """Only qcow2 can carry the persistent dirty bitmaps that checkpoints need."""
+        return self.eligible and self.format == "qcow2"
+
+
+def disk_specs(xml: str) -> list[DiskSpec]:
+    root = ET.fromstring(xml)
+    specs = []
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        if target is None:
+            continue
+        name = target.get("dev", "?")
+        device = disk.get("device", "disk")
+        source = disk.find("source")
+        path = "" if source is None else source.get("file") or source.get("dev") or source.get("name") or ""
+        driver = disk.find("driver")
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
+        if device in ("cdrom", "floppy"):
+            continue
+        if device == "lun":
+            specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is a passthrough LUN: skipped"))
+        elif disk.find("shareable") is not None:
+            specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is shareable between VMs: skipped"))
+        elif not path:
+            specs.append(DiskSpec(name, path, fmt, False, f"disk {name} has no source (empty drive): skipped"))
+        elif fmt != "qcow2":
+            specs.append(DiskSpec(name, path, fmt, True, f"disk {name} is {fmt}: no dirty bitmap, full every time"))
+        else:
+            specs.append(DiskSpec(name, path, fmt, True, ""))
+    return specs
+
+
+def _retarget_disks(root: ET.Element, disk_paths: dict[str, str]) -> None:
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        source = disk.find("source")
+        if target is None or source is None or target.get("dev") not in disk_paths:
+            continue
+        disk.set("type", "file")
+        for attr in ("dev", "name", "protocol"):
+            source.attrib.pop(attr, None)
+        source.set("file", disk_paths[target.get("dev", "")])
+        driver = disk.find("driver")
+        if driver is not None:
+            driver.set("type", "qcow2")
+        backing = disk.find("backingStore")
+        if backing is not None:
+            disk.remove(backing)
+
+
+def renamed_copy(xml: str, new_name: str, disk_paths: dict[str, str]) -> str:
+    """The saved configuration as a new VM: new name and UUID, fresh MACs, restored disk paths.
+
+    Unix socket paths that embed the old VM's name (serial consoles, agent channels) follow
+    the new name, so the copy can run beside the original.
+    """
+    root = ET.fromstring(xml)
+    name_el = root.find("name")
+    old_name = name_el.text or "" if name_el is not None else ""
+    if name_el is not None:
+        name_el.text = new_name
+    uuid_el = root.find("uuid")
+    if uuid_el is not None:
+        uuid_el.text = str(uuid.uuid4())
+    for iface in root.findall("./devices/interface"):
+        mac = iface.find("mac")
+        if mac is not None:
+            iface.remove(mac)
+    _retarget_disks(root, disk_paths)
+    for el in root.iter("source"):
+        path = el.get("path")
+        if path and old_name and old_name in path:
+            el.set("path", path.replace(old_name, new_name))
+    return ET.tostring(root, encoding="unicode")
+
+
+def with_disk_paths(xml: str, disk_paths: dict[str, str]) -> str:
+    """The saved configuration, same identity, disks pointing at restored files (overwrite restore)."""
+    root = ET.fromstring(xml)
+    _retarget_disks(root, disk_paths)
+    return ET.tostring(root, encoding="unicode")
