@@ -68,7 +68,7 @@ def make_disk(tmp_path: Path) -> Callable[..., Path]:
 
 
 def qemu_img_compare(a: Path, b: Path) -> bool:
-    return subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)]).returncode == 0
+    return subprocess.run(["qemu-img", "compare", "-q", "-U", str(a), str(b)]).returncode == 0
 
 
 @pytest.fixture(scope="session")

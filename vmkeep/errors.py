@@ -47,3 +47,9 @@ class PointNotFound(VmkeepError):
 
 class ImageError(VmkeepError):
     """A disk image cannot be opened or read."""
+
+
+class Cancelled(VmkeepError):
+    """The operation was interrupted (Ctrl-C, or a job cancelled); nothing partial was committed."""
+
+    exit_code = 130

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,7 @@ from vmkeep.cli.output import ProgressBoard, RichProgress, emit_json, err_consol
 from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import restore_image, split_point_spec
 from vmkeep.engine.vm import backup_vm, restore_vm_as, restore_vm_overwrite
-from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.errors import Cancelled, UsageError, VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
@@ -42,13 +43,14 @@ def backup_cmd(
     order = parse_transports(transport)
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
     results: dict[str, dict[str, Any]] = {}
+    cancel = threading.Event()
 
     def one(vm: str, progress: RichProgress) -> dict[str, Any]:
         connector = LibvirtConnector(host)
         started = time.monotonic()
         try:
             m = backup_vm(r, connector, vm, transports=order, quiesce=quiesce, full=full,  # type: ignore[arg-type]
-                          workers=workers, progress=progress)
+                          workers=workers, progress=progress, cancel=cancel)
         except VmkeepError as exc:
             return {"vm": vm, "ok": False, "error": str(exc), "duration": round(time.monotonic() - started, 3)}
         finally:
@@ -62,8 +64,16 @@ def backup_cmd(
 
     with ProgressBoard(not json_out) as board, ThreadPoolExecutor(parallel) as pool:
         futures = {vm: pool.submit(one, vm, board.progress(f"{vm} ")) for vm in vms}
-        for vm, f in futures.items():
-            results[vm] = f.result()
+        try:
+            for vm, f in futures.items():
+                results[vm] = f.result()
+        except KeyboardInterrupt:
+            cancel.set()  # every running backup stops at its next chunk and releases what it took
+            for f in futures.values():
+                f.cancel()
+            wait(list(futures.values()))
+            raise Cancelled("interrupted: running backups stopped and released their jobs, scratch files and "
+                            "checkpoints; nothing partial was committed") from None
     if json_out:
         emit_json({"vms": list(results.values())})
     else:

@@ -111,6 +111,7 @@ def backup_disk(
     known: _KnownChunks,
     workers: int,
     progress: Progress,
+    cancel: threading.Event | None = None,
 ) -> tuple[DiskIndex, DiskStats]:
     chunk_size = repo.chunk_size
     size = job.source.size
@@ -164,7 +165,7 @@ def backup_disk(
                 stats.bytes_stored += written
 
     try:
-        bounded_map(work, slots, workers, done)
+        bounded_map(work, slots, workers, done, cancel)
     finally:
         progress.finish()
     stats.seconds = time.monotonic() - started
@@ -180,6 +181,7 @@ def backup_point(
     meta: dict[str, Any] | None = None,
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> Manifest:
     """Back up every disk of ``jobs`` and commit one restore point; nothing is visible on failure.
 
@@ -209,7 +211,7 @@ def backup_point(
             disk_parent = parents.get(job.disk) if job.changed is not None else None
             if disk_parent is None and job.changed is not None:
                 raise UsageError(f"disk {job.disk} is not in the previous point: an incremental is impossible")
-            index, stats = backup_disk(repo, job, disk_parent, known, workers, progress)
+            index, stats = backup_disk(repo, job, disk_parent, known, workers, progress, cancel)
             key = index_key(name, point_id, job.disk)
             mac = repo.write_index(key, index)
             disks[job.disk] = DiskEntry(index.size, key, mac, stats.as_dict())

@@ -12,12 +12,24 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
+from vmkeep.errors import Cancelled
+
 T = TypeVar("T")
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("interrupted: nothing partial was committed; the next run starts clean")
+
 R = TypeVar("R")
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_result: Callable[[T, R], None]) -> None:
-    """Run ``fn`` over ``items`` on ``workers`` threads; ``on_result`` runs in the caller's thread."""
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_result: Callable[[T, R], None],
+                cancel: threading.Event | None = None) -> None:
+    """Run ``fn`` over ``items`` on ``workers`` threads; ``on_result`` runs in the caller's thread.
+
+    Setting ``cancel`` stops the run at the next item with :class:`Cancelled`.
+    """
     limit = threading.BoundedSemaphore(workers * 2)
     pending: dict[Future[R], T] = {}
     failed = threading.Event()
@@ -41,6 +53,8 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_resul
             for item in items:
                 while not limit.acquire(timeout=0.1):
                     drain(block=False)
+                    _check(cancel)
+                _check(cancel)
                 if failed.is_set():
                     limit.release()
                     break
@@ -51,6 +65,7 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_resul
                     drain(block=False)
             while pending:
                 drain(block=True)
+                _check(cancel)
         except BaseException:
             for f in pending:
                 f.cancel()

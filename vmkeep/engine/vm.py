@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ def backup_vm(
     full: bool = False,
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> Manifest:
     """One restore point of ``vm``: incremental from its latest point when the chain allows."""
     check_name(vm, "VM name")
@@ -47,7 +49,8 @@ def backup_vm(
             "kind": "vm", "hypervisor": "libvirt", "transport": pit.transport, "consistency": pit.consistency,
             "mode": pit.mode, "reason": reason, "config": pit.config, "chain": pit.chain, "notes": pit.notes,
         }
-        return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress)
+        return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
+                            cancel=cancel)
 
 
 @dataclass

@@ -198,11 +198,12 @@ class LibvirtConnector:
         scratch.mkdir(parents=True)
         socket_path = scratch / "nbd.sock"
         port = _free_port() if transport == "nbd" else 0
-        started = created = committed = False
+        committed = False
         try:
+            # Cleaning up a job or checkpoint that never came to be is harmless, so assume both exist
+            # from here on: an interrupt the instant backupBegin returns must not leak them.
             consistency, parent_cp, reason = self._begin(dom, eligible, parent_cp, reason, checkpoint, scratch,
                                                          transport, socket_path, port, quiesce, notes)
-            started = created = True
             bitmap_targets = [s.target for s in eligible if s.bitmaps]
             disks = {}
             for s in eligible:
@@ -218,14 +219,12 @@ class LibvirtConnector:
             )
             committed = True
         finally:
-            if started:
-                self._end_job(dom)
+            self._end_job(dom)
             shutil.rmtree(scratch, ignore_errors=True)
-            if created:
-                if committed:
-                    self._prune_checkpoints(dom, keep=checkpoint)
-                else:
-                    self._delete_checkpoint(dom, checkpoint)
+            if committed:
+                self._prune_checkpoints(dom, keep=checkpoint)
+            else:
+                self._delete_checkpoint(dom, checkpoint)
 
     def _nbd_host(self) -> str:
         return "127.0.0.1" if self.is_local else self.host
@@ -283,14 +282,20 @@ class LibvirtConnector:
     @staticmethod
     def _backup_xml(eligible: list[DiskSpec], parent_cp: str | None, scratch: Path, transport: str,
                     socket_path: Path, port: int, listen: str) -> str:
-        incremental = f"<incremental>{parent_cp}</incremental>" if parent_cp else ""
         server = (f"<server transport='unix' socket='{socket_path}'/>" if transport == "hotadd"
                   else f"<server transport='tcp' name='{listen}' port='{port}'/>")
+
+        def mode(s: DiskSpec) -> str:
+            # Per disk: a raw disk has no bitmap and is read in full within an incremental job.
+            if parent_cp and s.bitmaps:
+                return f" backupmode='incremental' incremental='{parent_cp}'"
+            return " backupmode='full'"
+
         disks = "".join(
-            f"<disk name='{s.target}' backup='yes' type='file'><scratch file='{scratch / (s.target + '.qcow2')}'/>"
-            "</disk>" for s in eligible
+            f"<disk name='{s.target}' backup='yes' type='file'{mode(s)}>"
+            f"<scratch file='{scratch / (s.target + '.qcow2')}'/></disk>" for s in eligible
         )
-        return f"<domainbackup mode='pull'>{incremental}{server}<disks>{disks}</disks></domainbackup>"
+        return f"<domainbackup mode='pull'>{server}<disks>{disks}</disks></domainbackup>"
 
     @staticmethod
     def _checkpoint_xml(eligible: list[DiskSpec], checkpoint: str) -> str:

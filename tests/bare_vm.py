@@ -1,0 +1,104 @@
+"""A running libvirt domain with no guest OS: QEMU holds its disks, and tests write into them from
+the host through QEMU's own block layer (HMP qemu-io), exactly as a guest's writes would land."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+URI = "qemu:///system"
+IMAGES = Path("/var/lib/libvirt/images/vmkeep-tests")
+
+
+def virsh(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"virsh {' '.join(args)}: {proc.stderr}")
+    return proc.stdout
+
+
+@dataclass
+class BareVM:
+    name: str
+    disks: dict[str, Path]  # target → image
+    extra: list[str] = field(default_factory=list)  # other VMs a test made from this one
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        index = list(self.disks).index(disk)
+        out = virsh("qemu-monitor-command", self.name, "--hmp",
+                    f'qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend '
+                    f'"write -P {pattern:#x} {offset} {length}"')
+        assert "error" not in out.lower(), out
+
+    def snapshot(self, disk: str, dest: Path) -> Path:
+        """The disk's content now, copied while the VM is paused."""
+        virsh("suspend", self.name)
+        try:
+            subprocess.run(["qemu-img", "convert", "-U", "-O", "qcow2", str(self.disks[disk]), str(dest)], check=True)
+        finally:
+            virsh("resume", self.name)
+        return dest
+
+    def checkpoints(self) -> list[str]:
+        return sorted(virsh("checkpoint-list", self.name, "--name").split())
+
+    def job_running(self) -> bool:
+        """Whether a backup job runs now (libvirt describes only a running one)."""
+        conn = libvirt.open(URI)
+        try:
+            conn.lookupByName(self.name).backupGetXMLDesc()
+            return True
+        except libvirt.libvirtError:
+            return False
+        finally:
+            conn.close()
+
+
+def disk_xml(target: str, path: Path, fmt: str, shareable: bool = False) -> str:
+    share = "<shareable/>" if shareable else ""
+    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' cache='none'/>"
+            f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{share}</disk>")
+
+
+def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = ()) -> BareVM:
+    """disks: target → (size, format)."""
+    name = f"vmkeep-t-{secrets.token_hex(3)}"
+    directory = IMAGES / name
+    directory.mkdir(parents=True)
+    paths = {}
+    for target, (size, fmt) in disks.items():
+        path = directory / f"{target}.{fmt}"
+        opts = ["-o", "compat=1.1"] if fmt == "qcow2" else []
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, str(path), str(size)], check=True)
+        paths[target] = path
+    devices = "".join(disk_xml(t, p, disks[t][1], t in shareable) for t, p in paths.items())
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>"
+           f"<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{devices}</devices></domain>")
+    conn = libvirt.open(URI)
+    try:
+        conn.defineXML(xml).create()
+    finally:
+        conn.close()
+    return BareVM(name, paths)
+
+
+def destroy(vm: BareVM) -> None:
+    conn = libvirt.open(URI)
+    try:
+        for name in [vm.name, *vm.extra]:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    finally:
+        conn.close()
+    shutil.rmtree(IMAGES / vm.name, ignore_errors=True)

@@ -1,0 +1,198 @@
+"""VM backup and restore through the real local libvirt (pull-mode jobs, checkpoints, NBD)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import bare_vm
+from tests.bare_vm import BareVM, virsh
+from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
+from vmkeep.hypervisors.libvirt.connector import SCRATCH_ROOT
+
+
+@pytest.fixture
+def vm() -> Iterator[BareVM]:
+    machine = bare_vm.create({"vda": (64 * MiB, "qcow2"), "vdb": (32 * MiB, "qcow2")})
+    try:
+        yield machine
+    finally:
+        bare_vm.destroy(machine)
+
+
+@pytest.fixture
+def repo(cli: Cli, tmp_path: Path) -> str:
+    path = str(tmp_path / "repo")
+    cli.run("repo", "init", path, "--encrypt")
+    return path
+
+
+def backup(cli: Cli, vm: BareVM, repo: str, *args: str, ok: bool = True) -> dict:
+    proc = cli.run("backup", vm.name, "--repo", repo, "--json", *args, ok=ok)
+    return dict(json.loads(proc.stdout)["vms"][0])
+
+
+def scratch_left(vm: BareVM) -> list[Path]:
+    return [p for p in SCRATCH_ROOT.glob(f"{vm.name}-*")] if SCRATCH_ROOT.exists() else []
+
+
+def test_full_then_incremental_reads_only_the_writes(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
+    vm.write("vda", 16 * MiB, 8 * MiB, 0x11)
+    vm.write("vdb", 20 * MiB, 2 * MiB, 0x22)
+    at_full = {d: vm.snapshot(d, tmp_path / f"full-{d}.qcow2") for d in vm.disks}
+    full = backup(cli, vm, repo, "--transport", "hotadd")
+    assert full["mode"] == "full" and full["transport"] == "hotadd" and full["consistency"] == "crash"
+    assert full["bytes_read"] == 10 * MiB  # only allocated data
+    assert len(vm.checkpoints()) == 1
+
+    vm.write("vda", 0, 64 * 1024, 0x33)  # chunk 0 of vda held nothing before
+    vm.write("vdb", 4 * MiB, MiB, 0x44)  # chunk 1 of vdb likewise
+    at_incr = {d: vm.snapshot(d, tmp_path / f"incr-{d}.qcow2") for d in vm.disks}
+    incr = backup(cli, vm, repo, "--transport", "nbd")
+    assert incr["mode"] == "incremental" and incr["transport"] == "nbd"
+    assert incr["bytes_read"] == 64 * 1024 + MiB  # exactly what was written
+    assert incr["bytes_reused"] == 96 * MiB - 2 * 4 * MiB
+    assert len(vm.checkpoints()) == 1  # the older checkpoint was pruned
+    assert not scratch_left(vm) and not vm.job_running()
+
+    for point, states in ((full["point"], at_full), (incr["point"], at_incr)):
+        for disk, reference in states.items():
+            out = tmp_path / f"r-{point}-{disk}.qcow2"
+            cli.run("restore", f"{vm.name}@{point}", "--repo", repo, "--disk", disk, "--output", str(out))
+            assert qemu_img_compare(reference, out), f"{disk} of {point} differs"
+
+
+def test_drift_falls_back_to_full(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
+    vm.write("vda", 0, MiB, 0x01)
+    backup(cli, vm, repo)
+    virsh("checkpoint-delete", vm.name, vm.checkpoints()[0])  # removed by hand
+    r = backup(cli, vm, repo)
+    assert r["mode"] == "full" and "gone" in r["reason"]
+    virsh("blockresize", vm.name, "vdb", "48M")
+    r = backup(cli, vm, repo)
+    assert r["mode"] == "full" and "disks changed" in r["reason"]
+    assert backup(cli, vm, repo)["mode"] == "incremental"
+    other = str(tmp_path / "other")  # the previous point is not in this repository
+    cli.run("repo", "init", other)
+    r = backup(cli, vm, other)
+    assert r["mode"] == "full" and "no previous restore point" in r["reason"]
+    assert backup(cli, vm, repo, "--full")["mode"] == "full"
+
+
+def test_shut_off_vm_is_read_from_its_images(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
+    vm.write("vda", 8 * MiB, 3 * MiB, 0x55)
+    virsh("destroy", vm.name)
+    r = backup(cli, vm, repo)
+    assert r["transport"] == "offline" and r["mode"] == "full" and r["bytes_read"] == 3 * MiB
+    out = tmp_path / "vda.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
+    assert qemu_img_compare(vm.disks["vda"], out)
+
+
+def test_failed_backup_releases_job_scratch_and_checkpoint(cli: Cli, vm: BareVM, tmp_path: Path) -> None:
+    good = str(tmp_path / "good")
+    cli.run("repo", "init", good)
+    vm.write("vda", 0, 4 * MiB, 0x66)
+    backup(cli, vm, good)
+    before = vm.checkpoints()
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
+    try:
+        cli.run("repo", "init", str(small / "repo"), "--compression", "0")
+        vm.write("vda", 16 * MiB, 24 * MiB, 0x77)
+        r = backup(cli, vm, str(small / "repo"), ok=False)
+        assert not r["ok"] and "full" in r["error"]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert vm.checkpoints() == before and not scratch_left(vm) and not vm.job_running()
+    r = backup(cli, vm, good)
+    assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 24 * MiB
+
+
+def test_ctrl_c_mid_backup_cleans_up(cli: Cli, repo: str) -> None:
+    machine = bare_vm.create({"vda": (512 * MiB, "qcow2")})
+    try:
+        machine.write("vda", 0, 4 * MiB, 0x12)
+        backup(cli, machine, repo)
+        before = machine.checkpoints()
+        for i in range(0, 480, 8):  # many distinct chunks, so the incremental takes a while
+            machine.write("vda", i * MiB, 8 * MiB, 0x80 + i // 8)
+        proc = subprocess.Popen([VMKEEP, "backup", machine.name, "--repo", repo, "--workers", "1"], env=cli.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not machine.job_running():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "interrupted" in err
+        assert machine.checkpoints() == before and not scratch_left(machine) and not machine.job_running()
+        assert len(cli.json("points", machine.name, "--repo", repo)["points"]) == 1  # nothing partial
+        r = backup(cli, machine, repo)
+        assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 480 * MiB
+    finally:
+        bare_vm.destroy(machine)
+
+
+def test_restore_as_new_vm_and_over_the_original(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
+    vm.write("vda", 2 * MiB, MiB, 0x21)
+    vm.write("vdb", 0, MiB, 0x43)
+    at_backup = {d: vm.snapshot(d, tmp_path / f"{d}.qcow2") for d in vm.disks}
+    point = backup(cli, vm, repo)["point"]
+    new = f"{vm.name}-copy"
+    vm.extra.append(new)
+    storage = bare_vm.IMAGES / vm.name / "copy"
+    res = cli.json("restore", vm.name, "--repo", repo, "--as", new, "--storage", str(storage))
+    assert res["started"] and virsh("domstate", new).strip() == "running"
+    dumped = virsh("dumpxml", new)
+    assert vm.name + "-copy" in dumped and virsh("domuuid", new) != virsh("domuuid", vm.name)
+    for disk, reference in at_backup.items():
+        assert qemu_img_compare(reference, Path(res["disks"][disk]))
+    proc = cli.run("restore", vm.name, "--repo", repo, "--as", new, ok=False)
+    assert proc.returncode != 0 and "already exists" in proc.stderr
+
+    vm.write("vda", 2 * MiB, MiB, 0x99)  # damage after the backup
+    proc = cli.run("restore", vm.name, "--repo", repo, "--overwrite", ok=False)
+    assert proc.returncode != 0 and "shut it off" in proc.stderr
+    virsh("destroy", vm.name)
+    cli.json("restore", f"{vm.name}@{point}", "--repo", repo, "--overwrite")
+    assert qemu_img_compare(at_backup["vda"], vm.disks["vda"])
+    assert vm.checkpoints() == []  # they described the replaced images
+    virsh("start", vm.name)
+    assert backup(cli, vm, repo)["mode"] == "full"
+
+
+def test_quiesce_modes_without_an_agent(cli: Cli, vm: BareVM, repo: str) -> None:
+    r = backup(cli, vm, repo, "--quiesce", "required", ok=False)
+    assert not r["ok"] and "cannot quiesce" in r["error"]
+    assert vm.checkpoints() == [] and not vm.job_running()
+    r = backup(cli, vm, repo, "--quiesce", "try")
+    assert r["consistency"] == "crash" and any("not quiesced" in n for n in r["notes"])
+    assert backup(cli, vm, repo, "--quiesce", "off")["consistency"] == "crash"
+
+
+def test_raw_and_shareable_disks(cli: Cli, repo: str, tmp_path: Path) -> None:
+    machine = bare_vm.create({"vda": (16 * MiB, "qcow2"), "vdb": (8 * MiB, "raw"), "vdc": (8 * MiB, "raw")},
+                             shareable=("vdc",))
+    try:
+        machine.write("vdb", 0, MiB, 0x42)
+        first = backup(cli, machine, repo)
+        assert set(first["disks"]) == {"vda", "vdb"}
+        assert any("vdc is shareable" in n for n in first["notes"])
+        assert any("vdb is raw" in n for n in first["notes"])
+        machine.write("vda", 0, 64 * 1024, 0x01)
+        second = backup(cli, machine, repo)
+        assert second["mode"] == "incremental", second["reason"]
+        assert second["disks"]["vdb"]["mode"] == "full" and second["disks"]["vda"]["mode"] == "incremental"
+        assert second["bytes_read"] == 64 * 1024 + MiB  # vdb's data is read again in full
+    finally:
+        bare_vm.destroy(machine)
