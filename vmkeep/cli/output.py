@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +18,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from vmkeep.engine.progress import NoProgress, Task
+
 err_console = Console(stderr=True)
 out_console = Console()
 
@@ -28,36 +31,46 @@ def _bars() -> Progress:
     )
 
 
+class _Bar:
+    def __init__(self, bars: Progress, task: TaskID, owner: RichProgress) -> None:
+        self.bars, self.id, self.owner = bars, task, owner
+
+    def advance(self, nbytes: int) -> None:
+        self.bars.advance(self.id, nbytes)
+
+    def finish(self) -> None:
+        self.owner.released(self)
+
+
 class RichProgress:
-    """Implements the engine's Progress protocol: each task gets a bar with bytes, throughput and
-    ETA on stderr. Several of them may share one live display (a board), one per VM."""
+    """Implements the engine's Progress protocol: a bar with bytes, throughput and ETA per task on
+    stderr. A board (one live display) can be shared by several of them, one per VM."""
 
     def __init__(self, enabled: bool = True, board: Progress | None = None, prefix: str = "") -> None:
         self.enabled = enabled
         self.board = board
         self.prefix = prefix
         self._own: Progress | None = None
-        self._task: TaskID | None = None
+        self._open = 0
+        self._lock = threading.Lock()
 
-    def start(self, label: str, total: int) -> None:
+    def task(self, label: str, total: int) -> Task:
         if not self.enabled:
-            return
-        bars = self.board
-        if bars is None:
-            bars = self._own = _bars()
-            bars.start()
-        self._task = bars.add_task(f"{self.prefix}{label}", total=total)
-        self._bars = bars
+            return NoProgress().task(label, total)
+        with self._lock:
+            bars = self.board or self._own
+            if bars is None:
+                bars = self._own = _bars()
+                bars.start()
+            self._open += 1
+            return _Bar(bars, bars.add_task(f"{self.prefix}{label}", total=total), self)
 
-    def advance(self, nbytes: int) -> None:
-        if self._task is not None:
-            self._bars.advance(self._task, nbytes)
-
-    def finish(self) -> None:
-        if self._own is not None:
-            self._own.stop()
-            self._own = None
-        self._task = None
+    def released(self, _bar: _Bar) -> None:
+        with self._lock:
+            self._open -= 1
+            if self._open == 0 and self._own is not None:
+                self._own.stop()
+                self._own = None
 
 
 class ProgressBoard:

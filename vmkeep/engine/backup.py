@@ -12,11 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from vmkeep.engine.pipeline import bounded_map
+from vmkeep.engine.pipeline import AnyOf, Flag, bounded_map
 from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import PointNotFound, UsageError
 from vmkeep.repository.index import ZERO_ID, DiskIndex, slot_count
@@ -111,7 +112,7 @@ def backup_disk(
     known: _KnownChunks,
     workers: int,
     progress: Progress,
-    cancel: threading.Event | None = None,
+    cancel: Flag | None = None,
 ) -> tuple[DiskIndex, DiskStats]:
     chunk_size = repo.chunk_size
     size = job.source.size
@@ -128,7 +129,7 @@ def backup_disk(
     lock = threading.Lock()
     started = time.monotonic()
     slots = list(_plan(job, chunk_size, parent, index, stats))
-    progress.start(job.disk, sum(r.length for s in slots for r in s.ranges))
+    task = progress.task(job.disk, sum(r.length for s in slots for r in s.ranges))
 
     def work(item: _Slot) -> tuple[bytes, int, int, int]:
         start = item.slot * chunk_size
@@ -142,7 +143,7 @@ def backup_disk(
             buf = bytearray(length)
             for r in ranges:
                 buf[r.offset - start : r.end - start] = job.source.pread(r.length, r.offset)
-        progress.advance(nread)
+        task.advance(nread)
         if buf == (zeros if length == chunk_size else zeros[:length]):
             return ZERO_ID, nread, 0, 0
         cid = repo.keys.chunk_id(buf)
@@ -167,7 +168,7 @@ def backup_disk(
     try:
         bounded_map(work, slots, workers, done, cancel)
     finally:
-        progress.finish()
+        task.finish()
     stats.seconds = time.monotonic() - started
     return index, stats
 
@@ -205,17 +206,33 @@ def backup_point(
                 if job.disk in parent.disks:
                     parents[job.disk] = repo.load_index(parent, job.disk)
                     known.ids |= parents[job.disk].chunk_ids()
-        disks: dict[str, DiskEntry] = {}
-        all_stats: dict[str, DiskStats] = {}
         for job in jobs:
-            disk_parent = parents.get(job.disk) if job.changed is not None else None
-            if disk_parent is None and job.changed is not None:
+            if job.changed is not None and job.disk not in parents:
                 raise UsageError(f"disk {job.disk} is not in the previous point: an incremental is impossible")
-            index, stats = backup_disk(repo, job, disk_parent, known, workers, progress, cancel)
-            key = index_key(name, point_id, job.disk)
-            mac = repo.write_index(key, index)
-            disks[job.disk] = DiskEntry(index.size, key, mac, stats.as_dict())
-            all_stats[job.disk] = stats
+        failed = threading.Event()
+        per_disk = max(2, workers // len(jobs))
+
+        def one(job: DiskJob) -> tuple[DiskEntry, DiskStats]:
+            """One disk; the disks of a VM run side by side, and a failing one stops the others."""
+            try:
+                disk_parent = parents.get(job.disk) if job.changed is not None else None
+                index, stats = backup_disk(repo, job, disk_parent, known, per_disk, progress,
+                                           AnyOf(cancel, failed))
+                key = index_key(name, point_id, job.disk)
+                return DiskEntry(index.size, key, repo.write_index(key, index), stats.as_dict()), stats
+            except BaseException:
+                failed.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="vmkeep-disk") as pool:
+            futures = [pool.submit(one, job) for job in jobs]
+            try:
+                outcomes = [f.result() for f in futures]
+            except BaseException:  # a failed disk, or Ctrl-C here: the other disks stop at their next chunk
+                failed.set()
+                raise
+        disks = {job.disk: entry for job, (entry, _s) in zip(jobs, outcomes, strict=True)}
+        all_stats = {job.disk: stats for job, (_e, stats) in zip(jobs, outcomes, strict=True)}
         repo.backend.flush()  # chunks and indexes durable; counted in the backup's duration
         totals = {k: sum(getattr(s, k) for s in all_stats.values())
                   for k in ("size", "bytes_read", "bytes_zero", "bytes_reused", "chunks_new", "bytes_new",

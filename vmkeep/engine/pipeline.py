@@ -10,14 +10,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from vmkeep.errors import Cancelled
 
 T = TypeVar("T")
 
 
-def _check(cancel: threading.Event | None) -> None:
+class Flag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class AnyOf:
+    """Set when any of several flags is: a run stops on Ctrl-C or when a sibling run failed."""
+
+    def __init__(self, *flags: Flag | None) -> None:
+        self.flags = [f for f in flags if f is not None]
+
+    def is_set(self) -> bool:
+        return any(f.is_set() for f in self.flags)
+
+
+def _check(cancel: Flag | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled("interrupted: nothing partial was committed; the next run starts clean")
 
@@ -25,7 +39,7 @@ R = TypeVar("R")
 
 
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_result: Callable[[T, R], None],
-                cancel: threading.Event | None = None) -> None:
+                cancel: Flag | None = None) -> None:
     """Run ``fn`` over ``items`` on ``workers`` threads; ``on_result`` runs in the caller's thread.
 
     Setting ``cancel`` stops the run at the next item with :class:`Cancelled`.

@@ -99,14 +99,14 @@ def restore_disk(
     stats = RestoreStats(size=index.size)
     started = time.monotonic()
     slots = list(index.nonzero())
-    progress.start(label, sum(index.slot_length(s) for s, _ in slots))
+    task = progress.task(label, sum(index.slot_length(s) for s, _ in slots))
 
     def work(item: tuple[int, bytes]) -> int:
         slot, cid = item
         length = index.slot_length(slot)
         data = repo.load_chunk(cid, length)
         target.pwrite(data, slot * index.chunk_size)
-        progress.advance(length)
+        task.advance(length)
         return length
 
     def done(_item: tuple[int, bytes], length: int) -> None:
@@ -118,6 +118,6 @@ def restore_disk(
     except OSError as exc:
         raise ImageError(f"writing the restored disk failed: {exc}") from None
     finally:
-        progress.finish()
+        task.finish()
     stats.seconds = time.monotonic() - started
     return stats

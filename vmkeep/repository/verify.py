@@ -58,7 +58,7 @@ def verify(repo: Repository, sample_pct: float = 100.0, workers: int = 4,
     chosen = list(sizes)
     if sample_pct < 100:
         chosen = random.sample(chosen, max(1, round(len(chosen) * sample_pct / 100)) if chosen else 0)
-    progress.start("verify", sum(sizes[c] for c in chosen))
+    task = progress.task("verify", sum(sizes[c] for c in chosen))
 
     def check(cid: bytes) -> str | None:
         try:
@@ -67,7 +67,7 @@ def verify(repo: Repository, sample_pct: float = 100.0, workers: int = 4,
         except (ObjectCorrupt, ObjectMissing) as exc:
             return str(exc)
         finally:
-            progress.advance(sizes[cid])
+            task.advance(sizes[cid])
 
     def done(cid: bytes, problem: str | None) -> None:
         report.chunks_checked += 1
@@ -81,6 +81,6 @@ def verify(repo: Repository, sample_pct: float = 100.0, workers: int = 4,
     try:
         bounded_map(check, chosen, workers, done)
     finally:
-        progress.finish()
+        task.finish()
     report.seconds = round(time.monotonic() - started, 3)
     return report
