@@ -27,12 +27,14 @@ from urllib.parse import urlparse
 
 import libvirt
 
+from vmkeep.errors import ImageError, VmkeepError
 from vmkeep.hypervisors.base import DiskExport, HypervisorError, PointInTimeInfo, Quiesce, VMDisk, VMInfo
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_specs
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 
 SCRATCH_ROOT = Path("/var/lib/libvirt/images/vmkeep-scratch")
 CHECKPOINT_PREFIX = "vmkeep-"
+RESTART_GRACE_SECONDS = 20
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
     libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
@@ -59,6 +61,27 @@ class LibvirtConnector:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; is libvirtd "
                                   "running and the URI right?") from None
+
+    def _reconnect(self, dom: libvirt.virDomain) -> libvirt.virDomain:
+        """A fresh connection and domain handle after libvirtd restarted (waits up to 30 s)."""
+        uuid = dom.UUIDString()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.conn = libvirt.open(self.uri)
+                return self.conn.lookupByUUIDString(uuid)
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def _alive(self, dom: libvirt.virDomain) -> libvirt.virDomain:
+        """``dom``, or a new handle to it if the connection to libvirtd was lost."""
+        try:
+            dom.isActive()  # a real round trip to libvirtd (dom.ID() is answered from a local cache)
+            return dom
+        except libvirt.libvirtError:
+            return self._reconnect(dom)
 
     def close(self) -> None:
         try:
@@ -191,6 +214,7 @@ class LibvirtConnector:
                 previous_disks: dict[str, int] | None, transports: list[str], quiesce: Quiesce,
                 config: dict[str, Any], notes: list[str]) -> Iterator[PointInTimeInfo]:
         vm = dom.name()
+        self._clear_stale_job(dom, notes)
         transport = self._choose_transport(transports, notes)
         parent_cp, reason = self._incremental_base(dom, eligible, since, previous_disks)
         checkpoint = f"{CHECKPOINT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
@@ -211,20 +235,81 @@ class LibvirtConnector:
                        else f"nbd://{self._nbd_host()}:{port}/{s.target}")
                 dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
                 disks[s.target] = DiskExport(s.target, uri, dom.blockInfo(s.target)[0], dirty)
-            yield PointInTimeInfo(
-                vm=vm, transport=transport, consistency=consistency,
-                mode="incremental" if parent_cp else "full", reason=reason, disks=disks, config=config,
-                chain={"checkpoint": checkpoint if bitmap_targets else None, "disks": bitmap_targets},
-                notes=notes,
-            )
+            try:
+                yield PointInTimeInfo(
+                    vm=vm, transport=transport, consistency=consistency,
+                    mode="incremental" if parent_cp else "full", reason=reason, disks=disks, config=config,
+                    chain={"checkpoint": checkpoint if bitmap_targets else None, "disks": bitmap_targets},
+                    notes=notes,
+                )
+            except ImageError as exc:
+                raise self._explain_lost_export(dom, exc) from None
             committed = True
         finally:
-            self._end_job(dom)
-            shutil.rmtree(scratch, ignore_errors=True)
-            if committed:
-                self._prune_checkpoints(dom, keep=checkpoint)
+            try:
+                fresh = self._alive(dom)
+            except libvirt.libvirtError:
+                notes.append("libvirtd did not come back: the backup job and checkpoint are cleaned up next run")
             else:
-                self._delete_checkpoint(dom, checkpoint)
+                self._end_job(fresh)
+                if fresh is not dom:
+                    # libvirtd restarted: it re-attaches the jobs it knew several seconds later, after
+                    # our abort found nothing; watch for the job to reappear and abort it then.
+                    deadline = time.monotonic() + RESTART_GRACE_SECONDS
+                    while time.monotonic() < deadline:
+                        time.sleep(0.5)
+                        if self._job_present(fresh):
+                            self._end_job(fresh)
+                            break
+                dom = fresh
+                if committed:
+                    self._prune_checkpoints(dom, keep=checkpoint)
+                else:
+                    self._delete_checkpoint(dom, checkpoint)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _clear_stale_job(self, dom: libvirt.virDomain, notes: list[str]) -> None:
+        """A backup job left by a vmkeep run that died (kill -9, lost connection) is aborted and its
+        scratch files removed; someone else's job is left alone and reported."""
+        try:
+            job = dom.backupGetXMLDesc()
+        except libvirt.libvirtError:
+            return  # no backup job running
+        if str(SCRATCH_ROOT) not in job:
+            raise HypervisorError(f"another backup job (not vmkeep's) runs on VM {dom.name()}; wait for it or abort "
+                                  f"it with `virsh -c {self.uri} domjobabort {dom.name()}`")
+        self._end_job(dom)
+        for scratch in SCRATCH_ROOT.glob(f"{dom.name()}-*"):
+            if str(scratch) in job:
+                shutil.rmtree(scratch, ignore_errors=True)
+        notes.append("aborted a backup job left by an earlier vmkeep run that did not finish")
+
+    def _explain_lost_export(self, dom: libvirt.virDomain, exc: ImageError) -> VmkeepError:
+        """Reading failed: say why in the VM's terms when the VM or its backup job went away.
+
+        A VM being destroyed drops the export a moment before libvirt reports it inactive, so the
+        state is watched for a few seconds before deciding.
+        """
+        deadline = time.monotonic() + 3
+        job_alive = True
+        while time.monotonic() < deadline:
+            try:
+                dom = self._alive(dom)
+                if not dom.isActive():
+                    return HypervisorError(f"VM {dom.name()} stopped during the backup; nothing was committed. "
+                                           "Run the backup again: a shut-off VM is read from its images")
+                try:
+                    dom.backupGetXMLDesc()
+                    job_alive = True
+                except libvirt.libvirtError:
+                    job_alive = False
+            except libvirt.libvirtError:
+                job_alive = False
+            time.sleep(0.2)
+        if job_alive:
+            return exc
+        return HypervisorError(f"the backup job of {dom.name()} ended under vmkeep (aborted from outside, or "
+                               f"libvirtd lost it): {exc}; nothing was committed, run the backup again")
 
     def _nbd_host(self) -> str:
         return "127.0.0.1" if self.is_local else self.host
@@ -305,11 +390,23 @@ class LibvirtConnector:
         return f"<domaincheckpoint><name>{checkpoint}</name><disks>{disks}</disks></domaincheckpoint>"
 
     @staticmethod
+    def _job_present(dom: libvirt.virDomain) -> bool:
+        try:
+            dom.backupGetXMLDesc()
+            return True
+        except libvirt.libvirtError:
+            return False
+
+    @staticmethod
     def _end_job(dom: libvirt.virDomain) -> None:
+        """Abort the pull-mode job and wait until libvirt no longer reports it (abort is asynchronous)."""
         try:
             dom.abortJob()
         except libvirt.libvirtError:
             pass  # the job already ended (VM shut down, libvirtd restarted)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and LibvirtConnector._job_present(dom):
+            time.sleep(0.1)
 
     @staticmethod
     def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
