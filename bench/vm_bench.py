@@ -1,0 +1,167 @@
+"""Backup of a running libvirt VM against the limits of its own pull-mode NBD export, in one run.
+
+A VM (no guest OS needed: QEMU owns the disk and serves the backup export) gets an 8 GiB qcow2
+disk holding --data-gib of incompressible data. Measured, each the median of --repeat runs:
+
+* read + write limit: `nbdcopy` from the VM's pull-mode export (hotadd, unix socket) to a raw file
+  on the local filesystem, then `sync`;
+* read limit: `nbdcopy` from that export to `null:`;
+* `vmkeep backup --full` into a fresh encrypted repository on the local disk, and on tmpfs;
+* after a 1 MiB write into the running VM, `vmkeep backup` (incremental) against the full.
+
+Writes bench/results-vm.json and the tables of docs/performance.md between its markers.
+
+    .venv/bin/python -m bench.vm_bench [--data-gib 4] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import libvirt
+
+from bench.repo_bench import ROOT, VMKEEP, GiB, median_of, rm, sh
+from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+from vmkeep.lab.images import Segment, make_image
+
+VM = "vmkeep-bench"
+IMAGES = Path("/var/lib/libvirt/images/vmkeep-bench")
+MARK_BEGIN, MARK_END = "<!-- vm-bench:begin -->", "<!-- vm-bench:end -->"
+
+
+def define_vm(image: Path) -> None:
+    xml = (f"<domain type='qemu'><name>{VM}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+           "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
+           "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>"
+           f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
+    conn = libvirt.open("qemu:///system")
+    try:
+        conn.defineXML(xml).create()
+    finally:
+        conn.close()
+
+
+def destroy_vm() -> None:
+    conn = libvirt.open("qemu:///system")
+    try:
+        dom = conn.lookupByName(VM)
+        if dom.isActive():
+            dom.destroy()
+        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
+    except libvirt.libvirtError:
+        pass
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-gib", type=float, default=4.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    work = ROOT / "bench" / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm/vmkeep-vm-bench")
+    destroy_vm()
+    shutil.rmtree(IMAGES, ignore_errors=True)
+    IMAGES.mkdir(parents=True)
+    data = int(args.data_gib * GiB)
+    image = make_image(IMAGES / "vda.qcow2", 8 * GiB, [Segment(0, data, "random", "vm-bench")])
+    define_vm(image)
+    results: dict[str, dict[str, object]] = {}
+
+    def record(key: str, seconds: float, runs: list[float], nbytes: int = data) -> None:
+        results[key] = {"seconds": round(seconds, 3), "runs": [round(r, 3) for r in runs],
+                        "throughput_gbps": round(nbytes / seconds / 1e9, 3)}
+        print(f"{key:44s} {seconds:7.2f} s  {nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
+
+    try:
+        connector = LibvirtConnector()
+        copy = work / "vm-nbdcopy.raw"
+        with connector.point_in_time(VM, since=None, previous_disks=None, transports=["hotadd"],
+                                     quiesce="off") as pit:
+            uri = pit.disks["vda"].uri
+            t, runs = median_of(args.repeat, lambda: rm(copy),
+                                lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")), lambda: rm(copy))
+            record("nbdcopy export → raw file + sync", t, runs)
+            t, runs = median_of(args.repeat, lambda: None, lambda: sh("nbdcopy", uri, "null:"), lambda: None)
+            record("nbdcopy export → null:", t, runs)
+        connector.close()
+
+        def full_into(repo: Path) -> tuple[float, list[float]]:
+            def setup() -> None:
+                rm(repo)
+                sh(VMKEEP, "repo", "init", str(repo), "--encrypt")
+            return median_of(args.repeat, setup,
+                             lambda: sh(VMKEEP, "backup", VM, "--repo", str(repo), "--full", "--json"), lambda: None)
+
+        disk_repo, shm_repo = work / "vm-repo", shm / "repo"
+        # tmpfs first: checkpoints belong to the VM, so the local repository's full must be the
+        # last one before its incrementals
+        record("vmkeep full backup, encrypted, tmpfs", *full_into(shm_repo))
+        rm(shm)
+        record("vmkeep full backup, encrypted, local disk", *full_into(disk_repo))
+
+        engine: list[float] = []
+
+        def incremental() -> None:
+            subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", VM, "--hmp",
+                            'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend '
+                            f'"write -P {len(engine) + 1} {(len(engine) * 37 + 5) * 1048576} 1M"'],
+                           check=True, capture_output=True)
+            out = json.loads(sh(VMKEEP, "backup", VM, "--repo", str(disk_repo), "--json").stdout)["vms"][0]
+            assert out["mode"] == "incremental", out
+            engine.append(float(out["duration"]))
+
+        t, runs = median_of(args.repeat, lambda: None, incremental, lambda: None)
+        record("vmkeep incremental after a 1 MiB write", t, runs, nbytes=1 << 20)
+        record("  the same, engine time only", statistics.median(engine), engine, nbytes=1 << 20)
+        rm(disk_repo)
+    finally:
+        destroy_vm()
+        shutil.rmtree(IMAGES, ignore_errors=True)
+
+    def secs(key: str) -> float:
+        return float(results[key]["seconds"])  # type: ignore[arg-type]
+
+    full = secs("vmkeep full backup, encrypted, local disk")
+    ratios = {
+        "disk-bound: full backup / (nbdcopy to file + sync)": (
+            round(secs("nbdcopy export → raw file + sync") / full, 3), 0.8, "≥"),
+        "CPU-bound: full backup on tmpfs / nbdcopy to null": (
+            round(secs("nbdcopy export → null:") / secs("vmkeep full backup, encrypted, tmpfs"), 3), 0.5, "≥"),
+        "incremental after 1 MiB / full, whole command": (
+            round(secs("vmkeep incremental after a 1 MiB write") / full, 4), 0.03, "<"),
+        "incremental after 1 MiB / full, engine time": (
+            round(secs("  the same, engine time only") / full, 4), 0.03, "<"),
+    }
+    doc = {"disk_bytes": 8 * GiB, "data_bytes": data, "repeat": args.repeat, "cpus": os.cpu_count(),
+           "results": results, "ratios": {k: {"ratio": r, "target": t, "sense": c} for k, (r, t, c) in ratios.items()}}
+    (ROOT / "bench" / "results-vm.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = [MARK_BEGIN, "", f"VM disk: 8 GiB qcow2 holding {data / GiB:.1f} GiB of incompressible data; "
+             f"{doc['cpus']} CPUs; median of {args.repeat} runs (written by `bench/vm_bench.py`).", "",
+             "| run | seconds | GB/s |", "|---|---:|---:|"]
+    lines += [f"| {k} | {r['seconds']:.2f} | {r['throughput_gbps']:.2f} |" for k, r in results.items()]
+    lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
+    for k, (r, t, c) in ratios.items():
+        met = r >= t if c == "≥" else r < t
+        lines.append(f"| {k} | {r:.3f} | {c} {t} | {'yes' if met else 'no'} |")
+    lines += ["", MARK_END]
+    path = ROOT / "docs" / "performance.md"
+    text = path.read_text()
+    if MARK_BEGIN not in text:
+        text += f"\n## VM backup through libvirt\n\n{MARK_BEGIN}\n{MARK_END}\n"
+    head, _, rest = text.partition(MARK_BEGIN)
+    _, _, tail = rest.partition(MARK_END)
+    path.write_text(head + "\n".join(lines) + tail)
+    print(json.dumps(doc["ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
