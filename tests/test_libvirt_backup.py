@@ -196,3 +196,20 @@ def test_raw_and_shareable_disks(cli: Cli, repo: str, tmp_path: Path) -> None:
         assert second["bytes_read"] == 64 * 1024 + MiB  # vdb's data is read again in full
     finally:
         bare_vm.destroy(machine)
+
+
+def test_several_vms_at_once(cli: Cli, repo: str) -> None:
+    machines = [bare_vm.create({"vda": (32 * MiB, "qcow2")}) for _ in range(3)]
+    try:
+        for i, m in enumerate(machines):
+            m.write("vda", 0, 8 * MiB, 0x10 + i)
+        proc = cli.run("backup", *(m.name for m in machines), "--repo", repo, "--parallel", "3", "--json")
+        results = {r["vm"]: r for r in json.loads(proc.stdout)["vms"]}
+        assert all(r["ok"] and r["bytes_read"] == 8 * MiB for r in results.values())
+        missing = cli.run("backup", machines[0].name, "no-such-vm", "--repo", repo, "--json", ok=False)
+        assert missing.returncode == 1  # one VM failing fails the run, the other still gets its point
+        by_vm = {r["vm"]: r for r in json.loads(missing.stdout)["vms"]}
+        assert by_vm[machines[0].name]["ok"] and "no VM named 'no-such-vm'" in by_vm["no-such-vm"]["error"]
+    finally:
+        for m in machines:
+            bare_vm.destroy(m)
