@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,11 +164,14 @@ def test_kill_9_mid_backup_then_verify_gc_and_next_backup(cli: Cli, make_disk, t
     time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", f"qemu-nbd.*{image}"]).returncode != 0, "qemu-nbd outlived its parent"
     assert cli.json("points", "--repo", repo)["points"] == []  # no partial point is visible
+    leftover = [d for d in Path(tempfile.gettempdir()).glob(f"vmkeep-nbd-{proc.pid}-*")]
+    assert leftover  # the killed process could not clean up; the next export sweeps it
     assert cli.json("repo", "verify", repo)["ok"]
     gc = cli.json("repo", "gc", repo)
     assert gc["stale_sessions_removed"] == 1 and gc["chunks_deleted"] >= 5
     assert not [p for p in Path(repo).rglob("*.tmp")], "temporary files of the killed writer remain"
     result = cli.json("disk", "backup", str(image), "--repo", repo, "--name", "vm")
+    assert not any(d.exists() for d in leftover)
     out = tmp_path / "r.qcow2"
     cli.run("disk", "restore", f"vm@{result['point']}", "--repo", repo, "--output", str(out))
     assert qemu_img_compare(image, out)

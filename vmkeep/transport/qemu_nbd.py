@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,7 +66,8 @@ def serve_image(
     if bitmap is not None and bitmap not in image.bitmaps:
         known = ", ".join(image.bitmaps) or "none"
         raise ImageError(f"{image.path} has no persistent bitmap {bitmap!r} (it has: {known})")
-    workdir = Path(tempfile.mkdtemp(prefix="vmkeep-nbd-"))
+    _sweep_dead_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
     sock = workdir / "nbd.sock"
     cmd = [
         "qemu-nbd", f"--socket={sock}", f"--format={image.format}",
@@ -92,6 +94,20 @@ def serve_image(
             proc.stderr.close()
         sock.unlink(missing_ok=True)
         workdir.rmdir()
+
+
+WORKDIR_PREFIX = "vmkeep-nbd-"
+
+
+def _sweep_dead_workdirs() -> None:
+    """Remove socket directories left by vmkeep processes that were killed (-9) mid-export."""
+    for d in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            pid = int(d.name[len(WORKDIR_PREFIX):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _die_with_parent() -> None:
