@@ -82,8 +82,8 @@ def restore_cmd(
 
 
 def points_cmd(
+    repo: RepoOpt,
     name: Annotated[str | None, typer.Argument(help="Only this name")] = None,
-    repo: RepoOpt = ".",
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
     s3_endpoint: S3Endpoint = None,
