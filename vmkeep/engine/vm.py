@@ -102,11 +102,11 @@ def restore_vm_as(
     if connector.exists(new_name):
         raise UsageError(f"a VM named {new_name!r} already exists on {connector.uri}; choose another --as name")
     directory = storage or Path("/var/lib/libvirt/images") / new_name
-    directory.mkdir(parents=True, exist_ok=True)
     paths = {disk: directory / f"{new_name}-{disk}.qcow2" for disk in manifest.disks}
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
+    directory.mkdir(parents=True, exist_ok=True)
     stats = restore_disks(repo, manifest, paths, workers, progress)
     try:
         connector.define(renamed_copy(xml, new_name, {d: str(p) for d, p in paths.items()}), start=start)
