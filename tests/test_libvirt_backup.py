@@ -213,3 +213,47 @@ def test_several_vms_at_once(cli: Cli, repo: str) -> None:
     finally:
         for m in machines:
             bare_vm.destroy(m)
+
+
+def _stop_cleanly(vm: BareVM) -> None:
+    """Stop QEMU the way a guest shutdown would: images closed, bitmaps stored consistently."""
+    virsh("qemu-monitor-command", vm.name, '{"execute":"quit"}', check=False)
+    deadline = time.monotonic() + 30
+    while virsh("domstate", vm.name).strip() != "shut off":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_shut_off_vm_incremental_from_its_bitmap(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
+    vm.write("vda", 0, 4 * MiB, 0x01)
+    backup(cli, vm, repo)
+    vm.write("vda", 8 * MiB, MiB, 0x02)
+    _stop_cleanly(vm)
+    off = backup(cli, vm, repo)
+    assert off["transport"] == "offline" and off["mode"] == "incremental", off["reason"]
+    assert off["bytes_read"] == MiB
+    out = tmp_path / "off.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
+    assert qemu_img_compare(vm.disks["vda"], out)
+
+    virsh("start", vm.name)
+    vm.write("vda", 16 * MiB, MiB, 0x03)
+    on = backup(cli, vm, repo)
+    assert on["mode"] == "incremental" and on["bytes_read"] == 2 * MiB  # a superset: since the checkpoint
+    snap = vm.snapshot("vda", tmp_path / "now.qcow2")
+    out2 = tmp_path / "on.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out2))
+    assert qemu_img_compare(snap, out2)
+
+    vm.write("vda", 24 * MiB, MiB, 0x04)
+    qemu_pid = int(Path(f"/run/libvirt/qemu/{vm.name}.pid").read_text())
+    os.kill(qemu_pid, signal.SIGKILL)  # a crash: the bitmap is left marked in use
+    deadline = time.monotonic() + 30
+    while virsh("domstate", vm.name).strip() != "shut off":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    crashed = backup(cli, vm, repo)
+    assert crashed["mode"] == "full" and "cannot be used" in crashed["reason"]
+    out3 = tmp_path / "crashed.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out3))
+    assert qemu_img_compare(vm.disks["vda"], out3)

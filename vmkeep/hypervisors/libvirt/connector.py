@@ -170,7 +170,7 @@ class LibvirtConnector:
             with self._online(dom, eligible, since, previous_disks, transports, quiesce, config, notes) as info:
                 yield info
         else:
-            with self._offline(dom, eligible, config, notes) as info:
+            with self._offline(dom, eligible, since, previous_disks, config, notes) as info:
                 yield info
 
     def _choose_transport(self, transports: list[str], notes: list[str]) -> str:
@@ -429,23 +429,59 @@ class LibvirtConnector:
             self._delete_checkpoint(dom, cp.getName())
 
     @contextmanager
-    def _offline(self, dom: libvirt.virDomain, eligible: list[DiskSpec], config: dict[str, Any],
+    def _offline(self, dom: libvirt.virDomain, eligible: list[DiskSpec], since: dict[str, Any] | None,
+                 previous_disks: dict[str, int] | None, config: dict[str, Any],
                  notes: list[str]) -> Iterator[PointInTimeInfo]:
         """A shut-off VM: its image files are the point in time, served read-only by qemu-nbd
-        (which also keeps the VM from starting and writing to them meanwhile)."""
+        (which also keeps the VM from starting and writing to them meanwhile).
+
+        With a previous point, the bitmap of its checkpoint (stored cleanly in the qcow2 when
+        QEMU stopped) gives the changes. No new checkpoint is made: the point keeps the previous
+        one as its chain, whose bitmap goes on tracking from there when the VM runs again, so
+        the next incremental reads a superset of what changed, never less.
+        """
         if not self.is_local:
             raise HypervisorError(f"VM {dom.name()} is shut off on {self.host}: offline backups read its image "
                                   "files, so run the proxy on that host")
+        parent_cp, reason = self._incremental_base(dom, eligible, since, previous_disks)
         with ExitStack() as stack:
             disks = {}
             for s in eligible:
                 if not os.path.exists(s.source):
                     raise HypervisorError(f"disk {s.target} of {dom.name()} ({s.source}) cannot be read here")
                 image = probe_image(Path(s.source), s.format)
+                bitmap = parent_cp if (parent_cp and s.bitmaps) else None
+                try:
+                    uri = stack.enter_context(serve_image(image, connections=16, bitmap=bitmap))
+                except ImageError as exc:
+                    if bitmap is None:
+                        raise
+                    # the bitmap is missing or was left in use by a VM that crashed: read it all
+                    reason = f"the bitmap of checkpoint {parent_cp} on {s.target} cannot be used ({exc})"
+                    parent_cp, bitmap = None, None
+                    stack.close()
+                    return (yield from self._offline_full(dom, eligible, config, notes, reason))
+                dirty = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+                disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
+            yield PointInTimeInfo(
+                vm=dom.name(), transport="offline", consistency="application",
+                mode="incremental" if parent_cp else "full",
+                reason=(f"the VM is shut off: {reason}, read from its image files" if parent_cp
+                        else f"the VM is shut off: read from its image files ({reason})"),
+                disks=disks, config=config,
+                chain=dict(since or {}) if parent_cp else {"checkpoint": None, "disks": []}, notes=notes,
+            )
+
+    def _offline_full(self, dom: libvirt.virDomain, eligible: list[DiskSpec], config: dict[str, Any],
+                      notes: list[str], reason: str) -> Iterator[PointInTimeInfo]:
+        with ExitStack() as stack:
+            disks = {}
+            for s in eligible:
+                image = probe_image(Path(s.source), s.format)
                 uri = stack.enter_context(serve_image(image, connections=16))
                 disks[s.target] = DiskExport(s.target, uri, image.virtual_size, None)
             yield PointInTimeInfo(
                 vm=dom.name(), transport="offline", consistency="application", mode="full",
-                reason="the VM is shut off: read from its image files", disks=disks, config=config,
+                reason=f"the VM is shut off: read from its image files ({reason})", disks=disks, config=config,
                 chain={"checkpoint": None, "disks": []}, notes=notes,
             )
