@@ -80,3 +80,26 @@ def test_immutable_repository_resists_deletion(cli: Cli, s3_env: dict[str, str],
     assert len(cli.json("points", "--repo", repo, env=env)["points"]) == 2
     proc = cli.run("repo", "init", str(tmp_path / "fsrepo"), "--immutable-days", "3", ok=False)
     assert proc.returncode == 2 and "S3" in proc.stderr
+
+
+def test_two_writers_at_once_into_s3(cli: Cli, s3_env: dict[str, str], make_disk, tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import VMKEEP
+
+    repo = f"s3://{_bucket()}/shared"
+    cli.run("repo", "init", repo, "--encrypt", env=s3_env)
+    shared = Segment(0, 16 * MiB, "random", "common")
+    images = {n: make_disk(24 * MiB, [shared, Segment(16 * MiB, 4 * MiB, "text", n)]) for n in ("a", "b")}
+    procs = [subprocess.Popen([VMKEEP, "disk", "backup", str(img), "--repo", repo, "--name", n, "--json"],
+                              env={**cli.env, **s3_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n, img in images.items()]
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    info = cli.json("repo", "info", repo, env=s3_env)
+    assert info["unique_plain_bytes"] == 24 * MiB  # the shared 16 MiB stored once
+    for n, img in images.items():
+        out = tmp_path / f"{n}.qcow2"
+        cli.run("disk", "restore", n, "--repo", repo, "--output", str(out), env=s3_env)
+        assert qemu_img_compare(img, out)
