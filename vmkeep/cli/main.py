@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from vmkeep.cli import disk_cmds, repo_cmds, vm_cmds
+from vmkeep.cli import disk_cmds, lab_cmds, repo_cmds, vm_cmds
 from vmkeep.cli.demo import demo_cmd
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
@@ -14,6 +14,7 @@ from vmkeep.errors import VmkeepError
 app = typer.Typer(help="vmkeep: agentless VM backup.", no_args_is_help=True, pretty_exceptions_enable=False)
 app.add_typer(repo_cmds.app, name="repo")
 app.add_typer(disk_cmds.app, name="disk")
+app.add_typer(lab_cmds.app, name="lab")
 app.command("points")(disk_cmds.points_cmd)
 app.command("backup")(vm_cmds.backup_cmd)
 app.command("restore")(vm_cmds.restore_cmd)

@@ -93,7 +93,7 @@ def restore_vm_as(
     progress: Progress | None = None,
 ) -> VMRestoreResult:
     """A new VM from a restore point: new name, UUID and MACs, qcow2 disks under ``storage``."""
-    from vmkeep.hypervisors.libvirt.domain_xml import renamed_copy
+    from vmkeep.hypervisors.libvirt.domain_xml import host_paths_to_create, renamed_copy
 
     manifest = repo.find_point(vm, point)
     xml = manifest.meta.get("config", {}).get("domain_xml")
@@ -109,7 +109,11 @@ def restore_vm_as(
     directory.mkdir(parents=True, exist_ok=True)
     stats = restore_disks(repo, manifest, paths, workers, progress)
     try:
-        connector.define(renamed_copy(xml, new_name, {d: str(p) for d, p in paths.items()}), start=start)
+        new_xml = renamed_copy(xml, new_name, {d: str(p) for d, p in paths.items()})
+        if connector.is_local:
+            for d in host_paths_to_create(new_xml):
+                Path(d).mkdir(parents=True, exist_ok=True)
+        connector.define(new_xml, start=start)
     except BaseException:
         for p in paths.values():
             p.unlink(missing_ok=True)

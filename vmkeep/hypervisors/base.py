@@ -67,6 +67,7 @@ class PointInTimeInfo:
 
 class Connector(Protocol):
     uri: str
+    is_local: bool  # the proxy runs on the hypervisor host (hotadd, offline reads, host paths)
 
     def inventory(self) -> list[VMInfo]: ...
 

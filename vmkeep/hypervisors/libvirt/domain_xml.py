@@ -70,8 +70,8 @@ def _retarget_disks(root: ET.Element, disk_paths: dict[str, str]) -> None:
 def renamed_copy(xml: str, new_name: str, disk_paths: dict[str, str]) -> str:
     """The saved configuration as a new VM: new name and UUID, fresh MACs, restored disk paths.
 
-    Unix socket paths that embed the old VM's name (serial consoles, agent channels) follow
-    the new name, so the copy can run beside the original.
+    Unix socket and console log paths that embed the old VM's name (serial consoles, agent
+    channels) follow the new name, so the copy can run beside the original.
     """
     root = ET.fromstring(xml)
     name_el = root.find("name")
@@ -86,11 +86,19 @@ def renamed_copy(xml: str, new_name: str, disk_paths: dict[str, str]) -> str:
         if mac is not None:
             iface.remove(mac)
     _retarget_disks(root, disk_paths)
-    for el in root.iter("source"):
-        path = el.get("path")
+    for el, attr in [(e, "path") for e in root.iter("source")] + [(e, "file") for e in root.iter("log")]:
+        path = el.get(attr)
         if path and old_name and old_name in path:
-            el.set("path", path.replace(old_name, new_name))
+            el.set(attr, path.replace(old_name, new_name))
     return ET.tostring(root, encoding="unicode")
+
+
+def host_paths_to_create(xml: str) -> list[str]:
+    """Directories the VM's unix sockets and console logs need on the host (QEMU does not make them)."""
+    root = ET.fromstring(xml)
+    paths = [e.get("path", "") for e in root.iter("source") if e.get("mode") == "bind"]
+    paths += [e.get("file", "") for e in root.iter("log")]
+    return sorted({p.rsplit("/", 1)[0] for p in paths if p.startswith("/") and "/" in p})
 
 
 def with_disk_paths(xml: str, disk_paths: dict[str, str]) -> str:

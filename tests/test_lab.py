@@ -1,0 +1,141 @@
+"""Lab VMs: a real TCG guest from Debian packages, driven over its serial console and guest agent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+from typer.testing import CliRunner
+
+from vmkeep.cli import lab_cmds
+from vmkeep.lab.guest import pattern
+from vmkeep.lab.services import LOCAL_URI, LabError
+from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm, list_lab_vms, vm_dir
+
+MiB = 1 << 20
+
+
+def virsh(*args: str) -> str:
+    proc = subprocess.run(["virsh", "-c", LOCAL_URI, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"virsh {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def lab_vm() -> Iterator[LabVM]:
+    """One lab VM for the whole file: booting a TCG guest takes seconds, and the machine has 2 cores."""
+    vm = create_lab_vm(f"vmkeep-lt-{secrets.token_hex(3)}", disks=2, size=32 * MiB)
+    try:
+        yield vm
+    finally:
+        vm.destroy()
+
+
+def test_console_commands_keep_output_and_status(lab_vm: LabVM) -> None:
+    assert lab_vm.run("echo hello") == "hello\n"
+    assert lab_vm.run("printf 'a\\nb'") == "a\nb"  # no trailing newline added or lost
+    assert lab_vm.run("echo '<<<VMK-END 0 0>>>'; echo after") == "<<<VMK-END 0 0>>>\nafter\n"
+    assert lab_vm.run("echo oops >&2; exit 3", check=False) == "oops\n"
+    with pytest.raises(LabError, match=r"exit 4.*oops"):
+        lab_vm.run("echo oops; exit 4")
+    with pytest.raises(LabError, match="killed after 1 s"):
+        lab_vm.run("sleep 30", timeout=1)
+    assert lab_vm.run("echo still here") == "still here\n"
+
+
+def test_write_changes_checksum_with_the_promised_bytes(lab_vm: LabVM) -> None:
+    before = lab_vm.checksum("vda")
+    offset, length = 3 * MiB + 4096, 2 * MiB + 512
+    lab_vm.write("vda", offset, length, seed="one")
+    after = lab_vm.checksum("vda")
+    assert after != before
+    region = lab_vm.run(f"dd if=/dev/vda bs=512 skip={offset // 512} count={length // 512} 2>/dev/null | sha256sum")
+    assert region.split()[0] == hashlib.sha256(pattern("one", offset, length)).hexdigest()
+    lab_vm.write("vda", offset, length, seed="one")  # same seed, same bytes
+    assert lab_vm.checksum("vda") == after
+    with pytest.raises(LabError, match="multiples of 512"):
+        lab_vm.write("vda", 100, 512)
+    with pytest.raises(LabError, match="no disk 'vdz'"):
+        lab_vm.checksum("vdz")
+
+
+def test_host_image_holds_what_the_guest_wrote(lab_vm: LabVM, tmp_path: Path) -> None:
+    offset, length = 20 * MiB, MiB
+    lab_vm.write("vda", offset, length, seed="host-view")  # synced by write()
+    in_guest = lab_vm.checksum("vda")
+    raw = tmp_path / "vda.raw"
+    virsh("suspend", lab_vm.name)
+    try:
+        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(lab_vm.disks["vda"]), str(raw)], check=True)
+    finally:
+        virsh("resume", lab_vm.name)
+    data = raw.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == in_guest
+    assert data[offset:offset + length] == pattern("host-view", offset, length)
+
+
+def test_guest_agent_answers(lab_vm: LabVM) -> None:
+    lab_vm.agent_ping()
+    reply = json.loads(virsh("qemu-agent-command", lab_vm.name, '{"execute":"guest-ping"}'))
+    assert reply == {"return": {}}
+
+
+def test_fsfreeze_runs_the_hook(lab_vm: LabVM) -> None:
+    files = lab_vm.make_files("vdb")
+    assert set(files) >= {"hello.txt", "etc/numbers.txt", "data/blob.bin"}
+    assert "/dev/vdb on /mnt/vdb" in lab_vm.run("mount")
+    seen = len(lab_vm.freeze_log())
+    assert "Froze 1 filesystem" in virsh("domfsfreeze", lab_vm.name)
+    try:
+        assert lab_vm.run("touch /run/not-frozen && echo ok") == "ok\n"  # the console loop lives on tmpfs
+    finally:
+        assert "Thawed 1 filesystem" in virsh("domfsthaw", lab_vm.name)
+    assert [line.split()[1] for line in lab_vm.freeze_log()[seen:]] == ["freeze", "thaw"]
+    assert lab_vm.run("echo again > /mnt/vdb/after-thaw && cat /mnt/vdb/after-thaw") == "again\n"
+
+
+def test_cli_finds_the_vm_by_name(lab_vm: LabVM) -> None:
+    runner = CliRunner()
+    assert lab_vm.name in list_lab_vms()
+    got = runner.invoke(lab_cmds.app, ["checksum", lab_vm.name, "--disk", "vda", "--json"])
+    assert got.exit_code == 0, got.output
+    first = json.loads(got.stdout)["sha256"]
+    assert first == lab_vm.checksum("vda")
+    got = runner.invoke(lab_cmds.app, ["write", lab_vm.name, "--disk", "vda", "--offset", "28M", "--length", "64K"])
+    assert got.exit_code == 0, got.output
+    got = runner.invoke(lab_cmds.app, ["checksum", lab_vm.name, "--disk", "vda"])
+    assert got.exit_code == 0 and got.stdout.strip() not in ("", first)
+
+
+def test_failed_create_leaves_nothing_behind() -> None:
+    name = f"vmkeep-lt-{secrets.token_hex(3)}"
+    with pytest.raises(LabError, match="did not answer"):
+        create_lab_vm(name, size=MiB, boot_timeout=0.1)  # no guest boots that fast
+    assert name not in virsh("list", "--all", "--name").split()
+    assert not vm_dir(name).exists()
+
+
+def test_destroy_spares_other_domains_and_cleans_leftovers() -> None:
+    name = f"vmkeep-lt-{secrets.token_hex(3)}"
+    conn = libvirt.open(LOCAL_URI)
+    try:
+        dom = conn.defineXML(f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>"
+                             "<os><type arch='x86_64'>hvm</type></os></domain>")
+        try:
+            with pytest.raises(LabError, match="not a vmkeep lab VM"):
+                destroy_lab_vm(name)
+            assert name in virsh("list", "--all", "--name").split()
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    vm_dir(name).mkdir(parents=True)
+    (vm_dir(name) / "vda.qcow2").write_bytes(b"")
+    destroy_lab_vm(name)  # a half-created VM: files, no domain
+    assert not vm_dir(name).exists()
