@@ -1,8 +1,8 @@
 """`vmkeep demo`: a complete round trip on lab material, with a summary table.
 
-Until the KVM connector lands this uses a qcow2 disk image: full backup into an encrypted
-repository, changes tracked by a persistent dirty bitmap, incremental that reads only the
-changes, restore of both points, byte-for-byte comparison with `qemu-img compare`, verify.
+By default a running lab VM (see demo_vm). With --image, a qcow2 disk image: full backup into an
+encrypted repository, changes tracked by a persistent dirty bitmap, incremental that reads only
+the changes, restore of both points, byte-for-byte comparison with `qemu-img compare`, verify.
 """
 
 from __future__ import annotations
@@ -35,12 +35,19 @@ def _compare(a: Path, b: Path) -> bool:
 
 
 def demo_cmd(
-    size_mib: Annotated[int, typer.Option("--size", help="Disk size in MiB")] = 1024,
+    size_mib: Annotated[int, typer.Option("--size", help="Disk size in MiB")] = 128,
     workdir: Annotated[Path | None, typer.Option(help="Keep the demo files here (default: a temp dir)")] = None,
+    disk_image: Annotated[bool, typer.Option("--image", help="A disk-image round trip instead of a VM")] = False,
 ) -> None:
-    """Back up, change, back up incrementally, restore and compare a lab disk."""
+    """Back up a running lab VM, let it write, back up incrementally, restore it as a new VM that
+    boots, and compare every restored disk with the guest's own view."""
     base = Path(workdir or tempfile.mkdtemp(prefix="vmkeep-demo-"))
     base.mkdir(parents=True, exist_ok=True)
+    if not disk_image:
+        from vmkeep.cli.demo_vm import vm_demo
+
+        vm_demo(base, size_mib * MiB)
+        return
     size = size_mib * MiB
     image = base / "lab-disk.qcow2"
     quarter = size // 4
