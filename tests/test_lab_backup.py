@@ -3,7 +3,6 @@ and restored as a new VM that boots."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from tests.bare_vm import virsh
 from tests.conftest import Cli, MiB
+from vmkeep.lab.images import file_sha256
 from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm
 
 
@@ -24,14 +24,6 @@ def guest() -> Iterator[LabVM]:
         yield vm
     finally:
         vm.destroy()
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def test_quiesced_backup_matches_the_guest_and_restores_a_booting_vm(cli: Cli, guest: LabVM,
@@ -57,7 +49,7 @@ def test_quiesced_backup_matches_the_guest_and_restores_a_booting_vm(cli: Cli, g
         out = tmp_path / f"vda-{point}.raw"
         cli.run("restore", f"{guest.name}@{point}", "--repo", repo, "--disk", "vda", "--output", str(out),
                 "--format", "raw")
-        assert sha256(out) == expected  # the guest's checksum at backup time
+        assert file_sha256(out) == expected  # the guest's checksum at backup time
 
     copy = f"{guest.name}-copy"
     try:

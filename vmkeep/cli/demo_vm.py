@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import secrets
 import time
@@ -15,6 +14,7 @@ from vmkeep.engine.image import restore_image
 from vmkeep.engine.vm import backup_vm, restore_vm_as
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+from vmkeep.lab.images import file_sha256
 from vmkeep.lab.services import ensure_libvirtd
 from vmkeep.lab.vm import create_lab_vm, destroy_lab_vm
 from vmkeep.repository.backends import open_backend
@@ -24,14 +24,6 @@ from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import verify
 
 MiB = 1 << 20
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def vm_demo(base: Path, size: int) -> None:
@@ -66,7 +58,7 @@ def vm_demo(base: Path, size: int) -> None:
             t = time.monotonic()
             _m, st = restore_image(repo, name, point, out, disk="vda", fmt="raw", progress=RichProgress())
             elapsed = time.monotonic() - t
-            same = _sha256(out) == expected
+            same = file_sha256(out) == expected
             rows.append((label, st.bytes_written, 0, elapsed, "= guest checksum" if same else "DIFFERENT"))
             out.unlink()
             if not same:
