@@ -14,8 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from vmkeep.cli import lab_cmds
+from vmkeep.errors import LabError
 from vmkeep.lab.guest import pattern
-from vmkeep.lab.services import LOCAL_URI, LabError
+from vmkeep.lab.services import LOCAL_URI
 from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm, list_lab_vms, vm_dir
 
 MiB = 1 << 20

@@ -53,3 +53,7 @@ class Cancelled(VmkeepError):
     """The operation was interrupted (Ctrl-C, or a job cancelled); nothing partial was committed."""
 
     exit_code = 130
+
+
+class LabError(VmkeepError):
+    """The lab (libvirt daemons, lab guest image, lab VMs) cannot be set up or used."""

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmkeep.lab.services import LabError
+from vmkeep.errors import LabError
 
 LAB_ROOT = Path("/var/lib/libvirt/images/vmkeep-lab")  # libvirt's QEMU user can read under images/
 GUEST_ROOT = LAB_ROOT / ".guest"  # the dot keeps it apart from VM directories (names start alphanumeric)

@@ -7,14 +7,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from vmkeep.errors import VmkeepError
+from vmkeep.errors import LabError
 
 LOCAL_URI = "qemu:///system"
 DAEMONS = ("virtlogd", "libvirtd")  # virtlogd first: libvirtd hands it the QEMU and console logs
 
 
-class LabError(VmkeepError):
-    """The lab (libvirt daemons, lab guest image, lab VMs) cannot be set up or used."""
 
 
 def running(program: str) -> bool:

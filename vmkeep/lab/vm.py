@@ -27,6 +27,7 @@ from xml.sax.saxutils import quoteattr
 import libvirt
 import libvirt_qemu
 
+from vmkeep.errors import LabError
 from vmkeep.lab.guest import (
     BEGIN_MARK,
     END_MARK,
@@ -37,7 +38,7 @@ from vmkeep.lab.guest import (
     ensure_guest,
     write_plan,
 )
-from vmkeep.lab.services import LOCAL_URI, LabError, ensure_libvirtd
+from vmkeep.lab.services import LOCAL_URI, ensure_libvirtd
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
 
