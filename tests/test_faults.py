@@ -206,3 +206,22 @@ def test_failing_s3(cli: Cli) -> None:
         assert proc.returncode != 0 and "S3 failed" in proc.stderr and "Traceback" not in proc.stderr
     finally:
         server.shutdown()
+
+
+def test_damaged_manifest_is_reported_not_fatal(cli: Cli, repo_with_point, make_disk, tmp_path: Path) -> None:
+    repo, _image, point = repo_with_point
+    other = make_disk(8 * MiB, [Segment(0, 8 * MiB, "random", "other")])
+    cli.json("disk", "backup", str(other), "--repo", repo, "--name", "other")
+    manifest = Path(repo, "points", "vm", f"{point['point']}.json")
+    manifest.write_text(manifest.read_text().replace('"name": "vm"', '"name": "vX"'))  # tampered
+    proc = cli.run("repo", "verify", repo, "--json", ok=False)
+    assert proc.returncode == 1
+    broken = json.loads(proc.stdout)["broken_points"]
+    assert list(broken) == [f"points/vm/{point['point']}.json"] and "authentication" in broken[next(iter(broken))][0]
+    proc = cli.run("repo", "gc", repo, ok=False)
+    assert proc.returncode != 0 and "refusing" in proc.stderr
+    proc = cli.run("points", "--repo", repo, ok=False)
+    assert proc.returncode != 0 and "repo verify" in proc.stderr
+    out = tmp_path / "other.qcow2"
+    cli.run("disk", "restore", "other", "--repo", repo, "--output", str(out))
+    assert qemu_img_compare(other, out)

@@ -60,7 +60,6 @@ class DiskStats:
     bytes_stored: int = 0
     seconds: float = 0.0
     mode: str = "full"
-    reason: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

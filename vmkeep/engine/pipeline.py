@@ -75,8 +75,6 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_resul
                 f = pool.submit(fn, item)
                 pending[f] = item
                 f.add_done_callback(release)
-                if len(pending) > workers * 4:
-                    drain(block=False)
             while pending:
                 drain(block=True)
                 _check(cancel)

@@ -64,7 +64,7 @@ def collect(repo: Repository, dry_run: bool = False) -> GcReport:
     t0 = backend.now()
     all_sessions = list_sessions(backend)
     live = [s for s in all_sessions if s.is_live(t0)]
-    damaged = repo.damaged_points()
+    points, damaged = repo.scan_points()
     if damaged:
         raise RepositoryError(
             f"refusing to collect garbage: {damaged[0][0]} is damaged ({damaged[0][1]}); "
@@ -72,7 +72,7 @@ def collect(repo: Repository, dry_run: bool = False) -> GcReport:
         )
     marked: set[bytes] = set()
     live_keys: set[str] = set()
-    for m in repo.list_points():
+    for m in points:
         for disk, entry in m.disks.items():
             try:
                 marked |= repo.load_index(m, disk).chunk_ids()

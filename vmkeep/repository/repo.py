@@ -93,31 +93,28 @@ class Repository:
     def _read_manifest(self, key: str) -> Manifest:
         return decode_manifest(self.backend.get(key), self.keys.mac, key)
 
-    def list_points(self, name: str | None = None) -> list[Manifest]:
-        """Every committed restore point (optionally of one name), oldest first."""
+    def scan_points(self, name: str | None = None) -> tuple[list[Manifest], list[tuple[str, str]]]:
+        """One pass over the manifests: the readable points oldest first, and the damaged ones as
+        (key, reason)."""
         prefix = f"points/{check_name(name)}/" if name else "points/"
-        points = []
+        points, damaged = [], []
         for info in self.backend.list(prefix):
             if info.key.endswith(".json"):
                 try:
                     points.append(self._read_manifest(info.key))
                 except ObjectMissing:
                     continue  # deleted by a concurrent prune
-        return sorted(points, key=lambda m: (m.created, m.point_id))
-
-    def damaged_points(self) -> list[tuple[str, str]]:
-        """Manifests that cannot be read or authenticated, as (key, reason)."""
-        damaged = []
-        for info in self.backend.list("points/"):
-            if info.key.endswith(".json"):
-                try:
-                    self._read_manifest(info.key)
                 except (ObjectCorrupt, RepositoryError) as exc:
                     damaged.append((info.key, str(exc)))
-        return damaged
+        return sorted(points, key=lambda m: (m.created, m.point_id)), damaged
 
-    def names(self) -> list[str]:
-        return sorted({m.name for m in self.list_points()})
+    def list_points(self, name: str | None = None) -> list[Manifest]:
+        """Every committed restore point (optionally of one name), oldest first; a damaged manifest
+        is an error here (verify and gc report it instead)."""
+        points, damaged = self.scan_points(name)
+        if damaged:
+            raise ObjectCorrupt(f"{damaged[0][1]}; run `vmkeep repo verify`")
+        return points
 
     def find_point(self, name: str, point: str | None = None) -> Manifest:
         """The point ``point`` of ``name`` (an id, a unique id prefix, or None/'latest')."""

@@ -39,9 +39,9 @@ def verify(repo: Repository, sample_pct: float = 100.0, workers: int = 4,
     report = VerifyReport()
     users: dict[bytes, list[DiskRef]] = {}
     sizes: dict[bytes, int] = {}
-    for key, reason in repo.damaged_points():
+    points, damaged = repo.scan_points()
+    for key, reason in damaged:
         report.broken_points.setdefault(key, []).append(reason)
-    points = repo.list_points()
     report.points = len(points)
     for m in points:
         for disk in m.disks:

@@ -75,7 +75,3 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release connections and file descriptors."""
-
-    def free_bytes(self) -> int | None:
-        """Free space where the backend knows it (local filesystems)."""
-        return None

@@ -198,10 +198,6 @@ class FilesystemBackend(Backend):
         assert info is not None
         return info.mtime
 
-    def free_bytes(self) -> int | None:
-        st = os.statvfs(self.root)
-        return st.f_bavail * st.f_frsize
-
     def stale_temporaries(self, older_than: float) -> Iterator[Path]:
         """Temporary files left by a writer that died mid-put."""
         for dirpath, _d, filenames in os.walk(self.root):
