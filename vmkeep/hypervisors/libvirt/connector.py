@@ -445,24 +445,16 @@ class LibvirtConnector:
                                   "files, so run the proxy on that host")
         parent_cp, reason = self._incremental_base(dom, eligible, since, previous_disks)
         with ExitStack() as stack:
-            disks = {}
-            for s in eligible:
-                if not os.path.exists(s.source):
-                    raise HypervisorError(f"disk {s.target} of {dom.name()} ({s.source}) cannot be read here")
-                image = probe_image(Path(s.source), s.format)
-                bitmap = parent_cp if (parent_cp and s.bitmaps) else None
-                try:
-                    uri = stack.enter_context(serve_image(image, connections=16, bitmap=bitmap))
-                except ImageError as exc:
-                    if bitmap is None:
-                        raise
-                    # the bitmap is missing or was left in use by a VM that crashed: read it all
-                    reason = f"the bitmap of checkpoint {parent_cp} on {s.target} cannot be used ({exc})"
-                    parent_cp, bitmap = None, None
-                    stack.close()
-                    return (yield from self._offline_full(dom, eligible, config, notes, reason))
-                dirty = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
-                disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
+            try:
+                disks = self._serve_images(stack, dom, eligible, parent_cp)
+            except ImageError as exc:
+                if parent_cp is None:
+                    raise
+                # the bitmap is missing or was left in use by a QEMU that crashed: read it all
+                stack.close()
+                reason = f"the bitmap of checkpoint {parent_cp} cannot be used ({exc})"
+                parent_cp = None
+                disks = self._serve_images(stack, dom, eligible, None)
             yield PointInTimeInfo(
                 vm=dom.name(), transport="offline", consistency="application",
                 mode="incremental" if parent_cp else "full",
@@ -472,16 +464,17 @@ class LibvirtConnector:
                 chain=dict(since or {}) if parent_cp else {"checkpoint": None, "disks": []}, notes=notes,
             )
 
-    def _offline_full(self, dom: libvirt.virDomain, eligible: list[DiskSpec], config: dict[str, Any],
-                      notes: list[str], reason: str) -> Iterator[PointInTimeInfo]:
-        with ExitStack() as stack:
-            disks = {}
-            for s in eligible:
-                image = probe_image(Path(s.source), s.format)
-                uri = stack.enter_context(serve_image(image, connections=16))
-                disks[s.target] = DiskExport(s.target, uri, image.virtual_size, None)
-            yield PointInTimeInfo(
-                vm=dom.name(), transport="offline", consistency="application", mode="full",
-                reason=f"the VM is shut off: read from its image files ({reason})", disks=disks, config=config,
-                chain={"checkpoint": None, "disks": []}, notes=notes,
-            )
+    @staticmethod
+    def _serve_images(stack: ExitStack, dom: libvirt.virDomain, eligible: list[DiskSpec],
+                      parent_cp: str | None) -> dict[str, DiskExport]:
+        """qemu-nbd on each image file, exporting the checkpoint's bitmap where there is one."""
+        disks = {}
+        for s in eligible:
+            if not os.path.exists(s.source):
+                raise HypervisorError(f"disk {s.target} of {dom.name()} ({s.source}) cannot be read here")
+            image = probe_image(Path(s.source), s.format)
+            bitmap = parent_cp if (parent_cp and s.bitmaps) else None
+            uri = stack.enter_context(serve_image(image, connections=16, bitmap=bitmap))
+            dirty = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+            disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
+        return disks
