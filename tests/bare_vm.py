@@ -6,6 +6,8 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +87,16 @@ def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = ()) -
     finally:
         conn.close()
     return BareVM(name, paths)
+
+
+@contextmanager
+def running(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = ()) -> Iterator[BareVM]:
+    """A bare VM for the block, destroyed with its images afterwards."""
+    vm = create(disks, shareable)
+    try:
+        yield vm
+    finally:
+        destroy(vm)
 
 
 def destroy(vm: BareVM) -> None:

@@ -42,8 +42,13 @@ def test_quiesced_backup_matches_the_guest_and_restores_a_booting_vm(cli: Cli, g
 
     guest.write("vda", 8 * MiB, MiB, seed="second")
     at_incr = guest.checksum("vda")
-    incr = json.loads(cli.run("backup", guest.name, "--repo", repo, "--json").stdout)["vms"][0]
+    frozen_before = len(guest.freeze_log())
+    incr = json.loads(cli.run("backup", guest.name, "--repo", repo, "--transport", "san", "--quiesce", "required",
+                              "--json").stdout)["vms"][0]
     assert incr["mode"] == "incremental" and incr["disks"]["vda"]["bytes_read"] == MiB
+    assert incr["transport"] == "san" and incr["consistency"] == "application"
+    log = guest.freeze_log()[frozen_before:]
+    assert [line.split()[1] for line in log] == ["freeze", "thaw"]  # frozen around the snapshot too
 
     for point, expected in ((full["point"], at_full), (incr["point"], at_incr)):
         out = tmp_path / f"vda-{point}.raw"

@@ -20,11 +20,8 @@ from vmkeep.hypervisors.libvirt.connector import SCRATCH_ROOT
 
 @pytest.fixture
 def vm() -> Iterator[BareVM]:
-    machine = bare_vm.create({"vda": (64 * MiB, "qcow2"), "vdb": (32 * MiB, "qcow2")})
-    try:
+    with bare_vm.running({"vda": (64 * MiB, "qcow2"), "vdb": (32 * MiB, "qcow2")}) as machine:
         yield machine
-    finally:
-        bare_vm.destroy(machine)
 
 
 @pytest.fixture
@@ -125,7 +122,8 @@ def test_ctrl_c_mid_backup_cleans_up(cli: Cli, repo: str) -> None:
         before = machine.checkpoints()
         for i in range(0, 480, 8):  # many distinct chunks, so the incremental takes a while
             machine.write("vda", i * MiB, 8 * MiB, 0x80 + i // 8)
-        proc = subprocess.Popen([VMKEEP, "backup", machine.name, "--repo", repo, "--workers", "1"], env=cli.env,
+        proc = subprocess.Popen([VMKEEP, "backup", machine.name, "--repo", repo, "--transport", "hotadd",
+                                 "--workers", "1"], env=cli.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while not machine.job_running():

@@ -15,6 +15,7 @@ from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from tests.test_libvirt_backup import backup, scratch_left
+from vmkeep.lab.services import LIBVIRTD_ARGS
 
 
 @pytest.fixture
@@ -34,7 +35,8 @@ def busy_vm(cli: Cli, tmp_path: Path) -> Iterator[tuple[BareVM, str]]:
 
 
 def start_backup(cli: Cli, vm: BareVM, repo: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--workers", "1", "--json"], env=cli.env,
+    proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", "hotadd", "--workers", "1",
+                             "--json"], env=cli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not vm.job_running():
@@ -82,7 +84,7 @@ def test_libvirtd_restart_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str], tmp_
     proc = start_backup(cli, vm, repo)
     subprocess.run(["pkill", "-x", "libvirtd"], check=True)
     time.sleep(0.5)
-    subprocess.run(["libvirtd", "-d"], check=True)
+    subprocess.run(["libvirtd", *LIBVIRTD_ARGS], check=True)
     r = finish(proc)
     deadline = time.monotonic() + 30
     while True:  # libvirtd takes a moment to answer again

@@ -30,6 +30,8 @@ def backup_cmd(
     transport: Annotated[str, typer.Option(help="Transports to try in order")] = "san:hotadd:nbd",
     full: Annotated[bool, typer.Option("--full", help="Read every allocated extent, not just the changes")] = False,
     quiesce: Annotated[str, typer.Option(help="required, try or off (guest-agent fsfreeze)")] = "try",
+    nbd_tls: Annotated[str, typer.Option(help="auto, require or off: TLS for the nbd transport (client "
+                                              "certificates in /etc/pki/vmkeep or $VMKEEP_NBD_TLS_DIR)")] = "auto",
     parallel: Annotated[int, typer.Option(min=1, max=32, help="VMs backed up at once")] = 1,
     workers: Workers = DEFAULT_WORKERS,
     passphrase_file: PassFile = None,
@@ -40,13 +42,15 @@ def backup_cmd(
     """Back up running or shut-off VMs; incremental from each VM's latest point when its chain holds."""
     if quiesce not in ("required", "try", "off"):
         raise UsageError("--quiesce must be required, try or off")
+    if nbd_tls not in ("auto", "require", "off"):
+        raise UsageError("--nbd-tls must be auto, require or off")
     order = parse_transports(transport)
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
     results: dict[str, dict[str, Any]] = {}
     cancel = threading.Event()
 
     def one(vm: str, progress: RichProgress) -> dict[str, Any]:
-        connector = LibvirtConnector(host)
+        connector = LibvirtConnector(host, nbd_tls=nbd_tls)  # type: ignore[arg-type]
         started = time.monotonic()
         try:
             m = backup_vm(r, connector, vm, transports=order, quiesce=quiesce, full=full,  # type: ignore[arg-type]

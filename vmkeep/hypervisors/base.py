@@ -15,6 +15,8 @@ from typing import Any, Literal, Protocol
 from vmkeep.errors import VmkeepError
 
 Quiesce = Literal["required", "try", "off"]
+Consistency = Literal["application", "crash"]
+NbdTls = Literal["auto", "require", "off"]
 TRANSPORTS = ("san", "hotadd", "nbd")
 
 
@@ -56,7 +58,7 @@ class DiskExport:
 class PointInTimeInfo:
     vm: str
     transport: str
-    consistency: Literal["application", "crash"]
+    consistency: Consistency
     mode: Literal["full", "incremental"]
     reason: str  # why full, or what the incremental is relative to
     disks: dict[str, DiskExport]

@@ -1,4 +1,9 @@
-"""Starting the local libvirt daemons by hand: lab machines have no systemd to do it."""
+"""Configuring and starting the local libvirt daemons by hand: lab machines have no systemd.
+
+The lab's QEMU runs as root (lab images, scratch files and export sockets live in root-owned
+directories), pull-mode backup exports can use TLS with the lab certificates, and libvirtd
+listens for ``qemu+tls://`` so that a proxy on another network can reach it.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,59 @@ import time
 from pathlib import Path
 
 from vmkeep.errors import LabError
+from vmkeep.lab.tls import QEMU_BACKUP_DIR, ensure_lab_pki
 
 LOCAL_URI = "qemu:///system"
 DAEMONS = ("virtlogd", "libvirtd")  # virtlogd first: libvirtd hands it the QEMU and console logs
+LIBVIRTD_ARGS = ("-d", "--listen")  # --listen: qemu+tls:// for proxies on other machines
+QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+QEMU_SETTINGS = {"user": '"root"', "group": '"root"', "backup_tls_x509_cert_dir": f'"{QEMU_BACKUP_DIR}"',
+                 "backup_tls_x509_verify": "1"}
 
 
+def _configure_qemu() -> bool:
+    """Add the lab's settings to qemu.conf where it does not set them; whether it changed."""
+    text = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
+    set_here = {line.split("=", 1)[0].strip() for line in text.splitlines() if "=" in line
+                and not line.lstrip().startswith("#")}
+    missing = [f"{k} = {v}" for k, v in QEMU_SETTINGS.items() if k not in set_here]
+    if not missing:
+        return False
+    QEMU_CONF.write_text(text.rstrip("\n") + "\n\n# vmkeep lab\n" + "\n".join(missing) + "\n")
+    return True
+
+
+def _pids(program: str) -> list[Path]:
+    found = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() == program:
+                found.append(comm.parent)
+        except OSError:  # the process ended while we looked
+            continue
+    return found
+
+
+def _listening_libvirtd() -> bool:
+    for proc in _pids("libvirtd"):
+        try:
+            if b"--listen" in (proc / "cmdline").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _stop(program: str) -> None:
+    subprocess.run(["pkill", "-x", program], check=False)
+    deadline = time.monotonic() + 30
+    while running(program) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def running(program: str) -> bool:
     """Whether a process of that name runs (read from /proc, as there is no service manager)."""
-    for comm in Path("/proc").glob("[0-9]*/comm"):
-        try:
-            if comm.read_text().strip() == program:
-                return True
-        except OSError:  # the process ended while we looked
-            continue
-    return False
+    return bool(_pids(program))
 
 
 def _answers(uri: str) -> tuple[bool, str]:
@@ -35,9 +77,11 @@ def _answers(uri: str) -> tuple[bool, str]:
 
 
 def ensure_libvirtd(timeout: float = 60.0) -> None:
-    """Start virtlogd and libvirtd unless they run, then wait until qemu:///system answers.
+    """Configure and start virtlogd and libvirtd unless they run so, then wait until qemu:///system
+    answers.
 
-    Idempotent: a daemon that already runs is left alone, so several test sessions can call it.
+    Idempotent: a daemon that already runs as configured is left alone (several test sessions
+    call this); one that runs with other settings is restarted (running VMs carry on).
     """
     for daemon in DAEMONS:
         if shutil.which(daemon) is None:
@@ -45,10 +89,14 @@ def ensure_libvirtd(timeout: float = 60.0) -> None:
                            "libvirt-clients python3-libvirt")
     if shutil.which("virsh") is None:
         raise LabError("virsh is not installed: apt-get install libvirt-clients")
+    ensure_lab_pki()
+    if (_configure_qemu() or not _listening_libvirtd()) and running("libvirtd"):
+        _stop("libvirtd")
     for daemon in DAEMONS:
         if running(daemon):
             continue
-        proc = subprocess.run([daemon, "-d"], capture_output=True, text=True, timeout=60)
+        args = LIBVIRTD_ARGS if daemon == "libvirtd" else ("-d",)
+        proc = subprocess.run([daemon, *args], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0 and not running(daemon):
             raise LabError(f"cannot start {daemon} ({proc.returncode}): {proc.stderr.strip()}; "
                            f"run `{daemon} -v` by hand to see why")
@@ -62,3 +110,7 @@ def ensure_libvirtd(timeout: float = 60.0) -> None:
             raise LabError(f"libvirtd {state} but {LOCAL_URI} did not answer within {timeout:.0f} s: {err}; "
                            "see /var/log/libvirt/libvirtd.log, or run `libvirtd -v` by hand")
         time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    ensure_libvirtd()

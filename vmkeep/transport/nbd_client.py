@@ -6,19 +6,30 @@ worker thread gives parallel reads without per-byte Python work.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import nbd
 
 from vmkeep.errors import ImageError
 from vmkeep.transport.extents import Extent, merge
 
+DEFAULT_TLS_DIR = Path("/etc/pki/vmkeep")
 STATE_HOLE = 1
 STATE_ZERO = 2
 ALLOCATION = "base:allocation"
 MAX_STATUS_REQUEST = 1 << 30
+
+
+def client_tls_dir() -> Path | None:
+    """Where this proxy keeps its NBD client certificates (ca-cert.pem, client-cert.pem,
+    client-key.pem; ``VMKEEP_NBD_TLS_DIR`` overrides), or None when it has none."""
+    directory = Path(os.environ.get("VMKEEP_NBD_TLS_DIR") or DEFAULT_TLS_DIR)
+    needed = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+    return directory if all((directory / n).is_file() for n in needed) else None
 
 
 class NbdExport:
@@ -40,6 +51,9 @@ class NbdExport:
         h = nbd.NBD()
         # The server fills every byte of a successful read: zero-filling the buffer first is waste.
         h.set_pread_initialize(False)
+        # Connectors name the client certificates in the URI (tls-certificates=DIR); the URIs are
+        # ours, never a user's, so reading that local directory is safe.
+        h.set_uri_allow_local_file(True)
         h.add_meta_context(ALLOCATION)
         if self.dirty_context:
             h.add_meta_context(self.dirty_context)

@@ -28,18 +28,35 @@ from urllib.parse import urlparse
 import libvirt
 
 from vmkeep.errors import ImageError, VmkeepError
-from vmkeep.hypervisors.base import DiskExport, HypervisorError, PointInTimeInfo, Quiesce, VMDisk, VMInfo
+from vmkeep.hypervisors.base import (
+    Consistency,
+    DiskExport,
+    HypervisorError,
+    NbdTls,
+    PointInTimeInfo,
+    Quiesce,
+    VMDisk,
+    VMInfo,
+)
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_specs
-from vmkeep.transport.qemu_nbd import probe_image, serve_image
+from vmkeep.hypervisors.libvirt.san import (
+    CHECKPOINT_PREFIX,
+    frozen_bases,
+    merge_stale_overlays,
+    serve_images,
+    unreadable_disks,
+)
+from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
 
 SCRATCH_ROOT = Path("/var/lib/libvirt/images/vmkeep-scratch")
-CHECKPOINT_PREFIX = "vmkeep-"
 RESTART_GRACE_SECONDS = 20
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
     libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
     libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
+
+TLS_WORDS = ("tls", "x509", "certificate")
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
 
@@ -51,8 +68,11 @@ def _free_port() -> int:
 
 
 class LibvirtConnector:
-    def __init__(self, uri: str = "qemu:///system") -> None:
+    def __init__(self, uri: str = "qemu:///system", nbd_tls: NbdTls = "auto") -> None:
+        """``nbd_tls``: ``auto`` encrypts the nbd transport when this proxy has client
+        certificates and the host accepts TLS, ``require`` refuses to go without, ``off`` never."""
         self.uri = uri
+        self.nbd_tls = nbd_tls
         parsed = urlparse(uri)
         self.host = parsed.hostname or socket.gethostname()
         self.is_local = parsed.hostname in (None, "", "localhost", "127.0.0.1", socket.gethostname())
@@ -159,8 +179,11 @@ class LibvirtConnector:
         quiesce: Quiesce,
     ) -> Iterator[PointInTimeInfo]:
         dom = self.domain(vm)
+        notes = []
+        if merge_stale_overlays(dom):
+            notes.append("merged back the snapshot overlays of an earlier vmkeep run that did not finish")
         specs = disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
-        notes = [s.reason for s in specs if s.reason]
+        notes += [s.reason for s in specs if s.reason]
         eligible = [s for s in specs if s.eligible]
         if not eligible:
             raise HypervisorError(f"VM {vm} has no disk that can be backed up ({'; '.join(notes) or 'no disks'})")
@@ -173,11 +196,11 @@ class LibvirtConnector:
             with self._offline(dom, eligible, since, previous_disks, config, notes) as info:
                 yield info
 
-    def _choose_transport(self, transports: list[str], notes: list[str]) -> str:
+    def _choose_transport(self, transports: list[str], eligible: list[DiskSpec], notes: list[str]) -> str:
         for t in transports:
-            if t == "san":
-                notes.append("transport san skipped: reading the frozen base image directly is not available for "
-                             "libvirt in this version")
+            if t == "san" and (hidden := unreadable_disks(eligible)):
+                notes.append(f"transport san skipped: this proxy cannot open the images of {', '.join(hidden)} "
+                             "(give it access to the VM's storage)")
             elif t == "hotadd" and not self.is_local:
                 notes.append(f"transport hotadd skipped: this proxy is not on the VM's host {self.host}")
             else:
@@ -215,41 +238,77 @@ class LibvirtConnector:
                 config: dict[str, Any], notes: list[str]) -> Iterator[PointInTimeInfo]:
         vm = dom.name()
         self._clear_stale_job(dom, notes)
-        transport = self._choose_transport(transports, notes)
+        transport = self._choose_transport(transports, eligible, notes)
         parent_cp, reason = self._incremental_base(dom, eligible, since, previous_disks)
         checkpoint = f"{CHECKPOINT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
-        scratch = SCRATCH_ROOT / f"{vm}-{secrets.token_hex(4)}"
-        scratch.mkdir(parents=True)
-        socket_path = scratch / "nbd.sock"
-        port = _free_port() if transport == "nbd" else 0
+        bitmap_targets = [s.target for s in eligible if s.bitmaps]
+        chain = {"checkpoint": checkpoint if bitmap_targets else None, "disks": bitmap_targets}
         committed = False
         try:
             # Cleaning up a job or checkpoint that never came to be is harmless, so assume both exist
-            # from here on: an interrupt the instant backupBegin returns must not leak them.
-            consistency, parent_cp, reason = self._begin(dom, eligible, parent_cp, reason, checkpoint, scratch,
-                                                         transport, socket_path, port, quiesce, notes)
-            bitmap_targets = [s.target for s in eligible if s.bitmaps]
-            disks = {}
-            for s in eligible:
-                uri = (f"nbd+unix:///{s.target}?socket={socket_path}" if transport == "hotadd"
-                       else f"nbd://{self._nbd_host()}:{port}/{s.target}")
-                dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
-                disks[s.target] = DiskExport(s.target, uri, dom.blockInfo(s.target)[0], dirty)
-            try:
-                yield PointInTimeInfo(
-                    vm=vm, transport=transport, consistency=consistency,
-                    mode="incremental" if parent_cp else "full", reason=reason, disks=disks, config=config,
-                    chain={"checkpoint": checkpoint if bitmap_targets else None, "disks": bitmap_targets},
-                    notes=notes,
-                )
-            except ImageError as exc:
-                raise self._explain_lost_export(dom, exc) from None
+            # from here on: an interrupt the instant they are made must not leak them.
+            if transport == "san":
+                with frozen_bases(dom, eligible, SCRATCH_ROOT / f"{vm}-{secrets.token_hex(4)}",
+                                  self._checkpoint_xml(eligible, checkpoint), parent_cp, reason,
+                                  lambda: self._quiesced(dom, quiesce, notes)) as san:
+                    yield PointInTimeInfo(
+                        vm=vm, transport=transport, consistency=san.consistency,
+                        mode="incremental" if san.parent_cp else "full", reason=san.reason, disks=san.disks,
+                        config=config, chain=chain, notes=notes)
+            else:
+                with self._backup_job(dom, eligible, parent_cp, reason, checkpoint, transport, quiesce,
+                                      notes) as (consistency, parent_cp, reason, disks):
+                    try:
+                        yield PointInTimeInfo(
+                            vm=vm, transport=transport, consistency=consistency,
+                            mode="incremental" if parent_cp else "full", reason=reason, disks=disks,
+                            config=config, chain=chain, notes=notes)
+                    except ImageError as exc:
+                        raise self._explain_lost_export(dom, exc) from None
             committed = True
         finally:
             try:
                 fresh = self._alive(dom)
             except libvirt.libvirtError:
-                notes.append("libvirtd did not come back: the backup job and checkpoint are cleaned up next run")
+                notes.append("libvirtd did not come back: the checkpoint is cleaned up next run")
+            else:
+                if committed:
+                    self._prune_checkpoints(fresh, keep=checkpoint)
+                else:
+                    self._delete_checkpoint(fresh, checkpoint)
+
+    @contextmanager
+    def _backup_job(self, dom: libvirt.virDomain, eligible: list[DiskSpec], parent_cp: str | None, reason: str,
+                    checkpoint: str, transport: str, quiesce: Quiesce,
+                    notes: list[str]) -> Iterator[tuple[Consistency, str | None, str, dict[str, DiskExport]]]:
+        """A pull-mode backup job exporting the disks over NBD; aborted and its scratch removed on exit."""
+        scratch = SCRATCH_ROOT / f"{dom.name()}-{secrets.token_hex(4)}"
+        scratch.mkdir(parents=True)
+        socket_path = scratch / "nbd.sock"
+        port = _free_port() if transport == "nbd" else 0
+        tls_dir = self._tls_dir(notes) if transport == "nbd" else None
+        try:
+            consistency, parent_cp, reason, tls_dir = self._begin(
+                dom, eligible, parent_cp, reason, checkpoint, scratch, transport, socket_path, port, tls_dir,
+                quiesce, notes)
+            if tls_dir:
+                notes.append(f"nbd transport encrypted with TLS (client certificates in {tls_dir})")
+            disks = {}
+            for s in eligible:
+                if transport == "hotadd":
+                    uri = f"nbd+unix:///{s.target}?socket={socket_path}"
+                elif tls_dir:
+                    uri = f"nbds://{self._nbd_host()}:{port}/{s.target}?tls-certificates={tls_dir}"
+                else:
+                    uri = f"nbd://{self._nbd_host()}:{port}/{s.target}"
+                dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
+                disks[s.target] = DiskExport(s.target, uri, dom.blockInfo(s.target)[0], dirty)
+            yield consistency, parent_cp, reason, disks
+        finally:
+            try:
+                fresh = self._alive(dom)
+            except libvirt.libvirtError:
+                notes.append("libvirtd did not come back: the backup job is cleaned up next run")
             else:
                 self._end_job(fresh)
                 if fresh is not dom:
@@ -261,11 +320,6 @@ class LibvirtConnector:
                         if self._job_present(fresh):
                             self._end_job(fresh)
                             break
-                dom = fresh
-                if committed:
-                    self._prune_checkpoints(dom, keep=checkpoint)
-                else:
-                    self._delete_checkpoint(dom, checkpoint)
             shutil.rmtree(scratch, ignore_errors=True)
 
     def _clear_stale_job(self, dom: libvirt.virDomain, notes: list[str]) -> None:
@@ -314,10 +368,65 @@ class LibvirtConnector:
     def _nbd_host(self) -> str:
         return "127.0.0.1" if self.is_local else self.host
 
+    def _tls_dir(self, notes: list[str]) -> Path | None:
+        """The client certificates to encrypt the nbd transport with, or None for plain NBD."""
+        if self.nbd_tls == "off":
+            return None
+        directory = client_tls_dir()
+        if directory is None:
+            where = os.environ.get("VMKEEP_NBD_TLS_DIR") or DEFAULT_TLS_DIR
+            if self.nbd_tls == "require":
+                raise HypervisorError(f"--nbd-tls require, but this proxy has no NBD client certificates in {where} "
+                                      "(ca-cert.pem, client-cert.pem, client-key.pem)")
+            notes.append(f"nbd transport not encrypted: no client certificates in {where}")
+        return directory
+
+    def _start_job(self, dom: libvirt.virDomain, eligible: list[DiskSpec], parent_cp: str | None,
+                   checkpoint: str, scratch: Path, transport: str, socket_path: Path, port: int,
+                   tls_dir: Path | None, notes: list[str]) -> Path | None:
+        """backupBegin, over TLS when asked; in ``auto`` a host without backup TLS gets plain NBD."""
+        try:
+            dom.backupBegin(self._backup_xml(eligible, parent_cp, scratch, transport, socket_path, port,
+                                             self._nbd_host(), tls_dir is not None),
+                            self._checkpoint_xml(eligible, checkpoint), 0)
+            return tls_dir
+        except libvirt.libvirtError as exc:
+            why = exc.get_error_message()
+            if tls_dir is None or self.nbd_tls == "require" or not any(w in why.lower() for w in TLS_WORDS):
+                raise
+            notes.append(f"nbd transport not encrypted: the host refused TLS ({why}); set "
+                         "backup_tls_x509_cert_dir in its qemu.conf")
+            dom.backupBegin(self._backup_xml(eligible, parent_cp, scratch, transport, socket_path, port,
+                                             self._nbd_host(), False),
+                            self._checkpoint_xml(eligible, checkpoint), 0)
+            return None
+
     def _begin(self, dom: libvirt.virDomain, eligible: list[DiskSpec], parent_cp: str | None, reason: str,
-               checkpoint: str, scratch: Path, transport: str, socket_path: Path, port: int, quiesce: Quiesce,
-               notes: list[str]) -> tuple[Any, str | None, str]:
+               checkpoint: str, scratch: Path, transport: str, socket_path: Path, port: int, tls_dir: Path | None,
+               quiesce: Quiesce, notes: list[str]) -> tuple[Consistency, str | None, str, Path | None]:
         """Start the backup job (quiesced if asked); falls back to full if libvirt refuses the incremental."""
+        with self._quiesced(dom, quiesce, notes) as consistency:
+            try:
+                tls_dir = self._start_job(dom, eligible, parent_cp, checkpoint, scratch, transport, socket_path,
+                                          port, tls_dir, notes)
+            except libvirt.libvirtError as exc:
+                if parent_cp is None:
+                    raise HypervisorError(f"libvirt cannot start a backup of {dom.name()}: "
+                                          f"{exc.get_error_message()}") from None
+                reason = f"libvirt refused the incremental from {parent_cp} ({exc.get_error_message()})"
+                self._delete_checkpoint(dom, checkpoint)
+                parent_cp = None
+                try:
+                    tls_dir = self._start_job(dom, eligible, None, checkpoint, scratch, transport, socket_path,
+                                              port, tls_dir, notes)
+                except libvirt.libvirtError as exc2:
+                    raise HypervisorError(f"libvirt cannot start a backup of {dom.name()}: "
+                                          f"{exc2.get_error_message()}") from None
+        return consistency, parent_cp, reason, tls_dir
+
+    @contextmanager
+    def _quiesced(self, dom: libvirt.virDomain, quiesce: Quiesce, notes: list[str]) -> Iterator[Consistency]:
+        """Guest filesystems frozen through the agent for the block; yields the consistency gained."""
         frozen = False
         if quiesce != "off":
             try:
@@ -330,28 +439,10 @@ class LibvirtConnector:
                                           "--quiesce try to accept a crash-consistent point") from None
                 notes.append(f"not quiesced: {why}")
         try:
-            try:
-                dom.backupBegin(self._backup_xml(eligible, parent_cp, scratch, transport, socket_path, port,
-                                                 self._nbd_host()),
-                                self._checkpoint_xml(eligible, checkpoint), 0)
-            except libvirt.libvirtError as exc:
-                if parent_cp is None:
-                    raise HypervisorError(f"libvirt cannot start a backup of {dom.name()}: "
-                                          f"{exc.get_error_message()}") from None
-                reason = f"libvirt refused the incremental from {parent_cp} ({exc.get_error_message()})"
-                self._delete_checkpoint(dom, checkpoint)
-                parent_cp = None
-                try:
-                    dom.backupBegin(self._backup_xml(eligible, None, scratch, transport, socket_path, port,
-                                                     self._nbd_host()),
-                                    self._checkpoint_xml(eligible, checkpoint), 0)
-                except libvirt.libvirtError as exc2:
-                    raise HypervisorError(f"libvirt cannot start a backup of {dom.name()}: "
-                                          f"{exc2.get_error_message()}") from None
+            yield "application" if frozen else "crash"
         finally:
             if frozen:
                 self._thaw(dom, notes)
-        return ("application" if frozen else "crash"), parent_cp, reason
 
     @staticmethod
     def _thaw(dom: libvirt.virDomain, notes: list[str]) -> None:
@@ -366,9 +457,9 @@ class LibvirtConnector:
 
     @staticmethod
     def _backup_xml(eligible: list[DiskSpec], parent_cp: str | None, scratch: Path, transport: str,
-                    socket_path: Path, port: int, listen: str) -> str:
+                    socket_path: Path, port: int, listen: str, tls: bool) -> str:
         server = (f"<server transport='unix' socket='{socket_path}'/>" if transport == "hotadd"
-                  else f"<server transport='tcp' name='{listen}' port='{port}'/>")
+                  else f"<server transport='tcp' name='{listen}' port='{port}' tls='{'yes' if tls else 'no'}'/>")
 
         def mode(s: DiskSpec) -> str:
             # Per disk: a raw disk has no bitmap and is read in full within an incremental job.
@@ -446,7 +537,7 @@ class LibvirtConnector:
         parent_cp, reason = self._incremental_base(dom, eligible, since, previous_disks)
         with ExitStack() as stack:
             try:
-                disks = self._serve_images(stack, dom, eligible, parent_cp)
+                disks = serve_images(stack, dom.name(), eligible, parent_cp)
             except ImageError as exc:
                 if parent_cp is None:
                     raise
@@ -454,7 +545,7 @@ class LibvirtConnector:
                 stack.close()
                 reason = f"the bitmap of checkpoint {parent_cp} cannot be used ({exc})"
                 parent_cp = None
-                disks = self._serve_images(stack, dom, eligible, None)
+                disks = serve_images(stack, dom.name(), eligible, None)
             yield PointInTimeInfo(
                 vm=dom.name(), transport="offline", consistency="application",
                 mode="incremental" if parent_cp else "full",
@@ -463,18 +554,3 @@ class LibvirtConnector:
                 disks=disks, config=config,
                 chain=dict(since or {}) if parent_cp else {"checkpoint": None, "disks": []}, notes=notes,
             )
-
-    @staticmethod
-    def _serve_images(stack: ExitStack, dom: libvirt.virDomain, eligible: list[DiskSpec],
-                      parent_cp: str | None) -> dict[str, DiskExport]:
-        """qemu-nbd on each image file, exporting the checkpoint's bitmap where there is one."""
-        disks = {}
-        for s in eligible:
-            if not os.path.exists(s.source):
-                raise HypervisorError(f"disk {s.target} of {dom.name()} ({s.source}) cannot be read here")
-            image = probe_image(Path(s.source), s.format)
-            bitmap = parent_cp if (parent_cp and s.bitmaps) else None
-            uri = stack.enter_context(serve_image(image, connections=16, bitmap=bitmap))
-            dirty = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
-            disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
-        return disks

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -21,17 +22,46 @@ class DiskSpec:
         return self.eligible and self.format == "qcow2"
 
 
-def disk_specs(xml: str) -> list[DiskSpec]:
-    root = ET.fromstring(xml)
-    specs = []
+def disk_elements(root: ET.Element) -> Iterator[tuple[str, ET.Element]]:
+    """(target name, ``<disk>`` element) for each disk device of a domain, CD-ROMs included."""
     for disk in root.findall("./devices/disk"):
         target = disk.find("target")
-        if target is None:
-            continue
-        name = target.get("dev", "?")
+        if target is not None:
+            yield target.get("dev", "?"), disk
+
+
+def source_path(disk: ET.Element) -> str:
+    source = disk.find("source")
+    return "" if source is None else source.get("file") or source.get("dev") or source.get("name") or ""
+
+
+def point_disk_at(disk: ET.Element, path: str, fmt: str, *, as_file: bool) -> None:
+    """Make a ``<disk>`` read ``path`` in ``fmt``, dropping the backing chain libvirt recorded.
+
+    ``as_file`` turns any source (block device, network) into a file; otherwise a block device
+    stays one.
+    """
+    source = disk.find("source")
+    if source is None:
+        source = ET.SubElement(disk, "source")
+    if as_file:
+        disk.set("type", "file")
+        for attr in ("dev", "name", "protocol"):
+            source.attrib.pop(attr, None)
+    source.set("dev" if source.get("dev") is not None else "file", path)
+    driver = disk.find("driver")
+    if driver is not None:
+        driver.set("type", fmt)
+    backing = disk.find("backingStore")
+    if backing is not None:
+        disk.remove(backing)
+
+
+def disk_specs(xml: str) -> list[DiskSpec]:
+    specs = []
+    for name, disk in disk_elements(ET.fromstring(xml)):
         device = disk.get("device", "disk")
-        source = disk.find("source")
-        path = "" if source is None else source.get("file") or source.get("dev") or source.get("name") or ""
+        path = source_path(disk)
         driver = disk.find("driver")
         fmt = driver.get("type", "raw") if driver is not None else "raw"
         if device in ("cdrom", "floppy"):
@@ -50,21 +80,9 @@ def disk_specs(xml: str) -> list[DiskSpec]:
 
 
 def _retarget_disks(root: ET.Element, disk_paths: dict[str, str]) -> None:
-    for disk in root.findall("./devices/disk"):
-        target = disk.find("target")
-        source = disk.find("source")
-        if target is None or source is None or target.get("dev") not in disk_paths:
-            continue
-        disk.set("type", "file")
-        for attr in ("dev", "name", "protocol"):
-            source.attrib.pop(attr, None)
-        source.set("file", disk_paths[target.get("dev", "")])
-        driver = disk.find("driver")
-        if driver is not None:
-            driver.set("type", "qcow2")
-        backing = disk.find("backingStore")
-        if backing is not None:
-            disk.remove(backing)
+    for name, disk in disk_elements(root):
+        if name in disk_paths:
+            point_disk_at(disk, disk_paths[name], "qcow2", as_file=True)
 
 
 def renamed_copy(xml: str, new_name: str, disk_paths: dict[str, str]) -> str:

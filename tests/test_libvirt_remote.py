@@ -1,0 +1,81 @@
+"""A proxy on another network: libvirt over qemu+tls://, disks over NBD with TLS, from a network
+namespace that reaches the host only across the lab's veth link."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import bare_vm
+from tests.bare_vm import BareVM
+from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
+from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
+from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
+
+REMOTE_URI = f"qemu+tls://{PROXY_NETWORK_GATEWAY}/system"
+
+
+@pytest.fixture(scope="module")
+def proxy() -> Iterator[list[str]]:
+    prefix = create_proxy_network()
+    try:
+        yield prefix
+    finally:
+        destroy_proxy_network()
+
+
+@pytest.fixture
+def vm() -> Iterator[BareVM]:
+    with bare_vm.running({"vda": (64 * MiB, "qcow2")}) as machine:
+        yield machine
+
+
+def remote_backup(cli: Cli, proxy: list[str], vm: BareVM, repo: str, *args: str) -> dict:
+    proc = subprocess.run([*proxy, VMKEEP, "backup", vm.name, "--host", REMOTE_URI, "--repo", repo, "--json", *args],
+                          capture_output=True, text=True, env=cli.env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return dict(json.loads(proc.stdout)["vms"][0])
+
+
+def test_proxy_in_another_network_namespace(cli: Cli, proxy: list[str], vm: BareVM, tmp_path: Path) -> None:
+    # the namespace really is another machine's network: the host's loopback is out of reach
+    local = subprocess.run([*proxy, "virsh", "-c", "qemu+tls://127.0.0.1/system", "version"], capture_output=True,
+                           text=True, timeout=60)
+    assert local.returncode != 0
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt")
+    vm.write("vda", 4 * MiB, 6 * MiB, 0x61)
+    at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
+    full = remote_backup(cli, proxy, vm, repo, "--transport", "hotadd:nbd", "--nbd-tls", "require")
+    assert full["ok"] and full["transport"] == "nbd" and full["mode"] == "full"
+    assert any("hotadd skipped" in n for n in full["notes"]), full["notes"]
+    assert any("encrypted with TLS" in n for n in full["notes"]), full["notes"]
+
+    vm.write("vda", 32 * MiB, MiB, 0x62)
+    at_incr = vm.snapshot("vda", tmp_path / "incr.qcow2")
+    incr = remote_backup(cli, proxy, vm, repo, "--transport", "nbd", "--nbd-tls", "require")
+    assert incr["mode"] == "incremental" and incr["bytes_read"] == MiB
+
+    for point, reference in ((full["point"], at_full), (incr["point"], at_incr)):
+        out = tmp_path / f"{point}.qcow2"
+        cli.run("restore", f"{vm.name}@{point}", "--repo", repo, "--disk", "vda", "--output", str(out))
+        assert qemu_img_compare(reference, out)
+
+
+def test_nbd_tls_without_client_certificates(cli: Cli, vm: BareVM, tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    vm.write("vda", 0, MiB, 0x71)
+    no_certs = {"VMKEEP_NBD_TLS_DIR": str(tmp_path / "no-certs")}
+    refused = cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--nbd-tls", "require", "--json",
+                      ok=False, env=no_certs)
+    result = json.loads(refused.stdout)["vms"][0]
+    assert not result["ok"] and "no NBD client certificates" in result["error"]
+    assert vm.checkpoints() == [] and not vm.job_running()
+    plain = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--json",
+                               env=no_certs).stdout)["vms"][0]
+    assert plain["ok"] and any("not encrypted" in n for n in plain["notes"]), plain["notes"]

@@ -1,0 +1,253 @@
+"""The san transport for libvirt: the proxy reads the frozen base images itself, not through QEMU.
+
+With the guest paused for a moment (after an fsfreeze when asked), an external disk-only
+snapshot sends the VM's writes into a scratch overlay per disk and the new checkpoint is made on
+top, so no write falls between the two. The base images are then the point in time: the proxy
+serves them with its own qemu-nbd, exporting the previous checkpoint's bitmap, which QEMU wrote
+into the base when it turned read-only. Afterwards each overlay is committed back and the VM
+pivoted to its base; libvirt merges the overlay's bitmaps into the base, so the checkpoints still
+cover every write.
+
+An overlay the VM still uses holds the guest's newest writes: it is never deleted. A VM that
+stopped meanwhile has its overlays committed offline; that path cannot carry the bitmaps, so the
+caller drops the checkpoints and the next backup is full.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+
+from vmkeep.errors import ImageError
+from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
+from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
+from vmkeep.transport.qemu_nbd import probe_image, serve_image
+
+CHECKPOINT_PREFIX = "vmkeep-"
+OVERLAY_SUFFIX = ".vmkeep-overlay.qcow2"
+COMMIT_TIMEOUT_SECONDS = 600
+Overlay = tuple[Path, str, str]  # the overlay, its base image and the base's format
+SNAPSHOT_FLAGS = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+COMMIT_FLAGS = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
+
+
+def unreadable_disks(eligible: list[DiskSpec]) -> list[str]:
+    """Disks whose image this proxy cannot open itself (no access to the VM's storage)."""
+    return [s.target for s in eligible if not os.access(s.source, os.R_OK)]
+
+
+def serve_images(stack: ExitStack, vm: str, eligible: list[DiskSpec],
+                 bitmap: str | None) -> dict[str, DiskExport]:
+    """qemu-nbd on each image file, exporting ``bitmap`` (a checkpoint's) where the disk has one."""
+    disks = {}
+    for s in eligible:
+        if not os.path.exists(s.source):
+            raise HypervisorError(f"disk {s.target} of {vm} ({s.source}) cannot be read here")
+        image = probe_image(Path(s.source), s.format)
+        disk_bitmap = bitmap if s.bitmaps else None
+        uri = stack.enter_context(serve_image(image, connections=16, bitmap=disk_bitmap))
+        dirty = f"qemu:dirty-bitmap:{disk_bitmap}" if disk_bitmap else None
+        disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
+    return disks
+
+
+def snapshot_xml(domain_xml: str, overlays: dict[str, Path]) -> str:
+    """Every disk named: an overlay for those backed up, none for the rest (CD-ROMs, shared disks)."""
+    disks = []
+    for name, _disk in disk_elements(ET.fromstring(domain_xml)):
+        if name in overlays:
+            disks.append(f"<disk name='{name}' snapshot='external'><driver type='qcow2'/>"
+                         f"<source file='{overlays[name]}'/></disk>")
+        else:
+            disks.append(f"<disk name='{name}' snapshot='no'/>")
+    return f"<domainsnapshot><disks>{''.join(disks)}</disks></domainsnapshot>"
+
+
+def _current_source(dom: libvirt.virDomain, target: str, flags: int = 0) -> str:
+    for name, disk in disk_elements(ET.fromstring(dom.XMLDesc(flags))):
+        if name == target:
+            return source_path(disk)
+    return ""
+
+
+def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
+    """Merge the overlay into its base while the VM runs, then switch the VM back to the base.
+
+    A commit already under way (left by a run that died) is taken over rather than started again.
+    """
+    if not dom.blockJobInfo(target, 0):
+        dom.blockCommit(target, None, None, 0, COMMIT_FLAGS)
+    deadline = time.monotonic() + COMMIT_TIMEOUT_SECONDS
+    while True:
+        if not dom.blockJobInfo(target, 0):
+            raise HypervisorError(f"the commit of {overlay} into the base of {target} ended without finishing")
+        try:
+            # Pivoting is refused until the job is ready (every block copied, mirroring new writes),
+            # which comes a moment after the progress reaches the end.
+            dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            break
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                raise
+        if time.monotonic() > deadline:
+            dom.blockJobAbort(target, 0)
+            raise HypervisorError(f"the commit of {overlay} into the base of {target} did not finish in "
+                                  f"{COMMIT_TIMEOUT_SECONDS} s")
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
+    while _current_source(dom, target) == str(overlay):
+        if time.monotonic() > deadline:
+            raise HypervisorError(f"the VM did not pivot {target} back from {overlay}")
+        time.sleep(0.05)
+
+
+def _commit_offline(dom: libvirt.virDomain, target: str, overlay: Path, base: str, base_format: str) -> None:
+    """The VM stopped while on the overlay: merge it with qemu-img and point the definition back."""
+    proc = subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2", str(overlay)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise HypervisorError(f"qemu-img cannot commit {overlay} into {base}: {proc.stderr.strip()}")
+    root = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE))
+    for name, disk in disk_elements(root):
+        if name == target:
+            point_disk_at(disk, base, base_format, as_file=False)
+    dom.connect().defineXML(ET.tostring(root, encoding="unicode"))
+
+
+def release_overlays(dom: libvirt.virDomain, overlays: dict[str, Overlay]) -> bool:
+    """Commit each overlay still in use back into its base and delete it.
+
+    Returns whether the bitmaps could follow (False when the VM was off and qemu-img did the
+    commit). Raises with the remedy if an overlay stays in use; that overlay is kept.
+    """
+    bitmaps_kept = True
+    stuck = []
+    for target, (overlay, base, base_format) in overlays.items():
+        try:
+            if dom.isActive():
+                if _current_source(dom, target) == str(overlay):
+                    _commit_live(dom, target, overlay)
+            elif _current_source(dom, target, libvirt.VIR_DOMAIN_XML_INACTIVE) == str(overlay):
+                _commit_offline(dom, target, overlay, base, base_format)
+                bitmaps_kept = False
+        except (libvirt.libvirtError, HypervisorError) as exc:
+            why = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            stuck.append(f"{target} runs on {overlay} ({why})")
+            continue
+        overlay.unlink(missing_ok=True)
+    if stuck:
+        raise HypervisorError(
+            f"VM {dom.name()} still writes to vmkeep's snapshot overlays: {'; '.join(stuck)}. They hold the "
+            f"guest's newest data and were kept; merge each with `virsh blockcommit {dom.name()} DISK --active "
+            "--pivot` (or run the next backup, which retries)")
+    return bitmaps_kept
+
+
+def merge_stale_overlays(dom: libvirt.virDomain) -> bool:
+    """Commit back the overlays a vmkeep run left when it died mid-backup; whether there were any."""
+    stale = {}
+    for s in disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)):
+        if s.source.endswith(OVERLAY_SUFFIX):
+            stale[s.target] = (Path(s.source), *_backing_file(s.source))
+    if stale and not release_overlays(dom, stale):
+        forget_bitmaps(dom, [base for _, base, _ in stale.values()])
+    for overlay, _, _ in stale.values():
+        shutil.rmtree(overlay.parent, ignore_errors=True)
+    return bool(stale)
+
+
+def _backing_file(image: str) -> tuple[str, str]:
+    """The path and format of an overlay's base."""
+    proc = subprocess.run(["qemu-img", "info", "-U", "--output=json", image], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise HypervisorError(f"cannot read the overlay {image}: {proc.stderr.strip()}")
+    info = json.loads(proc.stdout)
+    return str(info.get("full-backing-filename", "")), str(info.get("backing-filename-format", "raw"))
+
+
+def forget_bitmaps(dom: libvirt.virDomain, bases: list[str]) -> None:
+    """Drop vmkeep's checkpoints and their bitmaps once the bitmaps no longer cover every write,
+    so the next backup is full instead of a wrong incremental."""
+    for cp in dom.listAllCheckpoints():
+        if cp.getName().startswith(CHECKPOINT_PREFIX):
+            cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+    for base in bases:
+        for name in probe_image(Path(base)).bitmaps:
+            if name.startswith(CHECKPOINT_PREFIX):
+                subprocess.run(["qemu-img", "bitmap", "--remove", base, name], capture_output=True)
+
+
+def _resume(dom: libvirt.virDomain) -> None:
+    """Let the guest run again, unless it was stopped meanwhile."""
+    try:
+        dom.resume()
+    except libvirt.libvirtError:
+        if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+            raise
+
+
+@dataclass
+class SanPoint:
+    disks: dict[str, DiskExport]
+    parent_cp: str | None  # the checkpoint the incremental builds on; None: full
+    reason: str
+    consistency: Consistency = "crash"
+
+
+@contextmanager
+def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: Path, checkpoint_xml: str,
+                 parent_cp: str | None, reason: str,
+                 quiesced: Callable[[], AbstractContextManager[Consistency]]) -> Iterator[SanPoint]:
+    """Snapshot and checkpoint with the guest paused, serve the bases; on leaving, commit back.
+
+    ``quiesced`` freezes the guest's filesystems around the snapshot and names the consistency.
+    """
+    vm = dom.name()
+    overlays = {s.target: overlay_dir / f"{s.target}{OVERLAY_SUFFIX}" for s in eligible}
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = snapshot_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE), overlays)
+    taken: dict[str, Overlay] = {}
+    point = SanPoint({}, parent_cp, reason)
+    was_running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    try:
+        with quiesced() as point.consistency:
+            if was_running:
+                dom.suspend()
+            try:
+                dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
+                taken = {s.target: (overlays[s.target], s.source, s.format) for s in eligible}
+                dom.checkpointCreateXML(checkpoint_xml, 0)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: "
+                                      f"{exc.get_error_message()}; use --transport hotadd:nbd") from None
+            finally:
+                if was_running:
+                    _resume(dom)
+        with ExitStack() as stack:
+            try:
+                point.disks = serve_images(stack, vm, eligible, parent_cp)
+            except ImageError as exc:
+                if parent_cp is None:
+                    raise
+                stack.close()
+                point.reason = f"the bitmap of checkpoint {parent_cp} cannot be read from the base image ({exc})"
+                point.parent_cp = None
+                point.disks = serve_images(stack, vm, eligible, None)
+            yield point
+    finally:
+        try:
+            if taken and not release_overlays(dom, taken):
+                forget_bitmaps(dom, [base for _, base, _ in taken.values()])
+        finally:
+            if not any(p.exists() for p, _, _ in taken.values()):
+                shutil.rmtree(overlay_dir, ignore_errors=True)
