@@ -67,8 +67,14 @@ def disk_xml(target: str, path: Path, fmt: str, shareable: bool = False) -> str:
             f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{share}</disk>")
 
 
-def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = ()) -> BareVM:
-    """disks: target → (size, format)."""
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *, uefi: bool = False,
+           start: bool = True) -> BareVM:
+    """disks: target → (size, format). ``uefi``: OVMF firmware with its variables in the VM's
+    directory (``VARS.fd``, copied from the template)."""
     name = f"vmkeep-t-{secrets.token_hex(3)}"
     directory = IMAGES / name
     directory.mkdir(parents=True)
@@ -79,20 +85,29 @@ def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = ()) -
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, str(path), str(size)], check=True)
         paths[target] = path
     devices = "".join(disk_xml(t, p, disks[t][1], t in shareable) for t, p in paths.items())
+    firmware = ""
+    if uefi:
+        shutil.copyfile(OVMF_VARS, directory / "VARS.fd")
+        firmware = (f"<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>"
+                    f"<nvram>{directory / 'VARS.fd'}</nvram>")
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>"
-           f"<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{devices}</devices></domain>")
+           f"<os><type arch='x86_64' machine='pc'>hvm</type>{firmware}</os>"
+           f"{'<features><acpi/></features>' if uefi else ''}<devices>{devices}</devices></domain>")
     conn = libvirt.open(URI)
     try:
-        conn.defineXML(xml).create()
+        dom = conn.defineXML(xml)
+        if start:
+            dom.create()
     finally:
         conn.close()
     return BareVM(name, paths)
 
 
 @contextmanager
-def running(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = ()) -> Iterator[BareVM]:
-    """A bare VM for the block, destroyed with its images afterwards."""
-    vm = create(disks, shareable)
+def running(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *, uefi: bool = False,
+            start: bool = True) -> Iterator[BareVM]:
+    """A bare VM for the block (defined, and started unless told), destroyed with its images afterwards."""
+    vm = create(disks, shareable, uefi=uefi, start=start)
     try:
         yield vm
     finally:
@@ -110,7 +125,7 @@ def destroy(vm: BareVM) -> None:
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     finally:
         conn.close()
     shutil.rmtree(IMAGES / vm.name, ignore_errors=True)

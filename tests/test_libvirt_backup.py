@@ -169,6 +169,31 @@ def test_restore_as_new_vm_and_over_the_original(cli: Cli, vm: BareVM, repo: str
     assert backup(cli, vm, repo)["mode"] == "full"
 
 
+def test_uefi_variables_and_configuration_are_kept_sealed(cli: Cli, repo: str, tmp_path: Path) -> None:
+    with bare_vm.running({"vda": (16 * MiB, "qcow2")}, uefi=True, start=False) as machine:
+        variables = bare_vm.IMAGES / machine.name / "VARS.fd"
+        with variables.open("r+b") as f:  # variables the guest set, as firmware would store them
+            f.seek(0x50000)
+            f.write(b"vmkeep-boot-order" * 64)
+        saved = variables.read_bytes()
+        point = backup(cli, machine, repo)["point"]
+        # an encrypted repository keeps the configuration (XML with its passwords, the
+        # variables) encrypted: nothing of it shows in the stored manifest
+        stored = (Path(repo) / "points" / machine.name / f"{point}.json").read_bytes()
+        assert b"domain" not in stored and b"OVMF" not in stored and b"vmkeep-boot-order" not in stored
+
+        new = f"{machine.name}-copy"
+        machine.extra.append(new)
+        storage = bare_vm.IMAGES / machine.name / "copy"
+        cli.json("restore", machine.name, "--repo", repo, "--as", new, "--storage", str(storage), "--no-start")
+        copied = storage / f"{new}_VARS.fd"
+        assert copied.read_bytes() == saved and f"<nvram>{copied}</nvram>" in virsh("dumpxml", new)
+
+        variables.write_bytes(bare_vm.OVMF_VARS.read_bytes())  # the variables were reset since
+        cli.json("restore", machine.name, "--repo", repo, "--overwrite")
+        assert variables.read_bytes() == saved
+
+
 def test_quiesce_modes_without_an_agent(cli: Cli, vm: BareVM, repo: str) -> None:
     r = backup(cli, vm, repo, "--quiesce", "required", ok=False)
     assert not r["ok"] and "cannot quiesce" in r["error"]

@@ -47,10 +47,28 @@ def backup_vm(
         reason = pit.reason if not full else "a full backup was asked for (--full)"
         meta: dict[str, Any] = {
             "kind": "vm", "hypervisor": "libvirt", "transport": pit.transport, "consistency": pit.consistency,
-            "mode": pit.mode, "reason": reason, "config": pit.config, "chain": pit.chain, "notes": pit.notes,
+            "mode": pit.mode, "reason": reason, "config_sealed": repo.seal_record(pit.config, config_context(vm)),
+            "chain": pit.chain, "notes": pit.notes,
         }
         return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
                             cancel=cancel)
+
+
+def config_context(vm: str) -> str:
+    return f"vm configuration of {vm}"
+
+
+def vm_config(repo: Repository, manifest: Manifest) -> dict[str, Any]:
+    """The VM configuration a point holds (domain XML, disk sources, firmware variables)."""
+    meta = manifest.meta
+    if "config_sealed" in meta:
+        config = repo.open_record(meta["config_sealed"], config_context(manifest.name))
+    else:
+        config = dict(meta.get("config") or {})  # points written before configurations were sealed
+    if not config.get("domain_xml"):
+        raise UsageError(f"point {manifest.name}@{manifest.point_id} holds no VM configuration: restore its disks "
+                         "with --disk")
+    return config
 
 
 @dataclass
@@ -93,12 +111,8 @@ def restore_vm_as(
     progress: Progress | None = None,
 ) -> VMRestoreResult:
     """A new VM from a restore point: new name, UUID and MACs, qcow2 disks under ``storage``."""
-    from vmkeep.hypervisors.libvirt.domain_xml import host_paths_to_create, renamed_copy
-
     manifest = repo.find_point(vm, point)
-    xml = manifest.meta.get("config", {}).get("domain_xml")
-    if not xml:
-        raise UsageError(f"point {vm}@{manifest.point_id} holds no VM configuration: restore its disks with --disk")
+    config = vm_config(repo, manifest)
     if connector.exists(new_name):
         raise UsageError(f"a VM named {new_name!r} already exists on {connector.uri}; choose another --as name")
     directory = storage or Path("/var/lib/libvirt/images") / new_name
@@ -109,11 +123,8 @@ def restore_vm_as(
     directory.mkdir(parents=True, exist_ok=True)
     stats = restore_disks(repo, manifest, paths, workers, progress)
     try:
-        new_xml = renamed_copy(xml, new_name, {d: str(p) for d, p in paths.items()})
-        if connector.is_local:
-            for d in host_paths_to_create(new_xml):
-                Path(d).mkdir(parents=True, exist_ok=True)
-        connector.define(new_xml, start=start)
+        connector.define_restored(config, name=new_name, disk_paths={d: str(p) for d, p in paths.items()},
+                                  storage=directory, as_new=True, start=start)
     except BaseException:
         for p in paths.values():
             p.unlink(missing_ok=True)
@@ -131,13 +142,9 @@ def restore_vm_overwrite(
     progress: Progress | None = None,
 ) -> VMRestoreResult:
     """Put the original VM back as it was at the point; it must be shut off."""
-    from vmkeep.hypervisors.libvirt.domain_xml import with_disk_paths
-
     manifest = repo.find_point(vm, point)
-    xml = manifest.meta.get("config", {}).get("domain_xml")
-    disks_cfg = manifest.meta.get("config", {}).get("disks", {})
-    if not xml:
-        raise UsageError(f"point {vm}@{manifest.point_id} holds no VM configuration: restore its disks with --disk")
+    config = vm_config(repo, manifest)
+    disks_cfg = config.get("disks", {})
     connector.require_shut_off(vm)
     originals = {d: Path(disks_cfg.get(d, {}).get("source") or f"/var/lib/libvirt/images/{vm}-{d}.qcow2")
                  for d in manifest.disks}
@@ -148,5 +155,6 @@ def restore_vm_overwrite(
     connector.forget_checkpoints(vm)  # their bitmaps lived in the images being replaced
     for d, tmp in staging.items():
         os.replace(tmp, originals[d])
-    connector.define(with_disk_paths(xml, {d: str(p) for d, p in originals.items()}), start=False)
+    connector.define_restored(config, name=vm, disk_paths={d: str(p) for d, p in originals.items()},
+                              storage=None, as_new=False, start=False)
     return VMRestoreResult(manifest, vm, {d: str(p) for d, p in originals.items()}, stats)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from vmkeep.errors import VmkeepError
@@ -75,8 +76,10 @@ class Connector(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
-    def define(self, xml: str, *, start: bool) -> None:
-        """Register (and start) a VM from a restored configuration."""
+    def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
+                        storage: Path | None, as_new: bool, start: bool) -> None:
+        """Register (and start) a VM from a point's configuration with its restored disks:
+        as a new VM (new identity, host files under ``storage``) or over the original."""
 
     def require_shut_off(self, vm: str) -> None: ...
 

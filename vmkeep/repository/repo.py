@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import Iterable
+from typing import Any
+
+import zstandard
 
 from vmkeep.errors import ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
 from vmkeep.repository.backends.base import Backend
 from vmkeep.repository.chunks import decode_chunk, encode_chunk_parts
 from vmkeep.repository.config import CONFIG_KEY, Credentials, RepoConfig
-from vmkeep.repository.crypto import RepositoryKeys
+from vmkeep.repository.crypto import RepositoryKeys, open_sealed, seal
 from vmkeep.repository.index import DiskIndex
 from vmkeep.repository.points import Manifest, check_name, decode_manifest, encode_manifest, manifest_key
 
@@ -153,6 +158,34 @@ class Repository:
         data = index.encode()
         self.backend.put(key, data)
         return self.keys.mac(data)
+
+    def seal_record(self, record: dict[str, Any], context: str) -> str:
+        """A JSON record to keep in a manifest, compressed, and encrypted when the repository is.
+
+        VM configurations go this way: domain XML carries passwords, and firmware variables are
+        the guest's; a manifest itself is only authenticated.
+        """
+        data = zstandard.ZstdCompressor(level=9).compress(json.dumps(record).encode())
+        if self.keys.data_key is not None:
+            data = seal(self.keys.data_key, data, context.encode())
+        return base64.b64encode(data).decode()
+
+    def open_record(self, text: str, context: str) -> dict[str, Any]:
+        """Reverse :meth:`seal_record`; a damaged record raises ObjectCorrupt."""
+        what = f"the sealed record ({context})"
+        try:
+            data = base64.b64decode(text, validate=True)
+        except ValueError:
+            raise ObjectCorrupt(f"{what} is not valid base64") from None
+        if self.keys.data_key is not None:
+            data = open_sealed(self.keys.data_key, data, context.encode(), what)
+        try:
+            record = json.loads(zstandard.ZstdDecompressor().decompress(data))
+        except (zstandard.ZstdError, ValueError):
+            raise ObjectCorrupt(f"{what} does not decode") from None
+        if not isinstance(record, dict):
+            raise ObjectCorrupt(f"{what} is not a record")
+        return record
 
     def commit_point(self, manifest: Manifest) -> None:
         """Make the point visible: chunks and indexes durable first, then the manifest."""

@@ -14,6 +14,7 @@ A VM that is shut off is read from its image files through qemu-nbd.
 
 from __future__ import annotations
 
+import base64
 import os
 import secrets
 import shutil
@@ -38,7 +39,15 @@ from vmkeep.hypervisors.base import (
     VMDisk,
     VMInfo,
 )
-from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_specs
+from vmkeep.hypervisors.libvirt.domain_xml import (
+    DiskSpec,
+    disk_specs,
+    host_paths_to_create,
+    nvram_path,
+    renamed_copy,
+    with_disk_paths,
+    with_nvram_path,
+)
 from vmkeep.hypervisors.libvirt.san import (
     CHECKPOINT_PREFIX,
     frozen_bases,
@@ -140,8 +149,41 @@ class LibvirtConnector:
         return vms
 
     # -- restore targets -------------------------------------------------------------------------
-    def define(self, xml: str, *, start: bool) -> None:
-        """Define a VM from a (restored) configuration and optionally start it."""
+    def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
+                        storage: Path | None, as_new: bool, start: bool) -> None:
+        """Define the saved configuration with its restored disks (and UEFI variables), then start.
+
+        As a new VM it gets the new name, a new UUID and fresh MACs, and its variables go beside
+        its disks; over the original, the variables go back to the original's file. Files written
+        here are removed again if libvirt refuses the result.
+        """
+        xml = config["domain_xml"]
+        xml = renamed_copy(xml, name, disk_paths) if as_new else with_disk_paths(xml, disk_paths)
+        written: list[Path] = []
+        try:
+            nvram = config.get("nvram")
+            if nvram:
+                if not self.is_local:
+                    raise HypervisorError(f"{name} has UEFI variables to restore onto {self.host}: run the restore "
+                                          "on that host")
+                target = Path(nvram["path"]) if not as_new else (storage or Path(".")) / f"{name}_VARS.fd"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staged = target.with_name(target.name + ".vmkeep-restore")
+                staged.write_bytes(base64.b64decode(nvram["data"]))
+                os.replace(staged, target)
+                if as_new:
+                    written.append(target)
+                xml = with_nvram_path(xml, str(target))
+            if self.is_local:
+                for d in host_paths_to_create(xml):
+                    Path(d).mkdir(parents=True, exist_ok=True)
+            self._define(xml, start=start)
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+
+    def _define(self, xml: str, *, start: bool) -> None:
         try:
             dom = self.conn.defineXML(xml)
         except libvirt.libvirtError as exc:
@@ -152,6 +194,18 @@ class LibvirtConnector:
             except libvirt.libvirtError as exc:
                 raise HypervisorError(f"the restored VM {dom.name()} is defined but does not start: "
                                       f"{exc.get_error_message()}") from None
+
+    def _nvram(self, dom: libvirt.virDomain) -> dict[str, Any]:
+        """The VM's UEFI variables, for the point's configuration (empty without UEFI)."""
+        path = nvram_path(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if path is None:
+            return {}
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise HypervisorError(f"cannot read the UEFI variables of {dom.name()} ({path}): {exc.strerror}; the "
+                                  "proxy must see the host's files for that (run it on the host)") from None
+        return {"nvram": {"path": path, "data": base64.b64encode(data).decode()}}
 
     def require_shut_off(self, vm: str) -> None:
         if self.domain(vm).state()[0] != libvirt.VIR_DOMAIN_SHUTOFF:
@@ -190,11 +244,12 @@ class LibvirtConnector:
         config = {"domain_xml": dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE),
                   "disks": {s.target: {"source": s.source, "format": s.format} for s in eligible}}
         if dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
-            with self._online(dom, eligible, since, previous_disks, transports, quiesce, config, notes) as info:
-                yield info
+            point = self._online(dom, eligible, since, previous_disks, transports, quiesce, config, notes)
         else:
-            with self._offline(dom, eligible, since, previous_disks, config, notes) as info:
-                yield info
+            point = self._offline(dom, eligible, since, previous_disks, config, notes)
+        with point as info:
+            info.config.update(self._nvram(dom))  # read once the point in time is fixed
+            yield info
 
     def _choose_transport(self, transports: list[str], eligible: list[DiskSpec], notes: list[str]) -> str:
         for t in transports:

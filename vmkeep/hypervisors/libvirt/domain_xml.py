@@ -124,3 +124,17 @@ def with_disk_paths(xml: str, disk_paths: dict[str, str]) -> str:
     root = ET.fromstring(xml)
     _retarget_disks(root, disk_paths)
     return ET.tostring(root, encoding="unicode")
+
+
+def nvram_path(xml: str) -> str | None:
+    """The file holding the VM's UEFI variables, if it has one."""
+    el = ET.fromstring(xml).find("./os/nvram")
+    return el.text.strip() if el is not None and el.text and el.text.strip() else None
+
+
+def with_nvram_path(xml: str, path: str) -> str:
+    root = ET.fromstring(xml)
+    el = root.find("./os/nvram")
+    if el is not None:
+        el.text = path
+    return ET.tostring(root, encoding="unicode")
