@@ -3,8 +3,11 @@
 A VM (no guest OS needed: QEMU owns the disk and serves the backup export) gets an 8 GiB qcow2
 disk holding --data-gib of incompressible data. Measured, each the median of --repeat runs:
 
-* read + write limit: `nbdcopy` from the VM's pull-mode export (hotadd, unix socket) to a raw file
-  on the local filesystem, then `sync`;
+per transport — hotadd (QEMU's pull-mode export on a unix socket) and san (the proxy's qemu-nbd
+on the frozen base image):
+
+* read + write limit: `nbdcopy` from that transport's export to a raw file on the local
+  filesystem, then `sync`;
 * read limit: `nbdcopy` from that export to `null:`;
 * `vmkeep backup --full` into a fresh encrypted repository on the local disk, and on tmpfs;
 * after a 1 MiB write into the running VM, `vmkeep backup` (incremental) against the full.
@@ -22,6 +25,7 @@ import os
 import shutil
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
@@ -33,6 +37,7 @@ from vmkeep.lab.images import Segment, make_image
 VM = "vmkeep-bench"
 IMAGES = Path("/var/lib/libvirt/images/vmkeep-bench")
 MARK_BEGIN, MARK_END = "<!-- vm-bench:begin -->", "<!-- vm-bench:end -->"
+TRANSPORTS = ("hotadd", "san")
 
 
 def define_vm(image: Path) -> None:
@@ -60,6 +65,46 @@ def destroy_vm() -> None:
         conn.close()
 
 
+Record = Callable[..., None]
+
+
+def references(transport: str, copy: Path, repeat: int, record: Record) -> None:
+    """nbdcopy from the export vmkeep reads with ``transport``: QEMU's pull-mode export (hotadd)
+    or qemu-nbd on the frozen base image (san)."""
+    connector = LibvirtConnector()
+    try:
+        with connector.point_in_time(VM, since=None, previous_disks=None, transports=[transport],
+                                     quiesce="off") as pit:
+            uri = pit.disks["vda"].uri
+            t, runs = median_of(repeat, lambda: rm(copy), lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")),
+                                lambda: rm(copy))
+            record(f"{transport}: nbdcopy export → raw file + sync", t, runs)
+            t, runs = median_of(repeat, lambda: None, lambda: sh("nbdcopy", uri, "null:"), lambda: None)
+            record(f"{transport}: nbdcopy export → null:", t, runs)
+    finally:
+        connector.close()
+
+
+def incrementals(transport: str, repo: Path, repeat: int, first_write: int, record: Record) -> None:
+    """A 1 MiB guest write, then an incremental backup, ``repeat`` times."""
+    engine: list[float] = []
+
+    def one() -> None:
+        n = first_write + len(engine) + 1
+        subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", VM, "--hmp",
+                        'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend '
+                        f'"write -P {n} {(n * 37 + 5) * 1048576} 1M"'], check=True, capture_output=True)
+        out = json.loads(sh(VMKEEP, "backup", VM, "--repo", str(repo), "--transport", transport,
+                            "--json").stdout)["vms"][0]
+        # the write touches one or two 4 MiB chunks of allocated data, each re-read whole
+        assert out["mode"] == "incremental" and out["bytes_read"] <= 2 * 4 << 20, out
+        engine.append(float(out["duration"]))
+
+    t, runs = median_of(repeat, lambda: None, one, lambda: None)
+    record(f"{transport}: vmkeep incremental after a 1 MiB write", t, runs, nbytes=1 << 20)
+    record(f"{transport}:   the same, engine time only", statistics.median(engine), engine, nbytes=1 << 20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-gib", type=float, default=4.0)
@@ -82,46 +127,26 @@ def main() -> None:
         print(f"{key:44s} {seconds:7.2f} s  {nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
 
     try:
-        connector = LibvirtConnector()
-        copy = work / "vm-nbdcopy.raw"
-        with connector.point_in_time(VM, since=None, previous_disks=None, transports=["hotadd"],
-                                     quiesce="off") as pit:
-            uri = pit.disks["vda"].uri
-            t, runs = median_of(args.repeat, lambda: rm(copy),
-                                lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")), lambda: rm(copy))
-            record("nbdcopy export → raw file + sync", t, runs)
-            t, runs = median_of(args.repeat, lambda: None, lambda: sh("nbdcopy", uri, "null:"), lambda: None)
-            record("nbdcopy export → null:", t, runs)
-        connector.close()
-
-        def full_into(repo: Path) -> tuple[float, list[float]]:
+        for transport in TRANSPORTS:
+            references(transport, work / "vm-nbdcopy.raw", args.repeat, record)
+        def full_into(repo: Path, transport: str) -> tuple[float, list[float]]:
             def setup() -> None:
                 rm(repo)
                 sh(VMKEEP, "repo", "init", str(repo), "--encrypt")
-            return median_of(args.repeat, setup,
-                             lambda: sh(VMKEEP, "backup", VM, "--repo", str(repo), "--full", "--json"), lambda: None)
+            return median_of(args.repeat, setup, lambda: sh(VMKEEP, "backup", VM, "--repo", str(repo), "--full",
+                                                            "--transport", transport, "--json"), lambda: None)
 
         disk_repo, shm_repo = work / "vm-repo", shm / "repo"
-        # tmpfs first: checkpoints belong to the VM, so the local repository's full must be the
-        # last one before its incrementals
-        record("vmkeep full backup, encrypted, tmpfs", *full_into(shm_repo))
-        rm(shm)
-        record("vmkeep full backup, encrypted, local disk", *full_into(disk_repo))
+        # tmpfs first: checkpoints belong to the VM, so the local repository's last full must be
+        # the last backup before its incrementals
+        for transport in TRANSPORTS:
+            record(f"{transport}: vmkeep full backup, encrypted, tmpfs", *full_into(shm_repo, transport))
+            rm(shm)
+        for transport in TRANSPORTS:
+            record(f"{transport}: vmkeep full backup, encrypted, local disk", *full_into(disk_repo, transport))
 
-        engine: list[float] = []
-
-        def incremental() -> None:
-            subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", VM, "--hmp",
-                            'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend '
-                            f'"write -P {len(engine) + 1} {(len(engine) * 37 + 5) * 1048576} 1M"'],
-                           check=True, capture_output=True)
-            out = json.loads(sh(VMKEEP, "backup", VM, "--repo", str(disk_repo), "--json").stdout)["vms"][0]
-            assert out["mode"] == "incremental", out
-            engine.append(float(out["duration"]))
-
-        t, runs = median_of(args.repeat, lambda: None, incremental, lambda: None)
-        record("vmkeep incremental after a 1 MiB write", t, runs, nbytes=1 << 20)
-        record("  the same, engine time only", statistics.median(engine), engine, nbytes=1 << 20)
+        for i, transport in enumerate(TRANSPORTS):
+            incrementals(transport, disk_repo, args.repeat, i * args.repeat, record)
         rm(disk_repo)
     finally:
         destroy_vm()
@@ -130,17 +155,20 @@ def main() -> None:
     def secs(key: str) -> float:
         return float(results[key]["seconds"])  # type: ignore[arg-type]
 
-    full = secs("vmkeep full backup, encrypted, local disk")
-    ratios = {
-        "disk-bound: full backup / (nbdcopy to file + sync)": (
-            round(secs("nbdcopy export → raw file + sync") / full, 3), 0.8, "≥"),
-        "CPU-bound: full backup on tmpfs / nbdcopy to null": (
-            round(secs("nbdcopy export → null:") / secs("vmkeep full backup, encrypted, tmpfs"), 3), 0.5, "≥"),
-        "incremental after 1 MiB / full, whole command": (
-            round(secs("vmkeep incremental after a 1 MiB write") / full, 4), 0.03, "<"),
-        "incremental after 1 MiB / full, engine time": (
-            round(secs("  the same, engine time only") / full, 4), 0.03, "<"),
-    }
+    ratios = {}
+    for tr in TRANSPORTS:
+        full = secs(f"{tr}: vmkeep full backup, encrypted, local disk")
+        ratios.update({
+            f"{tr}, disk-bound: full backup / (nbdcopy to file + sync)": (
+                round(secs(f"{tr}: nbdcopy export → raw file + sync") / full, 3), 0.8, "≥"),
+            f"{tr}, CPU-bound: full backup on tmpfs / nbdcopy to null": (
+                round(secs(f"{tr}: nbdcopy export → null:") / secs(f"{tr}: vmkeep full backup, encrypted, tmpfs"),
+                      3), 0.5, "≥"),
+            f"{tr}, incremental after 1 MiB / full, whole command": (
+                round(secs(f"{tr}: vmkeep incremental after a 1 MiB write") / full, 4), 0.03, "<"),
+            f"{tr}, incremental after 1 MiB / full, engine time": (
+                round(secs(f"{tr}:   the same, engine time only") / full, 4), 0.03, "<"),
+        })
     doc = {"disk_bytes": 8 * GiB, "data_bytes": data, "repeat": args.repeat, "cpus": os.cpu_count(),
            "results": results, "ratios": {k: {"ratio": r, "target": t, "sense": c} for k, (r, t, c) in ratios.items()}}
     (ROOT / "bench" / "results-vm.json").write_text(json.dumps(doc, indent=1) + "\n")

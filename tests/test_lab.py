@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from vmkeep.cli import lab_cmds
 from vmkeep.errors import LabError
+from vmkeep.lab import LOCAL_URI
 from vmkeep.lab.guest import pattern
-from vmkeep.lab.services import LOCAL_URI
 from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm, list_lab_vms, vm_dir
 
 MiB = 1 << 20

@@ -10,8 +10,9 @@ import typer
 from vmkeep.cli.common import JsonOpt
 from vmkeep.cli.output import emit_json, human, out_console
 from vmkeep.cli.repo_cmds import parse_size
-from vmkeep.lab.services import LOCAL_URI
-from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm, list_lab_vms
+from vmkeep.lab import LOCAL_URI
+
+# vmkeep.lab.vm and its services load inside the commands: other commands start faster without them.
 
 app = typer.Typer(help="Lab VMs: tiny TCG guests to back up, write into and check.", no_args_is_help=True)
 
@@ -30,6 +31,8 @@ def create_cmd(
 ) -> None:
     """Create and boot a lab VM (the guest image is built once from Debian packages, about 10 s)."""
     start = time.monotonic()
+    from vmkeep.lab.vm import create_lab_vm
+
     vm = create_lab_vm(name, disks=disks, size=parse_size(size), uri=host)
     vm.close()
     result = {"name": vm.name, "disks": {d: str(p) for d, p in vm.disks.items()}, "console": str(vm.console),
@@ -51,6 +54,8 @@ def write_cmd(
 ) -> None:
     """Make the guest write reproducible pseudo-random data to a disk with dd, then sync."""
     off, n = parse_size(offset), parse_size(length)
+    from vmkeep.lab.vm import LabVM
+
     vm = LabVM.open(name, host)
     try:
         vm.write(disk, off, n, seed)
@@ -62,6 +67,8 @@ def write_cmd(
 @app.command("files")
 def files_cmd(name: NameArg, disk: DiskOpt = "vda", host: HostOpt = LOCAL_URI, json_out: JsonOpt = False) -> None:
     """Make a filesystem with a few files on a disk and mount it at /mnt/DISK in the guest."""
+    from vmkeep.lab.vm import LabVM
+
     vm = LabVM.open(name, host)
     try:
         files = vm.make_files(disk)
@@ -78,6 +85,8 @@ def files_cmd(name: NameArg, disk: DiskOpt = "vda", host: HostOpt = LOCAL_URI, j
 @app.command("checksum")
 def checksum_cmd(name: NameArg, disk: DiskOpt = "vda", host: HostOpt = LOCAL_URI, json_out: JsonOpt = False) -> None:
     """Print the SHA-256 of a whole disk as the guest reads it."""
+    from vmkeep.lab.vm import LabVM
+
     vm = LabVM.open(name, host)
     try:
         digest = vm.checksum(disk)
@@ -97,6 +106,8 @@ def run_cmd(
     host: HostOpt = LOCAL_URI,
 ) -> None:
     """Run a shell command in the guest over its serial console and print the output."""
+    from vmkeep.lab.vm import LabVM
+
     vm = LabVM.open(name, host)
     try:
         typer.echo(vm.run(command, timeout=timeout), nl=False)
@@ -107,6 +118,8 @@ def run_cmd(
 @app.command("list")
 def list_cmd(host: HostOpt = LOCAL_URI, json_out: JsonOpt = False) -> None:
     """List the lab VMs libvirt knows."""
+    from vmkeep.lab.vm import list_lab_vms
+
     names = list_lab_vms(host)
     if json_out:
         emit_json({"vms": names})
@@ -118,6 +131,8 @@ def list_cmd(host: HostOpt = LOCAL_URI, json_out: JsonOpt = False) -> None:
 @app.command("destroy")
 def destroy_cmd(name: NameArg, host: HostOpt = LOCAL_URI) -> None:
     """Stop and undefine a lab VM and delete its disks (only lab VMs; works on half-created ones)."""
+    from vmkeep.lab.vm import destroy_lab_vm
+
     if destroy_lab_vm(name, host):
         out_console.print(f"lab VM {name} destroyed")
     else:

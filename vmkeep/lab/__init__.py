@@ -1,1 +1,3 @@
-"""Lab material for the tests, the demo and the benchmarks: images and, later, VMs."""
+"""The lab: VMs, certificates and networks that the tests, the demo and the benchmarks build."""
+
+LOCAL_URI = "qemu:///system"

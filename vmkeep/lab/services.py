@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from vmkeep.errors import LabError
+from vmkeep.lab import LOCAL_URI
 from vmkeep.lab.tls import QEMU_BACKUP_DIR, ensure_lab_pki
 
-LOCAL_URI = "qemu:///system"
 DAEMONS = ("virtlogd", "libvirtd")  # virtlogd first: libvirtd hands it the QEMU and console logs
 LIBVIRTD_ARGS = ("-d", "--listen")  # --listen: qemu+tls:// for proxies on other machines
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")

@@ -28,6 +28,7 @@ import libvirt
 import libvirt_qemu
 
 from vmkeep.errors import LabError
+from vmkeep.lab import LOCAL_URI
 from vmkeep.lab.guest import (
     BEGIN_MARK,
     END_MARK,
@@ -38,7 +39,7 @@ from vmkeep.lab.guest import (
     ensure_guest,
     write_plan,
 )
-from vmkeep.lab.services import LOCAL_URI, ensure_libvirtd
+from vmkeep.lab.services import ensure_libvirtd
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
 
