@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -17,15 +18,17 @@ import boto3
 import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from sqlalchemy import create_engine, text
 
 from vmkeep.lab.images import Segment, make_image
+from vmkeep.lab.postgres import ensure_postgres
 
 MiB = 1 << 20
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 S3_USER, S3_SECRET = "vmkeep-test", "vmkeep-test-secret"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -81,9 +84,9 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     config = data / "s3.json"
     config.write_text(json.dumps({"identities": [{"name": "vmkeep", "credentials": [
         {"accessKey": S3_USER, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    s3_port = _free_port()
+    s3_port = free_port()
     # Every listener gets an explicit free port (SeaweedFS would otherwise take fixed defaults).
-    ports = {opt: _free_port() for opt in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+    ports = {opt: free_port() for opt in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                            "filer.port", "filer.port.grpc", "s3.port.grpc")}
     cmd = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}", "-filer", "-s3",
            f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
@@ -125,3 +128,24 @@ def s3_env(seaweed: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture(scope="session")
+def server_url() -> str:
+    """The set-up's local PostgreSQL (started if needed), as the vmkeep role."""
+    return ensure_postgres()
+
+
+@pytest.fixture
+def database(server_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    name = f"vmkeep_t_{secrets.token_hex(4)}"
+    admin = create_engine(server_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield server_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
-from sqlalchemy import create_engine, text
 
 from tests.conftest import Cli, MiB
 from vmkeep.lab.images import Segment
-from vmkeep.lab.postgres import ensure_postgres
-
-
-@pytest.fixture(scope="session")
-def server_url() -> str:
-    """The set-up's local PostgreSQL (started if needed), as the vmkeep role."""
-    return ensure_postgres()
-
-
-@pytest.fixture
-def database(server_url: str) -> Iterator[str]:
-    """A fresh, empty database for one test; dropped afterwards."""
-    name = f"vmkeep_t_{secrets.token_hex(4)}"
-    admin = create_engine(server_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    try:
-        yield server_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def backed_up(cli: Cli, make_disk: Callable[..., Path], repo: str, names: list[str]) -> None:
@@ -45,8 +19,11 @@ def test_schema_upgrade_is_required_and_idempotent(cli: Cli, database: str) -> N
     db = {"VMKEEP_DATABASE_URL": database}
     refused = cli.run("catalog", "points", ok=False, env=db)
     assert refused.returncode != 0 and "vmkeep db upgrade" in refused.stderr
-    assert cli.json("db", "upgrade", env=db)["revision"] == "0001"
-    assert cli.json("db", "upgrade", env=db)["revision"] == "0001"
+    assert cli.json("db", "upgrade", "0001", env=db)["revision"] == "0001"  # step by step, as an upgrade does
+    refused = cli.run("catalog", "points", ok=False, env=db)
+    assert refused.returncode != 0 and "at 0001, this vmkeep needs 0002" in refused.stderr
+    assert cli.json("db", "upgrade", env=db)["revision"] == "0002"
+    assert cli.json("db", "upgrade", env=db)["revision"] == "0002"
     assert cli.json("catalog", "points", env=db)["points"] == []
     unreachable = cli.run("db", "upgrade", "--database-url",
                           "postgresql+psycopg://vmkeep:wrong@127.0.0.1:1/none", ok=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VMKEEP, Cli, MiB, _free_port, qemu_img_compare
+from tests.conftest import VMKEEP, Cli, MiB, free_port, qemu_img_compare
 from vmkeep.lab.images import Segment
 
 
@@ -178,7 +178,7 @@ def test_kill_9_mid_backup_then_verify_gc_and_next_backup(cli: Cli, make_disk, t
 
 
 def test_unreachable_s3(cli: Cli, make_disk) -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_DEFAULT_REGION": "us-east-1"}
     proc = cli.run("points", "--repo", "s3://nowhere/repo", "--s3-endpoint", endpoint, ok=False, env=env)
     assert proc.returncode != 0 and "cannot reach the S3 endpoint" in proc.stderr

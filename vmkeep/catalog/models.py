@@ -24,6 +24,7 @@ class RepositoryRecord(Base):
     s3_endpoint: Mapped[str | None] = mapped_column(String(500))
     repo_id: Mapped[str] = mapped_column(String(64))  # the repository's own id, from its config
     encrypted: Mapped[bool]
+    passphrase_sealed: Mapped[bytes | None]  # sealed with the server's master key; None: given per command
     capacity_bytes: Mapped[int | None] = mapped_column(BigInteger)
     used_bytes: Mapped[int | None] = mapped_column(BigInteger)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -60,3 +61,92 @@ class RestorePointRecord(Base):
     disks: Mapped[dict[str, Any]]  # disk name → size
 
     repository: Mapped[RepositoryRecord] = relationship(back_populates="points")
+
+
+class User(Base):
+    """Someone who uses the API: a role, an argon2 password hash, and API tokens."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))  # admin, operator, restore-only, auditor
+    password_hash: Mapped[str] = mapped_column(String(200))
+    disabled: Mapped[bool] = mapped_column(default=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan",
+                                                  passive_deletes=True)
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is kept, so a leaked table gives no working token."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class AuditEntry(Base):
+    """Who did what, when, from where: every change, login, backup start and restore."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    user: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(100))
+    target: Mapped[str] = mapped_column(String(500))
+    client: Mapped[str | None] = mapped_column(String(100))
+    detail: Mapped[dict[str, Any]]
+
+
+class Hypervisor(Base):
+    """A hypervisor manager (a libvirt host now; vCenter, XenServer, Hyper-V later) and its login,
+    sealed with the server's master key."""
+
+    __tablename__ = "hypervisors"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    uri: Mapped[str] = mapped_column(String(1000))
+    username: Mapped[str | None] = mapped_column(String(200))
+    secret_sealed: Mapped[bytes | None]
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    discovered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    discovery_error: Mapped[str | None] = mapped_column(String(2000))
+
+    vms: Mapped[list[VirtualMachine]] = relationship(back_populates="hypervisor", cascade="all, delete-orphan",
+                                                     passive_deletes=True)
+
+
+class VirtualMachine(Base):
+    """A VM as last discovered; ``present`` turns false when discovery no longer finds it."""
+
+    __tablename__ = "vms"
+    __table_args__ = (UniqueConstraint("hypervisor_id", "uuid"), Index("ix_vms_name", "name"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    hypervisor_id: Mapped[int] = mapped_column(ForeignKey("hypervisors.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    uuid: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(40))
+    disks: Mapped[list[Any]]
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+    folder: Mapped[str | None] = mapped_column(String(500))
+    present: Mapped[bool] = mapped_column(default=True)
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    hypervisor: Mapped[Hypervisor] = relationship(back_populates="vms")

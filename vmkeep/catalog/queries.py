@@ -10,12 +10,16 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord
 
 
+def glob_to_like(glob: str) -> str:
+    """A ``*`` glob as a LIKE pattern (escape character backslash)."""
+    return glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%")
+
+
 def find_points(session: Session, name: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
     """Newest first; ``name`` is exact, or a glob when it holds ``*`` (served by the name index)."""
     query = select(RestorePointRecord, RepositoryRecord.name).join(RepositoryRecord)
     if name and "*" in name:
-        pattern = name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%")
-        query = query.where(RestorePointRecord.name.like(pattern, escape="\\"))
+        query = query.where(RestorePointRecord.name.like(glob_to_like(name), escape="\\"))
     elif name:
         query = query.where(RestorePointRecord.name == name)
     query = query.order_by(RestorePointRecord.created.desc()).limit(limit)

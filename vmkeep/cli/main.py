@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from vmkeep.cli import catalog_cmds, disk_cmds, lab_cmds, repo_cmds, vm_cmds
+from vmkeep.cli import catalog_cmds, disk_cmds, lab_cmds, repo_cmds, server_cmds, vm_cmds
 from vmkeep.cli.demo import demo_cmd
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
@@ -17,6 +17,8 @@ app.add_typer(disk_cmds.app, name="disk")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(catalog_cmds.db_app, name="db")
 app.add_typer(catalog_cmds.catalog_app, name="catalog")
+app.add_typer(server_cmds.user_app, name="user")
+app.command("server")(server_cmds.server_cmd)
 app.command("points")(disk_cmds.points_cmd)
 app.command("backup")(vm_cmds.backup_cmd)
 app.command("restore")(vm_cmds.restore_cmd)

@@ -77,19 +77,37 @@ def _free_port() -> int:
 
 
 class LibvirtConnector:
-    def __init__(self, uri: str = "qemu:///system", nbd_tls: NbdTls = "auto") -> None:
+    def __init__(self, uri: str = "qemu:///system", nbd_tls: NbdTls = "auto",
+                 credentials: tuple[str, str] | None = None) -> None:
         """``nbd_tls``: ``auto`` encrypts the nbd transport when this proxy has client
-        certificates and the host accepts TLS, ``require`` refuses to go without, ``off`` never."""
+        certificates and the host accepts TLS, ``require`` refuses to go without, ``off`` never.
+        ``credentials``: user name and password for hosts that ask (SASL), else none."""
         self.uri = uri
         self.nbd_tls = nbd_tls
+        self.credentials = credentials
         parsed = urlparse(uri)
         self.host = parsed.hostname or socket.gethostname()
         self.is_local = parsed.hostname in (None, "", "localhost", "127.0.0.1", socket.gethostname())
         try:
-            self.conn = libvirt.open(uri)
+            self.conn = self._open()
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; is libvirtd "
                                   "running and the URI right?") from None
+
+    def _open(self) -> libvirt.virConnect:
+        if self.credentials is None:
+            return libvirt.open(self.uri)
+        user, password = self.credentials
+
+        def answer(creds: list[list[Any]], _data: object) -> int:
+            for cred in creds:
+                if cred[0] == libvirt.VIR_CRED_AUTHNAME:
+                    cred[4] = user
+                elif cred[0] == libvirt.VIR_CRED_PASSPHRASE:
+                    cred[4] = password
+            return 0
+
+        return libvirt.openAuth(self.uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None], 0)
 
     def _reconnect(self, dom: libvirt.virDomain) -> libvirt.virDomain:
         """A fresh connection and domain handle after libvirtd restarted (waits up to 30 s)."""
@@ -97,7 +115,7 @@ class LibvirtConnector:
         deadline = time.monotonic() + 30
         while True:
             try:
-                self.conn = libvirt.open(self.uri)
+                self.conn = self._open()
                 return self.conn.lookupByUUIDString(uuid)
             except libvirt.libvirtError:
                 if time.monotonic() > deadline:

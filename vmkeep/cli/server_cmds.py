@@ -1,0 +1,78 @@
+"""`vmkeep server` (the master's REST API) and `vmkeep user add` (bootstrap accounts locally)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vmkeep.cli.catalog_cmds import DatabaseOpt
+from vmkeep.cli.common import JsonOpt
+from vmkeep.cli.output import emit_json, out_console
+from vmkeep.errors import UsageError
+
+DEFAULT_LISTEN = "127.0.0.1:8470"
+user_app = typer.Typer(help="Accounts of the master server.", no_args_is_help=True)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen {listen!r}: give HOST:PORT, e.g. {DEFAULT_LISTEN} or 0.0.0.0:8470")
+    return host.strip("[]"), int(port)
+
+
+def server_cmd(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve the API on")] = DEFAULT_LISTEN,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """Run the master server: REST API (OpenAPI at /docs), metrics at /metrics."""
+    import uvicorn
+
+    from vmkeep.catalog.db import database_url as resolve
+    from vmkeep.server.app import create_app
+
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    host, port = parse_listen(listen)
+    app = create_app(resolve(database_url))
+    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning")
+
+
+@user_app.command("add")
+def user_add_cmd(
+    name: Annotated[str, typer.Argument(help="Login name")],
+    role: Annotated[str, typer.Option(help="admin, operator, restore-only or auditor")] = "admin",
+    database_url: DatabaseOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create an account directly in the catalog (the first admin); password from
+    VMKEEP_NEW_PASSWORD or asked for."""
+    from sqlalchemy import select
+
+    from vmkeep.catalog.db import database_url as resolve
+    from vmkeep.catalog.db import sessions
+    from vmkeep.catalog.models import User
+    from vmkeep.server.audit import record
+    from vmkeep.server.auth import ROLES, hash_password
+
+    if role not in ROLES:
+        raise UsageError(f"--role must be one of {', '.join(ROLES)}")
+    password = os.environ.get("VMKEEP_NEW_PASSWORD") or typer.prompt("password", hide_input=True,
+                                                                     confirmation_prompt=True)
+    if len(password) < 8:
+        raise UsageError("the password needs at least 8 characters")
+    with sessions(resolve(database_url))() as session:
+        if session.scalar(select(User).where(User.name == name)) is not None:
+            raise UsageError(f"user {name} exists")
+        session.add(User(name=name, role=role, password_hash=hash_password(password)))
+        record(session, None, f"local:{os.environ.get('USER', 'root')}", "user-create", name, role=role)
+        session.commit()
+    if json_out:
+        emit_json({"user": name, "role": role})
+    else:
+        out_console.print(f"user {name} ({role}) created")

@@ -1,0 +1,1 @@
+"""The master server: REST API over the catalog, with authentication, roles and an audit log."""

@@ -1,0 +1,75 @@
+"""Discovery: what VMs each registered hypervisor runs, refreshed into the catalog."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.models import Hypervisor, VirtualMachine
+from vmkeep.errors import VmkeepError
+from vmkeep.hypervisors.base import Connector, HypervisorError
+from vmkeep.server.keys import open_secret
+
+KINDS = ("libvirt",)  # vCenter, XenServer and Hyper-V join as their connectors land
+
+
+@dataclass
+class DiscoveryReport:
+    hypervisor: str
+    vms: int = 0
+    new: int = 0
+    gone: int = 0
+
+
+def secret_context(name: str) -> str:
+    return f"hypervisor {name}"
+
+
+def connector_for(h: Hypervisor) -> Connector:
+    """A live connection to the hypervisor with its stored credentials."""
+    if h.kind != "libvirt":
+        raise HypervisorError(f"hypervisor kind {h.kind!r} has no connector in this version (have: {', '.join(KINDS)})")
+    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+
+    credentials = None
+    if h.username and h.secret_sealed:
+        credentials = (h.username, open_secret(h.secret_sealed, secret_context(h.name)))
+    return LibvirtConnector(h.uri, credentials=credentials)
+
+
+def discover(session: Session, h: Hypervisor) -> DiscoveryReport:
+    """Refresh the VMs of ``h``: new ones added, known ones updated, missing ones marked gone."""
+    report = DiscoveryReport(h.name)
+    try:
+        connector = connector_for(h)
+        try:
+            found = connector.inventory()
+        finally:
+            connector.close()
+    except VmkeepError as exc:
+        h.discovery_error = str(exc)
+        session.commit()
+        raise
+    now = datetime.now(UTC)
+    known = {vm.uuid: vm for vm in session.scalars(select(VirtualMachine).where(VirtualMachine.hypervisor_id == h.id))}
+    for info in found:
+        disks = [asdict(d) for d in info.disks]
+        vm = known.pop(info.uuid, None)
+        if vm is None:
+            session.add(VirtualMachine(hypervisor_id=h.id, name=info.name, uuid=info.uuid, host=info.host,
+                                       state=info.state, disks=disks, tags=[], present=True, last_seen=now))
+            report.new += 1
+        else:
+            vm.name, vm.host, vm.state, vm.disks, vm.present, vm.last_seen = (
+                info.name, info.host, info.state, disks, True, now)
+    for vm in known.values():
+        if vm.present:
+            vm.present = False
+            report.gone += 1
+    report.vms = len(found)
+    h.discovered_at, h.discovery_error = now, None
+    session.commit()
+    return report

@@ -1,0 +1,181 @@
+"""Hypervisors and their VMs, repositories, and the restore points the catalog knows."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.models import Hypervisor, RepositoryRecord, RestorePointRecord, User, VirtualMachine
+from vmkeep.catalog.queries import find_points, glob_to_like
+from vmkeep.catalog.rebuild import rebuild
+from vmkeep.errors import VmkeepError
+from vmkeep.repository.backends import open_backend
+from vmkeep.repository.config import Credentials
+from vmkeep.repository.repo import Repository
+from vmkeep.server import audit
+from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.inventory import discover, secret_context
+from vmkeep.server.keys import open_secret, seal_secret
+from vmkeep.server.schemas import (
+    DiscoveryOut,
+    HypervisorIn,
+    HypervisorOut,
+    PointOut,
+    RebuildOut,
+    RepositoryIn,
+    RepositoryOut,
+    VMOut,
+)
+
+router = APIRouter(prefix="/api")
+
+
+def _hypervisor_out(h: Hypervisor) -> HypervisorOut:
+    return HypervisorOut(name=h.name, kind=h.kind, uri=h.uri, username=h.username,
+                         has_password=h.secret_sealed is not None, discovered_at=h.discovered_at,
+                         discovery_error=h.discovery_error)
+
+
+def _hypervisor(session: Session, name: str) -> Hypervisor:
+    h = session.scalar(select(Hypervisor).where(Hypervisor.name == name))
+    if h is None:
+        raise HTTPException(404, f"no hypervisor {name}")
+    return h
+
+
+@router.get("/hypervisors", response_model=list[HypervisorOut], tags=["inventory"])
+def list_hypervisors(_: User = Depends(require(*EVERYONE)),
+                     session: Session = Depends(get_session)) -> list[HypervisorOut]:
+    return [_hypervisor_out(h) for h in session.scalars(select(Hypervisor).order_by(Hypervisor.name))]
+
+
+@router.post("/hypervisors", response_model=HypervisorOut, status_code=201, tags=["inventory"])
+def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                   session: Session = Depends(get_session)) -> HypervisorOut:
+    """Register a hypervisor manager; its password is sealed with the server's master key."""
+    if session.scalar(select(Hypervisor).where(Hypervisor.name == body.name)) is not None:
+        raise HTTPException(409, f"hypervisor {body.name} exists")
+    sealed = seal_secret(body.password, secret_context(body.name)) if body.password else None
+    h = Hypervisor(name=body.name, kind=body.kind, uri=body.uri, username=body.username, secret_sealed=sealed)
+    session.add(h)
+    audit.record(session, request, user.name, "hypervisor-add", body.name, uri=body.uri, kind=body.kind)
+    session.commit()
+    return _hypervisor_out(h)
+
+
+@router.delete("/hypervisors/{name}", status_code=204, tags=["inventory"])
+def delete_hypervisor(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                      session: Session = Depends(get_session)) -> Response:
+    session.delete(_hypervisor(session, name))
+    audit.record(session, request, user.name, "hypervisor-delete", name)
+    session.commit()
+    return Response(status_code=204)
+
+
+@router.post("/hypervisors/{name}/discover", response_model=DiscoveryOut, tags=["inventory"])
+async def discover_now(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                       session: Session = Depends(get_session)) -> DiscoveryOut:
+    """Refresh the hypervisor's VMs now (the schedule does it too)."""
+    h = _hypervisor(session, name)
+    try:
+        report = await run_in_threadpool(discover, session, h)
+    except VmkeepError as exc:
+        raise HTTPException(502, f"discovery of {name} failed: {exc}") from None
+    audit.record(session, request, user.name, "hypervisor-discover", name, vms=report.vms)
+    session.commit()
+    return DiscoveryOut(hypervisor=report.hypervisor, vms=report.vms, new=report.new, gone=report.gone)
+
+
+@router.get("/vms", response_model=list[VMOut], tags=["inventory"])
+def list_vms(name: str | None = Query(None, max_length=200, description="exact, or a glob with *"),
+             hypervisor: str | None = Query(None, max_length=200), include_gone: bool = False,
+             limit: int = Query(1000, ge=1, le=10000), _: User = Depends(require(*EVERYONE)),
+             session: Session = Depends(get_session)) -> list[VMOut]:
+    query = select(VirtualMachine, Hypervisor.name).join(Hypervisor)
+    if name and "*" in name:
+        query = query.where(VirtualMachine.name.like(glob_to_like(name), escape="\\"))
+    elif name:
+        query = query.where(VirtualMachine.name == name)
+    if hypervisor:
+        query = query.where(Hypervisor.name == hypervisor)
+    if not include_gone:
+        query = query.where(VirtualMachine.present.is_(True))
+    rows = session.execute(query.order_by(VirtualMachine.name).limit(limit)).tuples()
+    return [VMOut(name=v.name, uuid=v.uuid, hypervisor=hname, host=v.host, state=v.state, present=v.present,
+                  disks=v.disks, tags=v.tags, last_seen=v.last_seen) for v, hname in rows]
+
+
+def _open_repository(record: RepositoryRecord) -> Repository:
+    passphrase = (open_secret(record.passphrase_sealed, f"repository {record.name}").encode()
+                  if record.passphrase_sealed else None)
+    return Repository.open(open_backend(record.location, s3_endpoint=record.s3_endpoint), Credentials(passphrase))
+
+
+def _repository_out(session: Session, r: RepositoryRecord) -> RepositoryOut:
+    points = session.scalar(select(func.count()).select_from(RestorePointRecord)
+                            .where(RestorePointRecord.repository_id == r.id)) or 0
+    return RepositoryOut(name=r.name, location=r.location, repo_id=r.repo_id, encrypted=r.encrypted,
+                         capacity_bytes=r.capacity_bytes, used_bytes=r.used_bytes, scanned_at=r.scanned_at,
+                         points=points)
+
+
+@router.get("/repositories", response_model=list[RepositoryOut], tags=["repositories"])
+def list_repositories(_: User = Depends(require(*EVERYONE)),
+                      session: Session = Depends(get_session)) -> list[RepositoryOut]:
+    return [_repository_out(session, r)
+            for r in session.scalars(select(RepositoryRecord).order_by(RepositoryRecord.name))]
+
+
+@router.post("/repositories", response_model=RebuildOut, status_code=201, tags=["repositories"])
+async def add_repository(body: RepositoryIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                         session: Session = Depends(get_session)) -> RebuildOut:
+    """Register an existing repository (its passphrase sealed) and import its restore points."""
+    try:
+        backend = open_backend(body.location, s3_endpoint=body.s3_endpoint)
+    except VmkeepError as exc:
+        raise HTTPException(422, f"cannot open the repository at {body.location}: {exc}") from None
+    taken = session.scalar(select(RepositoryRecord).where(
+        (RepositoryRecord.name == body.name) | (RepositoryRecord.location == backend.url)))
+    if taken is not None:
+        raise HTTPException(409, f"repository {taken.name} ({taken.location}) is registered already")
+    try:
+        repo = await run_in_threadpool(
+            Repository.open, backend, Credentials(body.passphrase.encode() if body.passphrase else None))
+    except VmkeepError as exc:
+        raise HTTPException(422, f"cannot open the repository at {body.location}: {exc}") from None
+    report = await run_in_threadpool(rebuild, session, repo, body.name, body.s3_endpoint)
+    record = session.scalars(select(RepositoryRecord).where(RepositoryRecord.name == body.name)).one()
+    if body.passphrase:
+        record.passphrase_sealed = seal_secret(body.passphrase, f"repository {body.name}")
+    audit.record(session, request, user.name, "repository-add", body.name, location=body.location)
+    session.commit()
+    return RebuildOut(repository=report.repository, points=report.points, removed=report.removed,
+                      damaged=[{"key": k, "reason": why} for k, why in report.damaged])
+
+
+@router.post("/repositories/{name}/rebuild", response_model=RebuildOut, tags=["repositories"])
+async def rebuild_repository(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                             session: Session = Depends(get_session)) -> RebuildOut:
+    """Re-import the repository's restore points (it stays the source of truth)."""
+    record = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == name))
+    if record is None:
+        raise HTTPException(404, f"no repository {name}")
+    try:
+        repo = await run_in_threadpool(_open_repository, record)
+        report = await run_in_threadpool(rebuild, session, repo, name, record.s3_endpoint)
+    except VmkeepError as exc:
+        raise HTTPException(502, f"cannot read repository {name}: {exc}") from None
+    audit.record(session, request, user.name, "repository-rebuild", name, points=report.points)
+    session.commit()
+    return RebuildOut(repository=report.repository, points=report.points, removed=report.removed,
+                      damaged=[{"key": k, "reason": why} for k, why in report.damaged])
+
+
+@router.get("/points", response_model=list[PointOut], tags=["repositories"])
+def list_points(vm: str | None = Query(None, max_length=200, description="exact, or a glob with *"),
+                limit: int = Query(100, ge=1, le=10000), _: User = Depends(require(*EVERYONE)),
+                session: Session = Depends(get_session)) -> list[PointOut]:
+    """Restore points across every registered repository, newest first."""
+    return [PointOut(**p) for p in find_points(session, vm, limit)]
