@@ -46,11 +46,15 @@ def _alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> str:
-    """Bring the schema to ``revision`` (Alembic); returns the revision now in place."""
+    """Bring the schema to ``revision`` (Alembic) and create the task queue's tables (procrastinate);
+    returns the revision now in place."""
+    from vmkeep.proxy.queue import ensure_schema
+
     try:
         command.upgrade(_alembic_config(url), revision)
     except OperationalError as exc:
         raise CatalogError(f"cannot reach the catalog database: {exc.orig}") from None
+    ensure_schema(url)  # the task queue shares the database
     return current_revision(make_engine(url)) or "base"
 
 

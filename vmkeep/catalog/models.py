@@ -150,3 +150,81 @@ class VirtualMachine(Base):
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     hypervisor: Mapped[Hypervisor] = relationship(back_populates="vms")
+
+
+class Proxy(Base):
+    """A data mover that registered itself; up while its heartbeat is fresh."""
+
+    __tablename__ = "proxies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    transports: Mapped[list[Any]]  # what it can do: san, hotadd, nbd
+    reaches: Mapped[list[Any]]  # hypervisor hosts it sits on or reaches ("*": any, over nbd)
+    concurrency: Mapped[int]
+    registered: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Policy(Base):
+    """What to protect and how: selection rules evaluated at each run, target, options."""
+
+    __tablename__ = "policies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    selection: Mapped[dict[str, Any]]  # vms, globs, hypervisor, hosts, tags
+    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id"))
+    schedule: Mapped[str | None] = mapped_column(String(100))  # cron
+    retention: Mapped[dict[str, Any]]  # keep_last, keep_daily, …
+    full_every: Mapped[int | None]
+    transports: Mapped[str] = mapped_column(String(50), default="san:hotadd:nbd")
+    quiesce: Mapped[str] = mapped_column(String(20), default="try")
+    max_per_host: Mapped[int | None]
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+    repository: Mapped[RepositoryRecord] = relationship()
+
+
+class Job(Base):
+    """One run of a policy."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id", ondelete="CASCADE"))
+    requested_by: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))  # running, succeeded, partial, failed, cancelled
+    started: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    policy: Mapped[Policy] = relationship()
+    vms: Mapped[list[JobVM]] = relationship(back_populates="job", order_by="JobVM.id")
+
+
+class JobVM(Base):
+    """One VM's backup within a policy run, with its outcome."""
+
+    __tablename__ = "job_vms"
+    __table_args__ = (Index("ix_job_vms_status", "status"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm_name: Mapped[str] = mapped_column(String(200))
+    proxy: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed, cancelled
+    attempts: Mapped[int] = mapped_column(default=0)
+    task_id: Mapped[int | None] = mapped_column(BigInteger)  # the procrastinate job
+    mode: Mapped[str | None] = mapped_column(String(20))
+    transport: Mapped[str | None] = mapped_column(String(20))
+    read_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    duration_seconds: Mapped[float | None] = mapped_column(Float)
+    point_id: Mapped[str | None] = mapped_column(String(64))
+    warnings: Mapped[list[Any]] = mapped_column(default=list)
+    error: Mapped[str | None] = mapped_column(String(4000))
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    job: Mapped[Job] = relationship(back_populates="vms")

@@ -43,6 +43,24 @@ def server_cmd(
     uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning")
 
 
+def proxy_cmd(
+    name: Annotated[str, typer.Option(help="This proxy's name")],
+    server: Annotated[str, typer.Option(help="The master's URL, e.g. http://master:8470")],
+    token: Annotated[str, typer.Option(envvar="VMKEEP_TOKEN", show_envvar=False,
+                                       help="API token of an operator or admin (else VMKEEP_TOKEN)")],
+    transports: Annotated[str, typer.Option(help="What this proxy can do")] = "san:hotadd:nbd",
+    reaches: Annotated[str, typer.Option(help="Comma-separated hypervisor hosts it is on or sees; * for any "
+                                              "over nbd")] = "*",
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="VM backups at once")] = 2,
+) -> None:
+    """Run a proxy: register with the master, heartbeat, and run the backups dispatched to it."""
+    from vmkeep.hypervisors.base import parse_transports
+    from vmkeep.proxy.worker import run_proxy
+
+    run_proxy(server.rstrip("/"), token, name, parse_transports(transports),
+              [h.strip() for h in reaches.split(",") if h.strip()], concurrency)
+
+
 @user_app.command("add")
 def user_add_cmd(
     name: Annotated[str, typer.Argument(help="Login name")],

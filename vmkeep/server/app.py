@@ -6,17 +6,28 @@ OpenAPI is served at ``/openapi.json`` and ``/docs``. ``/metrics`` and ``/api/he
 
 from __future__ import annotations
 
-from fastapi import Depends, FastAPI, Response
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep import __version__
 from vmkeep.catalog.db import sessions
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualMachine
-from vmkeep.server import routes_access, routes_inventory
+from vmkeep.proxy.queue import make_app
+from vmkeep.server import routes_access, routes_inventory, routes_jobs
 from vmkeep.server.auth import get_session
+from vmkeep.server.dispatch import rescue_queued, rescue_stalled
+
+log = logging.getLogger("vmkeep.server")
 
 
 class CatalogCollector:
@@ -42,14 +53,49 @@ class CatalogCollector:
         yield from (vms, points, used)
 
 
+RESCUE_EVERY_SECONDS = 3.0
+STALLED_AFTER_SECONDS = 8.0  # a proxy worker silent this long is dead; its tasks move
+
+
+async def rescue_loop(app: FastAPI) -> None:
+    """Move the tasks of proxies that died to live ones, for as long as the server runs."""
+    while True:
+        await asyncio.sleep(RESCUE_EVERY_SECONDS)
+        try:
+            with app.state.sessions() as session:
+                await rescue_stalled(session, app.state.queue, STALLED_AFTER_SECONDS)
+                await rescue_queued(session, app.state.queue)
+        except Exception:  # a database hiccup must not end the loop
+            log.exception("rescuing stalled tasks failed; retrying")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async with app.state.queue.open_async():
+        rescuer = asyncio.create_task(rescue_loop(app))
+        try:
+            yield
+        finally:
+            rescuer.cancel()
+
+
 def create_app(database_url: str) -> FastAPI:
-    app = FastAPI(title="vmkeep", version=__version__,
-                  description="Agentless VM backup: catalog, inventory, repositories, users and audit.")
+    app = FastAPI(title="vmkeep", version=__version__, lifespan=lifespan,
+                  description="Agentless VM backup: catalog, inventory, proxies, policies, jobs, repositories, "
+                              "users and audit.")
+    app.state.database_url = database_url
     app.state.sessions = sessions(database_url)
+    app.state.queue = make_app(database_url)
     registry = CollectorRegistry()
     registry.register(CatalogCollector(app.state.sessions))  # type: ignore[arg-type]
     app.include_router(routes_access.router)
     app.include_router(routes_inventory.router)
+    app.include_router(routes_jobs.router)
+
+    @app.exception_handler(DataError)
+    async def bad_value(_request: Request, exc: DataError) -> JSONResponse:
+        # the database refused a value the schema let through (a NUL byte in a string, say)
+        return JSONResponse({"detail": f"a value is not acceptable: {exc.orig}"}, status_code=400)
 
     @app.get("/api/health", tags=["operations"])
     def health(session: Session = Depends(get_session)) -> dict[str, str]:

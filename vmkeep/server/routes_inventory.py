@@ -17,7 +17,8 @@ from vmkeep.repository.repo import Repository
 from vmkeep.server import audit
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
 from vmkeep.server.inventory import discover, secret_context
-from vmkeep.server.keys import open_secret, seal_secret
+from vmkeep.server.keys import seal_secret
+from vmkeep.server.repositories import open_registered, passphrase_context
 from vmkeep.server.schemas import (
     DiscoveryOut,
     HypervisorIn,
@@ -107,12 +108,6 @@ def list_vms(name: str | None = Query(None, max_length=200, description="exact, 
                   disks=v.disks, tags=v.tags, last_seen=v.last_seen) for v, hname in rows]
 
 
-def _open_repository(record: RepositoryRecord) -> Repository:
-    passphrase = (open_secret(record.passphrase_sealed, f"repository {record.name}").encode()
-                  if record.passphrase_sealed else None)
-    return Repository.open(open_backend(record.location, s3_endpoint=record.s3_endpoint), Credentials(passphrase))
-
-
 def _repository_out(session: Session, r: RepositoryRecord) -> RepositoryOut:
     points = session.scalar(select(func.count()).select_from(RestorePointRecord)
                             .where(RestorePointRecord.repository_id == r.id)) or 0
@@ -135,7 +130,7 @@ async def add_repository(body: RepositoryIn, request: Request, user: User = Depe
     try:
         backend = open_backend(body.location, s3_endpoint=body.s3_endpoint)
     except VmkeepError as exc:
-        raise HTTPException(422, f"cannot open the repository at {body.location}: {exc}") from None
+        raise HTTPException(400, f"cannot open the repository at {body.location}: {exc}") from None
     taken = session.scalar(select(RepositoryRecord).where(
         (RepositoryRecord.name == body.name) | (RepositoryRecord.location == backend.url)))
     if taken is not None:
@@ -144,11 +139,11 @@ async def add_repository(body: RepositoryIn, request: Request, user: User = Depe
         repo = await run_in_threadpool(
             Repository.open, backend, Credentials(body.passphrase.encode() if body.passphrase else None))
     except VmkeepError as exc:
-        raise HTTPException(422, f"cannot open the repository at {body.location}: {exc}") from None
+        raise HTTPException(400, f"cannot open the repository at {body.location}: {exc}") from None
     report = await run_in_threadpool(rebuild, session, repo, body.name, body.s3_endpoint)
     record = session.scalars(select(RepositoryRecord).where(RepositoryRecord.name == body.name)).one()
     if body.passphrase:
-        record.passphrase_sealed = seal_secret(body.passphrase, f"repository {body.name}")
+        record.passphrase_sealed = seal_secret(body.passphrase, passphrase_context(body.name))
     audit.record(session, request, user.name, "repository-add", body.name, location=body.location)
     session.commit()
     return RebuildOut(repository=report.repository, points=report.points, removed=report.removed,
@@ -163,7 +158,7 @@ async def rebuild_repository(name: str, request: Request, user: User = Depends(r
     if record is None:
         raise HTTPException(404, f"no repository {name}")
     try:
-        repo = await run_in_threadpool(_open_repository, record)
+        repo = await run_in_threadpool(open_registered, record)
         report = await run_in_threadpool(rebuild, session, repo, name, record.s3_endpoint)
     except VmkeepError as exc:
         raise HTTPException(502, f"cannot read repository {name}: {exc}") from None

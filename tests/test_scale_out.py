@@ -1,0 +1,110 @@
+"""Policies dispatched to two proxy processes through procrastinate, and a proxy killed mid-backup."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import bare_vm
+from tests.bare_vm import BareVM
+from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
+from tests.test_server import ADMIN_PASSWORD, Server, server  # noqa: F401 - the server fixture
+
+
+@pytest.fixture
+def vms() -> Iterator[list[BareVM]]:
+    machines = []
+    try:
+        for i, size in enumerate((640, 96, 96)):  # the first is big: the kill lands while it is read
+            machines.append(bare_vm.create({"vda": ((size + 32) * MiB, "qcow2")}))
+            machines[-1].write("vda", 0, size * MiB, 0x30 + i)
+        yield machines
+    finally:
+        for m in machines:
+            bare_vm.destroy(m)
+
+
+def start_proxy(master: Server, token: str, name: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([VMKEEP, "proxy", "--name", name, "--server", master.url, "--token", token,
+                             "--transports", "hotadd:nbd", "--reaches", socket.gethostname(), "--concurrency", "1"],
+                            env=master.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(what: str, check, timeout: float = 120):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vms: list[BareVM],  # noqa: F811
+                                                    tmp_path: Path) -> None:
+    admin = server.client(server.login("admin", ADMIN_PASSWORD))
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt")
+    assert admin.post("/api/repositories", json={"name": "main", "location": repo,
+                                                 "passphrase": cli.env["VMKEEP_PASSPHRASE"]}).status_code == 201
+    assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
+                                                "uri": "qemu:///system"}).status_code == 201
+    assert admin.post("/api/hypervisors/local/discover").status_code == 200
+    names = sorted(m.name for m in vms)
+    reply = admin.post("/api/policies", json={"name": "nightly", "repository": "main", "vms": names,
+                                              "transports": "hotadd", "retention": {"last": 3}})
+    assert reply.status_code == 201, reply.text
+    token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
+    proxies = {name: start_proxy(server, token, name) for name in ("pa", "pb")}
+    try:
+        wait_for("both proxies up", lambda: sum(p["up"] for p in admin.get("/api/proxies").json()) == 2)
+        at_backup = {m.name: m.snapshot("vda", tmp_path / f"{m.name}.qcow2") for m in vms}
+
+        job = admin.post("/api/policies/nightly/run").json()
+        by_vm = {v["vm"]: v for v in job["vms"]}
+        assert {v["proxy"] for v in by_vm.values()} == {"pa", "pb"}, by_vm  # the work is spread
+        big = vms[0]
+        victim = by_vm[big.name]["proxy"]
+        survivor = "pb" if victim == "pa" else "pa"
+        # kill -9 the proxy while it reads the big VM (its libvirt backup job is running)
+        wait_for("the big VM's backup", big.job_running, timeout=120)
+        time.sleep(0.5)
+        proxies[victim].send_signal(signal.SIGKILL)
+        proxies[victim].wait()
+
+        def finished() -> dict | None:
+            current = admin.get(f"/api/jobs/{job['id']}").json()
+            return current if current["finished"] else None
+
+        done = wait_for("the run to finish on the surviving proxy", finished, timeout=300)
+        assert done["status"] == "succeeded", done
+        outcome = {v["vm"]: v for v in done["vms"]}
+        rescued = outcome[big.name]
+        assert rescued["proxy"] == survivor and rescued["attempts"] == 2, rescued
+        assert any(f"{victim} stopped" in w for w in rescued["warnings"]), rescued
+        others = [v for name, v in outcome.items() if name != big.name]
+        assert all(v["proxy"] == survivor or v["attempts"] == 1 for v in others), others
+        assert not big.job_running()
+    finally:
+        for p in proxies.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=60)
+
+    # every VM has a good restore point: equal to its disk at backup time
+    for m in vms:
+        out = tmp_path / f"restored-{m.name}.qcow2"
+        cli.run("restore", m.name, "--repo", repo, "--disk", "vda", "--output", str(out))
+        assert qemu_img_compare(at_backup[m.name], out), m.name
+    points = {p["name"] for p in admin.get("/api/points").json()}
+    assert points == set(names)
+    assert any(e["action"] == "backup-start" for e in admin.get("/api/audit").json())
+    with httpx.Client() as plain:
+        assert plain.get(f"{server.url}/api/jobs").status_code == 401

@@ -1,0 +1,1 @@
+"""Proxies (data movers): procrastinate workers that run the backups the master dispatches."""

@@ -1,0 +1,109 @@
+"""The task a proxy runs for one VM of a policy run: back up, record, catalog, apply retention."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from datetime import UTC, datetime
+from typing import Any
+
+from procrastinate import JobContext
+from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmkeep.catalog.models import Job, JobVM, RestorePointRecord, VirtualMachine
+from vmkeep.catalog.rebuild import upsert_points
+from vmkeep.engine.vm import backup_vm
+from vmkeep.errors import Cancelled
+from vmkeep.hypervisors.base import parse_transports
+from vmkeep.proxy.queue import tasks
+from vmkeep.repository.prune import RetentionPolicy, prune
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+ABORT_POLL_SECONDS = 1.0
+
+
+@tasks.task(name="backup_vm", pass_context=True)
+def backup_vm_task(context: JobContext, job_vm_id: int) -> None:
+    state: dict[str, Any] = context.additional_context
+    cancel, done = threading.Event(), threading.Event()
+
+    def watch() -> None:  # a cancelled job asks its task to abort: stop at the next chunk
+        while not done.wait(ABORT_POLL_SECONDS):
+            if context.should_abort():
+                cancel.set()
+                return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        run_backup(state["sessions"], state["proxy"], job_vm_id, cancel)
+    finally:
+        done.set()
+
+
+def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
+               cancel: threading.Event | None = None) -> None:
+    """Back one VM up for its policy run; the outcome goes into its JobVM row, never lost."""
+    from vmkeep.server.inventory import connector_for
+    from vmkeep.server.repositories import open_registered
+
+    with sessions() as session:
+        jv = session.get(JobVM, job_vm_id)
+        if jv is None or jv.status in FINAL:
+            return  # removed, or cancelled before it started
+        policy = jv.job.policy
+        vm = session.get(VirtualMachine, jv.vm_id)
+        assert vm is not None
+        jv.status, jv.proxy, jv.attempts, jv.started = "running", proxy, jv.attempts + 1, datetime.now(UTC)
+        jv.error = None
+        session.commit()
+        connector = None
+        try:
+            repo = open_registered(policy.repository)
+            connector = connector_for(vm.hypervisor)
+            previous = len(repo.list_points(vm.name))
+            full = bool(policy.full_every) and previous % (policy.full_every or 1) == 0
+            m = backup_vm(repo, connector, vm.name, transports=parse_transports(policy.transports),
+                          quiesce=policy.quiesce, full=full, cancel=cancel)  # type: ignore[arg-type]
+            upsert_points(session, policy.repository_id, [m])
+            jv.status, jv.mode, jv.transport, jv.point_id = "succeeded", m.meta["mode"], m.meta["transport"], m.point_id
+            jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")
+            jv.duration_seconds = m.stats.get("seconds")
+            jv.warnings = [*jv.warnings, *m.meta.get("notes", [])]
+            retention = RetentionPolicy(**policy.retention) if policy.retention else RetentionPolicy()
+            if not retention.is_empty():
+                kept = prune(repo, retention, vm.name)[vm.name].keep
+                session.execute(delete(RestorePointRecord).where(
+                    RestorePointRecord.repository_id == policy.repository_id, RestorePointRecord.name == vm.name,
+                    RestorePointRecord.point_id.not_in(list(kept))))
+        except Cancelled:
+            jv.status, jv.error = "cancelled", "cancelled: nothing partial was committed"
+        except Exception as exc:  # the row records any failure; the task itself ends cleanly
+            jv.status, jv.error = "failed", f"{exc}" or traceback.format_exc(limit=3)
+        finally:
+            if connector is not None:
+                connector.close()
+            jv.finished = datetime.now(UTC)
+            session.commit()
+            settle_job(session, jv.job)
+
+
+def settle_job(session: Session, job: Job) -> None:
+    """Close the policy run once every VM has an outcome."""
+    session.refresh(job)
+    statuses = [v.status for v in job.vms]
+    if job.finished is not None or any(s not in FINAL for s in statuses):
+        return
+    if all(s == "succeeded" for s in statuses):
+        job.status = "succeeded"
+    elif any(s == "succeeded" for s in statuses):
+        job.status = "partial"
+    elif all(s == "cancelled" for s in statuses):
+        job.status = "cancelled"
+    else:
+        job.status = "failed"
+    job.finished = datetime.now(UTC)
+    session.commit()

@@ -1,0 +1,56 @@
+"""`vmkeep proxy`: register with the master, heartbeat, and work this proxy's task queue."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import httpx
+
+from vmkeep.catalog.db import sessions
+from vmkeep.errors import VmkeepError
+from vmkeep.proxy.queue import make_app, queue_name
+
+HEARTBEAT_SECONDS = 3.0
+WORKER_HEARTBEAT_SECONDS = 2.0  # procrastinate's own, which the master's rescue loop watches
+
+log = logging.getLogger("vmkeep.proxy")
+
+
+def register(client: httpx.Client, name: str, transports: list[str], reaches: list[str], concurrency: int) -> str:
+    """Announce this proxy to the master; returns the database URL of the task queue."""
+    try:
+        reply = client.post("/api/proxies/register", json={"name": name, "transports": transports,
+                                                          "reaches": reaches, "concurrency": concurrency})
+    except httpx.HTTPError as exc:
+        raise VmkeepError(f"cannot reach the master at {client.base_url}: {exc}") from None
+    if reply.status_code != 200:
+        raise VmkeepError(f"the master refused the registration ({reply.status_code}): {reply.text}")
+    return str(reply.json()["database_url"])
+
+
+def _heartbeat(client: httpx.Client, name: str, stop: threading.Event) -> None:
+    while not stop.wait(HEARTBEAT_SECONDS):
+        try:
+            client.post(f"/api/proxies/{name}/heartbeat")
+        except httpx.HTTPError as exc:  # the master may be restarting: keep working, keep trying
+            log.warning("heartbeat to the master failed: %s", exc)
+
+
+def run_proxy(server: str, token: str, name: str, transports: list[str], reaches: list[str],
+              concurrency: int) -> None:
+    """Blocks until interrupted (SIGINT/SIGTERM finish the running backups first)."""
+    client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    database_url = register(client, name, transports, reaches, concurrency)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(client, name, stop), daemon=True)
+    beat.start()
+    app = make_app(database_url)
+    try:
+        with app.open():
+            app.run_worker(queues=[queue_name(name)], name=name, concurrency=concurrency, wait=True,
+                           update_heartbeat_interval=WORKER_HEARTBEAT_SECONDS,
+                           additional_context={"sessions": sessions(database_url), "proxy": name})
+    finally:
+        stop.set()
+        client.close()

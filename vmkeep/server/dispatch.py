@@ -1,0 +1,166 @@
+"""Turning a policy run into per-VM tasks on proxies, and rescuing tasks whose proxy died.
+
+Selection rules are evaluated at every run, so VMs that appeared since are protected. Each VM
+goes to a proxy that is up, reaches the VM's host, can use one of the policy's transports, and
+has the least work per slot; its task carries the VM's lock.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from datetime import UTC, datetime, timedelta
+
+import procrastinate
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, VirtualMachine
+from vmkeep.proxy.backup_task import settle_job
+from vmkeep.proxy.queue import queue_name, vm_lock
+
+PROXY_TIMEOUT = timedelta(seconds=10)  # a proxy whose heartbeat is older is down
+ACTIVE = ("queued", "running")
+
+
+def proxy_up(p: Proxy, now: datetime | None = None) -> bool:
+    return (now or datetime.now(UTC)) - p.last_heartbeat < PROXY_TIMEOUT
+
+
+def select_vms(session: Session, policy: Policy) -> list[VirtualMachine]:
+    """The present VMs the policy's rules pick: names, globs, hypervisor, hosts, tags."""
+    rules = policy.selection
+    query = select(VirtualMachine).join(Hypervisor).where(VirtualMachine.present.is_(True))
+    if rules.get("hypervisor"):
+        query = query.where(Hypervisor.name == rules["hypervisor"])
+    chosen = []
+    for vm in session.scalars(query.order_by(VirtualMachine.name)):
+        named = vm.name in rules.get("vms", []) or any(fnmatch.fnmatchcase(vm.name, g) for g in rules.get("globs", []))
+        if not (rules.get("vms") or rules.get("globs")):
+            named = True
+        if rules.get("hosts") and vm.host not in rules["hosts"]:
+            continue
+        if rules.get("tags") and not set(rules["tags"]) & set(vm.tags):
+            continue
+        if named:
+            chosen.append(vm)
+    return chosen
+
+
+def _loads(session: Session) -> dict[str, int]:
+    rows = session.execute(select(JobVM.proxy, func.count()).where(JobVM.status.in_(ACTIVE), JobVM.proxy.is_not(None))
+                           .group_by(JobVM.proxy)).tuples()
+    return {name: n for name, n in rows if name}
+
+
+def choose_proxy(proxies: list[Proxy], loads: dict[str, int], vm: VirtualMachine, policy: Policy,
+                 exclude: str | None = None) -> Proxy | None:
+    wanted = set(policy.transports.split(":"))
+    fits = []
+    for p in proxies:
+        if p.name == exclude or not proxy_up(p):
+            continue
+        on_host = vm.host in p.reaches
+        usable = set(p.transports) & wanted
+        if not on_host:
+            usable -= {"san", "hotadd"}  # those need the proxy on the VM's host or its storage
+            if "*" not in p.reaches:
+                usable = set()
+        if usable:
+            fits.append(p)
+    if not fits:
+        return None
+    return min(fits, key=lambda p: (loads.get(p.name, 0) / max(p.concurrency, 1), p.name))
+
+
+async def _defer(queue: procrastinate.App, proxy: Proxy, vm: VirtualMachine, jv: JobVM) -> int:
+    task = queue.tasks["vmkeep:backup_vm"]
+    return await task.configure(queue=queue_name(proxy.name), lock=vm_lock(vm.hypervisor.name, vm.uuid)).defer_async(
+        job_vm_id=jv.id)
+
+
+def plan_run(session: Session, policy: Policy,
+             requested_by: str) -> tuple[Job, list[tuple[Proxy, VirtualMachine, JobVM]]]:
+    """The run's rows: a JobVM per selected VM with its proxy, or failed with the reason."""
+    job = Job(policy_id=policy.id, requested_by=requested_by, status="running")
+    session.add(job)
+    session.flush()
+    proxies = list(session.scalars(select(Proxy)))
+    loads = _loads(session)
+    assignments = []
+    for vm in select_vms(session, policy):
+        jv = JobVM(job_id=job.id, vm_id=vm.id, vm_name=vm.name, status="queued", warnings=[])
+        session.add(jv)
+        proxy = choose_proxy(proxies, loads, vm, policy)
+        if proxy is None:
+            jv.status, jv.finished = "failed", datetime.now(UTC)
+            jv.error = (f"no proxy is up that reaches host {vm.host} with a transport of {policy.transports}; "
+                        "start one with `vmkeep proxy`")
+            continue
+        jv.proxy = proxy.name
+        loads[proxy.name] = loads.get(proxy.name, 0) + 1
+        assignments.append((proxy, vm, jv))
+    session.commit()
+    return job, assignments
+
+
+async def run_policy(session: Session, queue: procrastinate.App, policy: Policy, requested_by: str) -> Job:
+    """One run: a JobVM per selected VM, each deferred to its proxy's queue under the VM's lock."""
+    job, assignments = plan_run(session, policy, requested_by)
+    for proxy, vm, jv in assignments:
+        jv.task_id = await _defer(queue, proxy, vm, jv)
+    session.commit()
+    settle_job(session, job)
+    return job
+
+
+async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_seconds: float) -> int:
+    """Tasks held by a proxy that stopped heartbeating go to another proxy; how many moved.
+
+    The backup on the dead proxy left its hypervisor job, checkpoint or overlays behind: the
+    new attempt's connector clears those before it starts (see the libvirt connector).
+    """
+    moved = 0
+    stalled = await queue.job_manager.get_stalled_jobs(seconds_since_heartbeat=heartbeat_seconds)
+    for task in stalled:
+        job_vm_id = task.task_kwargs.get("job_vm_id")
+        jv = session.get(JobVM, job_vm_id) if isinstance(job_vm_id, int) else None
+        if jv is None or jv.status not in ACTIVE:
+            continue
+        vm = session.get(VirtualMachine, jv.vm_id)
+        assert vm is not None
+        proxy = choose_proxy(list(session.scalars(select(Proxy))), _loads(session), vm, jv.job.policy,
+                             exclude=jv.proxy)
+        if proxy is None:
+            continue  # retried once a proxy is up
+        jv.warnings = [*jv.warnings, f"proxy {jv.proxy} stopped during attempt {jv.attempts}; retried on "
+                                     f"{proxy.name}"]
+        jv.status, jv.proxy = "queued", proxy.name
+        session.commit()
+        await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
+        moved += 1
+    return moved
+
+
+async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
+    """Tasks waiting on the queue of a proxy that is down go to a live proxy; how many moved."""
+    moved = 0
+    proxies = list(session.scalars(select(Proxy)))
+    down = {p.name for p in proxies if not proxy_up(p)}
+    if not down:
+        return 0
+    waiting = session.scalars(select(JobVM).where(JobVM.status == "queued", JobVM.proxy.in_(down),
+                                                  JobVM.task_id.is_not(None)))
+    for jv in list(waiting):
+        vm = session.get(VirtualMachine, jv.vm_id)
+        assert vm is not None and jv.task_id is not None
+        proxy = choose_proxy(proxies, _loads(session), vm, jv.job.policy, exclude=jv.proxy)
+        if proxy is None:
+            continue
+        if not await queue.job_manager.cancel_job_by_id_async(jv.task_id):
+            continue  # it started meanwhile: the stalled-task rescue handles it if its proxy died
+        jv.warnings = [*jv.warnings, f"proxy {jv.proxy} went down before starting it; moved to {proxy.name}"]
+        jv.proxy = proxy.name
+        jv.task_id = await _defer(queue, proxy, vm, jv)
+        session.commit()
+        moved += 1
+    return moved

@@ -1,0 +1,225 @@
+"""Proxies, policies, policy runs (jobs) and their per-VM history."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import Path as FastPath
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.models import Job, Policy, Proxy, RepositoryRecord, User
+from vmkeep.errors import VmkeepError
+from vmkeep.hypervisors.base import parse_transports
+from vmkeep.proxy.backup_task import settle_job
+from vmkeep.repository.prune import RetentionPolicy
+from vmkeep.server import audit
+from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.dispatch import proxy_up, run_policy
+from vmkeep.server.schemas import NAME
+
+router = APIRouter(prefix="/api")
+JobId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
+
+
+class ProxyIn(BaseModel):
+    name: str = Field(pattern=NAME)
+    transports: list[str] = Field(min_length=1, max_length=3)
+    reaches: list[str] = Field(min_length=1, max_length=1000)
+    concurrency: int = Field(ge=1, le=64)
+
+
+class ProxyOut(BaseModel):
+    name: str
+    transports: list[str]
+    reaches: list[str]
+    concurrency: int
+    up: bool
+    last_heartbeat: datetime
+
+
+class Registered(BaseModel):
+    proxy: ProxyOut
+    database_url: str  # the queue the proxy works from
+
+
+class PolicyIn(BaseModel):
+    name: str = Field(pattern=NAME)
+    repository: str = Field(max_length=200)
+    vms: list[str] = Field(default_factory=list, max_length=10000)
+    globs: list[str] = Field(default_factory=list, max_length=100)
+    hypervisor: str | None = Field(default=None, max_length=200)
+    hosts: list[str] = Field(default_factory=list, max_length=1000)
+    tags: list[str] = Field(default_factory=list, max_length=100)
+    schedule: str | None = Field(default=None, max_length=100)
+    retention: dict[str, int] = Field(default_factory=dict)
+    full_every: int | None = Field(default=None, ge=1, le=1000)
+    transports: str = Field(default="san:hotadd:nbd", max_length=50)
+    quiesce: str = Field(default="try", pattern=r"^(required|try|off)$")
+    max_per_host: int | None = Field(default=None, ge=1, le=1000)
+
+
+class PolicyOut(PolicyIn):
+    created: datetime
+
+
+class JobVMOut(BaseModel):
+    vm: str
+    proxy: str | None
+    status: str
+    attempts: int
+    mode: str | None
+    transport: str | None
+    read_bytes: int | None
+    stored_bytes: int | None
+    duration_seconds: float | None
+    point_id: str | None
+    warnings: list[Any]
+    error: str | None
+
+
+class JobOut(BaseModel):
+    id: int
+    policy: str
+    requested_by: str
+    status: str
+    started: datetime
+    finished: datetime | None
+    vms: list[JobVMOut]
+
+
+def _proxy_out(p: Proxy) -> ProxyOut:
+    return ProxyOut(name=p.name, transports=p.transports, reaches=p.reaches, concurrency=p.concurrency,
+                    up=proxy_up(p), last_heartbeat=p.last_heartbeat)
+
+
+def _policy_out(p: Policy) -> PolicyOut:
+    rules = p.selection
+    return PolicyOut(name=p.name, repository=p.repository.name, vms=rules.get("vms", []),
+                     globs=rules.get("globs", []), hypervisor=rules.get("hypervisor"), hosts=rules.get("hosts", []),
+                     tags=rules.get("tags", []), schedule=p.schedule, retention=p.retention, full_every=p.full_every,
+                     transports=p.transports, quiesce=p.quiesce, max_per_host=p.max_per_host, created=p.created)
+
+
+def _job_out(job: Job) -> JobOut:
+    return JobOut(id=job.id, policy=job.policy.name, requested_by=job.requested_by, status=job.status,
+                  started=job.started, finished=job.finished,
+                  vms=[JobVMOut(vm=v.vm_name, proxy=v.proxy, status=v.status, attempts=v.attempts, mode=v.mode,
+                                transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
+                                duration_seconds=v.duration_seconds, point_id=v.point_id, warnings=v.warnings,
+                                error=v.error) for v in job.vms])
+
+
+@router.post("/proxies/register", response_model=Registered, tags=["proxies"])
+def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                   session: Session = Depends(get_session)) -> Registered:
+    """A proxy announces itself (again after a restart) and learns where its queue is."""
+    try:
+        parse_transports(":".join(body.transports))
+    except VmkeepError as exc:
+        raise HTTPException(400, str(exc)) from None
+    p = session.scalar(select(Proxy).where(Proxy.name == body.name))
+    if p is None:
+        p = Proxy(name=body.name, transports=body.transports, reaches=body.reaches, concurrency=body.concurrency)
+        session.add(p)
+    else:
+        p.transports, p.reaches, p.concurrency = body.transports, body.reaches, body.concurrency
+    p.last_heartbeat = datetime.now(UTC)
+    audit.record(session, request, user.name, "proxy-register", body.name, reaches=body.reaches)
+    session.commit()
+    return Registered(proxy=_proxy_out(p), database_url=request.app.state.database_url)
+
+
+@router.post("/proxies/{name}/heartbeat", status_code=204, tags=["proxies"])
+def heartbeat(name: str, _: User = Depends(require(*CHANGE_INVENTORY)),
+              session: Session = Depends(get_session)) -> None:
+    p = session.scalar(select(Proxy).where(Proxy.name == name))
+    if p is None:
+        raise HTTPException(404, f"no proxy {name}: register first")
+    p.last_heartbeat = datetime.now(UTC)
+    session.commit()
+
+
+@router.get("/proxies", response_model=list[ProxyOut], tags=["proxies"])
+def list_proxies(_: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> list[ProxyOut]:
+    return [_proxy_out(p) for p in session.scalars(select(Proxy).order_by(Proxy.name))]
+
+
+@router.post("/policies", response_model=PolicyOut, status_code=201, tags=["policies"])
+def create_policy(body: PolicyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                  session: Session = Depends(get_session)) -> PolicyOut:
+    if session.scalar(select(Policy).where(Policy.name == body.name)) is not None:
+        raise HTTPException(409, f"policy {body.name} exists")
+    repo = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == body.repository))
+    if repo is None:
+        raise HTTPException(400, f"no repository {body.repository}: register it first (POST /api/repositories)")
+    try:
+        parse_transports(body.transports)
+        RetentionPolicy(**body.retention)
+    except (VmkeepError, TypeError) as exc:
+        raise HTTPException(400, f"bad transports or retention: {exc}") from None
+    policy = Policy(name=body.name, repository_id=repo.id, schedule=body.schedule, retention=body.retention,
+                    full_every=body.full_every, transports=body.transports, quiesce=body.quiesce,
+                    max_per_host=body.max_per_host,
+                    selection={"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor,
+                               "hosts": body.hosts, "tags": body.tags})
+    session.add(policy)
+    audit.record(session, request, user.name, "policy-create", body.name)
+    session.commit()
+    session.refresh(policy)
+    return _policy_out(policy)
+
+
+@router.get("/policies", response_model=list[PolicyOut], tags=["policies"])
+def list_policies(_: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> list[PolicyOut]:
+    return [_policy_out(p) for p in session.scalars(select(Policy).order_by(Policy.name))]
+
+
+@router.post("/policies/{name}/run", response_model=JobOut, status_code=202, tags=["policies"])
+async def run_policy_now(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                         session: Session = Depends(get_session)) -> JobOut:
+    """Start a run: one task per selected VM on the best proxy; follow it at GET /api/jobs/{id}."""
+    policy = session.scalar(select(Policy).where(Policy.name == name))
+    if policy is None:
+        raise HTTPException(404, f"no policy {name}")
+    job = await run_policy(session, request.app.state.queue, policy, user.name)
+    audit.record(session, request, user.name, "backup-start", name, job=job.id)
+    session.commit()
+    return _job_out(job)
+
+
+@router.get("/jobs", response_model=list[JobOut], tags=["jobs"])
+def list_jobs(limit: int = Query(50, ge=1, le=1000), _: User = Depends(require(*EVERYONE)),
+              session: Session = Depends(get_session)) -> list[JobOut]:
+    return [_job_out(j) for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit))]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+def get_job(job_id: JobId, _: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> JobOut:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return _job_out(job)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
+async def cancel_job(job_id: JobId, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                     session: Session = Depends(get_session)) -> JobOut:
+    """Queued VMs are dropped; running ones stop at their next chunk and release everything."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    manager = request.app.state.queue.job_manager
+    for v in job.vms:
+        if v.status not in ("queued", "running") or v.task_id is None:
+            continue
+        stopped = await manager.cancel_job_by_id_async(v.task_id, abort=v.status == "running")
+        if stopped and v.status == "queued":
+            v.status, v.finished = "cancelled", datetime.now(UTC)
+    audit.record(session, request, user.name, "job-cancel", str(job_id))
+    session.commit()
+    settle_job(session, job)
+    return _job_out(job)
