@@ -169,8 +169,20 @@ def main() -> None:
 MARK_BEGIN, MARK_END = "<!-- repo-bench:begin -->", "<!-- repo-bench:end -->"
 
 
+def write_section(begin: str, end: str, lines: list[str], heading: str) -> None:
+    """Replace the text between ``begin`` and ``end`` in docs/performance.md (added under
+    ``heading`` when the markers are not there yet)."""
+    path = ROOT / "docs" / "performance.md"
+    text = path.read_text() if path.exists() else "# Performance\n"
+    if begin not in text:
+        text += f"\n## {heading}\n\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(head + "\n".join([begin, *lines, end]) + tail)
+
+
 def write_markdown(doc: dict) -> None:
-    lines = [MARK_BEGIN, "",
+    lines = ["",
              f"Image: {doc['size_bytes'] / GiB:.1f} GiB qcow2 of incompressible data; {doc['cpus']} CPUs; "
              f"{doc['workers']} vmkeep workers; median of {doc['repeat']} runs (written by `bench/repo_bench.py`).", "",
              "| run | seconds | GB/s |", "|---|---:|---:|"]
@@ -183,12 +195,8 @@ def write_markdown(doc: dict) -> None:
                        ("unchanged incremental / full, engine time", "engine_share")):
         share = doc["unchanged_incremental_share_of_full"][key]
         lines.append(f"| {label} | {share:.3f} | < 0.02 | {'yes' if share < 0.02 else 'no'} |")
-    lines += ["", MARK_END]
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text() if path.exists() else f"# Performance\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    path.write_text(head + "\n".join(lines) + tail)
+    lines.append("")
+    write_section(MARK_BEGIN, MARK_END, lines, "Repository: backup and restore of a disk image")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import libvirt
 
-from bench.repo_bench import ROOT, VMKEEP, GiB, median_of, rm, sh
+from bench.repo_bench import ROOT, VMKEEP, GiB, median_of, rm, sh, write_section
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.lab.images import Segment, make_image
 
@@ -172,7 +172,7 @@ def main() -> None:
     doc = {"disk_bytes": 8 * GiB, "data_bytes": data, "repeat": args.repeat, "cpus": os.cpu_count(),
            "results": results, "ratios": {k: {"ratio": r, "target": t, "sense": c} for k, (r, t, c) in ratios.items()}}
     (ROOT / "bench" / "results-vm.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = [MARK_BEGIN, "", f"VM disk: 8 GiB qcow2 holding {data / GiB:.1f} GiB of incompressible data; "
+    lines = ["", f"VM disk: 8 GiB qcow2 holding {data / GiB:.1f} GiB of incompressible data; "
              f"{doc['cpus']} CPUs; median of {args.repeat} runs (written by `bench/vm_bench.py`).", "",
              "| run | seconds | GB/s |", "|---|---:|---:|"]
     lines += [f"| {k} | {r['seconds']:.2f} | {r['throughput_gbps']:.2f} |" for k, r in results.items()]
@@ -180,14 +180,8 @@ def main() -> None:
     for k, (r, t, c) in ratios.items():
         met = r >= t if c == "≥" else r < t
         lines.append(f"| {k} | {r:.3f} | {c} {t} | {'yes' if met else 'no'} |")
-    lines += ["", MARK_END]
-    path = ROOT / "docs" / "performance.md"
-    text = path.read_text()
-    if MARK_BEGIN not in text:
-        text += f"\n## VM backup through libvirt\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, _, rest = text.partition(MARK_BEGIN)
-    _, _, tail = rest.partition(MARK_END)
-    path.write_text(head + "\n".join(lines) + tail)
+    lines.append("")
+    write_section(MARK_BEGIN, MARK_END, lines, "VM backup through libvirt")
     print(json.dumps(doc["ratios"], indent=1))
 
 

@@ -7,6 +7,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,14 +37,15 @@ class Server:
         return str(reply.json()["token"])
 
 
-@pytest.fixture
-def server(cli: Cli, database: str, tmp_path: Path) -> Iterator[Server]:
+@contextmanager
+def launch(cli: Cli, database: str, tmp_path: Path, *extra: str) -> Iterator[Server]:
+    """A `vmkeep server` process on a fresh catalog with an admin account."""
     env = {**cli.env, "VMKEEP_DATABASE_URL": database, "VMKEEP_MASTER_KEY_FILE": str(tmp_path / "master.key"),
            "VMKEEP_NEW_PASSWORD": ADMIN_PASSWORD}
     cli.run("db", "upgrade", env=env)
     cli.run("user", "add", "admin", "--role", "admin", env=env)
     port = free_port()
-    proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}"], env=env,
+    proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}", *extra], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -60,6 +62,12 @@ def server(cli: Cli, database: str, tmp_path: Path) -> Iterator[Server]:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def server(cli: Cli, database: str, tmp_path: Path) -> Iterator[Server]:
+    with launch(cli, database, tmp_path) as running:
+        yield running
 
 
 def test_unauthenticated_and_forbidden_requests(server: Server) -> None:

@@ -124,6 +124,7 @@ class Hypervisor(Base):
     secret_sealed: Mapped[bytes | None]
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     discovered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    discovery_minutes: Mapped[int] = mapped_column(default=60, server_default="60")  # the schedule
     discovery_error: Mapped[str | None] = mapped_column(String(2000))
 
     vms: Mapped[list[VirtualMachine]] = relationship(back_populates="hypervisor", cascade="all, delete-orphan",
@@ -181,6 +182,9 @@ class Policy(Base):
     transports: Mapped[str] = mapped_column(String(50), default="san:hotadd:nbd")
     quiesce: Mapped[str] = mapped_column(String(20), default="try")
     max_per_host: Mapped[int | None]
+    next_run: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # from the schedule
+    notify_webhook: Mapped[str | None] = mapped_column(String(2000))
+    notify_email: Mapped[list[Any] | None]
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     repository: Mapped[RepositoryRecord] = relationship()
@@ -193,8 +197,10 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id", ondelete="CASCADE"))
-    requested_by: Mapped[str] = mapped_column(String(100))
+    requested_by: Mapped[str] = mapped_column(String(100))  # a user, or "schedule"
     status: Mapped[str] = mapped_column(String(20))  # running, succeeded, partial, failed, cancelled
+    notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    notify_error: Mapped[str | None] = mapped_column(String(2000))
     started: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

@@ -28,9 +28,15 @@ def server_cmd(
     listen: Annotated[str, typer.Option(help="HOST:PORT to serve the API on")] = DEFAULT_LISTEN,
     tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: serve HTTPS")] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert")] = None,
+    smtp_host: Annotated[str | None, typer.Option(help="SMTP server for run notices by e-mail")] = None,
+    smtp_port: Annotated[int, typer.Option(min=1, max=65535)] = 25,
+    smtp_from: Annotated[str, typer.Option(help="Sender address of the notices")] = "vmkeep@localhost",
+    smtp_starttls: Annotated[bool, typer.Option("--smtp-starttls")] = False,
     database_url: DatabaseOpt = None,
 ) -> None:
-    """Run the master server: REST API (OpenAPI at /docs), metrics at /metrics."""
+    """Run the master server: REST API (OpenAPI at /docs), metrics at /metrics, schedules, notices.
+
+    SMTP login, if the server needs one, comes from VMKEEP_SMTP_USER and VMKEEP_SMTP_PASSWORD."""
     import uvicorn
 
     from vmkeep.catalog.db import database_url as resolve
@@ -38,8 +44,12 @@ def server_cmd(
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
+    from vmkeep.server.notify import Mailer
+
     host, port = parse_listen(listen)
-    app = create_app(resolve(database_url))
+    mailer = (Mailer(smtp_host, smtp_port, smtp_from, smtp_starttls, os.environ.get("VMKEEP_SMTP_USER"),
+                     os.environ.get("VMKEEP_SMTP_PASSWORD")) if smtp_host else None)
+    app = create_app(resolve(database_url), mailer)
     uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning")
 
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -26,6 +27,8 @@ from vmkeep.proxy.queue import make_app
 from vmkeep.server import routes_access, routes_inventory, routes_jobs
 from vmkeep.server.auth import get_session
 from vmkeep.server.dispatch import rescue_queued, rescue_stalled
+from vmkeep.server.notify import Mailer
+from vmkeep.server.schedule import discover_due, notify_finished, run_due_policies
 
 log = logging.getLogger("vmkeep.server")
 
@@ -58,15 +61,19 @@ STALLED_AFTER_SECONDS = 8.0  # a proxy worker silent this long is dead; its task
 
 
 async def rescue_loop(app: FastAPI) -> None:
-    """Move the tasks of proxies that died to live ones, for as long as the server runs."""
+    """The master's own work, for as long as it runs: move the tasks of proxies that died, start
+    scheduled runs, send run notices, refresh inventories."""
     while True:
         await asyncio.sleep(RESCUE_EVERY_SECONDS)
         try:
             with app.state.sessions() as session:
                 await rescue_stalled(session, app.state.queue, STALLED_AFTER_SECONDS)
                 await rescue_queued(session, app.state.queue)
+                await run_due_policies(session, app.state.queue, datetime.now(UTC))
+                await notify_finished(session, app.state.mailer)
+            await discover_due(app.state.sessions, datetime.now(UTC))
         except Exception:  # a database hiccup must not end the loop
-            log.exception("rescuing stalled tasks failed; retrying")
+            log.exception("the master's periodic work failed; retrying")
 
 
 @asynccontextmanager
@@ -79,11 +86,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             rescuer.cancel()
 
 
-def create_app(database_url: str) -> FastAPI:
+def create_app(database_url: str, mailer: Mailer | None = None) -> FastAPI:
     app = FastAPI(title="vmkeep", version=__version__, lifespan=lifespan,
                   description="Agentless VM backup: catalog, inventory, proxies, policies, jobs, repositories, "
                               "users and audit.")
     app.state.database_url = database_url
+    app.state.mailer = mailer
     app.state.sessions = sessions(database_url)
     app.state.queue = make_app(database_url)
     registry = CollectorRegistry()

@@ -53,6 +53,8 @@ def discover(session: Session, h: Hypervisor) -> DiscoveryReport:
         h.discovery_error = str(exc)
         session.commit()
         raise
+    # one discovery of a hypervisor at a time (the schedule and an API call may meet here)
+    session.execute(select(Hypervisor.id).where(Hypervisor.id == h.id).with_for_update())
     now = datetime.now(UTC)
     known = {vm.uuid: vm for vm in session.scalars(select(VirtualMachine).where(VirtualMachine.hypervisor_id == h.id))}
     for info in found:

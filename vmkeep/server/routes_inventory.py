@@ -35,7 +35,8 @@ router = APIRouter(prefix="/api")
 
 def _hypervisor_out(h: Hypervisor) -> HypervisorOut:
     return HypervisorOut(name=h.name, kind=h.kind, uri=h.uri, username=h.username,
-                         has_password=h.secret_sealed is not None, discovered_at=h.discovered_at,
+                         has_password=h.secret_sealed is not None, discovery_minutes=h.discovery_minutes,
+                         discovered_at=h.discovered_at,
                          discovery_error=h.discovery_error)
 
 
@@ -59,7 +60,8 @@ def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(re
     if session.scalar(select(Hypervisor).where(Hypervisor.name == body.name)) is not None:
         raise HTTPException(409, f"hypervisor {body.name} exists")
     sealed = seal_secret(body.password, secret_context(body.name)) if body.password else None
-    h = Hypervisor(name=body.name, kind=body.kind, uri=body.uri, username=body.username, secret_sealed=sealed)
+    h = Hypervisor(name=body.name, kind=body.kind, uri=body.uri, username=body.username, secret_sealed=sealed,
+                   discovery_minutes=body.discovery_minutes)
     session.add(h)
     audit.record(session, request, user.name, "hypervisor-add", body.name, uri=body.uri, kind=body.kind)
     session.commit()

@@ -19,6 +19,7 @@ from vmkeep.repository.prune import RetentionPolicy
 from vmkeep.server import audit
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
 from vmkeep.server.dispatch import proxy_up, run_policy
+from vmkeep.server.schedule import next_run
 from vmkeep.server.schemas import NAME
 
 router = APIRouter(prefix="/api")
@@ -60,9 +61,12 @@ class PolicyIn(BaseModel):
     transports: str = Field(default="san:hotadd:nbd", max_length=50)
     quiesce: str = Field(default="try", pattern=r"^(required|try|off)$")
     max_per_host: int | None = Field(default=None, ge=1, le=1000)
+    notify_webhook: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
+    notify_email: list[str] = Field(default_factory=list, max_length=50)
 
 
 class PolicyOut(PolicyIn):
+    next_run: datetime | None
     created: datetime
 
 
@@ -101,7 +105,8 @@ def _policy_out(p: Policy) -> PolicyOut:
     return PolicyOut(name=p.name, repository=p.repository.name, vms=rules.get("vms", []),
                      globs=rules.get("globs", []), hypervisor=rules.get("hypervisor"), hosts=rules.get("hosts", []),
                      tags=rules.get("tags", []), schedule=p.schedule, retention=p.retention, full_every=p.full_every,
-                     transports=p.transports, quiesce=p.quiesce, max_per_host=p.max_per_host, created=p.created)
+                     transports=p.transports, quiesce=p.quiesce, max_per_host=p.max_per_host, created=p.created,
+                     notify_webhook=p.notify_webhook, notify_email=p.notify_email or [], next_run=p.next_run)
 
 
 def _job_out(job: Job) -> JobOut:
@@ -159,11 +164,15 @@ def create_policy(body: PolicyIn, request: Request, user: User = Depends(require
     try:
         parse_transports(body.transports)
         RetentionPolicy(**body.retention)
+        first_run = next_run(body.schedule, datetime.now(UTC)) if body.schedule else None
     except (VmkeepError, TypeError) as exc:
-        raise HTTPException(400, f"bad transports or retention: {exc}") from None
+        raise HTTPException(400, f"bad transports, retention or schedule: {exc}") from None
+    if any("@" not in a for a in body.notify_email):
+        raise HTTPException(400, "notify_email holds addresses like ops@example.com")
     policy = Policy(name=body.name, repository_id=repo.id, schedule=body.schedule, retention=body.retention,
                     full_every=body.full_every, transports=body.transports, quiesce=body.quiesce,
-                    max_per_host=body.max_per_host,
+                    max_per_host=body.max_per_host, next_run=first_run, notify_webhook=body.notify_webhook,
+                    notify_email=body.notify_email,
                     selection={"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor,
                                "hosts": body.hosts, "tags": body.tags})
     session.add(policy)

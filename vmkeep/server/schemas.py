@@ -44,6 +44,7 @@ class HypervisorIn(BaseModel):
     uri: str = Field(min_length=1, max_length=1000)
     username: str | None = Field(default=None, max_length=200)
     password: str | None = Field(default=None, max_length=1000)
+    discovery_minutes: int = Field(default=60, ge=1, le=10080)
 
 
 class HypervisorOut(BaseModel):
@@ -52,6 +53,7 @@ class HypervisorOut(BaseModel):
     uri: str
     username: str | None
     has_password: bool
+    discovery_minutes: int
     discovered_at: datetime | None
     discovery_error: str | None
 

@@ -1,0 +1,83 @@
+"""The notice that a policy run ended: a webhook (JSON POST) and/or an e-mail over SMTP."""
+
+from __future__ import annotations
+
+import smtplib
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import httpx
+
+from vmkeep.catalog.models import Job
+
+TIMEOUT_SECONDS = 10
+
+
+@dataclass
+class Mailer:
+    """The SMTP server the master sends through (``vmkeep server --smtp-host …``)."""
+
+    host: str
+    port: int = 25
+    sender: str = "vmkeep@localhost"
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    def send(self, to: list[str], subject: str, body: str) -> None:
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = self.sender, ", ".join(to), subject
+        message.set_content(body)
+        with smtplib.SMTP(self.host, self.port, timeout=TIMEOUT_SECONDS) as smtp:
+            if self.starttls:
+                smtp.starttls()
+            if self.username and self.password:
+                smtp.login(self.username, self.password)
+            smtp.send_message(message)
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    return {
+        "job": job.id, "policy": job.policy.name, "status": job.status, "requested_by": job.requested_by,
+        "started": job.started.isoformat(), "finished": job.finished.isoformat() if job.finished else None,
+        "vms": [{"vm": v.vm_name, "status": v.status, "mode": v.mode, "transport": v.transport,
+                 "read_bytes": v.read_bytes, "stored_bytes": v.stored_bytes, "point": v.point_id,
+                 "proxy": v.proxy, "attempts": v.attempts, "warnings": v.warnings, "error": v.error}
+                for v in job.vms],
+    }
+
+
+def _text(summary: dict[str, Any]) -> str:
+    lines = [f"Policy {summary['policy']}: run {summary['job']} {summary['status']}", ""]
+    for v in summary["vms"]:
+        line = f"- {v['vm']}: {v['status']}"
+        if v["point"]:
+            line += f", point {v['point']} ({v['mode']}, {v['transport']}, {v['read_bytes'] or 0} bytes read)"
+        if v["error"]:
+            line += f" — {v['error']}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def notify_job(job: Job, mailer: Mailer | None) -> str | None:
+    """Send what the policy asks for; the errors met (None when everything went out)."""
+    summary = job_summary(job)
+    errors = []
+    policy = job.policy
+    if policy.notify_webhook:
+        try:
+            reply = httpx.post(policy.notify_webhook, json=summary, timeout=TIMEOUT_SECONDS)
+            if reply.status_code >= 300:
+                errors.append(f"webhook answered {reply.status_code}")
+        except httpx.HTTPError as exc:
+            errors.append(f"webhook failed: {exc}")
+    if policy.notify_email:
+        if mailer is None:
+            errors.append("e-mail asked for, but the server has no --smtp-host")
+        else:
+            try:
+                mailer.send(list(policy.notify_email), f"vmkeep: {policy.name} {job.status}", _text(summary))
+            except (OSError, smtplib.SMTPException) as exc:
+                errors.append(f"e-mail failed: {exc}")
+    return "; ".join(errors) or None
