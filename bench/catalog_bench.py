@@ -30,7 +30,7 @@ from sqlalchemy import create_engine, text
 
 from bench.repo_bench import ROOT, write_section
 from vmkeep.catalog.db import upgrade
-from vmkeep.lab.postgres import ensure_postgres
+from vmkeep.lab.postgres import ensure_postgres, psql
 from vmkeep.proxy.queue import libpq_url
 
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
@@ -46,12 +46,14 @@ def fill(url: str, vms: int, points: int) -> float:
     with psycopg.connect(libpq_url(url)) as conn:
         repo_id = conn.execute("INSERT INTO repositories (name, location, repo_id, encrypted) VALUES "
                                "('main', '/srv/main', 'bench', true) RETURNING id").fetchone()[0]  # type: ignore[index]
-        hyp_id = conn.execute("INSERT INTO hypervisors (name, kind, uri) VALUES ('dc1', 'libvirt', "
-                              "'qemu+tls://dc1/system') RETURNING id").fetchone()[0]  # type: ignore[index]
-        with conn.cursor().copy("COPY vms (hypervisor_id, name, uuid, host, state, disks, tags) FROM STDIN") as cp:
+        # discovered just now, so the master's schedule does not try to reach this made-up host
+        hyp_id = conn.execute("INSERT INTO hypervisors (name, kind, uri, discovered_at) VALUES ('dc1', 'libvirt', "
+                              "'qemu+tls://dc1/system', now()) RETURNING id").fetchone()[0]  # type: ignore[index]
+        columns = "hypervisor_id, name, uuid, host, state, disks, tags, present"
+        with conn.cursor().copy(f"COPY vms ({columns}) FROM STDIN") as cp:
             for i in range(vms):
                 cp.write_row((hyp_id, f"vm-{i:05d}", secrets.token_hex(16), f"host-{i % 50:02d}", "running",
-                              '[{"name": "vda", "size": 42949672960}]', "[]"))
+                              '[{"name": "vda", "size": 42949672960}]', "[]", True))
         per_vm = points // vms
         with conn.cursor().copy("COPY restore_points (repository_id, name, point_id, created, kind, mode, transport, "
                                 "consistency, logical_bytes, read_bytes, stored_bytes, duration_seconds, disks) "
@@ -127,9 +129,8 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # as the superuser: autovacuum may be at work
     for key, r in results.items():
         print(f"{key:40s} p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  ({r['rows']} rows)")
     doc = {"vms": args.vms, "points": args.points, "requests": args.requests, "cpus": os.cpu_count(),
