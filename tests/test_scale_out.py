@@ -108,3 +108,41 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
     assert any(e["action"] == "backup-start" for e in admin.get("/api/audit").json())
     with httpx.Client() as plain:
         assert plain.get(f"{server.url}/api/jobs").status_code == 401
+
+
+def test_one_backup_per_host_at_a_time(server: Server, cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    admin = server.client(server.login("admin", ADMIN_PASSWORD))
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+    assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
+                                                "uri": "qemu:///system"}).status_code == 201
+    machines = [bare_vm.create({"vda": (32 * MiB, "qcow2")}) for _ in range(3)]
+    token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
+    proxies = []
+    try:
+        for i, m in enumerate(machines):
+            m.write("vda", 0, 8 * MiB, 0x60 + i)
+        assert admin.post("/api/hypervisors/local/discover").status_code == 200
+        reply = admin.post("/api/policies", json={"name": "gentle", "repository": "main", "max_per_host": 1,
+                                                  "vms": [m.name for m in machines], "transports": "hotadd"})
+        assert reply.status_code == 201, reply.text
+        proxies = [start_proxy(server, token, name) for name in ("pa", "pb")]
+        wait_for("both proxies up", lambda: sum(p["up"] for p in admin.get("/api/proxies").json()) == 2)
+        job = admin.post("/api/policies/gentle/run").json()
+        assert sorted(v["status"] for v in job["vms"]) == ["queued", "waiting", "waiting"]
+
+        def finished() -> dict | None:
+            current = admin.get(f"/api/jobs/{job['id']}").json()
+            return current if current["finished"] else None
+
+        done = wait_for("the run", finished, timeout=300)
+        assert done["status"] == "succeeded", done
+        spans = sorted((v["started"], v["finished"]) for v in done["vms"])
+        assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), spans
+    finally:
+        for p in proxies:
+            p.terminate()
+            p.wait(timeout=60)
+        for m in machines:
+            bare_vm.destroy(m)

@@ -219,7 +219,7 @@ class JobVM(Base):
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
     vm_name: Mapped[str] = mapped_column(String(200))
     proxy: Mapped[str | None] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed, cancelled
+    status: Mapped[str] = mapped_column(String(20))  # waiting, queued, running, succeeded, failed, cancelled
     attempts: Mapped[int] = mapped_column(default=0)
     task_id: Mapped[int | None] = mapped_column(BigInteger)  # the procrastinate job
     mode: Mapped[str | None] = mapped_column(String(20))

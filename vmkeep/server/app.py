@@ -26,7 +26,7 @@ from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualM
 from vmkeep.proxy.queue import make_app
 from vmkeep.server import routes_access, routes_inventory, routes_jobs
 from vmkeep.server.auth import get_session
-from vmkeep.server.dispatch import rescue_queued, rescue_stalled
+from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
 from vmkeep.server.notify import Mailer
 from vmkeep.server.schedule import discover_due, notify_finished, run_due_policies
 
@@ -69,6 +69,7 @@ async def rescue_loop(app: FastAPI) -> None:
             with app.state.sessions() as session:
                 await rescue_stalled(session, app.state.queue, STALLED_AFTER_SECONDS)
                 await rescue_queued(session, app.state.queue)
+                await dispatch_waiting(session, app.state.queue)
                 await run_due_policies(session, app.state.queue, datetime.now(UTC))
                 await notify_finished(session, app.state.mailer)
             await discover_due(app.state.sessions, datetime.now(UTC))

@@ -80,27 +80,64 @@ async def _defer(queue: procrastinate.App, proxy: Proxy, vm: VirtualMachine, jv:
 
 def plan_run(session: Session, policy: Policy,
              requested_by: str) -> tuple[Job, list[tuple[Proxy, VirtualMachine, JobVM]]]:
-    """The run's rows: a JobVM per selected VM with its proxy, or failed with the reason."""
+    """The run's rows: a JobVM per selected VM with its proxy, waiting for a host slot
+    (``max_per_host``), or failed with the reason."""
     job = Job(policy_id=policy.id, requested_by=requested_by, status="running")
     session.add(job)
     session.flush()
     proxies = list(session.scalars(select(Proxy)))
     loads = _loads(session)
+    per_host: dict[str, int] = {}
     assignments = []
     for vm in select_vms(session, policy):
         jv = JobVM(job_id=job.id, vm_id=vm.id, vm_name=vm.name, status="queued", warnings=[])
         session.add(jv)
+        if policy.max_per_host and per_host.get(vm.host, 0) >= policy.max_per_host:
+            jv.status = "waiting"  # dispatched as the host's other backups of this run end
+            continue
         proxy = choose_proxy(proxies, loads, vm, policy)
         if proxy is None:
             jv.status, jv.finished = "failed", datetime.now(UTC)
-            jv.error = (f"no proxy is up that reaches host {vm.host} with a transport of {policy.transports}; "
-                        "start one with `vmkeep proxy`")
+            jv.error = _no_proxy(vm, policy)
             continue
         jv.proxy = proxy.name
         loads[proxy.name] = loads.get(proxy.name, 0) + 1
+        per_host[vm.host] = per_host.get(vm.host, 0) + 1
         assignments.append((proxy, vm, jv))
     session.commit()
     return job, assignments
+
+
+def _no_proxy(vm: VirtualMachine, policy: Policy) -> str:
+    return (f"no proxy is up that reaches host {vm.host} with a transport of {policy.transports}; start one with "
+            "`vmkeep proxy`")
+
+
+async def dispatch_waiting(session: Session, queue: procrastinate.App) -> int:
+    """Send on the waiting VMs of running jobs whose host has a free slot; how many went."""
+    sent = 0
+    waiting = list(session.scalars(select(JobVM).where(JobVM.status == "waiting").order_by(JobVM.id)))
+    for jv in waiting:
+        vm = session.get(VirtualMachine, jv.vm_id)
+        assert vm is not None
+        policy = jv.job.policy
+        active = [other.vm_id for other in jv.job.vms if other.status in ACTIVE]
+        busy = session.scalar(select(func.count()).select_from(VirtualMachine).where(
+            VirtualMachine.id.in_(active), VirtualMachine.host == vm.host)) if active else 0
+        if policy.max_per_host and (busy or 0) >= policy.max_per_host:
+            continue
+        proxy = choose_proxy(list(session.scalars(select(Proxy))), _loads(session), vm, policy)
+        if proxy is None:
+            jv.status, jv.finished, jv.error = "failed", datetime.now(UTC), _no_proxy(vm, policy)
+            session.commit()
+            settle_job(session, jv.job)
+            continue
+        jv.status, jv.proxy = "queued", proxy.name
+        session.commit()
+        jv.task_id = await _defer(queue, proxy, vm, jv)
+        session.commit()
+        sent += 1
+    return sent
 
 
 async def run_policy(session: Session, queue: procrastinate.App, policy: Policy, requested_by: str) -> Job:

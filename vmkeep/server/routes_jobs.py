@@ -83,6 +83,8 @@ class JobVMOut(BaseModel):
     point_id: str | None
     warnings: list[Any]
     error: str | None
+    started: datetime | None
+    finished: datetime | None
 
 
 class JobOut(BaseModel):
@@ -115,7 +117,7 @@ def _job_out(job: Job) -> JobOut:
                   vms=[JobVMOut(vm=v.vm_name, proxy=v.proxy, status=v.status, attempts=v.attempts, mode=v.mode,
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
                                 duration_seconds=v.duration_seconds, point_id=v.point_id, warnings=v.warnings,
-                                error=v.error) for v in job.vms])
+                                error=v.error, started=v.started, finished=v.finished) for v in job.vms])
 
 
 @router.post("/proxies/register", response_model=Registered, tags=["proxies"])
@@ -223,6 +225,9 @@ async def cancel_job(job_id: JobId, request: Request, user: User = Depends(requi
         raise HTTPException(404, f"no job {job_id}")
     manager = request.app.state.queue.job_manager
     for v in job.vms:
+        if v.status == "waiting":
+            v.status, v.finished = "cancelled", datetime.now(UTC)
+            continue
         if v.status not in ("queued", "running") or v.task_id is None:
             continue
         stopped = await manager.cancel_job_by_id_async(v.task_id, abort=v.status == "running")
