@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -17,8 +15,8 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import create_engine, text
 
 from tests import bare_vm
-from tests.conftest import VMKEEP, Cli, MiB, free_port
-from tests.test_scale_out import wait_for
+from tests.conftest import Cli, MiB, free_port
+from tests.test_scale_out import start_proxy, wait_for
 from tests.test_server import ADMIN_PASSWORD, Server, launch
 
 
@@ -104,9 +102,7 @@ def run_scheduled(cli: Cli, server: Server, machine: bare_vm.BareVM, tmp_path: P
     assert first.minute == 17 and now < first <= now + timedelta(hours=1)
 
     token = admin.post("/api/tokens", json={"name": "proxy"}).json()["token"]
-    proxy = subprocess.Popen([VMKEEP, "proxy", "--name", "p1", "--server", server.url, "--token", token,
-                              "--transports", "hotadd", "--reaches", socket.gethostname()],
-                             env=server.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proxy = start_proxy(server, token, "p1")
     try:
         wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
         engine = create_engine(server.database)

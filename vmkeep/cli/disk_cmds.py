@@ -82,14 +82,21 @@ def restore_cmd(
 
 
 def points_cmd(
-    repo: RepoOpt,
+    ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Only this name")] = None,
+    repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository: a directory or "
+                                             "s3://BUCKET/PREFIX (without it: the --server's catalog)")] = None,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
     s3_endpoint: S3Endpoint = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """List restore points."""
+    """List restore points: of one repository (--repo), or across all of a server's (--server)."""
+    if repo is None:
+        from vmkeep.cli.client_cmds import server_points
+
+        server_points(ctx, name, json_out)
+        return
     points = open_repository(repo, passphrase_file, key_file, s3_endpoint).list_points(name)
     rows = [{"name": m.name, "point": m.point_id, "created": m.created, "parent": m.parent,
              "disks": {d: e.size for d, e in m.disks.items()}, "stats": m.stats, "meta": m.meta} for m in points]

@@ -1,0 +1,51 @@
+"""`vmkeep --server URL …`: the command line as a client of a running server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests import bare_vm
+from tests.conftest import Cli, MiB
+from tests.test_scale_out import start_proxy, wait_for
+from tests.test_server import ADMIN_PASSWORD, launch
+
+
+def test_login_register_policy_run_and_points(cli: Cli, database: str, tmp_path: Path) -> None:
+    with launch(cli, database, tmp_path) as server, bare_vm.running({"vda": (32 * MiB, "qcow2")}) as machine:
+        machine.write("vda", 0, 4 * MiB, 0x77)
+        env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "VMKEEP_SERVER": server.url}
+        refused = cli.run("jobs", ok=False, env=env)
+        assert refused.returncode != 0 and "login" in refused.stderr
+        cli.run("login", "admin", env={**env, "VMKEEP_PASSWORD": ADMIN_PASSWORD})
+        tokens = tmp_path / "config" / "vmkeep" / "tokens.json"
+        assert oct(tokens.stat().st_mode & 0o777) == "0o600" and server.url in json.loads(tokens.read_text())
+
+        repo = str(tmp_path / "repo")
+        cli.run("repo", "init", repo)
+        admin = server.client(server.login("admin", ADMIN_PASSWORD))
+        assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+        added = cli.json("hypervisor", "add", "local", "--uri", "qemu:///system", env=env)
+        assert added["discovery"]["vms"] >= 1
+        created = cli.json("policy", "create", "daily", "--repository", "main", "--vms", machine.name,
+                           "--transports", "hotadd", "--keep-last", "2", "--schedule", "0 22 * * *", env=env)
+        assert created["next_run"] and created["retention"] == {"last": 2}
+        bad = cli.run("policy", "create", "odd", "--repository", "nowhere", env=env, ok=False)
+        assert bad.returncode != 0 and "no repository nowhere" in bad.stderr
+
+        token = admin.post("/api/tokens", json={"name": "proxy"}).json()["token"]
+        proxy = start_proxy(server, token, "p1")
+        try:
+            wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+            run = cli.json("policy", "run", "daily", env=env)  # follows the run to its end
+            assert run["status"] == "succeeded" and run["vms"][0]["mode"] == "full"
+        finally:
+            proxy.terminate()
+            proxy.wait(timeout=60)
+        jobs = cli.json("jobs", env=env)["jobs"]
+        assert [j["id"] for j in jobs] == [run["id"]]
+        points = cli.json("points", machine.name, env=env)["points"]
+        assert [p["point_id"] for p in points] == [run["vms"][0]["point_id"]]
+        assert "daily" in cli.run("policy", "list", env=env).stdout
+        local = cli.json("points", machine.name, "--repo", repo)["points"]  # the local command still works
+        assert [p["point"] for p in local] == [run["vms"][0]["point_id"]]
