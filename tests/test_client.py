@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests import bare_vm
-from tests.conftest import Cli, MiB
+from tests.conftest import Cli, MiB, qemu_img_compare
 from tests.test_scale_out import start_proxy, wait_for
 from tests.test_server import ADMIN_PASSWORD, launch
 
@@ -37,8 +37,20 @@ def test_login_register_policy_run_and_points(cli: Cli, database: str, tmp_path:
         proxy = start_proxy(server, token, "p1")
         try:
             wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+            at_backup = machine.snapshot("vda", tmp_path / "at-backup.qcow2")
             run = cli.json("policy", "run", "daily", env=env)  # follows the run to its end
             assert run["status"] == "succeeded" and run["vms"][0]["mode"] == "full"
+
+            # a restore through the server, run by the proxy on the hypervisor's host
+            copy = f"{machine.name}-copy"
+            machine.extra.append(copy)
+            no_where = cli.run("restore", machine.name, "--as", copy, env=env, ok=False)
+            assert no_where.returncode != 0 and "--hypervisor" in no_where.stderr
+            restored = cli.json("restore", machine.name, "--hypervisor", "local", "--as", copy, "--storage",
+                                str(tmp_path / "copy"), "--no-start", env=env)
+            assert restored["status"] == "succeeded" and restored["proxy"] == "p1", restored
+            assert qemu_img_compare(at_backup, Path(restored["disks"]["vda"]))
+            assert any(e["action"] == "restore-start" for e in admin.get("/api/audit").json())
         finally:
             proxy.terminate()
             proxy.wait(timeout=60)

@@ -45,8 +45,9 @@ def launch(cli: Cli, database: str, tmp_path: Path, *extra: str) -> Iterator[Ser
     cli.run("db", "upgrade", env=env)
     cli.run("user", "add", "admin", "--role", "admin", env=env)
     port = free_port()
+    log = tmp_path / "server.log"
     proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}", *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -55,7 +56,7 @@ def launch(cli: Cli, database: str, tmp_path: Path, *extra: str) -> Iterator[Ser
                 break
         except httpx.HTTPError:
             pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
     try:
         yield Server(url, database, env)

@@ -234,3 +234,30 @@ class JobVM(Base):
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[Job] = relationship(back_populates="vms")
+
+
+class RestoreJob(Base):
+    """A restore started through the server, run by a proxy that reaches the target host."""
+
+    __tablename__ = "restore_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    requested_by: Mapped[str] = mapped_column(String(100))
+    vm_name: Mapped[str] = mapped_column(String(200))
+    point_id: Mapped[str] = mapped_column(String(64))
+    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))
+    hypervisor_id: Mapped[int] = mapped_column(ForeignKey("hypervisors.id", ondelete="CASCADE"))
+    mode: Mapped[str] = mapped_column(String(20))  # as-new or overwrite
+    new_name: Mapped[str | None] = mapped_column(String(200))
+    storage: Mapped[str | None] = mapped_column(String(1000))
+    start_vm: Mapped[bool] = mapped_column(default=True)
+    proxy: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed
+    task_id: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(String(4000))
+    disks: Mapped[dict[str, Any] | None]  # disk → restored path
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    repository: Mapped[RepositoryRecord] = relationship()
+    hypervisor: Mapped[Hypervisor] = relationship()

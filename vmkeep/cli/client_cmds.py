@@ -183,3 +183,28 @@ def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
         table.add_row(p["name"], p["point_id"], p["created"][:19], p["mode"] or "", p["transport"] or "",
                       human(p["stored_bytes"] or 0), p["repository"])
     out_console.print(table)
+
+
+def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: str | None, as_name: str | None,
+                   overwrite: bool, disk: str | None, storage: str | None, start: bool, json_out: bool) -> None:
+    """`vmkeep --server URL restore VM[@POINT] --hypervisor H --as NEW|--overwrite`, followed to its end."""
+    if not (ctx.find_root().obj or {}).get("server"):
+        raise UsageError("give --repo REPO to restore here, or --server URL to have a proxy do it")
+    if disk is not None:
+        raise UsageError("single-disk restores run here: give --repo REPO with --disk and --output")
+    if hypervisor is None:
+        raise UsageError("through a server, say where: --hypervisor NAME (see `vmkeep --server URL hypervisor list`)")
+    api = client(ctx)
+    job = api.call("POST", "/api/restores", json={"vm": vm, "point": point, "hypervisor": hypervisor,
+                                                  "as_name": as_name, "overwrite": overwrite, "storage": storage,
+                                                  "start": start})
+    with out_console.status(f"restoring {vm}@{job['point']} on proxy {job['proxy']}", spinner="dots"):
+        while job["status"] in ("queued", "running"):
+            time.sleep(1)
+            job = api.call("GET", f"/api/restores/{job['id']}")
+    if json_out:
+        emit_json(job)
+    elif job["status"] == "succeeded":
+        out_console.print(f"restored {vm}@{job['point']} → {job['new_name'] or vm} (by proxy {job['proxy']})")
+    if job["status"] != "succeeded":
+        raise VmkeepError(f"the restore failed on proxy {job['proxy']}: {job['error']}")

@@ -102,9 +102,13 @@ def backup_cmd(
 
 
 def restore_cmd(
+    ctx: typer.Context,
     spec: Annotated[str, typer.Argument(metavar="VM[@POINT]", help="What to restore (default: latest point)")],
-    repo: RepoOpt,
+    repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository (without it: through the --server, "
+                                             "run by a proxy on the --hypervisor's host)")] = None,
     host: HostOpt = "qemu:///system",
+    hypervisor: Annotated[str | None, typer.Option(help="With --server: the registered hypervisor to restore "
+                                                   "onto")] = None,
     as_name: Annotated[str | None, typer.Option("--as", help="Restore as a new VM with this name")] = None,
     storage: Annotated[Path | None, typer.Option(help="Directory for the new VM's disks")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
@@ -123,6 +127,12 @@ def restore_cmd(
     if chosen != 1:
         raise UsageError("choose one of --as NEWNAME, --overwrite, or --disk DISK --output FILE")
     vm, point = split_point_spec(spec)
+    if repo is None:
+        from vmkeep.cli.client_cmds import server_restore
+
+        server_restore(ctx, vm, point, hypervisor, as_name, overwrite, disk, str(storage) if storage else None,
+                       start, json_out)
+        return
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
     progress = RichProgress(not json_out)
     started = time.monotonic()

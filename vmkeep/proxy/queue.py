@@ -26,7 +26,7 @@ def libpq_url(database_url: str) -> str:
 
 
 def make_app(database_url: str) -> procrastinate.App:
-    from vmkeep.proxy import backup_task  # noqa: F401 - registers the tasks on the blueprint
+    from vmkeep.proxy import backup_task, restore_task  # noqa: F401 - register the tasks on the blueprint
 
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=libpq_url(database_url)))
     app.add_tasks_from(tasks, namespace="vmkeep")

@@ -24,7 +24,7 @@ from vmkeep import __version__
 from vmkeep.catalog.db import sessions
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualMachine
 from vmkeep.proxy.queue import make_app
-from vmkeep.server import routes_access, routes_inventory, routes_jobs
+from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_restore
 from vmkeep.server.auth import get_session
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
 from vmkeep.server.notify import Mailer
@@ -100,6 +100,7 @@ def create_app(database_url: str, mailer: Mailer | None = None) -> FastAPI:
     app.include_router(routes_access.router)
     app.include_router(routes_inventory.router)
     app.include_router(routes_jobs.router)
+    app.include_router(routes_restore.router)
 
     @app.exception_handler(DataError)
     async def bad_value(_request: Request, exc: DataError) -> JSONResponse:

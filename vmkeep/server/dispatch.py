@@ -46,7 +46,8 @@ def select_vms(session: Session, policy: Policy) -> list[VirtualMachine]:
     return chosen
 
 
-def _loads(session: Session) -> dict[str, int]:
+def proxy_loads(session: Session) -> dict[str, int]:
+    """Backups queued or running per proxy."""
     rows = session.execute(select(JobVM.proxy, func.count()).where(JobVM.status.in_(ACTIVE), JobVM.proxy.is_not(None))
                            .group_by(JobVM.proxy)).tuples()
     return {name: n for name, n in rows if name}
@@ -86,7 +87,7 @@ def plan_run(session: Session, policy: Policy,
     session.add(job)
     session.flush()
     proxies = list(session.scalars(select(Proxy)))
-    loads = _loads(session)
+    loads = proxy_loads(session)
     per_host: dict[str, int] = {}
     assignments = []
     for vm in select_vms(session, policy):
@@ -126,7 +127,7 @@ async def dispatch_waiting(session: Session, queue: procrastinate.App) -> int:
             VirtualMachine.id.in_(active), VirtualMachine.host == vm.host)) if active else 0
         if policy.max_per_host and (busy or 0) >= policy.max_per_host:
             continue
-        proxy = choose_proxy(list(session.scalars(select(Proxy))), _loads(session), vm, policy)
+        proxy = choose_proxy(list(session.scalars(select(Proxy))), proxy_loads(session), vm, policy)
         if proxy is None:
             jv.status, jv.finished, jv.error = "failed", datetime.now(UTC), _no_proxy(vm, policy)
             session.commit()
@@ -165,7 +166,7 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
             continue
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None
-        proxy = choose_proxy(list(session.scalars(select(Proxy))), _loads(session), vm, jv.job.policy,
+        proxy = choose_proxy(list(session.scalars(select(Proxy))), proxy_loads(session), vm, jv.job.policy,
                              exclude=jv.proxy)
         if proxy is None:
             continue  # retried once a proxy is up
@@ -190,7 +191,7 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
     for jv in list(waiting):
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None and jv.task_id is not None
-        proxy = choose_proxy(proxies, _loads(session), vm, jv.job.policy, exclude=jv.proxy)
+        proxy = choose_proxy(proxies, proxy_loads(session), vm, jv.job.policy, exclude=jv.proxy)
         if proxy is None:
             continue
         if not await queue.job_manager.cancel_job_by_id_async(jv.task_id):

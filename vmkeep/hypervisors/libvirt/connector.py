@@ -152,19 +152,30 @@ class LibvirtConnector:
             return False
 
     def inventory(self) -> list[VMInfo]:
+        """Every VM with its disks; a VM undefined while the list is read is left out."""
         vms = []
-        for dom in self.conn.listAllDomains():
-            disks = []
-            for spec in disk_specs(dom.XMLDesc()):
-                try:
-                    capacity, allocation, _physical = dom.blockInfo(spec.target) if spec.source else (0, 0, 0)
-                except libvirt.libvirtError:
-                    capacity = allocation = 0
-                disks.append(VMDisk(spec.target, spec.source, spec.format, capacity, allocation, spec.eligible,
-                                    spec.reason))
-            vms.append(VMInfo(dom.name(), dom.UUIDString(), STATE_NAMES.get(dom.state()[0], "unknown"),
-                              self.host, disks))
+        try:
+            domains = self.conn.listAllDomains()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot list the VMs of {self.uri}: {exc.get_error_message()}") from None
+        for dom in domains:
+            try:
+                vms.append(self._vm_info(dom))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise HypervisorError(f"cannot describe a VM of {self.uri}: {exc.get_error_message()}") from None
         return vms
+
+    def _vm_info(self, dom: libvirt.virDomain) -> VMInfo:
+        disks = []
+        for spec in disk_specs(dom.XMLDesc()):
+            try:
+                capacity, allocation, _physical = dom.blockInfo(spec.target) if spec.source else (0, 0, 0)
+            except libvirt.libvirtError:
+                capacity = allocation = 0
+            disks.append(VMDisk(spec.target, spec.source, spec.format, capacity, allocation, spec.eligible,
+                                spec.reason))
+        return VMInfo(dom.name(), dom.UUIDString(), STATE_NAMES.get(dom.state()[0], "unknown"), self.host, disks)
 
     # -- restore targets -------------------------------------------------------------------------
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],

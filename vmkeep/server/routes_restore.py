@@ -1,0 +1,113 @@
+"""Restores started through the server: a whole VM as a new one, or over the original."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import Path as FastPath
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.models import (
+    Hypervisor,
+    Proxy,
+    RestoreJob,
+    RestorePointRecord,
+    User,
+    VirtualMachine,
+)
+from vmkeep.proxy.queue import queue_name
+from vmkeep.server import audit
+from vmkeep.server.auth import EVERYONE, RESTORE, get_session, require
+from vmkeep.server.dispatch import proxy_loads, proxy_up
+from vmkeep.server.schemas import NAME
+
+router = APIRouter(prefix="/api")
+RestoreId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
+
+
+class RestoreIn(BaseModel):
+    vm: str = Field(pattern=NAME)
+    point: str | None = Field(default=None, max_length=64, description="a point id or unique prefix; latest if none")
+    hypervisor: str = Field(max_length=200, description="where the VM is defined")
+    as_name: str | None = Field(default=None, pattern=NAME, description="restore as a new VM of this name")
+    overwrite: bool = Field(default=False, description="put the original (shut off) back instead")
+    storage: str | None = Field(default=None, pattern=r"^/", max_length=1000)
+    start: bool = True
+
+
+class RestoreOut(BaseModel):
+    id: int
+    vm: str
+    point: str
+    mode: str
+    new_name: str | None
+    proxy: str | None
+    status: str
+    error: str | None
+    disks: dict[str, str] | None
+    created: datetime
+    finished: datetime | None
+
+
+def _out(r: RestoreJob) -> RestoreOut:
+    return RestoreOut(id=r.id, vm=r.vm_name, point=r.point_id, mode=r.mode, new_name=r.new_name, proxy=r.proxy,
+                      status=r.status, error=r.error, disks=r.disks, created=r.created, finished=r.finished)
+
+
+def _proxy_for(session: Session, hypervisor: Hypervisor) -> Proxy | None:
+    """A live proxy on one of the hypervisor's hosts (restores write the host's storage)."""
+    hosts = set(session.scalars(select(VirtualMachine.host).where(VirtualMachine.hypervisor_id == hypervisor.id)))
+    loads = proxy_loads(session)
+    fits = [p for p in session.scalars(select(Proxy)) if proxy_up(p) and hosts & set(p.reaches)]
+    return min(fits, key=lambda p: (loads.get(p.name, 0) / max(p.concurrency, 1), p.name)) if fits else None
+
+
+@router.post("/restores", response_model=RestoreOut, status_code=202, tags=["restores"])
+async def start_restore(body: RestoreIn, request: Request, user: User = Depends(require(*RESTORE)),
+                        session: Session = Depends(get_session)) -> RestoreOut:
+    """Restore a VM from the catalog's point; follow it at GET /api/restores/{id}."""
+    if bool(body.as_name) == body.overwrite:
+        raise HTTPException(400, "give as_name (a new VM) or overwrite: true (the original), one of them")
+    hypervisor = session.scalar(select(Hypervisor).where(Hypervisor.name == body.hypervisor))
+    if hypervisor is None:
+        raise HTTPException(404, f"no hypervisor {body.hypervisor}")
+    query = select(RestorePointRecord).where(RestorePointRecord.name == body.vm)
+    if body.point:
+        query = query.where(RestorePointRecord.point_id.startswith(body.point, autoescape=True))
+    points = list(session.scalars(query.order_by(RestorePointRecord.created.desc()).limit(2)))
+    if not points or (body.point and len(points) > 1 and points[0].point_id != body.point):
+        raise HTTPException(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}")
+    point = points[0]
+    proxy = _proxy_for(session, hypervisor)
+    if proxy is None:
+        raise HTTPException(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there")
+    job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
+                     repository_id=point.repository_id, hypervisor_id=hypervisor.id,
+                     mode="overwrite" if body.overwrite else "as-new", new_name=body.as_name, storage=body.storage,
+                     start_vm=body.start, proxy=proxy.name, status="queued")
+    session.add(job)
+    audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id,
+                 as_name=body.as_name, overwrite=body.overwrite)
+    session.commit()
+    task = request.app.state.queue.tasks["vmkeep:restore_vm"]
+    job.task_id = await task.configure(queue=queue_name(proxy.name)).defer_async(restore_id=job.id)
+    session.commit()
+    return _out(job)
+
+
+@router.get("/restores/{restore_id}", response_model=RestoreOut, tags=["restores"])
+def get_restore(restore_id: RestoreId, _: User = Depends(require(*EVERYONE)),
+                session: Session = Depends(get_session)) -> RestoreOut:
+    job = session.get(RestoreJob, restore_id)
+    if job is None:
+        raise HTTPException(404, f"no restore {restore_id}")
+    return _out(job)
+
+
+@router.get("/restores", response_model=list[RestoreOut], tags=["restores"])
+def list_restores(_: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> list[RestoreOut]:
+    return [_out(r) for r in session.scalars(select(RestoreJob).order_by(RestoreJob.id.desc()).limit(100))]
