@@ -21,9 +21,9 @@ def test_schema_upgrade_is_required_and_idempotent(cli: Cli, database: str) -> N
     assert refused.returncode != 0 and "vmkeep db upgrade" in refused.stderr
     assert cli.json("db", "upgrade", "0001", env=db)["revision"] == "0001"  # step by step, as an upgrade does
     refused = cli.run("catalog", "points", ok=False, env=db)
-    assert refused.returncode != 0 and "at 0001, this vmkeep needs 0005" in refused.stderr
-    assert cli.json("db", "upgrade", env=db)["revision"] == "0005"
-    assert cli.json("db", "upgrade", env=db)["revision"] == "0005"
+    assert refused.returncode != 0 and "at 0001, this vmkeep needs 0006" in refused.stderr
+    assert cli.json("db", "upgrade", env=db)["revision"] == "0006"
+    assert cli.json("db", "upgrade", env=db)["revision"] == "0006"
     assert cli.json("catalog", "points", env=db)["points"] == []
     unreachable = cli.run("db", "upgrade", "--database-url",
                           "postgresql+psycopg://vmkeep:wrong@127.0.0.1:1/none", ok=False)

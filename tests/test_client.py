@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests import bare_vm
 from tests.conftest import Cli, MiB, qemu_img_compare
-from tests.test_scale_out import start_proxy, wait_for
+from tests.test_scale_out import start_proxy, stop, wait_for
 from tests.test_server import ADMIN_PASSWORD, launch
 
 
@@ -52,8 +52,7 @@ def test_login_register_policy_run_and_points(cli: Cli, database: str, tmp_path:
             assert qemu_img_compare(at_backup, Path(restored["disks"]["vda"]))
             assert any(e["action"] == "restore-start" for e in admin.get("/api/audit").json())
         finally:
-            proxy.terminate()
-            proxy.wait(timeout=60)
+            stop(proxy)
         jobs = cli.json("jobs", env=env)["jobs"]
         assert [j["id"] for j in jobs] == [run["id"]]
         points = cli.json("points", machine.name, env=env)["points"]

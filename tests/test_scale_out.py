@@ -22,7 +22,7 @@ from tests.test_server import ADMIN_PASSWORD, Server, server  # noqa: F401 - the
 def vms() -> Iterator[list[BareVM]]:
     machines = []
     try:
-        for i, size in enumerate((640, 96, 96)):  # the first is big: the kill lands while it is read
+        for i, size in enumerate((896, 96, 96)):  # the first is big: the kill lands while it is read
             machines.append(bare_vm.create({"vda": ((size + 32) * MiB, "qcow2")}))
             machines[-1].write("vda", 0, size * MiB, 0x30 + i)
         yield machines
@@ -35,6 +35,17 @@ def start_proxy(master: Server, token: str, name: str) -> subprocess.Popen[str]:
     return subprocess.Popen([VMKEEP, "proxy", "--name", name, "--server", master.url, "--token", token,
                              "--transports", "hotadd:nbd", "--reaches", socket.gethostname(), "--concurrency", "1"],
                             env=master.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def stop(proxy: subprocess.Popen[str]) -> None:
+    """Stop a proxy process: politely first (it finishes its backup), then for sure."""
+    if proxy.poll() is None:
+        proxy.terminate()
+        try:
+            proxy.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
+            proxy.wait()
 
 
 def wait_for(what: str, check, timeout: float = 120):  # type: ignore[no-untyped-def]
@@ -75,7 +86,13 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
         survivor = "pb" if victim == "pa" else "pa"
         # kill -9 the proxy while it reads the big VM (its libvirt backup job is running)
         wait_for("the big VM's backup", big.job_running, timeout=120)
-        time.sleep(0.5)
+
+        def live() -> dict | None:  # the API shows the backup's progress while it runs
+            row = next(v for v in admin.get(f"/api/jobs/{job['id']}").json()["vms"] if v["vm"] == big.name)
+            return row if row["status"] == "running" and (row["progress_bytes"] or 0) > 0 else None
+
+        row = wait_for("live progress", live, timeout=30)
+        assert row["progress_bytes"] < row["total_bytes"] == 896 * MiB, row
         proxies[victim].send_signal(signal.SIGKILL)
         proxies[victim].wait()
 
@@ -94,9 +111,7 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
         assert not big.job_running()
     finally:
         for p in proxies.values():
-            if p.poll() is None:
-                p.terminate()
-                p.wait(timeout=60)
+            stop(p)
 
     # every VM has a good restore point: equal to its disk at backup time
     for m in vms:
@@ -142,7 +157,6 @@ def test_one_backup_per_host_at_a_time(server: Server, cli: Cli, tmp_path: Path)
         assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:], strict=False)), spans
     finally:
         for p in proxies:
-            p.terminate()
-            p.wait(timeout=60)
+            stop(p)
         for m in machines:
             bare_vm.destroy(m)

@@ -16,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from tests import bare_vm
 from tests.conftest import Cli, MiB, free_port
-from tests.test_scale_out import start_proxy, wait_for
+from tests.test_scale_out import start_proxy, stop, wait_for
 from tests.test_server import ADMIN_PASSWORD, Server, launch
 
 
@@ -115,5 +115,4 @@ def run_scheduled(cli: Cli, server: Server, machine: bare_vm.BareVM, tmp_path: P
         assert after > datetime.now(UTC) and after.minute == 17  # the next one, not a repeat
         assert len(admin.get("/api/jobs").json()) == 1
     finally:
-        proxy.terminate()
-        proxy.wait(timeout=60)
+        stop(proxy)

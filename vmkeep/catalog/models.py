@@ -226,6 +226,8 @@ class JobVM(Base):
     transport: Mapped[str | None] = mapped_column(String(20))
     read_bytes: Mapped[int | None] = mapped_column(BigInteger)
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    progress_bytes: Mapped[int | None] = mapped_column(BigInteger)  # live, while it runs
+    total_bytes: Mapped[int | None] = mapped_column(BigInteger)  # what this attempt has to read
     duration_seconds: Mapped[float | None] = mapped_column(Float)
     point_id: Mapped[str | None] = mapped_column(String(64))
     warnings: Mapped[list[Any]] = mapped_column(default=list)

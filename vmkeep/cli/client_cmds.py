@@ -112,8 +112,11 @@ def _job_table(job: dict[str, Any]) -> Table:
                   title=f"run {job['id']} of {job['policy']}: {job['status']}")
     for v in job["vms"]:
         note = v["error"] or "; ".join(v["warnings"][-1:])
-        table.add_row(v["vm"], v["status"], v["proxy"] or "", v["mode"] or "", v["transport"] or "",
-                      human(v["read_bytes"] or 0), human(v["stored_bytes"] or 0),
+        read = human(v["read_bytes"] or 0)
+        if v["status"] == "running" and v["total_bytes"]:
+            read = f"{human(v['progress_bytes'] or 0)} / {human(v['total_bytes'])}"
+        table.add_row(v["vm"], v["status"], v["proxy"] or "", v["mode"] or "", v["transport"] or "", read,
+                      human(v["stored_bytes"] or 0),
                       f"{v['duration_seconds']:.1f}" if v["duration_seconds"] else "", note[:60])
     return table
 

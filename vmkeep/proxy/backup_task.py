@@ -16,6 +16,7 @@ from vmkeep.catalog.rebuild import upsert_points
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
 from vmkeep.hypervisors.base import parse_transports
+from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
 from vmkeep.repository.prune import RetentionPolicy, prune
 
@@ -66,8 +67,15 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             connector = connector_for(vm.hypervisor)
             previous = len(repo.list_points(vm.name))
             full = bool(policy.full_every) and previous % (policy.full_every or 1) == 0
-            m = backup_vm(repo, connector, vm.name, transports=parse_transports(policy.transports),
-                          quiesce=policy.quiesce, full=full, cancel=cancel)  # type: ignore[arg-type]
+            # progress rows are written from another connection: close it before this session
+            # touches the row again, or the two would wait on each other's row lock
+            progress = RowProgress(sessions, job_vm_id)
+            try:
+                m = backup_vm(repo, connector, vm.name, transports=parse_transports(policy.transports),
+                              quiesce=policy.quiesce, full=full, cancel=cancel,  # type: ignore[arg-type]
+                              progress=progress)
+            finally:
+                progress.close()
             upsert_points(session, policy.repository_id, [m])
             jv.status, jv.mode, jv.transport, jv.point_id = "succeeded", m.meta["mode"], m.meta["transport"], m.point_id
             jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")

@@ -79,6 +79,8 @@ class JobVMOut(BaseModel):
     transport: str | None
     read_bytes: int | None
     stored_bytes: int | None
+    progress_bytes: int | None
+    total_bytes: int | None
     duration_seconds: float | None
     point_id: str | None
     warnings: list[Any]
@@ -116,6 +118,7 @@ def _job_out(job: Job) -> JobOut:
                   started=job.started, finished=job.finished,
                   vms=[JobVMOut(vm=v.vm_name, proxy=v.proxy, status=v.status, attempts=v.attempts, mode=v.mode,
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
+                                progress_bytes=v.progress_bytes, total_bytes=v.total_bytes,
                                 duration_seconds=v.duration_seconds, point_id=v.point_id, warnings=v.warnings,
                                 error=v.error, started=v.started, finished=v.finished) for v in job.vms])
 

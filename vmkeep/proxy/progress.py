@@ -1,0 +1,63 @@
+"""Progress of a proxy's backup, written into its job row every few seconds for the API to show."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmkeep.catalog.models import JobVM
+from vmkeep.engine.progress import Task
+
+FLUSH_SECONDS = 1.0
+
+
+class _RowTask:
+    def __init__(self, owner: RowProgress) -> None:
+        self.owner = owner
+
+    def advance(self, nbytes: int) -> None:
+        with self.owner.lock:
+            self.owner.done += nbytes
+
+    def finish(self) -> None:
+        pass
+
+
+class RowProgress:
+    """A Progress (see vmkeep.engine.progress) whose sum lands in ``job_vms.progress_bytes``;
+    worker threads only add to counters, one thread writes them out."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_vm_id: int) -> None:
+        self.sessions, self.job_vm_id = sessions, job_vm_id
+        self.lock = threading.Lock()
+        self.done = self.total = 0
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._write_out, daemon=True)
+        self._writer.start()
+
+    def task(self, label: str, total: int) -> Task:
+        with self.lock:
+            self.total += total
+        return _RowTask(self)
+
+    def _flush(self) -> None:
+        with self.lock:
+            done, total = self.done, self.total
+        with self.sessions() as session:
+            session.execute(update(JobVM).where(JobVM.id == self.job_vm_id)
+                            .values(progress_bytes=done, total_bytes=total))
+            session.commit()
+
+    def _write_out(self) -> None:
+        while not self._stop.wait(FLUSH_SECONDS):
+            try:
+                self._flush()
+            except Exception:  # progress is best effort: never fail the backup over it
+                continue
+
+    def close(self) -> None:
+        self._stop.set()
+        self._writer.join()
+        self._flush()
