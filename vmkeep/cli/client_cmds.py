@@ -159,7 +159,10 @@ def jobs_cmd(ctx: typer.Context, job_id: Annotated[int | None, typer.Argument(he
     api = client(ctx)
     if job_id is not None:
         job = api.call("GET", f"/api/jobs/{job_id}")
-        emit_json(job) if json_out else out_console.print(_job_table(job))
+        if json_out:
+            emit_json(job)
+        else:
+            out_console.print(_job_table(job))
         return
     rows = api.call("GET", "/api/jobs")
     if json_out:
