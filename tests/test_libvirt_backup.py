@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -280,3 +282,30 @@ def test_shut_off_vm_incremental_from_its_bitmap(cli: Cli, vm: BareVM, repo: str
     out3 = tmp_path / "crashed.qcow2"
     cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out3))
     assert qemu_img_compare(vm.disks["vda"], out3)
+
+
+def test_leftovers_of_dead_runs_are_swept(cli: Cli, vm: BareVM, repo: str) -> None:
+    hour_ago = time.time() - 3600
+    made = {}
+    for kind in ("empty", "dead-socket", "live-socket", "scratch-file", "fresh"):
+        d = SCRATCH_ROOT / f"vmkeep-sweep-{kind}-{os.getpid()}"
+        d.mkdir(parents=True)
+        made[kind] = d
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(made["dead-socket"] / "nbd.sock"))
+    dead.close()  # bound, never listening: what a killed qemu-nbd or QEMU export leaves
+    live = socket.socket(socket.AF_UNIX)
+    live.bind(str(made["live-socket"] / "nbd.sock"))
+    live.listen()
+    (made["scratch-file"] / "vda.qcow2").write_bytes(b"QFI\xfb")
+    for kind, d in made.items():
+        if kind != "fresh":
+            os.utime(d, (hour_ago, hour_ago))
+    try:
+        vm.write("vda", 0, MiB, 0x31)
+        assert backup(cli, vm, repo, "--transport", "hotadd")["ok"]
+        assert {k for k, d in made.items() if d.exists()} == {"live-socket", "scratch-file", "fresh"}
+    finally:
+        live.close()
+        for d in made.values():
+            shutil.rmtree(d, ignore_errors=True)

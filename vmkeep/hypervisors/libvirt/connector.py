@@ -55,9 +55,9 @@ from vmkeep.hypervisors.libvirt.san import (
     serve_images,
     unreadable_disks,
 )
+from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT, sweep_scratch
 from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
 
-SCRATCH_ROOT = Path("/var/lib/libvirt/images/vmkeep-scratch")
 RESTART_GRACE_SECONDS = 20
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
@@ -263,6 +263,7 @@ class LibvirtConnector:
     ) -> Iterator[PointInTimeInfo]:
         dom = self.domain(vm)
         notes = []
+        sweep_scratch()
         if merge_stale_overlays(dom):
             notes.append("merged back the snapshot overlays of an earlier vmkeep run that did not finish")
         specs = disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
