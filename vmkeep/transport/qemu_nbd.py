@@ -115,7 +115,8 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _listening(sock: Path) -> bool:
+def socket_listening(sock: Path) -> bool:
+    """Whether a server accepts connections on the unix socket ``sock``."""
     if not sock.exists():
         return False
     with socket.socket(socket.AF_UNIX) as s:
@@ -128,7 +129,7 @@ def _listening(sock: Path) -> bool:
 
 def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, image: Path) -> None:
     deadline = time.monotonic() + 30
-    while not _listening(sock):
+    while not socket_listening(sock):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
             raise ImageError(f"qemu-nbd cannot serve {image}: {err}")

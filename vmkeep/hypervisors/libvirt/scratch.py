@@ -9,21 +9,13 @@ stale-job and stale-overlay clean-ups own those: they know whether libvirt still
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 
+from vmkeep.transport.qemu_nbd import socket_listening
+
 SCRATCH_ROOT = Path("/var/lib/libvirt/images/vmkeep-scratch")
 SWEEP_AGE = 600.0  # seconds: a younger directory may belong to a backup that is starting
-
-
-def _listening(sock: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(sock))
-            return True
-        except OSError:
-            return False
 
 
 def sweep_scratch(root: Path = SCRATCH_ROOT, now: float | None = None) -> list[Path]:
@@ -39,7 +31,7 @@ def sweep_scratch(root: Path = SCRATCH_ROOT, now: float | None = None) -> list[P
             content = list(d.iterdir())
         except OSError:
             continue  # removed meanwhile by its own run
-        if all(p.name == "nbd.sock" and p.is_socket() and not _listening(p) for p in content):
+        if all(p.name == "nbd.sock" and p.is_socket() and not socket_listening(p) for p in content):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
