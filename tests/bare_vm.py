@@ -72,10 +72,10 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *, uefi: bool = False,
-           start: bool = True) -> BareVM:
+           start: bool = True, prefix: str = "vmkeep-t-") -> BareVM:
     """disks: target → (size, format). ``uefi``: OVMF firmware with its variables in the VM's
     directory (``VARS.fd``, copied from the template)."""
-    name = f"vmkeep-t-{secrets.token_hex(3)}"
+    name = f"{prefix}{secrets.token_hex(3)}"
     directory = IMAGES / name
     directory.mkdir(parents=True)
     paths = {}

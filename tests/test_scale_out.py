@@ -160,3 +160,48 @@ def test_one_backup_per_host_at_a_time(server: Server, cli: Cli, tmp_path: Path)
             stop(p)
         for m in machines:
             bare_vm.destroy(m)
+
+
+def test_cancel_drops_queued_and_stops_running_backups(server: Server, cli: Cli,  # noqa: F811
+                                                       tmp_path: Path) -> None:
+    admin = server.client(server.login("admin", ADMIN_PASSWORD))
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+    assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
+                                                "uri": "qemu:///system"}).status_code == 201
+    # names sort the big VM first: its backup is the one running when the cancel comes
+    big = bare_vm.create({"vda": (1056 * MiB, "qcow2")}, prefix="vmkeep-t-a")
+    small = bare_vm.create({"vda": (32 * MiB, "qcow2")}, prefix="vmkeep-t-b")
+    token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
+    proxy = None
+    try:
+        big.write("vda", 0, 1024 * MiB, 0x71)
+        small.write("vda", 0, 4 * MiB, 0x72)
+        assert admin.post("/api/hypervisors/local/discover").status_code == 200
+        assert admin.post("/api/policies", json={"name": "once", "repository": "main", "max_per_host": 1,
+                                                 "vms": [big.name, small.name],
+                                                 "transports": "hotadd"}).status_code == 201
+        proxy = start_proxy(server, token, "pa")
+        wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+        job = admin.post("/api/policies/once/run").json()
+        assert {v["vm"]: v["status"] for v in job["vms"]} == {big.name: "queued", small.name: "waiting"}
+        wait_for("the big VM's backup", big.job_running, timeout=120)
+        cancelled = admin.post(f"/api/jobs/{job['id']}/cancel").json()
+        assert {v["vm"]: v["status"] for v in cancelled["vms"]}[small.name] == "cancelled"  # never started
+
+        def finished() -> dict | None:
+            current = admin.get(f"/api/jobs/{job['id']}").json()
+            return current if current["finished"] else None
+
+        done = wait_for("the run to stop", finished, timeout=120)
+        assert done["status"] == "cancelled", done
+        assert "nothing partial" in next(v["error"] for v in done["vms"] if v["vm"] == big.name)
+        assert admin.get("/api/points").json() == []  # nothing was committed
+        assert cli.json("points", "--repo", repo)["points"] == []
+        assert not big.job_running() and big.checkpoints() == []  # job and checkpoint released
+    finally:
+        if proxy is not None:
+            stop(proxy)
+        for m in (big, small):
+            bare_vm.destroy(m)

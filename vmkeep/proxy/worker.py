@@ -49,7 +49,7 @@ def run_proxy(server: str, token: str, name: str, transports: list[str], reaches
     try:
         with app.open():
             app.run_worker(queues=[queue_name(name)], name=name, concurrency=concurrency, wait=True,
-                           update_heartbeat_interval=WORKER_HEARTBEAT_SECONDS,
+                           update_heartbeat_interval=WORKER_HEARTBEAT_SECONDS, abort_job_polling_interval=1.0,
                            additional_context={"sessions": sessions(database_url), "proxy": name})
     finally:
         stop.set()
