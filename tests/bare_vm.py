@@ -93,14 +93,18 @@ def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>"
            f"<os><type arch='x86_64' machine='pc'>hvm</type>{firmware}</os>"
            f"{'<features><acpi/></features>' if uefi else ''}<devices>{devices}</devices></domain>")
+    vm = BareVM(name, paths)
     conn = libvirt.open(URI)
     try:
         dom = conn.defineXML(xml)
         if start:
             dom.create()
+    except BaseException:
+        destroy(vm)  # nothing of a VM that never came up stays behind
+        raise
     finally:
         conn.close()
-    return BareVM(name, paths)
+    return vm
 
 
 @contextmanager
