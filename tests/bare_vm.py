@@ -72,15 +72,16 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *, uefi: bool = False,
-           start: bool = True, prefix: str = "vmkeep-t-") -> BareVM:
+           start: bool = True, prefix: str = "vmkeep-t-", store: Path | None = None) -> BareVM:
     """disks: target → (size, format). ``uefi``: OVMF firmware with its variables in the VM's
-    directory (``VARS.fd``, copied from the template)."""
+    directory (``VARS.fd``, copied from the template). ``store``: a directory other VMs share
+    (a storage pool's), where the images go as ``<vm>-<target>.<format>``."""
     name = f"{prefix}{secrets.token_hex(3)}"
     directory = IMAGES / name
     directory.mkdir(parents=True)
     paths = {}
     for target, (size, fmt) in disks.items():
-        path = directory / f"{target}.{fmt}"
+        path = store / f"{name}-{target}.{fmt}" if store else directory / f"{target}.{fmt}"
         opts = ["-o", "compat=1.1"] if fmt == "qcow2" else []
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, str(path), str(size)], check=True)
         paths[target] = path
@@ -133,3 +134,5 @@ def destroy(vm: BareVM) -> None:
     finally:
         conn.close()
     shutil.rmtree(IMAGES / vm.name, ignore_errors=True)
+    for path in vm.disks.values():
+        path.unlink(missing_ok=True)

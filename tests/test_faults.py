@@ -71,6 +71,8 @@ def test_flipped_byte_is_detected_by_verify_and_restore(cli: Cli, repo_with_poin
     report = json.loads(proc.stdout)
     assert list(report["bad_chunks"]) == [victim.name]
     assert f"vm@{point['point']}" in report["broken_points"]
+    proc = cli.run("repo", "verify", repo, "--point", f"vm@{point['point']}", "--json", ok=False)
+    assert proc.returncode == 1 and list(json.loads(proc.stdout)["bad_chunks"]) == [victim.name]
     out = tmp_path / "r.qcow2"
     proc = cli.run("disk", "restore", "vm", "--repo", repo, "--output", str(out), ok=False)
     assert proc.returncode != 0 and "damaged" in proc.stderr and victim.name in proc.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -10,12 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import libvirt
 import pytest
 
 from tests import bare_vm
 from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from tests.test_server import ADMIN_PASSWORD, Server, server  # noqa: F401 - the server fixture
+
+PACED = 160  # MiB/s: the big VMs' backups and restores take seconds, however fast this machine is
 
 
 @pytest.fixture
@@ -31,9 +36,14 @@ def vms() -> Iterator[list[BareVM]]:
             bare_vm.destroy(m)
 
 
-def start_proxy(master: Server, token: str, name: str) -> subprocess.Popen[str]:
+def start_proxy(master: Server, token: str, name: str, concurrency: int = 1,
+                max_rate: int | None = None) -> subprocess.Popen[str]:
+    """A proxy process on this host; ``max_rate`` (MiB/s) makes its backups and restores last long
+    enough for a test to act while they run."""
+    limit = ["--max-rate", str(max_rate)] if max_rate else []
     return subprocess.Popen([VMKEEP, "proxy", "--name", name, "--server", master.url, "--token", token,
-                             "--transports", "hotadd:nbd", "--reaches", socket.gethostname(), "--concurrency", "1"],
+                             "--transports", "hotadd:nbd", "--reaches", socket.gethostname(),
+                             "--concurrency", str(concurrency), *limit],
                             env=master.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -46,6 +56,17 @@ def stop(proxy: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proxy.kill()
             proxy.wait()
+
+
+def master_with_repository(master: Server, cli: Cli, tmp_path: Path) -> tuple[httpx.Client, str]:
+    """An admin client of ``master`` with a plain repository ``main`` and the local libvirt ``local``."""
+    admin = master.client(master.login("admin", ADMIN_PASSWORD))
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+    assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
+                                                "uri": "qemu:///system"}).status_code == 201
+    return admin, repo
 
 
 def wait_for(what: str, check, timeout: float = 120):  # type: ignore[no-untyped-def]
@@ -73,7 +94,7 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
                                               "transports": "hotadd", "retention": {"last": 3}})
     assert reply.status_code == 201, reply.text
     token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
-    proxies = {name: start_proxy(server, token, name) for name in ("pa", "pb")}
+    proxies = {name: start_proxy(server, token, name, max_rate=PACED) for name in ("pa", "pb")}
     try:
         wait_for("both proxies up", lambda: sum(p["up"] for p in admin.get("/api/proxies").json()) == 2)
         at_backup = {m.name: m.snapshot("vda", tmp_path / f"{m.name}.qcow2") for m in vms}
@@ -109,6 +130,29 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
         others = [v for name, v in outcome.items() if name != big.name]
         assert all(v["proxy"] == survivor or v["attempts"] == 1 for v in others), others
         assert not big.job_running()
+
+        # a restore whose proxy is killed mid-way is finished by the other proxy
+        proxies[victim] = start_proxy(server, token, victim, max_rate=PACED)
+        wait_for("the restarted proxy", lambda: sum(p["up"] for p in admin.get("/api/proxies").json()) == 2)
+        copy = f"{big.name}-copy"
+        big.extra.append(copy)
+        restore = admin.post("/api/restores", json={"vm": big.name, "hypervisor": "local", "as_name": copy,
+                                                    "storage": str(tmp_path / "restored"), "start": False}).json()
+
+        def restoring() -> dict | None:
+            row = admin.get(f"/api/restores/{restore['id']}").json()
+            return row if row["status"] == "running" and (row["progress_bytes"] or 0) > 0 else None
+
+        row = wait_for("the restore's progress", restoring, timeout=60)
+        assert row["progress_bytes"] < row["total_bytes"], row
+        first = row["proxy"]
+        proxies[first].send_signal(signal.SIGKILL)
+        proxies[first].wait()
+        restored = wait_for("the restore on the other proxy", lambda: (
+            r := admin.get(f"/api/restores/{restore['id']}").json())["finished"] and r, timeout=300)
+        assert restored["status"] == "succeeded" and restored["attempts"] == 2, restored
+        assert restored["proxy"] != first and any(f"{first} stopped" in w for w in restored["warnings"]), restored
+        assert qemu_img_compare(at_backup[big.name], Path(restored["disks"]["vda"]))
     finally:
         for p in proxies.values():
             stop(p)
@@ -126,12 +170,7 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
 
 
 def test_one_backup_per_host_at_a_time(server: Server, cli: Cli, tmp_path: Path) -> None:  # noqa: F811
-    admin = server.client(server.login("admin", ADMIN_PASSWORD))
-    repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
-    assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
-    assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
-                                                "uri": "qemu:///system"}).status_code == 201
+    admin, repo = master_with_repository(server, cli, tmp_path)
     machines = [bare_vm.create({"vda": (32 * MiB, "qcow2")}) for _ in range(3)]
     token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
     proxies = []
@@ -162,14 +201,111 @@ def test_one_backup_per_host_at_a_time(server: Server, cli: Cli, tmp_path: Path)
             bare_vm.destroy(m)
 
 
+def run_to_end(admin: httpx.Client, policy: str, expect: dict[str, str]) -> dict:
+    """Run ``policy``; check each VM's first status (queued or waiting), return the ended run."""
+    job = admin.post(f"/api/policies/{policy}/run").json()
+    assert {v["vm"]: v["status"] for v in job["vms"]} == expect, job
+
+    def finished() -> dict | None:
+        current = admin.get(f"/api/jobs/{job['id']}").json()
+        return current if current["finished"] else None
+
+    done = wait_for(f"the run of {policy}", finished, timeout=300)
+    assert done["status"] == "succeeded", done
+    return {v["vm"]: v for v in done["vms"]}
+
+
+def apart(a: dict, b: dict) -> bool:
+    """Whether two VM backups of a run did not overlap in time."""
+    return a["started"] >= b["finished"] or b["started"] >= a["finished"]
+
+
+def test_limits_per_datastore_and_per_proxy(server: Server, cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    admin, repo = master_with_repository(server, cli, tmp_path)
+    store = bare_vm.IMAGES / f"pool-{secrets.token_hex(3)}"
+    store.mkdir(parents=True)
+    conn = libvirt.open(bare_vm.URI)
+    pool = conn.storagePoolCreateXML(f"<pool type='dir'><name>{store.name}</name><target><path>{store}</path>"
+                                     "</target></pool>", 0)
+    machines: list[BareVM] = []
+    proxy = None
+    try:
+        for i in range(3):  # two share the pool (one datastore), the third has a directory of its own
+            machines.append(bare_vm.create({"vda": (48 * MiB, "qcow2")}, store=store if i < 2 else None))
+            machines[-1].write("vda", 0, 40 * MiB, 0x50 + i)
+        pool.refresh(0)
+        assert admin.post("/api/hypervisors/local/discover").status_code == 200
+        a, b, alone = (m.name for m in machines)
+        stores = {v["name"]: v["disks"][0]["datastore"] for v in admin.get("/api/vms").json()}
+        host = socket.gethostname()
+        assert stores[a] == stores[b] == f"{host}:pool/{store.name}", stores
+        assert stores[alone] == f"{host}:{bare_vm.IMAGES / alone}", stores
+        for body in ({"name": "per-store", "vms": [a, b, alone], "max_per_datastore": 1},
+                     {"name": "per-proxy", "vms": [a, alone], "max_per_proxy": 1}):
+            reply = admin.post("/api/policies", json={**body, "repository": "main", "transports": "hotadd"})
+            assert reply.status_code == 201, reply.text
+        token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
+        proxy = start_proxy(server, token, "pa", concurrency=2)  # room for two backups at once
+        wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+
+        # the datastore holds one backup of the run at a time; the VM elsewhere goes alongside
+        first, second = sorted((a, b))  # a run takes its VMs in name order
+        done = run_to_end(admin, "per-store", {first: "queued", second: "waiting", alone: "queued"})
+        assert apart(done[a], done[b]), done
+        # one backup of the run per proxy, though the proxy has room for two
+        first, second = sorted((a, alone))
+        done = run_to_end(admin, "per-proxy", {first: "queued", second: "waiting"})
+        assert apart(done[a], done[alone]), done
+    finally:
+        if proxy is not None:
+            stop(proxy)
+        for m in machines:
+            bare_vm.destroy(m)
+        pool.destroy()
+        conn.close()
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def test_verify_after_backup_catches_a_bad_chunk(server: Server, cli: Cli, tmp_path: Path) -> None:  # noqa: F811
+    admin, location = master_with_repository(server, cli, tmp_path)
+    repo = Path(location)
+    machine = bare_vm.create({"vda": (32 * MiB, "qcow2")})
+    proxy = None
+    try:
+        machine.write("vda", 0, 8 * MiB, 0x5A)
+        assert admin.post("/api/hypervisors/local/discover").status_code == 200
+        assert admin.post("/api/policies", json={"name": "checked", "repository": "main", "vms": [machine.name],
+                                                 "transports": "hotadd", "verify_after": True,
+                                                 "retention": {"last": 1}}).status_code == 201
+        token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
+        proxy = start_proxy(server, token, "pa")
+        wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+        first = run_to_end(admin, "checked", {machine.name: "queued"})[machine.name]
+        assert first["verified"] is True, first
+
+        # bit rot in a chunk the next point shares with the first (the guest's unchanged data)
+        victim = next(p for p in (repo / "chunks").rglob("*") if p.is_file() and len(p.name) == 64)
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
+        machine.write("vda", 16 * MiB, 1 * MiB, 0x5B)
+        job = admin.post("/api/policies/checked/run").json()
+        done = wait_for("the second run", lambda: (j := admin.get(f"/api/jobs/{job['id']}").json())["finished"] and j)
+        second = done["vms"][0]
+        assert done["status"] == "failed" and second["verified"] is False, done
+        assert "verify after backup" in second["error"] and "does not read back" in second["error"], second
+        # retention (keep the last one) was not applied: the first point is still there to restore
+        kept = [p["point"] for p in cli.json("points", "--repo", str(repo))["points"]]
+        assert first["point_id"] in kept and second["point_id"] in kept, kept
+    finally:
+        if proxy is not None:
+            stop(proxy)
+        bare_vm.destroy(machine)
+
+
 def test_cancel_drops_queued_and_stops_running_backups(server: Server, cli: Cli,  # noqa: F811
                                                        tmp_path: Path) -> None:
-    admin = server.client(server.login("admin", ADMIN_PASSWORD))
-    repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
-    assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
-    assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
-                                                "uri": "qemu:///system"}).status_code == 201
+    admin, repo = master_with_repository(server, cli, tmp_path)
     # names sort the big VM first: its backup is the one running when the cancel comes
     big = bare_vm.create({"vda": (1056 * MiB, "qcow2")}, prefix="vmkeep-t-a")
     small = bare_vm.create({"vda": (32 * MiB, "qcow2")}, prefix="vmkeep-t-b")
@@ -182,7 +318,7 @@ def test_cancel_drops_queued_and_stops_running_backups(server: Server, cli: Cli,
         assert admin.post("/api/policies", json={"name": "once", "repository": "main", "max_per_host": 1,
                                                  "vms": [big.name, small.name],
                                                  "transports": "hotadd"}).status_code == 201
-        proxy = start_proxy(server, token, "pa")
+        proxy = start_proxy(server, token, "pa", max_rate=PACED)
         wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
         job = admin.post("/api/policies/once/run").json()
         assert {v["vm"]: v["status"] for v in job["vms"]} == {big.name: "queued", small.name: "waiting"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, UniqueConstraint, func
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, UniqueConstraint, false, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -181,7 +181,10 @@ class Policy(Base):
     full_every: Mapped[int | None]
     transports: Mapped[str] = mapped_column(String(50), default="san:hotadd:nbd")
     quiesce: Mapped[str] = mapped_column(String(20), default="try")
-    max_per_host: Mapped[int | None]
+    max_per_host: Mapped[int | None]  # limits on one run's backups running at once
+    max_per_datastore: Mapped[int | None]
+    max_per_proxy: Mapped[int | None]
+    verify_after: Mapped[bool] = mapped_column(default=False, server_default=false())
     next_run: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # from the schedule
     notify_webhook: Mapped[str | None] = mapped_column(String(2000))
     notify_email: Mapped[list[Any] | None]
@@ -230,6 +233,7 @@ class JobVM(Base):
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)  # what this attempt has to read
     duration_seconds: Mapped[float | None] = mapped_column(Float)
     point_id: Mapped[str | None] = mapped_column(String(64))
+    verified: Mapped[bool | None]  # None: not asked for (or not reached)
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     error: Mapped[str | None] = mapped_column(String(4000))
     started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -255,6 +259,10 @@ class RestoreJob(Base):
     start_vm: Mapped[bool] = mapped_column(default=True)
     proxy: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    warnings: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
+    progress_bytes: Mapped[int | None] = mapped_column(BigInteger)  # live, while it runs
+    total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     task_id: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(String(4000))
     disks: Mapped[dict[str, Any] | None]  # disk → restored path

@@ -11,7 +11,7 @@ from rich.live import Live
 from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt
-from vmkeep.cli.output import emit_json, human, out_console
+from vmkeep.cli.output import byte_bars, emit_json, human, out_console
 from vmkeep.client import ApiClient, save_token
 from vmkeep.errors import UsageError, VmkeepError
 
@@ -89,7 +89,10 @@ def policy_create_cmd(
     full_every: Annotated[int | None, typer.Option(min=1)] = None,
     transports: Annotated[str, typer.Option()] = "san:hotadd:nbd",
     quiesce: Annotated[str, typer.Option()] = "try",
-    max_per_host: Annotated[int | None, typer.Option(min=1)] = None,
+    max_per_host: Annotated[int | None, typer.Option(min=1, help="This run's backups at once per host")] = None,
+    max_per_datastore: Annotated[int | None, typer.Option(min=1)] = None,
+    max_per_proxy: Annotated[int | None, typer.Option(min=1)] = None,
+    verify_after: Annotated[bool, typer.Option(help="Re-read every chunk of each new point")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a policy: which VMs, where, when, how long to keep."""
@@ -98,7 +101,8 @@ def policy_create_cmd(
     body: dict[str, Any] = {"name": name, "repository": repository, "vms": _csv(vms), "globs": _csv(globs),
                             "hypervisor": hypervisor, "schedule": schedule, "retention": retention,
                             "full_every": full_every, "transports": transports, "quiesce": quiesce,
-                            "max_per_host": max_per_host}
+                            "max_per_host": max_per_host, "max_per_datastore": max_per_datastore,
+                            "max_per_proxy": max_per_proxy, "verify_after": verify_after}
     created = client(ctx).call("POST", "/api/policies", json=body)
     if json_out:
         emit_json(created)
@@ -115,7 +119,8 @@ def _job_table(job: dict[str, Any]) -> Table:
         read = human(v["read_bytes"] or 0)
         if v["status"] == "running" and v["total_bytes"]:
             read = f"{human(v['progress_bytes'] or 0)} / {human(v['total_bytes'])}"
-        table.add_row(v["vm"], v["status"], v["proxy"] or "", v["mode"] or "", v["transport"] or "", read,
+        status = v["status"] + (" ✓ verified" if v.get("verified") else "")
+        table.add_row(v["vm"], status, v["proxy"] or "", v["mode"] or "", v["transport"] or "", read,
                       human(v["stored_bytes"] or 0),
                       f"{v['duration_seconds']:.1f}" if v["duration_seconds"] else "", note[:60])
     return table
@@ -204,10 +209,13 @@ def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: s
     job = api.call("POST", "/api/restores", json={"vm": vm, "point": point, "hypervisor": hypervisor,
                                                   "as_name": as_name, "overwrite": overwrite, "storage": storage,
                                                   "start": start})
-    with out_console.status(f"restoring {vm}@{job['point']} on proxy {job['proxy']}", spinner="dots"):
+    with byte_bars() as bars:  # the proxy reports bytes written into the restore's row every second
+        bar = bars.add_task(f"restoring {vm}@{job['point']}", total=None)
         while job["status"] in ("queued", "running"):
             time.sleep(1)
             job = api.call("GET", f"/api/restores/{job['id']}")
+            bars.update(bar, completed=job["progress_bytes"] or 0, total=job["total_bytes"] or None,
+                        description=f"restoring {vm}@{job['point']} on {job['proxy']}")
     if json_out:
         emit_json(job)
     elif job["status"] == "succeeded":

@@ -24,7 +24,8 @@ err_console = Console(stderr=True)
 out_console = Console()
 
 
-def _bars() -> Progress:
+def byte_bars() -> Progress:
+    """A Rich progress display with bytes, throughput and ETA, on stderr."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
         TransferSpeedColumn(), TimeRemainingColumn(), console=err_console, transient=False,
@@ -60,7 +61,7 @@ class RichProgress:
         with self._lock:
             bars = self.board or self._own
             if bars is None:
-                bars = self._own = _bars()
+                bars = self._own = byte_bars()
                 bars.start()
             self._open += 1
             return _Bar(bars, bars.add_task(f"{self.prefix}{label}", total=total), self)
@@ -78,7 +79,7 @@ class ProgressBoard:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.bars = _bars() if enabled else None
+        self.bars = byte_bars() if enabled else None
 
     def __enter__(self) -> ProgressBoard:
         if self.bars is not None:

@@ -10,6 +10,7 @@ from rich.table import Table
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoArg, S3Endpoint, Workers, open_repository
 from vmkeep.cli.output import RichProgress, emit_json, human, out_console
 from vmkeep.engine.backup import DEFAULT_WORKERS
+from vmkeep.engine.image import split_point_spec
 from vmkeep.errors import UsageError
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import DEFAULT_CHUNK_SIZE, Credentials
@@ -86,6 +87,8 @@ def info_cmd(repo: RepoArg, passphrase_file: PassFile = None, key_file: KeyFile 
 def verify_cmd(
     repo: RepoArg,
     sample: Annotated[float, typer.Option(min=0.01, max=100, help="Percent of chunks to check")] = 100.0,
+    point: Annotated[list[str] | None, typer.Option(
+        help="Only this restore point, NAME@POINT (NAME alone: its latest); repeatable")] = None,
     workers: Workers = DEFAULT_WORKERS,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
@@ -94,7 +97,8 @@ def verify_cmd(
 ) -> None:
     """Read, decrypt and re-hash the chunks live points use; name the points a bad chunk breaks."""
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
-    report = verify(r, sample, workers, RichProgress(not json_out))
+    only = [r.find_point(*split_point_spec(p)) for p in point] if point else None
+    report = verify(r, sample, workers, RichProgress(not json_out), only=only)
     if json_out:
         emit_json(report.as_dict())
     else:
@@ -103,9 +107,9 @@ def verify_cmd(
                           + ("[green]OK[/green]" if report.ok else "[red]PROBLEMS[/red]"))
         for cid, why in report.bad_chunks.items():
             out_console.print(f"  bad chunk {cid}: {why}")
-        for point, whys in report.broken_points.items():
+        for broken, whys in report.broken_points.items():
             more = f" (+{len(whys) - 1} more)" if len(whys) > 1 else ""
-            out_console.print(f"  broken point {point}: {whys[0]}{more}")
+            out_console.print(f"  broken point {broken}: {whys[0]}{more}")
     if not report.ok:
         raise typer.Exit(1)
 

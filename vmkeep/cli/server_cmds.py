@@ -62,13 +62,15 @@ def proxy_cmd(
     reaches: Annotated[str, typer.Option(help="Comma-separated hypervisor hosts it is on or sees; * for any "
                                               "over nbd")] = "*",
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="VM backups at once")] = 2,
+    max_rate: Annotated[float | None, typer.Option(min=1, help="MiB/s each backup may read from a VM's "
+                                                               "storage and each restore may write")] = None,
 ) -> None:
     """Run a proxy: register with the master, heartbeat, and run the backups dispatched to it."""
     from vmkeep.hypervisors.base import parse_transports
     from vmkeep.proxy.worker import run_proxy
 
     run_proxy(server.rstrip("/"), token, name, parse_transports(transports),
-              [h.strip() for h in reaches.split(",") if h.strip()], concurrency)
+              [h.strip() for h in reaches.split(",") if h.strip()], concurrency, max_rate)
 
 
 @user_app.command("add")

@@ -109,14 +109,23 @@ def restore_vm_as(
     start: bool = True,
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
+    retry: bool = False,
 ) -> VMRestoreResult:
-    """A new VM from a restore point: new name, UUID and MACs, qcow2 disks under ``storage``."""
+    """A new VM from a restore point: new name, UUID and MACs, qcow2 disks under ``storage``.
+
+    ``retry``: an earlier attempt of this same restore died (its proxy stopped); what it left —
+    the VM it defined with these disks, partly written disks — is removed first.
+    """
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
-    if connector.exists(new_name):
-        raise UsageError(f"a VM named {new_name!r} already exists on {connector.uri}; choose another --as name")
     directory = storage or Path("/var/lib/libvirt/images") / new_name
     paths = {disk: directory / f"{new_name}-{disk}.qcow2" for disk in manifest.disks}
+    if retry:
+        connector.remove_restored(new_name, [str(p) for p in paths.values()])
+        for p in paths.values():
+            p.unlink(missing_ok=True)
+    if connector.exists(new_name):
+        raise UsageError(f"a VM named {new_name!r} already exists on {connector.uri}; choose another --as name")
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")

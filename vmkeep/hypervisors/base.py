@@ -34,6 +34,7 @@ class VMDisk:
     allocation: int
     backup: bool = True
     skip_reason: str = ""
+    datastore: str = ""  # the storage it lives on (pool, datastore, SR): concurrency limits count per datastore
 
 
 @dataclass
@@ -82,6 +83,10 @@ class Connector(Protocol):
                         storage: Path | None, as_new: bool, start: bool) -> None:
         """Register (and start) a VM from a point's configuration with its restored disks:
         as a new VM (new identity, host files under ``storage``) or over the original."""
+
+    def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
+        """Remove VM ``name`` if an earlier attempt of this restore defined it (its disks are
+        exactly ``disk_paths``); whether one was there. Refuses to touch any other VM."""
 
     def require_shut_off(self, vm: str) -> None: ...
 

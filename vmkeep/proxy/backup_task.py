@@ -13,12 +13,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.models import Job, JobVM, RestorePointRecord, VirtualMachine
 from vmkeep.catalog.rebuild import upsert_points
+from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
 from vmkeep.repository.prune import RetentionPolicy, prune
+from vmkeep.repository.verify import VerifyReport, verify
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -40,13 +42,13 @@ def backup_vm_task(context: JobContext, job_vm_id: int) -> None:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        run_backup(state["sessions"], state["proxy"], job_vm_id, cancel)
+        run_backup(state["sessions"], state["proxy"], job_vm_id, cancel, state.get("max_rate"))
     finally:
         done.set()
 
 
 def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
-               cancel: threading.Event | None = None) -> None:
+               cancel: threading.Event | None = None, max_rate: float | None = None) -> None:
     """Back one VM up for its policy run; the outcome goes into its JobVM row, never lost."""
     from vmkeep.server.inventory import connector_for
     from vmkeep.server.repositories import open_registered
@@ -73,7 +75,8 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             try:
                 m = backup_vm(repo, connector, vm.name, transports=parse_transports(policy.transports),
                               quiesce=policy.quiesce, full=full, cancel=cancel,  # type: ignore[arg-type]
-                              progress=progress)
+                              progress=throttled(progress, max_rate))
+                checked = verify(repo, progress=progress, only=[m]) if policy.verify_after else None
             finally:
                 progress.close()
             upsert_points(session, policy.repository_id, [m])
@@ -81,6 +84,11 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")
             jv.duration_seconds = m.stats.get("seconds")
             jv.warnings = [*jv.warnings, *m.meta.get("notes", [])]
+            if checked is not None:
+                jv.verified = checked.ok
+                if not checked.ok:  # older points stay: retention waits for a point that reads back
+                    jv.status, jv.error = "failed", _verify_failure(m.point_id, checked)
+                    return
             retention = RetentionPolicy(**policy.retention) if policy.retention else RetentionPolicy()
             if not retention.is_empty():
                 kept = prune(repo, retention, vm.name)[vm.name].keep
@@ -97,6 +105,13 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             jv.finished = datetime.now(UTC)
             session.commit()
             settle_job(session, jv.job)
+
+
+def _verify_failure(point_id: str, report: VerifyReport) -> str:
+    problems = [*report.bad_chunks.values(), *(w for ws in report.broken_points.values() for w in ws)]
+    return (f"verify after backup: point {point_id} does not read back ({len(report.bad_chunks)} bad chunks; "
+            f"first: {problems[0] if problems else '?'}); check the repository's storage, then run "
+            "`vmkeep repo verify` and back up again")
 
 
 def settle_job(session: Session, job: Job) -> None:

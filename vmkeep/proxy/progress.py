@@ -1,4 +1,4 @@
-"""Progress of a proxy's backup, written into its job row every few seconds for the API to show."""
+"""Progress of a proxy's backup or restore, written into its row every second for the API to show."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import JobVM
+from vmkeep.catalog.models import JobVM, RestoreJob
 from vmkeep.engine.progress import Task
 
 FLUSH_SECONDS = 1.0
@@ -26,11 +26,12 @@ class _RowTask:
 
 
 class RowProgress:
-    """A Progress (see vmkeep.engine.progress) whose sum lands in ``job_vms.progress_bytes``;
-    worker threads only add to counters, one thread writes them out."""
+    """A Progress (see vmkeep.engine.progress) whose sum lands in the ``progress_bytes`` of a
+    backup's or restore's row; worker threads only add to counters, one thread writes them out."""
 
-    def __init__(self, sessions: sessionmaker[Session], job_vm_id: int) -> None:
-        self.sessions, self.job_vm_id = sessions, job_vm_id
+    def __init__(self, sessions: sessionmaker[Session], row_id: int,
+                 table: type[JobVM] | type[RestoreJob] = JobVM) -> None:
+        self.sessions, self.row_id, self.table = sessions, row_id, table
         self.lock = threading.Lock()
         self.done = self.total = 0
         self._stop = threading.Event()
@@ -46,7 +47,7 @@ class RowProgress:
         with self.lock:
             done, total = self.done, self.total
         with self.sessions() as session:
-            session.execute(update(JobVM).where(JobVM.id == self.job_vm_id)
+            session.execute(update(self.table).where(self.table.id == self.row_id)
                             .values(progress_bytes=done, total_bytes=total))
             session.commit()
 

@@ -10,17 +10,19 @@ from procrastinate import JobContext
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.models import RestoreJob
+from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
+from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
 
 
 @tasks.task(name="restore_vm", pass_context=True)
 def restore_vm_task(context: JobContext, restore_id: int) -> None:
     state: dict[str, Any] = context.additional_context
-    run_restore(state["sessions"], state["proxy"], restore_id)
+    run_restore(state["sessions"], state["proxy"], restore_id, state.get("max_rate"))
 
 
-def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int) -> None:
+def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, max_rate: float | None = None) -> None:
     """Restore as the row says; the outcome (or the reason it failed) goes back into the row."""
     from vmkeep.server.inventory import connector_for
     from vmkeep.server.repositories import open_registered
@@ -29,18 +31,25 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int) ->
         job = session.get(RestoreJob, restore_id)
         if job is None or job.status not in ("queued", "running"):
             return
-        job.status, job.proxy = "running", proxy
+        job.status, job.proxy, job.attempts, job.error = "running", proxy, job.attempts + 1, None
         session.commit()
         connector = None
         try:
             repo = open_registered(job.repository)
             connector = connector_for(job.hypervisor)
-            if job.mode == "overwrite":
-                result = restore_vm_overwrite(repo, connector, job.vm_name, job.point_id)
-            else:
-                assert job.new_name is not None
-                result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
-                                       storage=Path(job.storage) if job.storage else None, start=job.start_vm)
+            # progress lands through another connection: closed before this session writes the row
+            rows = RowProgress(sessions, restore_id, RestoreJob)
+            progress = throttled(rows, max_rate)
+            try:
+                if job.mode == "overwrite":  # re-stages every disk: a retry needs nothing removed first
+                    result = restore_vm_overwrite(repo, connector, job.vm_name, job.point_id, progress=progress)
+                else:
+                    assert job.new_name is not None
+                    result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
+                                           storage=Path(job.storage) if job.storage else None, start=job.start_vm,
+                                           progress=progress, retry=job.attempts > 1)
+            finally:
+                rows.close()
             job.status, job.disks = "succeeded", result.disks
         except Exception as exc:  # recorded for the user; the task itself ends cleanly
             job.status, job.error = "failed", str(exc)

@@ -38,8 +38,9 @@ def _heartbeat(client: httpx.Client, name: str, stop: threading.Event) -> None:
 
 
 def run_proxy(server: str, token: str, name: str, transports: list[str], reaches: list[str],
-              concurrency: int) -> None:
-    """Blocks until interrupted (SIGINT/SIGTERM finish the running backups first)."""
+              concurrency: int, max_rate: float | None = None) -> None:
+    """Blocks until interrupted (SIGINT/SIGTERM finish the running backups first). ``max_rate``:
+    MiB/s each backup may read and each restore may write (none: as fast as it goes)."""
     client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     database_url = register(client, name, transports, reaches, concurrency)
     stop = threading.Event()
@@ -50,7 +51,8 @@ def run_proxy(server: str, token: str, name: str, transports: list[str], reaches
         with app.open():
             app.run_worker(queues=[queue_name(name)], name=name, concurrency=concurrency, wait=True,
                            update_heartbeat_interval=WORKER_HEARTBEAT_SECONDS, abort_job_polling_interval=1.0,
-                           additional_context={"sessions": sessions(database_url), "proxy": name})
+                           additional_context={"sessions": sessions(database_url), "proxy": name,
+                                               "max_rate": max_rate})
     finally:
         stop.set()
         client.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from vmkeep.engine.pipeline import bounded_map
 from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import ObjectCorrupt, ObjectMissing, RepositoryError
-from vmkeep.repository.points import DiskRef
+from vmkeep.repository.points import DiskRef, Manifest
 from vmkeep.repository.repo import Repository
 
 
@@ -33,13 +33,17 @@ class VerifyReport:
 
 
 def verify(repo: Repository, sample_pct: float = 100.0, workers: int = 4,
-           progress: Progress | None = None) -> VerifyReport:
+           progress: Progress | None = None, only: list[Manifest] | None = None) -> VerifyReport:
+    """Check every live point, or ``only`` those (a backup just made, say)."""
     progress = progress or NoProgress()
     started = time.monotonic()
     report = VerifyReport()
     users: dict[bytes, list[DiskRef]] = {}
     sizes: dict[bytes, int] = {}
-    points, damaged = repo.scan_points()
+    if only is None:
+        points, damaged = repo.scan_points()
+    else:
+        points, damaged = only, []
     for key, reason in damaged:
         report.broken_points.setdefault(key, []).append(reason)
     report.points = len(points)

@@ -14,12 +14,12 @@ import procrastinate
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, VirtualMachine
+from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, RestoreJob, VirtualMachine
 from vmkeep.proxy.backup_task import settle_job
 from vmkeep.proxy.queue import queue_name, vm_lock
+from vmkeep.server.limits import ACTIVE, RunSlots
 
 PROXY_TIMEOUT = timedelta(seconds=10)  # a proxy whose heartbeat is older is down
-ACTIVE = ("queued", "running")
 
 
 def proxy_up(p: Proxy, now: datetime | None = None) -> bool:
@@ -27,7 +27,7 @@ def proxy_up(p: Proxy, now: datetime | None = None) -> bool:
 
 
 def select_vms(session: Session, policy: Policy) -> list[VirtualMachine]:
-    """The present VMs the policy's rules pick: names, globs, hypervisor, hosts, tags."""
+    """The present VMs the policy's rules pick: names, globs, hypervisor, hosts, tags, folders."""
     rules = policy.selection
     query = select(VirtualMachine).join(Hypervisor).where(VirtualMachine.present.is_(True))
     if rules.get("hypervisor"):
@@ -40,6 +40,8 @@ def select_vms(session: Session, policy: Policy) -> list[VirtualMachine]:
         if rules.get("hosts") and vm.host not in rules["hosts"]:
             continue
         if rules.get("tags") and not set(rules["tags"]) & set(vm.tags):
+            continue
+        if rules.get("folders") and not any(fnmatch.fnmatchcase(vm.folder or "", g) for g in rules["folders"]):
             continue
         if named:
             chosen.append(vm)
@@ -54,11 +56,11 @@ def proxy_loads(session: Session) -> dict[str, int]:
 
 
 def choose_proxy(proxies: list[Proxy], loads: dict[str, int], vm: VirtualMachine, policy: Policy,
-                 exclude: str | None = None) -> Proxy | None:
+                 exclude: set[str] | frozenset[str] = frozenset()) -> Proxy | None:
     wanted = set(policy.transports.split(":"))
     fits = []
     for p in proxies:
-        if p.name == exclude or not proxy_up(p):
+        if p.name in exclude or not proxy_up(p):
             continue
         on_host = vm.host in p.reaches
         usable = set(p.transports) & wanted
@@ -79,34 +81,50 @@ async def _defer(queue: procrastinate.App, proxy: Proxy, vm: VirtualMachine, jv:
         job_vm_id=jv.id)
 
 
+def _place(jv: JobVM, vm: VirtualMachine, slots: RunSlots, proxies: list[Proxy], loads: dict[str, int]) -> Proxy | None:
+    """Give ``jv`` a proxy and take its slots, leave it waiting behind a limit, or fail it when no
+    proxy can ever take it; the proxy, if it goes now."""
+    policy = slots.policy
+    if slots.waits_for(vm):
+        jv.status = "waiting"
+        return None
+    proxy = choose_proxy(proxies, loads, vm, policy, exclude=slots.full_proxies())
+    if proxy is None:
+        if slots.full_proxies() and choose_proxy(proxies, loads, vm, policy) is not None:
+            jv.status = "waiting"  # its proxies are at the run's per-proxy limit
+            return None
+        jv.status, jv.finished = "failed", datetime.now(UTC)
+        jv.error = _no_proxy(vm, policy)
+        return None
+    jv.status, jv.proxy = "queued", proxy.name
+    loads[proxy.name] = loads.get(proxy.name, 0) + 1
+    slots.take(vm, proxy.name)
+    return proxy
+
+
 def plan_run(session: Session, policy: Policy,
              requested_by: str) -> tuple[Job, list[tuple[Proxy, VirtualMachine, JobVM]]]:
-    """The run's rows: a JobVM per selected VM with its proxy, waiting for a host slot
-    (``max_per_host``), or failed with the reason."""
+    """The run's rows: a JobVM per selected VM with its proxy, waiting for a slot (the policy's
+    limits per host, datastore and proxy), or failed with the reason."""
     job = Job(policy_id=policy.id, requested_by=requested_by, status="running")
     session.add(job)
     session.flush()
     proxies = list(session.scalars(select(Proxy)))
     loads = proxy_loads(session)
-    per_host: dict[str, int] = {}
+    slots = RunSlots(policy)
     assignments = []
     for vm in select_vms(session, policy):
         jv = JobVM(job_id=job.id, vm_id=vm.id, vm_name=vm.name, status="queued", warnings=[])
         session.add(jv)
-        if policy.max_per_host and per_host.get(vm.host, 0) >= policy.max_per_host:
-            jv.status = "waiting"  # dispatched as the host's other backups of this run end
-            continue
-        proxy = choose_proxy(proxies, loads, vm, policy)
-        if proxy is None:
-            jv.status, jv.finished = "failed", datetime.now(UTC)
-            jv.error = _no_proxy(vm, policy)
-            continue
-        jv.proxy = proxy.name
-        loads[proxy.name] = loads.get(proxy.name, 0) + 1
-        per_host[vm.host] = per_host.get(vm.host, 0) + 1
-        assignments.append((proxy, vm, jv))
+        proxy = _place(jv, vm, slots, proxies, loads)
+        if proxy is not None:
+            assignments.append((proxy, vm, jv))
     session.commit()
     return job, assignments
+
+
+def _other_than(proxy: str | None) -> set[str]:
+    return {proxy} if proxy else set()
 
 
 def _no_proxy(vm: VirtualMachine, policy: Policy) -> str:
@@ -115,26 +133,23 @@ def _no_proxy(vm: VirtualMachine, policy: Policy) -> str:
 
 
 async def dispatch_waiting(session: Session, queue: procrastinate.App) -> int:
-    """Send on the waiting VMs of running jobs whose host has a free slot; how many went."""
+    """Send on the waiting VMs of running jobs whose limits have a free slot; how many went."""
     sent = 0
     waiting = list(session.scalars(select(JobVM).where(JobVM.status == "waiting").order_by(JobVM.id)))
+    if not waiting:
+        return 0
+    proxies, loads = list(session.scalars(select(Proxy))), proxy_loads(session)
+    runs: dict[int, RunSlots] = {}
     for jv in waiting:
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None
-        policy = jv.job.policy
-        active = [other.vm_id for other in jv.job.vms if other.status in ACTIVE]
-        busy = session.scalar(select(func.count()).select_from(VirtualMachine).where(
-            VirtualMachine.id.in_(active), VirtualMachine.host == vm.host)) if active else 0
-        if policy.max_per_host and (busy or 0) >= policy.max_per_host:
-            continue
-        proxy = choose_proxy(list(session.scalars(select(Proxy))), proxy_loads(session), vm, policy)
-        if proxy is None:
-            jv.status, jv.finished, jv.error = "failed", datetime.now(UTC), _no_proxy(vm, policy)
-            session.commit()
-            settle_job(session, jv.job)
-            continue
-        jv.status, jv.proxy = "queued", proxy.name
+        slots = runs.get(jv.job_id) or runs.setdefault(jv.job_id, RunSlots.of_job(session, jv.job))
+        proxy = _place(jv, vm, slots, proxies, loads)
         session.commit()
+        if jv.status == "failed":
+            settle_job(session, jv.job)
+        if proxy is None:
+            continue
         jv.task_id = await _defer(queue, proxy, vm, jv)
         session.commit()
         sent += 1
@@ -155,11 +170,15 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
     """Tasks held by a proxy that stopped heartbeating go to another proxy; how many moved.
 
     The backup on the dead proxy left its hypervisor job, checkpoint or overlays behind: the
-    new attempt's connector clears those before it starts (see the libvirt connector).
+    new attempt's connector clears those before it starts (see the libvirt connector). A restore's
+    new attempt removes the VM and disks the dead one made (see ``restore_vm_as``).
     """
     moved = 0
     stalled = await queue.job_manager.get_stalled_jobs(seconds_since_heartbeat=heartbeat_seconds)
     for task in stalled:
+        if "restore_id" in task.task_kwargs:
+            moved += await _rescue_restore(session, queue, task)
+            continue
         job_vm_id = task.task_kwargs.get("job_vm_id")
         jv = session.get(JobVM, job_vm_id) if isinstance(job_vm_id, int) else None
         if jv is None or jv.status not in ACTIVE:
@@ -167,7 +186,7 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None
         proxy = choose_proxy(list(session.scalars(select(Proxy))), proxy_loads(session), vm, jv.job.policy,
-                             exclude=jv.proxy)
+                             exclude=_other_than(jv.proxy))
         if proxy is None:
             continue  # retried once a proxy is up
         jv.warnings = [*jv.warnings, f"proxy {jv.proxy} stopped during attempt {jv.attempts}; retried on "
@@ -179,8 +198,32 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
     return moved
 
 
+def restore_proxy(session: Session, hypervisor: Hypervisor, exclude: set[str] | None = None) -> Proxy | None:
+    """A live proxy on one of the hypervisor's hosts (restores write the host's storage), least loaded."""
+    hosts = set(session.scalars(select(VirtualMachine.host).where(VirtualMachine.hypervisor_id == hypervisor.id)))
+    loads = proxy_loads(session)
+    fits = [p for p in session.scalars(select(Proxy))
+            if proxy_up(p) and hosts & set(p.reaches) and p.name not in (exclude or set())]
+    return min(fits, key=lambda p: (loads.get(p.name, 0) / max(p.concurrency, 1), p.name)) if fits else None
+
+
+async def _rescue_restore(session: Session, queue: procrastinate.App, task: procrastinate.jobs.Job) -> int:
+    restore = session.get(RestoreJob, task.task_kwargs["restore_id"])
+    if restore is None or restore.status not in ACTIVE:
+        return 0
+    proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
+    if proxy is None:
+        return 0  # retried once a proxy is up
+    restore.warnings = [*restore.warnings, f"proxy {restore.proxy} stopped during attempt {restore.attempts}; "
+                                           f"retried on {proxy.name}"]
+    restore.status, restore.proxy = "queued", proxy.name
+    session.commit()
+    await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
+    return 1
+
+
 async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
-    """Tasks waiting on the queue of a proxy that is down go to a live proxy; how many moved."""
+    """Backups and restores waiting on the queue of a proxy that is down go to a live proxy; how many moved."""
     moved = 0
     proxies = list(session.scalars(select(Proxy)))
     down = {p.name for p in proxies if not proxy_up(p)}
@@ -191,7 +234,7 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
     for jv in list(waiting):
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None and jv.task_id is not None
-        proxy = choose_proxy(proxies, proxy_loads(session), vm, jv.job.policy, exclude=jv.proxy)
+        proxy = choose_proxy(proxies, proxy_loads(session), vm, jv.job.policy, exclude=_other_than(jv.proxy))
         if proxy is None:
             continue
         if not await queue.job_manager.cancel_job_by_id_async(jv.task_id):
@@ -201,4 +244,22 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
         jv.task_id = await _defer(queue, proxy, vm, jv)
         session.commit()
         moved += 1
+    restores = session.scalars(select(RestoreJob).where(RestoreJob.status == "queued", RestoreJob.proxy.in_(down),
+                                                        RestoreJob.task_id.is_not(None)))
+    for restore in list(restores):
+        assert restore.task_id is not None
+        proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
+        if proxy is None or not await queue.job_manager.cancel_job_by_id_async(restore.task_id):
+            continue
+        restore.warnings = [*restore.warnings, f"proxy {restore.proxy} went down before starting it; moved to "
+                                               f"{proxy.name}"]
+        restore.proxy = proxy.name
+        restore.task_id = await defer_restore(queue, proxy, restore)
+        session.commit()
+        moved += 1
     return moved
+
+
+async def defer_restore(queue: procrastinate.App, proxy: Proxy, restore: RestoreJob) -> int:
+    return await queue.tasks["vmkeep:restore_vm"].configure(queue=queue_name(proxy.name)).defer_async(
+        restore_id=restore.id)

@@ -55,12 +55,16 @@ class PolicyIn(BaseModel):
     hypervisor: str | None = Field(default=None, max_length=200)
     hosts: list[str] = Field(default_factory=list, max_length=1000)
     tags: list[str] = Field(default_factory=list, max_length=100)
+    folders: list[str] = Field(default_factory=list, max_length=100, description="folder globs, e.g. prod/*")
     schedule: str | None = Field(default=None, max_length=100)
     retention: dict[str, int] = Field(default_factory=dict)
     full_every: int | None = Field(default=None, ge=1, le=1000)
     transports: str = Field(default="san:hotadd:nbd", max_length=50)
     quiesce: str = Field(default="try", pattern=r"^(required|try|off)$")
-    max_per_host: int | None = Field(default=None, ge=1, le=1000)
+    max_per_host: int | None = Field(default=None, ge=1, le=1000, description="this run's backups at once per host")
+    max_per_datastore: int | None = Field(default=None, ge=1, le=1000)
+    max_per_proxy: int | None = Field(default=None, ge=1, le=1000)
+    verify_after: bool = Field(default=False, description="re-read and check every chunk of each new point")
     notify_webhook: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
     notify_email: list[str] = Field(default_factory=list, max_length=50)
 
@@ -83,6 +87,7 @@ class JobVMOut(BaseModel):
     total_bytes: int | None
     duration_seconds: float | None
     point_id: str | None
+    verified: bool | None
     warnings: list[Any]
     error: str | None
     started: datetime | None
@@ -108,8 +113,10 @@ def _policy_out(p: Policy) -> PolicyOut:
     rules = p.selection
     return PolicyOut(name=p.name, repository=p.repository.name, vms=rules.get("vms", []),
                      globs=rules.get("globs", []), hypervisor=rules.get("hypervisor"), hosts=rules.get("hosts", []),
-                     tags=rules.get("tags", []), schedule=p.schedule, retention=p.retention, full_every=p.full_every,
-                     transports=p.transports, quiesce=p.quiesce, max_per_host=p.max_per_host, created=p.created,
+                     tags=rules.get("tags", []), folders=rules.get("folders", []), schedule=p.schedule,
+                     retention=p.retention, full_every=p.full_every, transports=p.transports, quiesce=p.quiesce,
+                     max_per_host=p.max_per_host, max_per_datastore=p.max_per_datastore,
+                     max_per_proxy=p.max_per_proxy, verify_after=p.verify_after, created=p.created,
                      notify_webhook=p.notify_webhook, notify_email=p.notify_email or [], next_run=p.next_run)
 
 
@@ -119,7 +126,8 @@ def _job_out(job: Job) -> JobOut:
                   vms=[JobVMOut(vm=v.vm_name, proxy=v.proxy, status=v.status, attempts=v.attempts, mode=v.mode,
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
                                 progress_bytes=v.progress_bytes, total_bytes=v.total_bytes,
-                                duration_seconds=v.duration_seconds, point_id=v.point_id, warnings=v.warnings,
+                                duration_seconds=v.duration_seconds, point_id=v.point_id, verified=v.verified,
+                                warnings=v.warnings,
                                 error=v.error, started=v.started, finished=v.finished) for v in job.vms])
 
 
@@ -176,10 +184,11 @@ def create_policy(body: PolicyIn, request: Request, user: User = Depends(require
         raise HTTPException(400, "notify_email holds addresses like ops@example.com")
     policy = Policy(name=body.name, repository_id=repo.id, schedule=body.schedule, retention=body.retention,
                     full_every=body.full_every, transports=body.transports, quiesce=body.quiesce,
-                    max_per_host=body.max_per_host, next_run=first_run, notify_webhook=body.notify_webhook,
-                    notify_email=body.notify_email,
+                    max_per_host=body.max_per_host, max_per_datastore=body.max_per_datastore,
+                    max_per_proxy=body.max_per_proxy, verify_after=body.verify_after, next_run=first_run,
+                    notify_webhook=body.notify_webhook, notify_email=body.notify_email,
                     selection={"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor,
-                               "hosts": body.hosts, "tags": body.tags})
+                               "hosts": body.hosts, "tags": body.tags, "folders": body.folders})
     session.add(policy)
     audit.record(session, request, user.name, "policy-create", body.name)
     session.commit()

@@ -13,16 +13,13 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
     Hypervisor,
-    Proxy,
     RestoreJob,
     RestorePointRecord,
     User,
-    VirtualMachine,
 )
-from vmkeep.proxy.queue import queue_name
 from vmkeep.server import audit
 from vmkeep.server.auth import EVERYONE, RESTORE, get_session, require
-from vmkeep.server.dispatch import proxy_loads, proxy_up
+from vmkeep.server.dispatch import defer_restore, restore_proxy
 from vmkeep.server.schemas import NAME
 
 router = APIRouter(prefix="/api")
@@ -47,6 +44,10 @@ class RestoreOut(BaseModel):
     new_name: str | None
     proxy: str | None
     status: str
+    attempts: int
+    progress_bytes: int | None
+    total_bytes: int | None
+    warnings: list[str]
     error: str | None
     disks: dict[str, str] | None
     created: datetime
@@ -55,15 +56,9 @@ class RestoreOut(BaseModel):
 
 def _out(r: RestoreJob) -> RestoreOut:
     return RestoreOut(id=r.id, vm=r.vm_name, point=r.point_id, mode=r.mode, new_name=r.new_name, proxy=r.proxy,
-                      status=r.status, error=r.error, disks=r.disks, created=r.created, finished=r.finished)
-
-
-def _proxy_for(session: Session, hypervisor: Hypervisor) -> Proxy | None:
-    """A live proxy on one of the hypervisor's hosts (restores write the host's storage)."""
-    hosts = set(session.scalars(select(VirtualMachine.host).where(VirtualMachine.hypervisor_id == hypervisor.id)))
-    loads = proxy_loads(session)
-    fits = [p for p in session.scalars(select(Proxy)) if proxy_up(p) and hosts & set(p.reaches)]
-    return min(fits, key=lambda p: (loads.get(p.name, 0) / max(p.concurrency, 1), p.name)) if fits else None
+                      status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
+                      total_bytes=r.total_bytes, warnings=r.warnings, error=r.error, disks=r.disks,
+                      created=r.created, finished=r.finished)
 
 
 @router.post("/restores", response_model=RestoreOut, status_code=202, tags=["restores"])
@@ -82,7 +77,7 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
     if not points or (body.point and len(points) > 1 and points[0].point_id != body.point):
         raise HTTPException(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}")
     point = points[0]
-    proxy = _proxy_for(session, hypervisor)
+    proxy = restore_proxy(session, hypervisor)
     if proxy is None:
         raise HTTPException(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there")
     job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
@@ -93,8 +88,7 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
     audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id,
                  as_name=body.as_name, overwrite=body.overwrite)
     session.commit()
-    task = request.app.state.queue.tasks["vmkeep:restore_vm"]
-    job.task_id = await task.configure(queue=queue_name(proxy.name)).defer_async(restore_id=job.id)
+    job.task_id = await defer_restore(request.app.state.queue, proxy, job)
     session.commit()
     return _out(job)
 

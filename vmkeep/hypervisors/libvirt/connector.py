@@ -174,8 +174,18 @@ class LibvirtConnector:
             except libvirt.libvirtError:
                 capacity = allocation = 0
             disks.append(VMDisk(spec.target, spec.source, spec.format, capacity, allocation, spec.eligible,
-                                spec.reason))
+                                spec.reason, self._datastore(spec.source)))
         return VMInfo(dom.name(), dom.UUIDString(), STATE_NAMES.get(dom.state()[0], "unknown"), self.host, disks)
+
+    def _datastore(self, path: str) -> str:
+        """The storage pool holding ``path``, or its directory when no pool manages it (named per
+        host: libvirt knows nothing of storage shared between hosts)."""
+        if not path:
+            return ""
+        try:
+            return f"{self.host}:pool/{self.conn.storageVolLookupByPath(path).storagePoolLookupByVolume().name()}"
+        except libvirt.libvirtError:
+            return f"{self.host}:{os.path.dirname(path) if path.startswith('/') else path}"
 
     # -- restore targets -------------------------------------------------------------------------
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
@@ -240,6 +250,25 @@ class LibvirtConnector:
         if self.domain(vm).state()[0] != libvirt.VIR_DOMAIN_SHUTOFF:
             raise HypervisorError(f"VM {vm} is running: shut it off first (virsh -c {self.uri} shutdown {vm}), "
                                   "then restore over it")
+
+    def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
+        try:
+            dom = self.conn.lookupByName(name)
+        except libvirt.libvirtError:
+            return False
+        sources = sorted(spec.source for spec in disk_specs(dom.XMLDesc()) if spec.source)
+        if sources != sorted(disk_paths):
+            raise HypervisorError(f"a VM named {name!r} exists on {self.uri} that this restore did not make (its "
+                                  f"disks are {', '.join(sources) or 'none'}); restore under another name")
+        try:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+                              | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot remove {name}, left by an earlier attempt of this restore: "
+                                  f"{exc.get_error_message()}") from None
+        return True
 
     def forget_checkpoints(self, vm: str) -> None:
         """Drop libvirt's checkpoint records of a VM whose disks are being replaced."""
