@@ -95,6 +95,17 @@ def test_unauthenticated_and_forbidden_requests(server: Server) -> None:
     assert audrey.get("/api/audit").status_code == 200 and audrey.delete("/api/users/rita").status_code == 403
     otto = server.client(server.login("otto", "otto-password"))
     assert otto.get("/api/users").status_code == 403
+    # registering a proxy hands out the queue's database login: proxy accounts and admins only
+    register = {"name": "p9", "transports": ["nbd"], "reaches": ["*"], "concurrency": 1}
+    assert otto.post("/api/proxies/register", json=register).status_code == 403
+    assert admin.post("/api/users", json={"name": "pete", "password": "pete-password",
+                                          "role": "proxy"}).status_code == 201
+    pete = server.client(server.client(server.login("pete", "pete-password")).post(
+        "/api/tokens", json={"name": "proxy", "days": 365}).json()["token"])
+    registered = pete.post("/api/proxies/register", json=register)
+    assert registered.status_code == 200 and registered.json()["database_url"].startswith("postgresql")
+    assert pete.post("/api/proxies/p9/heartbeat").status_code == 204
+    assert [pete.get(p).status_code for p in ("/api/vms", "/api/points", "/api/jobs")] == [403, 403, 403]
 
     # a named API token works like a login; removing the user ends it
     token = rita.post("/api/tokens", json={"name": "script", "days": 30}).json()["token"]

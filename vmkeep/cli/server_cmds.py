@@ -76,7 +76,8 @@ def proxy_cmd(
 @user_app.command("add")
 def user_add_cmd(
     name: Annotated[str, typer.Argument(help="Login name")],
-    role: Annotated[str, typer.Option(help="admin, operator, restore-only or auditor")] = "admin",
+    role: Annotated[str, typer.Option(
+        help="admin, operator, restore-only, auditor, or proxy (for `vmkeep proxy`)")] = "admin",
     database_url: DatabaseOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

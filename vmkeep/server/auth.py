@@ -16,9 +16,11 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import ApiToken, User
 
-ADMIN, OPERATOR, RESTORE_ONLY, AUDITOR = "admin", "operator", "restore-only", "auditor"
-ROLES = (ADMIN, OPERATOR, RESTORE_ONLY, AUDITOR)
-EVERYONE = ROLES
+ADMIN, OPERATOR, RESTORE_ONLY, AUDITOR, PROXY = "admin", "operator", "restore-only", "auditor", "proxy"
+ROLES = (ADMIN, OPERATOR, RESTORE_ONLY, AUDITOR, PROXY)
+EVERYONE = (ADMIN, OPERATOR, RESTORE_ONLY, AUDITOR)  # the people; a proxy account only registers and heartbeats
+# registering hands out the catalog's database login (the task queue): admins and proxy accounts only
+RUN_PROXY = (ADMIN, PROXY)
 CHANGE_INVENTORY = (ADMIN, OPERATOR)  # hypervisors, repositories, discovery, policies, backups
 READ_AUDIT = (ADMIN, AUDITOR)
 RESTORE = (ADMIN, OPERATOR, RESTORE_ONLY)

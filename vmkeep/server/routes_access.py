@@ -12,9 +12,9 @@ from vmkeep.catalog.models import AuditEntry, User
 from vmkeep.server import audit
 from vmkeep.server.auth import (
     ADMIN,
-    EVERYONE,
     LOGIN_HOURS,
     READ_AUDIT,
+    ROLES,
     current_user,
     get_session,
     hash_password,
@@ -42,7 +42,7 @@ def login(body: Login, request: Request, session: Session = Depends(get_session)
 
 
 @router.post("/tokens", response_model=TokenOut, status_code=201, tags=["access"])
-def create_token(body: TokenRequest, request: Request, user: User = Depends(require(*EVERYONE)),
+def create_token(body: TokenRequest, request: Request, user: User = Depends(require(*ROLES)),
                  session: Session = Depends(get_session)) -> TokenOut:
     """A named API token for scripts, valid ``days`` (or until its user is removed)."""
     user = session.merge(user)

@@ -17,7 +17,7 @@ from vmkeep.hypervisors.base import parse_transports
 from vmkeep.proxy.backup_task import settle_job
 from vmkeep.repository.prune import RetentionPolicy
 from vmkeep.server import audit
-from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, RUN_PROXY, get_session, require
 from vmkeep.server.dispatch import proxy_up, run_policy
 from vmkeep.server.schedule import next_run
 from vmkeep.server.schemas import NAME
@@ -132,9 +132,10 @@ def _job_out(job: Job) -> JobOut:
 
 
 @router.post("/proxies/register", response_model=Registered, tags=["proxies"])
-def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require(*RUN_PROXY)),
                    session: Session = Depends(get_session)) -> Registered:
-    """A proxy announces itself (again after a restart) and learns where its queue is."""
+    """A proxy announces itself (again after a restart) and learns where its queue is: the
+    catalog's database login, so only admins and proxy accounts may ask."""
     try:
         parse_transports(":".join(body.transports))
     except VmkeepError as exc:
@@ -152,7 +153,7 @@ def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require
 
 
 @router.post("/proxies/{name}/heartbeat", status_code=204, tags=["proxies"])
-def heartbeat(name: str, _: User = Depends(require(*CHANGE_INVENTORY)),
+def heartbeat(name: str, _: User = Depends(require(*RUN_PROXY)),
               session: Session = Depends(get_session)) -> None:
     p = session.scalar(select(Proxy).where(Proxy.name == name))
     if p is None:

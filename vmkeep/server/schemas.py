@@ -28,7 +28,7 @@ class TokenRequest(BaseModel):
 class UserIn(BaseModel):
     name: str = Field(pattern=NAME)
     password: str = Field(min_length=8, max_length=1000)
-    role: str = Field(pattern=r"^(admin|operator|restore-only|auditor)$")
+    role: str = Field(pattern=r"^(admin|operator|restore-only|auditor|proxy)$")
 
 
 class UserOut(BaseModel):
