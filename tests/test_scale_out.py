@@ -18,7 +18,10 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
-from tests.test_server import ADMIN_PASSWORD, Server, server  # noqa: F401 - the server fixture
+from tests.test_server import ADMIN_PASSWORD, Server, launch, server  # noqa: F401 - the server fixture
+from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
+from vmkeep.lab.postgres import lab_network_url
+from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
 
 PACED = 160  # MiB/s: the big VMs' backups and restores take seconds, however fast this machine is
 
@@ -36,13 +39,14 @@ def vms() -> Iterator[list[BareVM]]:
             bare_vm.destroy(m)
 
 
-def start_proxy(master: Server, token: str, name: str, concurrency: int = 1,
-                max_rate: int | None = None) -> subprocess.Popen[str]:
-    """A proxy process on this host; ``max_rate`` (MiB/s) makes its backups and restores last long
-    enough for a test to act while they run."""
+def start_proxy(master: Server, token: str, name: str, concurrency: int = 1, max_rate: int | None = None, *,
+                reaches: str = "", transports: str = "hotadd:nbd",
+                where: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """A proxy process on this host (or run under the ``where`` command prefix: another network);
+    ``max_rate`` (MiB/s) makes its backups and restores last long enough for a test to act on them."""
     limit = ["--max-rate", str(max_rate)] if max_rate else []
-    return subprocess.Popen([VMKEEP, "proxy", "--name", name, "--server", master.url, "--token", token,
-                             "--transports", "hotadd:nbd", "--reaches", socket.gethostname(),
+    return subprocess.Popen([*where, VMKEEP, "proxy", "--name", name, "--server", master.url, "--token", token,
+                             "--transports", transports, "--reaches", reaches or socket.gethostname(),
                              "--concurrency", str(concurrency), *limit],
                             env=master.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -58,14 +62,15 @@ def stop(proxy: subprocess.Popen[str]) -> None:
             proxy.wait()
 
 
-def master_with_repository(master: Server, cli: Cli, tmp_path: Path) -> tuple[httpx.Client, str]:
-    """An admin client of ``master`` with a plain repository ``main`` and the local libvirt ``local``."""
+def master_with_repository(master: Server, cli: Cli, tmp_path: Path,
+                           uri: str = "qemu:///system") -> tuple[httpx.Client, str]:
+    """An admin client of ``master`` with a plain repository ``main`` and the libvirt ``local`` at ``uri``."""
     admin = master.client(master.login("admin", ADMIN_PASSWORD))
     repo = str(tmp_path / "repo")
     cli.run("repo", "init", repo)
     assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
     assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
-                                                "uri": "qemu:///system"}).status_code == 201
+                                                "uri": uri}).status_code == 201
     return admin, repo
 
 
@@ -341,3 +346,44 @@ def test_cancel_drops_queued_and_stops_running_backups(server: Server, cli: Cli,
             stop(proxy)
         for m in (big, small):
             bare_vm.destroy(m)
+
+
+def test_a_proxy_on_another_network(cli: Cli, database: str, tmp_path: Path) -> None:
+    """One proxy on the host, one in a network namespace (another machine's network): a run
+    spreads over both, each with the transport its place allows."""
+    where = tuple(create_proxy_network())
+    machines: list[BareVM] = []
+    proxies: list[subprocess.Popen[str]] = []
+    try:
+        # the master listens on the lab network, and tells proxies the catalog's address there
+        with launch(cli, database, tmp_path, "--proxy-database-url", lab_network_url(database),
+                    host=PROXY_NETWORK_GATEWAY) as master:
+            admin, repo = master_with_repository(master, cli, tmp_path, uri=f"qemu+tls://{PROXY_NETWORK_GATEWAY}/system")
+            for i in range(2):
+                machines.append(bare_vm.create({"vda": (32 * MiB, "qcow2")}))
+                machines[-1].write("vda", 0, 8 * MiB, 0x40 + i)
+            assert admin.post("/api/hypervisors/local/discover").status_code == 200
+            names = sorted(m.name for m in machines)
+            assert admin.post("/api/policies", json={"name": "both", "repository": "main", "vms": names,
+                                                     "transports": "hotadd:nbd"}).status_code == 201
+            at_backup = {m.name: m.snapshot("vda", tmp_path / f"{m.name}.qcow2") for m in machines}
+            token = admin.post("/api/tokens", json={"name": "proxies"}).json()["token"]
+            proxies = [start_proxy(master, token, "near", reaches=PROXY_NETWORK_GATEWAY),
+                       start_proxy(master, token, "far", reaches="*", transports="nbd", where=where)]
+            wait_for("both proxies up", lambda: sum(p["up"] for p in admin.get("/api/proxies").json()) == 2)
+            done = run_to_end(admin, "both", {name: "queued" for name in names})
+            by_proxy = {v["proxy"]: v for v in done.values()}
+            assert by_proxy["near"]["transport"] == "hotadd", by_proxy  # on the VMs' host
+            far = by_proxy["far"]
+            assert far["transport"] == "nbd" and any("TLS" in w for w in far["warnings"]), far  # across the link
+            for m in machines:
+                out = tmp_path / f"restored-{m.name}.qcow2"
+                cli.run("restore", f"{m.name}@{done[m.name]['point_id']}", "--repo", repo, "--disk", "vda",
+                        "--output", str(out))
+                assert qemu_img_compare(at_backup[m.name], out), m.name
+    finally:
+        for p in proxies:
+            stop(p)
+        for m in machines:
+            bare_vm.destroy(m)
+        destroy_proxy_network()

@@ -38,17 +38,17 @@ class Server:
 
 
 @contextmanager
-def launch(cli: Cli, database: str, tmp_path: Path, *extra: str) -> Iterator[Server]:
-    """A `vmkeep server` process on a fresh catalog with an admin account."""
+def launch(cli: Cli, database: str, tmp_path: Path, *extra: str, host: str = "127.0.0.1") -> Iterator[Server]:
+    """A `vmkeep server` process on a fresh catalog with an admin account, listening on ``host``."""
     env = {**cli.env, "VMKEEP_DATABASE_URL": database, "VMKEEP_MASTER_KEY_FILE": str(tmp_path / "master.key"),
            "VMKEEP_NEW_PASSWORD": ADMIN_PASSWORD}
     cli.run("db", "upgrade", env=env)
     cli.run("user", "add", "admin", "--role", "admin", env=env)
     port = free_port()
     log = tmp_path / "server.log"
-    proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}", *extra], env=env,
+    proc = subprocess.Popen([VMKEEP, "server", "--listen", f"{host}:{port}", *extra], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + 60
     while True:
         try:

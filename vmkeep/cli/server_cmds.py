@@ -33,6 +33,10 @@ def server_cmd(
     smtp_from: Annotated[str, typer.Option(help="Sender address of the notices")] = "vmkeep@localhost",
     smtp_starttls: Annotated[bool, typer.Option("--smtp-starttls")] = False,
     database_url: DatabaseOpt = None,
+    proxy_database_url: Annotated[str | None, typer.Option(
+        envvar="VMKEEP_PROXY_DATABASE_URL", show_envvar=False,
+        help="The catalog's URL as proxies on other machines reach it (else VMKEEP_PROXY_DATABASE_URL; "
+             "default: the server's own)")] = None,
 ) -> None:
     """Run the master server: REST API (OpenAPI at /docs), metrics at /metrics, schedules, notices.
 
@@ -49,7 +53,7 @@ def server_cmd(
     host, port = parse_listen(listen)
     mailer = (Mailer(smtp_host, smtp_port, smtp_from, smtp_starttls, os.environ.get("VMKEEP_SMTP_USER"),
                      os.environ.get("VMKEEP_SMTP_PASSWORD")) if smtp_host else None)
-    app = create_app(resolve(database_url), mailer)
+    app = create_app(resolve(database_url), mailer, proxy_database_url)
     uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning")
 
 

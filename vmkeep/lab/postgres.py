@@ -4,6 +4,10 @@ There is no service manager on lab machines, so the cluster is started with ``pg
 A ``vmkeep`` role (password generated once) owns a ``vmkeep`` database, and the URL is written
 to ``DATABASE_URL_FILE`` (root only) where the catalog looks for it by default. Larger installs
 skip this and point ``--database-url`` / ``VMKEEP_DATABASE_URL`` at their own server.
+
+Proxies on the lab's other network (a network namespace, see vmkeep.lab.netns) work the task
+queue in this database too, so the cluster listens beyond loopback and lets the vmkeep role in
+from that network only, with its password.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import time
 from pathlib import Path
 
 from vmkeep.errors import LabError
+from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
 
 DATABASE_URL_FILE = Path("/etc/vmkeep/database.url")
 ROLE = DATABASE = "vmkeep"
 HOST, PORT = "127.0.0.1", 5432
+LAB_NETWORK = f"{PROXY_NETWORK_GATEWAY.rsplit('.', 1)[0]}.0/24"
 
 
 def _cluster() -> tuple[str, str]:
@@ -48,6 +54,31 @@ def _ready(timeout: float) -> None:
         time.sleep(0.2)
 
 
+def _ctl(version: str, name: str, action: str) -> None:
+    proc = subprocess.run(["pg_ctlcluster", version, name, action], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"cannot {action} PostgreSQL {version}/{name}: {proc.stderr.strip()}")
+
+
+def _open_to_lab_network(version: str, name: str, timeout: float) -> None:
+    """Listen on every address and admit the vmkeep role (password only) from the lab network."""
+    hba = Path(psql("SHOW hba_file"))
+    rule = f"host all {ROLE} {LAB_NETWORK} scram-sha-256"
+    if rule not in hba.read_text().splitlines():
+        with hba.open("a") as f:
+            f.write(f"# vmkeep lab: proxies on the lab network\n{rule}\n")
+        psql("SELECT pg_reload_conf()")
+    if psql("SHOW listen_addresses") != "*":
+        psql("ALTER SYSTEM SET listen_addresses = '*'")
+        _ctl(version, name, "restart")
+        _ready(timeout)
+
+
+def lab_network_url(url: str) -> str:
+    """``url`` as a proxy on the lab network reaches the database (the host's lab address)."""
+    return url.replace(f"@{HOST}:", f"@{PROXY_NETWORK_GATEWAY}:", 1)
+
+
 def ensure_postgres(timeout: float = 60.0) -> str:
     """Start the cluster unless it runs, create the vmkeep role and database once; the URL."""
     if shutil.which("pg_lsclusters") is None:
@@ -55,10 +86,9 @@ def ensure_postgres(timeout: float = 60.0) -> str:
     version, name = _cluster()
     status = subprocess.run(["pg_ctlcluster", version, name, "status"], capture_output=True)
     if status.returncode != 0:
-        proc = subprocess.run(["pg_ctlcluster", version, name, "start"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise LabError(f"cannot start PostgreSQL {version}/{name}: {proc.stderr.strip()}")
+        _ctl(version, name, "start")
     _ready(timeout)
+    _open_to_lab_network(version, name, timeout)
     if DATABASE_URL_FILE.exists() and psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'") == "1":
         return DATABASE_URL_FILE.read_text().strip()
     password = secrets.token_urlsafe(18)

@@ -8,15 +8,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from procrastinate import JobContext
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import Job, JobVM, RestorePointRecord, VirtualMachine
+from vmkeep.catalog.models import Job, JobVM, Policy, Proxy, RestorePointRecord, VirtualMachine
 from vmkeep.catalog.rebuild import upsert_points
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
-from vmkeep.hypervisors.base import parse_transports
+from vmkeep.hypervisors.base import HypervisorError, parse_transports
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
 from vmkeep.repository.prune import RetentionPolicy, prune
@@ -73,7 +73,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             # touches the row again, or the two would wait on each other's row lock
             progress = RowProgress(sessions, job_vm_id)
             try:
-                m = backup_vm(repo, connector, vm.name, transports=parse_transports(policy.transports),
+                m = backup_vm(repo, connector, vm.name, transports=usable_transports(session, policy, proxy),
                               quiesce=policy.quiesce, full=full, cancel=cancel,  # type: ignore[arg-type]
                               progress=throttled(progress, max_rate))
                 checked = verify(repo, progress=progress, only=[m]) if policy.verify_after else None
@@ -105,6 +105,17 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             jv.finished = datetime.now(UTC)
             session.commit()
             settle_job(session, jv.job)
+
+
+def usable_transports(session: Session, policy: Policy, proxy: str) -> list[str]:
+    """The policy's transports in its order, less those this proxy did not register for."""
+    wanted = parse_transports(policy.transports)
+    row = session.scalar(select(Proxy).where(Proxy.name == proxy))
+    usable = [t for t in wanted if row is None or t in row.transports]
+    if not usable:
+        raise HypervisorError(f"proxy {proxy} does none of the policy's transports {policy.transports} "
+                              f"(it does {':'.join(row.transports) if row else '?'})")
+    return usable
 
 
 def _verify_failure(point_id: str, report: VerifyReport) -> str:

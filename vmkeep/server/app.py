@@ -87,11 +87,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             rescuer.cancel()
 
 
-def create_app(database_url: str, mailer: Mailer | None = None) -> FastAPI:
+def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_url: str | None = None) -> FastAPI:
+    """``proxy_database_url``: the catalog as proxies on other machines reach it (the master's
+    own URL may name a local socket or loopback); the master's URL when not given."""
     app = FastAPI(title="vmkeep", version=__version__, lifespan=lifespan,
                   description="Agentless VM backup: catalog, inventory, proxies, policies, jobs, repositories, "
                               "users and audit.")
     app.state.database_url = database_url
+    app.state.proxy_database_url = proxy_database_url or database_url
     app.state.mailer = mailer
     app.state.sessions = sessions(database_url)
     app.state.queue = make_app(database_url)

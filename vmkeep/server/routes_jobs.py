@@ -149,7 +149,7 @@ def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require
     p.last_heartbeat = datetime.now(UTC)
     audit.record(session, request, user.name, "proxy-register", body.name, reaches=body.reaches)
     session.commit()
-    return Registered(proxy=_proxy_out(p), database_url=request.app.state.database_url)
+    return Registered(proxy=_proxy_out(p), database_url=request.app.state.proxy_database_url)
 
 
 @router.post("/proxies/{name}/heartbeat", status_code=204, tags=["proxies"])

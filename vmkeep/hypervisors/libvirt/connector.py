@@ -76,6 +76,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def is_own_address(hostname: str | None) -> bool:
+    """Whether ``hostname`` names this machine (in this network namespace): one of its addresses
+    can be bound here only if it is assigned to an interface here."""
+    if not hostname:
+        return False
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_UDP)}
+    except OSError:
+        return False
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in str(address) else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
 class LibvirtConnector:
     def __init__(self, uri: str = "qemu:///system", nbd_tls: NbdTls = "auto",
                  credentials: tuple[str, str] | None = None) -> None:
@@ -87,7 +107,8 @@ class LibvirtConnector:
         self.credentials = credentials
         parsed = urlparse(uri)
         self.host = parsed.hostname or socket.gethostname()
-        self.is_local = parsed.hostname in (None, "", "localhost", "127.0.0.1", socket.gethostname())
+        self.is_local = parsed.hostname in (None, "", "localhost", "127.0.0.1", socket.gethostname()) \
+            or is_own_address(parsed.hostname)
         try:
             self.conn = self._open()
         except libvirt.libvirtError as exc:
