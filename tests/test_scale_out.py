@@ -287,6 +287,8 @@ def test_verify_after_backup_catches_a_bad_chunk(server: Server, cli: Cli, tmp_p
         wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
         first = run_to_end(admin, "checked", {machine.name: "queued"})[machine.name]
         assert first["verified"] is True, first
+        assert first["disks"]["vda"]["size"] == 32 * MiB and first["disks"]["vda"]["mode"] == "full", first
+        assert first["disks"]["vda"]["bytes_read"] == first["read_bytes"] == 8 * MiB, first  # per disk, per VM
 
         # bit rot in a chunk the next point shares with the first (the guest's unchanged data)
         victim = next(p for p in (repo / "chunks").rglob("*") if p.is_file() and len(p.name) == 64)
@@ -299,6 +301,7 @@ def test_verify_after_backup_catches_a_bad_chunk(server: Server, cli: Cli, tmp_p
         second = done["vms"][0]
         assert done["status"] == "failed" and second["verified"] is False, done
         assert "verify after backup" in second["error"] and "does not read back" in second["error"], second
+        assert second["disks"]["vda"]["mode"] == "incremental" and second["disks"]["vda"]["bytes_read"] == MiB
         # retention (keep the last one) was not applied: the first point is still there to restore
         kept = [p["point"] for p in cli.json("points", "--repo", str(repo))["points"]]
         assert first["point_id"] in kept and second["point_id"] in kept, kept

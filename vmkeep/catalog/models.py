@@ -162,6 +162,7 @@ class Proxy(Base):
     name: Mapped[str] = mapped_column(String(100), unique=True)
     transports: Mapped[list[Any]]  # what it can do: san, hotadd, nbd
     reaches: Mapped[list[Any]]  # hypervisor hosts it sits on or reaches ("*": any, over nbd)
+    storage: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")  # datastores it sees (san)
     concurrency: Mapped[int]
     registered: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     last_heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
@@ -234,6 +235,7 @@ class JobVM(Base):
     duration_seconds: Mapped[float | None] = mapped_column(Float)
     point_id: Mapped[str | None] = mapped_column(String(64))
     verified: Mapped[bool | None]  # None: not asked for (or not reached)
+    disks: Mapped[dict[str, Any] | None]  # per disk: mode, bytes read, reused, stored, seconds
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     error: Mapped[str | None] = mapped_column(String(4000))
     started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -65,6 +65,8 @@ def proxy_cmd(
     transports: Annotated[str, typer.Option(help="What this proxy can do")] = "san:hotadd:nbd",
     reaches: Annotated[str, typer.Option(help="Comma-separated hypervisor hosts it is on or sees; * for any "
                                               "over nbd")] = "*",
+    storage: Annotated[str, typer.Option(help="Comma-separated datastores this proxy reads directly (san), as "
+                                              "GET /api/vms names them")] = "",
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="VM backups at once")] = 2,
     max_rate: Annotated[float | None, typer.Option(min=1, help="MiB/s each backup may read from a VM's "
                                                                "storage and each restore may write")] = None,
@@ -74,7 +76,8 @@ def proxy_cmd(
     from vmkeep.proxy.worker import run_proxy
 
     run_proxy(server.rstrip("/"), token, name, parse_transports(transports),
-              [h.strip() for h in reaches.split(",") if h.strip()], concurrency, max_rate)
+              [h.strip() for h in reaches.split(",") if h.strip()], concurrency, max_rate,
+              [s.strip() for s in storage.split(",") if s.strip()])
 
 
 @user_app.command("add")

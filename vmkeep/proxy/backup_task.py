@@ -83,6 +83,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             jv.status, jv.mode, jv.transport, jv.point_id = "succeeded", m.meta["mode"], m.meta["transport"], m.point_id
             jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")
             jv.duration_seconds = m.stats.get("seconds")
+            jv.disks = {d: {"size": e.size, **e.stats} for d, e in m.disks.items()}
             jv.warnings = [*jv.warnings, *m.meta.get("notes", [])]
             if checked is not None:
                 jv.verified = checked.ok

@@ -17,11 +17,13 @@ WORKER_HEARTBEAT_SECONDS = 2.0  # procrastinate's own, which the master's rescue
 log = logging.getLogger("vmkeep.proxy")
 
 
-def register(client: httpx.Client, name: str, transports: list[str], reaches: list[str], concurrency: int) -> str:
+def register(client: httpx.Client, name: str, transports: list[str], reaches: list[str], concurrency: int,
+             storage: list[str]) -> str:
     """Announce this proxy to the master; returns the database URL of the task queue."""
     try:
         reply = client.post("/api/proxies/register", json={"name": name, "transports": transports,
-                                                          "reaches": reaches, "concurrency": concurrency})
+                                                          "reaches": reaches, "storage": storage,
+                                                          "concurrency": concurrency})
     except httpx.HTTPError as exc:
         raise VmkeepError(f"cannot reach the master at {client.base_url}: {exc}") from None
     if reply.status_code != 200:
@@ -38,11 +40,11 @@ def _heartbeat(client: httpx.Client, name: str, stop: threading.Event) -> None:
 
 
 def run_proxy(server: str, token: str, name: str, transports: list[str], reaches: list[str],
-              concurrency: int, max_rate: float | None = None) -> None:
+              concurrency: int, max_rate: float | None = None, storage: list[str] | None = None) -> None:
     """Blocks until interrupted (SIGINT/SIGTERM finish the running backups first). ``max_rate``:
     MiB/s each backup may read and each restore may write (none: as fast as it goes)."""
     client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    database_url = register(client, name, transports, reaches, concurrency)
+    database_url = register(client, name, transports, reaches, concurrency, storage or [])
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(client, name, stop), daemon=True)
     beat.start()

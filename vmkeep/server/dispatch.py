@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, RestoreJob, VirtualMachine
 from vmkeep.proxy.backup_task import settle_job
 from vmkeep.proxy.queue import queue_name, vm_lock
-from vmkeep.server.limits import ACTIVE, RunSlots
+from vmkeep.server.limits import ACTIVE, RunSlots, datastores
 
 PROXY_TIMEOUT = timedelta(seconds=10)  # a proxy whose heartbeat is older is down
 
@@ -63,10 +63,11 @@ def choose_proxy(proxies: list[Proxy], loads: dict[str, int], vm: VirtualMachine
         if p.name in exclude or not proxy_up(p):
             continue
         on_host = vm.host in p.reaches
+        sees_storage = bool(datastores(vm)) and datastores(vm) <= set(p.storage)
         usable = set(p.transports) & wanted
         if not on_host:
-            usable -= {"san", "hotadd"}  # those need the proxy on the VM's host or its storage
-            if "*" not in p.reaches:
+            usable -= {"hotadd"} if sees_storage else {"san", "hotadd"}  # on the VM's host, or its storage
+            if "*" not in p.reaches and not sees_storage:
                 usable = set()
         if usable:
             fits.append(p)

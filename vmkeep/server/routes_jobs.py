@@ -30,6 +30,8 @@ class ProxyIn(BaseModel):
     name: str = Field(pattern=NAME)
     transports: list[str] = Field(min_length=1, max_length=3)
     reaches: list[str] = Field(min_length=1, max_length=1000)
+    storage: list[str] = Field(default_factory=list, max_length=1000,
+                               description="datastores it reads directly (san), as discovery names them")
     concurrency: int = Field(ge=1, le=64)
 
 
@@ -37,6 +39,7 @@ class ProxyOut(BaseModel):
     name: str
     transports: list[str]
     reaches: list[str]
+    storage: list[str]
     concurrency: int
     up: bool
     last_heartbeat: datetime
@@ -88,6 +91,7 @@ class JobVMOut(BaseModel):
     duration_seconds: float | None
     point_id: str | None
     verified: bool | None
+    disks: dict[str, Any] | None
     warnings: list[Any]
     error: str | None
     started: datetime | None
@@ -105,7 +109,8 @@ class JobOut(BaseModel):
 
 
 def _proxy_out(p: Proxy) -> ProxyOut:
-    return ProxyOut(name=p.name, transports=p.transports, reaches=p.reaches, concurrency=p.concurrency,
+    return ProxyOut(name=p.name, transports=p.transports, reaches=p.reaches, storage=p.storage,
+                    concurrency=p.concurrency,
                     up=proxy_up(p), last_heartbeat=p.last_heartbeat)
 
 
@@ -127,7 +132,7 @@ def _job_out(job: Job) -> JobOut:
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
                                 progress_bytes=v.progress_bytes, total_bytes=v.total_bytes,
                                 duration_seconds=v.duration_seconds, point_id=v.point_id, verified=v.verified,
-                                warnings=v.warnings,
+                                disks=v.disks, warnings=v.warnings,
                                 error=v.error, started=v.started, finished=v.finished) for v in job.vms])
 
 
@@ -142,10 +147,12 @@ def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require
         raise HTTPException(400, str(exc)) from None
     p = session.scalar(select(Proxy).where(Proxy.name == body.name))
     if p is None:
-        p = Proxy(name=body.name, transports=body.transports, reaches=body.reaches, concurrency=body.concurrency)
+        p = Proxy(name=body.name, transports=body.transports, reaches=body.reaches, storage=body.storage,
+                  concurrency=body.concurrency)
         session.add(p)
     else:
-        p.transports, p.reaches, p.concurrency = body.transports, body.reaches, body.concurrency
+        p.transports, p.reaches, p.storage, p.concurrency = (body.transports, body.reaches, body.storage,
+                                                             body.concurrency)
     p.last_heartbeat = datetime.now(UTC)
     audit.record(session, request, user.name, "proxy-register", body.name, reaches=body.reaches)
     session.commit()
