@@ -58,5 +58,8 @@ def test_login_register_policy_run_and_points(cli: Cli, database: str, tmp_path:
         points = cli.json("points", machine.name, env=env)["points"]
         assert [p["point_id"] for p in points] == [run["vms"][0]["point_id"]]
         assert "daily" in cli.run("policy", "list", env=env).stdout
+        assert cli.json("policy", "delete", "daily", env=env) == {"deleted": "daily"}
+        assert "daily" not in cli.run("policy", "list", env=env).stdout
+        assert cli.json("jobs", env=env)["jobs"][0]["policy"] == "daily"  # its history stays
         local = cli.json("points", machine.name, "--repo", repo)["points"]  # the local command still works
         assert [p["point"] for p in local] == [run["vms"][0]["point_id"]]

@@ -8,13 +8,10 @@ from vmkeep.catalog.models import Policy, Proxy, VirtualMachine
 from vmkeep.server.dispatch import choose_proxy
 from vmkeep.server.limits import RunSlots
 
-NOW = datetime.now(UTC)
-
-
 def proxy(name: str, transports: list[str], reaches: list[str], storage: list[str] | None = None,
-          concurrency: int = 2, heartbeat: datetime = NOW) -> Proxy:
+          concurrency: int = 2, heartbeat: datetime | None = None) -> Proxy:
     return Proxy(name=name, transports=transports, reaches=reaches, storage=storage or [], concurrency=concurrency,
-                 last_heartbeat=heartbeat)
+                 last_heartbeat=heartbeat or datetime.now(UTC))
 
 
 def vm(name: str, host: str, store: str) -> VirtualMachine:
@@ -45,7 +42,7 @@ def test_least_work_per_slot_and_only_live_proxies() -> None:
     small = proxy("small", ["nbd"], ["*"], concurrency=1)
     assert choose_proxy([big, small], {"big": 2, "small": 1}, web, policy()) is big  # 2/4 < 1/1
     assert choose_proxy([big, small], {"big": 0, "small": 0}, web, policy(), exclude={"big"}) is small
-    dead = proxy("dead", ["nbd"], ["*"], heartbeat=NOW - timedelta(minutes=5))
+    dead = proxy("dead", ["nbd"], ["*"], heartbeat=datetime.now(UTC) - timedelta(minutes=5))
     assert choose_proxy([dead], {}, web, policy()) is None
 
 

@@ -305,6 +305,14 @@ def test_verify_after_backup_catches_a_bad_chunk(server: Server, cli: Cli, tmp_p
         # retention (keep the last one) was not applied: the first point is still there to restore
         kept = [p["point"] for p in cli.json("points", "--repo", str(repo))["points"]]
         assert first["point_id"] in kept and second["point_id"] in kept, kept
+
+        # the policy changes and goes; its runs stay in the history
+        body = {"name": "checked", "repository": "main", "vms": [machine.name], "transports": "hotadd"}
+        changed = admin.put("/api/policies/checked", json=body)
+        assert changed.status_code == 200 and changed.json()["verify_after"] is False, changed.text
+        assert admin.delete("/api/policies/checked").status_code == 204
+        assert admin.post("/api/policies/checked/run").status_code == 404
+        assert [j["policy"] for j in admin.get("/api/jobs").json()] == ["checked", "checked"]
     finally:
         if proxy is not None:
             stop(proxy)

@@ -89,8 +89,11 @@ def test_unauthenticated_and_forbidden_requests(server: Server) -> None:
     assert rita.get("/api/points").status_code == 200 and rita.get("/api/vms").status_code == 200
     forbidden = [rita.post("/api/hypervisors", json={"name": "h", "kind": "libvirt", "uri": "qemu:///system"}),
                  rita.delete("/api/users/otto"), rita.get("/api/audit"),
-                 rita.post("/api/repositories", json={"name": "r", "location": "/nonexistent"})]
-    assert [r.status_code for r in forbidden] == [403, 403, 403, 403]
+                 rita.post("/api/repositories", json={"name": "r", "location": "/nonexistent"}),
+                 rita.post("/api/policies", json={"name": "p", "repository": "r"}),
+                 rita.put("/api/policies/p", json={"name": "p", "repository": "r"}),
+                 rita.delete("/api/policies/p"), rita.post("/api/policies/p/run")]
+    assert [r.status_code for r in forbidden] == [403] * 8
     audrey = server.client(server.login("audrey", "audrey-password"))
     assert audrey.get("/api/audit").status_code == 200 and audrey.delete("/api/users/rita").status_code == 403
     otto = server.client(server.login("otto", "otto-password"))

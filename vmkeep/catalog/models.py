@@ -200,7 +200,8 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id", ondelete="CASCADE"))
+    policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id", ondelete="SET NULL"))
+    policy_name: Mapped[str] = mapped_column(String(100), server_default="")  # kept when the policy is deleted
     requested_by: Mapped[str] = mapped_column(String(100))  # a user, or "schedule"
     status: Mapped[str] = mapped_column(String(20))  # running, succeeded, partial, failed, cancelled
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -208,8 +209,15 @@ class Job(Base):
     started: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    policy: Mapped[Policy] = relationship()
+    policy: Mapped[Policy | None] = relationship()
     vms: Mapped[list[JobVM]] = relationship(back_populates="job", order_by="JobVM.id")
+
+    @property
+    def running_policy(self) -> Policy:
+        """The policy of a run still going (a policy is not deleted while one of its runs goes)."""
+        if self.policy is None:
+            raise LookupError(f"run {self.id}: its policy {self.policy_name} was deleted")
+        return self.policy
 
 
 class JobVM(Base):

@@ -158,6 +158,16 @@ def policy_list_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     out_console.print(table)
 
 
+@policy_app.command("delete")
+def policy_delete_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument()], json_out: JsonOpt = False) -> None:
+    """Delete a policy (refused while one of its runs goes); its run history and points stay."""
+    client(ctx).call("DELETE", f"/api/policies/{name}")
+    if json_out:
+        emit_json({"deleted": name})
+    else:
+        out_console.print(f"policy {name} deleted")
+
+
 def jobs_cmd(ctx: typer.Context, job_id: Annotated[int | None, typer.Argument(help="One run, in detail")] = None,
              json_out: JsonOpt = False) -> None:
     """Policy runs on the server, newest first (or one run, per VM)."""

@@ -57,7 +57,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
         jv = session.get(JobVM, job_vm_id)
         if jv is None or jv.status in FINAL:
             return  # removed, or cancelled before it started
-        policy = jv.job.policy
+        policy = jv.job.running_policy
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None
         jv.status, jv.proxy, jv.attempts, jv.started = "running", proxy, jv.attempts + 1, datetime.now(UTC)

@@ -107,7 +107,7 @@ def plan_run(session: Session, policy: Policy,
              requested_by: str) -> tuple[Job, list[tuple[Proxy, VirtualMachine, JobVM]]]:
     """The run's rows: a JobVM per selected VM with its proxy, waiting for a slot (the policy's
     limits per host, datastore and proxy), or failed with the reason."""
-    job = Job(policy_id=policy.id, requested_by=requested_by, status="running")
+    job = Job(policy_id=policy.id, policy_name=policy.name, requested_by=requested_by, status="running")
     session.add(job)
     session.flush()
     proxies = list(session.scalars(select(Proxy)))
@@ -186,7 +186,7 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
             continue
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None
-        proxy = choose_proxy(list(session.scalars(select(Proxy))), proxy_loads(session), vm, jv.job.policy,
+        proxy = choose_proxy(list(session.scalars(select(Proxy))), proxy_loads(session), vm, jv.job.running_policy,
                              exclude=_other_than(jv.proxy))
         if proxy is None:
             continue  # retried once a proxy is up
@@ -235,7 +235,7 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
     for jv in list(waiting):
         vm = session.get(VirtualMachine, jv.vm_id)
         assert vm is not None and jv.task_id is not None
-        proxy = choose_proxy(proxies, proxy_loads(session), vm, jv.job.policy, exclude=_other_than(jv.proxy))
+        proxy = choose_proxy(proxies, proxy_loads(session), vm, jv.job.running_policy, exclude=_other_than(jv.proxy))
         if proxy is None:
             continue
         if not await queue.job_manager.cancel_job_by_id_async(jv.task_id):

@@ -30,7 +30,7 @@ class RunSlots:
 
     @classmethod
     def of_job(cls, session: Session, job: Job) -> RunSlots:
-        slots = cls(job.policy)
+        slots = cls(job.running_policy)
         rows = session.execute(select(VirtualMachine, JobVM.proxy).join(JobVM, JobVM.vm_id == VirtualMachine.id)
                                .where(JobVM.job_id == job.id, JobVM.status.in_(ACTIVE))).tuples()
         for vm, proxy in rows:

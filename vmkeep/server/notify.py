@@ -39,7 +39,7 @@ class Mailer:
 
 def job_summary(job: Job) -> dict[str, Any]:
     return {
-        "job": job.id, "policy": job.policy.name, "status": job.status, "requested_by": job.requested_by,
+        "job": job.id, "policy": job.policy_name, "status": job.status, "requested_by": job.requested_by,
         "started": job.started.isoformat(), "finished": job.finished.isoformat() if job.finished else None,
         "vms": [{"vm": v.vm_name, "status": v.status, "mode": v.mode, "transport": v.transport,
                  "read_bytes": v.read_bytes, "stored_bytes": v.stored_bytes, "point": v.point_id,
@@ -65,6 +65,8 @@ def notify_job(job: Job, mailer: Mailer | None) -> str | None:
     summary = job_summary(job)
     errors = []
     policy = job.policy
+    if policy is None:
+        return None  # deleted since: nobody to tell
     if policy.notify_webhook:
         try:
             reply = httpx.post(policy.notify_webhook, json=summary, timeout=TIMEOUT_SECONDS)

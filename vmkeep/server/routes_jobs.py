@@ -126,7 +126,7 @@ def _policy_out(p: Policy) -> PolicyOut:
 
 
 def _job_out(job: Job) -> JobOut:
-    return JobOut(id=job.id, policy=job.policy.name, requested_by=job.requested_by, status=job.status,
+    return JobOut(id=job.id, policy=job.policy_name, requested_by=job.requested_by, status=job.status,
                   started=job.started, finished=job.finished,
                   vms=[JobVMOut(vm=v.vm_name, proxy=v.proxy, status=v.status, attempts=v.attempts, mode=v.mode,
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
@@ -174,11 +174,8 @@ def list_proxies(_: User = Depends(require(*EVERYONE)), session: Session = Depen
     return [_proxy_out(p) for p in session.scalars(select(Proxy).order_by(Proxy.name))]
 
 
-@router.post("/policies", response_model=PolicyOut, status_code=201, tags=["policies"])
-def create_policy(body: PolicyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
-                  session: Session = Depends(get_session)) -> PolicyOut:
-    if session.scalar(select(Policy).where(Policy.name == body.name)) is not None:
-        raise HTTPException(409, f"policy {body.name} exists")
+def _apply(session: Session, policy: Policy, body: PolicyIn) -> None:
+    """Check ``body`` and write it into ``policy``; 400 with the reason when it does not hold."""
     repo = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == body.repository))
     if repo is None:
         raise HTTPException(400, f"no repository {body.repository}: register it first (POST /api/repositories)")
@@ -190,18 +187,66 @@ def create_policy(body: PolicyIn, request: Request, user: User = Depends(require
         raise HTTPException(400, f"bad transports, retention or schedule: {exc}") from None
     if any("@" not in a for a in body.notify_email):
         raise HTTPException(400, "notify_email holds addresses like ops@example.com")
-    policy = Policy(name=body.name, repository_id=repo.id, schedule=body.schedule, retention=body.retention,
-                    full_every=body.full_every, transports=body.transports, quiesce=body.quiesce,
-                    max_per_host=body.max_per_host, max_per_datastore=body.max_per_datastore,
-                    max_per_proxy=body.max_per_proxy, verify_after=body.verify_after, next_run=first_run,
-                    notify_webhook=body.notify_webhook, notify_email=body.notify_email,
-                    selection={"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor,
-                               "hosts": body.hosts, "tags": body.tags, "folders": body.folders})
+    if body.schedule != policy.schedule or policy.next_run is None:
+        policy.next_run = first_run
+    policy.name, policy.repository_id, policy.schedule, policy.retention = (body.name, repo.id, body.schedule,
+                                                                             body.retention)
+    policy.full_every, policy.transports, policy.quiesce = body.full_every, body.transports, body.quiesce
+    policy.max_per_host, policy.max_per_datastore, policy.max_per_proxy = (body.max_per_host, body.max_per_datastore,
+                                                                           body.max_per_proxy)
+    policy.verify_after, policy.notify_webhook, policy.notify_email = (body.verify_after, body.notify_webhook,
+                                                                       body.notify_email)
+    policy.selection = {"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor, "hosts": body.hosts,
+                        "tags": body.tags, "folders": body.folders}
+
+
+def _policy_named(session: Session, name: str) -> Policy:
+    policy = session.scalar(select(Policy).where(Policy.name == name))
+    if policy is None:
+        raise HTTPException(404, f"no policy {name}")
+    return policy
+
+
+@router.post("/policies", response_model=PolicyOut, status_code=201, tags=["policies"])
+def create_policy(body: PolicyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                  session: Session = Depends(get_session)) -> PolicyOut:
+    if session.scalar(select(Policy).where(Policy.name == body.name)) is not None:
+        raise HTTPException(409, f"policy {body.name} exists")
+    policy = Policy(next_run=None)
+    _apply(session, policy, body)
     session.add(policy)
     audit.record(session, request, user.name, "policy-create", body.name)
     session.commit()
     session.refresh(policy)
     return _policy_out(policy)
+
+
+@router.put("/policies/{name}", response_model=PolicyOut, tags=["policies"])
+def change_policy(name: str, body: PolicyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                  session: Session = Depends(get_session)) -> PolicyOut:
+    """Replace a policy's settings; runs under way keep their VMs, the next run uses the new ones."""
+    policy = _policy_named(session, name)
+    if body.name != name:
+        raise HTTPException(400, f"the body names policy {body.name}, the path {name}: a policy keeps its name")
+    _apply(session, policy, body)
+    audit.record(session, request, user.name, "policy-change", name)
+    session.commit()
+    session.refresh(policy)
+    return _policy_out(policy)
+
+
+@router.delete("/policies/{name}", status_code=204, tags=["policies"])
+def delete_policy(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                  session: Session = Depends(get_session)) -> None:
+    """Delete a policy; its run history stays. Restore points are untouched (prune removes those)."""
+    policy = _policy_named(session, name)
+    going = session.scalar(select(Job.id).where(Job.policy_id == policy.id, Job.finished.is_(None)).limit(1))
+    if going is not None:
+        raise HTTPException(409, f"run {going} of policy {name} is going: wait for it or cancel it "
+                                 f"(POST /api/jobs/{going}/cancel), then delete")
+    session.delete(policy)
+    audit.record(session, request, user.name, "policy-delete", name)
+    session.commit()
 
 
 @router.get("/policies", response_model=list[PolicyOut], tags=["policies"])
@@ -213,9 +258,7 @@ def list_policies(_: User = Depends(require(*EVERYONE)), session: Session = Depe
 async def run_policy_now(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                          session: Session = Depends(get_session)) -> JobOut:
     """Start a run: one task per selected VM on the best proxy; follow it at GET /api/jobs/{id}."""
-    policy = session.scalar(select(Policy).where(Policy.name == name))
-    if policy is None:
-        raise HTTPException(404, f"no policy {name}")
+    policy = _policy_named(session, name)
     job = await run_policy(session, request.app.state.queue, policy, user.name)
     audit.record(session, request, user.name, "backup-start", name, job=job.id)
     session.commit()

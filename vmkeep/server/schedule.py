@@ -70,7 +70,7 @@ async def notify_finished(session: Session, mailer: Mailer | None) -> int:
     pending = session.scalars(select(Job).where(Job.finished.is_not(None), Job.notified_at.is_(None)))
     for job in list(pending):
         policy = job.policy
-        if not (policy.notify_webhook or policy.notify_email):
+        if policy is None or not (policy.notify_webhook or policy.notify_email):
             job.notified_at = datetime.now(UTC)
             continue
         error = await asyncio.to_thread(notify_job, job, mailer)
