@@ -8,6 +8,7 @@ from vmkeep.catalog.models import Policy, Proxy, VirtualMachine
 from vmkeep.server.dispatch import choose_proxy
 from vmkeep.server.limits import RunSlots
 
+
 def proxy(name: str, transports: list[str], reaches: list[str], storage: list[str] | None = None,
           concurrency: int = 2, heartbeat: datetime | None = None) -> Proxy:
     return Proxy(name=name, transports=transports, reaches=reaches, storage=storage or [], concurrency=concurrency,
