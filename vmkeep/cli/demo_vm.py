@@ -65,7 +65,7 @@ def vm_demo(base: Path, size: int) -> None:
                 raise VmkeepError(f"the restored disk of {point} differs from what the guest saw")
 
         t = time.monotonic()
-        restore_vm_as(repo, connector, name, None, copy, storage=base / copy, progress=RichProgress())
+        restore_vm_as(repo, connector, name, None, copy, storage=str(base / copy), progress=RichProgress())
         booted = _wait_for_agent(copy)
         rows.append(("restore as a new VM and boot it", 0, 0, time.monotonic() - t,
                      "agent answers" if booted else "DID NOT BOOT"))

@@ -18,15 +18,19 @@ from vmkeep.engine.image import restore_image, split_point_spec
 from vmkeep.engine.vm import backup_vm, restore_vm_as, restore_vm_overwrite
 from vmkeep.errors import Cancelled, UsageError, VmkeepError
 from vmkeep.hypervisors.base import parse_transports
-from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+from vmkeep.hypervisors.connect import open_connector
 
-HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI: qemu:///system, qemu+ssh://…, qemu+tls://…")]
+HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI (qemu:///system, qemu+tls://…) or vSphere "
+                                                     "address (vsphere://USER@HOST[:PORT], password in "
+                                                     "VMKEEP_HOST_PASSWORD)")]
+InsecureOpt = Annotated[bool, typer.Option("--insecure", help="vSphere: skip the certificate check")]
 
 
 def backup_cmd(
     vms: Annotated[list[str], typer.Argument(metavar="VM...", help="VMs to back up")],
     repo: RepoOpt,
     host: HostOpt = "qemu:///system",
+    insecure: InsecureOpt = False,
     transport: Annotated[str, typer.Option(help="Transports to try in order")] = "san:hotadd:nbd",
     full: Annotated[bool, typer.Option("--full", help="Read every allocated extent, not just the changes")] = False,
     quiesce: Annotated[str, typer.Option(help="required, try or off (guest-agent fsfreeze)")] = "try",
@@ -50,7 +54,7 @@ def backup_cmd(
     cancel = threading.Event()
 
     def one(vm: str, progress: RichProgress) -> dict[str, Any]:
-        connector = LibvirtConnector(host, nbd_tls=nbd_tls)  # type: ignore[arg-type]
+        connector = open_connector(host, nbd_tls=nbd_tls, insecure=insecure)  # type: ignore[arg-type]
         started = time.monotonic()
         try:
             m = backup_vm(r, connector, vm, transports=order, quiesce=quiesce, full=full,  # type: ignore[arg-type]
@@ -107,10 +111,12 @@ def restore_cmd(
     repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository (without it: through the --server, "
                                              "run by a proxy on the --hypervisor's host)")] = None,
     host: HostOpt = "qemu:///system",
+    insecure: InsecureOpt = False,
     hypervisor: Annotated[str | None, typer.Option(help="With --server: the registered hypervisor to restore "
                                                    "onto")] = None,
     as_name: Annotated[str | None, typer.Option("--as", help="Restore as a new VM with this name")] = None,
-    storage: Annotated[Path | None, typer.Option(help="Directory for the new VM's disks")] = None,
+    storage: Annotated[str | None, typer.Option(help="Where the new VM's disks go: a directory (libvirt) or a "
+                                                     "datastore (vSphere)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
     disk: Annotated[str | None, typer.Option(help="Restore only this disk, to --output")] = None,
     output: Annotated[Path | None, typer.Option(help="File for --disk")] = None,
@@ -130,7 +136,7 @@ def restore_cmd(
     if repo is None:
         from vmkeep.cli.client_cmds import server_restore
 
-        server_restore(ctx, vm, point, hypervisor, as_name, overwrite, disk, str(storage) if storage else None,
+        server_restore(ctx, vm, point, hypervisor, as_name, overwrite, disk, storage,
                        start, json_out)
         return
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
@@ -143,11 +149,11 @@ def restore_cmd(
         result: dict[str, Any] = {"point": m.point_id, "vm": vm, "disk": disk, "output": str(output),
                                   "bytes_written": st.bytes_written}
     else:
-        connector = LibvirtConnector(host)
+        connector = open_connector(host, insecure=insecure)
         try:
             if as_name is not None:
-                res = restore_vm_as(r, connector, vm, point, as_name, storage=storage, start=start, workers=workers,
-                                    progress=progress)
+                res = restore_vm_as(r, connector, vm, point, as_name, storage=storage, start=start,
+                                    workers=workers, progress=progress)
             else:
                 res = restore_vm_overwrite(r, connector, vm, point, workers=workers, progress=progress)
         finally:
@@ -163,9 +169,10 @@ def restore_cmd(
                           f"{human(result['bytes_written'])} in {result['duration']:.1f} s", highlight=False)
 
 
-def inventory_cmd(host: HostOpt = "qemu:///system", json_out: JsonOpt = False) -> None:
+def inventory_cmd(host: HostOpt = "qemu:///system", insecure: InsecureOpt = False,
+                  json_out: JsonOpt = False) -> None:
     """VMs on a hypervisor with their state and disks."""
-    connector = LibvirtConnector(host)
+    connector = open_connector(host, insecure=insecure)
     try:
         vms = connector.inventory()
     finally:

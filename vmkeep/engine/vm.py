@@ -16,6 +16,7 @@ from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import Connector, Quiesce
 from vmkeep.repository.points import Manifest, check_name
 from vmkeep.repository.repo import Repository
+from vmkeep.transport.extents import KnownExtents
 from vmkeep.transport.nbd_client import NbdExport
 
 
@@ -43,10 +44,12 @@ def backup_vm(
         for d in pit.disks.values():
             export = NbdExport(d.uri, d.dirty_context)
             stack.callback(export.close)
-            jobs.append(DiskJob(d.name, export, export.dirty_extents() if d.dirty_context else None))
+            source = export if d.allocated is None else KnownExtents(export, d.allocated)
+            changed = export.dirty_extents() if d.dirty_context else d.changed
+            jobs.append(DiskJob(d.name, source, changed))
         reason = pit.reason if not full else "a full backup was asked for (--full)"
         meta: dict[str, Any] = {
-            "kind": "vm", "hypervisor": "libvirt", "transport": pit.transport, "consistency": pit.consistency,
+            "kind": "vm", "hypervisor": connector.kind, "transport": pit.transport, "consistency": pit.consistency,
             "mode": pit.mode, "reason": reason, "config_sealed": repo.seal_record(pit.config, config_context(vm)),
             "chain": pit.chain, "notes": pit.notes,
         }
@@ -65,7 +68,7 @@ def vm_config(repo: Repository, manifest: Manifest) -> dict[str, Any]:
         config = repo.open_record(meta["config_sealed"], config_context(manifest.name))
     else:
         config = dict(meta.get("config") or {})  # points written before configurations were sealed
-    if not config.get("domain_xml"):
+    if not config.get("domain_xml") and config.get("kind") != "vsphere":
         raise UsageError(f"point {manifest.name}@{manifest.point_id} holds no VM configuration: restore its disks "
                          "with --disk")
     return config
@@ -80,14 +83,14 @@ class VMRestoreResult:
 
 
 def restore_disks(repo: Repository, manifest: Manifest, paths: dict[str, Path], workers: int,
-                  progress: Progress | None) -> dict[str, RestoreStats]:
-    """Restore every disk of a point into new qcow2 files; on failure none of them is left."""
+                  progress: Progress | None, fmt: str = "qcow2") -> dict[str, RestoreStats]:
+    """Restore every disk of a point into new image files; on failure none of them is left."""
     done: list[Path] = []
     stats = {}
     try:
         for disk, path in paths.items():
             index = repo.load_index(manifest, disk)
-            with open_target(path, "qcow2", index.size, workers) as target:
+            with open_target(path, fmt, index.size, workers) as target:
                 done.append(path)
                 stats[disk] = restore_disk(repo, index, target, workers=workers, progress=progress,
                                            label=f"restore {disk}")
@@ -105,21 +108,22 @@ def restore_vm_as(
     point: str | None,
     new_name: str,
     *,
-    storage: Path | None = None,
+    storage: str | None = None,
     start: bool = True,
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
     retry: bool = False,
 ) -> VMRestoreResult:
-    """A new VM from a restore point: new name, UUID and MACs, qcow2 disks under ``storage``.
+    """A new VM from a restore point: new name, UUID and MACs, disks on ``storage`` (a directory
+    for libvirt, a datastore for vSphere).
 
     ``retry``: an earlier attempt of this same restore died (its proxy stopped); what it left —
     the VM it defined with these disks, partly written disks — is removed first.
     """
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
-    directory = storage or Path("/var/lib/libvirt/images") / new_name
-    paths = {disk: directory / f"{new_name}-{disk}.qcow2" for disk in manifest.disks}
+    directory, fmt = connector.restore_staging(new_name, storage)
+    paths = {disk: directory / f"{new_name}-{disk}.{fmt}" for disk in manifest.disks}
     if retry:
         connector.remove_restored(new_name, [str(p) for p in paths.values()])
         for p in paths.values():
@@ -130,15 +134,20 @@ def restore_vm_as(
     if taken:
         raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
     directory.mkdir(parents=True, exist_ok=True)
-    stats = restore_disks(repo, manifest, paths, workers, progress)
+    stats = restore_disks(repo, manifest, paths, workers, progress, fmt)
     try:
-        connector.define_restored(config, name=new_name, disk_paths={d: str(p) for d, p in paths.items()},
-                                  storage=directory, as_new=True, start=start)
+        placed = connector.define_restored(config, name=new_name, disk_paths={d: str(p) for d, p in paths.items()},
+                                           storage=storage, as_new=True, start=start)
     except BaseException:
         for p in paths.values():
             p.unlink(missing_ok=True)
         raise
-    return VMRestoreResult(manifest, new_name, {d: str(p) for d, p in paths.items()}, stats)
+    for d, p in paths.items():  # staged files the connector uploaded elsewhere
+        if placed.get(d) != str(p):
+            p.unlink(missing_ok=True)
+    if not any(directory.iterdir()):
+        directory.rmdir()
+    return VMRestoreResult(manifest, new_name, placed, stats)
 
 
 def restore_vm_overwrite(
@@ -153,6 +162,9 @@ def restore_vm_overwrite(
     """Put the original VM back as it was at the point; it must be shut off."""
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
+    if connector.kind != "libvirt":
+        raise UsageError(f"restoring over an existing {connector.kind} VM is not in this version: restore it as a "
+                         "new VM with --as NEWNAME")
     disks_cfg = config.get("disks", {})
     connector.require_shut_off(vm)
     originals = {d: Path(disks_cfg.get(d, {}).get("source") or f"/var/lib/libvirt/images/{vm}-{d}.qcow2")

@@ -18,7 +18,7 @@ from vmkeep.errors import VmkeepError
 Quiesce = Literal["required", "try", "off"]
 Consistency = Literal["application", "crash"]
 NbdTls = Literal["auto", "require", "off"]
-TRANSPORTS = ("san", "hotadd", "nbd")
+TRANSPORTS = ("san", "hotadd", "nbdssl", "nbd", "https")  # nbdssl: vSphere (VDDK); https: a datastore's HTTPS
 
 
 class HypervisorError(VmkeepError):
@@ -44,6 +44,7 @@ class VMInfo:
     state: str
     host: str
     disks: list[VMDisk]
+    folder: str | None = None  # where the manager files it (vSphere's VM folders), for selection rules
 
 
 @dataclass
@@ -53,7 +54,9 @@ class DiskExport:
     name: str
     uri: str
     size: int
-    dirty_context: str | None = None  # set when only changed extents need reading
+    dirty_context: str | None = None  # set when only changed extents need reading (NBD metadata context)
+    changed: list[Any] | None = None  # or the changed extents themselves, from the hypervisor's API
+    allocated: list[Any] | None = None  # where data is, when the hypervisor knows better than the export
 
 
 @dataclass
@@ -70,6 +73,7 @@ class PointInTimeInfo:
 
 
 class Connector(Protocol):
+    kind: str  # libvirt, vsphere, …: recorded in each point, so a restore goes to the same kind
     uri: str
     is_local: bool  # the proxy runs on the hypervisor host (hotadd, offline reads, host paths)
 
@@ -79,10 +83,14 @@ class Connector(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
+    def restore_staging(self, name: str, storage: str | None) -> tuple[Path, str]:
+        """Where a new VM's restored disks are written (a directory) and in which format."""
+
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: Path | None, as_new: bool, start: bool) -> None:
+                        storage: str | None, as_new: bool, start: bool) -> dict[str, str]:
         """Register (and start) a VM from a point's configuration with its restored disks:
-        as a new VM (new identity, host files under ``storage``) or over the original."""
+        as a new VM (new identity; ``storage`` as the user named it) or over the original.
+        Returns where each disk lives now (the staged files, or where they were uploaded)."""
 
     def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
         """Remove VM ``name`` if an earlier attempt of this restore defined it (its disks are
@@ -109,6 +117,6 @@ def parse_transports(order: str) -> list[str]:
     names = [t.strip() for t in order.split(":") if t.strip()]
     unknown = [t for t in names if t not in TRANSPORTS]
     if unknown or not names:
-        raise VmkeepError(f"unknown transport {', '.join(unknown) or order!r}: use an order of san, hotadd, nbd "
-                          "such as san:hotadd:nbd")
+        raise VmkeepError(f"unknown transport {', '.join(unknown) or order!r}: use an order of san, hotadd, "
+                          "nbdssl, nbd, https such as san:hotadd:nbd")
     return names

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from procrastinate import JobContext
@@ -46,7 +45,7 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
                 else:
                     assert job.new_name is not None
                     result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
-                                           storage=Path(job.storage) if job.storage else None, start=job.start_vm,
+                                           storage=job.storage, start=job.start_vm,
                                            progress=progress, retry=job.attempts > 1)
             finally:
                 rows.close()

@@ -11,9 +11,8 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import Hypervisor, VirtualMachine
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import Connector, HypervisorError
+from vmkeep.hypervisors.connect import KINDS, kind_of, open_connector
 from vmkeep.server.keys import open_secret
-
-KINDS = ("libvirt",)  # vCenter, XenServer and Hyper-V join as their connectors land
 
 
 @dataclass
@@ -30,14 +29,13 @@ def secret_context(name: str) -> str:
 
 def connector_for(h: Hypervisor) -> Connector:
     """A live connection to the hypervisor with its stored credentials."""
-    if h.kind != "libvirt":
-        raise HypervisorError(f"hypervisor kind {h.kind!r} has no connector in this version (have: {', '.join(KINDS)})")
-    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-
+    if h.kind not in KINDS or kind_of(h.uri) != h.kind:
+        raise HypervisorError(f"hypervisor {h.name}: kind {h.kind!r} with address {h.uri} has no connector (have: "
+                              f"{', '.join(KINDS)}; vsphere addresses start vsphere://)")
     credentials = None
     if h.username and h.secret_sealed:
         credentials = (h.username, open_secret(h.secret_sealed, secret_context(h.name)))
-    return LibvirtConnector(h.uri, credentials=credentials)
+    return open_connector(h.uri, credentials=credentials)
 
 
 def discover(session: Session, h: Hypervisor) -> DiscoveryReport:
@@ -62,11 +60,12 @@ def discover(session: Session, h: Hypervisor) -> DiscoveryReport:
         vm = known.pop(info.uuid, None)
         if vm is None:
             session.add(VirtualMachine(hypervisor_id=h.id, name=info.name, uuid=info.uuid, host=info.host,
-                                       state=info.state, disks=disks, tags=[], present=True, last_seen=now))
+                                       state=info.state, disks=disks, tags=[], folder=info.folder, present=True,
+                                       last_seen=now))
             report.new += 1
         else:
-            vm.name, vm.host, vm.state, vm.disks, vm.present, vm.last_seen = (
-                info.name, info.host, info.state, disks, True, now)
+            vm.name, vm.host, vm.state, vm.disks, vm.folder, vm.present, vm.last_seen = (
+                info.name, info.host, info.state, disks, info.folder, True, now)
     for vm in known.values():
         if vm.present:
             vm.present = False

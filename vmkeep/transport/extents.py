@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,19 @@ def parse_extent_file(text: str, where: str) -> list[Extent]:
             raise ValueError(f"{where} line {lineno}: expected 'OFFSET LENGTH', got {line!r}") from None
         out.append(Extent(offset, length))
     return merge(out)
+
+
+class KnownExtents:
+    """A disk source whose data extents the hypervisor reported (changed block tracking with
+    ``*``): the export itself cannot tell (an HTTPS file reads as all data)."""
+
+    def __init__(self, source: Any, extents: list[Extent]) -> None:
+        self.source, self.extents = source, merge(extents)
+        self.size: int = source.size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data: bytes = self.source.pread(length, offset)
+        return data
+
+    def data_extents(self) -> list[Extent]:
+        return self.extents

@@ -11,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +66,13 @@ def serve_image(
     if bitmap is not None and bitmap not in image.bitmaps:
         known = ", ".join(image.bitmaps) or "none"
         raise ImageError(f"{image.path} has no persistent bitmap {bitmap!r} (it has: {known})")
-    _sweep_dead_workdirs()
-    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
-    sock = workdir / "nbd.sock"
+    with serve_on_socket(lambda sock: _qemu_nbd_command(sock, image, readonly, bitmap, connections),
+                         f"qemu-nbd serving {image.path}") as uri:
+        yield uri
+
+
+def _qemu_nbd_command(sock: Path, image: ImageInfo, readonly: bool, bitmap: str | None,
+                      connections: int) -> list[str]:
     cmd = [
         "qemu-nbd", f"--socket={sock}", f"--format={image.format}",
         "--persistent", f"--shared={connections}", "--cache=writeback",
@@ -78,9 +82,24 @@ def serve_image(
     if bitmap:
         cmd.append(f"--bitmap={bitmap}")
     cmd.append(str(image.path))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    return cmd
+
+
+@contextmanager
+def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator[str]:
+    """Run an NBD server (``command`` given its socket path) on a private unix socket for the
+    duration, dying with this process even on kill -9; yields the NBD URI."""
+    _sweep_dead_workdirs()
+    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+    sock = workdir / "nbd.sock"
     try:
-        _wait_for_socket(proc, sock, image.path)
+        proc = subprocess.Popen(command(sock), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                preexec_fn=_die_with_parent)
+    except OSError as exc:
+        workdir.rmdir()
+        raise ImageError(f"cannot start {what}: {exc}") from None
+    try:
+        _wait_for_socket(proc, sock, what)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         if proc.poll() is None:
@@ -127,14 +146,14 @@ def socket_listening(sock: Path) -> bool:
             return False
 
 
-def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, image: Path) -> None:
+def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, what: str) -> None:
     deadline = time.monotonic() + 30
     while not socket_listening(sock):
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-            raise ImageError(f"qemu-nbd cannot serve {image}: {err}")
+            raise ImageError(f"{what} failed: {err}")
         if time.monotonic() > deadline:
-            raise ImageError(f"qemu-nbd did not start serving {image} within 30 s")
+            raise ImageError(f"{what} did not start within 30 s")
         time.sleep(0.005)
 
 

@@ -97,6 +97,8 @@ def is_own_address(hostname: str | None) -> bool:
 
 
 class LibvirtConnector:
+    kind = "libvirt"
+
     def __init__(self, uri: str = "qemu:///system", nbd_tls: NbdTls = "auto",
                  credentials: tuple[str, str] | None = None) -> None:
         """``nbd_tls``: ``auto`` encrypts the nbd transport when this proxy has client
@@ -209,14 +211,21 @@ class LibvirtConnector:
             return f"{self.host}:{os.path.dirname(path) if path.startswith('/') else path}"
 
     # -- restore targets -------------------------------------------------------------------------
+    def restore_staging(self, name: str, storage: str | None) -> tuple[Path, str]:
+        """A new VM's disks go straight where it will run from: ``storage`` or the images directory."""
+        return Path(storage) if storage else Path("/var/lib/libvirt/images") / name, "qcow2"
+
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: Path | None, as_new: bool, start: bool) -> None:
+                        storage: str | None, as_new: bool, start: bool) -> dict[str, str]:
         """Define the saved configuration with its restored disks (and UEFI variables), then start.
 
         As a new VM it gets the new name, a new UUID and fresh MACs, and its variables go beside
         its disks; over the original, the variables go back to the original's file. Files written
         here are removed again if libvirt refuses the result.
         """
+        if config.get("kind", "libvirt") != "libvirt" or not config.get("domain_xml"):
+            raise HypervisorError(f"this point is of a {config.get('kind', 'foreign')} VM: restore it onto that "
+                                  "kind of hypervisor, or its disks with --disk")
         xml = config["domain_xml"]
         xml = renamed_copy(xml, name, disk_paths) if as_new else with_disk_paths(xml, disk_paths)
         written: list[Path] = []
@@ -226,7 +235,8 @@ class LibvirtConnector:
                 if not self.is_local:
                     raise HypervisorError(f"{name} has UEFI variables to restore onto {self.host}: run the restore "
                                           "on that host")
-                target = Path(nvram["path"]) if not as_new else (storage or Path(".")) / f"{name}_VARS.fd"
+                beside = Path(next(iter(disk_paths.values()))).parent if disk_paths else Path(storage or ".")
+                target = Path(nvram["path"]) if not as_new else beside / f"{name}_VARS.fd"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 staged = target.with_name(target.name + ".vmkeep-restore")
                 staged.write_bytes(base64.b64decode(nvram["data"]))
@@ -242,6 +252,7 @@ class LibvirtConnector:
             for p in written:
                 p.unlink(missing_ok=True)
             raise
+        return dict(disk_paths)
 
     def _define(self, xml: str, *, start: bool) -> None:
         try:

@@ -1,0 +1,1 @@
+"""VMware vSphere (vCenter or a standalone ESXi) through the vSphere API (pyvmomi)."""

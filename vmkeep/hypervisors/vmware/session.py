@@ -1,0 +1,169 @@
+"""A vSphere API session: where to connect, the login, certificate checks, and the property
+collector and task helpers the connector uses.
+
+Properties are read through the PropertyCollector, never as attributes of managed objects: an
+unset property read as an attribute costs a round trip each time, and some servers drop the
+connection on it; task outcomes are read the same way (``info.state``/``info.error``).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from pyVim.connect import Disconnect, SmartConnect
+from pyVmomi import vim, vmodl
+
+from vmkeep.hypervisors.base import HypervisorError
+
+SCHEME = "vsphere"
+DEFAULT_PORT = 443
+PASSWORD_ENV = "VMKEEP_HOST_PASSWORD"
+CA_FILE_ENV = "VMKEEP_VSPHERE_CA_FILE"
+TASK_TIMEOUT = 3600.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """``vsphere://USER@HOST[:PORT][?insecure=1&http=1]``: ``insecure`` skips certificate checks,
+    ``http`` talks plain HTTP (a lab simulator only)."""
+
+    user: str
+    host: str
+    port: int
+    insecure: bool = False
+    http: bool = False
+
+    @classmethod
+    def parse(cls, uri: str) -> Target:
+        parsed = urlparse(uri)
+        if parsed.scheme != SCHEME or not parsed.hostname or not parsed.username:
+            raise HypervisorError(f"{uri!r} is not a vSphere address: write vsphere://USER@HOST[:PORT], e.g. "
+                                  "vsphere://administrator@vsphere.local@vcenter.example.com")
+        query = parse_qs(parsed.query)
+        flag = lambda k: query.get(k, ["0"])[-1] in ("1", "true", "yes")  # noqa: E731
+        user = unquote(parsed.username)
+        if parsed.netloc.count("@") > 1:  # an SSO name like administrator@vsphere.local
+            user = unquote(parsed.netloc.rsplit("@", 1)[0])
+        return cls(user, parsed.hostname, parsed.port or DEFAULT_PORT, flag("insecure"), flag("http"))
+
+    @property
+    def base_url(self) -> str:
+        return f"{'http' if self.http else 'https'}://{self.host}:{self.port}"
+
+
+def ssl_context(target: Target, insecure: bool = False) -> ssl.SSLContext | None:
+    """Certificate checks on (system CAs, or the file in VMKEEP_VSPHERE_CA_FILE) unless asked off."""
+    if target.http:
+        return None
+    if insecure or target.insecure:
+        context = ssl._create_unverified_context()  # noqa: S323 - asked for with --insecure / ?insecure=1
+        return context
+    return ssl.create_default_context(cafile=os.environ.get(CA_FILE_ENV) or None)
+
+
+class Session:
+    """One logged-in session; ``close`` logs out."""
+
+    def __init__(self, target: Target, password: str | None = None, insecure: bool = False) -> None:
+        self.target = target
+        password = password if password is not None else os.environ.get(PASSWORD_ENV)
+        if password is None:
+            raise HypervisorError(f"no password for {target.user}@{target.host}: set {PASSWORD_ENV} (or register "
+                                  "the hypervisor with its password on the server)")
+        self.context = ssl_context(target, insecure)
+        try:
+            self.si = SmartConnect(protocol="http" if target.http else "https", host=target.host, port=target.port,
+                                   user=target.user, pwd=password, sslContext=self.context,
+                                   disableSslCertValidation=self.context is None and not target.http)
+        except vim.fault.InvalidLogin:
+            raise HypervisorError(f"{target.host} refused the login of {target.user}: check the user and "
+                                  f"{PASSWORD_ENV}") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise HypervisorError(f"the certificate of {target.host} does not check out ({exc.verify_message}): "
+                                  f"give its CA in {CA_FILE_ENV}, or add ?insecure=1 to the address") from None
+        except (OSError, vmodl.MethodFault) as exc:
+            raise HypervisorError(f"cannot connect to vSphere at {target.base_url}: {exc}") from None
+        self.content = self.si.RetrieveContent()
+
+    def close(self) -> None:
+        try:
+            Disconnect(self.si)
+        except Exception:  # noqa: BLE001 - logging out of a dead session is not worth an error
+            pass
+
+    @property
+    def ca_file(self) -> str | None:
+        return os.environ.get(CA_FILE_ENV) or None
+
+    @property
+    def verifies(self) -> bool:
+        """Whether this session checks the server's certificate (HTTPS without --insecure)."""
+        return self.context is not None and self.context.verify_mode != ssl.CERT_NONE
+
+    @property
+    def cookie(self) -> str:
+        """The session cookie (``vmware_soap_session=…``) for HTTP requests in this session."""
+        raw: str = self.si._stub.cookie  # noqa: SLF001 - pyvmomi keeps it there
+        return raw.split(";", 1)[0].strip()
+
+    def about(self) -> Any:
+        return self.content.about
+
+    def collect(self, kind: type, paths: list[str],
+                objects: list[Any] | None = None) -> list[tuple[Any, dict[str, Any]]]:
+        """(object, {path: value}) for every object of ``kind`` (or just ``objects``); unset
+        properties are absent from the dict."""
+        pc = self.content.propertyCollector
+        if objects is None:
+            view = self.content.viewManager.CreateContainerView(self.content.rootFolder, [kind], True)
+            try:
+                spec = vmodl.query.PropertyCollector.FilterSpec(
+                    objectSet=[vmodl.query.PropertyCollector.ObjectSpec(
+                        obj=view, skip=True, selectSet=[vmodl.query.PropertyCollector.TraversalSpec(
+                            name="view", path="view", skip=False, type=vim.view.ContainerView)])],
+                    propSet=[vmodl.query.PropertyCollector.PropertySpec(type=kind, pathSet=paths)])
+                return self._retrieve(pc, spec)
+            finally:
+                view.Destroy()
+        spec = vmodl.query.PropertyCollector.FilterSpec(
+            objectSet=[vmodl.query.PropertyCollector.ObjectSpec(obj=o, skip=False) for o in objects],
+            propSet=[vmodl.query.PropertyCollector.PropertySpec(type=kind, pathSet=paths)])
+        return self._retrieve(pc, spec)
+
+    @staticmethod
+    def _retrieve(pc: Any, spec: Any) -> list[tuple[Any, dict[str, Any]]]:
+        out = []
+        result = pc.RetrievePropertiesEx([spec], vmodl.query.PropertyCollector.RetrieveOptions())
+        while result is not None:
+            for oc in result.objects:
+                out.append((oc.obj, {p.name: p.val for p in (oc.propSet or [])}))
+            result = pc.ContinueRetrievePropertiesEx(result.token) if result.token else None
+        return out
+
+    def one(self, obj: Any, paths: list[str]) -> dict[str, Any]:
+        found = self.collect(type(obj), paths, [obj])
+        return found[0][1] if found else {}
+
+    def wait(self, task: Any, what: str, timeout: float = TASK_TIMEOUT) -> Any:
+        """The task's result once it succeeds; its fault as a HypervisorError otherwise."""
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            info = self.one(task, ["info.state", "info.error", "info.result"])
+            state = info.get("info.state")
+            if state == vim.TaskInfo.State.success:
+                return info.get("info.result")
+            if state == vim.TaskInfo.State.error:
+                fault = info.get("info.error")
+                message = getattr(fault, "localizedMessage", None) or getattr(getattr(fault, "fault", None), "msg",
+                                                                              None) or str(fault)
+                raise HypervisorError(f"{what} failed on {self.target.host}: {message}")
+            if time.monotonic() > deadline:
+                raise HypervisorError(f"{what} did not finish within {timeout:.0f} s on {self.target.host}")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
