@@ -137,3 +137,34 @@ def destroy_cmd(name: NameArg, host: HostOpt = LOCAL_URI) -> None:
         out_console.print(f"lab VM {name} destroyed")
     else:
         out_console.print(f"there was no lab VM {name}")
+
+
+vcsim_app = typer.Typer(help="The lab's vCenter: govmomi's simulator with a VM of known data.", no_args_is_help=True)
+app.add_typer(vcsim_app, name="vcsim")
+
+
+@vcsim_app.command("start")
+def vcsim_start_cmd(
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve on")] = "127.0.0.1:8989",
+    json_out: JsonOpt = False,
+) -> None:
+    """Build (once) and start the simulator in the background, with the lab VM vmkeep-vc1."""
+    from vmkeep.lab import vcsim
+
+    sim = vcsim.start(listen)
+    if json_out:
+        emit_json({"address": sim.address, "url": sim.url, "ca_file": sim.ca_file, "pid": sim.pid,
+                   "password_file": str(vcsim.STATE / "info.json")})
+        return
+    out_console.print(f"vcsim runs at {sim.url} (pid {sim.pid}) with lab VM {vcsim.LAB_VM}\n"
+                      f"  address: {sim.address}\n"
+                      f"  export VMKEEP_VSPHERE_CA_FILE={sim.ca_file}\n"
+                      f"  password: in {vcsim.STATE / 'info.json'} (root only)", highlight=False)
+
+
+@vcsim_app.command("stop")
+def vcsim_stop_cmd() -> None:
+    """Stop the simulator (its VMs and datastore files go with it)."""
+    from vmkeep.lab import vcsim
+
+    out_console.print("vcsim stopped" if vcsim.stop() else "vcsim was not running")

@@ -56,26 +56,30 @@ class Target:
         return f"{'http' if self.http else 'https'}://{self.host}:{self.port}"
 
 
-def ssl_context(target: Target, insecure: bool = False) -> ssl.SSLContext | None:
-    """Certificate checks on (system CAs, or the file in VMKEEP_VSPHERE_CA_FILE) unless asked off."""
+def ssl_context(target: Target, insecure: bool = False, ca_file: str | None = None) -> ssl.SSLContext | None:
+    """Certificate checks on (system CAs, or ``ca_file``) unless asked off."""
     if target.http:
         return None
     if insecure or target.insecure:
         context = ssl._create_unverified_context()  # noqa: S323 - asked for with --insecure / ?insecure=1
         return context
-    return ssl.create_default_context(cafile=os.environ.get(CA_FILE_ENV) or None)
+    return ssl.create_default_context(cafile=ca_file)
 
 
 class Session:
     """One logged-in session; ``close`` logs out."""
 
-    def __init__(self, target: Target, password: str | None = None, insecure: bool = False) -> None:
+    def __init__(self, target: Target, password: str | None = None, insecure: bool = False,
+                 ca_file: str | None = None) -> None:
+        """``ca_file``: the CA that signed the server's certificate (else VMKEEP_VSPHERE_CA_FILE, else
+        the system's)."""
         self.target = target
+        self.ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
         password = password if password is not None else os.environ.get(PASSWORD_ENV)
         if password is None:
             raise HypervisorError(f"no password for {target.user}@{target.host}: set {PASSWORD_ENV} (or register "
                                   "the hypervisor with its password on the server)")
-        self.context = ssl_context(target, insecure)
+        self.context = ssl_context(target, insecure, self.ca_file)
         try:
             self.si = SmartConnect(protocol="http" if target.http else "https", host=target.host, port=target.port,
                                    user=target.user, pwd=password, sslContext=self.context,
@@ -85,7 +89,8 @@ class Session:
                                   f"{PASSWORD_ENV}") from None
         except ssl.SSLCertVerificationError as exc:
             raise HypervisorError(f"the certificate of {target.host} does not check out ({exc.verify_message}): "
-                                  f"give its CA in {CA_FILE_ENV}, or add ?insecure=1 to the address") from None
+                                  f"give its CA in {CA_FILE_ENV}, or skip the check with --insecure (?insecure=1 in "
+                                  "a registered address)") from None
         except (OSError, vmodl.MethodFault) as exc:
             raise HypervisorError(f"cannot connect to vSphere at {target.base_url}: {exc}") from None
         self.content = self.si.RetrieveContent()
@@ -95,10 +100,6 @@ class Session:
             Disconnect(self.si)
         except Exception:  # noqa: BLE001 - logging out of a dead session is not worth an error
             pass
-
-    @property
-    def ca_file(self) -> str | None:
-        return os.environ.get(CA_FILE_ENV) or None
 
     @property
     def verifies(self) -> bool:
