@@ -11,7 +11,7 @@ from vmkeep.repository.chunks import FLAG_AESGCM, FLAG_ZSTD, HEADER, decode_chun
 from vmkeep.repository.crypto import RepositoryKeys, new_secret
 from vmkeep.repository.index import ZERO_ID, DiskIndex
 from vmkeep.repository.points import DiskEntry, Manifest, decode_manifest, encode_manifest
-from vmkeep.transport.extents import Extent, parse_extent_file, ranges_by_slot, touched_slots
+from vmkeep.transport.extents import Extent, intersect, parse_extent_file, ranges_by_slot, subtract, touched_slots
 
 MiB = 1 << 20
 
@@ -75,3 +75,12 @@ def test_extent_arithmetic() -> None:
     assert parse_extent_file("# changes\n0x1000 512\n8192, 4096\n", "f") == [Extent(4096, 512), Extent(8192, 4096)]
     with pytest.raises(ValueError, match="line 1"):
         parse_extent_file("12\n", "f")
+
+
+def test_extent_intersection_and_difference() -> None:
+    a = [Extent(0, 10), Extent(20, 10)]
+    b = [Extent(5, 20)]
+    assert intersect(a, b) == [Extent(5, 5), Extent(20, 5)]
+    assert subtract(a, b) == [Extent(0, 5), Extent(25, 5)]
+    assert subtract(b, a) == [Extent(10, 10)]
+    assert intersect(a, []) == [] and subtract(a, []) == a

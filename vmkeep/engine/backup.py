@@ -2,9 +2,11 @@
 
 Per chunk slot the plan is one of: *zero* (no allocated data: nothing read, nothing stored),
 *reuse* (incremental and the slot is clean: the parent's chunk id is copied without reading),
-or *read* (read the allocated ranges, zero-check, hash, then compress + encrypt + store unless
-the repository already has the chunk). The read path runs on worker threads; every step hands a
-whole chunk to native code that releases the GIL (libnbd, BLAKE3, zstd, AES-GCM, write).
+*patch* (incremental and the slot partly written: only the written ranges are read from the
+disk, the rest comes from the parent's chunk in the repository), or *read* (read the allocated
+ranges); then zero-check, hash, compress + encrypt + store unless the repository has the chunk.
+The read path runs on worker threads; every step hands a whole chunk to native code that
+releases the GIL (libnbd, BLAKE3, zstd, AES-GCM, write).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from vmkeep.repository.index import ZERO_ID, DiskIndex, slot_count
 from vmkeep.repository.points import DiskEntry, Manifest, index_key, manifest_key, new_point_id
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.sessions import WriterSession
-from vmkeep.transport.extents import Extent, ranges_by_slot, touched_slots
+from vmkeep.transport.extents import Extent, intersect, ranges_by_slot, subtract
 
 DEFAULT_WORKERS = 6
 
@@ -67,8 +69,15 @@ class DiskStats:
 
 @dataclass
 class _Slot:
+    """One chunk to build: the ``ranges`` to read from the source; for a slot only partly
+    written since the parent point, the rest comes from the parent's chunk ``base`` (None:
+    zeros), with ``clear`` — written to zero since — zeroed."""
+
     slot: int
     ranges: list[Extent]
+    patch: bool = False
+    base: bytes | None = None
+    clear: list[Extent] = field(default_factory=list)
 
 
 @dataclass
@@ -92,12 +101,21 @@ def _plan(job: DiskJob, chunk_size: int, parent: DiskIndex | None, index: DiskIn
           stats: DiskStats) -> Iterator[_Slot]:
     size = job.source.size
     data = ranges_by_slot(job.source.data_extents(), chunk_size)
-    dirty = touched_slots(job.changed, chunk_size) if (parent is not None and job.changed is not None) else None
+    incremental = parent is not None and job.changed is not None
+    dirty = ranges_by_slot(job.changed or [], chunk_size) if incremental else {}
     for slot in range(slot_count(size, chunk_size)):
-        length = min(chunk_size, size - slot * chunk_size)
-        if dirty is not None and parent is not None and slot not in dirty:
+        start = slot * chunk_size
+        length = min(chunk_size, size - start)
+        if incremental and parent is not None and slot not in dirty:
             index.put(slot, parent.get(slot))
             stats.bytes_reused += length
+            continue
+        written = dirty.get(slot, [])
+        if incremental and parent is not None and sum(e.length for e in written) < length:
+            # partly written since the parent: read only what changed, keep the rest of its chunk
+            base = parent.get(slot)
+            yield _Slot(slot, intersect(written, data.get(slot, [])), patch=True,
+                        base=None if base == ZERO_ID else base, clear=subtract(written, data.get(slot, [])))
         elif slot not in data:
             stats.bytes_zero += length
         else:
@@ -136,7 +154,13 @@ def backup_disk(
         ranges = item.ranges
         nread = sum(r.length for r in ranges)
         buf: bytes | bytearray
-        if len(ranges) == 1 and ranges[0].offset == start and ranges[0].length == length:
+        if item.patch:
+            buf = bytearray(repo.load_chunk(item.base, length)) if item.base is not None else bytearray(length)
+            for r in item.clear:
+                buf[r.offset - start : r.end - start] = bytes(r.length)
+            for r in ranges:
+                buf[r.offset - start : r.end - start] = job.source.pread(r.length, r.offset)
+        elif len(ranges) == 1 and ranges[0].offset == start and ranges[0].length == length:
             buf = job.source.pread(length, start)
         else:
             buf = bytearray(length)

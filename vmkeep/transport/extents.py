@@ -44,6 +44,38 @@ def ranges_by_slot(extents: Iterable[Extent], chunk_size: int) -> dict[int, list
     return slots
 
 
+def intersect(a: Iterable[Extent], b: Iterable[Extent]) -> list[Extent]:
+    """The ranges in both ``a`` and ``b``."""
+    left, right, out = merge(a), merge(b), []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        start, end = max(left[i].offset, right[j].offset), min(left[i].end, right[j].end)
+        if start < end:
+            out.append(Extent(start, end - start))
+        if left[i].end < right[j].end:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: Iterable[Extent], b: Iterable[Extent]) -> list[Extent]:
+    """The ranges of ``a`` outside ``b``."""
+    out: list[Extent] = []
+    holes = merge(b)
+    for e in merge(a):
+        pos = e.offset
+        for h in holes:
+            if h.end <= pos or h.offset >= e.end:
+                continue
+            if h.offset > pos:
+                out.append(Extent(pos, h.offset - pos))
+            pos = max(pos, h.end)
+        if pos < e.end:
+            out.append(Extent(pos, e.end - pos))
+    return out
+
+
 def touched_slots(extents: Iterable[Extent], chunk_size: int) -> set[int]:
     """Every chunk slot that at least one extent overlaps."""
     slots: set[int] = set()
