@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+import ssl
 import tempfile
 import threading
 import uuid
@@ -64,7 +65,8 @@ class CbtShim:
     def __init__(self, sim: Vcsim) -> None:
         self.sim = sim
         self.session = Session(Target.parse(sim.address), sim.password, ca_file=sim.ca_file)
-        self.upstream = httpx.Client(base_url=sim.url.removesuffix("/sdk"), verify=sim.ca_file, timeout=120)
+        self.upstream = httpx.Client(base_url=sim.url.removesuffix("/sdk"),
+                                     verify=ssl.create_default_context(cafile=sim.ca_file), timeout=120)
         self.copies = Path(tempfile.mkdtemp(prefix="vmkeep-cbt-shim-"))
         self.lock = threading.Lock()
         self.tracking: dict[tuple[str, int], Tracking] = {}  # (vm moref, device key)

@@ -44,14 +44,16 @@ def login_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument(help="User
 def hypervisor_add_cmd(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument()],
-    uri: Annotated[str, typer.Option(help="libvirt URI of the host")],
+    uri: Annotated[str, typer.Option(help="libvirt URI of the host, or vsphere://USER@VCENTER")],
     username: Annotated[str | None, typer.Option(help="Login, if the host asks for one")] = None,
     discovery_minutes: Annotated[int, typer.Option(min=1, help="Rediscover every N minutes")] = 60,
     json_out: JsonOpt = False,
 ) -> None:
     """Register a hypervisor (password from VMKEEP_HYPERVISOR_PASSWORD) and discover its VMs."""
     api = client(ctx)
-    body = {"name": name, "kind": "libvirt", "uri": uri, "username": username,
+    from vmkeep.hypervisors.connect import kind_of
+
+    body = {"name": name, "kind": kind_of(uri), "uri": uri, "username": username,
             "password": os.environ.get("VMKEEP_HYPERVISOR_PASSWORD"), "discovery_minutes": discovery_minutes}
     added = api.call("POST", "/api/hypervisors", json=body)
     found = api.call("POST", f"/api/hypervisors/{name}/discover")

@@ -133,20 +133,24 @@ def restore_vm_as(
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
+    made_directory = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    stats = restore_disks(repo, manifest, paths, workers, progress, fmt)
     try:
-        placed = connector.define_restored(config, name=new_name, disk_paths={d: str(p) for d, p in paths.items()},
-                                           storage=storage, as_new=True, start=start)
-    except BaseException:
-        for p in paths.values():
-            p.unlink(missing_ok=True)
-        raise
-    for d, p in paths.items():  # staged files the connector uploaded elsewhere
-        if placed.get(d) != str(p):
-            p.unlink(missing_ok=True)
-    if not any(directory.iterdir()):
-        directory.rmdir()
+        stats = restore_disks(repo, manifest, paths, workers, progress, fmt)
+        try:
+            placed = connector.define_restored(config, name=new_name,
+                                               disk_paths={d: str(p) for d, p in paths.items()}, storage=storage,
+                                               as_new=True, start=start)
+        except BaseException:
+            for p in paths.values():
+                p.unlink(missing_ok=True)
+            raise
+        for d, p in paths.items():  # staged files the connector uploaded elsewhere
+            if placed.get(d) != str(p):
+                p.unlink(missing_ok=True)
+    finally:
+        if made_directory and directory.exists() and not any(directory.iterdir()):
+            directory.rmdir()
     return VMRestoreResult(manifest, new_name, placed, stats)
 
 

@@ -33,8 +33,8 @@ def connector_for(h: Hypervisor) -> Connector:
         raise HypervisorError(f"hypervisor {h.name}: kind {h.kind!r} with address {h.uri} has no connector (have: "
                               f"{', '.join(KINDS)}; vsphere addresses start vsphere://)")
     credentials = None
-    if h.username and h.secret_sealed:
-        credentials = (h.username, open_secret(h.secret_sealed, secret_context(h.name)))
+    if h.secret_sealed and (h.username or h.kind == "vsphere"):  # vSphere's user is in its address
+        credentials = (h.username or "", open_secret(h.secret_sealed, secret_context(h.name)))
     return open_connector(h.uri, credentials=credentials)
 
 

@@ -9,6 +9,7 @@ recorded; the snapshot is removed (and its delta consolidated) on every path out
 
 from __future__ import annotations
 
+import secrets
 import tempfile
 import time
 from collections.abc import Iterator
@@ -255,7 +256,7 @@ class VsphereConnector:
     # -- restore ---------------------------------------------------------------------------------
     def restore_staging(self, name: str, storage: str | None) -> tuple[Path, str]:
         """Restored disks are staged as raw files here, then uploaded to the datastore."""
-        return Path(tempfile.mkdtemp(prefix=f"vmkeep-restore-{name}-")), "raw"
+        return Path(tempfile.gettempdir()) / f"vmkeep-restore-{name}-{secrets.token_hex(4)}", "raw"
 
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
                         storage: str | None, as_new: bool, start: bool) -> dict[str, str]:

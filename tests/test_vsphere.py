@@ -1,0 +1,222 @@
+"""VMware vSphere against govmomi's simulator (vcsim over HTTPS with the lab certificate): inventory,
+CBT, snapshots, backups read over the datastore's HTTPS, restores through CreateVM_Task + upload,
+incrementals through the test-only CBT shim, and a policy run by a proxy through the server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyVmomi import vim
+
+from tests.conftest import Cli, MiB, free_port, qemu_img_compare
+from tests.vcsim_cbt import CbtShim
+from vmkeep.hypervisors.vmware import devices
+from vmkeep.hypervisors.vmware.session import Session, Target
+from vmkeep.lab import vcsim
+
+
+@pytest.fixture(scope="session")
+def sim() -> Iterator[vcsim.Vcsim]:
+    vcsim.stop()
+    started = vcsim.start(f"127.0.0.1:{free_port()}", lab_vm=False)
+    try:
+        yield started
+    finally:
+        vcsim.stop()
+
+
+@pytest.fixture
+def env(cli: Cli, sim: vcsim.Vcsim) -> dict[str, str]:
+    cli.env.update(sim.env())
+    return cli.env
+
+
+def session(sim: vcsim.Vcsim) -> Session:
+    return Session(Target.parse(sim.address), sim.password, ca_file=sim.ca_file)
+
+
+def vm_props(sim: vcsim.Vcsim, name: str, paths: list[str]) -> dict[str, Any]:
+    s = session(sim)
+    try:
+        vm = next(o for o, p in s.collect(vim.VirtualMachine, ["name"]) if p["name"] == name)
+        return s.one(vm, paths)
+    finally:
+        s.close()
+
+
+def new_vm(sim: vcsim.Vcsim, name: str, *extra_modes: str) -> Path:
+    """A VM with the lab's known data in two places of its 64 MiB disk; its flat file."""
+    flat = vcsim.create_vm(sim, name, 64 * MiB, extra_disk_modes=extra_modes)
+    with flat.open("r+b") as f:
+        for offset, length in ((0, 8 * MiB), (32 * MiB, 4 * MiB)):
+            f.seek(offset)
+            f.write(vcsim.lab_pattern(offset, length))
+    return flat
+
+
+def backup(cli: Cli, address: str, vm: str, repo: str, *args: str) -> dict[str, Any]:
+    proc = cli.run("backup", vm, "--host", address, "--repo", repo, "--json", *args, ok=False)
+    result = json.loads(proc.stdout)["vms"][0]
+    assert result["ok"], result
+    return dict(result)
+
+
+def test_inventory_certificate_and_skipped_disks(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str]) -> None:
+    new_vm(sim, "vc-mixed", "independent_persistent")
+    found = {v["name"]: v for v in cli.json("inventory", "--host", sim.address)["vms"]}
+    disks = {d["name"]: d for d in found["vc-mixed"]["disks"]}
+    assert disks["scsi0-0"]["backup"] and disks["scsi0-0"]["size"] == 64 * MiB
+    assert disks["scsi0-0"]["datastore"] == "LocalDS_0" and found["vc-mixed"]["folder"].startswith("DC0")
+    assert not disks["scsi0-1"]["backup"] and "independent" in disks["scsi0-1"]["skip_reason"]
+    # certificate checks are on: without the lab CA the simulator's certificate is refused
+    untrusted = cli.run("inventory", "--host", sim.address, ok=False, env={"VMKEEP_VSPHERE_CA_FILE": ""})
+    assert untrusted.returncode != 0 and "does not check out" in untrusted.stderr and "--insecure" in untrusted.stderr
+    assert cli.run("inventory", "--host", sim.address, "--insecure", env={"VMKEEP_VSPHERE_CA_FILE": ""})
+    wrong = cli.run("inventory", "--host", sim.address, ok=False, env={"VMKEEP_HOST_PASSWORD": "wrong"})
+    assert "refused the login" in wrong.stderr
+
+
+def test_raw_device_mappings_are_skipped_with_their_name() -> None:
+    rdm = vim.vm.device.VirtualDisk(key=2001, controllerKey=1000, unitNumber=1, capacityInKB=1024,
+                                    backing=vim.vm.device.VirtualDisk.RawDiskMappingVer1BackingInfo(
+                                        compatibilityMode="physicalMode", fileName="[ds] a/a_1.vmdk"))
+    scsi = vim.vm.device.ParaVirtualSCSIController(key=1000, busNumber=0)
+    (disk,) = devices.disks([scsi, rdm])
+    assert not disk.backup and disk.name == "scsi0-1" and "raw device mapping" in disk.skip_reason
+
+
+def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str],
+                                            tmp_path: Path) -> None:
+    flat = new_vm(sim, "vc-full", "independent_persistent")
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt")
+    assert not vm_props(sim, "vc-full", ["config.changeTrackingEnabled"]).get("config.changeTrackingEnabled")
+    at_backup = tmp_path / "at-backup.raw"
+    at_backup.write_bytes(flat.read_bytes())
+    full = backup(cli, sim.address, "vc-full", repo)
+    assert full["mode"] == "full" and full["transport"] == "https"
+    notes = " ".join(full["notes"])
+    assert "changed block tracking was off: turned on" in notes and "VDDK" in notes and "independent" in notes
+    assert list(full["disks"]) == ["scsi0-0"]
+    after = vm_props(sim, "vc-full", ["config.changeTrackingEnabled", "snapshot"])
+    assert after["config.changeTrackingEnabled"] and not getattr(after.get("snapshot"), "rootSnapshotList", None)
+
+    restored = cli.json("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-full-copy",
+                        "--no-start")
+    assert restored["disks"] == {"scsi0-0": "[LocalDS_0] vc-full-copy/vc-full-copy.vmdk"}
+    copy = Path(sim.datastores[0]) / "vc-full-copy" / "vc-full-copy-flat.vmdk"
+    assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(at_backup), str(copy)]
+                          ).returncode == 0
+    made = vm_props(sim, "vc-full-copy", ["config.annotation", "config.uuid", "runtime.powerState"])
+    assert "restored by vmkeep" in made["config.annotation"] and str(made["runtime.powerState"]) == "poweredOff"
+    assert made["config.uuid"] != vm_props(sim, "vc-full", ["config.uuid"])["config.uuid"]  # a new identity
+    again = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-full-copy", ok=False)
+    assert "already exists" in again.stderr
+    assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-copy-*"))  # staged disks are gone
+
+
+def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str],
+                                                 tmp_path: Path) -> None:
+    flat = new_vm(sim, "vc-incr")
+    shim = CbtShim(sim)
+    try:
+        repo = str(tmp_path / "repo")
+        cli.run("repo", "init", repo)
+        full = backup(cli, shim.address, "vc-incr", repo)
+        assert full["mode"] == "full" and full["bytes_read"] == 12 * MiB  # only where data is (CBT "*")
+        with flat.open("r+b") as f:  # the guest writes 1 MiB, and 100 kB across two 64 KiB blocks
+            f.seek(50 * MiB)
+            f.write(os.urandom(MiB))
+            f.seek(3 * MiB + 10)
+            f.write(os.urandom(100_000))
+        at_incr = tmp_path / "at-incr.raw"
+        at_incr.write_bytes(flat.read_bytes())
+        incr = backup(cli, shim.address, "vc-incr", repo)
+        assert incr["mode"] == "incremental", incr
+        assert incr["bytes_read"] == MiB + 2 * 64 * 1024  # the changed areas CBT reported, nothing else
+        assert shim.queries >= 2 * 4  # the whole disk, 16 MiB per call, for "*" and for the changes
+        out = tmp_path / "incr.raw"
+        cli.run("restore", f"vc-incr@{incr['point']}", "--repo", repo, "--disk", "scsi0-0", "--output", str(out),
+                "--format", "raw")
+        assert qemu_img_compare(at_incr, out)
+
+        # tracking reset (turned off and on): the next backup is full, and says why
+        through_shim = Session(Target.parse(shim.address), sim.password)
+        try:
+            vm = next(o for o, p in through_shim.collect(vim.VirtualMachine, ["name"]) if p["name"] == "vc-incr")
+            for on in (False, True):
+                through_shim.wait(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=on)), "reconfigure")
+        finally:
+            through_shim.close()
+        reset = backup(cli, shim.address, "vc-incr", repo)
+        assert reset["mode"] == "full" and "reset" in reset["reason"], reset
+    finally:
+        shim.close()
+
+
+def test_leftover_snapshot_of_a_crashed_run_is_removed(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str],
+                                                       tmp_path: Path) -> None:
+    new_vm(sim, "vc-crash")
+    s = session(sim)
+    try:
+        vm = next(o for o, p in s.collect(vim.VirtualMachine, ["name"]) if p["name"] == "vc-crash")
+        s.wait(vm.CreateSnapshot_Task(name="vmkeep-20260101T000000Z", memory=False, quiesce=False), "snapshot")
+        s.wait(vm.CreateSnapshot_Task(name="before-upgrade", memory=False, quiesce=False), "snapshot")
+    finally:
+        s.close()
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    result = backup(cli, sim.address, "vc-crash", repo)
+    assert any("removed snapshot vmkeep-20260101T000000Z" in n for n in result["notes"]), result["notes"]
+    tree = vm_props(sim, "vc-crash", ["snapshot"])["snapshot"].rootSnapshotList
+    names = []
+    while tree:
+        node = tree.pop()
+        names.append(node.name)
+        tree.extend(node.childSnapshotList or [])
+    assert names == ["before-upgrade"]  # the administrator's own snapshot stays
+
+
+def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str], database: str,
+                                                  tmp_path: Path) -> None:
+    """The master registers the vCenter (password sealed), discovers it, and a proxy backs a VM
+    up for a policy; the restore point is the VM's disk."""
+    from tests.test_scale_out import run_to_end, start_proxy, stop, wait_for
+    from tests.test_server import ADMIN_PASSWORD, launch
+
+    flat = new_vm(sim, "vc-policy")
+    at_backup = tmp_path / "at-backup.raw"
+    at_backup.write_bytes(flat.read_bytes())
+    password = env.pop("VMKEEP_HOST_PASSWORD")  # the master's sealed copy is the only one
+    with launch(cli, database, tmp_path) as master:
+        admin = master.client(master.login("admin", ADMIN_PASSWORD))
+        repo = str(tmp_path / "repo")
+        cli.run("repo", "init", repo)
+        assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+        reply = admin.post("/api/hypervisors", json={"name": "vc", "kind": "vsphere", "uri": sim.address,
+                                                     "password": password})
+        assert reply.status_code == 201, reply.text
+        found = admin.post("/api/hypervisors/vc/discover")
+        assert found.status_code == 200, found.text
+        vms = {v["name"]: v for v in admin.get("/api/vms").json()}
+        assert vms["vc-policy"]["disks"][0]["datastore"] == "LocalDS_0"
+        assert admin.post("/api/policies", json={"name": "vc", "repository": "main", "vms": ["vc-policy"],
+                                                 "transports": "nbd", "folders": ["DC0*"]}).status_code == 201
+        token = admin.post("/api/tokens", json={"name": "proxy"}).json()["token"]
+        proxy = start_proxy(master, token, "p1", reaches="*", transports="nbd")
+        try:
+            wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+            done = run_to_end(admin, "vc", {"vc-policy": "queued"})["vc-policy"]
+        finally:
+            stop(proxy)
+        assert done["transport"] == "https" and done["mode"] == "full", done
+        out = tmp_path / "restored.raw"
+        cli.run("restore", f"vc-policy@{done['point_id']}", "--repo", repo, "--disk", "scsi0-0", "--output", str(out),
+                "--format", "raw")
+        assert qemu_img_compare(at_backup, out)
