@@ -22,13 +22,14 @@ from vmkeep.lab import vcsim
 
 
 @pytest.fixture(scope="session")
-def sim() -> Iterator[vcsim.Vcsim]:
-    vcsim.stop()
-    started = vcsim.start(f"127.0.0.1:{free_port()}", lab_vm=False)
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[vcsim.Vcsim]:
+    """A simulator of the tests' own (the lab's `vmkeep lab vcsim`, if running, is left alone)."""
+    state = tmp_path_factory.mktemp("vcsim")
+    started = vcsim.start(f"127.0.0.1:{free_port()}", lab_vm=False, state=state)
     try:
         yield started
     finally:
-        vcsim.stop()
+        vcsim.stop(state)
 
 
 @pytest.fixture
@@ -69,7 +70,12 @@ def backup(cli: Cli, address: str, vm: str, repo: str, *args: str) -> dict[str, 
 
 def test_inventory_certificate_and_skipped_disks(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str]) -> None:
     new_vm(sim, "vc-mixed", "independent_persistent")
-    found = {v["name"]: v for v in cli.json("inventory", "--host", sim.address)["vms"]}
+    listed = cli.json("inventory", "--host", sim.address)
+    found = {v["name"]: v for v in listed["vms"]}
+    estate = listed["topology"]
+    assert estate["datacenters"] == ["DC0"] and [c["hosts"] for c in estate["clusters"]] == [["DC0_C0_H0",
+                                                                                              "DC0_C0_H1"]]
+    assert [d["name"] for d in estate["datastores"]] == ["LocalDS_0"] and estate["datastores"][0]["free"] > 0
     disks = {d["name"]: d for d in found["vc-mixed"]["disks"]}
     assert disks["scsi0-0"]["backup"] and disks["scsi0-0"]["size"] == 64 * MiB
     assert disks["scsi0-0"]["datastore"] == "LocalDS_0" and found["vc-mixed"]["folder"].startswith("DC0")
@@ -118,7 +124,43 @@ def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: di
     assert made["config.uuid"] != vm_props(sim, "vc-full", ["config.uuid"])["config.uuid"]  # a new identity
     again = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-full-copy", ok=False)
     assert "already exists" in again.stderr
-    assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-copy-*"))  # staged disks are gone
+    assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-*"))  # staged disks are gone
+
+    # placed where the administrator says: another host, another folder
+    s = session(sim)
+    try:
+        dc = s.content.rootFolder.childEntity[0]
+        dc.vmFolder.CreateFolder("restored")
+    finally:
+        s.close()
+    lost = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-placed", "--folder",
+                   "DC0/nowhere", ok=False)
+    assert "no VM folder 'DC0/nowhere'" in lost.stderr and not list(Path("/tmp").glob("vmkeep-restore-vc-*"))
+    cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-placed", "--no-start",
+            "--folder", "DC0/restored", "--esx-host", "DC0_C0_H1")
+    placed = vm_props(sim, "vc-placed", ["parent", "runtime.host"])
+    s = session(sim)
+    try:
+        assert s.one(placed["parent"], ["name"])["name"] == "restored"
+        assert s.one(placed["runtime.host"], ["name"])["name"] == "DC0_C0_H1"
+    finally:
+        s.close()
+
+    # over the original: its disk back as it was, and tracking reset so the next backup is full
+    with flat.open("r+b") as f:
+        f.write(b"ransomware" * 1000)
+    cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--overwrite")
+    assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(at_backup), str(flat)]
+                          ).returncode == 0
+    assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-*"))
+    s = session(sim)
+    try:
+        vm = next(o for o, p in s.collect(vim.VirtualMachine, ["name"]) if p["name"] == "vc-full")
+        s.wait(vm.CreateSnapshot_Task(name="mine", memory=False, quiesce=False), "snapshot")
+    finally:
+        s.close()
+    refused = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--overwrite", ok=False)
+    assert refused.returncode != 0 and "has snapshots" in refused.stderr
 
 
 def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str],
@@ -220,3 +262,44 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: vcsim.Vcsim, en
         cli.run("restore", f"vc-policy@{done['point_id']}", "--repo", repo, "--disk", "scsi0-0", "--output", str(out),
                 "--format", "raw")
         assert qemu_img_compare(at_backup, out)
+
+
+def test_quiesce_needs_vmware_tools(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str], tmp_path: Path) -> None:
+    new_vm(sim, "vc-running")
+    s = session(sim)
+    try:
+        vm = next(o for o, p in s.collect(vim.VirtualMachine, ["name"]) if p["name"] == "vc-running")
+        s.wait(vm.PowerOnVM_Task(), "power on")  # the simulator's guest has no Tools running
+    finally:
+        s.close()
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    refused = cli.run("backup", "vc-running", "--host", sim.address, "--repo", repo, "--quiesce", "required", "--json",
+                      ok=False)
+    result = json.loads(refused.stdout)["vms"][0]
+    assert not result["ok"] and "VMware Tools are not running" in result["error"], result
+    assert not getattr(vm_props(sim, "vc-running", ["snapshot"]).get("snapshot"), "rootSnapshotList", None)
+    crash = backup(cli, sim.address, "vc-running", repo, "--quiesce", "try")
+    assert crash["consistency"] == "crash" and any("Tools are not running" in n for n in crash["notes"]), crash
+
+
+def test_vddk_is_detected_and_its_parameters_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkeep.transport import nbdkit
+
+    found = nbdkit.Vddk.find()  # Debian's nbdkit has no vddk plugin: the note says so
+    assert isinstance(found, str) and "vddk plugin" in found
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "nbdkit-vddk-plugin.so").touch()
+    monkeypatch.setattr(nbdkit, "PLUGIN_DIR", plugins)
+    monkeypatch.setenv(nbdkit.VDDK_ENV, str(tmp_path / "vddk"))
+    missing = nbdkit.Vddk.find()
+    assert isinstance(missing, str) and "libvixDiskLib.so" in missing
+    (tmp_path / "vddk" / "lib64").mkdir(parents=True)
+    (tmp_path / "vddk" / "lib64" / "libvixDiskLib.so.8").touch()
+    vddk = nbdkit.Vddk.find()
+    assert isinstance(vddk, nbdkit.Vddk)
+    args = vddk.arguments(server="vc", user="u", password_file="+/run/pw", thumbprint="AA:BB", vm_moref="vm-1",
+                          snapshot_moref="snapshot-2", file="[ds] a/a.vmdk", transports=["hotadd", "nbdssl"])
+    assert "vm=moref=vm-1" in args and "snapshot=snapshot-2" in args and "transports=hotadd:nbdssl" in args
+    assert "password=+/run/pw" in args  # a file, never the password itself

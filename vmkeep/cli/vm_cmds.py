@@ -118,6 +118,9 @@ def restore_cmd(
     storage: Annotated[str | None, typer.Option(help="Where the new VM's disks go: a directory (libvirt) or a "
                                                      "datastore (vSphere)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
+    esx_host: Annotated[str | None, typer.Option(help="vSphere: the host to put the new VM on")] = None,
+    folder: Annotated[str | None, typer.Option(help="vSphere: VM folder, e.g. DC0/prod/web")] = None,
+    network: Annotated[str | None, typer.Option(help="vSphere: the network for every NIC of the new VM")] = None,
     disk: Annotated[str | None, typer.Option(help="Restore only this disk, to --output")] = None,
     output: Annotated[Path | None, typer.Option(help="File for --disk")] = None,
     fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw, for --disk")] = "qcow2",
@@ -152,8 +155,9 @@ def restore_cmd(
         connector = open_connector(host, insecure=insecure)
         try:
             if as_name is not None:
+                place = {k: v for k, v in (("host", esx_host), ("folder", folder), ("network", network)) if v}
                 res = restore_vm_as(r, connector, vm, point, as_name, storage=storage, start=start,
-                                    workers=workers, progress=progress)
+                                    workers=workers, progress=progress, place=place)
             else:
                 res = restore_vm_overwrite(r, connector, vm, point, workers=workers, progress=progress)
         finally:
@@ -175,11 +179,18 @@ def inventory_cmd(host: HostOpt = "qemu:///system", insecure: InsecureOpt = Fals
     connector = open_connector(host, insecure=insecure)
     try:
         vms = connector.inventory()
+        topology = connector.topology() if hasattr(connector, "topology") else None  # vSphere: the estate around
     finally:
         connector.close()
     if json_out:
-        emit_json({"host": host, "vms": [{**vm.__dict__, "disks": [d.__dict__ for d in vm.disks]} for vm in vms]})
+        emit_json({"host": host, "vms": [{**vm.__dict__, "disks": [d.__dict__ for d in vm.disks]} for vm in vms],
+                   **({"topology": topology} if topology else {})})
         return
+    if topology:
+        out_console.print(f"datacenters: {', '.join(topology['datacenters'])}; clusters: "
+                          + ", ".join(f"{c['name']} ({len(c['hosts'])} hosts)" for c in topology["clusters"])
+                          + "; datastores: " + ", ".join(f"{d['name']} ({human(d['free'] or 0)} free)"
+                                                          for d in topology["datastores"]), highlight=False)
     table = Table("VM", "state", "disk", "format", "size", "allocated", "backup")
     for vm in vms:
         for i, d in enumerate(vm.disks or []):

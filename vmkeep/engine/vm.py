@@ -113,6 +113,7 @@ def restore_vm_as(
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
     retry: bool = False,
+    place: dict[str, str] | None = None,
 ) -> VMRestoreResult:
     """A new VM from a restore point: new name, UUID and MACs, disks on ``storage`` (a directory
     for libvirt, a datastore for vSphere).
@@ -133,14 +134,25 @@ def restore_vm_as(
     taken = [str(p) for p in paths.values() if p.exists()]
     if taken:
         raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
+    placed, stats = _stage_and_define(repo, connector, manifest, config, new_name, directory, paths, fmt,
+                                      storage=storage, as_new=True, start=start, workers=workers, progress=progress,
+                                      place=place)
+    return VMRestoreResult(manifest, new_name, placed, stats)
+
+
+def _stage_and_define(repo: Repository, connector: Connector, manifest: Manifest, config: dict[str, Any], name: str,
+                      directory: Path, paths: dict[str, Path], fmt: str, *, storage: str | None, as_new: bool,
+                      start: bool, workers: int, progress: Progress | None,
+                      place: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, RestoreStats]]:
+    """Restore the disks into ``paths`` and have the connector define (or refill) the VM with
+    them; staged files it moved elsewhere, and a directory made here for them, are removed."""
     made_directory = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     try:
         stats = restore_disks(repo, manifest, paths, workers, progress, fmt)
         try:
-            placed = connector.define_restored(config, name=new_name,
-                                               disk_paths={d: str(p) for d, p in paths.items()}, storage=storage,
-                                               as_new=True, start=start)
+            placed = connector.define_restored(config, name=name, disk_paths={d: str(p) for d, p in paths.items()},
+                                               storage=storage, as_new=as_new, start=start, place=place)
         except BaseException:
             for p in paths.values():
                 p.unlink(missing_ok=True)
@@ -151,7 +163,7 @@ def restore_vm_as(
     finally:
         if made_directory and directory.exists() and not any(directory.iterdir()):
             directory.rmdir()
-    return VMRestoreResult(manifest, new_name, placed, stats)
+    return placed, stats
 
 
 def restore_vm_overwrite(
@@ -166,11 +178,14 @@ def restore_vm_overwrite(
     """Put the original VM back as it was at the point; it must be shut off."""
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
-    if connector.kind != "libvirt":
-        raise UsageError(f"restoring over an existing {connector.kind} VM is not in this version: restore it as a "
-                         "new VM with --as NEWNAME")
-    disks_cfg = config.get("disks", {})
     connector.require_shut_off(vm)
+    if connector.kind != "libvirt":  # the disks go back through the hypervisor (upload)
+        directory, fmt = connector.restore_staging(vm, None)
+        paths = {disk: directory / f"{vm}-{disk}.{fmt}" for disk in manifest.disks}
+        placed, stats = _stage_and_define(repo, connector, manifest, config, vm, directory, paths, fmt, storage=None,
+                                          as_new=False, start=False, workers=workers, progress=progress)
+        return VMRestoreResult(manifest, vm, placed, stats)
+    disks_cfg = config.get("disks", {})
     originals = {d: Path(disks_cfg.get(d, {}).get("source") or f"/var/lib/libvirt/images/{vm}-{d}.qcow2")
                  for d in manifest.disks}
     staging = {d: p.with_name(p.name + ".vmkeep-restore") for d, p in originals.items()}

@@ -87,9 +87,11 @@ class Connector(Protocol):
         """Where a new VM's restored disks are written (a directory) and in which format."""
 
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: str | None, as_new: bool, start: bool) -> dict[str, str]:
+                        storage: str | None, as_new: bool, start: bool,
+                        place: dict[str, str] | None = None) -> dict[str, str]:
         """Register (and start) a VM from a point's configuration with its restored disks:
-        as a new VM (new identity; ``storage`` as the user named it) or over the original.
+        as a new VM (new identity; ``storage`` as the user named it; ``place``: other choices of
+        where it goes, such as vSphere's host, folder, network) or over the original.
         Returns where each disk lives now (the staged files, or where they were uploaded)."""
 
     def remove_restored(self, name: str, disk_paths: list[str]) -> bool:

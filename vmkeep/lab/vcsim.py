@@ -70,8 +70,8 @@ def build() -> Path:
     return BINARY
 
 
-def running() -> Vcsim | None:
-    info = STATE / "info.json"
+def running(state: Path = STATE) -> Vcsim | None:
+    info = state / "info.json"
     if not info.exists():
         return None
     sim = Vcsim(**json.loads(info.read_text()))
@@ -83,16 +83,17 @@ def running() -> Vcsim | None:
     return sim
 
 
-def start(listen: str = DEFAULT_LISTEN, *, lab_vm: bool = True) -> Vcsim:
-    """Start the simulator (once) and, with ``lab_vm``, create the lab VM with known data."""
-    current = running()
+def start(listen: str = DEFAULT_LISTEN, *, lab_vm: bool = True, state: Path = STATE) -> Vcsim:
+    """Start the simulator (once per ``state`` directory) and, with ``lab_vm``, create the lab VM
+    with known data."""
+    current = running(state)
     if current is not None:
         return current
     binary = build()
     ensure_lab_pki()
-    STATE.mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(12)
-    log = (STATE / "vcsim.log").open("w")
+    log = (state / "vcsim.log").open("w")
     proc = subprocess.Popen([str(binary), "-listen", listen, "-cert", str(SERVER_CERT), "-key", str(SERVER_KEY),
                              "-user", USER], env={**os.environ, "VCSIM_PASSWORD": password},
                             stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
@@ -100,25 +101,25 @@ def start(listen: str = DEFAULT_LISTEN, *, lab_vm: bool = True) -> Vcsim:
     line = proc.stdout.readline()
     if not line:
         proc.wait(10)
-        raise LabError(f"vcsim did not start: {(STATE / 'vcsim.log').read_text()[-800:]}")
+        raise LabError(f"vcsim did not start: {(state / 'vcsim.log').read_text()[-800:]}")
     first = json.loads(line)
     sim = Vcsim(proc.pid, first["url"], f"vsphere://{USER}@{listen}", password, str(CA_FILE),
                 first["datastores"])
-    info = STATE / "info.json"
+    info = state / "info.json"
     info.touch(mode=0o600)
     info.write_text(json.dumps(asdict(sim)) + "\n")
     if lab_vm:
         try:
             create_lab_vm(sim)
         except BaseException:
-            stop()  # a simulator without its lab VM is not left running
+            stop(state)  # a simulator without its lab VM is not left running
             raise
     return sim
 
 
-def stop() -> bool:
+def stop(state: Path = STATE) -> bool:
     """End the simulator (its datastore directories go with it); whether one ran."""
-    sim = running()
+    sim = running(state)
     if sim is None:
         return False
     os.kill(sim.pid, signal.SIGTERM)
@@ -131,7 +132,7 @@ def stop() -> bool:
         time.sleep(0.1)
     else:
         os.kill(sim.pid, signal.SIGKILL)
-    (STATE / "info.json").unlink(missing_ok=True)
+    (state / "info.json").unlink(missing_ok=True)
     return True
 
 

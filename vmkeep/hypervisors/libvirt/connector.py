@@ -216,13 +216,16 @@ class LibvirtConnector:
         return Path(storage) if storage else Path("/var/lib/libvirt/images") / name, "qcow2"
 
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: str | None, as_new: bool, start: bool) -> dict[str, str]:
+                        storage: str | None, as_new: bool, start: bool,
+                        place: dict[str, str] | None = None) -> dict[str, str]:
         """Define the saved configuration with its restored disks (and UEFI variables), then start.
 
         As a new VM it gets the new name, a new UUID and fresh MACs, and its variables go beside
         its disks; over the original, the variables go back to the original's file. Files written
         here are removed again if libvirt refuses the result.
         """
+        if place:
+            raise HypervisorError(f"{', '.join(place)}: vSphere placement choices; a libvirt restore takes --storage")
         if config.get("kind", "libvirt") != "libvirt" or not config.get("domain_xml"):
             raise HypervisorError(f"this point is of a {config.get('kind', 'foreign')} VM: restore it onto that "
                                   "kind of hypervisor, or its disks with --disk")

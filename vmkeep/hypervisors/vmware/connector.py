@@ -13,7 +13,7 @@ import secrets
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +31,7 @@ from vmkeep.hypervisors.base import (
 from vmkeep.hypervisors.vmware import cbt, devices, restore
 from vmkeep.hypervisors.vmware.datastore import folder_url
 from vmkeep.hypervisors.vmware.session import Session, Target
-from vmkeep.transport.nbdkit import Vddk, serve_url
+from vmkeep.transport.nbdkit import Vddk, serve_url, serve_vddk
 
 SNAPSHOT_PREFIX = "vmkeep-"
 VDDK_TRANSPORTS = ("san", "hotadd", "nbdssl", "nbd")
@@ -68,7 +68,7 @@ class VsphereConnector:
 
     def inventory(self) -> list[VMInfo]:
         hosts = {h: p.get("name", "") for h, p in self.session.collect(vim.HostSystem, ["name"])}
-        folders = self._folder_paths()
+        folders = self.folder_paths()
         found = []
         for vm, p in self._vms(["config.instanceUuid", "config.uuid", "runtime.powerState", "runtime.host",
                                 "config.hardware.device", "parent"]):
@@ -80,7 +80,23 @@ class VsphereConnector:
                                 folder=folders.get(p.get("parent"))))
         return found
 
-    def _folder_paths(self) -> dict[Any, str]:
+    def topology(self) -> dict[str, Any]:
+        """Datacenters, clusters with their hosts, standalone hosts, and datastores with space."""
+        names = {o: p.get("name") for o, p in self.session.collect(vim.ManagedEntity, ["name"])}
+        clusters = [{"name": p.get("name"), "hosts": sorted(str(names.get(h, "")) for h in p.get("host") or [])}
+                    for _c, p in self.session.collect(vim.ClusterComputeResource, ["name", "host"])]
+        hosts = [{"name": p.get("name"), "state": str(p.get("runtime.connectionState")),
+                  "cluster": names.get(p.get("parent")) if isinstance(p.get("parent"),
+                                                                      vim.ClusterComputeResource) else None}
+                 for _h, p in self.session.collect(vim.HostSystem, ["name", "runtime.connectionState", "parent"])]
+        stores = [{"name": p.get("name"), "type": p.get("summary.type"), "capacity": p.get("summary.capacity"),
+                   "free": p.get("summary.freeSpace")}
+                  for _d, p in self.session.collect(vim.Datastore, ["name", "summary.type", "summary.capacity",
+                                                                     "summary.freeSpace"])]
+        datacenters = sorted(str(p.get("name")) for _d, p in self.session.collect(vim.Datacenter, ["name"]))
+        return {"datacenters": datacenters, "clusters": clusters, "hosts": hosts, "datastores": stores}
+
+    def folder_paths(self) -> dict[Any, str]:
         """Every folder's path under its datacenter's VM folder ("" for that folder itself)."""
         props = {f: p for f, p in self.session.collect(vim.Folder, ["name", "parent"])}
         datacenters = {p.get("vmFolder"): p.get("name") for _d, p in self.session.collect(vim.Datacenter,
@@ -95,7 +111,7 @@ class VsphereConnector:
                 paths[folder] = "/".join([str(datacenters[node]), *reversed(parts)])
         return paths
 
-    def _datacenter_of(self, obj: Any) -> str:
+    def datacenter_of(self, obj: Any) -> str:
         node = obj
         for _ in range(64):
             if isinstance(node, vim.Datacenter):
@@ -141,7 +157,7 @@ class VsphereConnector:
             notes.append("changed block tracking was off: turned on now; this backup is full, the next ones are "
                          "incremental")
         transport, vddk = self._choose_transport(transports, notes)
-        datacenter = self._datacenter_of(ref)
+        datacenter = self.datacenter_of(ref)
         with ExitStack() as stack:
             snapshot, consistency = self._snapshot(ref, vm, quiesce, props, notes)
             stack.callback(self._remove_snapshot, ref, snapshot, vm)
@@ -162,17 +178,11 @@ class VsphereConnector:
                 allocated = None
                 if mode == "full" and disk.change_id:
                     allocated = cbt.changed_areas(ref, snapshot, disk, "*")  # where data is
-                store, _path = devices.split_datastore_path(disk.file)
-                url = folder_url(self.target, datacenter, store, disk.flat_path)
-                uri = stack.enter_context(serve_url(url, cookie=self.session.cookie, ca_file=self.session.ca_file,
-                                                    verify=self.session.verifies,
-                                                    what=f"nbdkit reading {disk.file} of {vm}"))
+                uri = stack.enter_context(self._export(disk, ref, snapshot, datacenter, transport, vddk, vm))
                 exports[disk.name] = DiskExport(disk.name, uri, disk.capacity, changed=changed.get(disk.name),
                                                 allocated=allocated)
-            if vddk is not None:
-                notes.append(f"VDDK found in {vddk.libdir}, but this version reads through the datastore's HTTPS")
             placement = {"datacenter": datacenter, "datastore": eligible[0].datastore,
-                         "folder": self._folder_paths().get(props.get("parent"), ""),
+                         "folder": self.folder_paths().get(props.get("parent"), ""),
                          "pool": self._name(props.get("resourcePool")), "host": self._name(props.get("runtime.host"))}
             config = devices.saved_config(props["config"], props.get("config.hardware.device") or [], placement)
             chain = {"disks": {d.name: {"change_id": d.change_id, "size": d.capacity} for d in frozen}}
@@ -182,15 +192,32 @@ class VsphereConnector:
         return str(self.session.one(obj, ["name"]).get("name")) if obj is not None else None
 
     def _choose_transport(self, transports: list[str], notes: list[str]) -> tuple[str, Vddk | None]:
+        """VDDK with the wanted transports when the proxy has it; else the datastore's HTTPS,
+        which stands in for the network transports (nbd, nbdssl)."""
         found = Vddk.find()
         wanted = [t for t in transports if t in VDDK_TRANSPORTS]
-        if wanted and isinstance(found, str):
+        if wanted and isinstance(found, Vddk):
+            return ":".join(wanted), found
+        if wanted:
             notes.append(f"transports {':'.join(wanted)} need VMware's VDDK: {found}; reading through the "
                          "datastore's HTTPS instead")
         if not ({"nbd", "nbdssl", "https"} & set(transports)):
             raise HypervisorError(f"none of the transports {':'.join(transports)} works without VDDK here: allow "
                                   "nbd or https (the datastore's HTTPS), or install VDDK on this proxy")
-        return "https", found if isinstance(found, Vddk) else None
+        return "https", None
+
+    def _export(self, disk: devices.Disk, ref: Any, snapshot: Any, datacenter: str, transport: str,
+                vddk: Vddk | None, vm: str) -> AbstractContextManager[str]:
+        """The NBD export of one snapshot disk: VDDK's plugin, or HTTPS range reads."""
+        if vddk is not None:
+            return serve_vddk(vddk, password=self.session.password, what=f"nbdkit (VDDK) reading {disk.file} of {vm}",
+                              server=self.host, user=self.target.user, thumbprint=self.session.thumbprint(),
+                              vm_moref=ref._moId, snapshot_moref=snapshot._moId, file=disk.file,
+                              transports=transport.split(":"))
+        store, _path = devices.split_datastore_path(disk.file)
+        url = folder_url(self.target, datacenter, store, disk.flat_path)
+        return serve_url(url, cookie=self.session.cookie, ca_file=self.session.ca_file, verify=self.session.verifies,
+                         what=f"nbdkit reading {disk.file} of {vm}")
 
     def _snapshot(self, ref: Any, vm: str, quiesce: Quiesce, props: dict[str, Any],
                   notes: list[str]) -> tuple[Any, Consistency]:
@@ -259,12 +286,13 @@ class VsphereConnector:
         return Path(tempfile.gettempdir()) / f"vmkeep-restore-{name}-{secrets.token_hex(4)}", "raw"
 
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: str | None, as_new: bool, start: bool) -> dict[str, str]:
+                        storage: str | None, as_new: bool, start: bool,
+                        place: dict[str, str] | None = None) -> dict[str, str]:
         if config.get("kind") != "vsphere":
             raise HypervisorError("this point is of a libvirt VM: restore it onto a libvirt host, or its disks "
                                   "with --disk")
         return restore.define(self, config, name=name, disk_paths=disk_paths, datastore=storage, as_new=as_new,
-                              start=start)
+                              start=start, place=place or {})
 
     def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
         if not self.exists(name):

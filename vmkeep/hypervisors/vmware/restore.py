@@ -67,10 +67,11 @@ def _spec(config: dict[str, Any], name: str, datastore: str, networks: dict[Any,
 
 
 def define(connector: VsphereConnector, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-           datastore: str | None, as_new: bool, start: bool) -> dict[str, str]:
-    """Create the VM, upload its disks; where each disk lives now ("[datastore] path")."""
+           datastore: str | None, as_new: bool, start: bool, place: dict[str, str]) -> dict[str, str]:
+    """Create the VM (or refill the original's disks), upload the disks; where each disk lives
+    now ("[datastore] path")."""
     if not as_new:
-        raise HypervisorError("restoring over an existing vSphere VM is not in this version: restore --as NEW")
+        return overwrite(connector, name, disk_paths)
     session = connector.session
     placement = config.get("placement", {})
     store = datastore or placement.get("datastore")
@@ -82,8 +83,22 @@ def define(connector: VsphereConnector, config: dict[str, Any], *, name: str, di
     pool = _by_name(connector, vim.ResourcePool, placement.get("pool")) or _by_name(connector, vim.ResourcePool,
                                                                                      None)
     networks = {p.get("name"): n for n, p in session.collect(vim.Network, ["name"])}
+    if place.get("network"):  # every NIC on the network asked for
+        if place["network"] not in networks:
+            raise HypervisorError(f"no network {place['network']!r} on {connector.host} (there are: "
+                                  f"{', '.join(sorted(map(str, networks)))})")
+        config = {**config, "nics": [{**n, "network": place["network"]} for n in config["nics"]]}
     spec = _spec(config, name, store, networks)
-    vm = session.wait(dc_props["vmFolder"].CreateVM_Task(config=spec, pool=pool), f"creating VM {name}")
+    folders = {path: f for f, path in connector.folder_paths().items()}
+    if place.get("folder") and place["folder"] not in folders:
+        raise HypervisorError(f"no VM folder {place['folder']!r} on {connector.host} (folders are named from "
+                              f"their datacenter, e.g. {next(iter(sorted(folders)), 'DC0')})")
+    folder = folders.get(place.get("folder") or placement.get("folder") or "", dc_props["vmFolder"])
+    host_name = place.get("host") or placement.get("host")
+    host = _by_name(connector, vim.HostSystem, host_name) if host_name else None
+    if place.get("host") and host is None:
+        raise HypervisorError(f"no host {place['host']!r} on {connector.host}")
+    vm = session.wait(folder.CreateVM_Task(config=spec, pool=pool, host=host), f"creating VM {name}")
     try:
         made = {d.name: d for d in devices.disks(session.one(vm, ["config.hardware.device"]).get(
             "config.hardware.device") or [])}
@@ -98,6 +113,30 @@ def define(connector: VsphereConnector, config: dict[str, Any], *, name: str, di
         destroy(connector, vm, name)
         raise
     return {disk: made[disk].file for disk in disk_paths}
+
+
+def overwrite(connector: VsphereConnector, name: str, disk_paths: dict[str, str]) -> dict[str, str]:
+    """Upload the restored disks over the (shut off) original's; tracking is reset after."""
+    session = connector.session
+    vm = connector.vm(name)
+    props = session.one(vm, ["snapshot", "config.hardware.device", "datastore"])
+    if getattr(props.get("snapshot"), "rootSnapshotList", None):
+        raise HypervisorError(f"VM {name} has snapshots: the disks under them cannot be replaced; delete its "
+                              "snapshots first, or restore --as NEW")
+    current = {d.name: d for d in devices.disks(props.get("config.hardware.device") or [])}
+    for disk, staged in disk_paths.items():
+        target = current.get(disk)
+        if target is None:
+            raise HypervisorError(f"VM {name} has no disk {disk} any more: restore --as NEW")
+        if target.capacity != Path(staged).stat().st_size:
+            raise HypervisorError(f"disk {disk} of {name} is {target.capacity} bytes now, the point's is "
+                                  f"{Path(staged).stat().st_size}: restore --as NEW")
+    datacenter = connector.datacenter_of(vm)
+    for disk, staged in disk_paths.items():
+        target = current[disk]
+        upload(session, datacenter, target.datastore, target.flat_path, Path(staged))
+    connector.forget_checkpoints(name)  # CBT did not see these writes: the next backup must be full
+    return {disk: current[disk].file for disk in disk_paths}
 
 
 def destroy(connector: VsphereConnector, vm: Any, name: str) -> None:

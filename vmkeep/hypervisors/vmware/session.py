@@ -8,6 +8,7 @@ connection on it; task outcomes are read the same way (``info.state``/``info.err
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 import time
@@ -80,6 +81,7 @@ class Session:
             raise HypervisorError(f"no password for {target.user}@{target.host}: set {PASSWORD_ENV} (or register "
                                   "the hypervisor with its password on the server)")
         self.context = ssl_context(target, insecure, self.ca_file)
+        self.password = password  # VDDK logs in on its own
         try:
             self.si = SmartConnect(protocol="http" if target.http else "https", host=target.host, port=target.port,
                                    user=target.user, pwd=password, sslContext=self.context,
@@ -105,6 +107,12 @@ class Session:
     def verifies(self) -> bool:
         """Whether this session checks the server's certificate (HTTPS without --insecure)."""
         return self.context is not None and self.context.verify_mode != ssl.CERT_NONE
+
+    def thumbprint(self) -> str:
+        """The SHA-1 fingerprint of the server's certificate, as VDDK wants it (AA:BB:…)."""
+        pem = ssl.get_server_certificate((self.target.host, self.target.port))
+        digest = hashlib.sha1(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()  # noqa: S324 - VDDK's format
+        return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
     @property
     def cookie(self) -> str:
