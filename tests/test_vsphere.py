@@ -51,9 +51,9 @@ def vm_props(sim: vcsim.Vcsim, name: str, paths: list[str]) -> dict[str, Any]:
         s.close()
 
 
-def new_vm(sim: vcsim.Vcsim, name: str, *extra_modes: str) -> Path:
+def new_vm(sim: vcsim.Vcsim, name: str, *extra_modes: str, networks: tuple[str, ...] = ()) -> Path:
     """A VM with the lab's known data in two places of its 64 MiB disk; its flat file."""
-    flat = vcsim.create_vm(sim, name, 64 * MiB, extra_disk_modes=extra_modes)
+    flat = vcsim.create_vm(sim, name, 64 * MiB, extra_disk_modes=extra_modes, networks=networks)
     with flat.open("r+b") as f:
         for offset, length in ((0, 8 * MiB), (32 * MiB, 4 * MiB)):
             f.seek(offset)
@@ -99,7 +99,7 @@ def test_raw_device_mappings_are_skipped_with_their_name() -> None:
 
 def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str],
                                             tmp_path: Path) -> None:
-    flat = new_vm(sim, "vc-full", "independent_persistent")
+    flat = new_vm(sim, "vc-full", "independent_persistent", networks=("VM Network", "DC0_DVPG0"))
     repo = str(tmp_path / "repo")
     cli.run("repo", "init", repo, "--encrypt")
     assert not vm_props(sim, "vc-full", ["config.changeTrackingEnabled"]).get("config.changeTrackingEnabled")
@@ -119,9 +119,18 @@ def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: di
     copy = Path(sim.datastores[0]) / "vc-full-copy" / "vc-full-copy-flat.vmdk"
     assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(at_backup), str(copy)]
                           ).returncode == 0
-    made = vm_props(sim, "vc-full-copy", ["config.annotation", "config.uuid", "runtime.powerState"])
+    made = vm_props(sim, "vc-full-copy", ["config.annotation", "config.uuid", "runtime.powerState", "network",
+                                          "config.hardware.device"])
+    original = vm_props(sim, "vc-full", ["config.uuid", "network", "config.hardware.device"])
     assert "restored by vmkeep" in made["config.annotation"] and str(made["runtime.powerState"]) == "poweredOff"
-    assert made["config.uuid"] != vm_props(sim, "vc-full", ["config.uuid"])["config.uuid"]  # a new identity
+    assert made["config.uuid"] != original["config.uuid"]  # a new identity
+
+    def nics(props: dict[str, Any]) -> list[str]:
+        return [d.macAddress for d in props["config.hardware.device"]
+                if isinstance(d, vim.vm.device.VirtualEthernetCard)]
+
+    assert len(nics(made)) == 2 and not set(nics(made)) & set(nics(original))  # its own MACs
+    assert sorted(n._moId for n in made["network"]) == sorted(n._moId for n in original["network"])  # same networks
     again = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-full-copy", ok=False)
     assert "already exists" in again.stderr
     assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-*"))  # staged disks are gone

@@ -18,6 +18,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from vmkeep.errors import LabError
 from vmkeep.lab.tls import LAB_PKI, ensure_lab_pki
@@ -145,9 +146,9 @@ def lab_pattern(offset: int, length: int) -> bytes:
 
 
 def create_vm(sim: Vcsim, name: str, disk_bytes: int, *, disk_mode: str = "persistent",
-              extra_disk_modes: tuple[str, ...] = ()) -> Path:
-    """A powered-off VM with one paravirtual SCSI disk (and more, of the given modes); the local
-    path of its first disk's flat file."""
+              extra_disk_modes: tuple[str, ...] = (), networks: tuple[str, ...] = ()) -> Path:
+    """A powered-off VM with one paravirtual SCSI disk (and more, of the given modes) and a
+    vmxnet3 NIC on each of ``networks``; the local path of its first disk's flat file."""
     from pyVmomi import vim
 
     from vmkeep.hypervisors.vmware.session import Session, Target
@@ -165,6 +166,18 @@ def create_vm(sim: Vcsim, name: str, disk_bytes: int, *, disk_mode: str = "persi
                 backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(diskMode=mode, thinProvisioned=True,
                                                                        fileName=f"[{ds.name}]"))
             changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", fileOperation="create", device=disk))
+        known = {p.get("name"): n for n, p in session.collect(vim.Network, ["name", "key"])}
+        for i, net in enumerate(networks):
+            group = known[net]
+            if isinstance(group, vim.dvs.DistributedVirtualPortgroup):
+                props = session.one(group, ["key", "config.distributedVirtualSwitch"])
+                switch = session.one(props["config.distributedVirtualSwitch"], ["uuid"])["uuid"]
+                backing: Any = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+                    port=vim.dvs.PortConnection(portgroupKey=props["key"], switchUuid=switch))
+            else:
+                backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=net, network=group)
+            nic = vim.vm.device.VirtualVmxnet3(key=-100 - i, addressType="generated", backing=backing)
+            changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=nic))
         spec = vim.vm.ConfigSpec(name=name, memoryMB=64, numCPUs=1, guestId="otherGuest64",
                                  files=vim.vm.FileInfo(vmPathName=f"[{ds.name}]"), deviceChange=changes)
         session.wait(dc.vmFolder.CreateVM_Task(config=spec, pool=pool), f"creating {name}")

@@ -184,7 +184,10 @@ class VsphereConnector:
             placement = {"datacenter": datacenter, "datastore": eligible[0].datastore,
                          "folder": self.folder_paths().get(props.get("parent"), ""),
                          "pool": self._name(props.get("resourcePool")), "host": self._name(props.get("runtime.host"))}
-            config = devices.saved_config(props["config"], props.get("config.hardware.device") or [], placement)
+            portgroups = {str(p.get("key")): str(p.get("name")) for _g, p in self.session.collect(
+                vim.dvs.DistributedVirtualPortgroup, ["key", "name"])}
+            config = devices.saved_config(props["config"], props.get("config.hardware.device") or [], placement,
+                                          portgroups)
             chain = {"disks": {d.name: {"change_id": d.change_id, "size": d.capacity} for d in frozen}}
             yield PointInTimeInfo(vm, transport, consistency, mode, reason, exports, config, chain, notes)
 

@@ -88,8 +88,10 @@ def disks(devices: list[Any]) -> list[Disk]:
     return found
 
 
-def saved_config(config: Any, devices: list[Any], placement: dict[str, str | None]) -> dict[str, Any]:
-    """What a restore needs to build the VM again: hardware, disks, networks, where it lived."""
+def saved_config(config: Any, devices: list[Any], placement: dict[str, str | None],
+                 portgroups: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a restore needs to build the VM again: hardware, disks, networks (by name;
+    ``portgroups`` names distributed port groups by key), where it lived."""
     controllers = []
     for d in devices:
         for kind, _prefix in CONTROLLER_PREFIX:
@@ -100,9 +102,9 @@ def saved_config(config: Any, devices: list[Any], placement: dict[str, str | Non
     for d in devices:
         if isinstance(d, vim.vm.device.VirtualEthernetCard):
             backing = d.backing
-            nics.append({"type": short_type(d), "mac": getattr(d, "macAddress", None),
-                         "network": getattr(backing, "deviceName", None) or getattr(getattr(backing, "port", None),
-                                                                                    "portgroupKey", None)})
+            key = getattr(getattr(backing, "port", None), "portgroupKey", None)
+            network = getattr(backing, "deviceName", None) or (portgroups or {}).get(key or "", key)
+            nics.append({"type": short_type(d), "mac": getattr(d, "macAddress", None), "network": network})
     return {
         "kind": "vsphere",
         "name": config.name, "guest_id": config.guestId, "memory_mb": config.hardware.memoryMB,

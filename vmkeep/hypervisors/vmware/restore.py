@@ -27,7 +27,16 @@ def _by_name(connector: VsphereConnector, kind: type, name: str | None) -> Any:
     return None
 
 
-def _spec(config: dict[str, Any], name: str, datastore: str, networks: dict[Any, Any]) -> Any:
+def _nic_backing(name: str, network: Any, switches: dict[Any, tuple[Any, Any]]) -> Any:
+    """A standard network by name; a distributed port group by its key and its switch's UUID."""
+    if isinstance(network, vim.dvs.DistributedVirtualPortgroup):
+        key, switch = switches[network]
+        return vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
+            port=vim.dvs.PortConnection(portgroupKey=key, switchUuid=switch))
+    return vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=name, network=network)
+
+
+def _spec(config: dict[str, Any], name: str, datastore: str, networks: dict[Any, Any], switches: dict[Any, Any]) -> Any:
     keys = {}
     changes = []
     used = {d["controller"] for d in config["disks"] if d.get("backup", True)}
@@ -57,8 +66,7 @@ def _spec(config: dict[str, Any], name: str, datastore: str, networks: dict[Any,
         if network is None:
             continue
         nic = getattr(vim.vm.device, n["type"])(key=-300 - i, addressType="generated",
-                                                backing=vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(
-                                                    deviceName=n["network"], network=network))
+                                                backing=_nic_backing(n["network"], network, switches))
         changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=nic))
     return vim.vm.ConfigSpec(name=name, guestId=config["guest_id"], memoryMB=config["memory_mb"],
                              numCPUs=config["cpus"], firmware=config.get("firmware"),
@@ -88,7 +96,11 @@ def define(connector: VsphereConnector, config: dict[str, Any], *, name: str, di
             raise HypervisorError(f"no network {place['network']!r} on {connector.host} (there are: "
                                   f"{', '.join(sorted(map(str, networks)))})")
         config = {**config, "nics": [{**n, "network": place["network"]} for n in config["nics"]]}
-    spec = _spec(config, name, store, networks)
+    switches = {}
+    for group, p in session.collect(vim.dvs.DistributedVirtualPortgroup, ["key", "config.distributedVirtualSwitch"]):
+        switch = p.get("config.distributedVirtualSwitch")
+        switches[group] = (p.get("key"), session.one(switch, ["uuid"]).get("uuid") if switch is not None else None)
+    spec = _spec(config, name, store, networks, switches)
     folders = {path: f for f, path in connector.folder_paths().items()}
     if place.get("folder") and place["folder"] not in folders:
         raise HypervisorError(f"no VM folder {place['folder']!r} on {connector.host} (folders are named from "
