@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from vmkeep.cli import catalog_cmds, client_cmds, disk_cmds, lab_cmds, repo_cmds, server_cmds, vm_cmds
+from vmkeep.cli import (
+    catalog_cmds,
+    client_cmds,
+    disk_cmds,
+    lab_cmds,
+    recovery_cmds,
+    repo_cmds,
+    server_cmds,
+    vm_cmds,
+)
 from vmkeep.cli.demo import demo_cmd
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
@@ -40,6 +49,8 @@ app.command("points")(disk_cmds.points_cmd)
 app.command("backup")(vm_cmds.backup_cmd)
 app.command("restore")(vm_cmds.restore_cmd)
 app.command("inventory")(vm_cmds.inventory_cmd)
+app.command("mount")(recovery_cmds.mount_cmd)
+app.command("instant-restore")(recovery_cmds.instant_restore_cmd)
 app.command("demo")(demo_cmd)
 
 

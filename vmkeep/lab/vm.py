@@ -190,7 +190,11 @@ class LabVM:
             if console is None or not console.get("path"):
                 raise LabError(f"lab VM {name} has no console path in its metadata; destroy and re-create it")
             disks = {}
-            for disk in ET.fromstring(dom.XMLDesc(0)).iter("disk"):
+            live = ET.fromstring(dom.XMLDesc(0))
+            serial = live.find("./devices/serial/source[@mode='bind']")
+            if serial is not None and serial.get("path"):  # a restored copy's console follows its name
+                console.set("path", serial.get("path", ""))
+            for disk in live.iter("disk"):
                 target, source = disk.find("target"), disk.find("source")
                 if disk.get("device") == "disk" and target is not None and source is not None:
                     disks[target.get("dev", "")] = Path(source.get("file", ""))

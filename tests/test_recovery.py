@@ -1,0 +1,127 @@
+"""Restore points used without restoring them first: a disk served over NBD from the repository,
+and a lab VM booted straight from its point, then moved to real storage while it runs."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VMKEEP, Cli, MiB, free_port
+from vmkeep.hypervisors.libvirt import instant
+from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm
+
+
+@pytest.fixture(scope="module")
+def backed_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabVM, str, str, dict[str, str]]]:
+    """A lab VM with files on vdb, backed up once: (guest, repository, point, file checksums)."""
+    import os
+
+    from tests.conftest import Cli as _Cli
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMKEEP_")}
+    env["VMKEEP_PASSPHRASE"] = "correct horse battery staple"
+    cli = _Cli(env)
+    guest = create_lab_vm(f"vmkeep-ir-{secrets.token_hex(3)}", disks=2, size=48 * MiB)
+    try:
+        files = guest.make_files("vdb")
+        guest.write("vda", 0, 8 * MiB, seed="instant")
+        repo = str(tmp_path_factory.mktemp("recovery") / "repo")
+        cli.run("repo", "init", repo, "--encrypt")
+        result = json.loads(cli.run("backup", guest.name, "--repo", repo, "--json").stdout)["vms"][0]
+        assert result["ok"], result
+        yield guest, repo, result["point"], files
+    finally:
+        guest.destroy()
+
+
+def test_mount_serves_a_point_over_nbd(cli: Cli, backed_up: tuple[LabVM, str, str, dict[str, str]],
+                                       tmp_path: Path) -> None:
+    guest, repo, point, _files = backed_up
+    restored = tmp_path / "vdb.raw"
+    cli.run("restore", f"{guest.name}@{point}", "--repo", repo, "--disk", "vdb", "--output", str(restored),
+            "--format", "raw")
+    port = free_port()
+    proc = subprocess.Popen([VMKEEP, "mount", f"{guest.name}@{point}", "--repo", repo, "--disk", "vdb", "--port",
+                             str(port), "--json"], env=cli.env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        announced = json.loads(proc.stdout.readline())
+        assert announced["uri"] == f"nbd://127.0.0.1:{port}" and announced["point"] == point
+        for _ in range(100):
+            if subprocess.run(["nbdinfo", "--size", announced["uri"]], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", announced["uri"], str(restored)],
+                              capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
+        holes = subprocess.run(["nbdinfo", "--map", announced["uri"]], capture_output=True, text=True).stdout
+        assert "hole,zero" in holes  # unused chunks are reported as holes, never fetched
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0  # Ctrl-C stops it cleanly
+    assert subprocess.run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"], capture_output=True).returncode != 0
+
+
+def cleanup(name: str) -> None:
+    if (instant.STATE / name / "state.json").exists():
+        instant.discard(name)
+    destroy_lab_vm(name)
+
+
+def guest_files(vm: LabVM) -> dict[str, str]:
+    out = vm.run("mkdir -p /mnt/vdb && (grep -q ' /mnt/vdb ' /proc/mounts || mount -t ext4 /dev/vdb /mnt/vdb) && cd /mnt/vdb && "
+                 "find . -type f ! -name new.txt | sort | xargs sha256sum")
+    return {p.removeprefix("./"): h for h, p in (line.split(None, 1) for line in out.splitlines() if line.strip())}
+
+
+def test_instant_recovery_boots_then_moves_to_storage(cli: Cli, backed_up: tuple[LabVM, str, str, dict[str, str]],
+                                                     tmp_path: Path) -> None:
+    guest, repo, point, files = backed_up
+    copy = f"{guest.name}-i"
+    try:
+        started = cli.json("instant-restore", f"{guest.name}@{point}", "--repo", repo, "--as", copy)
+        assert set(started["overlays"]) == {"vda", "vdb"}
+        vm = LabVM.open(copy)
+        vm.wait_ready()
+        vm.agent_ping()
+        assert guest_files(vm) == files  # the guest reads its files from the repository, intact
+        vm.run("echo written-during-recovery > /mnt/vdb/new.txt && sync")
+
+        moved = cli.json("instant-restore", "finish", copy, "--storage", str(tmp_path / "moved"))
+        assert moved["disks"] == {d: str(tmp_path / "moved" / f"{copy}-{d}.qcow2") for d in ("vda", "vdb")}
+        assert vm.is_running() and vm.run("cat /mnt/vdb/new.txt").strip() == "written-during-recovery"
+        assert guest_files(vm) == files
+        assert not (instant.STATE / copy).exists() and not (instant.OVERLAYS / copy).exists()
+        for disk in moved["disks"].values():  # standalone images: the repository is out of the picture
+            info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", disk], capture_output=True,
+                                             text=True, check=True).stdout)
+            assert "backing-filename" not in info, info
+        assert f"{copy}-vdb.qcow2" in subprocess.run(["virsh", "dumpxml", "--inactive", copy], capture_output=True,
+                                                     text=True).stdout  # the definition follows the move
+    finally:
+        cleanup(copy)
+
+
+def test_instant_recovery_discard_leaves_nothing(cli: Cli, backed_up: tuple[LabVM, str, str, dict[str, str]]) -> None:
+    guest, repo, point, _files = backed_up
+    copy = f"{guest.name}-d"
+    try:
+        cli.json("instant-restore", f"{guest.name}@{point}", "--repo", repo, "--as", copy)
+        pids = json.loads((instant.STATE / copy / "state.json").read_text())["exports"].values()
+        taken = cli.run("instant-restore", f"{guest.name}@{point}", "--repo", repo, "--as", copy, ok=False)
+        assert "already exists" in taken.stderr
+        cli.json("instant-restore", "finish", copy, "--discard")
+        assert subprocess.run(["virsh", "domstate", copy], capture_output=True).returncode != 0
+        assert not (instant.STATE / copy).exists() and not (instant.OVERLAYS / copy).exists()
+        assert all(not Path(f"/proc/{pid}").exists() for pid in pids)  # the exports stopped
+        unknown = cli.run("instant-restore", "finish", copy, "--discard", ok=False)
+        assert "no instant recovery named" in unknown.stderr
+    finally:
+        cleanup(copy)

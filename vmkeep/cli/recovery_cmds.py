@@ -1,0 +1,119 @@
+"""`vmkeep mount` and `vmkeep instant-restore`: a restore point served or booted straight from
+the repository, without restoring it first."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, open_repository
+from vmkeep.cli.output import RichProgress, emit_json, out_console
+from vmkeep.engine.image import split_point_spec
+from vmkeep.engine.mount import PointSpec, run_foreground
+from vmkeep.errors import UsageError, VmkeepError
+
+SpecArg = Annotated[str, typer.Argument(metavar="VM[@POINT]", help="What to serve (default: latest point)")]
+
+
+def _spec(repo_location: str, spec: str, disk: str, s3_endpoint: str | None, key_file: Path | None,
+          passphrase_file: Path | None) -> PointSpec:
+    """The point resolved now (a later point must not change what a running export serves)."""
+    name, point = split_point_spec(spec)
+    repo = open_repository(repo_location, passphrase_file, key_file, s3_endpoint)
+    manifest = repo.find_point(name, point)
+    if disk not in manifest.disks:
+        raise UsageError(f"{name}@{manifest.point_id} has no disk {disk!r} (it has: {', '.join(manifest.disks)})")
+    return PointSpec(repo_location, name, manifest.point_id, disk, s3_endpoint,
+                     str(key_file) if key_file else None, str(passphrase_file) if passphrase_file else None)
+
+
+def mount_cmd(
+    spec: SpecArg,
+    repo: RepoOpt,
+    disk: Annotated[str, typer.Option(help="Which disk of the point")] = "vda",
+    socket: Annotated[Path | None, typer.Option(help="Serve on this unix socket")] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Serve on this loopback TCP port")] = None,
+    passphrase_file: PassFile = None,
+    key_file: KeyFile = None,
+    s3_endpoint: S3Endpoint = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Serve a restore point's disk as a read-only NBD export until Ctrl-C (chunks fetched on demand)."""
+    if (socket is None) == (port is None):
+        raise UsageError("give --socket PATH or --port N (loopback), one of them")
+    point = _spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    proc = run_foreground(point, unix=socket, port=port)
+    uri = f"nbd+unix:///?socket={socket}" if socket else f"nbd://127.0.0.1:{port}"
+    if json_out:  # one line, flushed: a script reads it while the export runs
+        print(json.dumps({"uri": uri, "point": point.point, "disk": disk, "pid": proc.pid}), flush=True)
+    else:
+        out_console.print(f"serving {point.name}@{point.point} disk {disk} at {uri} (Ctrl-C stops)", highlight=False)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(10)
+        return
+    if code not in (0, -signal.SIGTERM):
+        raise VmkeepError(f"nbdkit stopped with code {code}")
+
+
+def instant_restore_cmd(
+    target: Annotated[str, typer.Argument(metavar="VM[@POINT] | finish NAME",
+                                          help="What to boot, or `finish` with the name of a running recovery")],
+    name: Annotated[str | None, typer.Argument(metavar="[NAME]", help="With finish: the recovered VM")] = None,
+    repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository (to start a recovery)")] = None,
+    as_name: Annotated[str | None, typer.Option("--as", help="Name of the VM to boot")] = None,
+    host: Annotated[str, typer.Option("--host", help="libvirt URI of this host")] = "qemu:///system",
+    storage: Annotated[Path | None, typer.Option(help="With finish: directory to move the disks to")] = None,
+    discard: Annotated[bool, typer.Option("--discard", help="With finish: drop the VM and its changes")] = False,
+    passphrase_file: PassFile = None,
+    key_file: KeyFile = None,
+    s3_endpoint: S3Endpoint = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Boot a VM straight from a restore point (copy-on-write over the repository), then `finish NAME
+    --storage DIR` moves it to real storage while it runs, or `finish NAME --discard` drops it."""
+    from vmkeep.hypervisors.libvirt import instant
+
+    started = time.monotonic()
+    if target == "finish":
+        if name is None or (storage is None) == (not discard):
+            raise UsageError("finish NAME takes --storage DIR (keep it) or --discard (drop it)")
+        if discard:
+            gone = instant.discard(name)
+            result = {"vm": name, "discarded": True, "from": gone.source}
+        else:
+            assert storage is not None
+            disks = instant.finish(name, storage, RichProgress(not json_out))
+            result = {"vm": name, "disks": disks}
+    else:
+        if repo is None or as_name is None:
+            raise UsageError("instant-restore VM[@POINT] needs --repo REPO and --as NAME")
+        from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+
+        vm, point = split_point_spec(target)
+        r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+        base = PointSpec(repo, vm, point or "", "", s3_endpoint, str(key_file) if key_file else None,
+                         str(passphrase_file) if passphrase_file else None)
+        connector = LibvirtConnector(host)
+        try:
+            running = instant.start(r, base, connector, vm, point, as_name)
+        finally:
+            connector.close()
+        result = {"vm": as_name, "from": running.source, "overlays": running.overlays}
+    result["seconds"] = round(time.monotonic() - started, 3)
+    if json_out:
+        emit_json(result)
+    elif target != "finish":
+        out_console.print(f"{as_name} runs from {result['from']} ({result['seconds']:.1f} s); its writes go to "
+                          f"{instant.OVERLAYS / str(as_name)}. Keep it: vmkeep instant-restore finish {as_name} "
+                          f"--storage DIR; drop it: … finish {as_name} --discard", highlight=False)
+    else:
+        out_console.print(f"{name}: " + ("discarded" if discard else f"moved to {storage}"), highlight=False)
