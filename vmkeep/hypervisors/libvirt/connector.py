@@ -295,15 +295,19 @@ class LibvirtConnector:
         if sources != sorted(disk_paths):
             raise HypervisorError(f"a VM named {name!r} exists on {self.uri} that this restore did not make (its "
                                   f"disks are {', '.join(sources) or 'none'}); restore under another name")
+        self.remove_domain(dom, "left by an earlier attempt of this restore")
+        return True
+
+    @staticmethod
+    def remove_domain(dom: libvirt.virDomain, why: str) -> None:
+        """Power off and undefine a VM vmkeep made (its UEFI variables and metadata with it)."""
         try:
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                               | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot remove {name}, left by an earlier attempt of this restore: "
-                                  f"{exc.get_error_message()}") from None
-        return True
+            raise HypervisorError(f"cannot remove {dom.name()}, {why}: {exc.get_error_message()}") from None
 
     def forget_checkpoints(self, vm: str) -> None:
         """Drop libvirt's checkpoint records of a VM whose disks are being replaced."""

@@ -108,21 +108,10 @@ def start(repo: Repository, spec_base: PointSpec, connector: LibvirtConnector, v
                                   as_new=True, start=True)
     except BaseException:
         if connector.exists(name):
-            _remove_domain(connector, name)
+            connector.remove_domain(connector.domain(name), "an instant recovery that failed to start")
         instant.release()
         raise
     return instant
-
-
-def _remove_domain(connector: LibvirtConnector, name: str) -> None:
-    dom = connector.domain(name)
-    try:
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
-                          | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-    except libvirt.libvirtError as exc:
-        raise HypervisorError(f"cannot remove {name}: {exc.get_error_message()}") from None
 
 
 def discard(name: str) -> InstantVM:
@@ -131,7 +120,7 @@ def discard(name: str) -> InstantVM:
     connector = LibvirtConnector(instant.uri)
     try:
         if connector.exists(name):
-            _remove_domain(connector, name)
+            connector.remove_domain(connector.domain(name), "an instant recovery being discarded")
     finally:
         connector.close()
     instant.release()
