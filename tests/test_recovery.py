@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -76,8 +77,8 @@ def cleanup(name: str) -> None:
 
 
 def guest_files(vm: LabVM) -> dict[str, str]:
-    out = vm.run("mkdir -p /mnt/vdb && (grep -q ' /mnt/vdb ' /proc/mounts || mount -t ext4 /dev/vdb /mnt/vdb) && cd /mnt/vdb && "
-                 "find . -type f ! -name new.txt | sort | xargs sha256sum")
+    out = vm.run("mkdir -p /mnt/vdb && (grep -q ' /mnt/vdb ' /proc/mounts || mount -t ext4 /dev/vdb /mnt/vdb) && "
+                 "cd /mnt/vdb && find . -type f ! -name new.txt | sort | xargs sha256sum")
     return {p.removeprefix("./"): h for h, p in (line.split(None, 1) for line in out.splitlines() if line.strip())}
 
 
@@ -125,3 +126,44 @@ def test_instant_recovery_discard_leaves_nothing(cli: Cli, backed_up: tuple[LabV
         assert "no instant recovery named" in unknown.stderr
     finally:
         cleanup(copy)
+
+
+def test_verify_boot_records_pass_and_fail_on_the_point(cli: Cli, backed_up: tuple[LabVM, str, str, dict[str, str]],
+                                                        tmp_path: Path) -> None:
+    guest, repo, point, _files = backed_up
+    passed = cli.json("verify-boot", f"{guest.name}@{point}", "--repo", repo, "--timeout", "120")
+    assert passed["passed"] and passed["seconds_to_heartbeat"] is not None and passed["chunks_checked"] > 0
+    sandbox = passed["sandbox"]
+    assert subprocess.run(["virsh", "domstate", sandbox], capture_output=True).returncode != 0  # removed
+    assert not (instant.STATE / sandbox).exists()
+    listed = {p["point"]: p for p in cli.json("points", guest.name, "--repo", repo)["points"]}
+    assert listed[point]["boot_check"]["passed"] is True
+
+    # a script that finds something wrong fails the check, with its output
+    script = tmp_path / "check.sh"
+    script.write_text("#!/bin/sh\n"
+                      "virsh -c \"$VMKEEP_VERIFY_URI\" domiflist \"$VMKEEP_VERIFY_VM\" | grep -q network && exit 0\n"
+                      "echo \"$VMKEEP_VERIFY_VM has no network: sandboxed\"; exit 3\n")
+    script.chmod(0o755)
+    failed = cli.run("verify-boot", f"{guest.name}@{point}", "--repo", repo, "--script", str(script), "--json",
+                     ok=False)
+    result = json.loads(failed.stdout)
+    assert failed.returncode == 1 and not result["passed"] and result["script"]["exit"] == 3
+    assert "sandboxed" in result["reason"]
+    listed = {p["point"]: p for p in cli.json("points", guest.name, "--repo", repo)["points"]}
+    assert listed[point]["boot_check"]["passed"] is False  # the latest check is the one kept
+
+
+def test_a_corrupted_point_fails_verify_boot_without_booting(cli: Cli,
+                                                           backed_up: tuple[LabVM, str, str, dict[str, str]],
+                                                           tmp_path: Path) -> None:
+    guest, repo, point, _files = backed_up
+    damaged = tmp_path / "damaged"
+    shutil.copytree(repo, damaged)
+    victim = next(p for p in (damaged / "chunks").rglob("*") if p.is_file() and len(p.name) == 64)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    failed = cli.run("verify-boot", f"{guest.name}@{point}", "--repo", str(damaged), "--json", ok=False)
+    result = json.loads(failed.stdout)
+    assert failed.returncode == 1 and "does not read back" in result["reason"] and "sandbox" not in result

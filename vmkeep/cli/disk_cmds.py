@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -12,6 +12,8 @@ from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, W
 from vmkeep.cli.output import RichProgress, emit_json, human, out_console, rate
 from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import DEFAULT_DISK, backup_image, restore_image, split_point_spec
+from vmkeep.repository.points import Manifest, check_key
+from vmkeep.repository.repo import Repository
 
 app = typer.Typer(help="Back up and restore disk images (any format qemu opens).", no_args_is_help=True)
 
@@ -97,9 +99,13 @@ def points_cmd(
 
         server_points(ctx, name, json_out)
         return
-    points = open_repository(repo, passphrase_file, key_file, s3_endpoint).list_points(name)
+    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+    points = r.list_points(name)
+    checked = {o.key for o in r.backend.list("checks/")}
     rows = [{"name": m.name, "point": m.point_id, "created": m.created, "parent": m.parent,
-             "disks": {d: e.size for d, e in m.disks.items()}, "stats": m.stats, "meta": m.meta} for m in points]
+             "disks": {d: e.size for d, e in m.disks.items()}, "stats": m.stats, "meta": m.meta,
+             "boot_check": _check_summary(r, m) if check_key(m.name, m.point_id) in checked else None}
+            for m in points]
     if json_out:
         emit_json({"points": rows})
         return
@@ -108,3 +114,8 @@ def points_cmd(
         table.add_row(m.name, m.point_id, m.created[:19], ", ".join(f"{d} {human(e.size)}" for d, e in m.disks.items()),
                       human(m.stats.get("bytes_read", 0)), human(m.stats.get("bytes_stored", 0)))
     out_console.print(table)
+
+
+def _check_summary(repo: Repository, manifest: Manifest) -> dict[str, Any] | None:
+    record = repo.load_check(manifest)
+    return {k: record.get(k) for k in ("passed", "at", "reason", "seconds_to_heartbeat")} if record else None

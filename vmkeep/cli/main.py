@@ -51,6 +51,7 @@ app.command("restore")(vm_cmds.restore_cmd)
 app.command("inventory")(vm_cmds.inventory_cmd)
 app.command("mount")(recovery_cmds.mount_cmd)
 app.command("instant-restore")(recovery_cmds.instant_restore_cmd)
+app.command("verify-boot")(recovery_cmds.verify_boot_cmd)
 app.command("demo")(demo_cmd)
 
 

@@ -117,3 +117,42 @@ def instant_restore_cmd(
                           f"--storage DIR; drop it: … finish {as_name} --discard", highlight=False)
     else:
         out_console.print(f"{name}: " + ("discarded" if discard else f"moved to {storage}"), highlight=False)
+
+
+def verify_boot_cmd(
+    spec: SpecArg,
+    repo: RepoOpt,
+    host: Annotated[str, typer.Option("--host", help="libvirt URI of this host")] = "qemu:///system",
+    timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for the heartbeat")] = 300.0,
+    marker: Annotated[str | None, typer.Option(help="Heartbeat: this text on the serial console (else the guest "
+                                                    "agent's ping)")] = None,
+    script: Annotated[Path | None, typer.Option(help="Run this on the host once it is up (VMKEEP_VERIFY_VM names "
+                                                    "the sandbox); exit 0 passes")] = None,
+    passphrase_file: PassFile = None,
+    key_file: KeyFile = None,
+    s3_endpoint: S3Endpoint = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check that a restore point boots: every chunk read back, then a sandboxed boot (no network) with a
+    heartbeat and an optional script; the outcome is recorded on the point. Exit 1 when it fails."""
+    from vmkeep.hypervisors.libvirt.boot_check import boot_check
+    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+
+    vm, point = split_point_spec(spec)
+    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+    base = PointSpec(repo, vm, point or "", "", s3_endpoint, str(key_file) if key_file else None,
+                     str(passphrase_file) if passphrase_file else None)
+    connector = LibvirtConnector(host)
+    try:
+        result = boot_check(r, base, connector, vm, point, timeout=timeout, marker=marker, script=script)
+    finally:
+        connector.close()
+    if json_out:
+        emit_json(result)
+    elif result["passed"]:
+        out_console.print(f"{vm}@{result['point']} boots: heartbeat after {result['seconds_to_heartbeat']} s "
+                          f"({result['heartbeat']}); checked in {result['seconds']} s", highlight=False)
+    else:
+        out_console.print(f"[red]{vm}@{result['point']} failed:[/red] {result['reason']}", highlight=False)
+    if not result["passed"]:
+        raise typer.Exit(1)

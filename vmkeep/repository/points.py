@@ -36,6 +36,11 @@ def new_point_id(now: datetime | None = None) -> str:
     return f"{stamp}-{secrets.token_hex(3)}"
 
 
+def check_key(name: str, point_id: str) -> str:
+    """Where a boot check of a point is recorded (beside, never inside, its immutable manifest)."""
+    return f"checks/{name}/{point_id}.json"
+
+
 def manifest_key(name: str, point_id: str) -> str:
     return f"points/{name}/{point_id}.json"
 

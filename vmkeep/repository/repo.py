@@ -15,7 +15,14 @@ from vmkeep.repository.chunks import decode_chunk, encode_chunk_parts
 from vmkeep.repository.config import CONFIG_KEY, Credentials, RepoConfig
 from vmkeep.repository.crypto import RepositoryKeys, open_sealed, seal
 from vmkeep.repository.index import DiskIndex
-from vmkeep.repository.points import Manifest, check_name, decode_manifest, encode_manifest, manifest_key
+from vmkeep.repository.points import (
+    Manifest,
+    check_key,
+    check_name,
+    decode_manifest,
+    encode_manifest,
+    manifest_key,
+)
 
 
 def chunk_key(chunk_id: bytes) -> str:
@@ -197,3 +204,17 @@ class Repository:
         """Remove manifests only; their indexes and chunks are reclaimed by garbage collection."""
         for m in manifests:
             self.backend.delete(manifest_key(m.name, m.point_id))
+            if self.backend.stat(check_key(m.name, m.point_id)) is not None:
+                self.backend.delete(check_key(m.name, m.point_id))
+
+    def record_check(self, manifest: Manifest, result: dict[str, Any]) -> None:
+        """Keep the outcome of a boot check of ``manifest`` (sealed like a VM configuration)."""
+        text = self.seal_record(result, f"boot check of {manifest.name}@{manifest.point_id}")
+        self.backend.put(check_key(manifest.name, manifest.point_id), text.encode(), durable=True)
+
+    def load_check(self, manifest: Manifest) -> dict[str, Any] | None:
+        """The last boot check of ``manifest``, or None when it was never checked."""
+        key = check_key(manifest.name, manifest.point_id)
+        if self.backend.stat(key) is None:
+            return None
+        return self.open_record(self.backend.get(key).decode(), f"boot check of {manifest.name}@{manifest.point_id}")

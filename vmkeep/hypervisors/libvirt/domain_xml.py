@@ -138,3 +138,13 @@ def with_nvram_path(xml: str, path: str) -> str:
     if el is not None:
         el.text = path
     return ET.tostring(root, encoding="unicode")
+
+
+def without_network(xml: str) -> str:
+    """The configuration with every network interface taken out (a sandbox that reaches nothing)."""
+    root = ET.fromstring(xml)
+    devices = root.find("devices")
+    if devices is not None:
+        for iface in devices.findall("interface"):
+            devices.remove(iface)
+    return ET.tostring(root, encoding="unicode")

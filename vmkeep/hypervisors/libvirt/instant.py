@@ -25,7 +25,7 @@ from vmkeep.engine.vm import vm_config
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-from vmkeep.hypervisors.libvirt.domain_xml import with_disk_paths
+from vmkeep.hypervisors.libvirt.domain_xml import with_disk_paths, without_network
 from vmkeep.repository.points import check_name
 from vmkeep.repository.repo import Repository
 
@@ -80,8 +80,9 @@ def _overlay(path: Path, sock: str, size: int) -> None:
 
 
 def start(repo: Repository, spec_base: PointSpec, connector: LibvirtConnector, vm: str, point: str | None,
-          name: str) -> InstantVM:
-    """Boot ``vm@point`` as ``name`` from the repository; everything is undone if it fails."""
+          name: str, *, sandbox: bool = False) -> InstantVM:
+    """Boot ``vm@point`` as ``name`` from the repository; everything is undone if it fails.
+    ``sandbox``: without network interfaces, so the copy cannot reach production."""
     check_name(name, "--as name")
     if connector.exists(name):
         raise UsageError(f"a VM named {name!r} already exists on {connector.uri}; choose another --as name")
@@ -89,6 +90,8 @@ def start(repo: Repository, spec_base: PointSpec, connector: LibvirtConnector, v
         raise UsageError(f"an instant recovery named {name} is running: finish or discard it first")
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
+    if sandbox and config.get("domain_xml"):
+        config = {**config, "domain_xml": without_network(config["domain_xml"])}
     instant = InstantVM(name, connector.uri, f"{vm}@{manifest.point_id}")
     directory = OVERLAYS / name
     try:
