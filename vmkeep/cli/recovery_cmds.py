@@ -16,6 +16,7 @@ from vmkeep.cli.output import RichProgress, emit_json, out_console
 from vmkeep.engine.image import split_point_spec
 from vmkeep.engine.mount import PointSpec, run_foreground
 from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.repository.repo import Repository
 
 SpecArg = Annotated[str, typer.Argument(metavar="VM[@POINT]", help="What to serve (default: latest point)")]
 
@@ -30,6 +31,14 @@ def _spec(repo_location: str, spec: str, disk: str, s3_endpoint: str | None, key
         raise UsageError(f"{name}@{manifest.point_id} has no disk {disk!r} (it has: {', '.join(manifest.disks)})")
     return PointSpec(repo_location, name, manifest.point_id, disk, s3_endpoint,
                      str(key_file) if key_file else None, str(passphrase_file) if passphrase_file else None)
+
+
+def _opened(repo: str, vm: str, point: str | None, s3_endpoint: str | None, key_file: Path | None,
+            passphrase_file: Path | None) -> tuple[Repository, PointSpec]:
+    """The repository, and how exports of its points open it (each disk fills in the rest)."""
+    base = PointSpec(repo, vm, point or "", "", s3_endpoint, str(key_file) if key_file else None,
+                     str(passphrase_file) if passphrase_file else None)
+    return open_repository(repo, passphrase_file, key_file, s3_endpoint), base
 
 
 def mount_cmd(
@@ -99,9 +108,7 @@ def instant_restore_cmd(
         from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
         vm, point = split_point_spec(target)
-        r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
-        base = PointSpec(repo, vm, point or "", "", s3_endpoint, str(key_file) if key_file else None,
-                         str(passphrase_file) if passphrase_file else None)
+        r, base = _opened(repo, vm, point, s3_endpoint, key_file, passphrase_file)
         connector = LibvirtConnector(host)
         try:
             running = instant.start(r, base, connector, vm, point, as_name)
@@ -139,9 +146,7 @@ def verify_boot_cmd(
     from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
     vm, point = split_point_spec(spec)
-    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
-    base = PointSpec(repo, vm, point or "", "", s3_endpoint, str(key_file) if key_file else None,
-                     str(passphrase_file) if passphrase_file else None)
+    r, base = _opened(repo, vm, point, s3_endpoint, key_file, passphrase_file)
     connector = LibvirtConnector(host)
     try:
         result = boot_check(r, base, connector, vm, point, timeout=timeout, marker=marker, script=script)
