@@ -167,3 +167,27 @@ def test_a_corrupted_point_fails_verify_boot_without_booting(cli: Cli,
     failed = cli.run("verify-boot", f"{guest.name}@{point}", "--repo", str(damaged), "--json", ok=False)
     result = json.loads(failed.stdout)
     assert failed.returncode == 1 and "does not read back" in result["reason"] and "sandbox" not in result
+
+
+def test_policy_boot_checks_each_new_point(cli: Cli, backed_up: tuple[LabVM, str, str, dict[str, str]],
+                                           database: str, tmp_path: Path) -> None:
+    from tests.test_scale_out import master_with_repository, run_to_end, start_proxy, stop, wait_for
+    from tests.test_server import launch
+
+    guest, _repo, _point, _files = backed_up
+    with launch(cli, database, tmp_path) as master:
+        admin, repo = master_with_repository(master, cli, tmp_path)
+        assert admin.post("/api/hypervisors/local/discover").status_code == 200
+        assert admin.post("/api/policies", json={"name": "sure", "repository": "main", "vms": [guest.name],
+                                                 "transports": "hotadd", "verify_boot": True}).status_code == 201
+        token = admin.post("/api/tokens", json={"name": "proxy"}).json()["token"]
+        proxy = start_proxy(master, token, "p1")
+        try:
+            wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+            done = run_to_end(admin, "sure", {guest.name: "queued"})[guest.name]
+        finally:
+            stop(proxy)
+    check = done["boot_check"]
+    assert check["passed"] and check["point"] == done["point_id"] and check["seconds_to_heartbeat"] is not None
+    listed = {p["point"]: p for p in cli.json("points", guest.name, "--repo", repo)["points"]}
+    assert listed[done["point_id"]]["boot_check"]["passed"] is True

@@ -186,6 +186,7 @@ class Policy(Base):
     max_per_datastore: Mapped[int | None]
     max_per_proxy: Mapped[int | None]
     verify_after: Mapped[bool] = mapped_column(default=False, server_default=false())
+    verify_boot: Mapped[bool] = mapped_column(default=False, server_default=false())  # sandboxed boot check
     next_run: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # from the schedule
     notify_webhook: Mapped[str | None] = mapped_column(String(2000))
     notify_email: Mapped[list[Any] | None]
@@ -244,6 +245,7 @@ class JobVM(Base):
     point_id: Mapped[str | None] = mapped_column(String(64))
     verified: Mapped[bool | None]  # None: not asked for (or not reached)
     disks: Mapped[dict[str, Any] | None]  # per disk: mode, bytes read, reused, stored, seconds
+    boot_check: Mapped[dict[str, Any] | None]  # the sandboxed boot of the new point, when the policy asks
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     error: Mapped[str | None] = mapped_column(String(4000))
     started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -95,6 +95,8 @@ def policy_create_cmd(
     max_per_datastore: Annotated[int | None, typer.Option(min=1)] = None,
     max_per_proxy: Annotated[int | None, typer.Option(min=1)] = None,
     verify_after: Annotated[bool, typer.Option(help="Re-read every chunk of each new point")] = False,
+    verify_boot: Annotated[bool, typer.Option(help="Boot each new point in a sandbox and wait for its "
+                                                   "heartbeat")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a policy: which VMs, where, when, how long to keep."""
@@ -104,7 +106,8 @@ def policy_create_cmd(
                             "hypervisor": hypervisor, "schedule": schedule, "retention": retention,
                             "full_every": full_every, "transports": transports, "quiesce": quiesce,
                             "max_per_host": max_per_host, "max_per_datastore": max_per_datastore,
-                            "max_per_proxy": max_per_proxy, "verify_after": verify_after}
+                            "max_per_proxy": max_per_proxy, "verify_after": verify_after,
+                            "verify_boot": verify_boot}
     created = client(ctx).call("POST", "/api/policies", json=body)
     if json_out:
         emit_json(created)

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import traceback
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from procrastinate import JobContext
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import Job, JobVM, Policy, Proxy, RestorePointRecord, VirtualMachine
+from vmkeep.catalog.models import Job, JobVM, Policy, Proxy, RepositoryRecord, RestorePointRecord, VirtualMachine
 from vmkeep.catalog.rebuild import upsert_points
+from vmkeep.engine.mount import PointSpec
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
-from vmkeep.hypervisors.base import HypervisorError, parse_transports
+from vmkeep.hypervisors.base import Connector, HypervisorError, parse_transports
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
 from vmkeep.repository.prune import RetentionPolicy, prune
+from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import VerifyReport, verify
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -90,6 +94,14 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                 if not checked.ok:  # older points stay: retention waits for a point that reads back
                     jv.status, jv.error = "failed", _verify_failure(m.point_id, checked)
                     return
+            if policy.verify_boot:
+                session.commit()  # the point is cataloged before the (long) boot check
+                jv.boot_check = booted(repo, policy.repository, connector, vm.name, m.point_id)
+                if not jv.boot_check.get("passed"):  # stored, but not trusted: older points stay
+                    jv.status = "failed"
+                    jv.error = f"point {m.point_id} was stored but did not pass its boot check: " \
+                               f"{jv.boot_check.get('reason')}"
+                    return
             retention = RetentionPolicy(**policy.retention) if policy.retention else RetentionPolicy()
             if not retention.is_empty():
                 kept = prune(repo, retention, vm.name)[vm.name].keep
@@ -106,6 +118,27 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             jv.finished = datetime.now(UTC)
             session.commit()
             settle_job(session, jv.job)
+
+
+def booted(repo: Repository, record: RepositoryRecord, connector: Connector, vm: str,
+           point_id: str) -> dict[str, Any]:
+    """The sandboxed boot check of the new point; the repository's passphrase reaches the
+    export in a private file that is gone afterwards."""
+    from vmkeep.hypervisors.libvirt.boot_check import boot_check
+    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+    from vmkeep.server.keys import open_secret
+    from vmkeep.server.repositories import passphrase_context
+
+    if not isinstance(connector, LibvirtConnector) or not connector.is_local:
+        return {"passed": False, "reason": "boot checks run on libvirt, by a proxy on the VM's host"}
+    with tempfile.TemporaryDirectory(prefix="vmkeep-boot-") as tmp:
+        secret = None
+        if record.passphrase_sealed:
+            secret = Path(tmp) / "passphrase"
+            secret.touch(mode=0o600)
+            secret.write_text(open_secret(record.passphrase_sealed, passphrase_context(record.name)))
+        spec = PointSpec(record.location, vm, point_id, "", record.s3_endpoint, None, str(secret) if secret else None)
+        return boot_check(repo, spec, connector, vm, point_id)
 
 
 def usable_transports(session: Session, policy: Policy, proxy: str) -> list[str]:

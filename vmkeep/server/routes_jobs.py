@@ -68,6 +68,8 @@ class PolicyIn(BaseModel):
     max_per_datastore: int | None = Field(default=None, ge=1, le=1000)
     max_per_proxy: int | None = Field(default=None, ge=1, le=1000)
     verify_after: bool = Field(default=False, description="re-read and check every chunk of each new point")
+    verify_boot: bool = Field(default=False, description="boot each new point in a sandbox (libvirt, proxy on "
+                                                         "the VM's host) and wait for its heartbeat")
     notify_webhook: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
     notify_email: list[str] = Field(default_factory=list, max_length=50)
 
@@ -91,6 +93,7 @@ class JobVMOut(BaseModel):
     duration_seconds: float | None
     point_id: str | None
     verified: bool | None
+    boot_check: dict[str, Any] | None
     disks: dict[str, Any] | None
     warnings: list[Any]
     error: str | None
@@ -121,7 +124,8 @@ def _policy_out(p: Policy) -> PolicyOut:
                      tags=rules.get("tags", []), folders=rules.get("folders", []), schedule=p.schedule,
                      retention=p.retention, full_every=p.full_every, transports=p.transports, quiesce=p.quiesce,
                      max_per_host=p.max_per_host, max_per_datastore=p.max_per_datastore,
-                     max_per_proxy=p.max_per_proxy, verify_after=p.verify_after, created=p.created,
+                     max_per_proxy=p.max_per_proxy, verify_after=p.verify_after, verify_boot=p.verify_boot,
+                     created=p.created,
                      notify_webhook=p.notify_webhook, notify_email=p.notify_email or [], next_run=p.next_run)
 
 
@@ -132,7 +136,7 @@ def _job_out(job: Job) -> JobOut:
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
                                 progress_bytes=v.progress_bytes, total_bytes=v.total_bytes,
                                 duration_seconds=v.duration_seconds, point_id=v.point_id, verified=v.verified,
-                                disks=v.disks, warnings=v.warnings,
+                                boot_check=v.boot_check, disks=v.disks, warnings=v.warnings,
                                 error=v.error, started=v.started, finished=v.finished) for v in job.vms])
 
 
@@ -196,6 +200,7 @@ def _apply(session: Session, policy: Policy, body: PolicyIn) -> None:
                                                                            body.max_per_proxy)
     policy.verify_after, policy.notify_webhook, policy.notify_email = (body.verify_after, body.notify_webhook,
                                                                        body.notify_email)
+    policy.verify_boot = body.verify_boot
     policy.selection = {"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor, "hosts": body.hosts,
                         "tags": body.tags, "folders": body.folders}
 
