@@ -11,6 +11,7 @@ from vmkeep.cli import (
     catalog_cmds,
     client_cmds,
     disk_cmds,
+    files_cmds,
     lab_cmds,
     recovery_cmds,
     repo_cmds,
@@ -36,6 +37,7 @@ def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
 app.add_typer(repo_cmds.app, name="repo")
 app.add_typer(disk_cmds.app, name="disk")
 app.add_typer(lab_cmds.app, name="lab")
+app.add_typer(files_cmds.app, name="files")
 app.add_typer(catalog_cmds.db_app, name="db")
 app.add_typer(catalog_cmds.catalog_app, name="catalog")
 app.add_typer(server_cmds.user_app, name="user")

@@ -88,18 +88,20 @@ def _qemu_nbd_command(sock: Path, image: ImageInfo, readonly: bool, bitmap: str 
 @contextmanager
 def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator[str]:
     """Run an NBD server (``command`` given its socket path) on a private unix socket for the
-    duration, dying with this process even on kill -9; yields the NBD URI."""
+    duration, dying with this process even on kill -9; yields the NBD URI. Its messages go to a
+    file (a pipe nobody reads would stall a server that reports many read errors)."""
     _sweep_dead_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
-    sock = workdir / "nbd.sock"
+    sock, log = workdir / "nbd.sock", workdir / "server.log"
     try:
-        proc = subprocess.Popen(command(sock), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=_die_with_parent)
+        with log.open("w") as err:
+            proc = subprocess.Popen(command(sock), stdout=subprocess.DEVNULL, stderr=err,
+                                    preexec_fn=_die_with_parent)
     except OSError as exc:
-        workdir.rmdir()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise ImageError(f"cannot start {what}: {exc}") from None
     try:
-        _wait_for_socket(proc, sock, what)
+        _wait_for_socket(proc, sock, log, what)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         if proc.poll() is None:
@@ -109,10 +111,7 @@ def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
-        sock.unlink(missing_ok=True)
-        workdir.rmdir()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 WORKDIR_PREFIX = "vmkeep-nbd-"
@@ -146,11 +145,11 @@ def socket_listening(sock: Path) -> bool:
             return False
 
 
-def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, what: str) -> None:
+def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, what: str) -> None:
     deadline = time.monotonic() + 30
     while not socket_listening(sock):
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+            err = log.read_text(errors="replace").strip()[-1000:]
             raise ImageError(f"{what} failed: {err}")
         if time.monotonic() > deadline:
             raise ImageError(f"{what} did not start within 30 s")

@@ -1,0 +1,99 @@
+"""`vmkeep files …`: list, copy out and find guest files of restore points (libguestfs)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, open_repository
+from vmkeep.cli.output import emit_json, human, out_console
+from vmkeep.engine.image import split_point_spec
+from vmkeep.engine.mount import PointSpec
+
+app = typer.Typer(help="Files of a restore point, without restoring the VM (ext4, xfs, FAT, NTFS).",
+                  no_args_is_help=True)
+SpecArg = Annotated[str, typer.Argument(metavar="VM[@POINT]", help="Which point (default: the latest)")]
+DiskOpt = Annotated[str, typer.Option(help="Which disk of the point")]
+FsOpt = Annotated[str | None, typer.Option("--filesystem", help="Which filesystem when the disk has several "
+                                                                "(/dev/sda1, …)")]
+
+
+def _spec(repo: str, spec: str, disk: str, s3_endpoint: str | None, key_file: Path | None,
+          passphrase_file: Path | None) -> PointSpec:
+    name, point = split_point_spec(spec)
+    manifest = open_repository(repo, passphrase_file, key_file, s3_endpoint).find_point(name, point)
+    return PointSpec(repo, name, manifest.point_id, disk, s3_endpoint, str(key_file) if key_file else None,
+                     str(passphrase_file) if passphrase_file else None)
+
+
+@app.command("ls")
+def ls_cmd(spec: SpecArg, path: Annotated[str, typer.Argument(help="Guest path")] = "/", *, repo: RepoOpt,
+           disk: DiskOpt = "vda", filesystem: FsOpt = None, passphrase_file: PassFile = None, key_file: KeyFile = None,
+           s3_endpoint: S3Endpoint = None, json_out: JsonOpt = False) -> None:
+    """List a directory (or one file) of a point: type, size, mode, owner, time."""
+    from vmkeep.engine.files import open_point_files
+
+    point = _spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    with open_point_files(point, filesystem) as files:
+        entries = files.listdir(path)
+    if json_out:
+        emit_json({"point": point.point, "path": path, "entries": [e.as_dict() for e in entries]})
+        return
+    table = Table("mode", "owner", "size", "modified", "path", title=f"{point.name}@{point.point} {disk}:{path}")
+    for e in entries:
+        name = e.path + ("/" if e.kind == "dir" else f" -> {e.target}" if e.kind == "link" else "")
+        table.add_row(f"{e.kind[0]}{e.mode:04o}", f"{e.uid}:{e.gid}", human(e.size),
+                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime)), name)
+    out_console.print(table)
+
+
+@app.command("get")
+def get_cmd(spec: SpecArg, path: Annotated[str, typer.Argument(help="Guest file or directory")], *, repo: RepoOpt,
+            output: Annotated[Path, typer.Option(help="Directory to copy into (created)")], disk: DiskOpt = "vda",
+            filesystem: FsOpt = None, passphrase_file: PassFile = None, key_file: KeyFile = None,
+            s3_endpoint: S3Endpoint = None, json_out: JsonOpt = False) -> None:
+    """Copy a file or directory tree out of a point, with modes and times; nothing goes outside --output."""
+    from vmkeep.engine.files import open_point_files
+
+    point = _spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    started = time.monotonic()
+    with open_point_files(point, filesystem) as files:
+        written = files.copy_out(path, output)
+    result = {"point": point.point, "path": path, "output": str(output), "written": written,
+              "seconds": round(time.monotonic() - started, 1)}
+    if json_out:
+        emit_json(result)
+    else:
+        out_console.print(f"copied {len(written)} entries of {point.name}@{point.point}:{path} to {output}",
+                          highlight=False)
+
+
+@app.command("find")
+def find_cmd(vm: Annotated[str, typer.Argument(help="VM name")],
+             pattern: Annotated[str, typer.Argument(help="Glob on the path or the name, e.g. '*.conf'")], *,
+             repo: RepoOpt, disk: DiskOpt = "vda", filesystem: FsOpt = None,
+             last: Annotated[int, typer.Option(min=1, help="Search the newest N points")] = 10,
+             passphrase_file: PassFile = None, key_file: KeyFile = None, s3_endpoint: S3Endpoint = None,
+             json_out: JsonOpt = False) -> None:
+    """Which restore points of a VM hold files matching a pattern (newest first)."""
+    from vmkeep.engine.files import open_point_files
+
+    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+    points = list(reversed(r.list_points(vm)))[:last]
+    hits = []
+    for m in points:
+        spec = PointSpec(repo, vm, m.point_id, disk, s3_endpoint, str(key_file) if key_file else None,
+                         str(passphrase_file) if passphrase_file else None)
+        with open_point_files(spec, filesystem) as files:
+            hits += [{"point": m.point_id, "created": m.created, "path": p} for p in files.find(pattern)]
+    if json_out:
+        emit_json({"vm": vm, "pattern": pattern, "points_searched": len(points), "matches": hits})
+        return
+    for h in hits:
+        out_console.print(f"{h['point']}  {h['path']}", highlight=False)
+    if not hits:
+        out_console.print(f"nothing matches {pattern!r} in the newest {len(points)} points of {vm}")
