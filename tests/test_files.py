@@ -105,3 +105,21 @@ def test_a_damaged_point_fails_file_restore_clearly(files_env: Cli, guest_fs: tu
     assert "repo verify" in failed.stderr or "damaged" in failed.stderr, failed.stderr
     assert not (out / "blob.bin").exists()  # no half-copied file is left
     shutil.rmtree(out, ignore_errors=True)
+
+
+def test_files_from_a_fat_filesystem(files_env: Cli, tmp_path: Path) -> None:
+    cli = files_env
+    image = tmp_path / "fat.img"
+    subprocess.run(["truncate", "-s", str(32 * MiB), str(image)], check=True)
+    subprocess.run(["mkfs.vfat", "-n", "VMKEEP", str(image)], check=True, capture_output=True)
+    readme = tmp_path / "README.TXT"
+    readme.write_text("a FAT volume, as UEFI system partitions and USB sticks are\n")
+    os.utime(readme, (MTIME, MTIME))
+    subprocess.run(["mmd", "-i", str(image), "::/EFI"], check=True)
+    subprocess.run(["mcopy", "-m", "-i", str(image), str(readme), "::/EFI/README.TXT"], check=True)
+    repo = str(tmp_path / "repo")
+    point = backed_up(cli, image, repo)
+    out = tmp_path / "out"
+    cli.json("files", "get", f"fsvm@{point}", "/EFI", "--repo", repo, "--disk", "disk", "--output", str(out))
+    copy = out / "EFI" / "README.TXT"
+    assert copy.read_text() == readme.read_text() and abs(copy.stat().st_mtime - MTIME) <= 2  # FAT: 2 s steps
