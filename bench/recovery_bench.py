@@ -58,8 +58,8 @@ def fill(image: Path, written: int) -> None:
     with serve_image(ImageInfo(image, "qcow2", size), readonly=False) as uri:
         h = nbd.NBD()
         h.connect_uri(uri)
-        for offset in range(0, written, 64 * MiB):
-            h.pwrite(os.urandom(64 * MiB), offset)
+        for offset in range(0, written, 16 * MiB):  # NBD requests stay under 32 MiB
+            h.pwrite(os.urandom(16 * MiB), offset)
         h.flush()
         h.shutdown()
 
@@ -109,7 +109,7 @@ def random_latency(uri: str, size: int, data: int, n: int = 400) -> tuple[float,
 
 def sequential(uri: str) -> float:
     t0 = time.monotonic()
-    subprocess.run(["nbdcopy", "--requests=4", "--request-size=4M", uri, "null:"], check=True, capture_output=True)
+    subprocess.run(["nbdcopy", "--requests=4", "--request-size=4194304", uri, "null:"], check=True, capture_output=True)
     return time.monotonic() - t0
 
 
