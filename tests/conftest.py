@@ -52,11 +52,16 @@ class Cli:
         return dict(json.loads(proc.stdout))
 
 
-@pytest.fixture
-def cli() -> Cli:
+def fresh_cli() -> Cli:
+    """The command with a clean environment: no VMKEEP_* of the caller, the tests' passphrase."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VMKEEP_")}
     env["VMKEEP_PASSPHRASE"] = "correct horse battery staple"
     return Cli(env)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return fresh_cli()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import VMKEEP, Cli, MiB, free_port
+from tests.conftest import VMKEEP, Cli, MiB, free_port, fresh_cli
 from vmkeep.hypervisors.libvirt import instant
 from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm
 
@@ -22,13 +22,7 @@ from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm
 @pytest.fixture(scope="module")
 def backed_up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabVM, str, str, dict[str, str]]]:
     """A lab VM with files on vdb, backed up once: (guest, repository, point, file checksums)."""
-    import os
-
-    from tests.conftest import Cli as _Cli
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VMKEEP_")}
-    env["VMKEEP_PASSPHRASE"] = "correct horse battery staple"
-    cli = _Cli(env)
+    cli = fresh_cli()
     guest = create_lab_vm(f"vmkeep-ir-{secrets.token_hex(3)}", disks=2, size=48 * MiB)
     try:
         files = guest.make_files("vdb")

@@ -300,7 +300,7 @@ def test_vddk_is_detected_and_its_parameters_built(tmp_path: Path, monkeypatch: 
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "nbdkit-vddk-plugin.so").touch()
-    monkeypatch.setattr(nbdkit, "PLUGIN_DIR", plugins)
+    monkeypatch.setenv(nbdkit.PLUGIN_DIR_ENV, str(plugins))
     monkeypatch.setenv(nbdkit.VDDK_ENV, str(tmp_path / "vddk"))
     missing = nbdkit.Vddk.find()
     assert isinstance(missing, str) and "libvixDiskLib.so" in missing

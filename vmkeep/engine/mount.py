@@ -57,8 +57,8 @@ def _command(spec: PointSpec, *, unix: Path | None = None, port: int | None = No
 @contextmanager
 def serve(spec: PointSpec) -> Iterator[str]:
     """The export on a private unix socket for the duration; yields its NBD URI."""
-    with serve_on_socket(lambda sock: [*_command(spec, unix=sock), ], f"nbdkit serving {spec.name}@{spec.point} "
-                         f"disk {spec.disk}") as uri:
+    with serve_on_socket(lambda sock: _command(spec, unix=sock),
+                         f"nbdkit serving {spec.name}@{spec.point} disk {spec.disk}") as uri:
         yield uri
 
 

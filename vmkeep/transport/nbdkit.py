@@ -17,6 +17,7 @@ from pathlib import Path
 from vmkeep.transport.qemu_nbd import serve_on_socket
 
 PLUGIN_DIR = Path("/usr/lib/x86_64-linux-gnu/nbdkit/plugins")
+PLUGIN_DIR_ENV = "VMKEEP_NBDKIT_PLUGIN_DIR"  # nbdkit built elsewhere (with its vddk plugin)
 VDDK_DIRS = (Path("/usr/lib/vmware-vix-disklib"), Path("/opt/vmware-vix-disklib-distrib"))
 VDDK_ENV = "VMKEEP_VDDK_DIR"
 
@@ -56,7 +57,8 @@ class Vddk:
     @classmethod
     def find(cls) -> Vddk | str:
         """The VDDK install, or what is missing (for the note that says why it is not used)."""
-        if not (PLUGIN_DIR / "nbdkit-vddk-plugin.so").exists():
+        plugins = Path(os.environ.get(PLUGIN_DIR_ENV) or PLUGIN_DIR)
+        if not (plugins / "nbdkit-vddk-plugin.so").exists():
             return "nbdkit's vddk plugin is not installed (Debian has none: build nbdkit with --with-vddk)"
         candidates = [Path(os.environ[VDDK_ENV])] if os.environ.get(VDDK_ENV) else list(VDDK_DIRS)
         for d in candidates:

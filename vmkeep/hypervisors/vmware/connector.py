@@ -160,7 +160,7 @@ class VsphereConnector:
         datacenter = self.datacenter_of(ref)
         with ExitStack() as stack:
             snapshot, consistency = self._snapshot(ref, vm, quiesce, props, notes)
-            stack.callback(self._remove_snapshot, ref, snapshot, vm)
+            stack.callback(self._remove_snapshot, snapshot, vm)
             frozen = devices.disks(self.session.one(snapshot, ["config.hardware.device"]).get(
                 "config.hardware.device") or [])
             frozen = [d for d in frozen if d.backup and d.name in {e.name for e in eligible}]
@@ -247,7 +247,7 @@ class VsphereConnector:
                                                          quiesce=False), f"snapshot of {vm}")
         return snap, "application" if not running else "crash"
 
-    def _remove_snapshot(self, ref: Any, snapshot: Any, vm: str) -> None:
+    def _remove_snapshot(self, snapshot: Any, vm: str) -> None:
         self.session.wait(snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True),
                           f"removing vmkeep's snapshot of {vm}")
 
