@@ -32,6 +32,7 @@ from pathlib import Path
 import libvirt
 
 from bench.repo_bench import ROOT, VMKEEP, GiB, write_section
+from bench.vm_bench import define_vm, destroy_vm
 from vmkeep.lab.images import Segment, make_image
 
 VM = "vmkeep-peers"
@@ -59,32 +60,6 @@ def median_run(repeat: int, setup: Callable[[], None], cmd: Callable[[], list[st
         setup()
         runs.append(run_measured(cmd(), shell=shell))
     return {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
-
-
-def define_vm(image: Path) -> None:
-    xml = (f"<domain type='qemu'><name>{VM}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-           "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
-           "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>"
-           f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
-    conn = libvirt.open("qemu:///system")
-    try:
-        conn.defineXML(xml).create()
-    finally:
-        conn.close()
-
-
-def destroy_vm() -> None:
-    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # a missing VM is fine here
-    conn = libvirt.open("qemu:///system")
-    try:
-        dom = conn.lookupByName(VM)
-        if dom.isActive():
-            dom.destroy()
-        dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
-    except libvirt.libvirtError:
-        pass
-    finally:
-        conn.close()
 
 
 def fresh(*paths: Path) -> Callable[[], None]:
@@ -127,8 +102,9 @@ def main() -> None:
     WORK.mkdir(parents=True)
     image = WORK / "disk.qcow2"
     make_image(image, size, [Segment(0, size // 2, "random", "peers"), Segment(size // 2, size // 4, "text", "peers")])
-    destroy_vm()
-    define_vm(image)
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # a missing VM is fine here
+    destroy_vm(VM)
+    define_vm(image, VM)
     repo, repo_enc, vnb, raw = WORK / "repo", WORK / "repo-enc", WORK / "virtnbdbackup", WORK / "copy.raw"
     backup: dict[str, dict[str, float]] = {}
     try:
@@ -160,7 +136,7 @@ def main() -> None:
         restore["virtnbdrestore"] = median_run(repeat, fresh(vout), lambda: f"virtnbdrestore -i {vnb} -o {vout} "
                                                "--noprogress && sync", shell=True)
     finally:
-        destroy_vm()
+        destroy_vm(VM)
     gb = size / 1e9
     for table in (backup, restore):
         for r in table.values():

@@ -40,8 +40,9 @@ MARK_BEGIN, MARK_END = "<!-- vm-bench:begin -->", "<!-- vm-bench:end -->"
 TRANSPORTS = ("hotadd", "san")
 
 
-def define_vm(image: Path) -> None:
-    xml = (f"<domain type='qemu'><name>{VM}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+def define_vm(image: Path, name: str = VM) -> None:
+    """A running VM with no guest OS on ``image``: QEMU owns the disk and serves backup exports."""
+    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
            "<os><type arch='x86_64' machine='pc'>hvm</type></os><devices>"
            "<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/>"
            f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk></devices></domain>")
@@ -52,10 +53,10 @@ def define_vm(image: Path) -> None:
         conn.close()
 
 
-def destroy_vm() -> None:
+def destroy_vm(name: str = VM) -> None:
     conn = libvirt.open("qemu:///system")
     try:
-        dom = conn.lookupByName(VM)
+        dom = conn.lookupByName(name)
         if dom.isActive():
             dom.destroy()
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
