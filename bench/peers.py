@@ -1,5 +1,6 @@
-"""vmkeep against its peers and the hardware limit, side by side in one run (issue 7, scenarios 1
-and 4 so far): full backup of a running VM, and restore of that full point.
+"""vmkeep against its peers and the hardware limit, side by side in one run (issue 7, scenarios 1,
+4 and 5 so far): full backup of a running VM, restore of that full point, and restore of the
+latest of a month of daily incrementals.
 
 The VM runs under libvirt with no guest OS (QEMU owns the disk and serves the pull-mode backup
 export). Its disk: half incompressible, a quarter text-like, a quarter zero. Tools, each the
@@ -10,7 +11,10 @@ tool and its children) and peak memory (largest resident set among them):
   `--compress`), and the limits: `nbdcopy` from the same export to `null:` (read) and to a raw file
   then `sync` (read + write);
 * restore of the full point to a raw file — vmkeep, virtnbdrestore, and the write limit
-  (`qemu-img convert` of the source image to a raw file, then `sync`).
+  (`qemu-img convert` of the source image to a raw file, then `sync`);
+* a full and 30 daily incrementals (`--quick`: 5), each after the VM rewrote 5 % of its disk —
+  vmkeep (encrypted) and virtnbdbackup (`-l full`, then `-l inc`, compressed) — then restore of
+  the latest: vmkeep reads one full index, virtnbdrestore replays the chain.
 
 Writes bench/results-peers.json, bench/peers-backup.png, and its table in docs/performance.md.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -90,6 +95,65 @@ def export_uri() -> tuple[str, Callable[[], None]]:
     return f"nbd+unix:///vda?socket={sock}", end
 
 
+def guest_rewrites(fraction: float, day: int, size: int) -> None:
+    """The running VM rewrites ``fraction`` of its disk (4 MiB pieces spread over the data half and
+    the zero quarter), through QEMU's own block layer as a guest's writes would land."""
+    piece = 4 << 20
+    slots = list(range(size // piece))
+    rng = random.Random(day)
+    for slot in rng.sample(slots, max(1, int(len(slots) * fraction))):
+        subprocess.run(["virsh", "-c", "qemu:///system", "qemu-monitor-command", VM, "--hmp",
+                        f'qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend "write -P {day % 250 + 1} '
+                        f'{slot * piece} {piece}"'], check=True, capture_output=True)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def drop_checkpoints() -> None:
+    """virtnbdbackup refuses to work beside another tool's checkpoints: each chain starts clean."""
+    conn = libvirt.open("qemu:///system")
+    try:
+        for cp in conn.lookupByName(VM).listAllCheckpoints():
+            cp.delete(0)
+    finally:
+        conn.close()
+
+
+def chain(size: int, days: int) -> dict[str, dict[str, float]]:
+    """Per tool: a full, then ``days`` daily incrementals after the same 5 % rewrites; then the
+    restore of the latest point."""
+    repo, vnb = WORK / "repo-chain", WORK / "vnb-chain"
+    fresh(repo, vnb)()
+    subprocess.run([VMKEEP, "repo", "init", str(repo), "--encrypt"], env=ENV, check=True, capture_output=True)
+    tools = {
+        "vmkeep": lambda day: [VMKEEP, "backup", VM, "--repo", str(repo), "--transport", "hotadd", "--json"],
+        "virtnbdrestore": lambda day: ["virtnbdbackup", "-d", VM, "-l", "full" if day == 0 else "inc", "-o",
+                                       str(vnb), "--noprogress", "--compress"],
+    }
+    totals: dict[str, float] = {}
+    for tool, command in tools.items():
+        drop_checkpoints()
+        totals[tool] = 0.0
+        for day in range(days + 1):
+            if day:
+                guest_rewrites(0.05, day, size)
+            totals[tool] += run_measured(command(day))["seconds"]
+    drop_checkpoints()
+    out, vout = WORK / "chain-restored.raw", WORK / "chain-vnb-restore"
+    result = {}
+    fresh(out)()  # each restore starts with nothing else left to flush
+    result["vmkeep"] = run_measured(f"{VMKEEP} restore {VM} --repo {repo} --disk vda --output {out} --format raw "
+                                    "&& sync", shell=True)
+    fresh(vout)()
+    result["virtnbdrestore"] = run_measured(f"virtnbdrestore -i {vnb} -o {vout} --noprogress && sync", shell=True)
+    for tool, target in (("vmkeep", repo), ("virtnbdrestore", vnb)):
+        result[tool].update(backup_seconds_total=round(totals[tool], 1), stored_bytes=du(target))
+    fresh(out, vout)()
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 GiB disk, one run each")
@@ -135,6 +199,9 @@ def main() -> None:
         vout = WORK / "vnb-restore"
         restore["virtnbdrestore"] = median_run(repeat, fresh(vout), lambda: f"virtnbdrestore -i {vnb} -o {vout} "
                                                "--noprogress && sync", shell=True)
+        fresh(out, vout, vnb, raw)()
+        days = 5 if args.quick else 30
+        latest = chain(size, days)
     finally:
         destroy_vm(VM)
     gb = size / 1e9
@@ -147,8 +214,11 @@ def main() -> None:
         "vmkeep encrypted / read + write limit": backup["vmkeep (compressed + encrypted)"]["gb_s"]
         / backup["read + write limit (nbdcopy → raw file, sync)"]["gb_s"],
         "vmkeep restore / virtnbdrestore": restore["vmkeep"]["gb_s"] / restore["virtnbdrestore"]["gb_s"],
+        f"restore of the {days}th incremental: virtnbdrestore seconds / vmkeep seconds":
+        latest["virtnbdrestore"]["seconds"] / latest["vmkeep"]["seconds"],
     }
     doc = {"disk_gib": size / GiB, "repeat": repeat, "cpus": os.cpu_count(), "backup": backup, "restore": restore,
+           "chain": {"days": days, "rewrite_per_day": 0.05, "tools": latest},
            "ratios": {k: round(v, 3) for k, v in ratios.items()}}
     (ROOT / "bench" / "results-peers.json").write_text(json.dumps(doc, indent=1) + "\n")
     chart(backup, restore, ROOT / "bench" / "peers-backup.png", size)
@@ -161,6 +231,10 @@ def main() -> None:
     lines += ["", "| restore of the full point | seconds | GB/s | CPU s | peak MiB |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {k} | {v['seconds']:.2f} | {v['gb_s']:.2f} | {v['cpu_seconds']:.1f} | {v['peak_rss_mib']:.0f} |"
               for k, v in restore.items()]
+    lines += ["", f"| a full + {days} daily incrementals (5 % rewritten each day), then restore of the latest | "
+              "restore s | CPU s | peak MiB | all backups s | stored MiB |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {v['seconds']:.2f} | {v['cpu_seconds']:.1f} | {v['peak_rss_mib']:.0f} | "
+              f"{v['backup_seconds_total']:.1f} | {v['stored_bytes'] / (1 << 20):.0f} |" for k, v in latest.items()]
     lines += ["", "| ratio | measured |", "|---|---:|"] + [f"| {k} | {v:.2f} |" for k, v in doc["ratios"].items()]
     lines += ["", "![full backup and restore throughput](../bench/peers-backup.png)", ""]
     write_section(MARK_BEGIN, MARK_END, lines, "Against the peers: full backup and restore")
