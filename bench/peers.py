@@ -121,9 +121,17 @@ def drop_checkpoints() -> None:
         conn.close()
 
 
-def chain(size: int, days: int) -> dict[str, dict[str, float]]:
-    """Per tool: a full, then ``days`` daily incrementals after the same 5 % rewrites; then the
-    restore of the latest point."""
+def fresh_vm(image: Path, size: int) -> None:
+    """The VM on a disk made anew, the same bytes every time (half random, a quarter text)."""
+    destroy_vm(VM)
+    image.unlink(missing_ok=True)
+    make_image(image, size, [Segment(0, size // 2, "random", "peers"), Segment(size // 2, size // 4, "text", "peers")])
+    define_vm(image, VM)
+
+
+def chain(image: Path, size: int, days: int) -> dict[str, dict[str, float]]:
+    """Per tool, from the same disk and the same daily 5 % rewrites: a full, then ``days`` daily
+    incrementals; then the restore of the latest point."""
     repo, vnb = WORK / "repo-chain", WORK / "vnb-chain"
     fresh(repo, vnb)()
     subprocess.run([VMKEEP, "repo", "init", str(repo), "--encrypt"], env=ENV, check=True, capture_output=True)
@@ -134,7 +142,7 @@ def chain(size: int, days: int) -> dict[str, dict[str, float]]:
     }
     totals: dict[str, float] = {}
     for tool, command in tools.items():
-        drop_checkpoints()
+        fresh_vm(image, size)  # both chains start from the same bytes
         totals[tool] = 0.0
         for day in range(days + 1):
             if day:
@@ -165,10 +173,8 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     image = WORK / "disk.qcow2"
-    make_image(image, size, [Segment(0, size // 2, "random", "peers"), Segment(size // 2, size // 4, "text", "peers")])
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # a missing VM is fine here
-    destroy_vm(VM)
-    define_vm(image, VM)
+    fresh_vm(image, size)
     repo, repo_enc, vnb, raw = WORK / "repo", WORK / "repo-enc", WORK / "virtnbdbackup", WORK / "copy.raw"
     backup: dict[str, dict[str, float]] = {}
     try:
@@ -201,7 +207,7 @@ def main() -> None:
                                                "--noprogress && sync", shell=True)
         fresh(out, vout, vnb, raw)()
         days = 5 if args.quick else 30
-        latest = chain(size, days)
+        latest = chain(image, size, days)
     finally:
         destroy_vm(VM)
     gb = size / 1e9
