@@ -30,7 +30,7 @@ class PointReader:
         self.cache_chunks, self.read_ahead = max(cache_chunks, read_ahead + 2), read_ahead
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._pending: dict[int, Future[bytes]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a fetch that ends at once stores its chunk from inside the lock
         self._last_slot = -2
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmkeep-point-read")
         self.fetched = 0  # chunks read from the repository (for tests and figures)
@@ -53,18 +53,25 @@ class PointReader:
                 return data
             future = self._pending.get(slot)
             if future is None:
-                future = self._pending[slot] = self._pool.submit(self._load, slot)
-        try:
-            data = future.result()
-        finally:
-            with self._lock:
-                self._pending.pop(slot, None)
+                future = self._fetch(slot)
+        return future.result()
+
+    def _fetch(self, slot: int) -> Future[bytes]:
+        """Start loading ``slot``; once loaded it moves to the cache (read or not), so a
+        prefetched chunk nobody asks for is dropped with the cache's oldest. Hold the lock."""
+        future = self._pending[slot] = self._pool.submit(self._load, slot)
+        future.add_done_callback(lambda f: self._store(slot, f))
+        return future
+
+    def _store(self, slot: int, future: Future[bytes]) -> None:
         with self._lock:
-            self._cache[slot] = data
+            self._pending.pop(slot, None)
+            if future.cancelled() or future.exception() is not None:
+                return  # the reader that waits on it gets the error
+            self._cache[slot] = future.result()
             self._cache.move_to_end(slot)
             while len(self._cache) > self.cache_chunks:
                 self._cache.popitem(last=False)
-        return data
 
     def _prefetch(self, slot: int) -> None:
         """A sequential reader will want the next chunks: start fetching them now."""
@@ -73,7 +80,7 @@ class PointReader:
             for s in range(slot + 1, last + 1):
                 if s in self._cache or s in self._pending or self.index.get(s) == ZERO_ID:
                     continue
-                self._pending[s] = self._pool.submit(self._load, s)
+                self._fetch(s)
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with the disk's bytes from ``offset`` (past the end is an error)."""
