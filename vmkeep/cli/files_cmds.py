@@ -11,8 +11,7 @@ from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, open_repository
 from vmkeep.cli.output import emit_json, human, out_console
-from vmkeep.engine.image import split_point_spec
-from vmkeep.engine.mount import PointSpec
+from vmkeep.cli.recovery_cmds import resolved_spec, spec_for
 
 app = typer.Typer(help="Files of a restore point, without restoring the VM (ext4, xfs, FAT, NTFS).",
                   no_args_is_help=True)
@@ -22,14 +21,6 @@ FsOpt = Annotated[str | None, typer.Option("--filesystem", help="Which filesyste
                                                                 "(/dev/sda1, …)")]
 
 
-def _spec(repo: str, spec: str, disk: str, s3_endpoint: str | None, key_file: Path | None,
-          passphrase_file: Path | None) -> PointSpec:
-    name, point = split_point_spec(spec)
-    manifest = open_repository(repo, passphrase_file, key_file, s3_endpoint).find_point(name, point)
-    return PointSpec(repo, name, manifest.point_id, disk, s3_endpoint, str(key_file) if key_file else None,
-                     str(passphrase_file) if passphrase_file else None)
-
-
 @app.command("ls")
 def ls_cmd(spec: SpecArg, path: Annotated[str, typer.Argument(help="Guest path")] = "/", *, repo: RepoOpt,
            disk: DiskOpt = "vda", filesystem: FsOpt = None, passphrase_file: PassFile = None, key_file: KeyFile = None,
@@ -37,7 +28,7 @@ def ls_cmd(spec: SpecArg, path: Annotated[str, typer.Argument(help="Guest path")
     """List a directory (or one file) of a point: type, size, mode, owner, time."""
     from vmkeep.engine.files import open_point_files
 
-    point = _spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    point = resolved_spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
     with open_point_files(point, filesystem) as files:
         entries = files.listdir(path)
     if json_out:
@@ -59,7 +50,7 @@ def get_cmd(spec: SpecArg, path: Annotated[str, typer.Argument(help="Guest file 
     """Copy a file or directory tree out of a point, with modes and times; nothing goes outside --output."""
     from vmkeep.engine.files import open_point_files
 
-    point = _spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    point = resolved_spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
     started = time.monotonic()
     with open_point_files(point, filesystem) as files:
         written = files.copy_out(path, output)
@@ -86,8 +77,7 @@ def find_cmd(vm: Annotated[str, typer.Argument(help="VM name")],
     points = list(reversed(r.list_points(vm)))[:last]
     hits = []
     for m in points:
-        spec = PointSpec(repo, vm, m.point_id, disk, s3_endpoint, str(key_file) if key_file else None,
-                         str(passphrase_file) if passphrase_file else None)
+        spec = spec_for(repo, vm, m.point_id, disk, s3_endpoint, key_file, passphrase_file)
         with open_point_files(spec, filesystem) as files:
             hits += [{"point": m.point_id, "created": m.created, "path": p} for p in files.find(pattern)]
     if json_out:

@@ -21,23 +21,28 @@ from vmkeep.repository.repo import Repository
 SpecArg = Annotated[str, typer.Argument(metavar="VM[@POINT]", help="What to serve (default: latest point)")]
 
 
-def _spec(repo_location: str, spec: str, disk: str, s3_endpoint: str | None, key_file: Path | None,
-          passphrase_file: Path | None) -> PointSpec:
+def spec_for(repo: str, name: str, point: str, disk: str, s3_endpoint: str | None, key_file: Path | None,
+             passphrase_file: Path | None) -> PointSpec:
+    """How an export opens ``name@point`` disk ``disk`` with the command's repository options."""
+    return PointSpec(repo, name, point, disk, s3_endpoint, str(key_file) if key_file else None,
+                     str(passphrase_file) if passphrase_file else None)
+
+
+def resolved_spec(repo_location: str, spec: str, disk: str, s3_endpoint: str | None, key_file: Path | None,
+                  passphrase_file: Path | None) -> PointSpec:
     """The point resolved now (a later point must not change what a running export serves)."""
     name, point = split_point_spec(spec)
     repo = open_repository(repo_location, passphrase_file, key_file, s3_endpoint)
     manifest = repo.find_point(name, point)
     if disk not in manifest.disks:
         raise UsageError(f"{name}@{manifest.point_id} has no disk {disk!r} (it has: {', '.join(manifest.disks)})")
-    return PointSpec(repo_location, name, manifest.point_id, disk, s3_endpoint,
-                     str(key_file) if key_file else None, str(passphrase_file) if passphrase_file else None)
+    return spec_for(repo_location, name, manifest.point_id, disk, s3_endpoint, key_file, passphrase_file)
 
 
 def _opened(repo: str, vm: str, point: str | None, s3_endpoint: str | None, key_file: Path | None,
             passphrase_file: Path | None) -> tuple[Repository, PointSpec]:
     """The repository, and how exports of its points open it (each disk fills in the rest)."""
-    base = PointSpec(repo, vm, point or "", "", s3_endpoint, str(key_file) if key_file else None,
-                     str(passphrase_file) if passphrase_file else None)
+    base = spec_for(repo, vm, point or "", "", s3_endpoint, key_file, passphrase_file)
     return open_repository(repo, passphrase_file, key_file, s3_endpoint), base
 
 
@@ -55,7 +60,7 @@ def mount_cmd(
     """Serve a restore point's disk as a read-only NBD export until Ctrl-C (chunks fetched on demand)."""
     if (socket is None) == (port is None):
         raise UsageError("give --socket PATH or --port N (loopback), one of them")
-    point = _spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    point = resolved_spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
     proc = run_foreground(point, unix=socket, port=port)
     uri = f"nbd+unix:///?socket={socket}" if socket else f"nbd://127.0.0.1:{port}"
     if json_out:  # one line, flushed: a script reads it while the export runs
