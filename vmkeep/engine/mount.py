@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmkeep.errors import ImageError
+from vmkeep.memory import server_environment
 from vmkeep.transport.qemu_nbd import serve_on_socket, socket_listening
 
 PLUGIN = Path(__file__).resolve().parent.parent / "transport" / "nbdkit_point.py"
@@ -64,7 +65,7 @@ def serve(spec: PointSpec) -> Iterator[str]:
 
 def run_foreground(spec: PointSpec, *, unix: Path | None, port: int | None) -> subprocess.Popen[bytes]:
     """nbdkit in the foreground on a socket or loopback port the user chose (``vmkeep mount``)."""
-    return subprocess.Popen(_command(spec, unix=unix, port=port), stdin=subprocess.DEVNULL)
+    return subprocess.Popen(_command(spec, unix=unix, port=port), stdin=subprocess.DEVNULL, env=server_environment())
 
 
 def start_daemon(spec: PointSpec, sock: Path, pidfile: Path, timeout: float = 60) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmkeep.errors import ImageError
+from vmkeep.memory import server_environment
 
 SECTOR = 512
 PR_SET_PDEATHSIG = 1
@@ -96,7 +97,7 @@ def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator
     try:
         with log.open("w") as err:
             proc = subprocess.Popen(command(sock), stdout=subprocess.DEVNULL, stderr=err,
-                                    preexec_fn=_die_with_parent)
+                                    env=server_environment(), preexec_fn=_die_with_parent)
     except OSError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         raise ImageError(f"cannot start {what}: {exc}") from None
