@@ -21,7 +21,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
-from bench.repo_bench import VMKEEP
+from bench.repo_bench import VMKEEP, touch_free_memory
 from bench.vm_bench import define_vm, destroy_vm
 from vmkeep.lab.images import Segment, content, make_image
 
@@ -56,6 +56,7 @@ def median_run(repeat: int, setup: Callable[[], None], cmd: Callable[[], list[st
     runs = []
     for _ in range(repeat):
         setup()
+        touch_free_memory()
         runs.append(run_measured(cmd(), shell=shell))
     return median(runs)
 

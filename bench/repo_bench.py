@@ -46,11 +46,27 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def touch_free_memory(cap: int = 12 * GiB) -> None:
+    """Write once to (nearly) all free memory, in a child process that then exits.
+
+    The lab machine is a virtual machine whose host backs guest memory lazily and takes freed
+    pages back (virtio-balloon free page reporting): the first write to such a page costs a host
+    fault, which made writes into the page cache two to three times slower at random. Every
+    measured run, of every tool alike, starts after this, so each finds its memory backed.
+    """
+    free = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemFree:"))
+    size = min(cap, free - GiB)
+    if size > 0:
+        subprocess.run([sys.executable, "-c", f"b = b'\\x01' * {size}"], check=True)
+
+
 def median_of(repeat: int, setup: Callable[[], None], run: Callable[[], object],
               cleanup: Callable[[], None]) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeat):
         setup()
+        touch_free_memory()
         try:
             times.append(timed(run))
         finally:
