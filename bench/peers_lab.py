@@ -52,11 +52,16 @@ def median(runs: list[Measured]) -> Measured:
 
 
 def median_run(repeat: int, setup: Callable[[], None], cmd: Callable[[], list[str] | str],
-               shell: bool = False) -> Measured:
+               shell: bool = False, cold: bool = False) -> Measured:
+    """``cold``: the page cache is emptied before each run, so what the tool reads comes from the
+    disk, as in a restore from a repository written days ago (the same for every tool)."""
     runs = []
     for _ in range(repeat):
         setup()
         touch_free_memory()
+        if cold:
+            subprocess.run(["sync"], check=True)
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
         runs.append(run_measured(cmd(), shell=shell))
     return median(runs)
 

@@ -69,7 +69,9 @@ def markdown(doc: Doc) -> list[str]:
     lines = ["", f"Disk of a running VM: {gib:.0f} GiB (half incompressible, a quarter text-like, a quarter never "
              f"written); median of {doc['repeat']}; {doc['cpus']} CPUs; written by `bench/peers.py`"
              f"{' (--quick)' if doc.get('quick') else ''}. Guest writes are new data, half incompressible and half "
-             "text-like, in 4 MiB pieces. CPU = user + system seconds of the tool and its children; memory = "
+             "text-like, in 4 MiB pieces. Every run starts with the free memory touched; restores also start with "
+             "an empty page cache (a repository written days ago is not in memory). CPU = user + system seconds "
+             "of the tool and its children; memory = "
              "largest resident set among them.", ""]
     for name, render in SECTIONS.items():
         if name in doc["scenarios"]:

@@ -121,9 +121,11 @@ def full_restore(ctx: Context) -> Result:
     out, vout = WORK / "restored.raw", WORK / "vnb-restore"
     runs = {
         "write limit (qemu-img convert → raw, sync)": median_run(
-            ctx.repeat, fresh(out), lambda: f"qemu-img convert -U -O raw {ctx.image} {out} && sync", shell=True),
-        "vmkeep": median_run(ctx.repeat, fresh(out), lambda: restore_cmd(REPO_ENC, out), shell=True),
-        "virtnbdrestore": median_run(ctx.repeat, fresh(vout), lambda: vnb_restore_cmd(VNB, vout), shell=True),
+            ctx.repeat, fresh(out), lambda: f"qemu-img convert -U -O raw {ctx.image} {out} && sync", shell=True,
+            cold=True),
+        "vmkeep": median_run(ctx.repeat, fresh(out), lambda: restore_cmd(REPO_ENC, out), shell=True, cold=True),
+        "virtnbdrestore": median_run(ctx.repeat, fresh(vout), lambda: vnb_restore_cmd(VNB, vout), shell=True,
+                                     cold=True),
     }
     fresh(out, vout, VNB, REPO, REPO_ENC)()
     runs = {k: ctx.gb_s(v) for k, v in runs.items()}
@@ -246,9 +248,10 @@ def daily_chain(ctx: Context) -> Result:
         runs[tool] = {"backup_seconds_per_day": per_day, "stored_mib_per_day": stored}
     drop_checkpoints()
     out, vout = WORK / "chain-restored.raw", WORK / "chain-vnb-restore"
-    runs["vmkeep"]["restore_latest"] = median_run(ctx.repeat, fresh(out), lambda: restore_cmd(repo, out), shell=True)
+    runs["vmkeep"]["restore_latest"] = median_run(ctx.repeat, fresh(out), lambda: restore_cmd(repo, out), shell=True,
+                                                  cold=True)
     runs["virtnbdbackup"]["restore_latest"] = median_run(ctx.repeat, fresh(vout), lambda: vnb_restore_cmd(vnb, vout),
-                                                         shell=True)
+                                                         shell=True, cold=True)
     cleanup_vms(VM)
     ratio = runs["virtnbdbackup"]["restore_latest"]["seconds"] / runs["vmkeep"]["restore_latest"]["seconds"]  # type: ignore[index]
     targets = [target(f"restore of the {ctx.days}th incremental: virtnbdrestore seconds / vmkeep seconds", ratio,
