@@ -56,6 +56,7 @@ from vmkeep.hypervisors.libvirt.san import (
     unreadable_disks,
 )
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT, sweep_scratch
+from vmkeep.polling import Backoff
 from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
 
 RESTART_GRACE_SECONDS = 20
@@ -648,9 +649,9 @@ class LibvirtConnector:
             dom.abortJob()
         except libvirt.libvirtError:
             pass  # the job already ended (VM shut down, libvirtd restarted)
-        deadline = time.monotonic() + 15
+        deadline, backoff = time.monotonic() + 15, Backoff()
         while time.monotonic() < deadline and LibvirtConnector._job_present(dom):
-            time.sleep(0.1)
+            backoff.sleep()
 
     @staticmethod
     def _delete_checkpoint(dom: libvirt.virDomain, name: str) -> None:
