@@ -31,7 +31,6 @@ import libvirt
 from vmkeep.errors import ImageError
 from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
-from vmkeep.polling import Backoff
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 
 CHECKPOINT_PREFIX = "vmkeep-"
@@ -89,7 +88,7 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
     """
     if not dom.blockJobInfo(target, 0):
         dom.blockCommit(target, None, None, 0, COMMIT_FLAGS)
-    deadline, backoff = time.monotonic() + COMMIT_TIMEOUT_SECONDS, Backoff(most=0.05)
+    deadline = time.monotonic() + COMMIT_TIMEOUT_SECONDS
     while True:
         if not dom.blockJobInfo(target, 0):
             raise HypervisorError(f"the commit of {overlay} into the base of {target} ended without finishing")
@@ -105,12 +104,12 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
             dom.blockJobAbort(target, 0)
             raise HypervisorError(f"the commit of {overlay} into the base of {target} did not finish in "
                                   f"{COMMIT_TIMEOUT_SECONDS} s")
-        backoff.sleep()
-    deadline, backoff = time.monotonic() + 30, Backoff(most=0.05)
+        time.sleep(0.05)
+    deadline = time.monotonic() + 30
     while _current_source(dom, target) == str(overlay):
         if time.monotonic() > deadline:
             raise HypervisorError(f"the VM did not pivot {target} back from {overlay}")
-        backoff.sleep()
+        time.sleep(0.05)
 
 
 def _commit_offline(dom: libvirt.virDomain, target: str, overlay: Path, base: str, base_format: str) -> None:
