@@ -77,7 +77,8 @@ def start_daemon(spec: PointSpec, sock: Path, pidfile: Path, timeout: float = 60
     with log.open("w") as err:
         try:
             proc = subprocess.run([*_command(spec, unix=sock, foreground=False), f"--pidfile={pidfile}"],
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout)
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout,
+                                  env=server_environment())
         except subprocess.TimeoutExpired:
             raise ImageError(f"nbdkit did not start serving {spec.name}@{spec.point} within {timeout:.0f} s") \
                 from None
