@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
-from bench.repo_bench import VMKEEP, touch_free_memory
+from bench.repo_bench import VMKEEP, rm, touch_free_memory
 from bench.vm_bench import define_vm, destroy_vm
 from vmkeep.lab.images import Segment, content, make_image
 
@@ -69,11 +68,7 @@ def median_run(repeat: int, setup: Callable[[], None], cmd: Callable[[], list[st
 def fresh(*paths: Path) -> Callable[[], None]:
     """A set-up step that removes ``paths`` and flushes, so no run pays for the last one's writeback."""
     def clean() -> None:
-        for p in paths:
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
+        rm(*paths)
         subprocess.run(["sync"], check=True)
     return clean
 

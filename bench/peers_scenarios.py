@@ -6,6 +6,7 @@ profile of vmkeep's side.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +51,8 @@ class Context:
     def image(self) -> Path:
         return WORK / "disk.qcow2"
 
-    def gb_s(self, run: Measured, logical: int | None = None) -> Measured:
-        return {**run, "gb_s": round((logical or self.size) / 1e9 / run["seconds"], 3)}
+    def gb_s(self, run: Measured) -> Measured:
+        return {**run, "gb_s": round(self.size / 1e9 / run["seconds"], 3)}
 
 
 def target(name: str, measured: float, at_least: float | None = None, at_most: float | None = None) -> Result:
@@ -61,11 +62,11 @@ def target(name: str, measured: float, at_least: float | None = None, at_most: f
 
 
 def maybe_profile(ctx: Context, targets: list[Result], name: str, cmd: list[str] | str,
-                  setup: object = None) -> list[Result]:
+                  setup: Callable[[], None] | None = None) -> list[Result]:
     """py-spy of vmkeep's run when one of ``targets`` is missed (and --profile asked for it)."""
     if ctx.profile_dir is None or all(t["met"] for t in targets):
         return []
-    if callable(setup):
+    if setup is not None:
         setup()
     return profile(name, cmd, ctx.profile_dir)
 
@@ -238,7 +239,10 @@ def daily_chain(ctx: Context) -> Result:
     runs: dict[str, dict[str, object]] = {}
     for tool, (store, command) in tools.items():
         fresh_vm(ctx.image, ctx.size)  # both chains start from the same bytes
-        init_repo(repo) if tool == "vmkeep" else fresh(vnb)()
+        if tool == "vmkeep":
+            init_repo(repo)
+        else:
+            fresh(vnb)()
         per_day, stored = [], []
         for day in range(ctx.days + 1):
             if day:
