@@ -49,6 +49,16 @@ def test_direct_write_is_exact_and_bypasses_the_page_cache(disk_dir: Path) -> No
     assert target.read_bytes() == expected
 
 
+def test_an_object_encoded_in_the_staging_buffer_is_written_as_is(disk_dir: Path) -> None:
+    payload = os.urandom(MIN_SIZE + 123)
+    staging = direct_io.staging(len(payload))
+    staging[:] = payload
+    target = disk_dir / "staged"
+    assert write_file(str(target), [staging]) == len(payload)
+    assert cached_bytes(target) == 0
+    assert target.read_bytes() == payload
+
+
 def test_backend_writes_chunks_direct_and_reads_them_back(disk_dir: Path) -> None:
     backend = FilesystemBackend(disk_dir / "repo")
     parts = odd_parts()

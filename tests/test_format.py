@@ -7,7 +7,15 @@ import os
 import pytest
 
 from vmkeep.errors import ObjectCorrupt
-from vmkeep.repository.chunks import FLAG_AESGCM, FLAG_ZSTD, HEADER, decode_chunk, encode_chunk
+from vmkeep.repository.chunks import (
+    FLAG_AESGCM,
+    FLAG_ZSTD,
+    HEADER,
+    decode_chunk,
+    encode_chunk,
+    encode_chunk_into,
+    max_stored_size,
+)
 from vmkeep.repository.crypto import RepositoryKeys, new_secret
 from vmkeep.repository.index import ZERO_ID, DiskIndex
 from vmkeep.repository.points import DiskEntry, Manifest, decode_manifest, encode_manifest
@@ -28,6 +36,23 @@ def test_chunk_round_trip_and_flags(encrypted: bool) -> None:
         assert bool(flags & FLAG_ZSTD) == compressed  # incompressible data is kept raw
         assert bool(flags & FLAG_AESGCM) == encrypted
         assert (data in stored) == (not encrypted and not compressed)
+        assert decode_chunk(keys, cid, stored, len(data)) == data
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_chunk_encoded_in_place_has_the_same_format(encrypted: bool) -> None:
+    """The in-place encoder (used for direct writes) and the parts encoder store the same thing."""
+    keys = RepositoryKeys.derive(new_secret(), encrypted)
+    for data in (b"vmkeep " * (MiB // 7), os.urandom(MiB + 3)):
+        cid = keys.chunk_id(data)
+        out = memoryview(bytearray(max_stored_size(len(data)) + 100))
+        n = encode_chunk_into(keys, cid, data, 1, out)
+        stored = bytes(out[:n])
+        reference = encode_chunk(keys, cid, data, 1)
+        assert HEADER.unpack_from(stored)[2] == HEADER.unpack_from(reference)[2]  # same flags
+        assert len(stored) == len(reference)
+        if not encrypted:
+            assert stored == reference
         assert decode_chunk(keys, cid, stored, len(data)) == data
 
 

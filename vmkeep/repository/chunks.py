@@ -18,8 +18,9 @@ import threading
 import xxhash
 import zstandard
 
+from vmkeep.buffers import copy_into
 from vmkeep.errors import FormatTooNew, ObjectCorrupt
-from vmkeep.repository.crypto import RepositoryKeys, open_sealed, seal_parts
+from vmkeep.repository.crypto import NONCE_SIZE, TAG_SIZE, RepositoryKeys, open_sealed, seal_into, seal_parts
 
 CHUNK_MAGIC = b"VKC"
 CHUNK_VERSION = 1
@@ -64,18 +65,47 @@ def worth_compressing(plaintext: bytes | bytearray | memoryview, level: int) -> 
     return False
 
 
+def _compressed(plaintext: bytes | bytearray | memoryview, level: int) -> tuple[bytes | bytearray | memoryview, int]:
+    """The payload before encryption and its flags: zstd output when it is smaller, else the plaintext."""
+    if level > 0 and worth_compressing(plaintext, level):
+        compressed = _compressor(level).compress(plaintext)
+        if len(compressed) < len(plaintext):
+            return compressed, FLAG_ZSTD
+    return plaintext, 0
+
+
+def max_stored_size(plaintext_size: int) -> int:
+    """The most bytes a chunk of this size can take once stored (header, nonce and tag added)."""
+    return HEADER.size + NONCE_SIZE + plaintext_size + TAG_SIZE
+
+
+def encode_chunk_into(keys: RepositoryKeys, chunk_id: bytes, plaintext: bytes | bytearray | memoryview, level: int,
+                      out: memoryview) -> int:
+    """Encode a chunk straight into ``out`` (at least :func:`max_stored_size` long); return its length.
+
+    Used where the backend hands out the buffer it writes from, so the ciphertext is never copied.
+    """
+    payload, flags = _compressed(plaintext, level)
+    start = HEADER.size
+    if keys.data_key is not None:
+        out[start : start + NONCE_SIZE] = seal_into(keys.data_key, payload, chunk_id, out[start + NONCE_SIZE :])
+        end = start + NONCE_SIZE + len(payload) + TAG_SIZE
+        flags |= FLAG_AESGCM
+    else:
+        copy_into(out[start:], payload)
+        end = start + len(payload)
+    HEADER.pack_into(out, 0, CHUNK_MAGIC, CHUNK_VERSION, flags, xxhash.xxh3_128_digest(out[start:end]))
+    return end
+
+
 def encode_chunk_parts(
     keys: RepositoryKeys, chunk_id: bytes, plaintext: bytes | bytearray | memoryview, level: int
 ) -> list[bytes | bytearray | memoryview]:
     """The bytes stored under a chunk id, as parts to be written back to back (no 4 MiB copy)."""
-    flags = 0
-    payload: list[bytes | bytearray | memoryview] = [plaintext]
-    if level > 0 and worth_compressing(plaintext, level):
-        compressed = _compressor(level).compress(plaintext)
-        if len(compressed) < len(plaintext):
-            payload, flags = [compressed], FLAG_ZSTD
+    compressed, flags = _compressed(plaintext, level)
+    payload: list[bytes | bytearray | memoryview] = [compressed]
     if keys.data_key is not None:
-        payload = list(seal_parts(keys.data_key, payload[0], chunk_id))
+        payload = list(seal_parts(keys.data_key, compressed, chunk_id))
         flags |= FLAG_AESGCM
     checksum = xxhash.xxh3_128()
     for part in payload:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 
 import blake3
@@ -55,16 +56,38 @@ class RepositoryKeys:
         return blake3.blake3(data, key=self.mac_key).hexdigest()
 
 
-def seal_parts(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, bytes]:
-    """AES-256-GCM as (nonce, ciphertext | tag), kept apart so a 4 MiB chunk is never re-copied."""
+_sealing = threading.local()
+
+
+def seal_into(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview) -> bytes:
+    """AES-256-GCM of ``plaintext`` as ciphertext | tag written into ``out``; returns the nonce.
+
+    Writing into a buffer the caller keeps (``encrypt_into``) spares the zero-filling, with the
+    GIL held, of a fresh 4 MiB bytes object per chunk that is overwritten right after.
+    """
     nonce = os.urandom(NONCE_SIZE)
-    return nonce, AESGCM(key).encrypt(nonce, plaintext, aad)
+    AESGCM(key).encrypt_into(nonce, plaintext, aad, out[: len(plaintext) + TAG_SIZE])
+    return nonce
+
+
+def seal_parts(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, memoryview]:
+    """AES-256-GCM as (nonce, ciphertext | tag), kept apart so a 4 MiB chunk is never re-copied.
+
+    The ciphertext lands in a buffer the thread keeps: the returned view is valid until the same
+    thread seals again.
+    """
+    needed = len(plaintext) + TAG_SIZE
+    out: bytearray | None = getattr(_sealing, "buffer", None)
+    if out is None or len(out) < needed:
+        out = _sealing.buffer = bytearray(max(needed, 4 << 20))  # a new one: views of the old may live on
+    view = memoryview(out)[:needed]
+    return seal_into(key, plaintext, aad, view), view
 
 
 def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
     """AES-256-GCM: nonce | ciphertext | tag."""
     nonce, sealed = seal_parts(key, plaintext, aad)
-    return nonce + sealed
+    return nonce + bytes(sealed)
 
 
 def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:

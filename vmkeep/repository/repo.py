@@ -11,7 +11,7 @@ import zstandard
 
 from vmkeep.errors import ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
 from vmkeep.repository.backends.base import Backend
-from vmkeep.repository.chunks import decode_chunk, encode_chunk_parts
+from vmkeep.repository.chunks import decode_chunk, encode_chunk_into, encode_chunk_parts, max_stored_size
 from vmkeep.repository.config import CONFIG_KEY, Credentials, RepoConfig
 from vmkeep.repository.crypto import RepositoryKeys, open_sealed, seal
 from vmkeep.repository.index import DiskIndex
@@ -88,10 +88,16 @@ class Repository:
         key = chunk_key(chunk_id)
         if self.backend.touch(key):
             return 0
-        parts = encode_chunk_parts(self.keys, chunk_id, plaintext, self.config.compression)
-        if not self.backend.put(key, parts, if_absent=True):
+        level = self.config.compression
+        staging = self.backend.staging_buffer(max_stored_size(len(plaintext)))
+        data: list[bytes | bytearray | memoryview]
+        if staging is not None:
+            data = [staging[: encode_chunk_into(self.keys, chunk_id, plaintext, level, staging)]]
+        else:
+            data = encode_chunk_parts(self.keys, chunk_id, plaintext, level)
+        if not self.backend.put(key, data, if_absent=True):
             return 0
-        return sum(len(p) for p in parts)
+        return sum(len(p) for p in data)
 
     def load_chunk(self, chunk_id: bytes, size: int) -> bytes:
         key = chunk_key(chunk_id)

@@ -37,6 +37,12 @@ class Backend(ABC):
         other objects are made durable together by :meth:`flush`.
         """
 
+    def staging_buffer(self, size: int) -> memoryview | None:
+        """A buffer of ``size`` bytes to encode a big object into, which :meth:`put` then writes
+        without copying it (passed alone, from its start); None where that saves nothing.
+        Valid until the calling thread asks again."""
+        return None
+
     @abstractmethod
     def get(self, key: str) -> bytes:
         """Return the object's bytes; raises ObjectMissing when absent."""

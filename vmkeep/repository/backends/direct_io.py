@@ -2,9 +2,10 @@
 
 A buffered write copies every byte into freshly allocated page-cache pages and leaves the
 kernel to write them back later — on two cores that copy and the writeback compete with hashing
-and encryption for the CPU. O_DIRECT skips both: the device reads the buffer itself. The object's
-parts are gathered into one page-aligned buffer per thread (``memmove`` through ctypes, which
-releases the GIL), written padded to the alignment, and the file is cut back to its true length.
+and encryption for the CPU. O_DIRECT skips both: the device reads the buffer itself. Each thread
+has one page-aligned staging buffer; the chunk encoder writes straight into it
+(:func:`staging`), other objects are gathered into it. The write is padded to the alignment and
+the file cut back to its true length.
 
 O_DIRECT writes bypass the page cache but not the device's volatile cache, so durability is
 unchanged: the backend's ``syncfs`` before a manifest still flushes them.
@@ -14,66 +15,60 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import mmap
 import os
 import threading
 from collections.abc import Sequence
 
+from vmkeep.buffers import AlignedBuffer, Bytes, address_of, copy_into
+
 ALIGN = 4096  # covers every logical block size Linux devices use (512 or 4096 bytes)
 MIN_SIZE = 256 * 1024  # smaller objects gain nothing; they go through the page cache
 
-Part = bytes | bytearray | memoryview
-
 
 class DirectUnsupported(Exception):
-    """The filesystem refuses O_DIRECT (tmpfs, some FUSE filesystems): write buffered instead."""
-
-
-class _AlignedBuffer:
-    """A page-aligned anonymous mapping, grown on demand and kept for the thread's next object."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.map = mmap.mmap(-1, size)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
-        self.view = memoryview(self.map)
+    """The filesystem refuses O_DIRECT (some FUSE filesystems, older tmpfs): write buffered instead."""
 
 
 _local = threading.local()
 
 
-def _buffer(size: int) -> _AlignedBuffer:
-    buf: _AlignedBuffer | None = getattr(_local, "buffer", None)
-    if buf is None or buf.size < size:
-        buf = _local.buffer = _AlignedBuffer(size)
+def _buffer(size: int) -> AlignedBuffer:
+    padded = -(-size // ALIGN) * ALIGN
+    buf: AlignedBuffer | None = getattr(_local, "buffer", None)
+    if buf is None or buf.size < padded:
+        buf = _local.buffer = AlignedBuffer(padded)
     return buf
 
 
-def _copy_into(address: int, part: Part) -> None:
-    """memmove ``part`` to ``address`` without holding the GIL (ctypes releases it for the call)."""
-    n = len(part)
-    if isinstance(part, bytes):
-        ctypes.memmove(address, part, n)
-        return
-    view = memoryview(part)
-    if view.readonly:
-        ctypes.memmove(address, bytes(view), n)  # rare: a read-only view of something not bytes
-        return
-    ctypes.memmove(address, (ctypes.c_char * view.nbytes).from_buffer(view), view.nbytes)
+def staging(size: int) -> memoryview:
+    """This thread's aligned buffer, for an object of up to ``size`` bytes to be encoded into.
+
+    An object written from its start (a single part) goes to the disk without another copy.
+    The view is valid until the thread's next call.
+    """
+    return _buffer(size).view[:size]
 
 
-def write_file(path: str, parts: Sequence[Part]) -> int:
+def _gather(parts: Sequence[Bytes], total: int) -> AlignedBuffer:
+    buf = _buffer(total)
+    if len(parts) == 1 and isinstance(parts[0], memoryview) and not parts[0].readonly \
+            and address_of(parts[0]) == buf.address:
+        return buf  # encoded in place
+    offset = 0
+    for part in parts:
+        copy_into(buf.view[offset:], part)
+        offset += len(part)
+    return buf
+
+
+def write_file(path: str, parts: Sequence[Bytes]) -> int:
     """Create ``path`` (which must not exist) holding ``parts`` back to back; return its size.
 
     Raises :class:`DirectUnsupported` when the filesystem refuses O_DIRECT; nothing is left behind.
     """
     total = sum(len(p) for p in parts)
     padded = -(-total // ALIGN) * ALIGN
-    buf = _buffer(padded)
-    offset = 0
-    for part in parts:
-        _copy_into(buf.address + offset, part)
-        offset += len(part)
+    buf = _gather(parts, total)
     if padded > total:
         ctypes.memset(buf.address + total, 0, padded - total)
     try:

@@ -105,6 +105,9 @@ class FilesystemBackend(Backend):
             self._direct = not in_memory(str(self.root))  # on tmpfs it would only add a copy
         return self._direct
 
+    def staging_buffer(self, size: int) -> memoryview | None:
+        return direct_io.staging(size) if size >= direct_io.MIN_SIZE and self._use_direct() else None
+
     def _write_new(self, tmp: Path, parts: list[bytes | bytearray | memoryview], durable: bool) -> None:
         """Write a new file: big objects (chunks) straight to the disk with O_DIRECT where the
         filesystem allows it, everything else through the page cache."""
