@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Annotated
 
 import typer
 
-from vmkeep.cli import (
-    catalog_cmds,
-    client_cmds,
-    disk_cmds,
-    files_cmds,
-    lab_cmds,
-    recovery_cmds,
-    repo_cmds,
-    server_cmds,
-    vm_cmds,
-)
-from vmkeep.cli.demo import demo_cmd
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
 
-app = typer.Typer(help="vmkeep: agentless VM backup.", no_args_is_help=True, pretty_exceptions_enable=False)
+# Each top-level command and where it lives: (module, attribute, is a group of sub-commands).
+# Only the module of the command being run is imported — the server client, the catalog and
+# the lab pull in libraries (httpx, SQLAlchemy, libvirt) a backup does not need, and a
+# command's start-up time is part of every scheduled job.
+COMMANDS: dict[str, tuple[str, str, bool]] = {
+    "repo": ("repo_cmds", "app", True),
+    "disk": ("disk_cmds", "app", True),
+    "lab": ("lab_cmds", "app", True),
+    "files": ("files_cmds", "app", True),
+    "db": ("catalog_cmds", "db_app", True),
+    "catalog": ("catalog_cmds", "catalog_app", True),
+    "user": ("server_cmds", "user_app", True),
+    "server": ("server_cmds", "server_cmd", False),
+    "login": ("client_cmds", "login_cmd", False),
+    "hypervisor": ("client_cmds", "hypervisor_app", True),
+    "policy": ("client_cmds", "policy_app", True),
+    "jobs": ("client_cmds", "jobs_cmd", False),
+    "proxy": ("server_cmds", "proxy_cmd", False),
+    "points": ("disk_cmds", "points_cmd", False),
+    "backup": ("vm_cmds", "backup_cmd", False),
+    "restore": ("vm_cmds", "restore_cmd", False),
+    "inventory": ("vm_cmds", "inventory_cmd", False),
+    "mount": ("recovery_cmds", "mount_cmd", False),
+    "instant-restore": ("recovery_cmds", "instant_restore_cmd", False),
+    "verify-boot": ("recovery_cmds", "verify_boot_cmd", False),
+    "demo": ("demo", "demo_cmd", False),
+}
+ROOT_OPTIONS_WITH_VALUE = ("--server",)
 
 
-@app.callback()
 def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
         "--server", envvar="VMKEEP_SERVER", show_envvar=False,
         help="A vmkeep server's URL, for the commands that talk to it (login, hypervisor, policy, jobs, "
@@ -34,30 +49,34 @@ def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
     ctx.obj = {"server": server}
 
 
-app.add_typer(repo_cmds.app, name="repo")
-app.add_typer(disk_cmds.app, name="disk")
-app.add_typer(lab_cmds.app, name="lab")
-app.add_typer(files_cmds.app, name="files")
-app.add_typer(catalog_cmds.db_app, name="db")
-app.add_typer(catalog_cmds.catalog_app, name="catalog")
-app.add_typer(server_cmds.user_app, name="user")
-app.command("server")(server_cmds.server_cmd)
-app.command("login")(client_cmds.login_cmd)
-app.add_typer(client_cmds.hypervisor_app, name="hypervisor")
-app.add_typer(client_cmds.policy_app, name="policy")
-app.command("jobs")(client_cmds.jobs_cmd)
-app.command("proxy")(server_cmds.proxy_cmd)
-app.command("points")(disk_cmds.points_cmd)
-app.command("backup")(vm_cmds.backup_cmd)
-app.command("restore")(vm_cmds.restore_cmd)
-app.command("inventory")(vm_cmds.inventory_cmd)
-app.command("mount")(recovery_cmds.mount_cmd)
-app.command("instant-restore")(recovery_cmds.instant_restore_cmd)
-app.command("verify-boot")(recovery_cmds.verify_boot_cmd)
-app.command("demo")(demo_cmd)
+def requested_command(argv: list[str]) -> str | None:
+    """The top-level command named on the command line, or None (help, or a typo)."""
+    args = iter(argv)
+    for arg in args:
+        if arg in ROOT_OPTIONS_WITH_VALUE:
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The command tree: with ``only``, just that command (the rest is never imported)."""
+    app = typer.Typer(help="vmkeep: agentless VM backup.", no_args_is_help=True, pretty_exceptions_enable=False)
+    app.callback()(root)
+    for name, (module_name, attribute, is_group) in COMMANDS.items():
+        if only is not None and name != only:
+            continue
+        target = getattr(importlib.import_module(f"vmkeep.cli.{module_name}"), attribute)
+        if is_group:
+            app.add_typer(target, name=name)
+        else:
+            app.command(name)(target)
+    return app
 
 
 def main() -> None:
+    app = build_app(requested_command(sys.argv[1:]))
     try:
         app()
     except KeyboardInterrupt:
