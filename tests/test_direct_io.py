@@ -11,7 +11,7 @@ import pytest
 
 from vmkeep.fsutil import in_memory
 from vmkeep.repository.backends import FilesystemBackend, direct_io
-from vmkeep.repository.backends.direct_io import MIN_SIZE, DirectUnsupported, write_file
+from vmkeep.repository.backends.direct_io import ALIGN, MIN_SIZE, DirectUnsupported, write_file
 
 SHM = Path("/dev/shm")
 
@@ -45,7 +45,7 @@ def test_direct_write_is_exact_and_bypasses_the_page_cache(disk_dir: Path) -> No
     size = write_file(str(target), parts)
     expected = b"".join(bytes(p) for p in parts)
     assert size == len(expected) == target.stat().st_size
-    assert cached_bytes(target) == 0, "a direct write left the data in the page cache"
+    assert cached_bytes(target) <= ALIGN, "a direct write left the data in the page cache"
     assert target.read_bytes() == expected
 
 
@@ -55,7 +55,7 @@ def test_an_object_encoded_in_the_staging_buffer_is_written_as_is(disk_dir: Path
     staging[:] = payload
     target = disk_dir / "staged"
     assert write_file(str(target), [staging]) == len(payload)
-    assert cached_bytes(target) == 0
+    assert cached_bytes(target) <= ALIGN  # only the last partial block
     assert target.read_bytes() == payload
 
 
@@ -64,7 +64,7 @@ def test_backend_writes_chunks_direct_and_reads_them_back(disk_dir: Path) -> Non
     parts = odd_parts()
     assert backend.put("chunks/ab/abcdef", parts, if_absent=True)
     stored = disk_dir / "repo" / "chunks/ab/abcdef"
-    assert cached_bytes(stored) == 0
+    assert cached_bytes(stored) <= ALIGN
     assert backend.get("chunks/ab/abcdef") == b"".join(bytes(p) for p in parts)
     assert not backend.put("chunks/ab/abcdef", parts, if_absent=True)  # dedup: first writer wins
     assert [p.name for p in stored.parent.iterdir()] == ["abcdef"]  # no temporary left behind

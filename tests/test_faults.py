@@ -125,13 +125,21 @@ def test_not_a_repository_and_double_init(cli: Cli, tmp_path: Path) -> None:
     assert proc.returncode != 0 and "already a vmkeep repository" in proc.stderr
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path):
+@pytest.fixture(params=["tmpfs", "ext4"])
+def small_fs(request: pytest.FixtureRequest, tmp_path: Path):
+    """A 40 MiB filesystem: tmpfs (buffered chunk writes) or ext4 on a loop device (O_DIRECT)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True)
+    if request.param == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mnt)], check=True)
+    else:
+        backing = tmp_path / "small.ext4"
+        subprocess.run(["truncate", "-s", "40M", str(backing)], check=True)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True)
+        subprocess.run(["mount", "-o", "loop", str(backing), str(mnt)], check=True)
     yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_keeps_existing_points(cli: Cli, make_disk, small_fs: Path, tmp_path: Path) -> None:
