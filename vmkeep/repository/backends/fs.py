@@ -102,7 +102,10 @@ class FilesystemBackend(Backend):
 
     def _use_direct(self) -> bool:
         if self._direct is None:
-            self._direct = not in_memory(str(self.root))  # on tmpfs it would only add a copy
+            try:
+                self._direct = not in_memory(str(self.root))  # on tmpfs it would only add a copy
+            except OSError:
+                return False  # no root yet: buffered now, decided once it exists
         return self._direct
 
     def staging_buffer(self, size: int) -> memoryview | None:
@@ -116,7 +119,7 @@ class FilesystemBackend(Backend):
                 direct_io.write_file(str(tmp), parts)
                 return
             except direct_io.DirectUnsupported:
-                self._direct = False  # tmpfs and the like: buffered from now on
+                self._direct = False  # the filesystem refuses O_DIRECT: buffered from now on
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _write_all(fd, parts)
