@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.repo_bench import ROOT, write_section
 from vmkeep.lab.images import content
 from vmkeep.repository.chunks import decode_chunk, encode_chunk, encode_chunk_parts, worth_compressing
-from vmkeep.repository.crypto import RepositoryKeys, seal_parts
+from vmkeep.repository.crypto import TAG_SIZE, RepositoryKeys, seal_into
 
 CHUNK = 4 << 20
 MARK_BEGIN, MARK_END = "<!-- stages-bench:begin -->", "<!-- stages-bench:end -->"
@@ -45,10 +45,11 @@ def main() -> None:
     stored_text = encode_chunk(keys, text_id, text_chunk, 1)
     assert keys.data_key is not None
     data_key = keys.data_key
+    sealed = memoryview(bytearray(len(random_chunk) + TAG_SIZE))
     stages: dict[str, Callable[[], object]] = {
         "keyed BLAKE3 chunk id": lambda: keys.chunk_id(random_chunk),
         "compressibility probe (incompressible chunk)": lambda: worth_compressing(random_chunk, 1),
-        "AES-256-GCM seal": lambda: seal_parts(data_key, random_chunk, cid),
+        "AES-256-GCM seal": lambda: seal_into(data_key, random_chunk, cid, sealed),
         "a fresh 4 MiB buffer, filled (allocation + page faults + copy)": lambda: bytearray(random_chunk),
         "whole chunk encoding, incompressible, encrypted": lambda: encode_chunk_parts(keys, cid, random_chunk, 1),
         "whole chunk encoding, text-like, encrypted (zstd 1)": lambda: encode_chunk_parts(keys, text_id, text_chunk, 1),

@@ -34,7 +34,8 @@ def test_disk_backup_loads_no_server_or_catalog_library() -> None:
 
 
 def test_help_still_lists_every_command() -> None:
-    names = {c.name for c in build_app().registered_commands} | {g.name for g in build_app().registered_groups}
+    app = build_app()
+    names = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
     assert names == set(COMMANDS)
     assert {"httpx"} <= loaded_after("--help")  # the full tree is built for help
 

@@ -20,7 +20,7 @@ import zstandard
 
 from vmkeep.buffers import copy_into
 from vmkeep.errors import FormatTooNew, ObjectCorrupt
-from vmkeep.repository.crypto import NONCE_SIZE, TAG_SIZE, RepositoryKeys, open_sealed, seal_into, seal_parts
+from vmkeep.repository.crypto import NONCE_SIZE, TAG_SIZE, RepositoryKeys, open_sealed, seal_into
 
 CHUNK_MAGIC = b"VKC"
 CHUNK_VERSION = 1
@@ -94,23 +94,31 @@ def encode_chunk_into(keys: RepositoryKeys, chunk_id: bytes, plaintext: bytes | 
     else:
         copy_into(out[start:], payload)
         end = start + len(payload)
-    HEADER.pack_into(out, 0, CHUNK_MAGIC, CHUNK_VERSION, flags, xxhash.xxh3_128_digest(out[start:end]))
+    out[:start] = _header(flags, out[start:end])
     return end
+
+
+def _header(flags: int, payload: bytes | bytearray | memoryview) -> bytes:
+    return HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, flags, xxhash.xxh3_128_digest(payload))
 
 
 def encode_chunk_parts(
     keys: RepositoryKeys, chunk_id: bytes, plaintext: bytes | bytearray | memoryview, level: int
 ) -> list[bytes | bytearray | memoryview]:
-    """The bytes stored under a chunk id, as parts to be written back to back (no 4 MiB copy)."""
-    compressed, flags = _compressed(plaintext, level)
-    payload: list[bytes | bytearray | memoryview] = [compressed]
+    """The bytes stored under a chunk id, as parts to be written back to back (no 4 MiB copy).
+
+    Encrypted chunks are encoded into a buffer the thread keeps (valid until the thread encodes
+    again); a plain chunk is its header and the payload itself.
+    """
     if keys.data_key is not None:
-        payload = list(seal_parts(keys.data_key, compressed, chunk_id))
-        flags |= FLAG_AESGCM
-    checksum = xxhash.xxh3_128()
-    for part in payload:
-        checksum.update(part)
-    return [HEADER.pack(CHUNK_MAGIC, CHUNK_VERSION, flags, checksum.digest()), *payload]
+        needed = max_stored_size(len(plaintext))
+        buf: bytearray | None = getattr(_local, "encoded", None)
+        if buf is None or len(buf) < needed:
+            buf = _local.encoded = bytearray(needed)  # a new one: views of the old may live on
+        view = memoryview(buf)
+        return [view[: encode_chunk_into(keys, chunk_id, plaintext, level, view)]]
+    payload, flags = _compressed(plaintext, level)
+    return [_header(flags, payload), payload]
 
 
 def encode_chunk(keys: RepositoryKeys, chunk_id: bytes, plaintext: bytes | bytearray | memoryview, level: int) -> bytes:

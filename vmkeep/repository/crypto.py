@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 from dataclasses import dataclass
 
 import blake3
@@ -56,9 +55,6 @@ class RepositoryKeys:
         return blake3.blake3(data, key=self.mac_key).hexdigest()
 
 
-_sealing = threading.local()
-
-
 def seal_into(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes, out: memoryview) -> bytes:
     """AES-256-GCM of ``plaintext`` as ciphertext | tag written into ``out``; returns the nonce.
 
@@ -70,24 +66,10 @@ def seal_into(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes,
     return nonce
 
 
-def seal_parts(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> tuple[bytes, memoryview]:
-    """AES-256-GCM as (nonce, ciphertext | tag), kept apart so a 4 MiB chunk is never re-copied.
-
-    The ciphertext lands in a buffer the thread keeps: the returned view is valid until the same
-    thread seals again.
-    """
-    needed = len(plaintext) + TAG_SIZE
-    out: bytearray | None = getattr(_sealing, "buffer", None)
-    if out is None or len(out) < needed:
-        out = _sealing.buffer = bytearray(max(needed, 4 << 20))  # a new one: views of the old may live on
-    view = memoryview(out)[:needed]
-    return seal_into(key, plaintext, aad, view), view
-
-
 def seal(key: bytes, plaintext: bytes | bytearray | memoryview, aad: bytes) -> bytes:
-    """AES-256-GCM: nonce | ciphertext | tag."""
-    nonce, sealed = seal_parts(key, plaintext, aad)
-    return nonce + bytes(sealed)
+    """AES-256-GCM: nonce | ciphertext | tag (small objects: manifests, wrapped keys)."""
+    nonce = os.urandom(NONCE_SIZE)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
 def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:

@@ -108,13 +108,16 @@ class FilesystemBackend(Backend):
                 return False  # no root yet: buffered now, decided once it exists
         return self._direct
 
+    def _goes_direct(self, size: int) -> bool:
+        return size >= direct_io.MIN_SIZE and self._use_direct()
+
     def staging_buffer(self, size: int) -> memoryview | None:
-        return direct_io.staging(size) if size >= direct_io.MIN_SIZE and self._use_direct() else None
+        return direct_io.staging(size) if self._goes_direct(size) else None
 
     def _write_new(self, tmp: Path, parts: list[bytes | bytearray | memoryview], durable: bool) -> None:
         """Write a new file: big objects (chunks) straight to the disk with O_DIRECT where the
         filesystem allows it, everything else through the page cache."""
-        if not durable and sum(len(p) for p in parts) >= direct_io.MIN_SIZE and self._use_direct():
+        if not durable and self._goes_direct(sum(len(p) for p in parts)):
             try:
                 direct_io.write_file(str(tmp), parts)
                 return
