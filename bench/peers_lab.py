@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
-from bench.repo_bench import VMKEEP, rm, touch_free_memory
+from bench.repo_bench import BASE_ENV, VMKEEP, rm, touch_free_memory
 from bench.vm_bench import define_vm, destroy_vm
 from vmkeep.lab.images import Segment, content, make_image
 
@@ -28,7 +28,7 @@ VM = "vmkeep-peers"
 WORK = Path("/var/lib/vmkeep-bench-peers")
 SHM = Path("/dev/shm/vmkeep-bench-peers")
 PIECE = 4 << 20
-ENV = {**os.environ, "VMKEEP_PASSPHRASE": "bench-passphrase", "BORG_PASSPHRASE": "bench-passphrase",
+ENV = {**BASE_ENV, "VMKEEP_PASSPHRASE": "bench-passphrase", "BORG_PASSPHRASE": "bench-passphrase",
        "BORG_BASE_DIR": str(WORK / "borg-home")}
 
 Measured = dict[str, float]

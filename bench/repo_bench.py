@@ -33,7 +33,10 @@ from vmkeep.transport.qemu_nbd import probe_image, serve_image
 ROOT = Path(__file__).resolve().parent.parent
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 GiB = 1 << 30
-ENV = {**os.environ, "VMKEEP_PASSPHRASE": "bench-passphrase"}
+# The commands measured run as on an administrator's machine: bytecode is cached (a caller's
+# PYTHONDONTWRITEBYTECODE would make every vmkeep start compile what changed since set-up).
+BASE_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+ENV = {**BASE_ENV, "VMKEEP_PASSPHRASE": "bench-passphrase"}
 
 
 def sh(*cmd: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.errors import FormatTooNew, RepositoryError, UsageError, WrongPassphrase
-from vmkeep.repository import crypto
+from vmkeep.repository import crypto, kdf
 
 REPO_FORMAT = 1
 CONFIG_KEY = "config.json"
@@ -29,15 +29,7 @@ class Credentials:
 
     @classmethod
     def from_env(cls, passphrase_file: Path | None = None, key_file: Path | None = None) -> Credentials:
-        passphrase: bytes | None = None
-        if passphrase_file is not None:
-            try:
-                passphrase = passphrase_file.read_bytes().rstrip(b"\r\n")
-            except OSError as exc:
-                raise UsageError(f"cannot read the passphrase file {passphrase_file}: {exc.strerror}") from None
-        elif os.environ.get("VMKEEP_PASSPHRASE"):
-            passphrase = os.environ["VMKEEP_PASSPHRASE"].encode()
-        return cls(passphrase, key_file)
+        return cls(kdf.read_passphrase(passphrase_file), key_file)
 
 
 @dataclass

@@ -9,7 +9,6 @@ a key file the administrator keeps elsewhere.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -18,14 +17,12 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmkeep.errors import ObjectCorrupt, WrongPassphrase
+from vmkeep.repository import kdf
+from vmkeep.repository.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
 SECRET_SIZE = 32
-
-SCRYPT_N = 2**15
-SCRYPT_R = 8
-SCRYPT_P = 1
 
 
 @dataclass(frozen=True)
@@ -83,14 +80,10 @@ def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -
         raise ObjectCorrupt(f"{what} failed authentication: it was modified or damaged") from None
 
 
-def kdf(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
-    return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, maxmem=256 * 1024 * 1024, dklen=32)
-
-
 def wrap_secret(secret: bytes, passphrase: bytes) -> dict[str, object]:
     """Wrap the master secret with a key derived from the passphrase (scrypt)."""
     salt = os.urandom(16)
-    wrapping_key = kdf(passphrase, salt)
+    wrapping_key = kdf.derive(passphrase, salt)
     return {
         "kdf": "scrypt",
         "n": SCRYPT_N,
@@ -104,7 +97,7 @@ def wrap_secret(secret: bytes, passphrase: bytes) -> dict[str, object]:
 def unwrap_secret(wrapped: dict[str, object], passphrase: bytes) -> bytes:
     if wrapped.get("kdf") != "scrypt":
         raise WrongPassphrase(f"unknown key derivation {wrapped.get('kdf')!r}")
-    wrapping_key = kdf(
+    wrapping_key = kdf.derive(
         passphrase, bytes.fromhex(str(wrapped["salt"])), int(str(wrapped["n"])), int(str(wrapped["r"])),
         int(str(wrapped["p"])),
     )

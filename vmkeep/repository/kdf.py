@@ -1,0 +1,81 @@
+"""Passphrase key derivation (scrypt), which a command may start early on a spare core.
+
+scrypt is deliberately slow (tens of milliseconds, 32 MiB) and releases the GIL, while a command's
+start-up is mostly single-threaded imports. :func:`start` runs a derivation in the background;
+:func:`derive` with the same inputs then takes its result instead of deriving again. This module
+imports nothing heavy so that the derivation can start before the rest of the program loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+from vmkeep.errors import UsageError
+
+SCRYPT_N = 2**15
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_MAXMEM = 256 * 1024 * 1024
+
+_Inputs = tuple[bytes, bytes, int, int, int]
+
+
+class _Derivation(threading.Thread):
+    def __init__(self, inputs: _Inputs) -> None:
+        super().__init__(name="vmkeep-kdf", daemon=True)
+        self.inputs = inputs
+        self.key: bytes | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.key = _scrypt(*self.inputs)
+        except BaseException as exc:  # handed to the caller of derive()
+            self.error = exc
+
+
+_started: dict[_Inputs, _Derivation] = {}
+_lock = threading.Lock()
+
+
+def _scrypt(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
+
+
+def start(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> None:
+    """Begin deriving in a background thread; a later :func:`derive` of the same inputs joins it."""
+    inputs = (passphrase, salt, n, r, p)
+    with _lock:
+        if inputs in _started:
+            return
+        job = _started[inputs] = _Derivation(inputs)
+    job.start()
+
+
+def derive(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
+    """The 32-byte scrypt key: the result of a matching :func:`start` if one ran, else derived now."""
+    inputs = (passphrase, salt, n, r, p)
+    with _lock:
+        job = _started.pop(inputs, None)
+    if job is None:
+        return _scrypt(*inputs)
+    job.join()
+    if job.error is not None or job.key is None:
+        return _scrypt(*inputs)  # let the error (bad parameters, memory) surface here, in the caller
+    return job.key
+
+
+def read_passphrase(passphrase_file: Path | None) -> bytes | None:
+    """The passphrase from ``passphrase_file`` (trailing newline dropped), else from
+    ``VMKEEP_PASSPHRASE``, else None; never from the command line."""
+    if passphrase_file is not None:
+        try:
+            return passphrase_file.read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise UsageError(f"cannot read the passphrase file {passphrase_file}: {exc.strerror}") from None
+    if os.environ.get("VMKEEP_PASSPHRASE"):
+        return os.environ["VMKEEP_PASSPHRASE"].encode()
+    return None
