@@ -38,6 +38,22 @@ def _check(cancel: Flag | None) -> None:
 R = TypeVar("R")
 
 
+def interleaved(items: list[T], stretches: int) -> list[T]:
+    """``items`` cut into ``stretches`` consecutive runs and taken from each run in turn
+    (a0, b0, c0, a1, b1, c1, …).
+
+    What a chunk costs depends on where it lies on the disk — incompressible data is light on the
+    cores and heavy on the device, text the reverse, zeros and dedup hits need no write at all.
+    Working through one region after the other leaves the cores idle in the first kind and the
+    device idle in the second; drawing from several places at once keeps both busy.
+    """
+    if stretches <= 1 or len(items) <= stretches:
+        return list(items)
+    run = -(-len(items) // stretches)
+    runs = [items[i * run : (i + 1) * run] for i in range(stretches)]
+    return [r[j] for j in range(run) for r in runs if j < len(r)]
+
+
 def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_result: Callable[[T, R], None],
                 cancel: Flag | None = None) -> None:
     """Run ``fn`` over ``items`` on ``workers`` threads; ``on_result`` runs in the caller's thread.
