@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
@@ -50,19 +51,35 @@ def median(runs: list[Measured]) -> Measured:
     return {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}
 
 
-def median_run(repeat: int, setup: Callable[[], None], cmd: Callable[[], list[str] | str],
-               shell: bool = False, cold: bool = False) -> Measured:
-    """``cold``: the page cache is emptied before each run, so what the tool reads comes from the
+@dataclass
+class Contender:
+    """One tool's run in a round: its set-up and clean-up are not timed."""
+
+    cmd: Callable[[], list[str] | str]
+    setup: Callable[[], None] = lambda: None
+    cleanup: Callable[[], None] = lambda: None
+    shell: bool = False
+
+
+def median_rounds(repeat: int, contenders: dict[str, Contender], cold: bool = False) -> dict[str, Measured]:
+    """Each contender's median over ``repeat`` rounds, every round running each contender once in
+    turn: the machine's drift then hits a tool and its reference alike.
+
+    ``cold``: the page cache is emptied before each run, so what the tool reads comes from the
     disk, as in a restore from a repository written days ago (the same for every tool)."""
-    runs = []
+    runs: dict[str, list[Measured]] = {name: [] for name in contenders}
     for _ in range(repeat):
-        setup()
-        touch_free_memory()
-        if cold:
-            subprocess.run(["sync"], check=True)
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        runs.append(run_measured(cmd(), shell=shell))
-    return median(runs)
+        for name, c in contenders.items():
+            c.setup()
+            touch_free_memory()
+            if cold:
+                subprocess.run(["sync"], check=True)
+                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            try:
+                runs[name].append(run_measured(c.cmd(), shell=c.shell))
+            finally:
+                c.cleanup()
+    return {name: median(r) for name, r in runs.items()}
 
 
 def fresh(*paths: Path) -> Callable[[], None]:

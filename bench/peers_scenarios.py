@@ -15,6 +15,7 @@ from bench.peers_lab import (
     SHM,
     VM,
     WORK,
+    Contender,
     Measured,
     cleanup_vms,
     clone_vm,
@@ -26,7 +27,7 @@ from bench.peers_lab import (
     guest_rewrites,
     init_repo,
     median,
-    median_run,
+    median_rounds,
     profile,
     run_measured,
     template_segments,
@@ -81,24 +82,36 @@ def full_backup(ctx: Context) -> Result:
     tmpfs), virtnbdbackup (plain, --compress), against the read and read + write limits."""
     fresh_vm(ctx.image, ctx.size)
     raw = WORK / "copy.raw"
-    runs: dict[str, Measured] = {}
-    uri, end = export_uri()
-    try:
-        runs["read limit (nbdcopy → null:)"] = median_run(ctx.repeat, fresh(), lambda: ["nbdcopy", uri, "null:"])
-        runs["read + write limit (nbdcopy → raw file, sync)"] = median_run(
-            ctx.repeat, fresh(raw), lambda: f"nbdcopy '{uri}' {raw} && sync", shell=True)
-    finally:
-        end()
-    fresh(raw)()
-    repos = {"vmkeep (compressed)": (REPO, False), "vmkeep (compressed + encrypted)": (REPO_ENC, True),
-             "vmkeep (compressed + encrypted), repository on tmpfs": (REPO_SHM, True)}
-    for label, (repo, encrypt) in repos.items():
-        runs[label] = median_run(ctx.repeat, lambda repo=repo, encrypt=encrypt: init_repo(repo, encrypt=encrypt),  # type: ignore[misc]
-                                 lambda repo=repo: vmkeep_backup(repo, full=True))  # type: ignore[misc]
-    fresh(REPO_SHM)()
-    for label, compress in (("virtnbdbackup (copy)", False), ("virtnbdbackup (copy, --compress)", True)):
-        runs[label] = median_run(ctx.repeat, fresh(VNB),
-                                 lambda compress=compress: virtnbdbackup("copy", VNB, compress=compress))  # type: ignore[misc]
+    export: list[tuple[str, Callable[[], None]]] = []  # the references' pull-mode export, while one runs
+
+    def reference(cmd: Callable[[str], list[str] | str], *paths: Path) -> Contender:
+        def setup() -> None:
+            fresh(*paths)()
+            export.append(export_uri())
+
+        def cleanup() -> None:
+            export.pop()[1]()
+            fresh(*paths)()
+        return Contender(lambda: cmd(export[-1][0]), setup, cleanup, shell=True)
+
+    def vmkeep(repo: Path, encrypt: bool, keep: bool) -> Contender:
+        return Contender(lambda: vmkeep_backup(repo, full=True), lambda: init_repo(repo, encrypt=encrypt),
+                         (lambda: None) if keep else fresh(repo))
+
+    def vnb(compress: bool) -> Contender:
+        return Contender(lambda: virtnbdbackup("copy", VNB, compress=compress), fresh(VNB))
+
+    # The last round leaves the encrypted repository and virtnbdbackup's compressed copy for the
+    # restore scenario.
+    runs = median_rounds(ctx.repeat, {
+        "read limit (nbdcopy → null:)": reference(lambda uri: f"nbdcopy '{uri}' null:"),
+        "read + write limit (nbdcopy → raw file, sync)": reference(lambda uri: f"nbdcopy '{uri}' {raw} && sync", raw),
+        "vmkeep (compressed)": vmkeep(REPO, False, keep=False),
+        "vmkeep (compressed + encrypted)": vmkeep(REPO_ENC, True, keep=True),
+        "vmkeep (compressed + encrypted), repository on tmpfs": vmkeep(REPO_SHM, True, keep=False),
+        "virtnbdbackup (copy)": vnb(False),
+        "virtnbdbackup (copy, --compress)": vnb(True),
+    })
     runs = {k: ctx.gb_s(v) for k, v in runs.items()}
     enc, shm = runs["vmkeep (compressed + encrypted)"]["gb_s"], runs[
         "vmkeep (compressed + encrypted), repository on tmpfs"]["gb_s"]
@@ -120,14 +133,12 @@ def full_restore(ctx: Context) -> Result:
     """Restore of the full point (left by full_backup) to a raw file: vmkeep vs virtnbdrestore vs
     the write limit."""
     out, vout = WORK / "restored.raw", WORK / "vnb-restore"
-    runs = {
-        "write limit (qemu-img convert → raw, sync)": median_run(
-            ctx.repeat, fresh(out), lambda: f"qemu-img convert -U -O raw {ctx.image} {out} && sync", shell=True,
-            cold=True),
-        "vmkeep": median_run(ctx.repeat, fresh(out), lambda: restore_cmd(REPO_ENC, out), shell=True, cold=True),
-        "virtnbdrestore": median_run(ctx.repeat, fresh(vout), lambda: vnb_restore_cmd(VNB, vout), shell=True,
-                                     cold=True),
-    }
+    runs = median_rounds(ctx.repeat, {
+        "write limit (qemu-img convert → raw, sync)": Contender(
+            lambda: f"qemu-img convert -U -O raw {ctx.image} {out} && sync", fresh(out), fresh(out), shell=True),
+        "vmkeep": Contender(lambda: restore_cmd(REPO_ENC, out), fresh(out), fresh(out), shell=True),
+        "virtnbdrestore": Contender(lambda: vnb_restore_cmd(VNB, vout), fresh(vout), fresh(vout), shell=True),
+    }, cold=True)
     fresh(out, vout, VNB, REPO, REPO_ENC)()
     runs = {k: ctx.gb_s(v) for k, v in runs.items()}
     targets = [target("restore of the full point: vmkeep / virtnbdrestore",
@@ -252,10 +263,12 @@ def daily_chain(ctx: Context) -> Result:
         runs[tool] = {"backup_seconds_per_day": per_day, "stored_mib_per_day": stored}
     drop_checkpoints()
     out, vout = WORK / "chain-restored.raw", WORK / "chain-vnb-restore"
-    runs["vmkeep"]["restore_latest"] = median_run(ctx.repeat, fresh(out), lambda: restore_cmd(repo, out), shell=True,
-                                                  cold=True)
-    runs["virtnbdbackup"]["restore_latest"] = median_run(ctx.repeat, fresh(vout), lambda: vnb_restore_cmd(vnb, vout),
-                                                         shell=True, cold=True)
+    latest = median_rounds(ctx.repeat, {
+        "vmkeep": Contender(lambda: restore_cmd(repo, out), fresh(out), fresh(out), shell=True),
+        "virtnbdbackup": Contender(lambda: vnb_restore_cmd(vnb, vout), fresh(vout), fresh(vout), shell=True),
+    }, cold=True)
+    for tool, measured in latest.items():
+        runs[tool]["restore_latest"] = measured
     cleanup_vms(VM)
     ratio = runs["virtnbdbackup"]["restore_latest"]["seconds"] / runs["vmkeep"]["restore_latest"]["seconds"]  # type: ignore[index]
     targets = [target(f"restore of the {ctx.days}th incremental: virtnbdrestore seconds / vmkeep seconds", ratio,

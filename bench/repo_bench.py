@@ -1,6 +1,7 @@
 """Repository throughput against the hardware limits, measured side by side in one run.
 
-Scenarios (each the median of --repeat runs, every vmkeep run into a fresh repository):
+Scenarios (each the median of --repeat rounds, every tool run once per round in turn so that the
+machine's drift hits a tool and its reference alike; every vmkeep run into a fresh repository):
 
 * disk-bound: `vmkeep disk backup` of an incompressible qcow2 into an encrypted repository on the
   local disk vs `nbdcopy` of the same qemu-nbd export to a raw file on the same filesystem + sync;
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmkeep.lab.images import Segment, make_image
@@ -64,16 +66,37 @@ def touch_free_memory(cap: int = 12 * GiB) -> None:
         subprocess.run([sys.executable, "-c", f"b = b'\\x01' * {size}"], check=True)
 
 
+@dataclass
+class Trial:
+    """One contender of a round: made ready, timed, cleaned up (the last two outside the timing)."""
+
+    run: Callable[[], object]
+    setup: Callable[[], None] = lambda: None
+    cleanup: Callable[[], None] = lambda: None
+
+
+def rounds(repeat: int, trials: dict[str, Trial]) -> dict[str, list[float]]:
+    """Seconds of each trial over ``repeat`` rounds, each round running every trial once in turn.
+
+    This shared machine's device and CPU speeds drift by tens of percent within minutes; with
+    runs grouped by tool, a tool and its reference would each catch a different phase of that
+    drift, with runs taken in turn they catch the same one.
+    """
+    times: dict[str, list[float]] = {name: [] for name in trials}
+    for _ in range(repeat):
+        for name, trial in trials.items():
+            trial.setup()
+            touch_free_memory()
+            try:
+                times[name].append(timed(trial.run))
+            finally:
+                trial.cleanup()
+    return times
+
+
 def median_of(repeat: int, setup: Callable[[], None], run: Callable[[], object],
               cleanup: Callable[[], None]) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeat):
-        setup()
-        touch_free_memory()
-        try:
-            times.append(timed(run))
-        finally:
-            cleanup()
+    times = rounds(repeat, {"": Trial(run, setup, cleanup)})[""]
     return statistics.median(times), times
 
 
@@ -113,28 +136,28 @@ def main() -> None:
 
     info = probe_image(image)
     copy = work / "nbdcopy.raw"
-    with serve_image(info, connections=8) as uri:
-        t, runs = median_of(args.repeat, lambda: rm(copy),
-                            lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")), lambda: rm(copy))
-        record("nbdcopy to raw file + sync", t, runs)
-        t, runs = median_of(args.repeat, lambda: None, lambda: sh("nbdcopy", uri, "null:"), lambda: None)
-        record("nbdcopy to null:", t, runs)
+    disk_repo, shm_repo_enc, shm_repo_plain = work / "repo", shm / "repo-enc", shm / "repo-plain"
 
-    def backup_into(repo: Path, encrypt: bool) -> tuple[float, list[float]]:
+    def backup_into(repo: Path, encrypt: bool, keep: bool = False) -> Trial:
         def setup() -> None:
             rm(repo)
             sh(VMKEEP, "repo", "init", str(repo), *(["--encrypt"] if encrypt else []))
 
-        return median_of(args.repeat, setup, lambda: sh(VMKEEP, "disk", "backup", str(image), "--repo", str(repo),
-                                                        "--name", "bench", "--workers", w, "--json"),
-                         lambda: None)
+        return Trial(lambda: sh(VMKEEP, "disk", "backup", str(image), "--repo", str(repo), "--name", "bench",
+                                "--workers", w, "--json"), setup, (lambda: None) if keep else (lambda: rm(repo)))
 
-    disk_repo, shm_repo = work / "repo", shm / "repo"
-    record("vmkeep backup, encrypted, local disk", *backup_into(disk_repo, True))
-    record("vmkeep backup, encrypted, tmpfs", *backup_into(shm_repo, True))
-    rm(shm_repo)
-    record("vmkeep backup, plain, tmpfs", *backup_into(shm_repo, False))
-    rm(shm_repo)
+    with serve_image(info, connections=8) as uri:
+        backups = rounds(args.repeat, {
+            "nbdcopy to raw file + sync": Trial(lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")),
+                                                lambda: rm(copy), lambda: rm(copy)),
+            "nbdcopy to null:": Trial(lambda: sh("nbdcopy", uri, "null:")),
+            # the last round's repository stays for the incremental and the restore below
+            "vmkeep backup, encrypted, local disk": backup_into(disk_repo, True, keep=True),
+            "vmkeep backup, encrypted, tmpfs": backup_into(shm_repo_enc, True),
+            "vmkeep backup, plain, tmpfs": backup_into(shm_repo_plain, False),
+        })
+    for key, runs in backups.items():
+        record(key, statistics.median(runs), runs)
 
     empty = work / "no-changes.txt"
     empty.write_text("")
@@ -150,15 +173,17 @@ def main() -> None:
     record("  the same, engine time only", statistics.median(engine_times), engine_times)
 
     out = work / "restored.raw"
-    t, runs = median_of(args.repeat, lambda: rm(out),
-                        lambda: (sh("qemu-img", "convert", "-O", "raw", str(image), str(out)), sh("sync")),
-                        lambda: rm(out))
-    record("qemu-img convert to raw + sync", t, runs)
-    t, runs = median_of(args.repeat, lambda: rm(out),
-                        lambda: (sh(VMKEEP, "disk", "restore", "bench", "--repo", str(disk_repo), "--output", str(out),
-                                    "--format", "raw", "--workers", w, "--json"), sh("sync")),
-                        lambda: rm(out))
-    record("vmkeep restore to raw + sync", t, runs)
+    restores = rounds(args.repeat, {
+        "qemu-img convert to raw + sync": Trial(
+            lambda: (sh("qemu-img", "convert", "-O", "raw", str(image), str(out)), sh("sync")),
+            lambda: rm(out), lambda: rm(out)),
+        "vmkeep restore to raw + sync": Trial(
+            lambda: (sh(VMKEEP, "disk", "restore", "bench", "--repo", str(disk_repo), "--output", str(out),
+                        "--format", "raw", "--workers", w, "--json"), sh("sync")),
+            lambda: rm(out), lambda: rm(out)),
+    })
+    for key, runs in restores.items():
+        record(key, statistics.median(runs), runs)
     rm(disk_repo, shm)
 
     def ratio(a: str, b: str) -> float:

@@ -1,7 +1,8 @@
 """Backup of a running libvirt VM against the limits of its own pull-mode NBD export, in one run.
 
 A VM (no guest OS needed: QEMU owns the disk and serves the backup export) gets an 8 GiB qcow2
-disk holding --data-gib of incompressible data. Measured, each the median of --repeat runs:
+disk holding --data-gib of incompressible data. Measured, each the median of --repeat rounds (a
+round runs every contender once, in turn, so that drift hits a tool and its reference alike):
 
 per transport — hotadd (QEMU's pull-mode export on a unix socket) and san (the proxy's qemu-nbd
 on the frozen base image):
@@ -26,11 +27,12 @@ import shutil
 import statistics
 import subprocess
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import libvirt
 
-from bench.repo_bench import ROOT, VMKEEP, GiB, median_of, rm, sh, write_section
+from bench.repo_bench import ROOT, VMKEEP, GiB, Trial, median_of, rm, rounds, sh, write_section
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.lab.images import Segment, make_image
 
@@ -69,21 +71,26 @@ def destroy_vm(name: str = VM) -> None:
 Record = Callable[..., None]
 
 
-def references(transport: str, copy: Path, repeat: int, record: Record) -> None:
+def reference(transport: str, cmd: Callable[[str], object], *scratch: Path) -> Trial:
     """nbdcopy from the export vmkeep reads with ``transport``: QEMU's pull-mode export (hotadd)
-    or qemu-nbd on the frozen base image (san)."""
-    connector = LibvirtConnector()
-    try:
-        with connector.point_in_time(VM, since=None, previous_disks=None, transports=[transport],
-                                     quiesce="off") as pit:
-            uri = pit.disks["vda"].uri
-            t, runs = median_of(repeat, lambda: rm(copy), lambda: (sh("nbdcopy", uri, str(copy)), sh("sync")),
-                                lambda: rm(copy))
-            record(f"{transport}: nbdcopy export → raw file + sync", t, runs)
-            t, runs = median_of(repeat, lambda: None, lambda: sh("nbdcopy", uri, "null:"), lambda: None)
-            record(f"{transport}: nbdcopy export → null:", t, runs)
-    finally:
-        connector.close()
+    or qemu-nbd on the frozen base image (san). The export is set up and released around each
+    run, outside its timing, so that vmkeep's own backups can run between them."""
+    stack = ExitStack()
+    uri: list[str] = []
+
+    def setup() -> None:
+        rm(*scratch)
+        connector = LibvirtConnector()
+        stack.callback(connector.close)
+        pit = stack.enter_context(connector.point_in_time(VM, since=None, previous_disks=None,
+                                                          transports=[transport], quiesce="off"))
+        uri.append(pit.disks["vda"].uri)
+
+    def cleanup() -> None:
+        uri.clear()
+        stack.close()
+        rm(*scratch)
+    return Trial(lambda: cmd(uri[0]), setup, cleanup)
 
 
 def incrementals(transport: str, repo: Path, repeat: int, first_write: int, record: Record) -> None:
@@ -128,23 +135,29 @@ def main() -> None:
         print(f"{key:44s} {seconds:7.2f} s  {nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
 
     try:
-        for transport in TRANSPORTS:
-            references(transport, work / "vm-nbdcopy.raw", args.repeat, record)
-        def full_into(repo: Path, transport: str) -> tuple[float, list[float]]:
+        disk_repo, shm_repo, copy = work / "vm-repo", shm / "repo", work / "vm-nbdcopy.raw"
+
+        def full_into(repo: Path, transport: str, keep: bool) -> Trial:
             def setup() -> None:
                 rm(repo)
                 sh(VMKEEP, "repo", "init", str(repo), "--encrypt")
-            return median_of(args.repeat, setup, lambda: sh(VMKEEP, "backup", VM, "--repo", str(repo), "--full",
-                                                            "--transport", transport, "--json"), lambda: None)
+            return Trial(lambda: sh(VMKEEP, "backup", VM, "--repo", str(repo), "--full", "--transport", transport,
+                                    "--json"), setup, (lambda: None) if keep else (lambda: rm(repo)))
 
-        disk_repo, shm_repo = work / "vm-repo", shm / "repo"
-        # tmpfs first: checkpoints belong to the VM, so the local repository's last full must be
-        # the last backup before its incrementals
-        for transport in TRANSPORTS:
-            record(f"{transport}: vmkeep full backup, encrypted, tmpfs", *full_into(shm_repo, transport))
-            rm(shm)
-        for transport in TRANSPORTS:
-            record(f"{transport}: vmkeep full backup, encrypted, local disk", *full_into(disk_repo, transport))
+        trials: dict[str, Trial] = {}
+        for tr in TRANSPORTS:
+            trials[f"{tr}: nbdcopy export → raw file + sync"] = reference(
+                tr, lambda uri: (sh("nbdcopy", uri, str(copy)), sh("sync")), copy)
+            trials[f"{tr}: nbdcopy export → null:"] = reference(tr, lambda uri: sh("nbdcopy", uri, "null:"))
+            trials[f"{tr}: vmkeep full backup, encrypted, tmpfs"] = full_into(shm_repo, tr, keep=False)
+            # checkpoints belong to the VM: the local repository's full of the last transport, the
+            # last run of the last round, is what the incrementals below build on
+            trials[f"{tr}: vmkeep full backup, encrypted, local disk"] = full_into(disk_repo, tr, keep=True)
+        times = rounds(args.repeat, trials)
+        order = [k for kind in ("raw file", "null:", "tmpfs", "local disk") for k in trials if kind in k]
+        for key in order:
+            record(key, statistics.median(times[key]), times[key])
+        rm(shm)
 
         for i, transport in enumerate(TRANSPORTS):
             incrementals(transport, disk_repo, args.repeat, i * args.repeat, record)
