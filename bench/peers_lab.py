@@ -21,7 +21,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 
-from bench.repo_bench import BASE_ENV, VMKEEP, rm, touch_free_memory
+from bench.repo_bench import BASE_ENV, VMKEEP, Trial, rm, rounds
 from bench.vm_bench import define_vm, destroy_vm
 from vmkeep.lab.images import Segment, content, make_image
 
@@ -63,22 +63,22 @@ class Contender:
 
 def median_rounds(repeat: int, contenders: dict[str, Contender], cold: bool = False) -> dict[str, Measured]:
     """Each contender's median over ``repeat`` rounds, every round running each contender once in
-    turn: the machine's drift then hits a tool and its reference alike.
+    turn (:func:`bench.repo_bench.rounds`): the machine's drift then hits a tool and its reference
+    alike.
 
     ``cold``: the page cache is emptied before each run, so what the tool reads comes from the
     disk, as in a restore from a repository written days ago (the same for every tool)."""
     runs: dict[str, list[Measured]] = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, c in contenders.items():
+
+    def trial(name: str, c: Contender) -> Trial:
+        def setup() -> None:
             c.setup()
-            touch_free_memory()
             if cold:
                 subprocess.run(["sync"], check=True)
                 Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            try:
-                runs[name].append(run_measured(c.cmd(), shell=c.shell))
-            finally:
-                c.cleanup()
+        return Trial(lambda: runs[name].append(run_measured(c.cmd(), shell=c.shell)), setup, c.cleanup)
+
+    rounds(repeat, {name: trial(name, c) for name, c in contenders.items()})
     return {name: median(r) for name, r in runs.items()}
 
 
