@@ -4,6 +4,7 @@ then uses that derivation instead of deriving again, and a different passphrase 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,19 +26,16 @@ def make_repo(path: Path, *, encrypt: bool = True) -> Path:
     return path
 
 
-@pytest.fixture
-def derivations(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
-    """The passphrases scrypt ran for, in any thread."""
-    seen: list[bytes] = []
-    real = kdf._scrypt
+@pytest.fixture(autouse=True)
+def no_derivation_started() -> Iterator[None]:
+    """Each test starts, and leaves, with no background derivation pending."""
+    kdf._started.clear()
+    yield
+    kdf._started.clear()
 
-    def counting(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
-        seen.append(passphrase)
-        return real(passphrase, salt, n, r, p)
 
-    monkeypatch.setattr(kdf, "_scrypt", counting)
-    monkeypatch.setattr(kdf, "_started", {})
-    return seen
+def pending() -> list[kdf._Derivation]:
+    return list(kdf._started.values())
 
 
 @pytest.mark.parametrize(("argv", "candidates", "passfile"), [
@@ -52,43 +50,40 @@ def test_arguments_that_may_name_a_repository(argv: list[str], candidates: list[
     assert passphrase_file == (Path(passfile) if passfile else None)
 
 
-def test_prefetched_key_is_used_once(tmp_path: Path, derivations: list[bytes],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefetched_key_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "repo")
-    derivations.clear()
     monkeypatch.setenv("VMKEEP_PASSPHRASE", PASSPHRASE.decode())
     prefetch(["repo", "info", str(repo)])
-    assert len(kdf._started) == 1  # started in the background
+    [job] = pending()  # started in the background, for this passphrase
+    assert job.inputs[0] == PASSPHRASE and job.daemon
     opened = Repository.open(FilesystemBackend(repo), Credentials.from_env())
     assert opened.list_points() == []
-    assert derivations == [PASSPHRASE]  # the derivation ran once, in the background thread
-    assert kdf._started == {}
+    assert pending() == []  # opening joined that derivation instead of running its own
+    assert job.key is not None and not job.is_alive()
 
 
-def test_a_different_passphrase_is_still_refused(tmp_path: Path, derivations: list[bytes],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_different_passphrase_is_still_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "repo")
     monkeypatch.setenv("VMKEEP_PASSPHRASE", PASSPHRASE.decode())
     prefetch(["repo", "info", str(repo)])
     with pytest.raises(WrongPassphrase):
         Repository.open(FilesystemBackend(repo), Credentials(passphrase=b"not the passphrase"))
+    assert len(pending()) == 1  # the head start for the other passphrase was not used
 
 
-def test_passphrase_file_is_read_as_the_command_reads_it(tmp_path: Path, derivations: list[bytes],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_passphrase_file_is_read_as_the_command_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = make_repo(tmp_path / "repo")
-    derivations.clear()
     passfile = tmp_path / "pass"
     passfile.write_bytes(PASSPHRASE + b"\n")
     monkeypatch.delenv("VMKEEP_PASSPHRASE", raising=False)
     prefetch(["repo", "verify", "--passphrase-file", str(passfile), str(repo)])
+    assert [job.inputs[0] for job in pending()] == [PASSPHRASE]
     Repository.open(FilesystemBackend(repo), Credentials.from_env(passfile))
-    assert derivations == [PASSPHRASE]
+    assert pending() == []
 
 
 @pytest.mark.parametrize("case", ["plain repository", "no passphrase", "not a repository", "object storage"])
 def test_nothing_is_started_without_a_local_passphrase_repository(case: str, tmp_path: Path,
-                                                                  derivations: list[bytes],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VMKEEP_PASSPHRASE", PASSPHRASE.decode())
     location = str(tmp_path / "repo")
@@ -102,10 +97,8 @@ def test_nothing_is_started_without_a_local_passphrase_repository(case: str, tmp
         (tmp_path / "repo" / "config.json").write_text("{not json")
     else:
         location = "s3://bucket/prefix"
-    derivations.clear()
     prefetch(["repo", "info", location])
-    assert kdf._started == {}
-    assert derivations == []
+    assert pending() == []
 
 
 def test_the_executable_starts_with_the_prefetch(tmp_path: Path) -> None:
