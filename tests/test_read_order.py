@@ -15,7 +15,7 @@ from vmkeep.repository.backends.fs import FilesystemBackend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
 from vmkeep.transport.extents import Extent
-from vmkeep.transport.nbd_client import open_export
+from vmkeep.transport.nbd_client import NbdExport, open_export
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 
 MiB = 1 << 20
@@ -33,17 +33,17 @@ def test_interleaved_takes_each_stretch_in_turn() -> None:
 class RecordingSource:
     """A real NBD export that notes the offsets the engine asks for, in order."""
 
-    def __init__(self, export: object) -> None:
+    def __init__(self, export: NbdExport) -> None:
         self.export = export
-        self.size: int = export.size  # type: ignore[attr-defined]
+        self.size = export.size
         self.offsets: list[int] = []
 
     def pread(self, length: int, offset: int) -> bytes:
         self.offsets.append(offset)
-        return self.export.pread(length, offset)  # type: ignore[attr-defined,no-any-return]
+        return self.export.pread(length, offset)
 
     def data_extents(self) -> list[Extent]:
-        return self.export.data_extents()  # type: ignore[attr-defined,no-any-return]
+        return self.export.data_extents()
 
 
 def test_full_backup_reads_stretches_in_turn(tmp_path: Path, make_disk: Callable[..., Path]) -> None:

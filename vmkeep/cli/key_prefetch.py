@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vmkeep.errors import UsageError
 from vmkeep.repository import kdf
 
 PASSPHRASE_FILE = "--passphrase-file"
@@ -63,13 +64,12 @@ def prefetch(argv: list[str]) -> None:
         return
     try:
         passphrase = kdf.read_passphrase(passphrase_file)
-    except Exception:  # the command reports an unreadable passphrase file itself
+    except UsageError:  # the command reports an unreadable passphrase file itself
         return
     if not passphrase:
         return
     for p in params:
         try:
-            kdf.start(passphrase, bytes.fromhex(str(p["salt"])), int(str(p["n"])), int(str(p["r"])),
-                      int(str(p["p"])))
+            kdf.start(passphrase, *kdf.parameters(p))
         except (KeyError, ValueError):
             continue

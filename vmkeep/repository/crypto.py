@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vmkeep.errors import ObjectCorrupt, WrongPassphrase
 from vmkeep.repository import kdf
-from vmkeep.repository.kdf import SCRYPT_N, SCRYPT_P, SCRYPT_R
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -86,9 +85,9 @@ def wrap_secret(secret: bytes, passphrase: bytes) -> dict[str, object]:
     wrapping_key = kdf.derive(passphrase, salt)
     return {
         "kdf": "scrypt",
-        "n": SCRYPT_N,
-        "r": SCRYPT_R,
-        "p": SCRYPT_P,
+        "n": kdf.SCRYPT_N,
+        "r": kdf.SCRYPT_R,
+        "p": kdf.SCRYPT_P,
         "salt": salt.hex(),
         "wrapped": seal(wrapping_key, secret, b"vmkeep master secret").hex(),
     }
@@ -97,10 +96,7 @@ def wrap_secret(secret: bytes, passphrase: bytes) -> dict[str, object]:
 def unwrap_secret(wrapped: dict[str, object], passphrase: bytes) -> bytes:
     if wrapped.get("kdf") != "scrypt":
         raise WrongPassphrase(f"unknown key derivation {wrapped.get('kdf')!r}")
-    wrapping_key = kdf.derive(
-        passphrase, bytes.fromhex(str(wrapped["salt"])), int(str(wrapped["n"])), int(str(wrapped["r"])),
-        int(str(wrapped["p"])),
-    )
+    wrapping_key = kdf.derive(passphrase, *kdf.parameters(wrapped))
     try:
         return open_sealed(wrapping_key, bytes.fromhex(str(wrapped["wrapped"])), b"vmkeep master secret", "key")
     except ObjectCorrupt:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from vmkeep.errors import UsageError
@@ -66,6 +67,13 @@ def derive(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
     if job.error is not None or job.key is None:
         return _scrypt(*inputs)  # let the error (bad parameters, memory) surface here, in the caller
     return job.key
+
+
+def parameters(wrapped: Mapping[str, object]) -> tuple[bytes, int, int, int]:
+    """Salt, N, r and p of a passphrase-wrapped key record (the repository config's
+    ``encryption``); KeyError or ValueError when the record lacks or garbles them."""
+    return (bytes.fromhex(str(wrapped["salt"])), int(str(wrapped["n"])), int(str(wrapped["r"])),
+            int(str(wrapped["p"])))
 
 
 def read_passphrase(passphrase_file: Path | None) -> bytes | None:
