@@ -3,6 +3,7 @@ the host through QEMU's own block layer (HMP qemu-io), exactly as a guest's writ
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import subprocess
@@ -46,6 +47,15 @@ class BareVM:
             virsh("resume", self.name)
         return dest
 
+    def drop_bitmap(self, disk: str, bitmap: str) -> None:
+        """Remove a dirty bitmap inside QEMU, behind libvirt's back (as an image replaced or
+        reverted outside libvirt would lose it): libvirt still lists the checkpoint."""
+        qdev = f"/machine/peripheral/virtio-disk{list(self.disks).index(disk)}/virtio-backend"
+        blocks = json.loads(virsh("qemu-monitor-command", self.name, '{"execute":"query-block"}'))["return"]
+        node = next(b["inserted"]["node-name"] for b in blocks if b.get("qdev") == qdev)
+        virsh("qemu-monitor-command", self.name, json.dumps(
+            {"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": bitmap}}))
+
     def checkpoints(self) -> list[str]:
         return sorted(virsh("checkpoint-list", self.name, "--name").split())
 
@@ -67,15 +77,17 @@ def disk_xml(target: str, path: Path, fmt: str, shareable: bool = False) -> str:
             f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{share}</disk>")
 
 
+MAC = "52:54:00:6b:65:01"  # every bare VM's network card: a restored copy must get another
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *, uefi: bool = False,
-           start: bool = True, prefix: str = "vmkeep-t-", store: Path | None = None) -> BareVM:
+           start: bool = True, prefix: str = "vmkeep-t-", store: Path | None = None, devices: str = "") -> BareVM:
     """disks: target → (size, format). ``uefi``: OVMF firmware with its variables in the VM's
     directory (``VARS.fd``, copied from the template). ``store``: a directory other VMs share
-    (a storage pool's), where the images go as ``<vm>-<target>.<format>``."""
+    (a storage pool's), where the images go as ``<vm>-<target>.<format>``. ``devices``: more
+    device XML, as is."""
     name = f"{prefix}{secrets.token_hex(3)}"
     directory = IMAGES / name
     directory.mkdir(parents=True)
@@ -85,7 +97,8 @@ def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *
         opts = ["-o", "compat=1.1"] if fmt == "qcow2" else []
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, *opts, str(path), str(size)], check=True)
         paths[target] = path
-    devices = "".join(disk_xml(t, p, disks[t][1], t in shareable) for t, p in paths.items())
+    devices += "".join(disk_xml(t, p, disks[t][1], t in shareable) for t, p in paths.items())
+    devices += f"<interface type='user'><mac address='{MAC}'/><model type='virtio'/></interface>"
     firmware = ""
     if uefi:
         shutil.copyfile(OVMF_VARS, directory / "VARS.fd")
@@ -93,7 +106,7 @@ def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *
                     f"<nvram>{directory / 'VARS.fd'}</nvram>")
     xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>"
            f"<os><type arch='x86_64' machine='pc'>hvm</type>{firmware}</os>"
-           f"{'<features><acpi/></features>' if uefi else ''}<devices>{devices}</devices></domain>")
+           f"<features><acpi/></features><devices>{devices}</devices></domain>")
     vm = BareVM(name, paths)
     conn = libvirt.open(URI)
     try:

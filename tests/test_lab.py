@@ -87,10 +87,21 @@ def test_guest_agent_answers(lab_vm: LabVM) -> None:
     assert reply == {"return": {}}
 
 
-def test_fsfreeze_runs_the_hook(lab_vm: LabVM) -> None:
+def ext_features(image: Path, scratch: Path) -> tuple[int, int]:
+    """(compat, incompat) feature flags of the ext2/3/4 superblock on a qcow2 image, read from the host."""
+    subprocess.run(["qemu-img", "dd", "-U", "-f", "qcow2", "-O", "raw", f"if={image}", f"of={scratch}",
+                    "bs=4096", "count=1"], capture_output=True, check=True)
+    superblock = scratch.read_bytes()[1024:2048]
+    assert superblock[0x38:0x3A] == b"\x53\xef", "no ext superblock"
+    return int.from_bytes(superblock[0x5C:0x60], "little"), int.from_bytes(superblock[0x60:0x64], "little")
+
+
+def test_fsfreeze_runs_the_hook(lab_vm: LabVM, tmp_path: Path) -> None:
     files = lab_vm.make_files("vdb")
     assert set(files) >= {"hello.txt", "etc/numbers.txt", "data/blob.bin"}
-    assert "/dev/vdb on /mnt/vdb" in lab_vm.run("mount")
+    assert "/dev/vdb on /mnt/vdb type ext4" in lab_vm.run("mount")
+    compat, incompat = ext_features(lab_vm.disks["vdb"], tmp_path / "head.raw")
+    assert compat & 0x4 and incompat & 0x40, "not ext4: no journal or no extents"  # has_journal, extents
     seen = len(lab_vm.freeze_log())
     assert "Froze 1 filesystem" in virsh("domfsfreeze", lab_vm.name)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,11 +79,34 @@ def test_drift_falls_back_to_full(cli: Cli, vm: BareVM, repo: str, tmp_path: Pat
     r = backup(cli, vm, repo)
     assert r["mode"] == "full" and "disks changed" in r["reason"]
     assert backup(cli, vm, repo)["mode"] == "incremental"
+    added = bare_vm.IMAGES / vm.name / "vdc.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(added), "16M"], check=True)
+    virsh("attach-disk", vm.name, str(added), "vdc", "--driver", "qemu", "--subdriver", "qcow2", "--live")
+    r = backup(cli, vm, repo)
+    assert r["mode"] == "full" and "disks changed" in r["reason"] and "vdc" in r["reason"]
+    assert backup(cli, vm, repo)["mode"] == "incremental"
     other = str(tmp_path / "other")  # the previous point is not in this repository
     cli.run("repo", "init", other)
     r = backup(cli, vm, other)
     assert r["mode"] == "full" and "no previous restore point" in r["reason"]
     assert backup(cli, vm, repo, "--full")["mode"] == "full"
+
+
+@pytest.mark.parametrize("transport", ["hotadd", "san"])
+def test_bitmap_lost_behind_libvirt_falls_back_to_full(cli: Cli, vm: BareVM, repo: str, transport: str) -> None:
+    """libvirt still lists the checkpoint, but QEMU no longer has its bitmap (the image was replaced
+    or reverted outside libvirt): an incremental from it would miss writes, so the backup is full."""
+    vm.write("vda", 0, MiB, 0x01)
+    backup(cli, vm, repo, "--transport", transport)
+    (checkpoint,) = vm.checkpoints()
+    vm.drop_bitmap("vda", checkpoint)
+    vm.write("vda", 8 * MiB, MiB, 0x02)
+    r = backup(cli, vm, repo, "--transport", transport)
+    assert r["mode"] == "full" and "bitmap" in r["reason"] and checkpoint in r["reason"], r["reason"]
+    assert r["bytes_read"] == 2 * MiB  # every allocated byte, not only the write
+    assert checkpoint not in vm.checkpoints() and len(vm.checkpoints()) == 1
+    r = backup(cli, vm, repo, "--transport", transport)
+    assert r["mode"] == "incremental" and r["bytes_read"] == 0
 
 
 def test_shut_off_vm_is_read_from_its_images(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
@@ -155,6 +179,9 @@ def test_restore_as_new_vm_and_over_the_original(cli: Cli, vm: BareVM, repo: str
     assert res["started"] and virsh("domstate", new).strip() == "running"
     dumped = virsh("dumpxml", new)
     assert vm.name + "-copy" in dumped and virsh("domuuid", new) != virsh("domuuid", vm.name)
+    assert bare_vm.MAC in virsh("domiflist", vm.name)
+    copy_macs = re.findall(r"<mac address='([0-9a-f:]+)'/>", dumped)
+    assert len(copy_macs) == 1 and copy_macs[0] != bare_vm.MAC  # one card, with a new address
     for disk, reference in at_backup.items():
         assert qemu_img_compare(reference, Path(res["disks"][disk]))
     proc = cli.run("restore", vm.name, "--repo", repo, "--as", new, ok=False)
@@ -221,6 +248,37 @@ def test_raw_and_shareable_disks(cli: Cli, repo: str, tmp_path: Path) -> None:
         assert second["bytes_read"] == 64 * 1024 + MiB  # vdb's data is read again in full
     finally:
         bare_vm.destroy(machine)
+
+
+def test_inventory_and_a_passthrough_lun(cli: Cli, repo: str, tmp_path: Path) -> None:
+    """A LUN handed through to the VM (the RDM case) can be neither snapshotted nor read through
+    QEMU: the inventory marks it skipped and the backup names it; the other disks are described
+    with their format, size and allocation, and backed up."""
+    backing = tmp_path / "lun.img"
+    with backing.open("wb") as f:
+        f.truncate(8 * MiB)
+    loop = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    lun = (f"<disk type='block' device='lun'><driver name='qemu' type='raw'/><source dev='{loop}'/>"
+           "<target dev='sda' bus='scsi'/></disk>")
+    machine = bare_vm.create({"vda": (32 * MiB, "qcow2"), "vdb": (8 * MiB, "raw")}, start=False, devices=lun)
+    try:
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 0 3M", str(machine.disks["vda"])],
+                       check=True, capture_output=True)
+        listed = {v["name"]: v for v in cli.json("inventory")["vms"]}
+        me = listed[machine.name]
+        assert me["state"] == "shut off" and me["host"]
+        disks = {d["name"]: d for d in me["disks"]}
+        assert (disks["vda"]["format"], disks["vda"]["size"], disks["vda"]["backup"]) == ("qcow2", 32 * MiB, True)
+        assert 3 * MiB <= disks["vda"]["allocation"] < 32 * MiB  # what the image file holds
+        assert (disks["vdb"]["format"], disks["vdb"]["size"]) == ("raw", 8 * MiB)
+        assert not disks["sda"]["backup"] and "passthrough LUN" in disks["sda"]["skip_reason"]
+        r = backup(cli, machine, repo)
+        assert r["ok"] and set(r["disks"]) == {"vda", "vdb"} and r["disks"]["vda"]["bytes_read"] == 3 * MiB
+        assert any("sda is a passthrough LUN" in n for n in r["notes"])
+    finally:
+        bare_vm.destroy(machine)
+        subprocess.run(["losetup", "--detach", loop], check=False)
 
 
 def test_several_vms_at_once(cli: Cli, repo: str) -> None:

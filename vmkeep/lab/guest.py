@@ -1,4 +1,5 @@
-"""The lab guest: a Debian cloud kernel and a busybox initramfs with qemu-ga, built from Debian packages.
+"""The lab guest: a Debian cloud kernel and a busybox initramfs with qemu-ga and e2fsprogs' mke2fs,
+built from Debian packages.
 
 It boots in seconds under TCG, answers shell commands on its serial console and runs the real guest
 agent, so backups can be tested with guest writes and fsfreeze without any OS image download.
@@ -29,6 +30,9 @@ GUEST_ROOT = LAB_ROOT / ".guest"  # the dot keeps it apart from VM directories (
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
 AGENT = "qemu-guest-agent"
+E2FSPROGS = "e2fsprogs"  # busybox's mke2fs makes only ext2; lab filesystems are real ext4
+PACKAGES = (KERNEL_META, BUSYBOX, AGENT, E2FSPROGS)
+MKE2FS = "/usr/sbin/mke2fs"  # where the guest has e2fsprogs' mke2fs (busybox's applet is /bin/mke2fs)
 MODULES = (  # insmod order: dependencies first; built-in or absent ones are skipped
     "virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk",
     "virtio_console", "crc16", "crc32c_generic", "libcrc32c", "mbcache", "jbd2", "ext4",
@@ -179,8 +183,8 @@ def _records(packages: tuple[str, ...]) -> dict[str, dict[str, str]]:
 
 
 def _versions() -> dict[str, str]:
-    records = _records((KERNEL_META, BUSYBOX, AGENT))
-    missing = [p for p in (KERNEL_META, BUSYBOX, AGENT) if p not in records]
+    records = _records(PACKAGES)
+    missing = [p for p in PACKAGES if p not in records]
     if missing:
         raise LabError(f"apt-cache knows no {', '.join(missing)}; run apt-get update, or check that "
                        "/etc/apt/sources.list has Debian bookworm main")
@@ -193,7 +197,7 @@ def _versions() -> dict[str, str]:
         kversion = _records((kernel,)).get(kernel, {}).get("Version", "")
         if not kversion:
             raise LabError(f"{KERNEL_META} depends on {kernel}, which apt-cache does not know; run apt-get update")
-    return {kernel: kversion, BUSYBOX: records[BUSYBOX]["Version"], AGENT: records[AGENT]["Version"]}
+    return {kernel: kversion, **{p: records[p]["Version"] for p in (BUSYBOX, AGENT, E2FSPROGS)}}
 
 
 def resolve_versions() -> dict[str, str]:
@@ -316,8 +320,9 @@ def _build(versions: dict[str, str], work: Path) -> tuple[bytes, bytes, list[str
         raise LabError(f"the kernel package holds no modules directory for {kver}")
     busybox = next((p for p in (root / "bin/busybox", root / "usr/bin/busybox") if p.exists()), None)
     agent = next((p for p in (root / "usr/sbin/qemu-ga", root / "usr/bin/qemu-ga") if p.exists()), None)
-    if busybox is None or agent is None:
-        raise LabError(f"{BUSYBOX} or {AGENT} did not unpack a busybox / qemu-ga binary")
+    mke2fs = next((p for p in (root / "sbin/mke2fs", root / "usr/sbin/mke2fs") if p.exists()), None)
+    if busybox is None or agent is None or mke2fs is None:
+        raise LabError(f"{BUSYBOX}, {AGENT} or {E2FSPROGS} did not unpack a busybox / qemu-ga / mke2fs binary")
 
     cpio = _Cpio()
     for d in ("dev", "proc", "sys", "run", "tmp", "mnt", "etc/qemu", "lab", "usr/sbin"):
@@ -339,7 +344,8 @@ def _build(versions: dict[str, str], work: Path) -> tuple[bytes, bytes, list[str
         raise LabError(f"kernel {kver} has virtio_blk neither as a module nor built in")
     cpio.file("usr/sbin/qemu-ga", agent.read_bytes(), 0o755)
     cpio.symlink("bin/qemu-ga", "/usr/sbin/qemu-ga")
-    for lib in _libraries(agent):
+    cpio.file(MKE2FS, mke2fs.read_bytes(), 0o755)
+    for lib in sorted({*_libraries(agent), *_libraries(mke2fs)}):
         cpio.file(str(lib), lib.resolve().read_bytes(), 0o755)
     cpio.file("etc/qemu/fsfreeze-hook", hook_script().encode(), 0o755)
     cpio.file("lab/loop", loop_script().encode())

@@ -34,6 +34,7 @@ from vmkeep.lab.guest import (
     END_MARK,
     FREEZE_LOG,
     LAB_ROOT,
+    MKE2FS,
     POOL_PATH,
     GuestImage,
     ensure_guest,
@@ -341,13 +342,13 @@ class LabVM:
         return digest
 
     def make_files(self, disk: str) -> dict[str, str]:
-        """An ext2 filesystem (busybox mke2fs; the kernel's ext4 driver mounts it) with a few files,
-        mounted at /mnt/<disk>; returns path → SHA-256 of the files."""
+        """An ext4 filesystem (e2fsprogs' mke2fs) with a few files, mounted at /mnt/<disk>; returns
+        path → SHA-256 of the files."""
         dev = self._device(disk)
         mnt = f"/mnt/{disk}"
         script = f"""set -e
 umount {mnt} 2>/dev/null || true
-mke2fs -q -F -L vmkeep-{disk} {dev}
+{MKE2FS} -q -F -t ext4 -L vmkeep-{disk} {dev}
 mkdir -p {mnt}
 mount -t ext4 {dev} {mnt}
 mkdir -p {mnt}/etc {mnt}/data
