@@ -34,9 +34,10 @@ def test_quiesced_backup_matches_the_guest_and_restores_a_booting_vm(cli: Cli, g
     guest.write("vda", 0, 4 * MiB, seed="first")
     at_full = guest.checksum("vda")
     frozen_before = len(guest.freeze_log())
-    full = json.loads(cli.run("backup", guest.name, "--repo", repo, "--quiesce", "required", "--json").stdout)
+    full = json.loads(cli.run("backup", guest.name, "--repo", repo, "--transport", "hotadd", "--quiesce", "required",
+                              "--json").stdout)
     full = full["vms"][0]
-    assert full["ok"] and full["consistency"] == "application"
+    assert full["ok"] and full["transport"] == "hotadd" and full["consistency"] == "application"
     log = guest.freeze_log()[frozen_before:]
     assert [line.split()[1] for line in log] == ["freeze", "thaw"]  # the guest really froze, then thawed
 

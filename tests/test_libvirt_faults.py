@@ -4,6 +4,7 @@ next run succeeds."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,8 +35,8 @@ def busy_vm(cli: Cli, tmp_path: Path) -> Iterator[tuple[BareVM, str]]:
         bare_vm.destroy(machine)
 
 
-def start_backup(cli: Cli, vm: BareVM, repo: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", "hotadd", "--workers", "1",
+def start_backup(cli: Cli, vm: BareVM, repo: str, transport: str = "hotadd") -> subprocess.Popen[str]:
+    proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", transport, "--workers", "1",
                              "--json"], env=cli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -79,6 +80,31 @@ def test_backup_job_aborted_from_outside(cli: Cli, busy_vm: tuple[BareVM, str]) 
     assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 480 * MiB
 
 
+def test_nbd_connection_dropped_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str], tmp_path: Path) -> None:
+    """The TCP connections of the nbd transport are cut while data flows (a network fault): the
+    reader connects again and retries, and the point is complete and says so."""
+    vm, repo = busy_vm
+    proc = start_backup(cli, vm, repo, transport="nbd")
+    port = re.search(r"port='(\d+)'", virsh("backup-dumpxml", vm.name))
+    assert port, "the nbd transport exports over TCP"
+    established = ["ss", "-H", "-t", "-i", "state", "established", f"( sport = :{port[1]} )"]
+    deadline = time.monotonic() + 30
+    while max(map(int, re.findall(r"bytes_sent:(\d+)", subprocess.run(established, capture_output=True,
+                                                                     text=True).stdout)), default=0) < 16 * MiB:
+        assert proc.poll() is None and time.monotonic() < deadline  # until data flows
+        time.sleep(0.01)
+    cut = subprocess.run(["ss", "-K", *established[2:]], capture_output=True, text=True)
+    assert cut.returncode == 0 and f":{port[1]}" in cut.stdout, cut.stdout + cut.stderr
+    r = finish(proc)
+    assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 480 * MiB, r
+    assert any("connection dropped" in n for n in r["notes"]), r["notes"]
+    assert len(vm.checkpoints()) == 1 and not scratch_left(vm) and not vm.job_running()
+    snap = vm.snapshot("vda", tmp_path / "now.qcow2")
+    out = tmp_path / "r.qcow2"
+    cli.run("restore", f"{vm.name}@{r['point']}", "--repo", repo, "--disk", "vda", "--output", str(out))
+    assert qemu_img_compare(snap, out)
+
+
 def test_libvirtd_restart_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str], tmp_path: Path) -> None:
     vm, repo = busy_vm
     proc = start_backup(cli, vm, repo)
@@ -103,3 +129,5 @@ def test_libvirtd_restart_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str], tmp_
     cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
     assert qemu_img_compare(snap, out)
     assert r["ok"] or "nothing was committed" in r["error"]
+    # the interrupted run's point is there whole or not at all, then the next run's
+    assert len(cli.json("points", vm.name, "--repo", repo)["points"]) == (3 if r["ok"] else 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ def backup_vm(
                                  quiesce=quiesce) as pit, ExitStack() as stack:
         jobs = []
         for d in pit.disks.values():
-            export = NbdExport(d.uri, d.dirty_context)
+            export = NbdExport(d.uri, d.dirty_context, on_reconnect=_noting_reconnects(pit.notes, d.name))
             stack.callback(export.close)
             source = export if d.allocated is None else KnownExtents(export, d.allocated)
             changed = export.dirty_extents() if d.dirty_context else d.changed
@@ -55,6 +56,16 @@ def backup_vm(
         }
         return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
                             cancel=cancel)
+
+
+def _noting_reconnects(notes: list[str], disk: str) -> Callable[[], None]:
+    """A note in the point (once per disk) that reads of ``disk`` survived a dropped connection."""
+    note = f"disk {disk}: an NBD connection dropped during the backup; it was opened again and the read retried"
+
+    def noted() -> None:
+        if note not in notes:
+            notes.append(note)
+    return noted
 
 
 def config_context(vm: str) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,12 +35,15 @@ def client_tls_dir() -> Path | None:
 class NbdExport:
     """One NBD export (``nbd+unix:///?socket=…`` or ``nbd://host:port/name``), shared by threads."""
 
-    def __init__(self, uri: str, dirty_context: str | None = None) -> None:
+    def __init__(self, uri: str, dirty_context: str | None = None,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
         self.uri = uri
+        self.on_reconnect = on_reconnect
         self.dirty_context = dirty_context
         self._local = threading.local()
         self._handles: list[nbd.NBD] = []
         self._lock = threading.Lock()
+        self.reconnects = 0  # reads that succeeded only on a new connection
         probe = self.handle()
         self.size: int = probe.get_size()
         self.can_zero_map = probe.can_meta_context(ALLOCATION)
@@ -73,10 +76,32 @@ class NbdExport:
         return h
 
     def pread(self, length: int, offset: int) -> bytes:
+        """Read a range; a connection that dropped is opened again once and the read retried (reads
+        are idempotent), so a passing network fault does not fail a long backup."""
+        failure: Exception
         try:
             return self.handle().pread(length, offset)
-        except nbd.Error as exc:
-            raise ImageError(f"reading {length} bytes at {offset} from {self.uri} failed: {exc}") from None
+        except (nbd.Error, ImageError) as exc:  # also a connection cut while it was being opened
+            failure = exc
+        try:
+            data: bytes = self._reconnect().pread(length, offset)
+        except (nbd.Error, ImageError) as exc:
+            raise ImageError(f"reading {length} bytes at {offset} from {self.uri} failed: {failure}; "
+                             f"connecting again did not help: {exc}") from None
+        with self._lock:
+            self.reconnects += 1
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+        return data
+
+    def _reconnect(self) -> nbd.NBD:
+        """This thread's connection, replaced by a new one."""
+        old = getattr(self._local, "handle", None)
+        self._local.handle = None
+        with self._lock:
+            if old is not None and old in self._handles:
+                self._handles.remove(old)
+        return self.handle()
 
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         try:

@@ -514,8 +514,9 @@ class LibvirtConnector:
             except libvirt.libvirtError:
                 job_alive = False
             time.sleep(0.2)
-        if job_alive:
-            return exc
+        if job_alive:  # the job still serves: the connection itself failed, twice
+            return ImageError(f"{exc}; nothing was committed, run the backup again (check the network between "
+                              f"this proxy and {self.host})")
         return HypervisorError(f"the backup job of {dom.name()} ended under vmkeep (aborted from outside, or "
                                f"libvirtd lost it): {exc}; nothing was committed, run the backup again")
 
