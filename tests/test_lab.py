@@ -13,6 +13,7 @@ import libvirt
 import pytest
 from typer.testing import CliRunner
 
+from tests.conftest import Cli
 from vmkeep.cli import lab_cmds
 from vmkeep.errors import LabError
 from vmkeep.lab import LOCAL_URI
@@ -151,3 +152,24 @@ def test_destroy_spares_other_domains_and_cleans_leftovers() -> None:
     (vm_dir(name) / "vda.qcow2").write_bytes(b"")
     destroy_lab_vm(name)  # a half-created VM: files, no domain
     assert not vm_dir(name).exists()
+
+
+def test_lab_commands_create_fill_and_destroy_a_vm(cli: Cli) -> None:
+    """The lab's commands as an administrator types them, through the installed executable."""
+    name = f"vmkeep-lc-{secrets.token_hex(3)}"
+    try:
+        made = cli.json("lab", "create", name, "--disks", "2", "--size", "24M")
+        assert set(made["disks"]) == {"vda", "vdb"}
+        for image in made["disks"].values():
+            info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", image], capture_output=True,
+                                             text=True, check=True).stdout)
+            assert (info["format"], info["virtual-size"], info["format-specific"]["data"]["compat"]) == \
+                ("qcow2", 24 * MiB, "1.1")  # qcow2 v3: persistent bitmaps
+        assert "<domain type='qemu'" in virsh("dumpxml", name)  # TCG
+        files = cli.json("lab", "files", name, "--disk", "vdb")
+        assert files["mountpoint"] == "/mnt/vdb" and "hello.txt" in files["files"]
+        assert name in cli.json("lab", "list")["vms"]
+        cli.run("lab", "destroy", name)
+        assert name not in virsh("list", "--all", "--name").split() and not vm_dir(name).exists()
+    finally:
+        destroy_lab_vm(name)

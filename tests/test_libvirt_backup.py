@@ -282,13 +282,27 @@ def test_inventory_and_a_passthrough_lun(cli: Cli, repo: str, tmp_path: Path) ->
 
 
 def test_several_vms_at_once(cli: Cli, repo: str) -> None:
-    machines = [bare_vm.create({"vda": (32 * MiB, "qcow2")}) for _ in range(3)]
+    """--parallel 3: the three backup jobs run at the same time, each with its own progress bar
+    (bytes, throughput, ETA) per disk."""
+    machines = [bare_vm.create({"vda": (128 * MiB, "qcow2"), "vdb": (16 * MiB, "qcow2")}) for _ in range(3)]
     try:
         for i, m in enumerate(machines):
-            m.write("vda", 0, 8 * MiB, 0x10 + i)
-        proc = cli.run("backup", *(m.name for m in machines), "--repo", repo, "--parallel", "3", "--json")
-        results = {r["vm"]: r for r in json.loads(proc.stdout)["vms"]}
-        assert all(r["ok"] and r["bytes_read"] == 8 * MiB for r in results.values())
+            m.write("vda", 0, 96 * MiB, 0x10 + i)  # distinct chunks: each backup takes a moment
+            m.write("vdb", 0, MiB, 0x20 + i)
+        proc = subprocess.Popen([VMKEEP, "backup", *(m.name for m in machines), "--repo", repo, "--parallel", "3",
+                                 "--transport", "hotadd", "--workers", "1"], env=cli.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        most = 0
+        while proc.poll() is None:  # backup jobs alive at one moment
+            most = max(most, sum(m.job_running() for m in machines))
+        out, bars = proc.communicate()
+        assert proc.returncode == 0, bars
+        assert most >= 2, "the VMs were backed up one after another"
+        for m in machines:
+            assert re.search(rf"{m.name} vda .* 96\.0/96\.0 MiB +[0-9.]+ [kMG]?B/s +\d+:\d\d:\d\d", bars), bars
+            assert re.search(rf"{m.name} vdb .* 1\.0/1\.0 MiB", bars), bars
+            assert m.name in out
+        assert {p["name"] for p in cli.json("points", "--repo", repo)["points"]} == {m.name for m in machines}
         missing = cli.run("backup", machines[0].name, "no-such-vm", "--repo", repo, "--json", ok=False)
         assert missing.returncode == 1  # one VM failing fails the run, the other still gets its point
         by_vm = {r["vm"]: r for r in json.loads(missing.stdout)["vms"]}

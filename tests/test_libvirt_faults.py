@@ -35,8 +35,9 @@ def busy_vm(cli: Cli, tmp_path: Path) -> Iterator[tuple[BareVM, str]]:
         bare_vm.destroy(machine)
 
 
-def start_backup(cli: Cli, vm: BareVM, repo: str, transport: str = "hotadd") -> subprocess.Popen[str]:
-    proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", transport, "--workers", "1",
+def start_backup(cli: Cli, vm: BareVM, repo: str, transport: str = "hotadd", workers: int = 1) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", transport, "--workers",
+                             str(workers),
                              "--json"], env=cli.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -103,6 +104,20 @@ def test_nbd_connection_dropped_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str]
     out = tmp_path / "r.qcow2"
     cli.run("restore", f"{vm.name}@{r['point']}", "--repo", repo, "--disk", "vda", "--output", str(out))
     assert qemu_img_compare(snap, out)
+
+
+def test_a_disk_is_read_over_several_connections(cli: Cli, busy_vm: tuple[BareVM, str]) -> None:
+    vm, repo = busy_vm
+    proc = start_backup(cli, vm, repo, transport="nbd", workers=4)
+    port = re.search(r"port='(\d+)'", virsh("backup-dumpxml", vm.name))
+    assert port
+    most = 0
+    while proc.poll() is None:
+        listing = subprocess.run(["ss", "-H", "-t", "state", "established", f"( sport = :{port[1]} )"],
+                                 capture_output=True, text=True).stdout
+        most = max(most, len(listing.splitlines()))
+    assert finish(proc)["ok"]
+    assert most >= 4, f"at most {most} NBD connections to the disk's export"
 
 
 def test_libvirtd_restart_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str], tmp_path: Path) -> None:
