@@ -23,15 +23,18 @@ PASSPHRASE = b"correct horse battery staple"
 def make_repo(path: Path, *, encrypt: bool = True) -> Path:
     Repository.init(FilesystemBackend(path), chunk_size=1 << 20, compression=1, encrypt=encrypt,
                     credentials=Credentials(passphrase=PASSPHRASE))
+    kdf._derived.clear()  # what follows runs as another process would: nothing derived yet
     return path
 
 
 @pytest.fixture(autouse=True)
 def no_derivation_started() -> Iterator[None]:
-    """Each test starts, and leaves, with no background derivation pending."""
+    """Each test starts, and leaves, with no background derivation pending and no key kept."""
     kdf._started.clear()
+    kdf._derived.clear()
     yield
     kdf._started.clear()
+    kdf._derived.clear()
 
 
 def pending() -> list[kdf._Derivation]:
@@ -112,3 +115,19 @@ def test_the_executable_starts_with_the_prefetch(tmp_path: Path) -> None:
     script = Path(VMKEEP).read_text()
     assert "vmkeep.cli.launch" in script, "reinstall: ./scripts/setup"
     assert subprocess.run([VMKEEP, "--help"], capture_output=True).returncode == 0
+
+
+def test_a_running_process_derives_a_repositorys_key_once(tmp_path: Path) -> None:
+    """A proxy's worker opens the repository for every job: the key is derived the first time only,
+    and a wrong passphrase is refused however often the right one was used."""
+    repo = make_repo(tmp_path / "repo")
+    Repository.open(FilesystemBackend(repo), Credentials(passphrase=PASSPHRASE))
+    [(inputs, key)] = kdf._derived.items()
+    assert inputs[0] == PASSPHRASE
+    assert Repository.open(FilesystemBackend(repo), Credentials(passphrase=PASSPHRASE)).list_points() == []
+    assert kdf.derive(*inputs) is key  # the same object: not derived again
+    with pytest.raises(WrongPassphrase):
+        Repository.open(FilesystemBackend(repo), Credentials(passphrase=b"not the passphrase"))
+    for i in range(kdf.DERIVED_KEPT + 1):  # bounded: the oldest keys go
+        kdf.derive(b"other %d" % i, b"salt", 2**10, 8, 1)
+    assert inputs not in kdf._derived and len(kdf._derived) == kdf.DERIVED_KEPT

@@ -2,8 +2,10 @@
 
 scrypt is deliberately slow (tens of milliseconds, 32 MiB) and releases the GIL, while a command's
 start-up is mostly single-threaded imports. :func:`start` runs a derivation in the background;
-:func:`derive` with the same inputs then takes its result instead of deriving again. This module
-imports nothing heavy so that the derivation can start before the rest of the program loads.
+:func:`derive` with the same inputs then takes its result instead of deriving again. A process
+that opens the same repository again (a proxy's worker, once per job) reuses the key it derived:
+it holds the passphrase for its whole life anyway. This module imports nothing heavy so that the
+derivation can start before the rest of the program loads.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -39,6 +42,8 @@ class _Derivation(threading.Thread):
 
 
 _started: dict[_Inputs, _Derivation] = {}
+_derived: OrderedDict[_Inputs, bytes] = OrderedDict()  # finished, newest last
+DERIVED_KEPT = 16  # repositories (or passphrases) a long-running process keeps keys for
 _lock = threading.Lock()
 
 
@@ -57,16 +62,25 @@ def start(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, 
 
 
 def derive(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> bytes:
-    """The 32-byte scrypt key: the result of a matching :func:`start` if one ran, else derived now."""
+    """The 32-byte scrypt key: derived before by this process, or the result of a matching
+    :func:`start` if one ran, else derived now."""
     inputs = (passphrase, salt, n, r, p)
     with _lock:
+        if inputs in _derived:
+            _derived.move_to_end(inputs)
+            return _derived[inputs]
         job = _started.pop(inputs, None)
     if job is None:
-        return _scrypt(*inputs)
-    job.join()
-    if job.error is not None or job.key is None:
-        return _scrypt(*inputs)  # let the error (bad parameters, memory) surface here, in the caller
-    return job.key
+        key = _scrypt(*inputs)
+    else:
+        job.join()
+        # a failed head start derives again, so that its error (bad parameters, memory) surfaces here
+        key = job.key if job.error is None and job.key is not None else _scrypt(*inputs)
+    with _lock:
+        _derived[inputs] = key
+        while len(_derived) > DERIVED_KEPT:
+            _derived.popitem(last=False)
+    return key
 
 
 def parameters(wrapped: Mapping[str, object]) -> tuple[bytes, int, int, int]:
