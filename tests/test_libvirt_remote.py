@@ -13,6 +13,7 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
+from tests.ssh_server import ssh_server
 from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
 from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
 
@@ -79,3 +80,27 @@ def test_nbd_tls_without_client_certificates(cli: Cli, vm: BareVM, tmp_path: Pat
     plain = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--json",
                                env=no_certs).stdout)["vms"][0]
     assert plain["ok"] and any("not encrypted" in n for n in plain["notes"]), plain["notes"]
+
+
+def test_proxy_reaches_libvirt_over_ssh(cli: Cli, proxy: list[str], vm: BareVM, tmp_path: Path) -> None:
+    """qemu+ssh://: libvirt's control connection through ssh from the other network; the disks
+    still come over NBD straight from the host."""
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    vm.write("vda", 8 * MiB, 3 * MiB, 0x63)
+    at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
+    with ssh_server(PROXY_NETWORK_GATEWAY, tmp_path / "ssh") as server:
+        listed = subprocess.run([*proxy, VMKEEP, "inventory", "--host", server.uri(), "--json"], capture_output=True,
+                                text=True, env=cli.env, timeout=120)
+        assert listed.returncode == 0, listed.stderr
+        assert vm.name in {v["name"] for v in json.loads(listed.stdout)["vms"]}
+        proc = subprocess.run([*proxy, VMKEEP, "backup", vm.name, "--host", server.uri(), "--repo", repo,
+                               "--transport", "hotadd:nbd", "--json"],
+                              capture_output=True, text=True, env=cli.env, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    full = json.loads(proc.stdout)["vms"][0]
+    assert full["ok"] and full["transport"] == "nbd" and full["bytes_read"] == 3 * MiB
+    assert any("hotadd skipped" in n for n in full["notes"]), full["notes"]
+    out = tmp_path / "r.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
+    assert qemu_img_compare(at_full, out)
