@@ -47,6 +47,13 @@ class BareVM:
             virsh("resume", self.name)
         return dest
 
+    def discard(self, disk: str, offset: int, length: int) -> None:
+        """The guest trims a range (its filesystem freed it): the image deallocates it."""
+        index = list(self.disks).index(disk)
+        out = virsh("qemu-monitor-command", self.name, "--hmp",
+                    f'qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend "discard {offset} {length}"')
+        assert "error" not in out.lower(), out
+
     def drop_bitmap(self, disk: str, bitmap: str) -> None:
         """Remove a dirty bitmap inside QEMU, behind libvirt's back (as an image replaced or
         reverted outside libvirt would lose it): libvirt still lists the checkpoint."""
@@ -73,7 +80,7 @@ class BareVM:
 
 def disk_xml(target: str, path: Path, fmt: str, shareable: bool = False) -> str:
     share = "<shareable/>" if shareable else ""
-    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' cache='none'/>"
+    return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' cache='none' discard='unmap'/>"
             f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{share}</disk>")
 
 

@@ -69,6 +69,23 @@ def test_full_then_incremental_reads_only_the_writes(cli: Cli, vm: BareVM, repo:
             assert qemu_img_compare(reference, out), f"{disk} of {point} differs"
 
 
+def test_incremental_reads_what_changed_and_is_still_allocated(cli: Cli, vm: BareVM, repo: str,
+                                                                 tmp_path: Path) -> None:
+    """Written then trimmed since the last point: dirty but unallocated, so not read; the restore
+    has zeros there."""
+    vm.write("vda", 0, 8 * MiB, 0x51)
+    backup(cli, vm, repo)
+    vm.write("vda", 8 * MiB, 4 * MiB, 0x52)  # chunks 2 and 3: new data, then half of it trimmed
+    vm.discard("vda", 10 * MiB, 2 * MiB)
+    vm.discard("vda", 2 * MiB, 2 * MiB)  # old data trimmed: dirty, nothing to read
+    at_incr = vm.snapshot("vda", tmp_path / "incr.qcow2")
+    r = backup(cli, vm, repo, "--transport", "hotadd")
+    assert r["mode"] == "incremental" and r["disks"]["vda"]["bytes_read"] == 2 * MiB, r
+    out = tmp_path / "r.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
+    assert qemu_img_compare(at_incr, out)
+
+
 def test_drift_falls_back_to_full(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
     vm.write("vda", 0, MiB, 0x01)
     backup(cli, vm, repo)

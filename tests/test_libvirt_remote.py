@@ -101,6 +101,8 @@ def test_proxy_reaches_libvirt_over_ssh(cli: Cli, proxy: list[str], vm: BareVM, 
     full = json.loads(proc.stdout)["vms"][0]
     assert full["ok"] and full["transport"] == "nbd" and full["bytes_read"] == 3 * MiB
     assert any("hotadd skipped" in n for n in full["notes"]), full["notes"]
+    # --nbd-tls auto with the client certificates in place: the disks came over TLS
+    assert any("encrypted with TLS" in n for n in full["notes"]), full["notes"]
     out = tmp_path / "r.qcow2"
     cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
     assert qemu_img_compare(at_full, out)
