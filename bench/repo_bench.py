@@ -73,6 +73,9 @@ class Trial:
     run: Callable[[], object]
     setup: Callable[[], None] = lambda: None
     cleanup: Callable[[], None] = lambda: None
+    # Touch the free memory first (see touch_free_memory): right for runs that fill the page cache;
+    # a run that writes a few MiB would only find the program's own files evicted by it.
+    touch_memory: bool = True
 
 
 def rounds(repeat: int, trials: dict[str, Trial]) -> dict[str, list[float]]:
@@ -86,7 +89,8 @@ def rounds(repeat: int, trials: dict[str, Trial]) -> dict[str, list[float]]:
     for _ in range(repeat):
         for name, trial in trials.items():
             trial.setup()
-            touch_free_memory()
+            if trial.touch_memory:
+                touch_free_memory()
             try:
                 times[name].append(timed(trial.run))
             finally:
@@ -95,8 +99,8 @@ def rounds(repeat: int, trials: dict[str, Trial]) -> dict[str, list[float]]:
 
 
 def median_of(repeat: int, setup: Callable[[], None], run: Callable[[], object],
-              cleanup: Callable[[], None]) -> tuple[float, list[float]]:
-    times = rounds(repeat, {"": Trial(run, setup, cleanup)})[""]
+              cleanup: Callable[[], None], touch_memory: bool = True) -> tuple[float, list[float]]:
+    times = rounds(repeat, {"": Trial(run, setup, cleanup, touch_memory)})[""]
     return statistics.median(times), times
 
 
