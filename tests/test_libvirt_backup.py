@@ -250,16 +250,20 @@ def test_quiesce_modes_without_an_agent(cli: Cli, vm: BareVM, repo: str) -> None
 
 
 def test_raw_and_shareable_disks(cli: Cli, repo: str, tmp_path: Path) -> None:
+    readonly = tmp_path / "readonly.qcow2"  # a read-only data volume: libvirt will not back it up
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(readonly), "8M"], check=True)
     machine = bare_vm.create({"vda": (16 * MiB, "qcow2"), "vdb": (8 * MiB, "raw"), "vdc": (8 * MiB, "raw")},
-                             shareable=("vdc",))
+                             shareable=("vdc",), devices=f"<disk type='file' device='disk'><driver name='qemu' "
+                             f"type='qcow2'/><source file='{readonly}'/><target dev='vdd' bus='virtio'/><readonly/></disk>")
     try:
         machine.write("vdb", 0, MiB, 0x42)
         first = backup(cli, machine, repo)
         assert set(first["disks"]) == {"vda", "vdb"}
         assert any("vdc is shareable" in n for n in first["notes"])
         assert any("vdb is raw" in n for n in first["notes"])
+        assert any("vdd is read-only" in n for n in first["notes"]), first["notes"]
         machine.write("vda", 0, 64 * 1024, 0x01)
-        second = backup(cli, machine, repo)
+        second = backup(cli, machine, repo, "--transport", "san")
         assert second["mode"] == "incremental", second["reason"]
         assert second["disks"]["vdb"]["mode"] == "full" and second["disks"]["vda"]["mode"] == "incremental"
         assert second["bytes_read"] == 64 * 1024 + MiB  # vdb's data is read again in full

@@ -70,6 +70,10 @@ def disk_specs(xml: str) -> list[DiskSpec]:
             specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is a passthrough LUN: skipped"))
         elif disk.find("shareable") is not None:
             specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is shareable between VMs: skipped"))
+        elif disk.find("readonly") is not None and path:
+            # libvirt neither snapshots nor exports a read-only disk for backup
+            specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is read-only: skipped (back its image up "
+                                                          f"with `vmkeep disk backup {path}`)"))
         elif not path:
             specs.append(DiskSpec(name, path, fmt, False, f"disk {name} has no source (empty drive): skipped"))
         elif fmt != "qcow2":
