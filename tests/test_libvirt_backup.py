@@ -252,9 +252,10 @@ def test_quiesce_modes_without_an_agent(cli: Cli, vm: BareVM, repo: str) -> None
 def test_raw_and_shareable_disks(cli: Cli, repo: str, tmp_path: Path) -> None:
     readonly = tmp_path / "readonly.qcow2"  # a read-only data volume: libvirt will not back it up
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(readonly), "8M"], check=True)
+    vdd = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{readonly}'/>"
+           "<target dev='vdd' bus='virtio'/><readonly/></disk>")
     machine = bare_vm.create({"vda": (16 * MiB, "qcow2"), "vdb": (8 * MiB, "raw"), "vdc": (8 * MiB, "raw")},
-                             shareable=("vdc",), devices=f"<disk type='file' device='disk'><driver name='qemu' "
-                             f"type='qcow2'/><source file='{readonly}'/><target dev='vdd' bus='virtio'/><readonly/></disk>")
+                             shareable=("vdc",), devices=vdd)
     try:
         machine.write("vdb", 0, MiB, 0x42)
         first = backup(cli, machine, repo)
