@@ -252,22 +252,29 @@ def test_quiesce_modes_without_an_agent(cli: Cli, vm: BareVM, repo: str) -> None
 def test_raw_and_shareable_disks(cli: Cli, repo: str, tmp_path: Path) -> None:
     readonly = tmp_path / "readonly.qcow2"  # a read-only data volume: libvirt will not back it up
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(readonly), "8M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", str(readonly)], check=True,
+                   capture_output=True)
     vdd = (f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{readonly}'/>"
            "<target dev='vdd' bus='virtio'/><readonly/></disk>")
     machine = bare_vm.create({"vda": (16 * MiB, "qcow2"), "vdb": (8 * MiB, "raw"), "vdc": (8 * MiB, "raw")},
                              shareable=("vdc",), devices=vdd)
     try:
         machine.write("vdb", 0, MiB, 0x42)
-        first = backup(cli, machine, repo)
-        assert set(first["disks"]) == {"vda", "vdb"}
+        first = backup(cli, machine, repo, "--transport", "hotadd")
+        assert set(first["disks"]) == {"vda", "vdb", "vdd"}  # the read-only disk from its image
         assert any("vdc is shareable" in n for n in first["notes"])
         assert any("vdb is raw" in n for n in first["notes"])
         assert any("vdd is read-only" in n for n in first["notes"]), first["notes"]
+        assert first["disks"]["vdd"]["bytes_read"] == 2 * MiB
         machine.write("vda", 0, 64 * 1024, 0x01)
         second = backup(cli, machine, repo, "--transport", "san")
         assert second["mode"] == "incremental", second["reason"]
+        assert second["disks"]["vdd"]["mode"] == "full" and second["disks"]["vdd"]["bytes_read"] == 2 * MiB
+        out = tmp_path / "vdd.qcow2"
+        cli.run("restore", machine.name, "--repo", repo, "--disk", "vdd", "--output", str(out))
+        assert qemu_img_compare(readonly, out)
         assert second["disks"]["vdb"]["mode"] == "full" and second["disks"]["vda"]["mode"] == "incremental"
-        assert second["bytes_read"] == 64 * 1024 + MiB  # vdb's data is read again in full
+        assert second["bytes_read"] == 64 * 1024 + MiB + 2 * MiB  # vdb's and vdd's data read again in full
     finally:
         bare_vm.destroy(machine)
 

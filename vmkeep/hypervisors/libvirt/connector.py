@@ -343,7 +343,12 @@ class LibvirtConnector:
         config = {"domain_xml": dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE),
                   "disks": {s.target: {"source": s.source, "format": s.format} for s in eligible}}
         if dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED):
-            point = self._online(dom, eligible, since, previous_disks, transports, quiesce, config, notes)
+            writable = [s for s in eligible if not s.readonly]
+            if not writable:
+                raise HypervisorError(f"VM {vm} runs with read-only disks only, which libvirt cannot back up; back "
+                                      "their images up with `vmkeep disk backup`")
+            point = self._online(dom, writable, [s for s in eligible if s.readonly], since, previous_disks,
+                                 transports, quiesce, config, notes)
         else:
             point = self._offline(dom, eligible, since, previous_disks, config, notes)
         with point as info:
@@ -387,18 +392,25 @@ class LibvirtConnector:
         return parent, f"changes since checkpoint {parent}"
 
     @contextmanager
-    def _online(self, dom: libvirt.virDomain, eligible: list[DiskSpec], since: dict[str, Any] | None,
-                previous_disks: dict[str, int] | None, transports: list[str], quiesce: Quiesce,
-                config: dict[str, Any], notes: list[str]) -> Iterator[PointInTimeInfo]:
+    def _online(self, dom: libvirt.virDomain, eligible: list[DiskSpec], readonly: list[DiskSpec],
+                since: dict[str, Any] | None, previous_disks: dict[str, int] | None, transports: list[str],
+                quiesce: Quiesce, config: dict[str, Any], notes: list[str]) -> Iterator[PointInTimeInfo]:
+        """``eligible``: the disks libvirt's job or snapshot covers; ``readonly``: disks the VM only
+        reads, served from their images beside them (a proxy without access to them fails)."""
         vm = dom.name()
         self._clear_stale_job(dom, notes)
         transport = self._choose_transport(transports, eligible, notes)
-        parent_cp, reason = self._incremental_base(dom, eligible, since, previous_disks)
+        if hidden := unreadable_disks(readonly):
+            notes.append(f"read-only disks {', '.join(hidden)} skipped: this proxy cannot open their images")
+            readonly = [s for s in readonly if s.target not in hidden]
+        parent_cp, reason = self._incremental_base(dom, eligible + readonly, since, previous_disks)
+        images = ExitStack()
         checkpoint = f"{CHECKPOINT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
         bitmap_targets = [s.target for s in eligible if s.bitmaps]
         chain = {"checkpoint": checkpoint if bitmap_targets else None, "disks": bitmap_targets}
         committed = False
         try:
+            read_only_disks = serve_images(images, vm, readonly, None)
             # Cleaning up a job or checkpoint that never came to be is harmless, so assume both exist
             # from here on: an interrupt the instant they are made must not leak them.
             if transport == "san":
@@ -407,20 +419,21 @@ class LibvirtConnector:
                                   lambda: self._quiesced(dom, quiesce, notes)) as san:
                     yield PointInTimeInfo(
                         vm=vm, transport=transport, consistency=san.consistency,
-                        mode="incremental" if san.parent_cp else "full", reason=san.reason, disks=san.disks,
-                        config=config, chain=chain, notes=notes)
+                        mode="incremental" if san.parent_cp else "full", reason=san.reason,
+                        disks={**san.disks, **read_only_disks}, config=config, chain=chain, notes=notes)
             else:
                 with self._backup_job(dom, eligible, parent_cp, reason, checkpoint, transport, quiesce,
                                       notes) as (consistency, parent_cp, reason, disks):
                     try:
                         yield PointInTimeInfo(
                             vm=vm, transport=transport, consistency=consistency,
-                            mode="incremental" if parent_cp else "full", reason=reason, disks=disks,
-                            config=config, chain=chain, notes=notes)
+                            mode="incremental" if parent_cp else "full", reason=reason,
+                            disks={**disks, **read_only_disks}, config=config, chain=chain, notes=notes)
                     except ImageError as exc:
                         raise self._explain_lost_export(dom, exc) from None
             committed = True
         finally:
+            images.close()
             try:
                 fresh = self._alive(dom)
             except libvirt.libvirtError:

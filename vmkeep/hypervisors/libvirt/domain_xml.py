@@ -15,11 +15,13 @@ class DiskSpec:
     format: str
     eligible: bool
     reason: str  # why not eligible, or a note (raw: full every time)
+    readonly: bool = False  # the VM only reads it: read from the image, outside libvirt's job
 
     @property
     def bitmaps(self) -> bool:
-        """Only qcow2 can carry the persistent dirty bitmaps that checkpoints need."""
-        return self.eligible and self.format == "qcow2"
+        """Only qcow2 can carry the persistent dirty bitmaps that checkpoints need, and libvirt
+        makes checkpoints of writable disks only."""
+        return self.eligible and self.format == "qcow2" and not self.readonly
 
 
 def disk_elements(root: ET.Element) -> Iterator[tuple[str, ET.Element]]:
@@ -71,9 +73,9 @@ def disk_specs(xml: str) -> list[DiskSpec]:
         elif disk.find("shareable") is not None:
             specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is shareable between VMs: skipped"))
         elif disk.find("readonly") is not None and path:
-            # libvirt neither snapshots nor exports a read-only disk for backup
-            specs.append(DiskSpec(name, path, fmt, False, f"disk {name} is read-only: skipped (back its image up "
-                                                          f"with `vmkeep disk backup {path}`)"))
+            # libvirt neither snapshots nor exports a read-only disk for backup; nothing writes it
+            specs.append(DiskSpec(name, path, fmt, True, f"disk {name} is read-only: read from its image, in full "
+                                                         "each time", readonly=True))
         elif not path:
             specs.append(DiskSpec(name, path, fmt, False, f"disk {name} has no source (empty drive): skipped"))
         elif fmt != "qcow2":
