@@ -38,12 +38,11 @@ class NbdExport:
     def __init__(self, uri: str, dirty_context: str | None = None,
                  on_reconnect: Callable[[], None] | None = None) -> None:
         self.uri = uri
-        self.on_reconnect = on_reconnect
+        self.on_reconnect = on_reconnect  # called after a read that succeeded only on a new connection
         self.dirty_context = dirty_context
         self._local = threading.local()
         self._handles: list[nbd.NBD] = []
         self._lock = threading.Lock()
-        self.reconnects = 0  # reads that succeeded only on a new connection
         probe = self.handle()
         self.size: int = probe.get_size()
         self.can_zero_map = probe.can_meta_context(ALLOCATION)
@@ -88,8 +87,6 @@ class NbdExport:
         except (nbd.Error, ImageError) as exc:
             raise ImageError(f"reading {length} bytes at {offset} from {self.uri} failed: {failure}; "
                              f"connecting again did not help: {exc}") from None
-        with self._lock:
-            self.reconnects += 1
         if self.on_reconnect is not None:
             self.on_reconnect()
         return data

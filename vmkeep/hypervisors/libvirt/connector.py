@@ -396,7 +396,8 @@ class LibvirtConnector:
                 since: dict[str, Any] | None, previous_disks: dict[str, int] | None, transports: list[str],
                 quiesce: Quiesce, config: dict[str, Any], notes: list[str]) -> Iterator[PointInTimeInfo]:
         """``eligible``: the disks libvirt's job or snapshot covers; ``readonly``: disks the VM only
-        reads, served from their images beside them (a proxy without access to them fails)."""
+        reads, served from their images beside them (skipped, with a note, by a proxy that cannot
+        open them)."""
         vm = dom.name()
         self._clear_stale_job(dom, notes)
         transport = self._choose_transport(transports, eligible, notes)
