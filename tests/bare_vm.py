@@ -31,12 +31,16 @@ class BareVM:
     disks: dict[str, Path]  # target → image
     extra: list[str] = field(default_factory=list)  # other VMs a test made from this one
 
-    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
-        index = list(self.disks).index(disk)
-        out = virsh("qemu-monitor-command", self.name, "--hmp",
-                    f'qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend '
-                    f'"write -P {pattern:#x} {offset} {length}"')
+    def _qdev(self, disk: str) -> str:
+        """QEMU's device path of a disk (libvirt names virtio disks in target order)."""
+        return f"/machine/peripheral/virtio-disk{list(self.disks).index(disk)}/virtio-backend"
+
+    def _qemu_io(self, disk: str, command: str) -> None:
+        out = virsh("qemu-monitor-command", self.name, "--hmp", f'qemu-io -d {self._qdev(disk)} "{command}"')
         assert "error" not in out.lower(), out
+
+    def write(self, disk: str, offset: int, length: int, pattern: int) -> None:
+        self._qemu_io(disk, f"write -P {pattern:#x} {offset} {length}")
 
     def snapshot(self, disk: str, dest: Path) -> Path:
         """The disk's content now, copied while the VM is paused."""
@@ -49,17 +53,13 @@ class BareVM:
 
     def discard(self, disk: str, offset: int, length: int) -> None:
         """The guest trims a range (its filesystem freed it): the image deallocates it."""
-        index = list(self.disks).index(disk)
-        out = virsh("qemu-monitor-command", self.name, "--hmp",
-                    f'qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend "discard {offset} {length}"')
-        assert "error" not in out.lower(), out
+        self._qemu_io(disk, f"discard {offset} {length}")
 
     def drop_bitmap(self, disk: str, bitmap: str) -> None:
         """Remove a dirty bitmap inside QEMU, behind libvirt's back (as an image replaced or
         reverted outside libvirt would lose it): libvirt still lists the checkpoint."""
-        qdev = f"/machine/peripheral/virtio-disk{list(self.disks).index(disk)}/virtio-backend"
         blocks = json.loads(virsh("qemu-monitor-command", self.name, '{"execute":"query-block"}'))["return"]
-        node = next(b["inserted"]["node-name"] for b in blocks if b.get("qdev") == qdev)
+        node = next(b["inserted"]["node-name"] for b in blocks if b.get("qdev") == self._qdev(disk))
         virsh("qemu-monitor-command", self.name, json.dumps(
             {"execute": "block-dirty-bitmap-remove", "arguments": {"node": node, "name": bitmap}}))
 

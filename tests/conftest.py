@@ -28,9 +28,9 @@ VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 S3_USER, S3_SECRET = "vmkeep-test", "vmkeep-test-secret"
 
 
-def free_port() -> int:
+def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 

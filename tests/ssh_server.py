@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.conftest import free_port
+
 SSHD = Path("/usr/sbin/sshd")
 
 
@@ -27,12 +29,6 @@ class SshServer:
                 "&no_verify=1&no_tty=1")
 
 
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def ssh_server(address: str, workdir: Path) -> Iterator[SshServer]:
     if not SSHD.exists():
@@ -44,7 +40,7 @@ def ssh_server(address: str, workdir: Path) -> Iterator[SshServer]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     authorized = workdir / "authorized_keys"
     shutil.copyfile(client_key.with_suffix(".pub"), authorized)
-    port = _free_port(address)
+    port = free_port(address)
     config = workdir / "sshd_config"
     config.write_text(f"ListenAddress {address}:{port}\nHostKey {host_key}\nAuthorizedKeysFile {authorized}\n"
                       "PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"

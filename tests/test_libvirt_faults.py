@@ -81,21 +81,26 @@ def test_backup_job_aborted_from_outside(cli: Cli, busy_vm: tuple[BareVM, str]) 
     assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 480 * MiB
 
 
+def nbd_connections(vm: BareVM) -> tuple[str, list[str]]:
+    """The VM's running nbd export's port, and the `ss` filter for the connections to it."""
+    port = re.search(r"port='(\d+)'", virsh("backup-dumpxml", vm.name))
+    assert port, "the nbd transport exports over TCP"
+    return port[1], ["state", "established", f"( sport = :{port[1]} )"]
+
+
 def test_nbd_connection_dropped_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str], tmp_path: Path) -> None:
     """The TCP connections of the nbd transport are cut while data flows (a network fault): the
     reader connects again and retries, and the point is complete and says so."""
     vm, repo = busy_vm
     proc = start_backup(cli, vm, repo, transport="nbd")
-    port = re.search(r"port='(\d+)'", virsh("backup-dumpxml", vm.name))
-    assert port, "the nbd transport exports over TCP"
-    established = ["ss", "-H", "-t", "-i", "state", "established", f"( sport = :{port[1]} )"]
+    port, connections = nbd_connections(vm)
     deadline = time.monotonic() + 30
-    while max(map(int, re.findall(r"bytes_sent:(\d+)", subprocess.run(established, capture_output=True,
-                                                                     text=True).stdout)), default=0) < 16 * MiB:
+    while max(map(int, re.findall(r"bytes_sent:(\d+)", subprocess.run(
+            ["ss", "-H", "-t", "-i", *connections], capture_output=True, text=True).stdout)), default=0) < 16 * MiB:
         assert proc.poll() is None and time.monotonic() < deadline  # until data flows
         time.sleep(0.01)
-    cut = subprocess.run(["ss", "-K", *established[2:]], capture_output=True, text=True)
-    assert cut.returncode == 0 and f":{port[1]}" in cut.stdout, cut.stdout + cut.stderr
+    cut = subprocess.run(["ss", "-K", "-t", *connections], capture_output=True, text=True)
+    assert cut.returncode == 0 and f":{port}" in cut.stdout, cut.stdout + cut.stderr
     r = finish(proc)
     assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 480 * MiB, r
     assert any("connection dropped" in n for n in r["notes"]), r["notes"]
@@ -109,12 +114,10 @@ def test_nbd_connection_dropped_mid_backup(cli: Cli, busy_vm: tuple[BareVM, str]
 def test_a_disk_is_read_over_several_connections(cli: Cli, busy_vm: tuple[BareVM, str]) -> None:
     vm, repo = busy_vm
     proc = start_backup(cli, vm, repo, transport="nbd", workers=4)
-    port = re.search(r"port='(\d+)'", virsh("backup-dumpxml", vm.name))
-    assert port
+    _port, connections = nbd_connections(vm)
     most = 0
     while proc.poll() is None:
-        listing = subprocess.run(["ss", "-H", "-t", "state", "established", f"( sport = :{port[1]} )"],
-                                 capture_output=True, text=True).stdout
+        listing = subprocess.run(["ss", "-H", "-t", *connections], capture_output=True, text=True).stdout
         most = max(most, len(listing.splitlines()))
     assert finish(proc)["ok"]
     assert most >= 4, f"at most {most} NBD connections to the disk's export"
