@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,3 +70,51 @@ def test_quiesced_backup_matches_the_guest_and_restores_a_booting_vm(cli: Cli, g
         assert '"return"' in reply, reply
     finally:
         destroy_lab_vm(copy)  # the copy carries the lab's metadata, so the lab can remove it
+
+
+@pytest.fixture
+def full_scratch(tmp_path: Path) -> Iterator[tuple[Path, LabVM]]:
+    """A 64 KiB tmpfs for scratch files, and a guest started after it was mounted: QEMU runs in its
+    own mount namespace and sees only the mounts made before it started."""
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "vmkeep-full", str(full)], check=True)
+    try:
+        vm = create_lab_vm(f"vmkeep-lf-{secrets.token_hex(3)}", disks=2, size=32 * MiB)
+        try:
+            yield full, vm
+        finally:
+            vm.destroy()
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
+
+
+def test_a_failure_while_frozen_still_thaws_the_guest(cli: Cli, full_scratch: tuple[Path, LabVM],
+                                                      tmp_path: Path) -> None:
+    """The scratch filesystem is full: libvirt cannot create the job's scratch files (hotadd) or the
+    snapshot overlays (san) while the guest's filesystems are frozen. The guest must be thawed, the
+    error must say what to do, and nothing is left: no job, checkpoint, overlay, scratch or point."""
+    full, vm = full_scratch
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt")
+    vm.make_files("vdb")
+    for transport in ("hotadd", "san"):
+        frozen_before = len(vm.freeze_log())
+        proc = cli.run("backup", vm.name, "--repo", repo, "--transport", transport, "--quiesce", "required",
+                       ok=False, env={"VMKEEP_SCRATCH_DIR": str(full)})
+        assert proc.returncode != 0
+        assert "No space left" in proc.stderr and f"scratch directory {full} is full" in proc.stderr, proc.stderr
+        log = vm.freeze_log()[frozen_before:]
+        assert [line.split()[1] for line in log] == ["freeze", "thaw"], transport  # froze, then thawed
+        status = virsh("qemu-agent-command", vm.name, '{"execute":"guest-fsfreeze-status"}')
+        assert json.loads(status)["return"] == "thawed"
+        assert vm.run(f"echo {transport} > /mnt/vdb/after && cat /mnt/vdb/after") == f"{transport}\n"
+        assert not virsh("checkpoint-list", vm.name, "--name").split()
+        assert "backup" not in virsh("domjobinfo", vm.name).lower()
+        assert ".vmkeep-overlay" not in virsh("domblklist", vm.name)
+        assert not list(full.iterdir())
+    assert not cli.json("points", vm.name, "--repo", repo)["points"]
+    ok = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "san", "--quiesce", "required",
+                            "--json").stdout)["vms"][0]  # the default scratch directory has room
+    assert ok["ok"] and ok["mode"] == "full" and ok["consistency"] == "application"
+    assert [line.split()[1] for line in vm.freeze_log()[-2:]] == ["freeze", "thaw"]

@@ -18,7 +18,7 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
-from vmkeep.hypervisors.libvirt.connector import SCRATCH_ROOT
+from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 
 
 @pytest.fixture

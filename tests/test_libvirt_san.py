@@ -17,9 +17,10 @@ from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from vmkeep.hypervisors.base import HypervisorError
-from vmkeep.hypervisors.libvirt.connector import SCRATCH_ROOT, LibvirtConnector
+from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec
 from vmkeep.hypervisors.libvirt.san import OVERLAY_SUFFIX
+from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 
 
 @pytest.fixture

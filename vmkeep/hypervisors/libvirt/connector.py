@@ -55,7 +55,7 @@ from vmkeep.hypervisors.libvirt.san import (
     serve_images,
     unreadable_disks,
 )
-from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT, sweep_scratch
+from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch, scratch_root, sweep_scratch
 from vmkeep.polling import Backoff
 from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
 
@@ -415,7 +415,7 @@ class LibvirtConnector:
             # Cleaning up a job or checkpoint that never came to be is harmless, so assume both exist
             # from here on: an interrupt the instant they are made must not leak them.
             if transport == "san":
-                with frozen_bases(dom, eligible, SCRATCH_ROOT / f"{vm}-{secrets.token_hex(4)}",
+                with frozen_bases(dom, eligible, scratch_root() / f"{vm}-{secrets.token_hex(4)}",
                                   self._checkpoint_xml(eligible, checkpoint), parent_cp, reason,
                                   lambda: self._quiesced(dom, quiesce, notes)) as san:
                     yield PointInTimeInfo(
@@ -450,7 +450,7 @@ class LibvirtConnector:
                     checkpoint: str, transport: str, quiesce: Quiesce,
                     notes: list[str]) -> Iterator[tuple[Consistency, str | None, str, dict[str, DiskExport]]]:
         """A pull-mode backup job exporting the disks over NBD; aborted and its scratch removed on exit."""
-        scratch = SCRATCH_ROOT / f"{dom.name()}-{secrets.token_hex(4)}"
+        scratch = scratch_root() / f"{dom.name()}-{secrets.token_hex(4)}"
         scratch.mkdir(parents=True)
         socket_path = scratch / "nbd.sock"
         port = _free_port() if transport == "nbd" else 0
@@ -497,11 +497,12 @@ class LibvirtConnector:
             job = dom.backupGetXMLDesc()
         except libvirt.libvirtError:
             return  # no backup job running
-        if str(SCRATCH_ROOT) not in job:
+        root = scratch_root()
+        if str(root) not in job:
             raise HypervisorError(f"another backup job (not vmkeep's) runs on VM {dom.name()}; wait for it or abort "
                                   f"it with `virsh -c {self.uri} domjobabort {dom.name()}`")
         self._end_job(dom)
-        for scratch in SCRATCH_ROOT.glob(f"{dom.name()}-*"):
+        for scratch in root.glob(f"{dom.name()}-*"):
             if str(scratch) in job:
                 shutil.rmtree(scratch, ignore_errors=True)
         notes.append("aborted a backup job left by an earlier vmkeep run that did not finish")
@@ -579,9 +580,8 @@ class LibvirtConnector:
                 tls_dir = self._start_job(dom, eligible, parent_cp, checkpoint, scratch, transport, socket_path,
                                           port, tls_dir, notes)
             except libvirt.libvirtError as exc:
-                if parent_cp is None:
-                    raise HypervisorError(f"libvirt cannot start a backup of {dom.name()}: "
-                                          f"{exc.get_error_message()}") from None
+                if parent_cp is None or explain_full_scratch(exc.get_error_message(), scratch.parent):
+                    raise self._cannot_start(dom, exc, scratch) from None
                 reason = f"libvirt refused the incremental from {parent_cp} ({exc.get_error_message()})"
                 self._delete_checkpoint(dom, checkpoint)
                 parent_cp = None
@@ -589,9 +589,14 @@ class LibvirtConnector:
                     tls_dir = self._start_job(dom, eligible, None, checkpoint, scratch, transport, socket_path,
                                               port, tls_dir, notes)
                 except libvirt.libvirtError as exc2:
-                    raise HypervisorError(f"libvirt cannot start a backup of {dom.name()}: "
-                                          f"{exc2.get_error_message()}") from None
+                    raise self._cannot_start(dom, exc2, scratch) from None
         return consistency, parent_cp, reason, tls_dir
+
+    @staticmethod
+    def _cannot_start(dom: libvirt.virDomain, exc: libvirt.libvirtError, scratch: Path) -> HypervisorError:
+        why = exc.get_error_message()
+        remedy = explain_full_scratch(why, scratch.parent)
+        return HypervisorError(f"libvirt cannot start a backup of {dom.name()}: {why}{f'; {remedy}' if remedy else ''}")
 
     @contextmanager
     def _quiesced(self, dom: libvirt.virDomain, quiesce: Quiesce, notes: list[str]) -> Iterator[Consistency]:

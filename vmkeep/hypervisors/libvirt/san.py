@@ -31,6 +31,7 @@ import libvirt
 from vmkeep.errors import ImageError
 from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
+from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 
 CHECKPOINT_PREFIX = "vmkeep-"
@@ -228,8 +229,9 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
                 taken = {s.target: (overlays[s.target], s.source, s.format) for s in eligible}
                 dom.checkpointCreateXML(checkpoint_xml, 0)
             except libvirt.libvirtError as exc:
-                raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: "
-                                      f"{exc.get_error_message()}; use --transport hotadd:nbd") from None
+                why = exc.get_error_message()
+                remedy = explain_full_scratch(why, overlay_dir.parent) or "use --transport hotadd:nbd"
+                raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: {why}; {remedy}") from None
             finally:
                 if was_running:
                     _resume(dom)

@@ -1,5 +1,8 @@
 """The scratch directory of backup jobs and san overlays, and the sweep of what dead runs left.
 
+Scratch files and overlays take the guest's writes while a backup runs, so they need room on the
+VM's host: ``VMKEEP_SCRATCH_DIR`` moves them off the default directory when its filesystem is small.
+
 A run killed with -9, or whose VM vanished with its job, leaves a directory behind. Only what
 can be proven unused goes: directories older than ``SWEEP_AGE`` that are empty, or hold nothing
 but an NBD socket nobody listens on. Job scratch files and overlays are never swept here (the
@@ -8,6 +11,7 @@ stale-job and stale-overlay clean-ups own those: they know whether libvirt still
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -18,8 +22,23 @@ SCRATCH_ROOT = Path("/var/lib/libvirt/images/vmkeep-scratch")
 SWEEP_AGE = 600.0  # seconds: a younger directory may belong to a backup that is starting
 
 
-def sweep_scratch(root: Path = SCRATCH_ROOT, now: float | None = None) -> list[Path]:
+def scratch_root() -> Path:
+    """Where this run puts job scratch files and san overlays: ``VMKEEP_SCRATCH_DIR`` or the default."""
+    return Path(os.environ.get("VMKEEP_SCRATCH_DIR") or SCRATCH_ROOT)
+
+
+def explain_full_scratch(why: str, root: Path) -> str | None:
+    """The remedy when libvirt failed for want of room in the scratch directory, else None."""
+    if "no space left" not in why.lower():
+        return None
+    return (f"the scratch directory {root} is full; free space there, or set VMKEEP_SCRATCH_DIR to a directory "
+            "on the VM's host with room for the guest's writes during a backup (on a filesystem mounted "
+            "before the VM started: QEMU does not see later mounts)")
+
+
+def sweep_scratch(root: Path | None = None, now: float | None = None) -> list[Path]:
     """Remove the leftovers of dead runs; returns what was removed."""
+    root = scratch_root() if root is None else root
     if not root.is_dir():
         return []
     now = time.time() if now is None else now
