@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from tests.ssh_server import ssh_server
 from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
+from vmkeep.lab.services import QEMU_CONF, restart_libvirtd
 from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
 
 REMOTE_URI = f"qemu+tls://{PROXY_NETWORK_GATEWAY}/system"
@@ -80,6 +82,46 @@ def test_nbd_tls_without_client_certificates(cli: Cli, vm: BareVM, tmp_path: Pat
     plain = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--json",
                                env=no_certs).stdout)["vms"][0]
     assert plain["ok"] and any("not encrypted" in n for n in plain["notes"]), plain["notes"]
+
+
+@contextmanager
+def host_without_backup_tls(empty: Path) -> Iterator[None]:
+    """libvirtd with an empty backup TLS directory (the host's admin never put certificates there)."""
+    saved = QEMU_CONF.read_text()
+    lines = [line for line in saved.splitlines() if not line.startswith("backup_tls_x509_cert_dir")]
+    QEMU_CONF.write_text("\n".join([*lines, f'backup_tls_x509_cert_dir = "{empty}"']) + "\n")
+    try:
+        restart_libvirtd()
+        yield
+    finally:
+        QEMU_CONF.write_text(saved)
+        restart_libvirtd()
+
+
+def test_nbd_tls_when_the_host_cannot_serve_it(cli: Cli, vm: BareVM, tmp_path: Path,
+                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The proxy has client certificates, the host has none: `require` refuses with the remedy and
+    leaves nothing; `auto` backs up over plain NBD and says why."""
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo)
+    vm.write("vda", 4 * MiB, 2 * MiB, 0x54)
+    at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
+    # libvirt's refusal names this directory: its path must not contain the words matched
+    with host_without_backup_tls(tmp_path_factory.mktemp("no-server-certs")):
+        refused = cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--nbd-tls", "require", "--json",
+                          ok=False)
+        error = json.loads(refused.stdout)["vms"][0]["error"]
+        assert refused.returncode != 0 and "cannot encrypt" in error and "backup_tls_x509_cert_dir" in error, error
+        assert vm.checkpoints() == [] and not vm.job_running()
+        plain = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--json").stdout)["vms"][0]
+    assert plain["ok"] and plain["transport"] == "nbd" and plain["bytes_read"] == 2 * MiB
+    assert any("not encrypted: the host refused TLS" in n for n in plain["notes"]), plain["notes"]
+    out = tmp_path / "r.qcow2"
+    cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
+    assert qemu_img_compare(at_full, out)
+    again = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--nbd-tls", "require",
+                               "--json").stdout)["vms"][0]  # the host's certificates are back
+    assert again["ok"] and again["mode"] == "incremental" and any("encrypted with TLS" in n for n in again["notes"])
 
 
 def test_proxy_reaches_libvirt_over_ssh(cli: Cli, proxy: list[str], vm: BareVM, tmp_path: Path) -> None:

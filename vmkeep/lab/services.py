@@ -112,5 +112,11 @@ def ensure_libvirtd(timeout: float = 60.0) -> None:
         time.sleep(0.5)
 
 
+def restart_libvirtd() -> None:
+    """Stop libvirtd and start it again as configured, so it reads qemu.conf anew (VMs run on)."""
+    _stop("libvirtd")
+    ensure_libvirtd()
+
+
 if __name__ == "__main__":
     ensure_libvirtd()

@@ -66,7 +66,9 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
 }
 
-TLS_WORDS = ("tls", "x509", "certificate")
+# What libvirt or QEMU say when the host cannot serve the export over TLS (no such directory,
+# "Unable to access credentials …/ca-cert.pem", a certificate that does not load).
+TLS_WORDS = ("tls", "x509", "certificate", "credentials")
 
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
 
@@ -562,8 +564,12 @@ class LibvirtConnector:
             return tls_dir
         except libvirt.libvirtError as exc:
             why = exc.get_error_message()
-            if tls_dir is None or self.nbd_tls == "require" or not any(w in why.lower() for w in TLS_WORDS):
+            if tls_dir is None or not any(w in why.lower() for w in TLS_WORDS):
                 raise
+            if self.nbd_tls == "require":
+                raise HypervisorError(f"--nbd-tls require, but {self.host or 'the host'} cannot encrypt the backup "
+                                      f"export ({why}); give its qemu.conf a backup_tls_x509_cert_dir with server "
+                                      "certificates, or use --nbd-tls auto") from None
             notes.append(f"nbd transport not encrypted: the host refused TLS ({why}); set "
                          "backup_tls_x509_cert_dir in its qemu.conf")
             dom.backupBegin(self._backup_xml(eligible, parent_cp, scratch, transport, socket_path, port,
