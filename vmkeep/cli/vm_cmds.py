@@ -15,6 +15,7 @@ from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, W
 from vmkeep.cli.output import ProgressBoard, RichProgress, emit_json, err_console, human, out_console, rate
 from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import restore_image, split_point_spec
+from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm, restore_vm_as, restore_vm_overwrite
 from vmkeep.errors import Cancelled, UsageError, VmkeepError
 from vmkeep.hypervisors.base import parse_transports
@@ -37,6 +38,8 @@ def backup_cmd(
     nbd_tls: Annotated[str, typer.Option(help="auto, require or off: TLS for the nbd transport (client "
                                               "certificates in /etc/pki/vmkeep or $VMKEEP_NBD_TLS_DIR)")] = "auto",
     parallel: Annotated[int, typer.Option(min=1, max=32, help="VMs backed up at once")] = 1,
+    max_rate: Annotated[float | None, typer.Option(min=0.1, help="MiB/s each VM's backup may read, to spare "
+                                                                 "production storage")] = None,
     workers: Workers = DEFAULT_WORKERS,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
@@ -58,7 +61,7 @@ def backup_cmd(
         started = time.monotonic()
         try:
             m = backup_vm(r, connector, vm, transports=order, quiesce=quiesce, full=full,  # type: ignore[arg-type]
-                          workers=workers, progress=progress, cancel=cancel)
+                          workers=workers, progress=throttled(progress, max_rate), cancel=cancel)
         except VmkeepError as exc:
             return {"vm": vm, "ok": False, "error": str(exc), "duration": round(time.monotonic() - started, 3)}
         finally:

@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -56,6 +56,7 @@ from vmkeep.hypervisors.libvirt.san import (
     unreadable_disks,
 )
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch, scratch_root, sweep_scratch
+from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
 from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
 
@@ -473,7 +474,17 @@ class LibvirtConnector:
                     uri = f"nbd://{self._nbd_host()}:{port}/{s.target}"
                 dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
                 disks[s.target] = DiskExport(s.target, uri, dom.blockInfo(s.target)[0], dirty)
-            yield consistency, parent_cp, reason, disks
+            # a full scratch directory pauses the VM; the proxy can only see a local host's
+            watch = (ScratchWatch(dom, scratch, lambda: self._end_job(dom), "ended the backup job")
+                     if self.is_local else None)
+            with watch or nullcontext():
+                try:
+                    yield consistency, parent_cp, reason, disks
+                except VmkeepError:
+                    if watch and watch.tripped:
+                        raise HypervisorError(f"{watch.tripped}; nothing was committed") from None
+                    raise
+            # tripped only on leaving: everything had been read, the point holds (and is committed)
         finally:
             try:
                 fresh = self._alive(dom)

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import libvirt
 
-from vmkeep.errors import ImageError
+from vmkeep.errors import ImageError, VmkeepError
 from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
+from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 
 CHECKPOINT_PREFIX = "vmkeep-"
@@ -245,7 +246,18 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
                 point.reason = f"the bitmap of checkpoint {parent_cp} cannot be read from the base image ({exc})"
                 point.parent_cp = None
                 point.disks = serve_images(stack, vm, eligible, None)
-            yield point
+
+            def let_go() -> None:
+                stack.close()  # qemu-nbd releases the bases, so that the commit may write them
+                release_overlays(dom, taken)
+            with ScratchWatch(dom, overlay_dir, let_go, "stopped reading and committed the overlays back") as watch:
+                try:
+                    yield point
+                except VmkeepError:
+                    if watch.tripped:
+                        raise HypervisorError(f"{watch.tripped}; nothing was committed") from None
+                    raise
+            # tripped only on leaving: everything had been read from the frozen bases, the point holds
     finally:
         try:
             if taken and not release_overlays(dom, taken):
