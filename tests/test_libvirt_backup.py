@@ -157,7 +157,13 @@ def test_failed_backup_releases_job_scratch_and_checkpoint(cli: Cli, vm: BareVM,
     assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 24 * MiB
 
 
-def test_ctrl_c_mid_backup_cleans_up(cli: Cli, repo: str) -> None:
+def on_overlay(vm: BareVM) -> bool:
+    """Whether a san backup holds the VM on its snapshot overlays."""
+    return ".vmkeep-overlay" in virsh("domblklist", vm.name)
+
+
+@pytest.mark.parametrize("transport", ["hotadd", "san"])
+def test_ctrl_c_mid_backup_cleans_up(cli: Cli, repo: str, transport: str) -> None:
     machine = bare_vm.create({"vda": (512 * MiB, "qcow2")})
     try:
         machine.write("vda", 0, 4 * MiB, 0x12)
@@ -165,11 +171,11 @@ def test_ctrl_c_mid_backup_cleans_up(cli: Cli, repo: str) -> None:
         before = machine.checkpoints()
         for i in range(0, 480, 8):  # many distinct chunks, so the incremental takes a while
             machine.write("vda", i * MiB, 8 * MiB, 0x80 + i // 8)
-        proc = subprocess.Popen([VMKEEP, "backup", machine.name, "--repo", repo, "--transport", "hotadd",
+        proc = subprocess.Popen([VMKEEP, "backup", machine.name, "--repo", repo, "--transport", transport,
                                  "--workers", "1"], env=cli.env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
-        while not machine.job_running():
+        while not (on_overlay(machine) if transport == "san" else machine.job_running()):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.2)
@@ -177,6 +183,7 @@ def test_ctrl_c_mid_backup_cleans_up(cli: Cli, repo: str) -> None:
         _out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "interrupted" in err
         assert machine.checkpoints() == before and not scratch_left(machine) and not machine.job_running()
+        assert not on_overlay(machine)  # san: the overlay was committed back and the VM pivoted
         assert len(cli.json("points", machine.name, "--repo", repo)["points"]) == 1  # nothing partial
         r = backup(cli, machine, repo)
         assert r["ok"] and r["mode"] == "incremental" and r["bytes_read"] == 480 * MiB
