@@ -20,6 +20,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import create_engine, text
 
+from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 from vmkeep.lab.images import Segment, make_image
 from vmkeep.lab.postgres import ensure_postgres
 
@@ -32,6 +33,20 @@ def free_port(address: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
+
+
+def _scratch_dirs() -> set[Path]:
+    return set(SCRATCH_ROOT.iterdir()) if SCRATCH_ROOT.is_dir() else set()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_scratch_left_behind() -> Iterator[None]:
+    """Every VM backup removes its scratch directory on success and failure alike: checked for the
+    whole run (a dead run's directory is only swept ten minutes later, so a leak would hide)."""
+    before = _scratch_dirs()
+    yield
+    left = _scratch_dirs() - before
+    assert not left, f"scratch directories left behind: {sorted(map(str, left))}"
 
 
 class Cli:

@@ -15,6 +15,7 @@ from tests import bare_vm
 from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from tests.ssh_server import ssh_server
+from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
 from vmkeep.lab.services import QEMU_CONF, restart_libvirtd
 from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
@@ -79,6 +80,7 @@ def test_nbd_tls_without_client_certificates(cli: Cli, vm: BareVM, tmp_path: Pat
     result = json.loads(refused.stdout)["vms"][0]
     assert not result["ok"] and "no NBD client certificates" in result["error"]
     assert vm.checkpoints() == [] and not vm.job_running()
+    assert not list(SCRATCH_ROOT.glob(f"{vm.name}-*"))  # no scratch directory made for the refused job
     plain = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--json",
                                env=no_certs).stdout)["vms"][0]
     assert plain["ok"] and any("not encrypted" in n for n in plain["notes"]), plain["notes"]
@@ -113,6 +115,7 @@ def test_nbd_tls_when_the_host_cannot_serve_it(cli: Cli, vm: BareVM, tmp_path: P
         error = json.loads(refused.stdout)["vms"][0]["error"]
         assert refused.returncode != 0 and "cannot encrypt" in error and "backup_tls_x509_cert_dir" in error, error
         assert vm.checkpoints() == [] and not vm.job_running()
+        assert not list(SCRATCH_ROOT.glob(f"{vm.name}-*"))
         plain = json.loads(cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--json").stdout)["vms"][0]
     assert plain["ok"] and plain["transport"] == "nbd" and plain["bytes_read"] == 2 * MiB
     assert any("not encrypted: the host refused TLS" in n for n in plain["notes"]), plain["notes"]

@@ -453,11 +453,11 @@ class LibvirtConnector:
                     checkpoint: str, transport: str, quiesce: Quiesce,
                     notes: list[str]) -> Iterator[tuple[Consistency, str | None, str, dict[str, DiskExport]]]:
         """A pull-mode backup job exporting the disks over NBD; aborted and its scratch removed on exit."""
+        port = _free_port() if transport == "nbd" else 0
+        tls_dir = self._tls_dir(notes) if transport == "nbd" else None  # may refuse: before anything is made
         scratch = scratch_root() / f"{dom.name()}-{secrets.token_hex(4)}"
         scratch.mkdir(parents=True)
         socket_path = scratch / "nbd.sock"
-        port = _free_port() if transport == "nbd" else 0
-        tls_dir = self._tls_dir(notes) if transport == "nbd" else None
         try:
             consistency, parent_cp, reason, tls_dir = self._begin(
                 dom, eligible, parent_cp, reason, checkpoint, scratch, transport, socket_path, port, tls_dir,
