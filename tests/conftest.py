@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy import create_engine, text
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 from vmkeep.lab.images import Segment, make_image
 from vmkeep.lab.postgres import ensure_postgres
+from vmkeep.transport.qemu_nbd import WORKDIR_PREFIX
 
 MiB = 1 << 20
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
@@ -35,18 +37,23 @@ def free_port(address: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _scratch_dirs() -> set[Path]:
-    return set(SCRATCH_ROOT.iterdir()) if SCRATCH_ROOT.is_dir() else set()
+def _leftovers() -> set[str]:
+    """What a backup or restore makes and must release: scratch directories of VM backups, the
+    working directories of the NBD servers vmkeep starts, and those servers."""
+    found = {str(p) for p in SCRATCH_ROOT.iterdir()} if SCRATCH_ROOT.is_dir() else set()
+    found |= {str(p) for p in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*")}
+    pids = subprocess.run(["pgrep", "-x", "qemu-nbd"], capture_output=True, text=True).stdout.split()
+    return found | {f"qemu-nbd pid {pid}" for pid in pids}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_scratch_left_behind() -> Iterator[None]:
-    """Every VM backup removes its scratch directory on success and failure alike: checked for the
-    whole run (a dead run's directory is only swept ten minutes later, so a leak would hide)."""
-    before = _scratch_dirs()
+def nothing_left_behind() -> Iterator[None]:
+    """Every operation releases what it took on success and failure alike: checked for the whole
+    run (a dead run's scratch directory is only swept ten minutes later, so a leak would hide)."""
+    before = _leftovers()
     yield
-    left = _scratch_dirs() - before
-    assert not left, f"scratch directories left behind: {sorted(map(str, left))}"
+    left = _leftovers() - before
+    assert not left, f"left behind by the tests: {sorted(left)}"
 
 
 class Cli:
