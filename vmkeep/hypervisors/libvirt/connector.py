@@ -475,16 +475,9 @@ class LibvirtConnector:
                 dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
                 disks[s.target] = DiskExport(s.target, uri, dom.blockInfo(s.target)[0], dirty)
             # a full scratch directory pauses the VM; the proxy can only see a local host's
-            watch = (ScratchWatch(dom, scratch, lambda: self._end_job(dom), "ended the backup job")
-                     if self.is_local else None)
-            with watch or nullcontext():
-                try:
-                    yield consistency, parent_cp, reason, disks
-                except VmkeepError:
-                    if watch and watch.tripped:
-                        raise HypervisorError(f"{watch.tripped}; nothing was committed") from None
-                    raise
-            # tripped only on leaving: everything had been read, the point holds (and is committed)
+            with (ScratchWatch(dom, scratch, lambda: self._end_job(dom), "ended the backup job")
+                  if self.is_local else nullcontext()):
+                yield consistency, parent_cp, reason, disks
         finally:
             try:
                 fresh = self._alive(dom)

@@ -21,6 +21,7 @@ from types import TracebackType
 import libvirt
 
 from vmkeep.errors import VmkeepError
+from vmkeep.hypervisors.base import HypervisorError
 
 POLL_SECONDS = 0.25
 FULL_BELOW = 1 << 20  # bytes free: QEMU allocates the scratch file in 64 KiB clusters
@@ -45,7 +46,7 @@ class ScratchWatch:
 
     ``released`` says what ``release`` does, for the message; ``tripped`` holds that message once
     the watch acted. Leaving the block checks once more, so a pause in the last moments is
-    released too.
+    released too; a failure leaving the block after the watch acted is reported as the watch's.
     """
 
     def __init__(self, dom: libvirt.virDomain, scratch: Path, release: Callable[[], None], released: str) -> None:
@@ -63,6 +64,9 @@ class ScratchWatch:
         self._stop.set()
         self._thread.join()
         self._check()
+        if self.tripped and isinstance(exc, VmkeepError):
+            # the reads failed because the watch let go of the export: say why
+            raise HypervisorError(f"{self.tripped}; nothing was committed") from None
 
     def _run(self) -> None:
         while not self._stop.wait(POLL_SECONDS) and not self.tripped:
