@@ -55,7 +55,7 @@ from vmkeep.hypervisors.libvirt.san import (
     serve_images,
     unreadable_disks,
 )
-from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch, scratch_root, sweep_scratch
+from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch, out_of_space, scratch_root, sweep_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
 from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
@@ -590,7 +590,7 @@ class LibvirtConnector:
                 tls_dir = self._start_job(dom, eligible, parent_cp, checkpoint, scratch, transport, socket_path,
                                           port, tls_dir, notes)
             except libvirt.libvirtError as exc:
-                if parent_cp is None or explain_full_scratch(exc.get_error_message(), scratch.parent):
+                if parent_cp is None or out_of_space(exc.get_error_message()):  # a full job would fail alike
                     raise self._cannot_start(dom, exc, scratch) from None
                 reason = f"libvirt refused the incremental from {parent_cp} ({exc.get_error_message()})"
                 self._delete_checkpoint(dom, checkpoint)

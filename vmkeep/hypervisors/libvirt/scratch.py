@@ -27,9 +27,14 @@ def scratch_root() -> Path:
     return Path(os.environ.get("VMKEEP_SCRATCH_DIR") or SCRATCH_ROOT)
 
 
+def out_of_space(why: str) -> bool:
+    """Whether libvirt's or QEMU's error message says a file could not be written for want of room."""
+    return "no space left" in why.lower()
+
+
 def explain_full_scratch(why: str, root: Path) -> str | None:
     """The remedy when libvirt failed for want of room in the scratch directory, else None."""
-    if "no space left" not in why.lower():
+    if not out_of_space(why):
         return None
     return (f"the scratch directory {root} is full; free space there, or set VMKEEP_SCRATCH_DIR to a directory "
             "on the VM's host with room for the guest's writes during a backup (on a filesystem mounted "
