@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from tests.ssh_server import ssh_server
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
-from vmkeep.lab.services import QEMU_CONF, restart_libvirtd
+from vmkeep.lab.services import qemu_conf_override
 from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
 
 REMOTE_URI = f"qemu+tls://{PROXY_NETWORK_GATEWAY}/system"
@@ -86,20 +85,6 @@ def test_nbd_tls_without_client_certificates(cli: Cli, vm: BareVM, tmp_path: Pat
     assert plain["ok"] and any("not encrypted" in n for n in plain["notes"]), plain["notes"]
 
 
-@contextmanager
-def host_without_backup_tls(empty: Path) -> Iterator[None]:
-    """libvirtd with an empty backup TLS directory (the host's admin never put certificates there)."""
-    saved = QEMU_CONF.read_text()
-    lines = [line for line in saved.splitlines() if not line.startswith("backup_tls_x509_cert_dir")]
-    QEMU_CONF.write_text("\n".join([*lines, f'backup_tls_x509_cert_dir = "{empty}"']) + "\n")
-    try:
-        restart_libvirtd()
-        yield
-    finally:
-        QEMU_CONF.write_text(saved)
-        restart_libvirtd()
-
-
 def test_nbd_tls_when_the_host_cannot_serve_it(cli: Cli, vm: BareVM, tmp_path: Path,
                                                tmp_path_factory: pytest.TempPathFactory) -> None:
     """The proxy has client certificates, the host has none: `require` refuses with the remedy and
@@ -109,7 +94,8 @@ def test_nbd_tls_when_the_host_cannot_serve_it(cli: Cli, vm: BareVM, tmp_path: P
     vm.write("vda", 4 * MiB, 2 * MiB, 0x54)
     at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
     # libvirt's refusal names this directory: its path must not contain the words matched
-    with host_without_backup_tls(tmp_path_factory.mktemp("no-server-certs")):
+    # libvirtd with an empty backup TLS directory: the host's admin never put certificates there
+    with qemu_conf_override("backup_tls_x509_cert_dir", f'"{tmp_path_factory.mktemp("no-server-certs")}"'):
         refused = cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--nbd-tls", "require", "--json",
                           ok=False)
         error = json.loads(refused.stdout)["vms"][0]["error"]

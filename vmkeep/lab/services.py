@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vmkeep.errors import LabError
@@ -19,18 +21,30 @@ from vmkeep.lab.tls import QEMU_BACKUP_DIR, ensure_lab_pki
 DAEMONS = ("virtlogd", "libvirtd")  # virtlogd first: libvirtd hands it the QEMU and console logs
 LIBVIRTD_ARGS = ("-d", "--listen")  # --listen: qemu+tls:// for proxies on other machines
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
+# qemu.conf as it was before a temporary override; present only while one is in force, or when
+# the process that made it died before putting the file back.
+QEMU_CONF_SAVED = QEMU_CONF.with_name("qemu.conf.vmkeep-saved")
 QEMU_SETTINGS = {"user": '"root"', "group": '"root"', "backup_tls_x509_cert_dir": f'"{QEMU_BACKUP_DIR}"',
                  "backup_tls_x509_verify": "1"}
 
 
+def _undo_dead_override() -> bool:
+    """Put back qemu.conf as it was before an override whose process died; whether there was one."""
+    if not QEMU_CONF_SAVED.exists():
+        return False
+    QEMU_CONF_SAVED.replace(QEMU_CONF)
+    return True
+
+
 def _configure_qemu() -> bool:
     """Add the lab's settings to qemu.conf where it does not set them; whether it changed."""
+    undone = _undo_dead_override()
     text = QEMU_CONF.read_text() if QEMU_CONF.exists() else ""
     set_here = {line.split("=", 1)[0].strip() for line in text.splitlines() if "=" in line
                 and not line.lstrip().startswith("#")}
     missing = [f"{k} = {v}" for k, v in QEMU_SETTINGS.items() if k not in set_here]
     if not missing:
-        return False
+        return undone
     QEMU_CONF.write_text(text.rstrip("\n") + "\n\n# vmkeep lab\n" + "\n".join(missing) + "\n")
     return True
 
@@ -81,7 +95,8 @@ def ensure_libvirtd(timeout: float = 60.0) -> None:
     answers.
 
     Idempotent: a daemon that already runs as configured is left alone (several test sessions
-    call this); one that runs with other settings is restarted (running VMs carry on).
+    call this); one that runs with other settings is restarted (running VMs carry on). A
+    ``qemu_conf_override`` whose process died is undone first.
     """
     for daemon in DAEMONS:
         if shutil.which(daemon) is None:
@@ -92,6 +107,11 @@ def ensure_libvirtd(timeout: float = 60.0) -> None:
     ensure_lab_pki()
     if (_configure_qemu() or not _listening_libvirtd()) and running("libvirtd"):
         _stop("libvirtd")
+    _start_daemons_and_wait(timeout)
+
+
+def _start_daemons_and_wait(timeout: float = 60.0) -> None:
+    """Start whichever daemon is not running, then wait until qemu:///system answers."""
     for daemon in DAEMONS:
         if running(daemon):
             continue
@@ -116,6 +136,31 @@ def restart_libvirtd() -> None:
     """Stop libvirtd and start it again as configured, so it reads qemu.conf anew (VMs run on)."""
     _stop("libvirtd")
     ensure_libvirtd()
+
+
+@contextmanager
+def qemu_conf_override(key: str, value: str) -> Iterator[None]:
+    """libvirtd running with one qemu.conf setting changed, for the duration (tests of hosts set up
+    otherwise than the lab).
+
+    The original is kept beside qemu.conf until it is put back, so that if this process is killed
+    meanwhile, the next ``ensure_libvirtd`` (set-up, any test session) restores it instead of
+    leaving the lab configured for one test.
+    """
+    if QEMU_CONF_SAVED.exists():
+        raise LabError(f"{QEMU_CONF_SAVED} exists: another override is in force (or died); run "
+                       "`python -m vmkeep.lab.services` to put qemu.conf back first")
+    saved = QEMU_CONF.read_text()
+    QEMU_CONF_SAVED.write_text(saved)
+    lines = [line for line in saved.splitlines() if line.split("=", 1)[0].strip() != key]
+    QEMU_CONF.write_text("\n".join([*lines, f"{key} = {value}"]) + "\n")
+    try:
+        _stop("libvirtd")
+        _start_daemons_and_wait()
+        yield
+    finally:
+        QEMU_CONF_SAVED.replace(QEMU_CONF)
+        restart_libvirtd()
 
 
 if __name__ == "__main__":
