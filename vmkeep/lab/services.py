@@ -151,7 +151,9 @@ def qemu_conf_override(key: str, value: str) -> Iterator[None]:
         raise LabError(f"{QEMU_CONF_SAVED} exists: another override is in force (or died); run "
                        "`python -m vmkeep.lab.services` to put qemu.conf back first")
     saved = QEMU_CONF.read_text()
-    QEMU_CONF_SAVED.write_text(saved)
+    partial = QEMU_CONF_SAVED.with_name(QEMU_CONF_SAVED.name + ".partial")
+    partial.write_text(saved)
+    partial.replace(QEMU_CONF_SAVED)  # whole or absent: a kill mid-write must not restore half a file
     lines = [line for line in saved.splitlines() if line.split("=", 1)[0].strip() != key]
     QEMU_CONF.write_text("\n".join([*lines, f"{key} = {value}"]) + "\n")
     try:
@@ -159,8 +161,7 @@ def qemu_conf_override(key: str, value: str) -> Iterator[None]:
         _start_daemons_and_wait()
         yield
     finally:
-        QEMU_CONF_SAVED.replace(QEMU_CONF)
-        restart_libvirtd()
+        restart_libvirtd()  # the same undo as after a dead override: the saved original goes back
 
 
 if __name__ == "__main__":
