@@ -16,11 +16,15 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
+from vmkeep.engine.vm import backup_vm
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec
 from vmkeep.hypervisors.libvirt.san import OVERLAY_SUFFIX
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
+from vmkeep.repository.backends import open_backend
+from vmkeep.repository.config import Credentials
+from vmkeep.repository.repo import Repository
 
 
 @pytest.fixture
@@ -170,3 +174,47 @@ def test_vm_stopped_during_san_backup(cli: Cli, vm: BareVM, repo: str, tmp_path:
     restore_equals(cli, vm, repo, r["point"], {"vda": at_point}, tmp_path)
     nxt = backup(cli, vm, repo)
     assert nxt["mode"] == "full" and nxt["transport"] == "offline"
+
+
+def _served(image: Path) -> bool:
+    """Whether a qemu-nbd serves ``image`` now."""
+    return subprocess.run(["pgrep", "-f", f"^qemu-nbd .*{image}$"], capture_output=True).returncode == 0
+
+
+def test_checkpoint_refused_after_the_snapshot_stops_the_served_bases(
+        cli: Cli, vm: BareVM, repo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-nbd starts on the frozen bases while the checkpoint is being made: when libvirt then
+    refuses the checkpoint, those servers stop before the overlays are committed into the bases,
+    and the next backup builds on the previous point as if nothing had happened."""
+    vm.write("vda", 0, 8 * MiB, 0x61)
+    backup(cli, vm, repo, "--transport", "san")
+    vm.write("vda", 16 * MiB, MiB, 0x62)
+    at_point = {d: vm.snapshot(d, tmp_path / f"at-{d}.qcow2") for d in vm.disks}
+    real = libvirt.virDomain.checkpointCreateXML
+    serving_when_refused: list[bool] = []
+
+    def refuse(dom: libvirt.virDomain, xml: str, flags: int = 0) -> libvirt.virDomainCheckpoint:
+        deadline = time.monotonic() + 30
+        while not _served(vm.disks["vda"]) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        serving_when_refused.append(_served(vm.disks["vda"]))
+        # a genuine libvirt error: a checkpoint of a disk the VM does not have
+        return real(dom, "<domaincheckpoint><disks><disk name='vdz'/></disks></domaincheckpoint>", flags)
+
+    monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", refuse)
+    credentials = Credentials(passphrase=cli.env["VMKEEP_PASSPHRASE"].encode())
+    connector = LibvirtConnector(bare_vm.URI)
+    try:
+        with pytest.raises(HypervisorError, match="cannot snapshot"):
+            backup_vm(Repository.open(open_backend(repo), credentials), connector, vm.name, transports=["san"],
+                      quiesce="off")
+    finally:
+        connector.close()
+    monkeypatch.undo()
+    assert serving_when_refused == [True]
+    assert not any(_served(image) for image in vm.disks.values())
+    assert settled(vm) and len(vm.checkpoints()) == 1
+
+    nxt = backup(cli, vm, repo, "--transport", "san")
+    assert nxt["mode"] == "incremental" and nxt["bytes_read"] >= MiB
+    restore_equals(cli, vm, repo, nxt["point"], at_point, tmp_path)

@@ -6,7 +6,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -20,6 +20,10 @@ from vmkeep.engine.vm import backup_vm, restore_vm_as, restore_vm_overwrite
 from vmkeep.errors import Cancelled, UsageError, VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.hypervisors.connect import open_connector
+
+if TYPE_CHECKING:
+    from vmkeep.hypervisors.base import Connector
+    from vmkeep.repository.repo import Repository
 
 HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI (qemu:///system, qemu+tls://…) or vSphere "
                                                      "address (vsphere://USER@HOST[:PORT], password in "
@@ -52,12 +56,31 @@ def backup_cmd(
     if nbd_tls not in ("auto", "require", "off"):
         raise UsageError("--nbd-tls must be auto, require or off")
     order = parse_transports(transport)
-    r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
+    # The first VM's connection is made while the repository key is still being derived (the
+    # executable starts that before the modules load): a fixed cost off every scheduled job.
+    spare = [open_connector(host, nbd_tls=nbd_tls, insecure=insecure)]  # type: ignore[arg-type]
+    try:
+        _backup_vms(vms, open_repository(repo, passphrase_file, key_file, s3_endpoint), spare, host=host,
+                    insecure=insecure, nbd_tls=nbd_tls, order=order, full=full, quiesce=quiesce, parallel=parallel,
+                    max_rate=max_rate, workers=workers, json_out=json_out)
+    finally:
+        for connector in spare:  # not taken: the repository did not open, or the run was interrupted
+            connector.close()
+
+
+def _backup_vms(vms: list[str], r: Repository, spare: list[Connector], *, host: str, insecure: bool, nbd_tls: str,
+                order: list[str], full: bool, quiesce: str, parallel: int, max_rate: float | None, workers: int,
+                json_out: bool) -> None:
+    """Back up ``vms`` at most ``parallel`` at a time, each through a connection of its own (the
+    first taken from ``spare``), and report them."""
     results: dict[str, dict[str, Any]] = {}
     cancel = threading.Event()
 
     def one(vm: str, progress: RichProgress) -> dict[str, Any]:
-        connector = open_connector(host, nbd_tls=nbd_tls, insecure=insecure)  # type: ignore[arg-type]
+        try:
+            connector = spare.pop()
+        except IndexError:
+            connector = open_connector(host, nbd_tls=nbd_tls, insecure=insecure)  # type: ignore[arg-type]
         started = time.monotonic()
         try:
             m = backup_vm(r, connector, vm, transports=order, quiesce=quiesce, full=full,  # type: ignore[arg-type]

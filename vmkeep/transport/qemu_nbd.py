@@ -130,7 +130,11 @@ def _sweep_dead_workdirs() -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM when vmkeep dies, even by kill -9, so no export is left behind."""
+    """In the child: get SIGTERM when vmkeep dies, even by kill -9, so no export is left behind.
+
+    The kernel sends it when the *thread* that started the server ends, not only the process: a
+    server started from a short-lived thread would stop with it, so that thread must stay up as
+    long as the server is needed."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 

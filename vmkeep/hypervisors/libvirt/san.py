@@ -19,9 +19,11 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +200,36 @@ def _resume(dom: libvirt.virDomain) -> None:
             raise
 
 
+class _BackgroundServer:
+    """qemu-nbd on the bases, started and later stopped by a thread of its own, which stays up in
+    between: each qemu-nbd is bound to die with the thread that started it (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, vm: str, eligible: list[DiskSpec], bitmap: str | None) -> None:
+        self._disks: Future[dict[str, DiskExport]] = Future()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(vm, eligible, bitmap), name="vmkeep-serve",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, vm: str, eligible: list[DiskSpec], bitmap: str | None) -> None:
+        try:
+            with ExitStack() as stack:
+                self._disks.set_result(serve_images(stack, vm, eligible, bitmap))
+                self._stop.wait()
+        except BaseException as exc:
+            if not self._disks.done():
+                self._disks.set_exception(exc)
+
+    def disks(self) -> dict[str, DiskExport]:
+        """The exports once every qemu-nbd is up; raises what stopped one from starting."""
+        return self._disks.result()
+
+    def stop(self) -> None:
+        """Stop every qemu-nbd it started (they let go of the bases); repeating it does nothing."""
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclass
 class SanPoint:
     disks: dict[str, DiskExport]
@@ -221,6 +253,7 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
     taken: dict[str, Overlay] = {}
     point = SanPoint({}, parent_cp, reason)
     was_running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    serving: _BackgroundServer | None = None
     try:
         with quiesced() as point.consistency:
             if was_running:
@@ -228,6 +261,9 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
             try:
                 dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
                 taken = {s.target: (overlays[s.target], s.source, s.format) for s in eligible}
+                # The bases hold the point in time from here on: qemu-nbd starts on them while the
+                # checkpoint is made and the guest resumed and thawed (tens of milliseconds).
+                serving = _BackgroundServer(vm, eligible, parent_cp)
                 dom.checkpointCreateXML(checkpoint_xml, 0)
             except libvirt.libvirtError as exc:
                 why = exc.get_error_message()
@@ -238,7 +274,9 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
                     _resume(dom)
         with ExitStack() as stack:
             try:
-                point.disks = serve_images(stack, vm, eligible, parent_cp)
+                assert serving is not None  # set with taken, before anything that can fail quietly
+                stack.callback(serving.stop)
+                point.disks = serving.disks()
             except ImageError as exc:
                 if parent_cp is None:
                     raise
@@ -253,6 +291,8 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
             with ScratchWatch(dom, overlay_dir, let_go, "stopped reading and committed the overlays back"):
                 yield point
     finally:
+        if serving is not None:
+            serving.stop()  # before the commit writes the bases; stopped already unless something failed
         try:
             if taken and not release_overlays(dom, taken):
                 forget_bitmaps(dom, [base for _, base, _ in taken.values()])
