@@ -21,6 +21,7 @@ from vmkeep.memory import server_environment
 
 SECTOR = 512
 PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, so the forked child only makes the call
 
 
 @dataclass
@@ -97,7 +98,7 @@ def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator
     try:
         with log.open("w") as err:
             proc = subprocess.Popen(command(sock), stdout=subprocess.DEVNULL, stderr=err,
-                                    env=server_environment(), preexec_fn=_die_with_parent)
+                                    env=server_environment(), preexec_fn=dying_with(os.getpid()))
     except OSError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
         raise ImageError(f"cannot start {what}: {exc}") from None
@@ -129,13 +130,20 @@ def _sweep_dead_workdirs() -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when vmkeep dies, even by kill -9, so no export is left behind.
+def dying_with(parent: int) -> Callable[[], None]:
+    """For ``preexec_fn``: the child gets SIGTERM when vmkeep (``parent``, its pid) dies, even by
+    kill -9, so no export is left behind.
 
     The kernel sends it when the *thread* that started the server ends, not only the process: a
     server started from a short-lived thread would stop with it, so that thread must stay up as
-    long as the server is needed."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    long as the server is needed. A parent killed between the fork and the request is caught by
+    looking at the parent once the request is in place: the child then exits at once.
+    """
+    def die_with_parent() -> None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:
+            os._exit(1)
+    return die_with_parent
 
 
 def socket_listening(sock: Path) -> bool:

@@ -35,6 +35,7 @@ from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
+from vmkeep.polling import Backoff
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 
 CHECKPOINT_PREFIX = "vmkeep-"
@@ -92,7 +93,7 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
     """
     if not dom.blockJobInfo(target, 0):
         dom.blockCommit(target, None, None, 0, COMMIT_FLAGS)
-    deadline = time.monotonic() + COMMIT_TIMEOUT_SECONDS
+    deadline, backoff = time.monotonic() + COMMIT_TIMEOUT_SECONDS, Backoff()
     while True:
         if not dom.blockJobInfo(target, 0):
             raise HypervisorError(f"the commit of {overlay} into the base of {target} ended without finishing")
@@ -108,12 +109,12 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
             dom.blockJobAbort(target, 0)
             raise HypervisorError(f"the commit of {overlay} into the base of {target} did not finish in "
                                   f"{COMMIT_TIMEOUT_SECONDS} s")
-        time.sleep(0.05)
-    deadline = time.monotonic() + 30
+        backoff.sleep()
+    deadline, backoff = time.monotonic() + 30, Backoff()
     while _current_source(dom, target) == str(overlay):
         if time.monotonic() > deadline:
             raise HypervisorError(f"the VM did not pivot {target} back from {overlay}")
-        time.sleep(0.05)
+        backoff.sleep()
 
 
 def _commit_offline(dom: libvirt.virDomain, target: str, overlay: Path, base: str, base_format: str) -> None:
