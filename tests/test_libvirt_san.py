@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import libvirt
@@ -16,15 +17,11 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
-from vmkeep.engine.vm import backup_vm
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec
-from vmkeep.hypervisors.libvirt.san import OVERLAY_SUFFIX
+from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_specs
+from vmkeep.hypervisors.libvirt.san import OVERLAY_SUFFIX, frozen_bases
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
-from vmkeep.repository.backends import open_backend
-from vmkeep.repository.config import Credentials
-from vmkeep.repository.repo import Repository
 
 
 @pytest.fixture
@@ -182,38 +179,29 @@ def _served(image: Path) -> bool:
 
 
 def test_checkpoint_refused_after_the_snapshot_stops_the_served_bases(
-        cli: Cli, vm: BareVM, repo: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
     """qemu-nbd starts on the frozen bases while the checkpoint is being made: when libvirt then
-    refuses the checkpoint, those servers stop before the overlays are committed into the bases,
-    and the next backup builds on the previous point as if nothing had happened."""
+    refuses the checkpoint (here: one of a disk the VM does not have), those servers stop before
+    the overlays are committed into the bases, and the next backup builds on the previous point
+    as if nothing had happened."""
     vm.write("vda", 0, 8 * MiB, 0x61)
     backup(cli, vm, repo, "--transport", "san")
+    [previous] = vm.checkpoints()
     vm.write("vda", 16 * MiB, MiB, 0x62)
     at_point = {d: vm.snapshot(d, tmp_path / f"at-{d}.qcow2") for d in vm.disks}
-    real = libvirt.virDomain.checkpointCreateXML
-    serving_when_refused: list[bool] = []
-
-    def refuse(dom: libvirt.virDomain, xml: str, flags: int = 0) -> libvirt.virDomainCheckpoint:
-        deadline = time.monotonic() + 30
-        while not _served(vm.disks["vda"]) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        serving_when_refused.append(_served(vm.disks["vda"]))
-        # a genuine libvirt error: a checkpoint of a disk the VM does not have
-        return real(dom, "<domaincheckpoint><disks><disk name='vdz'/></disks></domaincheckpoint>", flags)
-
-    monkeypatch.setattr(libvirt.virDomain, "checkpointCreateXML", refuse)
-    credentials = Credentials(passphrase=cli.env["VMKEEP_PASSPHRASE"].encode())
-    connector = LibvirtConnector(bare_vm.URI)
+    conn = libvirt.open(bare_vm.URI)
     try:
-        with pytest.raises(HypervisorError, match="cannot snapshot"):
-            backup_vm(Repository.open(open_backend(repo), credentials), connector, vm.name, transports=["san"],
-                      quiesce="off")
+        dom = conn.lookupByName(vm.name)
+        eligible = [s for s in disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)) if s.eligible]
+        refused = "<domaincheckpoint><disks><disk name='vdz'/></disks></domaincheckpoint>"
+        with (pytest.raises(HypervisorError, match="cannot snapshot"),
+              frozen_bases(dom, eligible, SCRATCH_ROOT / f"{vm.name}-refused", refused, previous, "test",
+                           lambda: nullcontext("crash"))):
+            pass
     finally:
-        connector.close()
-    monkeypatch.undo()
-    assert serving_when_refused == [True]
+        conn.close()
     assert not any(_served(image) for image in vm.disks.values())
-    assert settled(vm) and len(vm.checkpoints()) == 1
+    assert settled(vm) and vm.checkpoints() == [previous]
 
     nxt = backup(cli, vm, repo, "--transport", "san")
     assert nxt["mode"] == "incremental" and nxt["bytes_read"] >= MiB
