@@ -66,7 +66,9 @@ class Cli:
         proc = subprocess.run([VMKEEP, *args], capture_output=True, text=True, env={**self.env, **(env or {})},
                               timeout=600)
         if ok and proc.returncode != 0:
-            raise AssertionError(f"vmkeep {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+            # --json reports a VM's failure on standard output
+            raise AssertionError(f"vmkeep {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}"
+                                 f"{proc.stdout[-2000:]}")
         return proc
 
     def json(self, *args: str, **kw: Any) -> dict[str, Any]:

@@ -195,7 +195,8 @@ def test_checkpoint_refused_after_the_snapshot_stops_the_served_bases(
         eligible = [s for s in disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)) if s.eligible]
         refused = "<domaincheckpoint><disks><disk name='vdz'/></disks></domaincheckpoint>"
         with (pytest.raises(HypervisorError, match="cannot snapshot"),
-              frozen_bases(dom, eligible, SCRATCH_ROOT / f"{vm.name}-refused", refused, previous, "test",
+              frozen_bases(dom, eligible, {s.target: dom.blockInfo(s.target)[0] for s in eligible},
+                           SCRATCH_ROOT / f"{vm.name}-refused", refused, previous, "test",
                            lambda: nullcontext("crash"))):
             pass
     finally:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nbd
+
 from vmkeep.errors import ImageError
 from vmkeep.memory import server_environment
 
@@ -29,7 +31,7 @@ class ImageInfo:
     path: Path
     format: str
     virtual_size: int
-    bitmaps: list[str] = field(default_factory=list)
+    bitmaps: list[str] | None = field(default_factory=list)  # None: not probed, qemu-nbd is asked instead
 
 
 def probe_image(path: Path, fmt: str | None = None) -> ImageInfo:
@@ -65,12 +67,29 @@ def serve_image(
     connections: int = 8,
 ) -> Iterator[str]:
     """Run qemu-nbd on a private unix socket for the duration; yields the NBD URI."""
-    if bitmap is not None and bitmap not in image.bitmaps:
+    if bitmap is not None and image.bitmaps is not None and bitmap not in image.bitmaps:
         known = ", ".join(image.bitmaps) or "none"
         raise ImageError(f"{image.path} has no persistent bitmap {bitmap!r} (it has: {known})")
+    # qemu-nbd listens before it sets up the export, and quits if the bitmap is missing: an image
+    # not probed is confirmed through a handshake instead
+    ready = _offers(f"qemu:dirty-bitmap:{bitmap}") if bitmap is not None and image.bitmaps is None else None
     with serve_on_socket(lambda sock: _qemu_nbd_command(sock, image, readonly, bitmap, connections),
-                         f"qemu-nbd serving {image.path}") as uri:
+                         f"qemu-nbd serving {image.path}", ready) as uri:
         yield uri
+
+
+def _offers(context: str) -> Callable[[str], None]:
+    """A readiness check: the export at the URI answers a handshake and offers ``context``."""
+    def check(uri: str) -> None:
+        h = nbd.NBD()
+        h.add_meta_context(context)
+        h.connect_uri(uri)
+        try:
+            if not h.can_meta_context(context):
+                raise ImageError(f"the export {uri} does not offer {context}")
+        finally:
+            h.shutdown()
+    return check
 
 
 def _qemu_nbd_command(sock: Path, image: ImageInfo, readonly: bool, bitmap: str | None,
@@ -88,10 +107,13 @@ def _qemu_nbd_command(sock: Path, image: ImageInfo, readonly: bool, bitmap: str 
 
 
 @contextmanager
-def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator[str]:
+def serve_on_socket(command: Callable[[Path], list[str]], what: str,
+                    ready: Callable[[str], None] | None = None) -> Iterator[str]:
     """Run an NBD server (``command`` given its socket path) on a private unix socket for the
     duration, dying with this process even on kill -9; yields the NBD URI. Its messages go to a
-    file (a pipe nobody reads would stall a server that reports many read errors)."""
+    file (a pipe nobody reads would stall a server that reports many read errors). ``ready``, if
+    given, checks the export once the socket listens; a server that quits meanwhile is reported
+    with its own message."""
     _sweep_dead_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
     sock, log = workdir / "nbd.sock", workdir / "server.log"
@@ -104,7 +126,10 @@ def serve_on_socket(command: Callable[[Path], list[str]], what: str) -> Iterator
         raise ImageError(f"cannot start {what}: {exc}") from None
     try:
         _wait_for_socket(proc, sock, log, what)
-        yield f"nbd+unix:///?socket={sock}"
+        uri = f"nbd+unix:///?socket={sock}"
+        if ready is not None:
+            _check_ready(proc, log, what, lambda: ready(uri))
+        yield uri
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -158,6 +183,18 @@ def socket_listening(sock: Path) -> bool:
             return False
 
 
+def _check_ready(proc: subprocess.Popen[bytes], log: Path, what: str, check: Callable[[], None]) -> None:
+    try:
+        check()
+    except nbd.Error as exc:
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            raise ImageError(f"{what} does not answer: {exc}") from None
+        err = log.read_text(errors="replace").strip()[-1000:]
+        raise ImageError(f"{what} failed: {err}") from None
+
+
 def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, what: str) -> None:
     deadline = time.monotonic() + 30
     while not socket_listening(sock):
@@ -166,7 +203,7 @@ def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, what:
             raise ImageError(f"{what} failed: {err}")
         if time.monotonic() > deadline:
             raise ImageError(f"{what} did not start within 30 s")
-        time.sleep(0.005)
+        time.sleep(0.001)
 
 
 def create_image(path: Path, fmt: str, size: int) -> None:

@@ -371,8 +371,11 @@ class LibvirtConnector:
                               + "; ".join(notes) + " (add nbd to --transport)")
 
     def _incremental_base(self, dom: libvirt.virDomain, eligible: list[DiskSpec], since: dict[str, Any] | None,
-                          previous_disks: dict[str, int] | None) -> tuple[str | None, str]:
-        """The checkpoint to build on, or None and the reason the backup must be full."""
+                          previous_disks: dict[str, int] | None,
+                          capacities: dict[str, int] | None = None) -> tuple[str | None, str]:
+        """The checkpoint to build on, or None and the reason the backup must be full.
+
+        ``capacities``: the disks' sizes now, when the caller has them already."""
         if since is None:
             return None, "no previous restore point to build on"
         parent = since.get("checkpoint")
@@ -385,7 +388,7 @@ class LibvirtConnector:
         if parent not in existing:
             return None, (f"checkpoint {parent} of the previous point is gone (deleted by hand, or the VM was "
                           "restored or reverted)")
-        now = {s.target: dom.blockInfo(s.target)[0] for s in eligible}
+        now = capacities if capacities is not None else {s.target: dom.blockInfo(s.target)[0] for s in eligible}
         if previous_disks is not None and now != previous_disks:
             return None, f"the disks changed since the previous point (were {previous_disks}, now {now})"
         bitmap_disks = {s.target for s in eligible if s.bitmaps}
@@ -407,7 +410,8 @@ class LibvirtConnector:
         if hidden := unreadable_disks(readonly):
             notes.append(f"read-only disks {', '.join(hidden)} skipped: this proxy cannot open their images")
             readonly = [s for s in readonly if s.target not in hidden]
-        parent_cp, reason = self._incremental_base(dom, eligible + readonly, since, previous_disks)
+        capacities = {s.target: dom.blockInfo(s.target)[0] for s in eligible + readonly}
+        parent_cp, reason = self._incremental_base(dom, eligible + readonly, since, previous_disks, capacities)
         images = ExitStack()
         checkpoint = f"{CHECKPOINT_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(3)}"
         bitmap_targets = [s.target for s in eligible if s.bitmaps]
@@ -418,7 +422,7 @@ class LibvirtConnector:
             # Cleaning up a job or checkpoint that never came to be is harmless, so assume both exist
             # from here on: an interrupt the instant they are made must not leak them.
             if transport == "san":
-                with frozen_bases(dom, eligible, scratch_root() / f"{vm}-{secrets.token_hex(4)}",
+                with frozen_bases(dom, eligible, capacities, scratch_root() / f"{vm}-{secrets.token_hex(4)}",
                                   self._checkpoint_xml(eligible, checkpoint), parent_cp, reason,
                                   lambda: self._quiesced(dom, quiesce, notes)) as san:
                     yield PointInTimeInfo(
@@ -426,7 +430,7 @@ class LibvirtConnector:
                         mode="incremental" if san.parent_cp else "full", reason=san.reason,
                         disks={**san.disks, **read_only_disks}, config=config, chain=chain, notes=notes)
             else:
-                with self._backup_job(dom, eligible, parent_cp, reason, checkpoint, transport, quiesce,
+                with self._backup_job(dom, eligible, capacities, parent_cp, reason, checkpoint, transport, quiesce,
                                       notes) as (consistency, parent_cp, reason, disks):
                     try:
                         yield PointInTimeInfo(
@@ -449,7 +453,8 @@ class LibvirtConnector:
                     self._delete_checkpoint(fresh, checkpoint)
 
     @contextmanager
-    def _backup_job(self, dom: libvirt.virDomain, eligible: list[DiskSpec], parent_cp: str | None, reason: str,
+    def _backup_job(self, dom: libvirt.virDomain, eligible: list[DiskSpec], capacities: dict[str, int],
+                    parent_cp: str | None, reason: str,
                     checkpoint: str, transport: str, quiesce: Quiesce,
                     notes: list[str]) -> Iterator[tuple[Consistency, str | None, str, dict[str, DiskExport]]]:
         """A pull-mode backup job exporting the disks over NBD; aborted and its scratch removed on exit."""
@@ -473,7 +478,7 @@ class LibvirtConnector:
                 else:
                     uri = f"nbd://{self._nbd_host()}:{port}/{s.target}"
                 dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
-                disks[s.target] = DiskExport(s.target, uri, dom.blockInfo(s.target)[0], dirty)
+                disks[s.target] = DiskExport(s.target, uri, capacities[s.target], dirty)
             # a full scratch directory pauses the VM; the proxy can only see a local host's
             with (ScratchWatch(dom, scratch, lambda: self._end_job(dom), "ended the backup job")
                   if self.is_local else nullcontext()):

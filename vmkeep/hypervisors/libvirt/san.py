@@ -1,10 +1,13 @@
 """The san transport for libvirt: the proxy reads the frozen base images itself, not through QEMU.
 
 With the guest paused for a moment (after an fsfreeze when asked), an external disk-only
-snapshot sends the VM's writes into a scratch overlay per disk and the new checkpoint is made on
-top, so no write falls between the two. The base images are then the point in time: the proxy
-serves them with its own qemu-nbd, exporting the previous checkpoint's bitmap, which QEMU wrote
-into the base when it turned read-only. Afterwards each overlay is committed back and the VM
+snapshot sends the VM's writes into a scratch overlay per disk, and the new checkpoint is made
+while the guest is still paused, so no write falls between the two. libvirt spends tens of
+milliseconds checking a checkpoint's XML against its schema before it queues the checkpoint, so
+that request goes out while the snapshot is under way, from a thread of its own; the guest
+resumes only once both are made. The base images are then the point in
+time: the proxy serves them with its own qemu-nbd, exporting the previous checkpoint's bitmap,
+which QEMU wrote into the base when it turned read-only. Afterwards each overlay is committed back and the VM
 pivoted to its base; libvirt merges the overlay's bitmaps into the base, so the checkpoints still
 cover every write.
 
@@ -36,7 +39,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
-from vmkeep.transport.qemu_nbd import probe_image, serve_image
+from vmkeep.transport.qemu_nbd import ImageInfo, probe_image, serve_image
 
 CHECKPOINT_PREFIX = "vmkeep-"
 OVERLAY_SUFFIX = ".vmkeep-overlay.qcow2"
@@ -44,6 +47,7 @@ COMMIT_TIMEOUT_SECONDS = 600
 Overlay = tuple[Path, str, str]  # the overlay, its base image and the base's format
 SNAPSHOT_FLAGS = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                   | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+OVERLAY_POLL_SECONDS = 0.0005
 COMMIT_FLAGS = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
 
 
@@ -52,15 +56,21 @@ def unreadable_disks(eligible: list[DiskSpec]) -> list[str]:
     return [s.target for s in eligible if not os.access(s.source, os.R_OK)]
 
 
-def serve_images(stack: ExitStack, vm: str, eligible: list[DiskSpec],
-                 bitmap: str | None) -> dict[str, DiskExport]:
-    """qemu-nbd on each image file, exporting ``bitmap`` (a checkpoint's) where the disk has one."""
+def serve_images(stack: ExitStack, vm: str, eligible: list[DiskSpec], bitmap: str | None,
+                 sizes: dict[str, int] | None = None) -> dict[str, DiskExport]:
+    """qemu-nbd on each image file, exporting ``bitmap`` (a checkpoint's) where the disk has one.
+
+    With the disks' ``sizes`` known (from libvirt), the images are not probed first: a handshake
+    with qemu-nbd confirms the bitmap instead, and its absence raises an ImageError as the probe's
+    would.
+    """
     disks = {}
     for s in eligible:
         if not os.path.exists(s.source):
             raise HypervisorError(f"disk {s.target} of {vm} ({s.source}) cannot be read here")
-        image = probe_image(Path(s.source), s.format)
         disk_bitmap = bitmap if s.bitmaps else None
+        image = (probe_image(Path(s.source), s.format) if sizes is None
+                 else ImageInfo(Path(s.source), s.format, sizes[s.target], None))
         uri = stack.enter_context(serve_image(image, connections=16, bitmap=disk_bitmap))
         dirty = f"qemu:dirty-bitmap:{disk_bitmap}" if disk_bitmap else None
         disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
@@ -201,21 +211,44 @@ def _resume(dom: libvirt.virDomain) -> None:
             raise
 
 
+def _checkpoint_behind(dom: libvirt.virDomain, checkpoint_xml: str, overlay: Path,
+                       snapshot_over: threading.Event) -> Future[object]:
+    """The checkpoint requested from a thread of its own once the snapshot holds the VM's job.
+
+    libvirt checks a checkpoint's XML against its schema (tens of milliseconds) before it queues
+    the checkpoint for the VM; asked beside the snapshot, that check runs while the snapshot
+    works. Asked too early, the checkpoint would take the job first and the snapshot wait for it
+    all along, so the request waits for the snapshot's first overlay file, which libvirt creates
+    inside the snapshot's job (or for the snapshot call to end, when it fails before that).
+    """
+    outcome: Future[object] = Future()
+
+    def run() -> None:
+        try:
+            while not (overlay.exists() or snapshot_over.is_set()):
+                time.sleep(OVERLAY_POLL_SECONDS)
+            outcome.set_result(dom.checkpointCreateXML(checkpoint_xml, 0))
+        except BaseException as exc:
+            outcome.set_exception(exc)
+    threading.Thread(target=run, name="vmkeep-checkpoint", daemon=True).start()
+    return outcome
+
+
 class _BackgroundServer:
     """qemu-nbd on the bases, started and later stopped by a thread of its own, which stays up in
     between: each qemu-nbd is bound to die with the thread that started it (PR_SET_PDEATHSIG)."""
 
-    def __init__(self, vm: str, eligible: list[DiskSpec], bitmap: str | None) -> None:
+    def __init__(self, vm: str, eligible: list[DiskSpec], bitmap: str | None, sizes: dict[str, int]) -> None:
         self._disks: Future[dict[str, DiskExport]] = Future()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(vm, eligible, bitmap), name="vmkeep-serve",
+        self._thread = threading.Thread(target=self._run, args=(vm, eligible, bitmap, sizes), name="vmkeep-serve",
                                         daemon=True)
         self._thread.start()
 
-    def _run(self, vm: str, eligible: list[DiskSpec], bitmap: str | None) -> None:
+    def _run(self, vm: str, eligible: list[DiskSpec], bitmap: str | None, sizes: dict[str, int]) -> None:
         try:
             with ExitStack() as stack:
-                self._disks.set_result(serve_images(stack, vm, eligible, bitmap))
+                self._disks.set_result(serve_images(stack, vm, eligible, bitmap, sizes))
                 self._stop.wait()
         except BaseException as exc:
             if not self._disks.done():
@@ -240,12 +273,13 @@ class SanPoint:
 
 
 @contextmanager
-def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: Path, checkpoint_xml: str,
-                 parent_cp: str | None, reason: str,
+def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[str, int], overlay_dir: Path,
+                 checkpoint_xml: str, parent_cp: str | None, reason: str,
                  quiesced: Callable[[], AbstractContextManager[Consistency]]) -> Iterator[SanPoint]:
     """Snapshot and checkpoint with the guest paused, serve the bases; on leaving, commit back.
 
-    ``quiesced`` freezes the guest's filesystems around the snapshot and names the consistency.
+    ``sizes``: each disk's capacity, from libvirt. ``quiesced`` freezes the guest's filesystems
+    around the snapshot and names the consistency.
     """
     vm = dom.name()
     overlays = {s.target: overlay_dir / f"{s.target}{OVERLAY_SUFFIX}" for s in eligible}
@@ -255,22 +289,30 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
     point = SanPoint({}, parent_cp, reason)
     was_running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     serving: _BackgroundServer | None = None
+    checkpoint: Future[object] | None = None
+    snapshot_over = threading.Event()
     try:
         with quiesced() as point.consistency:
             if was_running:
                 dom.suspend()
             try:
-                dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
+                checkpoint = _checkpoint_behind(dom, checkpoint_xml, overlays[eligible[0].target], snapshot_over)
+                try:
+                    dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
+                finally:
+                    snapshot_over.set()
                 taken = {s.target: (overlays[s.target], s.source, s.format) for s in eligible}
                 # The bases hold the point in time from here on: qemu-nbd starts on them while the
-                # checkpoint is made and the guest resumed and thawed (tens of milliseconds).
-                serving = _BackgroundServer(vm, eligible, parent_cp)
-                dom.checkpointCreateXML(checkpoint_xml, 0)
+                # checkpoint is finished and the guest resumed and thawed.
+                serving = _BackgroundServer(vm, eligible, parent_cp, sizes)
+                checkpoint.result()
             except libvirt.libvirtError as exc:
                 why = exc.get_error_message()
                 remedy = explain_full_scratch(why, overlay_dir.parent) or "use --transport hotadd:nbd"
                 raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: {why}; {remedy}") from None
             finally:
+                if checkpoint is not None:  # made or refused before the guest runs again
+                    checkpoint.exception()
                 if was_running:
                     _resume(dom)
         with ExitStack() as stack:
@@ -284,7 +326,7 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], overlay_dir: 
                 stack.close()
                 point.reason = f"the bitmap of checkpoint {parent_cp} cannot be read from the base image ({exc})"
                 point.parent_cp = None
-                point.disks = serve_images(stack, vm, eligible, None)
+                point.disks = serve_images(stack, vm, eligible, None, sizes)
 
             def let_go() -> None:
                 stack.close()  # qemu-nbd releases the bases, so that the commit may write them
