@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,22 @@ def test_backend_writes_chunks_direct_and_reads_them_back(disk_dir: Path) -> Non
     assert backend.get("chunks/ab/abcdef") == b"".join(bytes(p) for p in parts)
     assert not backend.put("chunks/ab/abcdef", parts, if_absent=True)  # dedup: first writer wins
     assert [p.name for p in stored.parent.iterdir()] == ["abcdef"]  # no temporary left behind
+
+
+def test_prefetch_brings_direct_written_chunks_into_the_page_cache(disk_dir: Path) -> None:
+    """An incremental patches a partly written chunk from its parent, which O_DIRECT left out
+    of the page cache: the prefetch hint starts reading it while the job is still being set up."""
+    backend = FilesystemBackend(disk_dir / "repo")
+    payload = os.urandom(4 << 20)
+    assert backend.put("chunks/cd/cdef01", [payload], if_absent=True)
+    stored = disk_dir / "repo" / "chunks/cd/cdef01"
+    assert cached_bytes(stored) <= ALIGN
+    backend.prefetch(["chunks/cd/cdef01", "chunks/00/missing"])  # a missing key is no error here
+    deadline = time.monotonic() + 10
+    while cached_bytes(stored) < len(payload) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cached_bytes(stored) == len(payload)
+    assert backend.get("chunks/cd/cdef01") == payload
 
 
 def test_small_and_durable_objects_stay_buffered(disk_dir: Path) -> None:

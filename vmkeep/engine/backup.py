@@ -32,6 +32,9 @@ DEFAULT_WORKERS = 6
 # A disk is read at this many places at once (see pipeline.interleaved); 2–4 measured alike, one
 # per worker was slower again.
 READ_STRETCHES = 4
+# Parent chunks read ahead for the first partly written slots of an incremental (a hint: bounded
+# so that a large incremental does not flood the page cache).
+PREFETCH_CHUNKS = 32
 
 
 class DiskSource(Protocol):
@@ -123,6 +126,19 @@ def _plan(job: DiskJob, chunk_size: int, parent: DiskIndex | None, index: DiskIn
             stats.bytes_zero += length
         else:
             yield _Slot(slot, data[slot])
+
+
+def _patch_bases(changed: list[Extent], parent: DiskIndex, chunk_size: int) -> list[bytes]:
+    """The parent's chunks that the first partly written slots will be patched from (at most
+    PREFETCH_CHUNKS), so that reading them from the repository starts at once."""
+    bases = []
+    for slot, written in ranges_by_slot(changed, chunk_size).items():
+        length = min(chunk_size, parent.size - slot * chunk_size)
+        if sum(e.length for e in written) < length and (cid := parent.get(slot)) != ZERO_ID:
+            bases.append(cid)
+            if len(bases) == PREFETCH_CHUNKS:
+                break
+    return bases
 
 
 def backup_disk(
@@ -235,6 +251,8 @@ def backup_point(
         for job in jobs:
             if job.changed is not None and job.disk not in parents:
                 raise UsageError(f"disk {job.disk} is not in the previous point: an incremental is impossible")
+            if job.changed is not None:
+                repo.prefetch_chunks(_patch_bases(job.changed, parents[job.disk], repo.chunk_size))
         failed = threading.Event()
         per_disk = max(2, workers // len(jobs))
 

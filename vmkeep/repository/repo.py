@@ -99,6 +99,10 @@ class Repository:
             return 0
         return sum(len(p) for p in data)
 
+    def prefetch_chunks(self, chunk_ids: list[bytes]) -> None:
+        """Let the backend start reading chunks that :meth:`load_chunk` will ask for soon."""
+        self.backend.prefetch([chunk_key(cid) for cid in chunk_ids])
+
     def load_chunk(self, chunk_id: bytes, size: int) -> bytes:
         key = chunk_key(chunk_id)
         try:

@@ -31,7 +31,8 @@ class ImageInfo:
     path: Path
     format: str
     virtual_size: int
-    bitmaps: list[str] | None = field(default_factory=list)  # None: not probed, qemu-nbd is asked instead
+    bitmaps: list[str] = field(default_factory=list)
+    probed: bool = True  # False: size and format known from elsewhere, the bitmaps not looked at
 
 
 def probe_image(path: Path, fmt: str | None = None) -> ImageInfo:
@@ -67,12 +68,12 @@ def serve_image(
     connections: int = 8,
 ) -> Iterator[str]:
     """Run qemu-nbd on a private unix socket for the duration; yields the NBD URI."""
-    if bitmap is not None and image.bitmaps is not None and bitmap not in image.bitmaps:
+    if bitmap is not None and image.probed and bitmap not in image.bitmaps:
         known = ", ".join(image.bitmaps) or "none"
         raise ImageError(f"{image.path} has no persistent bitmap {bitmap!r} (it has: {known})")
     # qemu-nbd listens before it sets up the export, and quits if the bitmap is missing: an image
     # not probed is confirmed through a handshake instead
-    ready = _offers(f"qemu:dirty-bitmap:{bitmap}") if bitmap is not None and image.bitmaps is None else None
+    ready = _offers(f"qemu:dirty-bitmap:{bitmap}") if bitmap is not None and not image.probed else None
     with serve_on_socket(lambda sock: _qemu_nbd_command(sock, image, readonly, bitmap, connections),
                          f"qemu-nbd serving {image.path}", ready) as uri:
         yield uri

@@ -70,7 +70,7 @@ def serve_images(stack: ExitStack, vm: str, eligible: list[DiskSpec], bitmap: st
             raise HypervisorError(f"disk {s.target} of {vm} ({s.source}) cannot be read here")
         disk_bitmap = bitmap if s.bitmaps else None
         image = (probe_image(Path(s.source), s.format) if sizes is None
-                 else ImageInfo(Path(s.source), s.format, sizes[s.target], None))
+                 else ImageInfo(Path(s.source), s.format, sizes[s.target], probed=False))
         uri = stack.enter_context(serve_image(image, connections=16, bitmap=disk_bitmap))
         dirty = f"qemu:dirty-bitmap:{disk_bitmap}" if disk_bitmap else None
         disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)

@@ -47,6 +47,10 @@ class Backend(ABC):
     def get(self, key: str) -> bytes:
         """Return the object's bytes; raises ObjectMissing when absent."""
 
+    def prefetch(self, keys: list[str]) -> None:
+        """A hint that these objects will be read soon, so their reads may start now; backends
+        without a cheap way to act on it ignore it."""
+
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo | None:
         """Size and mtime of an object, or None when absent."""
