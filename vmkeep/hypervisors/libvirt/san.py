@@ -1,13 +1,10 @@
 """The san transport for libvirt: the proxy reads the frozen base images itself, not through QEMU.
 
 With the guest paused for a moment (after an fsfreeze when asked), an external disk-only
-snapshot sends the VM's writes into a scratch overlay per disk, and the new checkpoint is made
-while the guest is still paused, so no write falls between the two. libvirt spends tens of
-milliseconds checking a checkpoint's XML against its schema before it queues the checkpoint, so
-that request goes out while the snapshot is under way, from a thread of its own; the guest
-resumes only once both are made. The base images are then the point in
-time: the proxy serves them with its own qemu-nbd, exporting the previous checkpoint's bitmap,
-which QEMU wrote into the base when it turned read-only. Afterwards each overlay is committed back and the VM
+snapshot sends the VM's writes into a scratch overlay per disk and the new checkpoint is made on
+top, so no write falls between the two. The base images are then the point in time: the proxy
+serves them with its own qemu-nbd, exporting the previous checkpoint's bitmap, which QEMU wrote
+into the base when it turned read-only. Afterwards each overlay is committed back and the VM
 pivoted to its base; libvirt merges the overlay's bitmaps into the base, so the checkpoints still
 cover every write.
 
@@ -47,7 +44,6 @@ COMMIT_TIMEOUT_SECONDS = 600
 Overlay = tuple[Path, str, str]  # the overlay, its base image and the base's format
 SNAPSHOT_FLAGS = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
                   | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
-OVERLAY_POLL_SECONDS = 0.0005
 COMMIT_FLAGS = libvirt.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE | libvirt.VIR_DOMAIN_BLOCK_COMMIT_SHALLOW
 
 
@@ -211,29 +207,6 @@ def _resume(dom: libvirt.virDomain) -> None:
             raise
 
 
-def _checkpoint_behind(dom: libvirt.virDomain, checkpoint_xml: str, overlay: Path,
-                       snapshot_over: threading.Event) -> Future[object]:
-    """The checkpoint requested from a thread of its own once the snapshot holds the VM's job.
-
-    libvirt checks a checkpoint's XML against its schema (tens of milliseconds) before it queues
-    the checkpoint for the VM; asked beside the snapshot, that check runs while the snapshot
-    works. Asked too early, the checkpoint would take the job first and the snapshot wait for it
-    all along, so the request waits for the snapshot's first overlay file, which libvirt creates
-    inside the snapshot's job (or for the snapshot call to end, when it fails before that).
-    """
-    outcome: Future[object] = Future()
-
-    def run() -> None:
-        try:
-            while not (overlay.exists() or snapshot_over.is_set()):
-                time.sleep(OVERLAY_POLL_SECONDS)
-            outcome.set_result(dom.checkpointCreateXML(checkpoint_xml, 0))
-        except BaseException as exc:
-            outcome.set_exception(exc)
-    threading.Thread(target=run, name="vmkeep-checkpoint", daemon=True).start()
-    return outcome
-
-
 class _BackgroundServer:
     """qemu-nbd on the bases, started and later stopped by a thread of its own, which stays up in
     between: each qemu-nbd is bound to die with the thread that started it (PR_SET_PDEATHSIG)."""
@@ -289,30 +262,22 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
     point = SanPoint({}, parent_cp, reason)
     was_running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     serving: _BackgroundServer | None = None
-    checkpoint: Future[object] | None = None
-    snapshot_over = threading.Event()
     try:
         with quiesced() as point.consistency:
             if was_running:
                 dom.suspend()
             try:
-                checkpoint = _checkpoint_behind(dom, checkpoint_xml, overlays[eligible[0].target], snapshot_over)
-                try:
-                    dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
-                finally:
-                    snapshot_over.set()
+                dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
                 taken = {s.target: (overlays[s.target], s.source, s.format) for s in eligible}
                 # The bases hold the point in time from here on: qemu-nbd starts on them while the
-                # checkpoint is finished and the guest resumed and thawed.
+                # checkpoint is made and the guest resumed and thawed (tens of milliseconds).
                 serving = _BackgroundServer(vm, eligible, parent_cp, sizes)
-                checkpoint.result()
+                dom.checkpointCreateXML(checkpoint_xml, 0)
             except libvirt.libvirtError as exc:
                 why = exc.get_error_message()
                 remedy = explain_full_scratch(why, overlay_dir.parent) or "use --transport hotadd:nbd"
                 raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: {why}; {remedy}") from None
             finally:
-                if checkpoint is not None:  # made or refused before the guest runs again
-                    checkpoint.exception()
                 if was_running:
                     _resume(dom)
         with ExitStack() as stack:
