@@ -207,3 +207,18 @@ def test_checkpoint_refused_after_the_snapshot_stops_the_served_bases(
     nxt = backup(cli, vm, repo, "--transport", "san")
     assert nxt["mode"] == "incremental" and nxt["bytes_read"] >= MiB
     restore_equals(cli, vm, repo, nxt["point"], at_point, tmp_path)
+
+
+def test_more_workers_than_a_server_would_take_at_once(cli: Cli, vm: BareVM, repo: str, tmp_path: Path) -> None:
+    """Every 4 MiB slot of vda holds data and each worker thread opens its own connection to the
+    qemu-nbd serving the frozen base: with --workers 32 that is 16 threads on vda, one more than
+    a server capped at 16 clients lets in (the 17th waits forever instead of being refused)."""
+    vm.write("vda", 0, 48 * MiB, 0x71)
+    vm.write("vda", 48 * MiB, 16 * MiB, 0x72)
+    at_point = {d: vm.snapshot(d, tmp_path / f"at-{d}.qcow2") for d in vm.disks}
+    proc = subprocess.run([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", "san", "--workers", "32",
+                           "--json"], env=cli.env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    r = json.loads(proc.stdout)["vms"][0]
+    assert r["transport"] == "san" and r["bytes_read"] >= 64 * MiB and settled(vm)
+    restore_equals(cli, vm, repo, r["point"], at_point, tmp_path)

@@ -22,6 +22,9 @@ from vmkeep.errors import ImageError
 from vmkeep.memory import server_environment
 
 SECTOR = 512
+# qemu-nbd --shared=0: no limit on clients. A client beyond a limit is not refused but left
+# waiting, so a reader opening more connections than the limit would hang.
+UNLIMITED = 0
 PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, so the forked child only makes the call
 
@@ -67,7 +70,8 @@ def serve_image(
     bitmap: str | None = None,
     connections: int = 8,
 ) -> Iterator[str]:
-    """Run qemu-nbd on a private unix socket for the duration; yields the NBD URI."""
+    """Run qemu-nbd on a private unix socket for the duration; yields the NBD URI. At most
+    ``connections`` clients at once (UNLIMITED: any number); the next one waits."""
     if bitmap is not None and image.probed and bitmap not in image.bitmaps:
         known = ", ".join(image.bitmaps) or "none"
         raise ImageError(f"{image.path} has no persistent bitmap {bitmap!r} (it has: {known})")

@@ -36,7 +36,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
-from vmkeep.transport.qemu_nbd import ImageInfo, probe_image, serve_image
+from vmkeep.transport.qemu_nbd import UNLIMITED, ImageInfo, probe_image, serve_image
 
 CHECKPOINT_PREFIX = "vmkeep-"
 OVERLAY_SUFFIX = ".vmkeep-overlay.qcow2"
@@ -67,7 +67,8 @@ def serve_images(stack: ExitStack, vm: str, eligible: list[DiskSpec], bitmap: st
         disk_bitmap = bitmap if s.bitmaps else None
         image = (probe_image(Path(s.source), s.format) if sizes is None
                  else ImageInfo(Path(s.source), s.format, sizes[s.target], probed=False))
-        uri = stack.enter_context(serve_image(image, connections=16, bitmap=disk_bitmap))
+        # as many connections as the engine opens (one per worker thread and disk, --workers up to 64)
+        uri = stack.enter_context(serve_image(image, connections=UNLIMITED, bitmap=disk_bitmap))
         dirty = f"qemu:dirty-bitmap:{disk_bitmap}" if disk_bitmap else None
         disks[s.target] = DiskExport(s.target, uri, image.virtual_size, dirty)
     return disks
