@@ -16,10 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nbd
-
 from vmkeep.errors import ImageError
 from vmkeep.memory import server_environment
+from vmkeep.transport.nbd_client import NbdExport
 
 SECTOR = 512
 # qemu-nbd --shared=0: no limit on clients. A client beyond a limit is not refused but left
@@ -86,14 +85,7 @@ def serve_image(
 def _offers(context: str) -> Callable[[str], None]:
     """A readiness check: the export at the URI answers a handshake and offers ``context``."""
     def check(uri: str) -> None:
-        h = nbd.NBD()
-        h.add_meta_context(context)
-        h.connect_uri(uri)
-        try:
-            if not h.can_meta_context(context):
-                raise ImageError(f"the export {uri} does not offer {context}")
-        finally:
-            h.shutdown()
+        NbdExport(uri, context).close()
     return check
 
 
@@ -191,11 +183,11 @@ def socket_listening(sock: Path) -> bool:
 def _check_ready(proc: subprocess.Popen[bytes], log: Path, what: str, check: Callable[[], None]) -> None:
     try:
         check()
-    except nbd.Error as exc:
+    except ImageError:
         try:
             proc.wait(2)
         except subprocess.TimeoutExpired:
-            raise ImageError(f"{what} does not answer: {exc}") from None
+            raise  # the server runs on: what it serves lacks what was asked
         err = log.read_text(errors="replace").strip()[-1000:]
         raise ImageError(f"{what} failed: {err}") from None
 
