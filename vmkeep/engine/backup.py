@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,11 +21,11 @@ from typing import Any, Protocol
 from vmkeep.engine.pipeline import AnyOf, Flag, bounded_map, interleaved
 from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import PointNotFound, UsageError
-from vmkeep.repository.index import ZERO_ID, DiskIndex, slot_count
+from vmkeep.repository.index import ZERO_ID, DiskIndex
 from vmkeep.repository.points import DiskEntry, Manifest, index_key, manifest_key, new_point_id
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.sessions import WriterSession
-from vmkeep.transport.extents import Extent, intersect, ranges_by_slot, subtract
+from vmkeep.transport.extents import Extent, intersect, merge, ranges_by_slot, subtract
 
 DEFAULT_WORKERS = 6
 # A disk is read at this many places at once (see pipeline.interleaved); 2–4 measured alike, one
@@ -35,6 +34,8 @@ READ_STRETCHES = 4
 # Parent chunks read ahead for the first partly written slots of an incremental (a hint: bounded
 # so that a large incremental does not flood the page cache).
 PREFETCH_CHUNKS = 32
+# Chunk ids looked up in the parents' indexes directly before a set of them is built.
+PARENT_SEARCHES = 64
 
 
 class DiskSource(Protocol):
@@ -88,44 +89,72 @@ class _Slot:
 
 @dataclass
 class _KnownChunks:
-    """Chunk ids this backup may reference without asking the repository: the parent's (kept
-    alive by the writer session) and those it stored itself."""
+    """Chunk ids this backup may reference without asking the repository: the parents' (kept
+    alive by the writer session) and those it stored itself.
 
+    An incremental claims a handful of chunks, so the parents' indexes are searched as they are;
+    a set of their ids (one entry per slot of the disks) is built only once a backup has claimed
+    more than PARENT_SEARCHES, as a full over a parent does.
+    """
+
+    parents: list[DiskIndex] = field(default_factory=list)
     ids: set[bytes] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _searches: int = 0
+    _parent_ids: set[bytes] | None = None
 
     def claim(self, cid: bytes) -> bool:
         """True if the id is new to this backup (the caller must store it)."""
         with self.lock:
-            if cid in self.ids:
+            if cid in self.ids or self._in_parents(cid):
                 return False
             self.ids.add(cid)
             return True
 
+    def _in_parents(self, cid: bytes) -> bool:
+        if self._parent_ids is None:
+            if self._searches < PARENT_SEARCHES:
+                self._searches += 1
+                return any(p.holds(cid) for p in self.parents)
+            self._parent_ids = set().union(*(p.chunk_ids() for p in self.parents))
+        return cid in self._parent_ids
+
 
 def _plan(job: DiskJob, chunk_size: int, parent: DiskIndex | None, index: DiskIndex,
-          stats: DiskStats) -> Iterator[_Slot]:
+          stats: DiskStats) -> list[_Slot]:
+    """The slots to read. Only slots holding data (full) or written since the parent
+    (incremental) are visited: an empty or clean slot costs nothing, whatever the disk's size."""
     size = job.source.size
-    data = ranges_by_slot(job.source.data_extents(), chunk_size)
-    incremental = parent is not None and job.changed is not None
-    dirty = ranges_by_slot(job.changed or [], chunk_size) if incremental else {}
-    for slot in range(slot_count(size, chunk_size)):
-        start = slot * chunk_size
-        length = min(chunk_size, size - start)
-        if incremental and parent is not None and slot not in dirty:
-            index.put(slot, parent.get(slot))
-            stats.bytes_reused += length
-            continue
-        written = dirty.get(slot, [])
-        if incremental and parent is not None and sum(e.length for e in written) < length:
+    extents = job.source.data_extents()
+    if parent is None or job.changed is None:
+        data = ranges_by_slot(extents, chunk_size)
+        stats.bytes_zero = size - sum(_slot_length(slot, size, chunk_size) for slot in data)
+        return [_Slot(slot, data[slot]) for slot in sorted(data)]
+    index.ids[:] = parent.ids  # every clean slot keeps the parent's chunk
+    dirty = ranges_by_slot(job.changed, chunk_size)
+    stats.bytes_reused = size - sum(_slot_length(slot, size, chunk_size) for slot in dirty)
+    # the data extents split into slots only where slots were written: an incremental of a
+    # large, full disk must not walk every one of its allocated slots
+    spans = merge(Extent(slot * chunk_size, _slot_length(slot, size, chunk_size)) for slot in dirty)
+    data = ranges_by_slot(intersect(extents, spans), chunk_size)
+    slots = []
+    for slot in sorted(dirty):
+        written, length = dirty[slot], _slot_length(slot, size, chunk_size)
+        if sum(e.length for e in written) < length:
             # partly written since the parent: read only what changed, keep the rest of its chunk
             base = parent.get(slot)
-            yield _Slot(slot, intersect(written, data.get(slot, [])), patch=True,
-                        base=None if base == ZERO_ID else base, clear=subtract(written, data.get(slot, [])))
+            slots.append(_Slot(slot, intersect(written, data.get(slot, [])), patch=True,
+                               base=None if base == ZERO_ID else base, clear=subtract(written, data.get(slot, []))))
         elif slot not in data:
             stats.bytes_zero += length
+            index.put(slot, ZERO_ID)
         else:
-            yield _Slot(slot, data[slot])
+            slots.append(_Slot(slot, data[slot]))
+    return slots
+
+
+def _slot_length(slot: int, size: int, chunk_size: int) -> int:
+    return min(chunk_size, size - slot * chunk_size)
 
 
 def _patch_bases(changed: list[Extent], parent: DiskIndex, chunk_size: int) -> list[bytes]:
@@ -133,7 +162,7 @@ def _patch_bases(changed: list[Extent], parent: DiskIndex, chunk_size: int) -> l
     PREFETCH_CHUNKS), so that reading them from the repository starts at once."""
     bases = []
     for slot, written in ranges_by_slot(changed, chunk_size).items():
-        length = min(chunk_size, parent.size - slot * chunk_size)
+        length = _slot_length(slot, parent.size, chunk_size)
         if sum(e.length for e in written) < length and (cid := parent.get(slot)) != ZERO_ID:
             bases.append(cid)
             if len(bases) == PREFETCH_CHUNKS:
@@ -164,7 +193,7 @@ def backup_disk(
     zeros = bytes(chunk_size)
     lock = threading.Lock()
     started = time.monotonic()
-    slots = list(_plan(job, chunk_size, parent, index, stats))
+    slots = _plan(job, chunk_size, parent, index, stats)
     task = progress.task(job.disk, sum(r.length for s in slots for r in s.ranges))
 
     def work(item: _Slot) -> tuple[bytes, int, int, int]:
@@ -247,7 +276,7 @@ def backup_point(
             for job in jobs:
                 if job.disk in parent.disks:
                     parents[job.disk] = repo.load_index(parent, job.disk)
-                    known.ids |= parents[job.disk].chunk_ids()
+                    known.parents.append(parents[job.disk])
         for job in jobs:
             if job.changed is not None and job.disk not in parents:
                 raise UsageError(f"disk {job.disk} is not in the previous point: an incremental is impossible")

@@ -23,6 +23,7 @@ ZERO_ID = bytes(ID_SIZE)
 INDEX_MAGIC = b"VKI"
 INDEX_VERSION = 1
 _HEADER = struct.Struct("<3sBQII")
+_ID = struct.Struct(f"{ID_SIZE}s")
 
 
 @dataclass
@@ -56,7 +57,19 @@ class DiskIndex:
                 yield slot, cid
 
     def chunk_ids(self) -> set[bytes]:
-        return {cid for _slot, cid in self.nonzero()}
+        """Every stored chunk the index refers to, iterated natively (a 1 TiB disk has 262,144 slots)."""
+        ids = {cid for (cid,) in _ID.iter_unpack(self.ids)}
+        ids.discard(ZERO_ID)
+        return ids
+
+    def holds(self, chunk_id: bytes) -> bool:
+        """Whether a slot refers to ``chunk_id``: a native search of the ids, no set built."""
+        at = self.ids.find(chunk_id)
+        while at >= 0:
+            if at % ID_SIZE == 0:
+                return True
+            at = self.ids.find(chunk_id, at + 1)
+        return False
 
     def encode(self) -> bytes:
         header = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, self.size, self.chunk_size, self.slots)
