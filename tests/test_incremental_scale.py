@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
+
 from vmkeep.engine.backup import PARENT_SEARCHES, DiskJob, backup_point
 from vmkeep.repository.backends.fs import FilesystemBackend
 from vmkeep.repository.config import Credentials
@@ -113,3 +115,36 @@ def test_a_full_over_a_parent_asks_the_repository_only_for_new_chunks(tmp_path: 
     second = backup_point(repo, "d", [DiskJob("vda", again)], parent=first)
     assert first.disks["vda"].stats["chunks_new"] == slots
     assert stored == [repo.load_index(second, "vda").get(slots)]
+
+
+class FailingDisk(SyntheticDisk):
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset >= 2 * MiB:
+            raise OSError("the export went away")
+        return super().pread(length, offset)
+
+
+def test_reads_done_comes_after_the_last_read_and_before_the_commit(tmp_path: Path) -> None:
+    """The hypervisor is told it may let go once every read of every disk returned, while the
+    point is still being stored; never when a read failed."""
+    repo = Repository.init(FilesystemBackend(tmp_path / "repo"), chunk_size=MiB, compression=1, encrypt=True,
+                           credentials=Credentials(passphrase=b"pw"))
+    disks = {"vda": SyntheticDisk(8 * MiB, [Extent(0, 8 * MiB)]), "vdb": SyntheticDisk(4 * MiB, [Extent(0, 3 * MiB)])}
+    seen: list[tuple[int, int]] = []
+
+    def reads_done() -> None:
+        seen.append((sum(len(d.reads) for d in disks.values()), len(repo.list_points("two"))))
+    point = backup_point(repo, "two", [DiskJob(n, d) for n, d in disks.items()], reads_done=reads_done)
+    assert seen == [(8 + 3, 0)]  # every slot read, nothing committed yet
+    assert len(repo.list_points("two")) == 1
+
+    # an incremental with nothing written reads nothing: it may let go at once
+    seen.clear()
+    backup_point(repo, "two", [DiskJob(n, d, []) for n, d in disks.items()], parent=point, reads_done=reads_done)
+    assert seen == [(8 + 3, 1)]
+
+    called: list[bool] = []
+    failing = FailingDisk(4 * MiB, [Extent(0, 4 * MiB)])
+    with pytest.raises(OSError, match="went away"):
+        backup_point(repo, "broken", [DiskJob("vda", failing)], reads_done=lambda: called.append(True))
+    assert not called

@@ -18,7 +18,13 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
+from vmkeep.engine.vm import backup_vm, restore_disks
+from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
+from vmkeep.repository.backends.fs import FilesystemBackend
+from vmkeep.repository.config import Credentials
+from vmkeep.repository.points import Manifest
+from vmkeep.repository.repo import Repository
 
 
 @pytest.fixture
@@ -417,3 +423,48 @@ def test_leftovers_of_dead_runs_are_swept(cli: Cli, vm: BareVM, repo: str) -> No
         live.close()
         for d in made.values():
             shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("transport", ["hotadd", "san"])
+def test_the_vm_is_let_go_once_the_reads_are_done(vm: BareVM, tmp_path: Path, transport: str) -> None:
+    """Once the engine's last read returned, the san overlays are committed back (the VM runs on
+    its own images again) or the backup job ends, while the point is still being stored. A failure
+    after that still drops the new checkpoint, and the next incremental sees every write."""
+    repo = Repository.init(FilesystemBackend(tmp_path / "repo"), chunk_size=MiB, compression=1, encrypt=False,
+                           credentials=Credentials())
+    connector = LibvirtConnector(bare_vm.URI)
+
+    def holding() -> bool:
+        return on_overlay(vm) if transport == "san" else vm.job_running()
+
+    def back_up() -> Manifest:
+        return backup_vm(repo, connector, vm.name, transports=[transport], quiesce="off")
+
+    held_at_commit: list[bool] = []
+
+    def commit_fails(manifest: Manifest) -> None:
+        deadline = time.monotonic() + 10
+        while holding() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held_at_commit.append(holding())
+        raise OSError(28, "No space left on device")  # the repository fills up at the very end
+
+    try:
+        vm.write("vda", 0, MiB, 0x01)
+        back_up()
+        parent = vm.checkpoints()
+        vm.write("vda", 8 * MiB, MiB, 0x02)
+        repo.commit_point = commit_fails  # type: ignore[method-assign]
+        with pytest.raises(OSError, match="No space"):
+            back_up()
+        assert held_at_commit == [False]  # let go before the point was to be committed
+        assert vm.checkpoints() == parent and not scratch_left(vm) and not vm.job_running()
+        assert not on_overlay(vm) and len(repo.list_points(vm.name)) == 1
+        del repo.commit_point
+        at_point = vm.snapshot("vda", tmp_path / "at.qcow2")
+        point = back_up()
+        assert point.meta["mode"] == "incremental" and point.disks["vda"].stats["bytes_read"] == MiB
+        restore_disks(repo, point, {"vda": tmp_path / "vda.qcow2"}, 2, None)
+        assert qemu_img_compare(at_point, tmp_path / "vda.qcow2")
+    finally:
+        connector.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -120,6 +121,34 @@ class _KnownChunks:
         return cid in self._parent_ids
 
 
+class _ReadsLeft:
+    """Calls ``then`` once, when every disk has been planned and every slot of the plans read:
+    the hypervisor may let go of its snapshot while the last chunks are hashed and stored."""
+
+    def __init__(self, disks: int, then: Callable[[], None] | None) -> None:
+        self._unplanned, self._slots, self._then = disks, 0, then
+        self._lock = threading.Lock()
+
+    def planned(self, slots: int) -> None:
+        with self._lock:
+            self._unplanned -= 1
+            self._slots += slots
+        self._maybe_done()
+
+    def read(self) -> None:
+        with self._lock:
+            self._slots -= 1
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        with self._lock:
+            then = self._then if self._unplanned == 0 and self._slots == 0 else None
+            if then is not None:
+                self._then = None
+        if then is not None:
+            then()
+
+
 def _plan(job: DiskJob, chunk_size: int, parent: DiskIndex | None, index: DiskIndex,
           stats: DiskStats) -> list[_Slot]:
     """The slots to read. Only slots holding data (full) or written since the parent
@@ -177,6 +206,7 @@ def backup_disk(
     known: _KnownChunks,
     workers: int,
     progress: Progress,
+    reads: _ReadsLeft,
     cancel: Flag | None = None,
 ) -> tuple[DiskIndex, DiskStats]:
     chunk_size = repo.chunk_size
@@ -194,6 +224,7 @@ def backup_disk(
     lock = threading.Lock()
     started = time.monotonic()
     slots = _plan(job, chunk_size, parent, index, stats)
+    reads.planned(len(slots))
     task = progress.task(job.disk, sum(r.length for s in slots for r in s.ranges))
 
     def work(item: _Slot) -> tuple[bytes, int, int, int]:
@@ -203,17 +234,21 @@ def backup_disk(
         nread = sum(r.length for r in ranges)
         buf: bytes | bytearray
         if item.patch:
+            fresh = [job.source.pread(r.length, r.offset) for r in ranges]  # the disk first, then the parent
+            reads.read()
             buf = bytearray(repo.load_chunk(item.base, length)) if item.base is not None else bytearray(length)
             for r in item.clear:
                 buf[r.offset - start : r.end - start] = bytes(r.length)
-            for r in ranges:
-                buf[r.offset - start : r.end - start] = job.source.pread(r.length, r.offset)
+            for r, data in zip(ranges, fresh, strict=True):
+                buf[r.offset - start : r.end - start] = data
         elif len(ranges) == 1 and ranges[0].offset == start and ranges[0].length == length:
             buf = job.source.pread(length, start)
+            reads.read()
         else:
             buf = bytearray(length)
             for r in ranges:
                 buf[r.offset - start : r.end - start] = job.source.pread(r.length, r.offset)
+            reads.read()
         task.advance(nread)
         if buf == (zeros if length == chunk_size else zeros[:length]):
             return ZERO_ID, nread, 0, 0
@@ -254,11 +289,14 @@ def backup_point(
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
+    reads_done: Callable[[], None] | None = None,
 ) -> Manifest:
     """Back up every disk of ``jobs`` and commit one restore point; nothing is visible on failure.
 
     ``parent`` is the previous point: its chunks are referenced without asking the repository,
     and for jobs with ``changed`` extents the clean slots are copied from it without reading.
+    ``reads_done`` is called (on a worker thread) once the last read of every disk returned,
+    before the last chunks are stored and the point committed; never if a read fails.
     """
     progress = progress or NoProgress()
     started = time.monotonic()
@@ -284,12 +322,13 @@ def backup_point(
                 repo.prefetch_chunks(_patch_bases(job.changed, parents[job.disk], repo.chunk_size))
         failed = threading.Event()
         per_disk = max(2, workers // len(jobs))
+        reads = _ReadsLeft(len(jobs), reads_done)
 
         def one(job: DiskJob) -> tuple[DiskEntry, DiskStats]:
             """One disk; the disks of a VM run side by side, and a failing one stops the others."""
             try:
                 disk_parent = parents.get(job.disk) if job.changed is not None else None
-                index, stats = backup_disk(repo, job, disk_parent, known, per_disk, progress,
+                index, stats = backup_disk(repo, job, disk_parent, known, per_disk, progress, reads,
                                            AnyOf(cancel, failed))
                 key = index_key(name, point_id, job.disk)
                 return DiskEntry(index.size, key, repo.write_index(key, index), stats.as_dict()), stats

@@ -41,10 +41,11 @@ def backup_vm(
     previous_disks = {d: e.size for d, e in parent.disks.items()} if parent else None
     with connector.point_in_time(vm, since=since, previous_disks=previous_disks, transports=transports,
                                  quiesce=quiesce) as pit, ExitStack() as stack:
-        jobs = []
+        jobs, exports = [], []
         for d in pit.disks.values():
             export = NbdExport(d.uri, d.dirty_context, on_reconnect=_noting_reconnects(pit.notes, d.name))
             stack.callback(export.close)
+            exports.append(export)
             source = export if d.allocated is None else KnownExtents(export, d.allocated)
             changed = export.dirty_extents() if d.dirty_context else d.changed
             jobs.append(DiskJob(d.name, source, changed))
@@ -55,7 +56,20 @@ def backup_vm(
             "chain": pit.chain, "notes": pit.notes,
         }
         return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
-                            cancel=cancel)
+                            cancel=cancel, reads_done=_letting_go(exports, pit.release))
+
+
+def _letting_go(exports: list[NbdExport], release: Callable[[], None] | None) -> Callable[[], None] | None:
+    """Once the last read is done: close the connections and let the hypervisor release the
+    snapshot or backup job while the engine stores the last chunks."""
+    if release is None:
+        return None
+
+    def let_go() -> None:
+        for export in exports:
+            export.close()
+        release()
+    return let_go
 
 
 def _noting_reconnects(notes: list[str], disk: str) -> Callable[[], None]:

@@ -8,6 +8,7 @@ releases everything, on success, on error and on Ctrl-C alike.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,10 @@ class PointInTimeInfo:
     config: dict[str, Any]  # saved with the restore point (domain XML, …)
     chain: dict[str, Any]  # what the next incremental needs (checkpoint name, changeId, …)
     notes: list[str] = field(default_factory=list)  # skipped transports and disks, with reasons
+    # Called (from any thread, at most once, returning at once) when every read of the disks is
+    # done: the connector starts letting go of its snapshot or backup job while the engine stores
+    # the last chunks. Leaving the point in time waits for it either way.
+    release: Callable[[], None] | None = None
 
 
 class Connector(Protocol):

@@ -20,7 +20,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from vmkeep.hypervisors.base import (
     VMDisk,
     VMInfo,
 )
+from vmkeep.hypervisors.early_release import EarlyRelease
 from vmkeep.hypervisors.libvirt.domain_xml import (
     DiskSpec,
     disk_specs,
@@ -428,15 +429,17 @@ class LibvirtConnector:
                     yield PointInTimeInfo(
                         vm=vm, transport=transport, consistency=san.consistency,
                         mode="incremental" if san.parent_cp else "full", reason=san.reason,
-                        disks={**san.disks, **read_only_disks}, config=config, chain=chain, notes=notes)
+                        disks={**san.disks, **read_only_disks}, config=config, chain=chain, notes=notes,
+                        release=san.release)
             else:
                 with self._backup_job(dom, eligible, capacities, parent_cp, reason, checkpoint, transport, quiesce,
-                                      notes) as (consistency, parent_cp, reason, disks):
+                                      notes) as (consistency, parent_cp, reason, disks, release):
                     try:
                         yield PointInTimeInfo(
                             vm=vm, transport=transport, consistency=consistency,
                             mode="incremental" if parent_cp else "full", reason=reason,
-                            disks={**disks, **read_only_disks}, config=config, chain=chain, notes=notes)
+                            disks={**disks, **read_only_disks}, config=config, chain=chain, notes=notes,
+                            release=release)
                     except ImageError as exc:
                         raise self._explain_lost_export(dom, exc) from None
             committed = True
@@ -456,13 +459,16 @@ class LibvirtConnector:
     def _backup_job(self, dom: libvirt.virDomain, eligible: list[DiskSpec], capacities: dict[str, int],
                     parent_cp: str | None, reason: str,
                     checkpoint: str, transport: str, quiesce: Quiesce,
-                    notes: list[str]) -> Iterator[tuple[Consistency, str | None, str, dict[str, DiskExport]]]:
-        """A pull-mode backup job exporting the disks over NBD; aborted and its scratch removed on exit."""
+                    notes: list[str]) -> Iterator[tuple[Consistency, str | None, str, dict[str, DiskExport],
+                                                         Callable[[], None]]]:
+        """A pull-mode backup job exporting the disks over NBD; aborted and its scratch removed on exit
+        (or earlier, by the last item yielded, once the engine's reads are done)."""
         port = _free_port() if transport == "nbd" else 0
         tls_dir = self._tls_dir(notes) if transport == "nbd" else None  # may refuse: before anything is made
         scratch = scratch_root() / f"{dom.name()}-{secrets.token_hex(4)}"
         scratch.mkdir(parents=True)
         socket_path = scratch / "nbd.sock"
+        early: EarlyRelease[None] | None = None
         try:
             consistency, parent_cp, reason, tls_dir = self._begin(
                 dom, eligible, parent_cp, reason, checkpoint, scratch, transport, socket_path, port, tls_dir,
@@ -479,17 +485,21 @@ class LibvirtConnector:
                     uri = f"nbd://{self._nbd_host()}:{port}/{s.target}"
                 dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
                 disks[s.target] = DiskExport(s.target, uri, capacities[s.target], dirty)
-            # a full scratch directory pauses the VM; the proxy can only see a local host's
-            with (ScratchWatch(dom, scratch, lambda: self._end_job(dom), "ended the backup job")
-                  if self.is_local else nullcontext()):
-                yield consistency, parent_cp, reason, disks
+            early = EarlyRelease(lambda: self._end_job(dom), f"vmkeep-release-{dom.name()}")
+            try:
+                # a full scratch directory pauses the VM; the proxy can only see a local host's
+                with (ScratchWatch(dom, scratch, early, "ended the backup job") if self.is_local else nullcontext()):
+                    yield consistency, parent_cp, reason, disks, early.start
+            finally:
+                early.join()
         finally:
             try:
                 fresh = self._alive(dom)
             except libvirt.libvirtError:
                 notes.append("libvirtd did not come back: the backup job is cleaned up next run")
             else:
-                self._end_job(fresh)
+                if not (early is not None and early.succeeded and fresh is dom):
+                    self._end_job(fresh)
                 if fresh is not dom:
                     # libvirtd restarted: it re-attaches the jobs it knew several seconds later, after
                     # our abort found nothing; watch for the job to reappear and abort it then.
@@ -684,7 +694,7 @@ class LibvirtConnector:
             dom.abortJob()
         except libvirt.libvirtError:
             pass  # the job already ended (VM shut down, libvirtd restarted)
-        deadline, backoff = time.monotonic() + 15, Backoff()
+        deadline, backoff = time.monotonic() + 15, Backoff(first=0.001)
         while time.monotonic() < deadline and LibvirtConnector._job_present(dom):
             backoff.sleep()
 

@@ -32,6 +32,7 @@ import libvirt
 
 from vmkeep.errors import ImageError
 from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
+from vmkeep.hypervisors.early_release import EarlyRelease
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
@@ -244,6 +245,7 @@ class SanPoint:
     parent_cp: str | None  # the checkpoint the incremental builds on; None: full
     reason: str
     consistency: Consistency = "crash"
+    release: Callable[[], None] | None = None  # the engine's reads are done: commit back now
 
 
 @contextmanager
@@ -253,7 +255,8 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
     """Snapshot and checkpoint with the guest paused, serve the bases; on leaving, commit back.
 
     ``sizes``: each disk's capacity, from libvirt. ``quiesced`` freezes the guest's filesystems
-    around the snapshot and names the consistency.
+    around the snapshot and names the consistency. The point's ``release`` commits back at once,
+    on a thread of its own, once the caller has read everything it needs from the bases.
     """
     vm = dom.name()
     overlays = {s.target: overlay_dir / f"{s.target}{OVERLAY_SUFFIX}" for s in eligible}
@@ -263,6 +266,7 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
     point = SanPoint({}, parent_cp, reason)
     was_running = dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     serving: _BackgroundServer | None = None
+    early: EarlyRelease[bool] | None = None
     try:
         with quiesced() as point.consistency:
             if was_running:
@@ -294,16 +298,24 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
                 point.parent_cp = None
                 point.disks = serve_images(stack, vm, eligible, None, sizes)
 
-            def let_go() -> None:
+            def let_go() -> bool:
                 stack.close()  # qemu-nbd releases the bases, so that the commit may write them
-                release_overlays(dom, taken)
-            with ScratchWatch(dom, overlay_dir, let_go, "stopped reading and committed the overlays back"):
-                yield point
+                return release_overlays(dom, taken)
+            early = EarlyRelease(let_go, f"vmkeep-release-{vm}")
+            point.release = early.start
+            try:
+                with ScratchWatch(dom, overlay_dir, early, "stopped reading and committed the overlays back"):
+                    yield point
+            finally:
+                early.join()  # the engine may have started it: never two commits at once
     finally:
         if serving is not None:
             serving.stop()  # before the commit writes the bases; stopped already unless something failed
         try:
-            if taken and not release_overlays(dom, taken):
+            # committed back already when the early release succeeded; else (again) now, raising the remedy
+            bitmaps_kept = (early.outcome() if early is not None and early.succeeded
+                            else not taken or release_overlays(dom, taken))
+            if taken and not bitmaps_kept:
                 forget_bitmaps(dom, [base for _, base, _ in taken.values()])
         finally:
             if not any(p.exists() for p, _, _ in taken.values()):

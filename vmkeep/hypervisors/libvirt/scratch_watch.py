@@ -49,7 +49,7 @@ class ScratchWatch:
     released too; a failure leaving the block after the watch acted is reported as the watch's.
     """
 
-    def __init__(self, dom: libvirt.virDomain, scratch: Path, release: Callable[[], None], released: str) -> None:
+    def __init__(self, dom: libvirt.virDomain, scratch: Path, release: Callable[[], object], released: str) -> None:
         self.dom, self.scratch, self.release, self.released = dom, scratch, release, released
         self.tripped: str | None = None
         self._stop = threading.Event()
