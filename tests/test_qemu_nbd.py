@@ -1,4 +1,5 @@
-"""Servers vmkeep starts die with it, including when it is killed before they are set up."""
+"""Servers vmkeep starts die with it, including when it is killed before they are set up; the maps
+they serve are read whole."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from vmkeep.transport.qemu_nbd import dying_with
+from vmkeep.transport.extents import Extent
+from vmkeep.transport.nbd_client import MAX_STATUS_REQUEST, open_export
+from vmkeep.transport.qemu_nbd import dying_with, probe_image, serve_image
+
+MiB = 1 << 20
+GiB = 1 << 30
 
 START_A_SERVER = """
 import os, subprocess, sys
@@ -47,3 +54,19 @@ def test_server_whose_parent_died_before_the_request_exits_at_once() -> None:
     started = time.monotonic()
     proc = subprocess.run(["sleep", "60"], preexec_fn=dying_with(os.getpid() + 1_000_000), timeout=30)
     assert proc.returncode == 1 and time.monotonic() - started < 10
+
+
+def test_maps_of_a_disk_larger_than_one_status_request(tmp_path: Path) -> None:
+    """The allocation map and a dirty bitmap of a 10 GiB disk (three block-status requests, whose
+    length NBD limits to 32 bits) are read whole, with what lies beyond the first request."""
+    image = tmp_path / "big.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "10G"], check=True)
+    io = ["qemu-io", "-f", "qcow2", str(image)]
+    subprocess.run([*io, "-c", "write -P 1 100M 1M", "-c", "write -P 2 6G 2M"], check=True, capture_output=True)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b1"], check=True)
+    subprocess.run([*io, "-c", "write -P 3 5000M 1M", "-c", "write -P 4 9G 64K"], check=True, capture_output=True)
+    with serve_image(probe_image(image), bitmap="b1") as uri, open_export(uri, "qemu:dirty-bitmap:b1") as export:
+        assert export.size > MAX_STATUS_REQUEST * 2
+        assert export.data_extents() == [Extent(100 * MiB, MiB), Extent(5000 * MiB, MiB), Extent(6 * GiB, 2 * MiB),
+                                          Extent(9 * GiB, 64 * 1024)]
+        assert export.dirty_extents() == [Extent(5000 * MiB, MiB), Extent(9 * GiB, 64 * 1024)]

@@ -21,7 +21,8 @@ DEFAULT_TLS_DIR = Path("/etc/pki/vmkeep")
 STATE_HOLE = 1
 STATE_ZERO = 2
 ALLOCATION = "base:allocation"
-MAX_STATUS_REQUEST = 1 << 30
+# NBD's request length is 32 bits: a 8 GiB disk's map takes 2 round trips instead of 8
+MAX_STATUS_REQUEST = (1 << 32) - (1 << 20)
 
 
 def client_tls_dir() -> Path | None:

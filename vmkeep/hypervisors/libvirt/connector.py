@@ -337,9 +337,11 @@ class LibvirtConnector:
         dom = self.domain(vm)
         notes = []
         sweep_scratch()
-        if merge_stale_overlays(dom):
+        live_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+        if merge_stale_overlays(dom, live_xml):
             notes.append("merged back the snapshot overlays of an earlier vmkeep run that did not finish")
-        specs = disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE))
+            live_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)
+        specs = disk_specs(live_xml)
         notes += [s.reason for s in specs if s.reason]
         eligible = [s for s in specs if s.eligible]
         if not eligible:

@@ -166,10 +166,12 @@ def release_overlays(dom: libvirt.virDomain, overlays: dict[str, Overlay]) -> bo
     return bitmaps_kept
 
 
-def merge_stale_overlays(dom: libvirt.virDomain) -> bool:
-    """Commit back the overlays a vmkeep run left when it died mid-backup; whether there were any."""
+def merge_stale_overlays(dom: libvirt.virDomain, domain_xml: str) -> bool:
+    """Commit back the overlays a vmkeep run left when it died mid-backup; whether there were any.
+
+    ``domain_xml``: the VM's live definition (secure), read by the caller."""
     stale = {}
-    for s in disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE)):
+    for s in disk_specs(domain_xml):
         if s.source.endswith(OVERLAY_SUFFIX):
             stale[s.target] = (Path(s.source), *_backing_file(s.source))
     if stale and not release_overlays(dom, stale):
