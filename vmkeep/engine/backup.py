@@ -130,18 +130,15 @@ class _ReadsLeft:
         self._lock = threading.Lock()
 
     def planned(self, slots: int) -> None:
-        with self._lock:
-            self._unplanned -= 1
-            self._slots += slots
-        self._maybe_done()
+        self._count(disks=-1, slots=slots)
 
     def read(self) -> None:
-        with self._lock:
-            self._slots -= 1
-        self._maybe_done()
+        self._count(disks=0, slots=-1)
 
-    def _maybe_done(self) -> None:
+    def _count(self, disks: int, slots: int) -> None:
         with self._lock:
+            self._unplanned += disks
+            self._slots += slots
             then = self._then if self._unplanned == 0 and self._slots == 0 else None
             if then is not None:
                 self._then = None
