@@ -154,18 +154,18 @@ def _plan(job: DiskJob, chunk_size: int, parent: DiskIndex | None, index: DiskIn
     extents = job.source.data_extents()
     if parent is None or job.changed is None:
         data = ranges_by_slot(extents, chunk_size)
-        stats.bytes_zero = size - sum(_slot_length(slot, size, chunk_size) for slot in data)
+        stats.bytes_zero = size - sum(index.slot_length(slot) for slot in data)
         return [_Slot(slot, data[slot]) for slot in sorted(data)]
     index.ids[:] = parent.ids  # every clean slot keeps the parent's chunk
     dirty = ranges_by_slot(job.changed, chunk_size)
-    stats.bytes_reused = size - sum(_slot_length(slot, size, chunk_size) for slot in dirty)
+    stats.bytes_reused = size - sum(index.slot_length(slot) for slot in dirty)
     # the data extents split into slots only where slots were written: an incremental of a
     # large, full disk must not walk every one of its allocated slots
-    spans = merge(Extent(slot * chunk_size, _slot_length(slot, size, chunk_size)) for slot in dirty)
+    spans = merge(Extent(slot * chunk_size, index.slot_length(slot)) for slot in dirty)
     data = ranges_by_slot(intersect(extents, spans), chunk_size)
     slots = []
     for slot in sorted(dirty):
-        written, length = dirty[slot], _slot_length(slot, size, chunk_size)
+        written, length = dirty[slot], index.slot_length(slot)
         if sum(e.length for e in written) < length:
             # partly written since the parent: read only what changed, keep the rest of its chunk
             base = parent.get(slot)
@@ -179,16 +179,12 @@ def _plan(job: DiskJob, chunk_size: int, parent: DiskIndex | None, index: DiskIn
     return slots
 
 
-def _slot_length(slot: int, size: int, chunk_size: int) -> int:
-    return min(chunk_size, size - slot * chunk_size)
-
-
 def _patch_bases(changed: list[Extent], parent: DiskIndex, chunk_size: int) -> list[bytes]:
     """The parent's chunks that the first partly written slots will be patched from (at most
     PREFETCH_CHUNKS), so that reading them from the repository starts at once."""
     bases = []
     for slot, written in ranges_by_slot(changed, chunk_size).items():
-        length = _slot_length(slot, parent.size, chunk_size)
+        length = parent.slot_length(slot)
         if sum(e.length for e in written) < length and (cid := parent.get(slot)) != ZERO_ID:
             bases.append(cid)
             if len(bases) == PREFETCH_CHUNKS:

@@ -199,9 +199,7 @@ def _check_ready(proc: subprocess.Popen[bytes], log: Path, what: str, check: Cal
     try:
         check()
     except ImageError:
-        try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:
+        if not exited(proc, 2):
             raise  # the server runs on: what it serves lacks what was asked
         err = log.read_text(errors="replace").strip()[-1000:]
         raise ImageError(f"{what} failed: {err}") from None
