@@ -35,8 +35,7 @@ def backup_vm(
 ) -> Manifest:
     """One restore point of ``vm``: incremental from its latest point when the chain allows."""
     check_name(vm, "VM name")
-    points = repo.list_points(vm)
-    parent = points[-1] if points else None
+    parent = repo.latest_point(vm)
     since = None if (full or parent is None) else parent.meta.get("chain")
     previous_disks = {d: e.size for d, e in parent.disks.items()} if parent else None
     with connector.point_in_time(vm, since=since, previous_disks=previous_disks, transports=transports,

@@ -71,7 +71,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
         try:
             repo = open_registered(policy.repository)
             connector = connector_for(vm.hypervisor)
-            previous = len(repo.list_points(vm.name))
+            previous = len(repo.point_ids(vm.name))
             full = bool(policy.full_every) and previous % (policy.full_every or 1) == 0
             # progress rows are written from another connection: close it before this session
             # touches the row again, or the two would wait on each other's row lock

@@ -31,9 +31,18 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
+POINT_STAMP = re.compile(r"\d{8}T\d{6}Z-")  # how every point id vmkeep makes begins
+
+
 def new_point_id(now: datetime | None = None) -> str:
+    """A new point id: the backup's start (UTC, to the second, so ids sort by it) and a random tail."""
     stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
     return f"{stamp}-{secrets.token_hex(3)}"
+
+
+def point_stamp(point_id: str) -> str | None:
+    """The start stamp ``point_id`` begins with, None for an id vmkeep did not make."""
+    return point_id[:16] if POINT_STAMP.match(point_id) else None
 
 
 def check_key(name: str, point_id: str) -> str:

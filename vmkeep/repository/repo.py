@@ -22,6 +22,7 @@ from vmkeep.repository.points import (
     decode_manifest,
     encode_manifest,
     manifest_key,
+    point_stamp,
 )
 
 
@@ -138,13 +139,51 @@ class Repository:
             raise ObjectCorrupt(f"{damaged[0][1]}; run `vmkeep repo verify`")
         return points
 
+    def point_ids(self, name: str) -> list[str]:
+        """The ids of ``name``'s committed points, from one listing (no manifest is read)."""
+        prefix = f"points/{check_name(name)}/"
+        return sorted(info.key[len(prefix):-len(".json")] for info in self.backend.list(prefix)
+                      if info.key.endswith(".json"))
+
+    def latest_point(self, name: str) -> Manifest | None:
+        """The newest point of ``name`` (what ``list_points(name)[-1]`` gives), reading only the
+        manifests that began in the newest second.
+
+        A point's id begins with its backup's start, and one VM's backups run one after another
+        (libvirt runs one backup job per VM), so the newest point is among the ids with the
+        greatest stamp. Every backup needs its parent: in object storage, reading a VM's months
+        of manifests would cost a request per point. Ids without a stamp are read in full.
+        """
+        by_stamp: dict[str, list[str]] = {}
+        for point_id in self.point_ids(name):
+            stamp = point_stamp(point_id)
+            if stamp is None:
+                points = self.list_points(name)
+                return points[-1] if points else None
+            by_stamp.setdefault(stamp, []).append(point_id)
+        for stamp in sorted(by_stamp, reverse=True):
+            newest = []
+            for point_id in by_stamp[stamp]:
+                try:
+                    newest.append(self._read_manifest(manifest_key(name, point_id)))
+                except ObjectMissing:
+                    continue  # deleted by a concurrent prune
+                except (ObjectCorrupt, RepositoryError) as exc:
+                    raise ObjectCorrupt(f"{exc}; run `vmkeep repo verify`") from None
+            if newest:
+                return max(newest, key=lambda m: (m.created, m.point_id))
+        return None
+
     def find_point(self, name: str, point: str | None = None) -> Manifest:
         """The point ``point`` of ``name`` (an id, a unique id prefix, or None/'latest')."""
+        if point in (None, "latest"):
+            latest = self.latest_point(name)
+            if latest is None:
+                raise PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
+            return latest
         points = self.list_points(name)
         if not points:
             raise PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
-        if point in (None, "latest"):
-            return points[-1]
         matches = [m for m in points if m.point_id.startswith(point)]
         if len(matches) != 1:
             which = "no" if not matches else "more than one"
