@@ -144,23 +144,26 @@ def guest_write(n: int) -> None:
                     f'"write -P {n} {(n * 37 + 5) * 1048576} 1M"'], check=True, capture_output=True)
 
 
-def incrementals(transport: str, repo: Path, repeat: int, first_write: int, record: Record) -> None:
-    """A 1 MiB guest write, then an incremental backup, ``repeat`` times."""
+def incrementals(transport: str, repo: Path, repeat: int, first_write: int, record: Record,
+                 repo_args: tuple[str, ...] = (), label: str = "vmkeep incremental after a 1 MiB write",
+                 engine_label: str = "the same, engine time only") -> None:
+    """A 1 MiB guest write, then an incremental backup, ``repeat`` times (``repo_args``: how the
+    repository is unlocked, when not by the passphrase in the environment)."""
     engine: list[float] = []
 
     def write() -> None:  # before the clock starts, as in proxy_incrementals
         guest_write(first_write + len(engine) + 1)
 
     def one() -> None:
-        out = json.loads(sh(VMKEEP, "backup", VM, "--repo", str(repo), "--transport", transport,
+        out = json.loads(sh(VMKEEP, "backup", VM, "--repo", str(repo), *repo_args, "--transport", transport,
                             "--json").stdout)["vms"][0]
         # the write touches one or two 4 MiB chunks of allocated data (bound: both re-read whole)
         assert out["mode"] == "incremental" and out["bytes_read"] <= 2 * 4 << 20, out
         engine.append(float(out["duration"]))
 
     t, runs = median_of(repeat, write, one, lambda: None, touch_memory=False)
-    record(f"{transport}: vmkeep incremental after a 1 MiB write", t, runs, nbytes=1 << 20)
-    record(f"{transport}:   the same, engine time only", statistics.median(engine), engine, nbytes=1 << 20)
+    record(f"{transport}: {label}", t, runs, nbytes=1 << 20)
+    record(f"{transport}:   {engine_label}", statistics.median(engine), engine, nbytes=1 << 20)
 
 
 def proxy_incrementals(transport: str, repo: Path, repeat: int, first_write: int, record: Record) -> None:
