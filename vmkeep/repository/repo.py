@@ -26,6 +26,10 @@ from vmkeep.repository.points import (
 )
 
 
+def _no_points(name: str) -> PointNotFound:
+    return PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
+
+
 def chunk_key(chunk_id: bytes) -> str:
     h = chunk_id.hex()
     return f"chunks/{h[:2]}/{h}"
@@ -179,11 +183,11 @@ class Repository:
         if point in (None, "latest"):
             latest = self.latest_point(name)
             if latest is None:
-                raise PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
+                raise _no_points(name)
             return latest
         points = self.list_points(name)
         if not points:
-            raise PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
+            raise _no_points(name)
         matches = [m for m in points if m.point_id.startswith(point)]
         if len(matches) != 1:
             which = "no" if not matches else "more than one"
