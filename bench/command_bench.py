@@ -142,5 +142,6 @@ def _fresh_full(repo: Path, repo_args: tuple[str, ...], key_file: Path | None = 
     assert out["mode"] == "full", out
     return seconds
 
+
 if __name__ == "__main__":
     main()

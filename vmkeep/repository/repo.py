@@ -30,6 +30,16 @@ def _no_points(name: str) -> PointNotFound:
     return PointNotFound(f"the repository has no restore points for {name!r}; see `vmkeep points`")
 
 
+def _creation(manifest: Manifest) -> tuple[str, str]:
+    """Points in the order they were committed."""
+    return manifest.created, manifest.point_id
+
+
+def _refuse_damaged(damaged: list[tuple[str, str]]) -> None:
+    if damaged:
+        raise ObjectCorrupt(f"{damaged[0][1]}; run `vmkeep repo verify`")
+
+
 def chunk_key(chunk_id: bytes) -> str:
     h = chunk_id.hex()
     return f"chunks/{h[:2]}/{h}"
@@ -120,27 +130,32 @@ class Repository:
     def _read_manifest(self, key: str) -> Manifest:
         return decode_manifest(self.backend.get(key), self.keys.mac, key)
 
+    def _read_points(self, keys: Iterable[str]) -> tuple[list[Manifest], list[tuple[str, str]]]:
+        """The readable manifests among ``keys`` (one deleted meanwhile by a prune is passed over),
+        and the damaged ones as (key, reason)."""
+        points, damaged = [], []
+        for key in keys:
+            try:
+                points.append(self._read_manifest(key))
+            except ObjectMissing:
+                continue
+            except (ObjectCorrupt, RepositoryError) as exc:
+                damaged.append((key, str(exc)))
+        return points, damaged
+
     def scan_points(self, name: str | None = None) -> tuple[list[Manifest], list[tuple[str, str]]]:
         """One pass over the manifests: the readable points oldest first, and the damaged ones as
         (key, reason)."""
         prefix = f"points/{check_name(name)}/" if name else "points/"
-        points, damaged = [], []
-        for info in self.backend.list(prefix):
-            if info.key.endswith(".json"):
-                try:
-                    points.append(self._read_manifest(info.key))
-                except ObjectMissing:
-                    continue  # deleted by a concurrent prune
-                except (ObjectCorrupt, RepositoryError) as exc:
-                    damaged.append((info.key, str(exc)))
-        return sorted(points, key=lambda m: (m.created, m.point_id)), damaged
+        points, damaged = self._read_points(info.key for info in self.backend.list(prefix)
+                                            if info.key.endswith(".json"))
+        return sorted(points, key=_creation), damaged
 
     def list_points(self, name: str | None = None) -> list[Manifest]:
         """Every committed restore point (optionally of one name), oldest first; a damaged manifest
         is an error here (verify and gc report it instead)."""
         points, damaged = self.scan_points(name)
-        if damaged:
-            raise ObjectCorrupt(f"{damaged[0][1]}; run `vmkeep repo verify`")
+        _refuse_damaged(damaged)
         return points
 
     def point_ids(self, name: str) -> list[str]:
@@ -166,16 +181,10 @@ class Repository:
                 return points[-1] if points else None
             by_stamp.setdefault(stamp, []).append(point_id)
         for stamp in sorted(by_stamp, reverse=True):
-            newest = []
-            for point_id in by_stamp[stamp]:
-                try:
-                    newest.append(self._read_manifest(manifest_key(name, point_id)))
-                except ObjectMissing:
-                    continue  # deleted by a concurrent prune
-                except (ObjectCorrupt, RepositoryError) as exc:
-                    raise ObjectCorrupt(f"{exc}; run `vmkeep repo verify`") from None
+            newest, damaged = self._read_points(manifest_key(name, point_id) for point_id in by_stamp[stamp])
+            _refuse_damaged(damaged)
             if newest:
-                return max(newest, key=lambda m: (m.created, m.point_id))
+                return max(newest, key=_creation)
         return None
 
     def find_point(self, name: str, point: str | None = None) -> Manifest:
