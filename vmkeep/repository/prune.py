@@ -3,7 +3,7 @@ the last N hours / days / weeks / months / years)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +28,21 @@ class RetentionPolicy:
     weekly: int = 0
     monthly: int = 0
     yearly: int = 0
+
+    def __post_init__(self) -> None:
+        # a negative count slices from the wrong end and keeps nothing: every point would go
+        wrong = {k: v for k, v in self.__dict__.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0}
+        if wrong:
+            raise UsageError("retention counts are whole numbers, 0 or more (0: not used); got "
+                             + ", ".join(f"{k}={v!r}" for k, v in wrong.items()))
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int]) -> RetentionPolicy:
+        """From a stored or posted mapping (``{"last": 7, "daily": 14}``); unknown keys are refused."""
+        unknown = sorted(set(counts) - {"last", *PERIODS})
+        if unknown:
+            raise UsageError(f"unknown retention {', '.join(unknown)}: use last, {', '.join(PERIODS)}")
+        return cls(**counts)
 
     def is_empty(self) -> bool:
         return not any(self.__dict__.values())
@@ -59,6 +74,8 @@ def select(points: list[Manifest], policy: RetentionPolicy, locked_until: dateti
             if bucket not in seen:
                 seen.add(bucket)
                 result.keep.setdefault(m.point_id, []).append(period)
+    if newest_first and not result.keep:
+        raise UsageError("this retention keeps none of the points: give at least one --keep-* count above 0")
     result.remove = [m for m in newest_first if m.point_id not in result.keep]
     return result
 
