@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import smtplib
+import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from vmkeep.catalog.models import Job
+from vmkeep.server.endpoints import EndpointPolicy, EndpointRefused
 
 TIMEOUT_SECONDS = 10
 
@@ -24,14 +27,15 @@ class Mailer:
     starttls: bool = False
     username: str | None = None
     password: str | None = None
+    ca_file: Path | None = None  # CA of the SMTP server's certificate; default: the system's
 
     def send(self, to: list[str], subject: str, body: str) -> None:
         message = EmailMessage()
         message["From"], message["To"], message["Subject"] = self.sender, ", ".join(to), subject
         message.set_content(body)
         with smtplib.SMTP(self.host, self.port, timeout=TIMEOUT_SECONDS) as smtp:
-            if self.starttls:
-                smtp.starttls()
+            if self.starttls:  # verified: an unchecked certificate would hand the login to anyone between
+                smtp.starttls(context=ssl.create_default_context(cafile=self.ca_file))
             if self.username and self.password:
                 smtp.login(self.username, self.password)
             smtp.send_message(message)
@@ -60,7 +64,19 @@ def _text(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def notify_job(job: Job, mailer: Mailer | None) -> str | None:
+def post_json(url: str, payload: Any, endpoints: EndpointPolicy,
+              timeout: float = TIMEOUT_SECONDS) -> httpx.Response:
+    """POST ``payload`` to ``url`` at the address checked just now (not one resolved again later,
+    which DNS could point elsewhere); the name still goes in Host and, for HTTPS, in SNI and the
+    certificate check. Redirects are not followed: they could lead anywhere."""
+    parsed, address = endpoints.check(url, "webhook")
+    extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        return client.post(parsed.copy_with(host=address), json=payload, extensions=extensions,
+                           headers={"Host": parsed.netloc.decode("ascii")})
+
+
+def notify_job(job: Job, mailer: Mailer | None, endpoints: EndpointPolicy = EndpointPolicy()) -> str | None:
     """Send what the policy asks for; the errors met (None when everything went out)."""
     summary = job_summary(job)
     errors = []
@@ -69,9 +85,11 @@ def notify_job(job: Job, mailer: Mailer | None) -> str | None:
         return None  # deleted since: nobody to tell
     if policy.notify_webhook:
         try:
-            reply = httpx.post(policy.notify_webhook, json=summary, timeout=TIMEOUT_SECONDS)
+            reply = post_json(policy.notify_webhook, summary, endpoints)
             if reply.status_code >= 300:
                 errors.append(f"webhook answered {reply.status_code}")
+        except EndpointRefused as exc:
+            errors.append(f"webhook refused: {exc}")
         except httpx.HTTPError as exc:
             errors.append(f"webhook failed: {exc}")
     if policy.notify_email:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmkeep.catalog.models import Hypervisor, Job, Policy
 from vmkeep.errors import VmkeepError
 from vmkeep.server.dispatch import run_policy
+from vmkeep.server.endpoints import EndpointPolicy
 from vmkeep.server.inventory import discover
 from vmkeep.server.notify import Mailer, notify_job
 
@@ -64,7 +65,8 @@ async def discover_due(sessions: sessionmaker[Session], now: datetime) -> int:
     return len(due)
 
 
-async def notify_finished(session: Session, mailer: Mailer | None) -> int:
+async def notify_finished(session: Session, mailer: Mailer | None,
+                          endpoints: EndpointPolicy = EndpointPolicy()) -> int:
     """Send the notice of every finished run not yet announced; how many were sent."""
     sent = 0
     pending = session.scalars(select(Job).where(Job.finished.is_not(None), Job.notified_at.is_(None)))
@@ -73,7 +75,7 @@ async def notify_finished(session: Session, mailer: Mailer | None) -> int:
         if policy is None or not (policy.notify_webhook or policy.notify_email):
             job.notified_at = datetime.now(UTC)
             continue
-        error = await asyncio.to_thread(notify_job, job, mailer)
+        error = await asyncio.to_thread(notify_job, job, mailer, endpoints)
         job.notified_at, job.notify_error = datetime.now(UTC), error
         sent += error is None
     session.commit()
