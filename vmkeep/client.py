@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,60 @@ def _tokens() -> dict[str, str]:
 
 
 def save_token(server: str, token: str) -> None:
+    """Add ``token`` to the store. The new content goes into a file created 0600 and then takes
+    the store's place: never readable by others, even for a moment, even if the old store was."""
     path = token_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tokens = {**_tokens(), server: token}
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(tokens, indent=1))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # O_EXCL, mode 0600
+    staging = Path(name)
+    try:
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)  # whatever the umask
+            out.write(json.dumps(tokens, indent=1))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def server_verify(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """httpx's ``verify`` for a vmkeep server: its CA from ``ca_file``, else the system's."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--ca-file {ca_file}: cannot load CA certificates from it ({exc}); give the PEM file "
+                         "of the CA that signed the server's certificate") from exc
+
+
+def read_token(token_file: Path | None) -> str:
+    """A proxy's API token, from ``token_file`` or VMKEEP_TOKEN: never the command line, which
+    every user of the machine can read (ps, /proc)."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as exc:
+            raise UsageError(f"--token-file {token_file}: {exc.strerror}") from exc
+        if not token:
+            raise UsageError(f"--token-file {token_file} is empty: put the proxy account's API token in it")
+        return token
+    token = os.environ.get("VMKEEP_TOKEN", "").strip()
+    if not token:
+        raise UsageError("give the proxy account's API token in VMKEEP_TOKEN or a file named by --token-file")
+    return token
 
 
 class ApiClient:
-    def __init__(self, server: str) -> None:
+    def __init__(self, server: str, ca_file: Path | None = None) -> None:
         self.server = server.rstrip("/")
         token = os.environ.get("VMKEEP_TOKEN") or _tokens().get(self.server)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=TIMEOUT_SECONDS)
+        self.http = httpx.Client(base_url=self.server, headers=headers, timeout=TIMEOUT_SECONDS,
+                                 verify=server_verify(ca_file))
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         """The JSON answer; an error answer becomes a VmkeepError that says what to do."""

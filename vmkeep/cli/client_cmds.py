@@ -21,10 +21,10 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 
 def client(ctx: typer.Context) -> ApiClient:
-    server = (ctx.find_root().obj or {}).get("server")
-    if not server:
+    options = ctx.find_root().obj or {}
+    if not options.get("server"):
         raise UsageError("this command talks to a vmkeep server: give --server URL (or VMKEEP_SERVER)")
-    return ApiClient(server)
+    return ApiClient(options["server"], options.get("ca_file"))
 
 
 def _csv(text: str | None) -> list[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import httpx
 
 from vmkeep.catalog.db import sessions
+from vmkeep.client import server_verify
 from vmkeep.errors import VmkeepError
 from vmkeep.proxy.queue import make_app, queue_name
 
@@ -40,10 +42,13 @@ def _heartbeat(client: httpx.Client, name: str, stop: threading.Event) -> None:
 
 
 def run_proxy(server: str, token: str, name: str, transports: list[str], reaches: list[str],
-              concurrency: int, max_rate: float | None = None, storage: list[str] | None = None) -> None:
+              concurrency: int, max_rate: float | None = None, storage: list[str] | None = None,
+              ca_file: Path | None = None) -> None:
     """Blocks until interrupted (SIGINT/SIGTERM finish the running backups first). ``max_rate``:
-    MiB/s each backup may read and each restore may write (none: as fast as it goes)."""
-    client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    MiB/s each backup may read and each restore may write (none: as fast as it goes). ``ca_file``:
+    the CA of the master's certificate (default: the system's)."""
+    client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                          verify=server_verify(ca_file))
     database_url = register(client, name, transports, reaches, concurrency, storage or [])
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(client, name, stop), daemon=True)
