@@ -51,7 +51,7 @@ def test_rebuild_follows_the_repositories(cli: Cli, database: str, make_disk: Ca
     cli.run("db", "upgrade", env=db)
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     cli.run("repo", "init", first, "--encrypt")
-    cli.run("repo", "init", second)
+    cli.run("repo", "init", second, "--encrypt")
     backed_up(cli, make_disk, first, ["web-1", "web-1", "db-1"])
     backed_up(cli, make_disk, second, ["web-2"])
 

@@ -22,6 +22,7 @@ def test_login_register_policy_run_and_points(cli: Cli, database: str, tmp_path:
         assert oct(tokens.stat().st_mode & 0o777) == "0o600" and server.url in json.loads(tokens.read_text())
 
         repo = str(tmp_path / "repo")
+        del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
         cli.run("repo", "init", repo)
         admin = server.client(server.login("admin", ADMIN_PASSWORD))
         assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201

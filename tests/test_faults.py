@@ -144,7 +144,7 @@ def small_fs(request: pytest.FixtureRequest, tmp_path: Path):
 
 def test_full_disk_keeps_existing_points(cli: Cli, make_disk, small_fs: Path, tmp_path: Path) -> None:
     repo = str(small_fs / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     small = make_disk(8 * MiB, [Segment(0, 8 * MiB, "random", "small")])
     cli.json("disk", "backup", str(small), "--repo", repo, "--name", "small")
     big = make_disk(64 * MiB, [Segment(0, 64 * MiB, "random", "big")])

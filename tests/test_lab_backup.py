@@ -144,7 +144,7 @@ def test_a_scratch_directory_filling_mid_backup_does_not_leave_the_vm_paused(cli
     small = tmp_path / "small"
     with guest_beside_tmpfs(small, "8m") as vm:
         repo = str(tmp_path / "repo")
-        cli.run("repo", "init", repo)
+        cli.run("repo", "init", repo, "--encrypt")
         vm.write("vda", 0, 24 * MiB, seed="before")
         proc = subprocess.Popen([VMKEEP, "backup", vm.name, "--repo", repo, "--transport", transport, "--max-rate",
                                  "2", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -109,7 +109,7 @@ def test_drift_falls_back_to_full(cli: Cli, vm: BareVM, repo: str, tmp_path: Pat
     assert r["mode"] == "full" and "disks changed" in r["reason"] and "vdc" in r["reason"]
     assert backup(cli, vm, repo)["mode"] == "incremental"
     other = str(tmp_path / "other")  # the previous point is not in this repository
-    cli.run("repo", "init", other)
+    cli.run("repo", "init", other, "--encrypt")
     r = backup(cli, vm, other)
     assert r["mode"] == "full" and "no previous restore point" in r["reason"]
     assert backup(cli, vm, repo, "--full")["mode"] == "full"
@@ -144,7 +144,7 @@ def test_shut_off_vm_is_read_from_its_images(cli: Cli, vm: BareVM, repo: str, tm
 
 def test_failed_backup_releases_job_scratch_and_checkpoint(cli: Cli, vm: BareVM, tmp_path: Path) -> None:
     good = str(tmp_path / "good")
-    cli.run("repo", "init", good)
+    cli.run("repo", "init", good, "--encrypt")
     vm.write("vda", 0, 4 * MiB, 0x66)
     backup(cli, vm, good)
     before = vm.checkpoints()
@@ -152,7 +152,7 @@ def test_failed_backup_releases_job_scratch_and_checkpoint(cli: Cli, vm: BareVM,
     small.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)], check=True)
     try:
-        cli.run("repo", "init", str(small / "repo"), "--compression", "0")
+        cli.run("repo", "init", str(small / "repo"), "--encrypt", "--compression", "0")
         vm.write("vda", 16 * MiB, 24 * MiB, 0x77)
         r = backup(cli, vm, str(small / "repo"), ok=False)
         assert not r["ok"] and "full" in r["error"]

@@ -24,7 +24,7 @@ def busy_vm(cli: Cli, tmp_path: Path) -> Iterator[tuple[BareVM, str]]:
     """A VM with a full backup taken and 480 MiB rewritten since, so the next backup takes a while."""
     machine = bare_vm.create({"vda": (512 * MiB, "qcow2")})
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     try:
         machine.write("vda", 0, 4 * MiB, 0x12)
         backup(cli, machine, repo)

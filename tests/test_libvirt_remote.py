@@ -71,7 +71,7 @@ def test_proxy_in_another_network_namespace(cli: Cli, proxy: list[str], vm: Bare
 
 def test_nbd_tls_without_client_certificates(cli: Cli, vm: BareVM, tmp_path: Path) -> None:
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     vm.write("vda", 0, MiB, 0x71)
     no_certs = {"VMKEEP_NBD_TLS_DIR": str(tmp_path / "no-certs")}
     refused = cli.run("backup", vm.name, "--repo", repo, "--transport", "nbd", "--nbd-tls", "require", "--json",
@@ -90,7 +90,7 @@ def test_nbd_tls_when_the_host_cannot_serve_it(cli: Cli, vm: BareVM, tmp_path: P
     """The proxy has client certificates, the host has none: `require` refuses with the remedy and
     leaves nothing; `auto` backs up over plain NBD and says why."""
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     vm.write("vda", 4 * MiB, 2 * MiB, 0x54)
     at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
     # libvirt's refusal names this directory: its path must not contain the words matched
@@ -117,7 +117,7 @@ def test_proxy_reaches_libvirt_over_ssh(cli: Cli, proxy: list[str], vm: BareVM, 
     """qemu+ssh://: libvirt's control connection through ssh from the other network; the disks
     still come over NBD straight from the host."""
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     vm.write("vda", 8 * MiB, 3 * MiB, 0x63)
     at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
     with ssh_server(PROXY_NETWORK_GATEWAY, tmp_path / "ssh") as server:

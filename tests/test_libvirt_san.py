@@ -33,7 +33,7 @@ def vm() -> Iterator[BareVM]:
 @pytest.fixture
 def repo(cli: Cli, tmp_path: Path) -> str:
     path = str(tmp_path / "repo")
-    cli.run("repo", "init", path)
+    cli.run("repo", "init", path, "--encrypt")
     return path
 
 

@@ -98,9 +98,9 @@ def test_gc_spares_an_old_chunk_a_running_backup_dedups_against(tmp_path: Path) 
 def test_gc_spares_the_parent_of_a_running_backup_pruned_meanwhile(cli: Cli, make_disk, tmp_path: Path) -> None:
     image = make_disk(8 * MiB, [Segment(0, 8 * MiB, "random")])
     repo_dir = tmp_path / "repo"
-    cli.run("repo", "init", str(repo_dir))
+    cli.run("repo", "init", str(repo_dir), "--encrypt")
     cli.json("disk", "backup", str(image), "--repo", str(repo_dir), "--name", "vm")
-    repo = Repository.open(FilesystemBackend(repo_dir), Credentials())
+    repo = Repository.open(FilesystemBackend(repo_dir), Credentials(cli.env["VMKEEP_PASSPHRASE"].encode()))
     parent = repo.list_points("vm")[0]
     with WriterSession(repo.backend, protects=[e.index_key for e in parent.disks.values()]):
         repo.delete_points([parent])  # a prune races with the backup that builds on this point

@@ -28,6 +28,8 @@ def test_restore_equals_source(cli: Cli, make_disk, tmp_path: Path, shape: str, 
     }[shape]
     image = make_disk(size, segments)
     repo = str(tmp_path / "repo")
+    if not encrypt:  # a passphrase given to a plain repository is refused
+        del cli.env["VMKEEP_PASSPHRASE"]
     cli.run("repo", "init", repo, *(["--encrypt"] if encrypt else []))
     result = cli.json("disk", "backup", str(image), "--repo", repo, "--name", "vm1")
     written = sum(s.length for s in segments if s.kind != "zero")
@@ -45,7 +47,7 @@ def test_restore_equals_source(cli: Cli, make_disk, tmp_path: Path, shape: str, 
 
 def test_raw_source_and_not_an_image(cli: Cli, make_disk, tmp_path: Path) -> None:
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     raw = make_disk(8 * MiB, [Segment(MiB, MiB, "random")], fmt="raw")
     cli.json("disk", "backup", str(raw), "--repo", repo, "--name", "rawdisk")
     text = tmp_path / "notes.txt"
@@ -119,7 +121,7 @@ def test_incremental_from_qcow2_dirty_bitmap(cli: Cli, make_disk, tmp_path: Path
     size = 128 * MiB
     image = make_disk(size, [Segment(0, 64 * MiB, "text")])
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     cli.json("disk", "backup", str(image), "--repo", repo, "--name", "vm")
     subprocess.run(["qemu-img", "bitmap", "--add", str(image), "b1"], check=True)
     write_segments(image, "qcow2", size, [Segment(70 * MiB, 512 * 1024, "random", "x")])

@@ -60,7 +60,7 @@ def test_immutable_repository_resists_deletion(cli: Cli, s3_env: dict[str, str],
     bucket = _bucket()
     repo = f"s3://{bucket}/locked"
     env = s3_env
-    cli.run("repo", "init", repo, "--immutable-days", "1", env=env)
+    cli.run("repo", "init", repo, "--encrypt", "--immutable-days", "1", env=env)
     image = make_disk(12 * MiB, [Segment(0, 12 * MiB, "random")])
     cli.json("disk", "backup", str(image), "--repo", repo, "--name", "vm", env=env)
     cli.json("disk", "backup", str(image), "--repo", repo, "--name", "vm", env=env)

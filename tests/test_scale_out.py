@@ -67,6 +67,7 @@ def master_with_repository(master: Server, cli: Cli, tmp_path: Path,
     """An admin client of ``master`` with a plain repository ``main`` and the libvirt ``local`` at ``uri``."""
     admin = master.client(master.login("admin", ADMIN_PASSWORD))
     repo = str(tmp_path / "repo")
+    del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
     cli.run("repo", "init", repo)
     assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
     assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",

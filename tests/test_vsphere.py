@@ -178,7 +178,7 @@ def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env
     shim = CbtShim(sim)
     try:
         repo = str(tmp_path / "repo")
-        cli.run("repo", "init", repo)
+        cli.run("repo", "init", repo, "--encrypt")
         full = backup(cli, shim.address, "vc-incr", repo)
         assert full["mode"] == "full" and full["bytes_read"] == 12 * MiB  # only where data is (CBT "*")
         with flat.open("r+b") as f:  # the guest writes 1 MiB, and 100 kB across two 64 KiB blocks
@@ -222,7 +222,7 @@ def test_leftover_snapshot_of_a_crashed_run_is_removed(cli: Cli, sim: vcsim.Vcsi
     finally:
         s.close()
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     result = backup(cli, sim.address, "vc-crash", repo)
     assert any("removed snapshot vmkeep-20260101T000000Z" in n for n in result["notes"]), result["notes"]
     tree = vm_props(sim, "vc-crash", ["snapshot"])["snapshot"].rootSnapshotList
@@ -248,6 +248,7 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: vcsim.Vcsim, en
     with launch(cli, database, tmp_path) as master:
         admin = master.client(master.login("admin", ADMIN_PASSWORD))
         repo = str(tmp_path / "repo")
+        del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
         cli.run("repo", "init", repo)
         assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
         reply = admin.post("/api/hypervisors", json={"name": "vc", "kind": "vsphere", "uri": sim.address,
@@ -282,7 +283,7 @@ def test_quiesce_needs_vmware_tools(cli: Cli, sim: vcsim.Vcsim, env: dict[str, s
     finally:
         s.close()
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     refused = cli.run("backup", "vc-running", "--host", sim.address, "--repo", repo, "--quiesce", "required", "--json",
                       ok=False)
     result = json.loads(refused.stdout)["vms"][0]

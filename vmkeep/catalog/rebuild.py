@@ -10,13 +10,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import delete, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord
+from vmkeep.errors import RepositoryError
+from vmkeep.repository.config import RepoConfig
 from vmkeep.repository.points import Manifest
 from vmkeep.repository.repo import Repository
 
@@ -31,12 +33,48 @@ class RebuildReport:
     damaged: list[tuple[str, str]] = field(default_factory=list)
 
 
+class Pinned(Protocol):
+    """What the catalog recorded of a repository when it was registered (its row, or a copy of it
+    a proxy was given)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def location(self) -> str: ...
+    @property
+    def repo_id(self) -> str: ...
+    @property
+    def encrypted(self) -> bool: ...
+
+
+def check_pinned(record: Pinned, config: RepoConfig) -> None:
+    """Refuse a repository that is not the one the catalog registered at this location: its id
+    and whether it is encrypted were recorded then, and a config that now says otherwise was
+    replaced or tampered with (to make the next backup store plaintext, say)."""
+    if config.repo_id != record.repo_id:
+        raise RepositoryError(
+            f"{record.location} now holds repository {config.repo_id}, but the catalog registered repository "
+            f"{record.repo_id} there as {record.name}; if its config.json was replaced, restore it from a copy of "
+            "the repository; if the repository was really re-created, remove it from the catalog and add it again"
+        )
+    if config.encrypted != record.encrypted:
+        said, now = ("encrypted", "unencrypted") if record.encrypted else ("unencrypted", "encrypted")
+        raise RepositoryError(
+            f"the catalog registered {record.name} ({record.location}) as {said}, but its config.json now says "
+            f"{now}: the config was replaced or tampered with; nothing was read or written; restore config.json "
+            "from a copy of the repository"
+        )
+
+
 def register_repository(session: Session, repo: Repository, name: str | None = None,
                         s3_endpoint: str | None = None) -> RepositoryRecord:
-    """The catalog's record of ``repo``, created on first sight (by location)."""
+    """The catalog's record of ``repo``, created on first sight (by location); a record of
+    another repository at that location is refused (:func:`check_pinned`)."""
     location = repo.backend.url
     record = session.scalar(select(RepositoryRecord).where(RepositoryRecord.location == location))
-    if record is None:
+    if record is not None:
+        check_pinned(record, repo.config)
+    else:
         record = RepositoryRecord(name=name or location, location=location, s3_endpoint=s3_endpoint,
                                   repo_id=repo.config.repo_id, encrypted=repo.config.encrypted)
         session.add(record)
@@ -52,7 +90,7 @@ def point_row(repository_id: int, m: Manifest) -> dict[str, Any]:
         "transport": meta.get("transport"), "consistency": meta.get("consistency"),
         "logical_bytes": m.logical_size, "read_bytes": stats.get("bytes_read"),
         "stored_bytes": stats.get("bytes_stored"), "duration_seconds": stats.get("seconds"),
-        "disks": {d: e.size for d, e in m.disks.items()},
+        "disks": {d: e.size for d, e in m.disks.items()}, "wire": meta.get("wire"),
     }
 
 

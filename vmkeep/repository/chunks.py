@@ -20,7 +20,7 @@ import zstandard
 
 from vmkeep.buffers import copy_into
 from vmkeep.errors import FormatTooNew, ObjectCorrupt
-from vmkeep.repository.crypto import NONCE_SIZE, TAG_SIZE, RepositoryKeys, open_sealed, seal_into
+from vmkeep.repository.crypto import NONCE_SIZE, TAG_SIZE, RepositoryKeys, open_sealed, same_mac, seal_into
 
 CHUNK_MAGIC = b"VKC"
 CHUNK_VERSION = 1
@@ -156,6 +156,6 @@ def decode_chunk(keys: RepositoryKeys, chunk_id: bytes, stored: bytes, expected_
             data = _decompressor().decompress(data, max_output_size=expected_size)
         except zstandard.ZstdError as exc:
             raise ObjectCorrupt(f"{what} does not decompress: {exc}") from None
-    if len(data) != expected_size or keys.chunk_id(data) != chunk_id:
+    if len(data) != expected_size or not same_mac(keys.chunk_id(data), chunk_id):
         raise ObjectCorrupt(f"{what} does not hash to its id: its content is wrong")
     return bytes(data) if isinstance(data, memoryview) else data

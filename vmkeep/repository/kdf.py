@@ -23,6 +23,12 @@ SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
 SCRYPT_MAXMEM = 256 * 1024 * 1024
+# What a repository config may ask for: vmkeep writes N=2^15, r=8, p=1 (32 MiB, tens of ms); the
+# bounds allow 16 times that work and no more memory than SCRYPT_MAXMEM.
+SCRYPT_MAX_N = 2**20
+SCRYPT_MAX_R = 32
+SCRYPT_MAX_P = 16
+SCRYPT_MAX_WORK = 16 * SCRYPT_N * SCRYPT_R * SCRYPT_P
 
 _Inputs = tuple[bytes, bytes, int, int, int]
 
@@ -47,7 +53,19 @@ DERIVED_KEPT = 16  # repositories (or passphrases) a long-running process keeps 
 _lock = threading.Lock()
 
 
+def check_cost(n: int, r: int, p: int) -> None:
+    """Refuse scrypt parameters beyond the bounds (ValueError) before anything is derived."""
+    if not (2 <= n <= SCRYPT_MAX_N and n & (n - 1) == 0 and 1 <= r <= SCRYPT_MAX_R and 1 <= p <= SCRYPT_MAX_P
+            and n * r * p <= SCRYPT_MAX_WORK and 128 * r * (n + p + 2) <= SCRYPT_MAXMEM):
+        raise ValueError(
+            f"scrypt n={n}, r={r}, p={p} is beyond what vmkeep allows (n a power of two up to 2^20, r up to "
+            f"{SCRYPT_MAX_R}, p up to {SCRYPT_MAX_P}, at most {SCRYPT_MAX_WORK // (SCRYPT_N * SCRYPT_R)} times "
+            f"the default work, {SCRYPT_MAXMEM >> 20} MiB)"
+        )
+
+
 def _scrypt(passphrase: bytes, salt: bytes, n: int, r: int, p: int) -> bytes:
+    check_cost(n, r, p)
     return hashlib.scrypt(passphrase, salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
 
 
@@ -85,9 +103,11 @@ def derive(passphrase: bytes, salt: bytes, n: int = SCRYPT_N, r: int = SCRYPT_R,
 
 def parameters(wrapped: Mapping[str, object]) -> tuple[bytes, int, int, int]:
     """Salt, N, r and p of a passphrase-wrapped key record (the repository config's
-    ``encryption``); KeyError or ValueError when the record lacks or garbles them."""
-    return (bytes.fromhex(str(wrapped["salt"])), int(str(wrapped["n"])), int(str(wrapped["r"])),
-            int(str(wrapped["p"])))
+    ``encryption``); KeyError or ValueError when the record lacks or garbles them or asks for
+    more than :func:`check_cost` allows."""
+    n, r, p = (int(str(wrapped[k])) for k in ("n", "r", "p"))
+    check_cost(n, r, p)
+    return bytes.fromhex(str(wrapped["salt"])), n, r, p
 
 
 def read_passphrase(passphrase_file: Path | None) -> bytes | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from vmkeep.errors import FormatTooNew, ObjectCorrupt, UsageError
+from vmkeep.repository.crypto import same_mac
 
 MANIFEST_FORMAT = 1
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -104,35 +106,60 @@ class Manifest:
         return sum(e.size for e in self.disks.values())
 
 
-def encode_manifest(manifest: Manifest, mac: Any) -> bytes:
+def encode_manifest(manifest: Manifest, mac: Callable[[bytes], str]) -> bytes:
     body = json.dumps(manifest.body(), sort_keys=True, separators=(",", ":"))
     return json.dumps({"manifest": json.loads(body), "mac": mac(body.encode())}, indent=1).encode()
 
 
-def decode_manifest(data: bytes, mac: Any, what: str) -> Manifest:
+def _typed(body: dict[str, Any], key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    value = body[key] if default is ... else body.get(key, default)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"{key!r} is {value!r}")
+    return value
+
+
+def _disk(entry: Any) -> DiskEntry:
+    if not isinstance(entry, dict):
+        raise TypeError(f"a disk entry is {entry!r}")
+    return DiskEntry(_typed(entry, "size", int), _typed(entry, "index", str), _typed(entry, "index_mac", str),
+                     _typed(entry, "stats", dict, {}))
+
+
+def _manifest(body: dict[str, Any]) -> Manifest:
+    created = _typed(body, "created", str)
+    datetime.fromisoformat(created)  # ValueError when it is not a time
+    return Manifest(
+        name=_typed(body, "name", str),
+        point_id=_typed(body, "id", str),
+        created=created,
+        parent=_typed(body, "parent", (str, type(None)), None),
+        chunk_size=_typed(body, "chunk_size", int),
+        disks={d: _disk(e) for d, e in _typed(body, "disks", dict).items()},
+        meta=_typed(body, "meta", dict, {}),
+        stats=_typed(body, "stats", dict, {}),
+    )
+
+
+def decode_manifest(data: bytes, mac: Callable[[bytes], str], what: str) -> Manifest:
+    """The manifest in ``data`` after its MAC is checked; anything malformed, before or after the
+    check, is ObjectCorrupt (a damaged manifest), never a crash."""
     try:
         outer = json.loads(data)
         body = outer["manifest"]
+        version = body["format"]
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
     except (ValueError, KeyError, TypeError):
         raise ObjectCorrupt(f"{what} is not a readable manifest (truncated or damaged)") from None
-    if body.get("format", 0) > MANIFEST_FORMAT:
-        raise FormatTooNew(f"{what} uses manifest format {body['format']}; upgrade vmkeep to read it")
-    if mac(canonical.encode()) != outer.get("mac"):
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ObjectCorrupt(f"{what} is damaged: unknown manifest format {version!r}")
+    if version > MANIFEST_FORMAT:
+        raise FormatTooNew(f"{what} uses manifest format {version}; upgrade vmkeep to read it")
+    if not same_mac(mac(canonical.encode()), outer.get("mac")):
         raise ObjectCorrupt(f"{what} failed authentication: it was modified, or belongs to another repository")
-    return Manifest(
-        name=body["name"],
-        point_id=body["id"],
-        created=body["created"],
-        parent=body.get("parent"),
-        chunk_size=body["chunk_size"],
-        disks={
-            d: DiskEntry(e["size"], e["index"], e["index_mac"], e.get("stats", {}))
-            for d, e in body["disks"].items()
-        },
-        meta=body.get("meta", {}),
-        stats=body.get("stats", {}),
-    )
+    try:
+        return _manifest(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ObjectCorrupt(f"{what} is damaged: its MAC is right but its content is not a manifest ({exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import zstandard
 
-from vmkeep.errors import ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
+from vmkeep.errors import BackendError, ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
 from vmkeep.repository.backends.base import Backend
 from vmkeep.repository.chunks import decode_chunk, encode_chunk_into, encode_chunk_parts, max_stored_size
 from vmkeep.repository.config import CONFIG_KEY, Credentials, RepoConfig
-from vmkeep.repository.crypto import RepositoryKeys, open_sealed, seal
+from vmkeep.repository.crypto import RepositoryKeys, open_sealed, same_mac, seal
 from vmkeep.repository.index import DiskIndex
 from vmkeep.repository.points import (
     Manifest,
@@ -24,6 +25,8 @@ from vmkeep.repository.points import (
     manifest_key,
     point_stamp,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _no_points(name: str) -> PointNotFound:
@@ -38,6 +41,19 @@ def _creation(manifest: Manifest) -> tuple[str, str]:
 def _refuse_damaged(damaged: list[tuple[str, str]]) -> None:
     if damaged:
         raise ObjectCorrupt(f"{damaged[0][1]}; run `vmkeep repo verify`")
+
+
+def _store_upgraded(backend: Backend, config: RepoConfig) -> None:
+    """Store a config that just got its MAC. The config is outside S3 Object Lock, so this works
+    on immutable repositories too; where it cannot be written (read-only storage, a policy that
+    forbids it) the repository is used anyway and the next open tries again."""
+    try:
+        backend.put(CONFIG_KEY, config.to_json(), durable=True)
+    except BackendError as exc:
+        log.warning("could not add the MAC to the config of %s (%s); it stays unauthenticated until a "
+                    "later open can write it", backend.url, exc)
+        return
+    log.info("added a MAC to the config of %s", backend.url)
 
 
 def chunk_key(chunk_id: bytes) -> str:
@@ -69,12 +85,18 @@ class Repository:
         if backend.stat(CONFIG_KEY) is not None:
             raise UsageError(f"{backend.url} is already a vmkeep repository")
         config, secret = RepoConfig.create(chunk_size, compression, encrypt, credentials, immutable_days)
+        keys = RepositoryKeys.derive(secret, encrypt)
+        config.sign(keys)
         if not backend.put(CONFIG_KEY, config.to_json(), if_absent=True, durable=True):
             raise UsageError(f"{backend.url} is already a vmkeep repository")
-        return cls(backend, config, RepositoryKeys.derive(secret, encrypt))
+        return cls(backend, config, keys)
 
     @classmethod
-    def open(cls, backend: Backend, credentials: Credentials) -> Repository:
+    def open(cls, backend: Backend, credentials: Credentials,
+             expect: Callable[[RepoConfig], None] | None = None) -> Repository:
+        """Open with ``credentials``; ``expect`` may refuse the config (by raising) before it is
+        unlocked or anything is written. The config's MAC is checked under the repository key;
+        a config written before configs were authenticated gets its MAC now."""
         try:
             raw = backend.get(CONFIG_KEY)
         except ObjectMissing:
@@ -82,9 +104,14 @@ class Repository:
                 f"{backend.url} is not a vmkeep repository (no {CONFIG_KEY}); create one with `vmkeep repo init`"
             ) from None
         config = RepoConfig.from_json(raw, backend.url)
+        if expect is not None:
+            expect(config)
         secret = config.unlock(credentials, backend.url)
+        keys = RepositoryKeys.derive(secret, config.encrypted)
+        if config.authenticate(keys, secret, credentials, backend.url):
+            _store_upgraded(backend, config)
         backend.immutable_days = config.immutable_days
-        return cls(backend, config, RepositoryKeys.derive(secret, config.encrypted))
+        return cls(backend, config, keys)
 
     def close(self) -> None:
         self.backend.close()
@@ -128,7 +155,13 @@ class Repository:
 
     # -- restore points --------------------------------------------------------------------------
     def _read_manifest(self, key: str) -> Manifest:
-        return decode_manifest(self.backend.get(key), self.keys.mac, key)
+        """The manifest stored at ``key``, which must be that point's own key: the MAC proves
+        only that this repository wrote it, not that it was written there."""
+        manifest = decode_manifest(self.backend.get(key), self.keys.mac, key)
+        if manifest_key(manifest.name, manifest.point_id) != key:
+            raise ObjectCorrupt(f"{key} is damaged: it holds the manifest of {manifest.name}@{manifest.point_id} "
+                                "(copied or moved there), so it is not used")
+        return manifest
 
     def _read_points(self, keys: Iterable[str]) -> tuple[list[Manifest], list[tuple[str, str]]]:
         """The readable manifests among ``keys`` (one deleted meanwhile by a prune is passed over),
@@ -215,7 +248,7 @@ class Repository:
             data = self.backend.get(entry.index_key)
         except ObjectMissing:
             raise ObjectMissing(f"{what} is missing from the repository") from None
-        if self.keys.mac(data) != entry.index_mac:
+        if not same_mac(self.keys.mac(data), entry.index_mac):
             raise ObjectCorrupt(f"{what} is damaged or truncated (its MAC does not match the manifest)")
         index = DiskIndex.decode(data, what)
         if index.size != entry.size or index.chunk_size != manifest.chunk_size:

@@ -7,9 +7,29 @@ machines.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from vmkeep.errors import RepositoryError
+
+# empty, absolute, an empty segment (also a trailing slash), '.' or '..' as a segment, or NUL
+_BAD_KEY = re.compile(r"\A\Z|\A/|//|/\Z|(?:\A|/)\.\.?(?:/|\Z)|\x00")
+
+
+def check_key(key: str, *, prefix: bool = False) -> str:
+    """``key`` if it names an object inside the repository, else RepositoryError. A listing's
+    ``prefix`` may also be empty or end with a slash. Keys come from names and from manifests,
+    which in an unencrypted repository anyone who can write to it can forge."""
+    name = key[:-1] if prefix and key.endswith("/") else key
+    if (prefix and not key) or not _BAD_KEY.search(name):
+        return key
+    raise RepositoryError(
+        f"refusing the object key {key!r}: keys are relative names inside the repository (no '..' or '.' "
+        "segments, empty segments, leading '/' or NUL); a damaged or forged manifest may hold it, see "
+        "`vmkeep repo verify`"
+    )
 
 
 @dataclass(frozen=True)

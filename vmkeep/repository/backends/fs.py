@@ -21,7 +21,7 @@ from pathlib import Path
 from vmkeep.errors import BackendError, ObjectMissing
 from vmkeep.fsutil import in_memory, start_writeback, syncfs
 from vmkeep.repository.backends import direct_io
-from vmkeep.repository.backends.base import Backend, Data, ObjectInfo
+from vmkeep.repository.backends.base import Backend, Data, ObjectInfo, check_key
 
 TMP_SUFFIX = ".tmp"
 TRASH = "trash"
@@ -62,8 +62,9 @@ class FilesystemBackend(Backend):
         if not start_writeback(fd):
             self._start_writeback = False  # not supported here; syncfs still makes it durable
 
-    def _path(self, key: str) -> Path:
-        return self.root / key
+    def _path(self, key: str, *, prefix: bool = False) -> Path:
+        """Where ``key`` lives: always under the root (see :func:`check_key`)."""
+        return self.root / check_key(key, prefix=prefix)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._made_dirs:
@@ -205,7 +206,7 @@ class FilesystemBackend(Backend):
         return st.st_size
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        base = self._path(prefix)
+        base = self._path(prefix, prefix=True)
         start = base if base.is_dir() else base.parent
         if not start.exists():
             return

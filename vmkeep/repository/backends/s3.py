@@ -19,7 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from vmkeep.errors import BackendError, ObjectMissing, UsageError
-from vmkeep.repository.backends.base import Backend, Data, ObjectInfo
+from vmkeep.repository.backends.base import Backend, Data, ObjectInfo, check_key
 
 LOCKED_PREFIXES = ("chunks/", "indexes/", "points/")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
@@ -55,7 +55,8 @@ class S3Backend(Backend):
             ),
         )
 
-    def _key(self, key: str) -> str:
+    def _key(self, key: str, *, prefix: bool = False) -> str:
+        key = check_key(key, prefix=prefix)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
@@ -176,7 +177,7 @@ class S3Backend(Backend):
         return info.size
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        full = self._key(prefix)
+        full = self._key(prefix, prefix=True)
         strip = len(self.prefix) + 1 if self.prefix else 0
         token: str | None = None
         while True:
