@@ -177,4 +177,5 @@ def database(server_url: str) -> Iterator[str]:
     finally:
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            conn.execute(text(f"DROP ROLE IF EXISTS {name}_proxy"))  # made by db upgrade (catalog.proxy_role)
         admin.dispose()

@@ -47,6 +47,13 @@ def test_login_register_policy_run_and_points(cli: Cli, database: str, tmp_path:
             machine.extra.append(copy)
             no_where = cli.run("restore", machine.name, "--as", copy, env=env, ok=False)
             assert no_where.returncode != 0 and "--hypervisor" in no_where.stderr
+            # restores write only where an administrator allowed it on the hypervisor
+            outside = cli.run("restore", machine.name, "--hypervisor", "local", "--as", copy, "--storage",
+                              str(tmp_path / "copy"), "--no-start", env=env, ok=False)
+            assert outside.returncode != 0 and "restore locations" in outside.stderr, outside.stderr
+            assert admin.get("/api/restores").json() == []
+            assert admin.put("/api/hypervisors/local/restore-locations",
+                             json={"locations": [str(tmp_path)]}).status_code == 200
             restored = cli.json("restore", machine.name, "--hypervisor", "local", "--as", copy, "--storage",
                                 str(tmp_path / "copy"), "--no-start", env=env)
             assert restored["status"] == "succeeded" and restored["proxy"] == "p1", restored

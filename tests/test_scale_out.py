@@ -41,14 +41,15 @@ def vms() -> Iterator[list[BareVM]]:
 
 def start_proxy(master: Server, token: str, name: str, concurrency: int = 1, max_rate: int | None = None, *,
                 reaches: str = "", transports: str = "hotadd:nbd",
-                where: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+                where: tuple[str, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """A proxy process on this host (or run under the ``where`` command prefix: another network);
     ``max_rate`` (MiB/s) makes its backups and restores last long enough for a test to act on them."""
     limit = ["--max-rate", str(max_rate)] if max_rate else []
-    return subprocess.Popen([*where, VMKEEP, "proxy", "--name", name, "--server", master.url, "--token", token,
+    return subprocess.Popen([*where, VMKEEP, "proxy", "--name", name, "--server", master.url,
                              "--transports", transports, "--reaches", reaches or socket.gethostname(),
                              "--concurrency", str(concurrency), *limit],
-                            env=master.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env={**master.env, "VMKEEP_TOKEN": token, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def stop(proxy: subprocess.Popen[str]) -> None:
@@ -142,6 +143,8 @@ def test_two_proxies_share_a_run_and_survive_a_kill(server: Server, cli: Cli, vm
         wait_for("the restarted proxy", lambda: sum(p["up"] for p in admin.get("/api/proxies").json()) == 2)
         copy = f"{big.name}-copy"
         big.extra.append(copy)
+        assert admin.put("/api/hypervisors/local/restore-locations",
+                         json={"locations": [str(tmp_path)]}).status_code == 200
         restore = admin.post("/api/restores", json={"vm": big.name, "hypervisor": "local", "as_name": copy,
                                                     "storage": str(tmp_path / "restored"), "start": False}).json()
 
@@ -393,6 +396,26 @@ def test_a_proxy_on_another_network(cli: Cli, database: str, tmp_path: Path) -> 
                 cli.run("restore", f"{m.name}@{done[m.name]['point_id']}", "--repo", repo, "--disk", "vda",
                         "--output", str(out))
                 assert qemu_img_compare(at_backup[m.name], out), m.name
+            # each point records how its data travelled: on the host, or across the link under TLS
+            wires = {p["name"]: p["wire"] for p in admin.get("/api/points").json()}
+            assert wires == {by_proxy["near"]["vm"]: "local", far["vm"]: "tls"}, wires
+
+            # a proxy that cannot encrypt (no client certificates) fails the backup instead of
+            # reading in the clear: policies require TLS across the network unless they say otherwise
+            for p in proxies:
+                stop(p)
+            no_certs = tmp_path / "no-certs"
+            no_certs.mkdir()
+            proxies = [start_proxy(master, token, "bare", reaches="*", transports="nbd", where=where,
+                                   env={"VMKEEP_NBD_TLS_DIR": str(no_certs)})]
+            wait_for("the bare proxy up", lambda: [p["name"] for p in admin.get("/api/proxies").json()
+                                                   if p["up"]] == ["bare"], timeout=60)
+            job = admin.post("/api/policies/both/run").json()
+            ended = wait_for("the run", lambda: (lambda j: j if j["finished"] else None)(
+                admin.get(f"/api/jobs/{job['id']}").json()), timeout=300)
+            assert ended["status"] == "failed" and all("no NBD client certificates" in (v["error"] or "")
+                                                       for v in ended["vms"]), ended
+            assert len(admin.get("/api/points").json()) == 2  # nothing stored in the clear
     finally:
         for p in proxies:
             stop(p)

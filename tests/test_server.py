@@ -146,8 +146,9 @@ def test_hypervisor_credentials_sealed_and_discovery(server: Server, cli: Cli) -
     assert admin.get("/api/vms", params={"name": machine.name}).json() == []
     gone = admin.get("/api/vms", params={"name": machine.name, "include_gone": True}).json()
     assert len(gone) == 1 and not gone[0]["present"]
-    bad = admin.post("/api/hypervisors", json={"name": "far", "kind": "libvirt", "uri": "qemu+tcp://127.0.0.1:1/system"})
-    assert bad.status_code == 201
+    bad = admin.post("/api/hypervisors", json={"name": "far", "kind": "libvirt", "uri": "qemu+tcp://127.0.0.1:1/system",
+                                               "allow_plain_tcp": True})
+    assert bad.status_code == 201, bad.text
     failed = admin.post("/api/hypervisors/far/discover")
     assert failed.status_code == 502 and "cannot connect" in failed.json()["detail"]
 

@@ -63,10 +63,15 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def head_revision(url: str) -> str | None:
+    """The newest schema revision this vmkeep knows."""
+    return ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+
+
 def sessions(url: str) -> sessionmaker[Session]:
     """A session factory for a catalog whose schema is current; says what to run when it is not."""
     engine = make_engine(url)
-    head = ScriptDirectory.from_config(_alembic_config(url)).get_current_head()
+    head = head_revision(url)
     try:
         current = current_revision(engine)
     except OperationalError as exc:

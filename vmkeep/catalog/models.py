@@ -59,6 +59,7 @@ class RestorePointRecord(Base):
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
     duration_seconds: Mapped[float | None] = mapped_column(Float)
     disks: Mapped[dict[str, Any]]  # disk name → size
+    wire: Mapped[str | None] = mapped_column(String(10))  # local, tls or plain: how its data reached the proxy
 
     repository: Mapped[RepositoryRecord] = relationship(back_populates="points")
 
@@ -89,7 +90,7 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(100))
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-    expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expires: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # every token expires
     last_used: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     user: Mapped[User] = relationship(back_populates="tokens")
@@ -108,6 +109,8 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(500))
     client: Mapped[str | None] = mapped_column(String(100))
     detail: Mapped[dict[str, Any]]
+    prev_hash: Mapped[str | None] = mapped_column(String(64))  # the chain (vmkeep.catalog.audit_chain)
+    hash: Mapped[str | None] = mapped_column(String(64))
 
 
 class Hypervisor(Base):
@@ -126,6 +129,11 @@ class Hypervisor(Base):
     discovered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     discovery_minutes: Mapped[int] = mapped_column(default=60, server_default="60")  # the schedule
     discovery_error: Mapped[str | None] = mapped_column(String(2000))
+    # what an administrator allowed for its address beyond the safe default (vmkeep.hypervisors.address)
+    allow_plain_tcp: Mapped[bool] = mapped_column(default=False, server_default=false())
+    allow_unsafe_options: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # where restores may write (directories, storage pools or datastores), as an administrator set it
+    restore_locations: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
 
     vms: Mapped[list[VirtualMachine]] = relationship(back_populates="hypervisor", cascade="all, delete-orphan",
                                                      passive_deletes=True)
@@ -187,6 +195,7 @@ class Policy(Base):
     max_per_proxy: Mapped[int | None]
     verify_after: Mapped[bool] = mapped_column(default=False, server_default=false())
     verify_boot: Mapped[bool] = mapped_column(default=False, server_default=false())  # sandboxed boot check
+    nbd_tls: Mapped[str] = mapped_column(String(10), default="require", server_default="require")
     next_run: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # from the schedule
     notify_webhook: Mapped[str | None] = mapped_column(String(2000))
     notify_email: Mapped[list[Any] | None]
@@ -229,7 +238,7 @@ class JobVM(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="SET NULL"))  # history outlives the VM
     vm_name: Mapped[str] = mapped_column(String(200))
     proxy: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20))  # waiting, queued, running, succeeded, failed, cancelled
@@ -264,7 +273,8 @@ class RestoreJob(Base):
     vm_name: Mapped[str] = mapped_column(String(200))
     point_id: Mapped[str] = mapped_column(String(64))
     repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))
-    hypervisor_id: Mapped[int] = mapped_column(ForeignKey("hypervisors.id", ondelete="CASCADE"))
+    hypervisor_id: Mapped[int | None] = mapped_column(ForeignKey("hypervisors.id", ondelete="SET NULL"))
+    hypervisor_name: Mapped[str] = mapped_column(String(200), server_default="")  # kept when it is deleted
     mode: Mapped[str] = mapped_column(String(20))  # as-new or overwrite
     new_name: Mapped[str | None] = mapped_column(String(200))
     storage: Mapped[str | None] = mapped_column(String(1000))
@@ -282,4 +292,4 @@ class RestoreJob(Base):
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     repository: Mapped[RepositoryRecord] = relationship()
-    hypervisor: Mapped[Hypervisor] = relationship()
+    hypervisor: Mapped[Hypervisor | None] = relationship()

@@ -26,6 +26,7 @@ def find_points(session: Session, name: str | None = None, limit: int = 100) -> 
     return [
         {"name": p.name, "point_id": p.point_id, "parent": p.parent, "created": p.created.isoformat(),
          "kind": p.kind, "mode": p.mode, "transport": p.transport, "consistency": p.consistency,
+         "wire": p.wire,
          "logical_bytes": p.logical_bytes, "read_bytes": p.read_bytes, "stored_bytes": p.stored_bytes,
          "duration_seconds": p.duration_seconds, "disks": p.disks, "repository": repo_name}
         for p, repo_name in session.execute(query).tuples()

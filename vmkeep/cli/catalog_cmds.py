@@ -26,13 +26,19 @@ def upgrade_cmd(revision: Annotated[str, typer.Argument(help="Target revision")]
                 database_url: DatabaseOpt = None, json_out: JsonOpt = False) -> None:
     """Create or migrate the catalog schema (Alembic), idempotently."""
     from vmkeep.catalog.db import database_url as resolve
-    from vmkeep.catalog.db import upgrade
+    from vmkeep.catalog.db import head_revision, upgrade
+    from vmkeep.catalog.proxy_role import ensure_proxy_role, proxy_role_name
+    from vmkeep.server.keys import proxy_role_password
 
-    now = upgrade(resolve(database_url), revision)
+    url = resolve(database_url)
+    now = upgrade(url, revision)
+    role = None
+    if now == head_revision(url):  # the grants name the newest schema's tables and views
+        role = ensure_proxy_role(url, proxy_role_password(proxy_role_name(url)))
     if json_out:
-        emit_json({"revision": now})
+        emit_json({"revision": now, "proxy_role": role})
     else:
-        out_console.print(f"catalog schema at revision {now}")
+        out_console.print(f"catalog schema at revision {now}" + (f"; proxies log in as {role}" if role else ""))
 
 
 @catalog_app.command("rebuild")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "policy": ("client_cmds", "policy_app", True),
     "jobs": ("client_cmds", "jobs_cmd", False),
     "proxy": ("server_cmds", "proxy_cmd", False),
+    "token": ("access_cmds", "token_app", True),
+    "audit": ("access_cmds", "audit_app", True),
     "points": ("disk_cmds", "points_cmd", False),
     "backup": ("vm_cmds", "backup_cmd", False),
     "restore": ("vm_cmds", "restore_cmd", False),
@@ -38,15 +41,19 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "verify-boot": ("recovery_cmds", "verify_boot_cmd", False),
     "demo": ("demo", "demo_cmd", False),
 }
-ROOT_OPTIONS_WITH_VALUE = ("--server",)
+ROOT_OPTIONS_WITH_VALUE = ("--server", "--ca-file")
 
 
 def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
         "--server", envvar="VMKEEP_SERVER", show_envvar=False,
         help="A vmkeep server's URL, for the commands that talk to it (login, hypervisor, policy, jobs, "
-             "points)")] = None) -> None:
+             "points)")] = None,
+         ca_file: Annotated[Path | None, typer.Option(
+             "--ca-file", envvar="VMKEEP_CA_FILE", show_envvar=False,
+             help="PEM file of the CA that signed the --server's certificate (else VMKEEP_CA_FILE; default: the "
+                  "system's)")] = None) -> None:
     """vmkeep: agentless VM backup. Local commands need no server; --server URL reaches one."""
-    ctx.obj = {"server": server}
+    ctx.obj = {"server": server, "ca_file": ca_file}
 
 
 def requested_command(argv: list[str]) -> str | None:

@@ -110,8 +110,10 @@ def instant_restore_cmd(
     else:
         if repo is None or as_name is None:
             raise UsageError("instant-restore VM[@POINT] needs --repo REPO and --as NAME")
+        from vmkeep.hypervisors.address import check_address
         from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
+        check_address(host)
         vm, point = split_point_spec(target)
         r, base = _opened(repo, vm, point, s3_endpoint, key_file, passphrase_file)
         connector = LibvirtConnector(host)
@@ -147,9 +149,11 @@ def verify_boot_cmd(
 ) -> None:
     """Check that a restore point boots: every chunk read back, then a sandboxed boot (no network) with a
     heartbeat and an optional script; the outcome is recorded on the point. Exit 1 when it fails."""
+    from vmkeep.hypervisors.address import check_address
     from vmkeep.hypervisors.libvirt.boot_check import boot_check
     from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
+    check_address(host)
     vm, point = split_point_spec(spec)
     r, base = _opened(repo, vm, point, s3_endpoint, key_file, passphrase_file)
     connector = LibvirtConnector(host)

@@ -32,6 +32,17 @@ def server_cmd(
     smtp_port: Annotated[int, typer.Option(min=1, max=65535)] = 25,
     smtp_from: Annotated[str, typer.Option(help="Sender address of the notices")] = "vmkeep@localhost",
     smtp_starttls: Annotated[bool, typer.Option("--smtp-starttls")] = False,
+    smtp_ca_file: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="CA certificates that sign the SMTP server's (--smtp-starttls); "
+                                          "default: the system's")] = None,
+    allow_endpoint: Annotated[list[str] | None, typer.Option(
+        help="A network (CIDR) webhooks and S3 endpoints may reach although it is link-local or cloud metadata "
+             "(169.254.0.0/16, fe80::/10, fd00:ec2::254); repeatable")] = None,
+    trusted_proxy: Annotated[list[str] | None, typer.Option(
+        help="Address or network of a reverse proxy in front of the server: only its X-Forwarded-For names "
+             "the client in the audit log; repeatable")] = None,
+    token_max_days: Annotated[int, typer.Option(
+        min=1, max=3650, help="The longest an API token may live; a token asked without days gets this")] = 365,
     database_url: DatabaseOpt = None,
     proxy_database_url: Annotated[str | None, typer.Option(
         envvar="VMKEEP_PROXY_DATABASE_URL", show_envvar=False,
@@ -45,23 +56,37 @@ def server_cmd(
 
     from vmkeep.catalog.db import database_url as resolve
     from vmkeep.server.app import create_app
+    from vmkeep.server.endpoints import EndpointPolicy, parse_networks
 
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
+    if smtp_ca_file is not None and not smtp_starttls:
+        raise UsageError("--smtp-ca-file checks the certificate of --smtp-starttls: give both")
     from vmkeep.server.notify import Mailer
 
     host, port = parse_listen(listen)
+    endpoints = EndpointPolicy.parse(allow_endpoint or [])
+    trusted = parse_networks(trusted_proxy or [], "--trusted-proxy")
     mailer = (Mailer(smtp_host, smtp_port, smtp_from, smtp_starttls, os.environ.get("VMKEEP_SMTP_USER"),
-                     os.environ.get("VMKEEP_SMTP_PASSWORD")) if smtp_host else None)
-    app = create_app(resolve(database_url), mailer, proxy_database_url)
-    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning")
+                     os.environ.get("VMKEEP_SMTP_PASSWORD"), smtp_ca_file) if smtp_host else None)
+    app = create_app(resolve(database_url), mailer, proxy_database_url, endpoints, trusted)
+    app.state.token_max_days = token_max_days
+    # proxy headers are read by vmkeep.server.client_address, from --trusted-proxy addresses only;
+    # uvicorn's own handling would believe any X-Forwarded-For sent from 127.0.0.1
+    uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning",
+                proxy_headers=False, forwarded_allow_ips=[])
 
 
 def proxy_cmd(
     name: Annotated[str, typer.Option(help="This proxy's name")],
-    server: Annotated[str, typer.Option(help="The master's URL, e.g. http://master:8470")],
-    token: Annotated[str, typer.Option(envvar="VMKEEP_TOKEN", show_envvar=False,
-                                       help="API token of an operator or admin (else VMKEEP_TOKEN)")],
+    server: Annotated[str, typer.Option(help="The master's URL, e.g. https://master:8470")],
+    token: Annotated[str | None, typer.Option(hidden=True, help="Refused: use VMKEEP_TOKEN or --token-file")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        help="File holding the proxy account's API token (else VMKEEP_TOKEN)")] = None,
+    ca_file: Annotated[Path | None, typer.Option(
+        envvar="VMKEEP_CA_FILE", show_envvar=False,
+        help="PEM file of the CA that signed the master's certificate (else VMKEEP_CA_FILE; default: the "
+             "system's)")] = None,
     transports: Annotated[str, typer.Option(help="What this proxy can do")] = "san:hotadd:nbd",
     reaches: Annotated[str, typer.Option(help="Comma-separated hypervisor hosts it is on or sees; * for any "
                                               "over nbd")] = "*",
@@ -71,13 +96,19 @@ def proxy_cmd(
     max_rate: Annotated[float | None, typer.Option(min=1, help="MiB/s each backup may read from a VM's "
                                                                "storage and each restore may write")] = None,
 ) -> None:
-    """Run a proxy: register with the master, heartbeat, and run the backups dispatched to it."""
+    """Run a proxy: register with the master, heartbeat, and run the backups dispatched to it.
+
+    The API token comes from VMKEEP_TOKEN or --token-file, never the command line."""
+    from vmkeep.client import read_token
     from vmkeep.hypervisors.base import parse_transports
     from vmkeep.proxy.worker import run_proxy
 
-    run_proxy(server.rstrip("/"), token, name, parse_transports(transports),
+    if token is not None:
+        raise UsageError("--token shows the token to every user of this machine (ps): put it in VMKEEP_TOKEN "
+                         "or in a file only this user reads and give --token-file FILE")
+    run_proxy(server.rstrip("/"), read_token(token_file), name, parse_transports(transports),
               [h.strip() for h in reaches.split(",") if h.strip()], concurrency, max_rate,
-              [s.strip() for s in storage.split(",") if s.strip()])
+              [s.strip() for s in storage.split(",") if s.strip()], ca_file)
 
 
 @user_app.command("add")

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI (qemu:///system, qemu+tls://…) or vSphere "
                                                      "address (vsphere://USER@HOST[:PORT], password in "
                                                      "VMKEEP_HOST_PASSWORD)")]
-InsecureOpt = Annotated[bool, typer.Option("--insecure", help="vSphere: skip the certificate check")]
+InsecureOpt = Annotated[bool, typer.Option(
+    "--insecure", help="vSphere: skip the certificate check; any address: accept plain TCP (qemu+tcp://) and "
+                       "options that name key files or turn checks off (keyfile, no_verify, http, …)")]
 
 
 def backup_cmd(

@@ -52,7 +52,7 @@ def backup_vm(
         meta: dict[str, Any] = {
             "kind": "vm", "hypervisor": connector.kind, "transport": pit.transport, "consistency": pit.consistency,
             "mode": pit.mode, "reason": reason, "config_sealed": repo.seal_record(pit.config, config_context(vm)),
-            "chain": pit.chain, "notes": pit.notes,
+            "chain": pit.chain, "notes": pit.notes, "wire": pit.wire,
         }
         return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
                             cancel=cancel, reads_done=_letting_go(exports, pit.release))

@@ -60,6 +60,19 @@ class DiskExport:
     allocated: list[Any] | None = None  # where data is, when the hypervisor knows better than the export
 
 
+# how a point's data reached the proxy: not over a network, encrypted (TLS), or in the clear
+Wire = Literal["local", "tls", "plain"]
+
+
+def wire_of(disks: dict[str, DiskExport]) -> Wire:
+    """The least protected way any of these NBD exports is reached: ``nbds://`` is TLS, ``nbd://``
+    plain TCP, anything else (``nbd+unix://``) on this machine."""
+    schemes = {d.uri.split("://", 1)[0] for d in disks.values()}
+    if "nbd" in schemes:
+        return "plain"
+    return "tls" if "nbds" in schemes else "local"
+
+
 @dataclass
 class PointInTimeInfo:
     vm: str
@@ -71,6 +84,7 @@ class PointInTimeInfo:
     config: dict[str, Any]  # saved with the restore point (domain XML, …)
     chain: dict[str, Any]  # what the next incremental needs (checkpoint name, changeId, …)
     notes: list[str] = field(default_factory=list)  # skipped transports and disks, with reasons
+    wire: Wire = "local"  # recorded in the point: did its data cross the network, and encrypted?
     # Called (from any thread, at most once, returning at once) when every read of the disks is
     # done: the connector starts letting go of its snapshot or backup job while the engine stores
     # the last chunks. Leaving the point in time waits for it either way.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from vmkeep.hypervisors.address import Allowance, check_address
 from vmkeep.hypervisors.base import Connector, NbdTls
 
 KINDS = ("libvirt", "vsphere")
@@ -12,13 +13,16 @@ def kind_of(uri: str) -> str:
 
 
 def open_connector(uri: str, *, nbd_tls: NbdTls = "auto", credentials: tuple[str, str] | None = None,
-                   insecure: bool = False) -> Connector:
+                   insecure: bool = False, allowance: Allowance | None = None) -> Connector:
     """A live connection to the hypervisor at ``uri`` (credentials: user and password, when the
-    caller has them; vSphere otherwise reads VMKEEP_HOST_PASSWORD)."""
+    caller has them; vSphere otherwise reads VMKEEP_HOST_PASSWORD). The address is checked first
+    (vmkeep.hypervisors.address): ``allowance`` is what an administrator allowed for it; without
+    one, a command line's ``--insecure`` allows plain TCP and options that weaken checks."""
+    check_address(uri, allowance if allowance is not None else Allowance(plain_tcp=insecure, unsafe_options=insecure))
     if kind_of(uri) == "vsphere":
         from vmkeep.hypervisors.vmware.connector import VsphereConnector
 
-        return VsphereConnector(uri, insecure=insecure, credentials=credentials)
+        return VsphereConnector(uri, insecure=insecure, credentials=credentials, nbd_tls=nbd_tls)
     from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
     return LibvirtConnector(uri, nbd_tls=nbd_tls, credentials=credentials)

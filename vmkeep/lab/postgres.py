@@ -6,8 +6,9 @@ to ``DATABASE_URL_FILE`` (root only) where the catalog looks for it by default. 
 skip this and point ``--database-url`` / ``VMKEEP_DATABASE_URL`` at their own server.
 
 Proxies on the lab's other network (a network namespace, see vmkeep.lab.netns) work the task
-queue in this database too, so the cluster listens beyond loopback and lets the vmkeep role in
-from that network only, with its password.
+queue in this database too, so the cluster listens beyond loopback and lets password logins in
+from that network only (the vmkeep role; the proxies' own role that `vmkeep db upgrade` creates,
+which is why the vmkeep role may create roles).
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def _ctl(version: str, name: str, action: str) -> None:
 
 
 def _open_to_lab_network(version: str, name: str, timeout: float) -> None:
-    """Listen on every address and admit the vmkeep role (password only) from the lab network."""
+    """Listen on every address and admit password logins (the vmkeep role, the proxies' roles) from the
+    lab network."""
     hba = Path(psql("SHOW hba_file"))
-    rule = f"host all {ROLE} {LAB_NETWORK} scram-sha-256"
+    rule = f"host all all {LAB_NETWORK} scram-sha-256"  # the master's role and the proxies' roles
     if rule not in hba.read_text().splitlines():
         with hba.open("a") as f:
             f.write(f"# vmkeep lab: proxies on the lab network\n{rule}\n")
@@ -90,12 +92,13 @@ def ensure_postgres(timeout: float = 60.0) -> str:
     _ready(timeout)
     _open_to_lab_network(version, name, timeout)
     if DATABASE_URL_FILE.exists() and psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'") == "1":
+        psql(f"ALTER ROLE {ROLE} CREATEROLE")  # db upgrade makes the proxies' role (catalog.proxy_role)
         return DATABASE_URL_FILE.read_text().strip()
     password = secrets.token_urlsafe(18)
     if psql(f"SELECT 1 FROM pg_roles WHERE rolname = '{ROLE}'") == "1":
-        psql(f"ALTER ROLE {ROLE} WITH LOGIN CREATEDB PASSWORD '{password}'")
+        psql(f"ALTER ROLE {ROLE} WITH LOGIN CREATEDB CREATEROLE PASSWORD '{password}'")
     else:
-        psql(f"CREATE ROLE {ROLE} WITH LOGIN CREATEDB PASSWORD '{password}'")
+        psql(f"CREATE ROLE {ROLE} WITH LOGIN CREATEDB CREATEROLE PASSWORD '{password}'")
     if psql(f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'") != "1":
         psql(f"CREATE DATABASE {DATABASE} OWNER {ROLE}")
     url = f"postgresql+psycopg://{ROLE}:{password}@{HOST}:{PORT}/{DATABASE}"

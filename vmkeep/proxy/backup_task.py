@@ -13,7 +13,7 @@ from procrastinate import JobContext
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import Job, JobVM, Policy, Proxy, RepositoryRecord, RestorePointRecord, VirtualMachine
+from vmkeep.catalog.models import Job, JobVM, Proxy, RestorePointRecord
 from vmkeep.catalog.rebuild import upsert_points
 from vmkeep.engine.mount import PointSpec
 from vmkeep.engine.throttle import throttled
@@ -22,6 +22,7 @@ from vmkeep.errors import Cancelled
 from vmkeep.hypervisors.base import Connector, HypervisorError, parse_transports
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
+from vmkeep.proxy.work import BackupOrder, RepositoryOrder, backup_order
 from vmkeep.repository.prune import RetentionPolicy, prune
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import VerifyReport, verify
@@ -59,31 +60,29 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
 
     with sessions() as session:
         jv = session.get(JobVM, job_vm_id)
-        if jv is None or jv.status in FINAL:
+        order = backup_order(session, job_vm_id)
+        if jv is None or jv.status in FINAL or order is None:
             return  # removed, or cancelled before it started
-        policy = jv.job.running_policy
-        vm = session.get(VirtualMachine, jv.vm_id)
-        assert vm is not None
         jv.status, jv.proxy, jv.attempts, jv.started = "running", proxy, jv.attempts + 1, datetime.now(UTC)
         jv.error = None
         session.commit()
         connector = None
         try:
-            repo = open_registered(policy.repository)
-            connector = connector_for(vm.hypervisor)
-            previous = len(repo.point_ids(vm.name))
-            full = bool(policy.full_every) and previous % (policy.full_every or 1) == 0
+            repo = open_registered(order.repository)
+            connector = connector_for(order.hypervisor, order.nbd_tls)  # type: ignore[arg-type]
+            previous = len(repo.point_ids(order.vm_name))
+            full = bool(order.full_every) and previous % (order.full_every or 1) == 0
             # progress rows are written from another connection: close it before this session
             # touches the row again, or the two would wait on each other's row lock
             progress = RowProgress(sessions, job_vm_id)
             try:
-                m = backup_vm(repo, connector, vm.name, transports=usable_transports(session, policy, proxy),
-                              quiesce=policy.quiesce, full=full, cancel=cancel,  # type: ignore[arg-type]
+                m = backup_vm(repo, connector, order.vm_name, transports=usable_transports(session, order, proxy),
+                              quiesce=order.quiesce, full=full, cancel=cancel,  # type: ignore[arg-type]
                               progress=throttled(progress, max_rate))
-                checked = verify(repo, progress=progress, only=[m]) if policy.verify_after else None
+                checked = verify(repo, progress=progress, only=[m]) if order.verify_after else None
             finally:
                 progress.close()
-            upsert_points(session, policy.repository_id, [m])
+            upsert_points(session, order.repository.id, [m])
             jv.status, jv.mode, jv.transport, jv.point_id = "succeeded", m.meta["mode"], m.meta["transport"], m.point_id
             jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")
             jv.duration_seconds = m.stats.get("seconds")
@@ -94,19 +93,20 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                 if not checked.ok:  # older points stay: retention waits for a point that reads back
                     jv.status, jv.error = "failed", _verify_failure(m.point_id, checked)
                     return
-            if policy.verify_boot:
+            if order.verify_boot:
                 session.commit()  # the point is cataloged before the (long) boot check
-                jv.boot_check = booted(repo, policy.repository, connector, vm.name, m.point_id)
+                jv.boot_check = booted(repo, order.repository, connector, order.vm_name, m.point_id)
                 if not jv.boot_check.get("passed"):  # stored, but not trusted: older points stay
                     jv.status = "failed"
                     jv.error = f"point {m.point_id} was stored but did not pass its boot check: " \
                                f"{jv.boot_check.get('reason')}"
                     return
-            retention = RetentionPolicy(**policy.retention) if policy.retention else RetentionPolicy()
+            retention = RetentionPolicy(**order.retention) if order.retention else RetentionPolicy()
             if not retention.is_empty():
-                kept = prune(repo, retention, vm.name)[vm.name].keep
+                kept = prune(repo, retention, order.vm_name)[order.vm_name].keep
                 session.execute(delete(RestorePointRecord).where(
-                    RestorePointRecord.repository_id == policy.repository_id, RestorePointRecord.name == vm.name,
+                    RestorePointRecord.repository_id == order.repository.id,
+                    RestorePointRecord.name == order.vm_name,
                     RestorePointRecord.point_id.not_in(list(kept))))
         except Cancelled:
             jv.status, jv.error = "cancelled", "cancelled: nothing partial was committed"
@@ -120,7 +120,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             settle_job(session, jv.job)
 
 
-def booted(repo: Repository, record: RepositoryRecord, connector: Connector, vm: str,
+def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: str,
            point_id: str) -> dict[str, Any]:
     """The sandboxed boot check of the new point; the repository's passphrase reaches the
     export in a private file that is gone afterwards."""
@@ -141,13 +141,13 @@ def booted(repo: Repository, record: RepositoryRecord, connector: Connector, vm:
         return boot_check(repo, spec, connector, vm, point_id)
 
 
-def usable_transports(session: Session, policy: Policy, proxy: str) -> list[str]:
+def usable_transports(session: Session, order: BackupOrder, proxy: str) -> list[str]:
     """The policy's transports in its order, less those this proxy did not register for."""
-    wanted = parse_transports(policy.transports)
+    wanted = parse_transports(order.transports)
     row = session.scalar(select(Proxy).where(Proxy.name == proxy))
     usable = [t for t in wanted if row is None or t in row.transports]
     if not usable:
-        raise HypervisorError(f"proxy {proxy} does none of the policy's transports {policy.transports} "
+        raise HypervisorError(f"proxy {proxy} does none of the policy's transports {order.transports} "
                               f"(it does {':'.join(row.transports) if row else '?'})")
     return usable
 

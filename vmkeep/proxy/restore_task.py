@@ -13,6 +13,7 @@ from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.queue import tasks
+from vmkeep.proxy.work import restore_order
 
 
 @tasks.task(name="restore_vm", pass_context=True)
@@ -28,14 +29,15 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
 
     with sessions() as session:
         job = session.get(RestoreJob, restore_id)
-        if job is None or job.status not in ("queued", "running"):
+        order = restore_order(session, restore_id)
+        if job is None or job.status not in ("queued", "running") or order is None:
             return
         job.status, job.proxy, job.attempts, job.error = "running", proxy, job.attempts + 1, None
         session.commit()
         connector = None
         try:
-            repo = open_registered(job.repository)
-            connector = connector_for(job.hypervisor)
+            repo = open_registered(order.repository)
+            connector = connector_for(order.hypervisor)
             # progress lands through another connection: closed before this session writes the row
             rows = RowProgress(sessions, restore_id, RestoreJob)
             progress = throttled(rows, max_rate)

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -25,10 +26,14 @@ from vmkeep.catalog.db import sessions
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualMachine
 from vmkeep.proxy.queue import make_app
 from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_restore
-from vmkeep.server.auth import get_session
+from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
+from vmkeep.server.endpoints import EndpointPolicy, Network
+from vmkeep.server.login_guard import LoginGuard
 from vmkeep.server.notify import Mailer
+from vmkeep.server.request_size import RequestSizeLimit
 from vmkeep.server.schedule import discover_due, notify_finished, run_due_policies
+from vmkeep.server.validation import validation_failed
 
 log = logging.getLogger("vmkeep.server")
 
@@ -71,7 +76,7 @@ async def rescue_loop(app: FastAPI) -> None:
                 await rescue_queued(session, app.state.queue)
                 await dispatch_waiting(session, app.state.queue)
                 await run_due_policies(session, app.state.queue, datetime.now(UTC))
-                await notify_finished(session, app.state.mailer)
+                await notify_finished(session, app.state.mailer, app.state.endpoints)
             await discover_due(app.state.sessions, datetime.now(UTC))
         except Exception:  # a database hiccup must not end the loop
             log.exception("the master's periodic work failed; retrying")
@@ -87,23 +92,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             rescuer.cancel()
 
 
-def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_url: str | None = None) -> FastAPI:
+def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_url: str | None = None,
+               endpoints: EndpointPolicy = EndpointPolicy(), trusted_proxies: tuple[Network, ...] = ()) -> FastAPI:
     """``proxy_database_url``: the catalog as proxies on other machines reach it (the master's
-    own URL may name a local socket or loopback); the master's URL when not given."""
+    own URL may name a local socket or loopback); the master's URL when not given. ``endpoints``:
+    where webhooks and S3 requests may go; ``trusted_proxies``: whose X-Forwarded-For counts."""
     app = FastAPI(title="vmkeep", version=__version__, lifespan=lifespan,
                   description="Agentless VM backup: catalog, inventory, proxies, policies, jobs, repositories, "
                               "users and audit.")
     app.state.database_url = database_url
+    app.state.token_max_days = TOKEN_MAX_DAYS  # `vmkeep server --token-max-days`
+    app.state.login_guard = LoginGuard()
     app.state.proxy_database_url = proxy_database_url or database_url
     app.state.mailer = mailer
+    app.state.endpoints, app.state.trusted_proxies = endpoints, trusted_proxies
     app.state.sessions = sessions(database_url)
     app.state.queue = make_app(database_url)
     registry = CollectorRegistry()
     registry.register(CatalogCollector(app.state.sessions))  # type: ignore[arg-type]
+    app.add_middleware(RequestSizeLimit)  # 413 before any route reads a large body
     app.include_router(routes_access.router)
     app.include_router(routes_inventory.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_restore.router)
+    app.add_exception_handler(RequestValidationError, validation_failed)
 
     @app.exception_handler(DataError)
     async def bad_value(_request: Request, exc: DataError) -> JSONResponse:

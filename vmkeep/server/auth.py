@@ -24,11 +24,15 @@ RUN_PROXY = (ADMIN, PROXY)
 CHANGE_INVENTORY = (ADMIN, OPERATOR)  # hypervisors, repositories, discovery, policies, backups
 READ_AUDIT = (ADMIN, AUDITOR)
 RESTORE = (ADMIN, OPERATOR, RESTORE_ONLY)
+OVERWRITE = (ADMIN, OPERATOR)  # putting a VM back over the original: not for restore-only
 LOGIN_HOURS = 12
+TOKEN_MAX_DAYS = 365  # the server's default longest token lifetime (`vmkeep server --token-max-days`)
 TOKEN_PREFIX = "vk_"
 
 _hasher = PasswordHasher()
 _bearer = HTTPBearer(auto_error=False)
+# checked against when the user does not exist, so that an unknown name costs what a known one does
+_UNKNOWN_USER_HASH = _hasher.hash("vmkeep: no such user")
 
 
 def hash_password(password: str) -> str:
@@ -42,16 +46,24 @@ def password_matches(stored_hash: str, password: str) -> bool:
         return False
 
 
+def login_matches(user: User | None, password: str) -> bool:
+    """Whether ``user`` may log in with ``password``; a missing or disabled user takes one argon2
+    verification too, so the answer's time does not tell which names exist."""
+    matches = password_matches(user.password_hash if user is not None else _UNKNOWN_USER_HASH, password)
+    return matches and user is not None and not user.disabled
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def issue_token(session: Session, user: User, name: str, lifetime: timedelta | None) -> str:
-    """A new bearer token for ``user``; the caller sees it once, the catalog keeps its digest."""
+def issue_token(session: Session, user: User, name: str, lifetime: timedelta) -> tuple[str, datetime]:
+    """A new bearer token for ``user`` and when it expires; the caller sees it once, the catalog
+    keeps its digest. Every token expires."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    expires = datetime.now(UTC) + lifetime if lifetime else None
+    expires = datetime.now(UTC) + lifetime
     session.add(ApiToken(user_id=user.id, name=name, token_sha256=token_digest(token), expires=expires))
-    return token
+    return token, expires
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -74,11 +86,12 @@ def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = 
         raise unauthorized
     token, user = row.tuple()
     now = datetime.now(UTC)
-    if user.disabled or (token.expires is not None and token.expires < now):
+    if user.disabled or token.expires < now:
         raise unauthorized
     token.last_used = now
     session.commit()
     request.state.user = user.name
+    request.state.token_id = token.id
     return user
 
 

@@ -210,7 +210,7 @@ def restore_proxy(session: Session, hypervisor: Hypervisor, exclude: set[str] | 
 
 async def _rescue_restore(session: Session, queue: procrastinate.App, task: procrastinate.jobs.Job) -> int:
     restore = session.get(RestoreJob, task.task_kwargs["restore_id"])
-    if restore is None or restore.status not in ACTIVE:
+    if restore is None or restore.status not in ACTIVE or restore.hypervisor is None:
         return 0
     proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
     if proxy is None:
@@ -249,6 +249,8 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
                                                         RestoreJob.task_id.is_not(None)))
     for restore in list(restores):
         assert restore.task_id is not None
+        if restore.hypervisor is None:
+            continue  # its hypervisor is being deleted; the restore fails there
         proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
         if proxy is None or not await queue.job_manager.cancel_job_by_id_async(restore.task_id):
             continue

@@ -8,6 +8,8 @@ value moved to another row does not open.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -36,6 +38,12 @@ def master_key(create: bool = True) -> bytes:
     if len(key) != KEY_SIZE:
         raise VmkeepError(f"{path} is not a vmkeep master key ({len(key)} bytes, expected {KEY_SIZE})")
     return key
+
+
+def proxy_role_password(role: str) -> str:
+    """The password of the proxies' database role, derived from the master key: ``vmkeep db upgrade``
+    sets it and the master hands it to registering proxies, and neither has to store it."""
+    return hmac.new(master_key(), f"vmkeep proxy database role {role}".encode(), hashlib.sha256).hexdigest()
 
 
 def seal_secret(secret: str, context: str) -> bytes:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import Path as FastPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import AuditEntry, User
+from vmkeep.catalog.audit_chain import verify_chain
+from vmkeep.catalog.models import ApiToken, AuditEntry, User
 from vmkeep.server import audit
 from vmkeep.server.auth import (
     ADMIN,
@@ -19,37 +22,91 @@ from vmkeep.server.auth import (
     get_session,
     hash_password,
     issue_token,
-    password_matches,
+    login_matches,
     require,
 )
-from vmkeep.server.schemas import AuditOut, Login, TokenOut, TokenRequest, UserIn, UserOut
+from vmkeep.server.client_address import client_address
+from vmkeep.server.login_guard import LoginGuard
+from vmkeep.server.schemas import AuditOut, AuditVerifyOut, Login, TokenInfo, TokenOut, TokenRequest, UserIn, UserOut
 
 router = APIRouter(prefix="/api")
 
 
-@router.post("/auth/login", response_model=TokenOut, tags=["access"])
+@router.post("/auth/login", response_model=TokenOut, tags=["access"],
+             responses={429: {"description": "too many failed logins: wait Retry-After seconds"}})
 def login(body: Login, request: Request, session: Session = Depends(get_session)) -> TokenOut:
     """A bearer token valid for a working day, for the user's name and password."""
+    guard: LoginGuard = request.app.state.login_guard
+    address = client_address(request)
+    wait = guard.retry_after(body.name, address)
+    if wait:
+        raise HTTPException(429, f"too many failed logins for this user or from this address: retry in {wait} s",
+                            headers={"Retry-After": str(wait)})
     user = session.scalar(select(User).where(User.name == body.name))
-    if user is None or user.disabled or not password_matches(user.password_hash, body.password):
+    if not login_matches(user, body.password) or user is None:  # an unknown name costs one argon2 check too
+        guard.failed(body.name, address)
         audit.record(session, request, body.name, "login-failed", body.name)
         session.commit()
         raise HTTPException(401, "wrong user name or password", headers={"WWW-Authenticate": "Bearer"})
-    token = issue_token(session, user, "login", timedelta(hours=LOGIN_HOURS))
+    guard.succeeded(user.name)
+    token, expires = issue_token(session, user, "login", timedelta(hours=LOGIN_HOURS))
     audit.record(session, request, user.name, "login", user.name)
     session.commit()
-    return TokenOut(token=token, expires=None)
+    return TokenOut(token=token, expires=expires)
+
+
+@router.post("/auth/logout", status_code=204, tags=["access"])
+def logout(request: Request, user: User = Depends(current_user), session: Session = Depends(get_session)) -> Response:
+    """Revoke the token this request came with."""
+    token = session.get(ApiToken, request.state.token_id)
+    if token is not None:
+        session.delete(token)
+        audit.record(session, request, user.name, "logout", token.name)
+        session.commit()
+    return Response(status_code=204)
 
 
 @router.post("/tokens", response_model=TokenOut, status_code=201, tags=["access"])
 def create_token(body: TokenRequest, request: Request, user: User = Depends(require(*ROLES)),
                  session: Session = Depends(get_session)) -> TokenOut:
-    """A named API token for scripts, valid ``days`` (or until its user is removed)."""
+    """A named API token for scripts, valid ``days`` (at most, and by default, the server's maximum)."""
+    longest: int = request.app.state.token_max_days
+    if body.days is not None and body.days > longest:
+        raise HTTPException(400, f"a token lives at most {longest} days on this server: ask for fewer days")
+    days = body.days or longest
     user = session.merge(user)
-    token = issue_token(session, user, body.name, timedelta(days=body.days) if body.days else None)
-    audit.record(session, request, user.name, "token-create", body.name, days=body.days)
+    token, expires = issue_token(session, user, body.name, timedelta(days=days))
+    audit.record(session, request, user.name, "token-create", body.name, days=days)
     session.commit()
-    return TokenOut(token=token, expires=None)
+    return TokenOut(token=token, expires=expires)
+
+
+@router.get("/tokens", response_model=list[TokenInfo], tags=["access"])
+def list_tokens(request: Request, everyone: bool = Query(False, alias="all", description="admins: every user's"),
+                user: User = Depends(require(*ROLES)), session: Session = Depends(get_session)) -> list[TokenInfo]:
+    """The caller's unexpired tokens (an administrator's ``all=true``: everyone's); never the token itself."""
+    if everyone and user.role != ADMIN:
+        raise HTTPException(403, "only an administrator lists every user's tokens")
+    query = (select(ApiToken, User.name).join(User).where(ApiToken.expires > datetime.now(UTC))
+             .order_by(ApiToken.id))
+    if not everyone:
+        query = query.where(ApiToken.user_id == user.id)
+    return [TokenInfo(id=t.id, name=t.name, user=owner, created=t.created, expires=t.expires, last_used=t.last_used,
+                      current=t.id == request.state.token_id)
+            for t, owner in session.execute(query).tuples()]
+
+
+@router.delete("/tokens/{token_id}", status_code=204, tags=["access"])
+def revoke_token(token_id: Annotated[int, FastPath(ge=1, le=2**63 - 1)], request: Request,
+                 user: User = Depends(require(*ROLES)), session: Session = Depends(get_session)) -> Response:
+    """Revoke one of the caller's tokens (an administrator: anyone's); it stops working at once."""
+    token = session.get(ApiToken, token_id)
+    if token is None or (token.user_id != user.id and user.role != ADMIN):
+        raise HTTPException(404, f"no token {token_id} of yours")
+    session.delete(token)
+    audit.record(session, request, user.name, "token-revoke", token.name, id=token_id)
+    session.commit()
+    return Response(status_code=204)
 
 
 @router.get("/users", response_model=list[UserOut], tags=["access"])
@@ -87,6 +144,13 @@ def delete_user(name: str, request: Request, admin: User = Depends(require(ADMIN
 @router.get("/me", response_model=UserOut, tags=["access"])
 def me(user: User = Depends(current_user)) -> UserOut:
     return UserOut(name=user.name, role=user.role, disabled=user.disabled, created=user.created)
+
+
+@router.get("/audit/verify", response_model=AuditVerifyOut, tags=["access"])
+def audit_verify(_: User = Depends(require(*READ_AUDIT)), session: Session = Depends(get_session)) -> AuditVerifyOut:
+    """Check the audit log's hash chain: every entry altered, and where entries were removed."""
+    report = verify_chain(audit.chain_rows(session))
+    return AuditVerifyOut(entries=report.entries, ok=report.ok, problems=report.problems)
 
 
 @router.get("/audit", response_model=list[AuditOut], tags=["access"])

@@ -7,18 +7,30 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Hypervisor, RepositoryRecord, RestorePointRecord, User, VirtualMachine
+from vmkeep.catalog.models import (
+    Hypervisor,
+    JobVM,
+    RepositoryRecord,
+    RestoreJob,
+    RestorePointRecord,
+    User,
+    VirtualMachine,
+)
 from vmkeep.catalog.queries import find_points, glob_to_like
 from vmkeep.catalog.rebuild import rebuild
 from vmkeep.errors import VmkeepError
+from vmkeep.hypervisors.address import Allowance
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
 from vmkeep.server import audit
-from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.auth import ADMIN, CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.endpoints import refuse_with_400
 from vmkeep.server.inventory import discover, secret_context
 from vmkeep.server.keys import seal_secret
+from vmkeep.server.limits import ACTIVE
 from vmkeep.server.repositories import open_registered, passphrase_context
+from vmkeep.server.restore_locations import normalized_location
 from vmkeep.server.schemas import (
     DiscoveryOut,
     HypervisorIn,
@@ -27,6 +39,7 @@ from vmkeep.server.schemas import (
     RebuildOut,
     RepositoryIn,
     RepositoryOut,
+    RestoreLocations,
     VMOut,
 )
 
@@ -36,6 +49,8 @@ router = APIRouter(prefix="/api")
 def _hypervisor_out(h: Hypervisor) -> HypervisorOut:
     return HypervisorOut(name=h.name, kind=h.kind, uri=h.uri, username=h.username,
                          has_password=h.secret_sealed is not None, discovery_minutes=h.discovery_minutes,
+                         allow_plain_tcp=h.allow_plain_tcp, allow_unsafe_options=h.allow_unsafe_options,
+                         restore_locations=h.restore_locations,
                          discovered_at=h.discovered_at,
                          discovery_error=h.discovery_error)
 
@@ -57,13 +72,18 @@ def list_hypervisors(_: User = Depends(require(*EVERYONE)),
 def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                    session: Session = Depends(get_session)) -> HypervisorOut:
     """Register a hypervisor manager; its password is sealed with the server's master key."""
+    allowance = Allowance(plain_tcp=body.allow_plain_tcp, unsafe_options=body.allow_unsafe_options)
+    if allowance != Allowance() and user.role != ADMIN:  # the address itself was checked with the body
+        raise HTTPException(403, "only an administrator may allow plain TCP or unsafe address options")
     if session.scalar(select(Hypervisor).where(Hypervisor.name == body.name)) is not None:
         raise HTTPException(409, f"hypervisor {body.name} exists")
     sealed = seal_secret(body.password, secret_context(body.name)) if body.password else None
     h = Hypervisor(name=body.name, kind=body.kind, uri=body.uri, username=body.username, secret_sealed=sealed,
-                   discovery_minutes=body.discovery_minutes)
+                   discovery_minutes=body.discovery_minutes, allow_plain_tcp=allowance.plain_tcp,
+                   allow_unsafe_options=allowance.unsafe_options)
     session.add(h)
-    audit.record(session, request, user.name, "hypervisor-add", body.name, uri=body.uri, kind=body.kind)
+    audit.record(session, request, user.name, "hypervisor-add", body.name, uri=body.uri, kind=body.kind,
+                 allow_plain_tcp=allowance.plain_tcp, allow_unsafe_options=allowance.unsafe_options)
     session.commit()
     return _hypervisor_out(h)
 
@@ -71,10 +91,33 @@ def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(re
 @router.delete("/hypervisors/{name}", status_code=204, tags=["inventory"])
 def delete_hypervisor(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                       session: Session = Depends(get_session)) -> Response:
-    session.delete(_hypervisor(session, name))
+    h = _hypervisor(session, name)
+    busy = session.scalar(select(func.count()).select_from(JobVM).join(VirtualMachine)
+                          .where(VirtualMachine.hypervisor_id == h.id, JobVM.status.in_(ACTIVE)))
+    busy = (busy or 0) + (session.scalar(select(func.count()).select_from(RestoreJob).where(
+        RestoreJob.hypervisor_id == h.id, RestoreJob.status.in_(ACTIVE))) or 0)
+    if busy:
+        raise HTTPException(409, f"hypervisor {name} has {busy} backups or restores under way: cancel them or "
+                                 "wait for them to end, then delete it")
+    session.delete(h)  # its VMs go; their backup and restore history stays (by name)
     audit.record(session, request, user.name, "hypervisor-delete", name)
     session.commit()
     return Response(status_code=204)
+
+
+@router.put("/hypervisors/{name}/restore-locations", response_model=HypervisorOut, tags=["inventory"])
+def set_restore_locations(name: str, body: RestoreLocations, request: Request, admin: User = Depends(require(ADMIN)),
+                          session: Session = Depends(get_session)) -> HypervisorOut:
+    """Where restores to this hypervisor may write: an administrator's decision, since a restore
+    runs as root on the host."""
+    h = _hypervisor(session, name)
+    try:
+        h.restore_locations = [normalized_location(loc) for loc in body.locations]
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    audit.record(session, request, admin.name, "hypervisor-restore-locations", name, locations=h.restore_locations)
+    session.commit()
+    return _hypervisor_out(h)
 
 
 @router.post("/hypervisors/{name}/discover", response_model=DiscoveryOut, tags=["inventory"])
@@ -129,6 +172,7 @@ def list_repositories(_: User = Depends(require(*EVERYONE)),
 async def add_repository(body: RepositoryIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                          session: Session = Depends(get_session)) -> RebuildOut:
     """Register an existing repository (its passphrase sealed) and import its restore points."""
+    await run_in_threadpool(refuse_with_400, request.app.state.endpoints, body.s3_endpoint, "s3_endpoint")
     try:
         backend = open_backend(body.location, s3_endpoint=body.s3_endpoint)
     except VmkeepError as exc:
@@ -159,6 +203,8 @@ async def rebuild_repository(name: str, request: Request, user: User = Depends(r
     record = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == name))
     if record is None:
         raise HTTPException(404, f"no repository {name}")
+    # checked again before each use: the name may resolve elsewhere now
+    await run_in_threadpool(refuse_with_400, request.app.state.endpoints, record.s3_endpoint, "s3_endpoint")
     try:
         repo = await run_in_threadpool(open_registered, record)
         report = await run_in_threadpool(rebuild, session, repo, name, record.s3_endpoint)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as FastPath
@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Job, Policy, Proxy, RepositoryRecord, User
+from vmkeep.catalog.proxy_role import proxy_database_url, proxy_role_name
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.proxy.backup_task import settle_job
@@ -19,11 +20,17 @@ from vmkeep.repository.prune import RetentionPolicy
 from vmkeep.server import audit
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, RUN_PROXY, get_session, require
 from vmkeep.server.dispatch import proxy_up, run_policy
+from vmkeep.server.endpoints import EndpointPolicy, refuse_with_400
+from vmkeep.server.keys import proxy_role_password
 from vmkeep.server.schedule import next_run
 from vmkeep.server.schemas import NAME
 
 router = APIRouter(prefix="/api")
 JobId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
+# what to keep of each VM: the last N points, and the newest of each of the last N hours, days …;
+# a negative count would keep nothing, so every point would be deleted
+Retention = dict[Literal["last", "hourly", "daily", "weekly", "monthly", "yearly"],
+                 Annotated[int, Field(ge=0, strict=True)]]
 
 
 class ProxyIn(BaseModel):
@@ -60,10 +67,13 @@ class PolicyIn(BaseModel):
     tags: list[str] = Field(default_factory=list, max_length=100)
     folders: list[str] = Field(default_factory=list, max_length=100, description="folder globs, e.g. prod/*")
     schedule: str | None = Field(default=None, max_length=100)
-    retention: dict[str, int] = Field(default_factory=dict)
+    retention: Retention = Field(default_factory=dict, description="counts 0 or more, e.g. {\"last\": 7}")
     full_every: int | None = Field(default=None, ge=1, le=1000)
     transports: str = Field(default="san:hotadd:nbd", max_length=50)
     quiesce: str = Field(default="try", pattern=r"^(required|try|off)$")
+    nbd_tls: str = Field(default="require", pattern=r"^(require|auto|off)$",
+                         description="disks read across the network (nbd): require TLS (default), use it when "
+                                     "both ends can (auto), or never (off); san and hotadd stay on the host")
     max_per_host: int | None = Field(default=None, ge=1, le=1000, description="this run's backups at once per host")
     max_per_datastore: int | None = Field(default=None, ge=1, le=1000)
     max_per_proxy: int | None = Field(default=None, ge=1, le=1000)
@@ -75,6 +85,7 @@ class PolicyIn(BaseModel):
 
 
 class PolicyOut(PolicyIn):
+    retention: dict[str, int]  # type: ignore[assignment]  # as stored: one saved before the checks still lists
     next_run: datetime | None
     created: datetime
 
@@ -123,7 +134,7 @@ def _policy_out(p: Policy) -> PolicyOut:
                      globs=rules.get("globs", []), hypervisor=rules.get("hypervisor"), hosts=rules.get("hosts", []),
                      tags=rules.get("tags", []), folders=rules.get("folders", []), schedule=p.schedule,
                      retention=p.retention, full_every=p.full_every, transports=p.transports, quiesce=p.quiesce,
-                     max_per_host=p.max_per_host, max_per_datastore=p.max_per_datastore,
+                     nbd_tls=p.nbd_tls, max_per_host=p.max_per_host, max_per_datastore=p.max_per_datastore,
                      max_per_proxy=p.max_per_proxy, verify_after=p.verify_after, verify_boot=p.verify_boot,
                      created=p.created,
                      notify_webhook=p.notify_webhook, notify_email=p.notify_email or [], next_run=p.next_run)
@@ -160,7 +171,9 @@ def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require
     p.last_heartbeat = datetime.now(UTC)
     audit.record(session, request, user.name, "proxy-register", body.name, reaches=body.reaches)
     session.commit()
-    return Registered(proxy=_proxy_out(p), database_url=request.app.state.proxy_database_url)
+    role = proxy_role_name(request.app.state.database_url)
+    url = proxy_database_url(request.app.state.proxy_database_url, role, proxy_role_password(role))
+    return Registered(proxy=_proxy_out(p), database_url=url)
 
 
 @router.post("/proxies/{name}/heartbeat", status_code=204, tags=["proxies"])
@@ -178,29 +191,31 @@ def list_proxies(_: User = Depends(require(*EVERYONE)), session: Session = Depen
     return [_proxy_out(p) for p in session.scalars(select(Proxy).order_by(Proxy.name))]
 
 
-def _apply(session: Session, policy: Policy, body: PolicyIn) -> None:
+def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: EndpointPolicy) -> None:
     """Check ``body`` and write it into ``policy``; 400 with the reason when it does not hold."""
+    retention = {str(key): count for key, count in body.retention.items()}
     repo = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == body.repository))
     if repo is None:
         raise HTTPException(400, f"no repository {body.repository}: register it first (POST /api/repositories)")
     try:
         parse_transports(body.transports)
-        RetentionPolicy(**body.retention)
+        RetentionPolicy.from_counts(retention)
         first_run = next_run(body.schedule, datetime.now(UTC)) if body.schedule else None
-    except (VmkeepError, TypeError) as exc:
+    except VmkeepError as exc:
         raise HTTPException(400, f"bad transports, retention or schedule: {exc}") from None
+    refuse_with_400(endpoints, body.notify_webhook, "notify_webhook")
     if any("@" not in a for a in body.notify_email):
         raise HTTPException(400, "notify_email holds addresses like ops@example.com")
     if body.schedule != policy.schedule or policy.next_run is None:
         policy.next_run = first_run
     policy.name, policy.repository_id, policy.schedule, policy.retention = (body.name, repo.id, body.schedule,
-                                                                             body.retention)
+                                                                             retention)
     policy.full_every, policy.transports, policy.quiesce = body.full_every, body.transports, body.quiesce
     policy.max_per_host, policy.max_per_datastore, policy.max_per_proxy = (body.max_per_host, body.max_per_datastore,
                                                                            body.max_per_proxy)
     policy.verify_after, policy.notify_webhook, policy.notify_email = (body.verify_after, body.notify_webhook,
                                                                        body.notify_email)
-    policy.verify_boot = body.verify_boot
+    policy.verify_boot, policy.nbd_tls = body.verify_boot, body.nbd_tls
     policy.selection = {"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor, "hosts": body.hosts,
                         "tags": body.tags, "folders": body.folders}
 
@@ -218,7 +233,7 @@ def create_policy(body: PolicyIn, request: Request, user: User = Depends(require
     if session.scalar(select(Policy).where(Policy.name == body.name)) is not None:
         raise HTTPException(409, f"policy {body.name} exists")
     policy = Policy(next_run=None)
-    _apply(session, policy, body)
+    _apply(session, policy, body, request.app.state.endpoints)
     session.add(policy)
     audit.record(session, request, user.name, "policy-create", body.name)
     session.commit()
@@ -233,7 +248,7 @@ def change_policy(name: str, body: PolicyIn, request: Request, user: User = Depe
     policy = _policy_named(session, name)
     if body.name != name:
         raise HTTPException(400, f"the body names policy {body.name}, the path {name}: a policy keeps its name")
-    _apply(session, policy, body)
+    _apply(session, policy, body, request.app.state.endpoints)
     audit.record(session, request, user.name, "policy-change", name)
     session.commit()
     session.refresh(policy)

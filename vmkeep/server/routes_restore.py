@@ -18,8 +18,9 @@ from vmkeep.catalog.models import (
     User,
 )
 from vmkeep.server import audit
-from vmkeep.server.auth import EVERYONE, RESTORE, get_session, require
+from vmkeep.server.auth import EVERYONE, OVERWRITE, RESTORE, get_session, require
 from vmkeep.server.dispatch import defer_restore, restore_proxy
+from vmkeep.server.restore_locations import storage_allowed
 from vmkeep.server.schemas import NAME
 
 router = APIRouter(prefix="/api")
@@ -42,6 +43,7 @@ class RestoreOut(BaseModel):
     point: str
     mode: str
     new_name: str | None
+    hypervisor: str
     proxy: str | None
     status: str
     attempts: int
@@ -55,7 +57,8 @@ class RestoreOut(BaseModel):
 
 
 def _out(r: RestoreJob) -> RestoreOut:
-    return RestoreOut(id=r.id, vm=r.vm_name, point=r.point_id, mode=r.mode, new_name=r.new_name, proxy=r.proxy,
+    return RestoreOut(id=r.id, vm=r.vm_name, point=r.point_id, mode=r.mode, new_name=r.new_name,
+                      hypervisor=r.hypervisor_name, proxy=r.proxy,
                       status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
                       total_bytes=r.total_bytes, warnings=r.warnings, error=r.error, disks=r.disks,
                       created=r.created, finished=r.finished)
@@ -67,9 +70,17 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
     """Restore a VM from the catalog's point; follow it at GET /api/restores/{id}."""
     if bool(body.as_name) == body.overwrite:
         raise HTTPException(400, "give as_name (a new VM) or overwrite: true (the original), one of them")
+    if body.overwrite and user.role not in OVERWRITE:
+        raise HTTPException(403, f"role {user.role} restores as a new VM only: overwriting a VM needs an operator "
+                                 "or an administrator")
     hypervisor = session.scalar(select(Hypervisor).where(Hypervisor.name == body.hypervisor))
     if hypervisor is None:
         raise HTTPException(404, f"no hypervisor {body.hypervisor}")
+    if body.storage is not None and not storage_allowed(body.storage, hypervisor.restore_locations):
+        where = ", ".join(hypervisor.restore_locations) or "none registered yet"
+        raise HTTPException(403, f"restores to {body.hypervisor} may write only inside its restore locations "
+                                 f"({where}); an administrator sets them with PUT /api/hypervisors/"
+                                 f"{body.hypervisor}/restore-locations")
     query = select(RestorePointRecord).where(RestorePointRecord.name == body.vm)
     if body.point:
         query = query.where(RestorePointRecord.point_id.startswith(body.point, autoescape=True))
@@ -82,6 +93,7 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
         raise HTTPException(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there")
     job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
                      repository_id=point.repository_id, hypervisor_id=hypervisor.id,
+                     hypervisor_name=hypervisor.name,
                      mode="overwrite" if body.overwrite else "as-new", new_name=body.as_name, storage=body.storage,
                      start_vm=body.start, proxy=proxy.name, status="queued")
     session.add(job)

@@ -38,6 +38,7 @@ from vmkeep.hypervisors.base import (
     Quiesce,
     VMDisk,
     VMInfo,
+    wire_of,
 )
 from vmkeep.hypervisors.early_release import EarlyRelease
 from vmkeep.hypervisors.libvirt.domain_xml import (
@@ -432,7 +433,7 @@ class LibvirtConnector:
                         vm=vm, transport=transport, consistency=san.consistency,
                         mode="incremental" if san.parent_cp else "full", reason=san.reason,
                         disks={**san.disks, **read_only_disks}, config=config, chain=chain, notes=notes,
-                        release=san.release)
+                        wire=wire_of({**san.disks, **read_only_disks}), release=san.release)
             else:
                 with self._backup_job(dom, eligible, capacities, parent_cp, reason, checkpoint, transport, quiesce,
                                       notes) as (consistency, parent_cp, reason, disks, release):
@@ -441,7 +442,7 @@ class LibvirtConnector:
                             vm=vm, transport=transport, consistency=consistency,
                             mode="incremental" if parent_cp else "full", reason=reason,
                             disks={**disks, **read_only_disks}, config=config, chain=chain, notes=notes,
-                            release=release)
+                            wire=wire_of({**disks, **read_only_disks}), release=release)
                     except ImageError as exc:
                         raise self._explain_lost_export(dom, exc) from None
             committed = True
@@ -569,8 +570,9 @@ class LibvirtConnector:
         if directory is None:
             where = os.environ.get("VMKEEP_NBD_TLS_DIR") or DEFAULT_TLS_DIR
             if self.nbd_tls == "require":
-                raise HypervisorError(f"--nbd-tls require, but this proxy has no NBD client certificates in {where} "
-                                      "(ca-cert.pem, client-cert.pem, client-key.pem)")
+                raise HypervisorError(f"encrypted NBD is required (--nbd-tls require, a policy's nbd_tls), but this "
+                                      f"proxy has no NBD client certificates in {where} (ca-cert.pem, client-cert.pem, "
+                                      "client-key.pem): install them, or allow plain NBD with auto")
             notes.append(f"nbd transport not encrypted: no client certificates in {where}")
         return directory
 

@@ -23,10 +23,12 @@ from vmkeep.hypervisors.base import (
     Consistency,
     DiskExport,
     HypervisorError,
+    NbdTls,
     PointInTimeInfo,
     Quiesce,
     VMDisk,
     VMInfo,
+    Wire,
 )
 from vmkeep.hypervisors.vmware import cbt, devices, restore
 from vmkeep.hypervisors.vmware.datastore import folder_url
@@ -43,8 +45,11 @@ class VsphereConnector:
     is_local = False  # the proxy reads over the network (or through VDDK's own transports)
 
     def __init__(self, uri: str, *, password: str | None = None, insecure: bool = False,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: tuple[str, str] | None = None, nbd_tls: NbdTls = "auto") -> None:
+        """``nbd_tls``: ``require`` refuses to read disks in the clear (plain HTTP, VDDK's nbd);
+        ``auto`` and ``off`` read them the way the address and the transports allow."""
         self.uri = uri
+        self.nbd_tls = nbd_tls
         self.target = Target.parse(uri)
         self.host = self.target.host
         self.session = Session(self.target, credentials[1] if credentials else password, insecure)
@@ -189,7 +194,18 @@ class VsphereConnector:
             config = devices.saved_config(props["config"], props.get("config.hardware.device") or [], placement,
                                           portgroups)
             chain = {"disks": {d.name: {"change_id": d.change_id, "size": d.capacity} for d in frozen}}
-            yield PointInTimeInfo(vm, transport, consistency, mode, reason, exports, config, chain, notes)
+            yield PointInTimeInfo(vm, transport, consistency, mode, reason, exports, config, chain, notes,
+                                  wire=self._wire(transport))
+
+    def _wire(self, transport: str) -> Wire:
+        """How the chosen transport carries the disks: VDDK's san and hotadd stay local, its nbdssl
+        and the datastore's HTTPS are TLS, VDDK's nbd and plain HTTP are not."""
+        if transport == "https":
+            return "plain" if self.target.http else "tls"
+        chosen = set(transport.split(":"))
+        if "nbd" in chosen:
+            return "plain"
+        return "tls" if "nbdssl" in chosen else "local"
 
     def _name(self, obj: Any) -> str | None:
         return str(self.session.one(obj, ["name"]).get("name")) if obj is not None else None
@@ -198,7 +214,14 @@ class VsphereConnector:
         """VDDK with the wanted transports when the proxy has it; else the datastore's HTTPS,
         which stands in for the network transports (nbd, nbdssl)."""
         found = Vddk.find()
+        if self.nbd_tls == "require" and self.target.http:
+            raise HypervisorError(f"{self.uri} is read over plain HTTP, but encrypted reads are required "
+                                  "(nbd_tls: require): use the vCenter's HTTPS address, or set nbd_tls to auto")
         wanted = [t for t in transports if t in VDDK_TRANSPORTS]
+        if self.nbd_tls == "require" and "nbd" in wanted and isinstance(found, Vddk):
+            wanted.remove("nbd")
+            notes.append("VDDK's nbd transport skipped: it reads in the clear and encrypted reads are required "
+                         "(nbd_tls: require)")
         if wanted and isinstance(found, Vddk):
             return ":".join(wanted), found
         if wanted:

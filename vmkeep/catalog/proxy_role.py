@@ -1,0 +1,104 @@
+"""The proxies' own PostgreSQL role: the task queue and the rows of the work they do, nothing else.
+
+A proxy works procrastinate's queue in the catalog's database, so it needs a database login. It
+gets a role of its own (``<database>_proxy``) rather than the master's: no rights on users,
+tokens, hypervisors, policies, repositories, VMs or the audit log. Its work orders come from two
+views (see migration 0010); it writes only the outcome and progress columns of backup and restore
+rows, closes policy runs, and keeps the restore points of the backups it made.
+
+``vmkeep db upgrade`` creates the role and (re)states every grant, so the grants follow the
+schema. The catalog's own login needs CREATEROLE for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ProgrammingError
+
+from vmkeep.errors import VmkeepError
+
+log = logging.getLogger(__name__)
+
+QUEUE_TABLES = ("procrastinate_jobs", "procrastinate_events", "procrastinate_periodic_defers",
+                "procrastinate_workers")
+READ = ("alembic_version", "jobs", "job_vms", "restore_jobs", "proxies", "proxy_backup_work", "proxy_restore_work")
+OUTCOME = {  # the columns a proxy writes: status, outcome, progress
+    "job_vms": ("proxy", "status", "attempts", "mode", "transport", "read_bytes", "stored_bytes", "progress_bytes",
+                "total_bytes", "duration_seconds", "point_id", "verified", "disks", "boot_check", "warnings",
+                "error", "started", "finished"),
+    "restore_jobs": ("proxy", "status", "attempts", "warnings", "progress_bytes", "total_bytes", "error", "disks",
+                     "finished"),
+    "jobs": ("status", "finished"),
+}
+POINTS = "restore_points"  # cataloged after each backup, pruned by the policy's retention
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
+
+
+class ProxyRoleError(VmkeepError):
+    """The proxies' database role cannot be created or granted its rights."""
+
+
+def proxy_role_name(database_url: str) -> str:
+    """One role per catalog database, so a proxy of one catalog cannot enter another."""
+    database = (make_url(database_url).database or "").lower()
+    role = f"{database}_proxy"
+    if not IDENTIFIER.match(role):
+        raise ProxyRoleError(f"the catalog database name {database!r} does not make a role name (letters, digits, _)")
+    return role
+
+
+def proxy_database_url(base_url: str, role: str, password: str) -> str:
+    """``base_url`` (as proxies reach the catalog) with the proxy role's login instead of the master's."""
+    return make_url(base_url).set(username=role, password=password).render_as_string(hide_password=False)
+
+
+def ensure_proxy_role(database_url: str, password: str) -> str:
+    """Create or update the proxies' role and state its grants from scratch; its name."""
+    role = proxy_role_name(database_url)
+    database = make_url(database_url).database
+    engine = create_engine(database_url)
+    try:
+        with engine.begin() as conn:  # all of it or nothing
+            _create_or_update(conn, role, password)
+            _grant(conn, role, str(database))
+    except ProgrammingError as exc:
+        raise ProxyRoleError(
+            f"cannot create or grant the proxies' database role {role}: {exc.orig}; give the catalog's login the "
+            "right to manage roles (as a superuser: ALTER ROLE <catalog login> CREATEROLE), then run "
+            "`vmkeep db upgrade` again") from exc
+    finally:
+        engine.dispose()
+    log.info("proxy database role %s granted the queue and its work rows", role)
+    return role
+
+
+def _create_or_update(conn: Connection, role: str, password: str) -> None:
+    exists = conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": role}).first()
+    verb = "ALTER" if exists else "CREATE"
+    # a password cannot be a bind parameter in DDL: quote it as a literal the server escapes
+    literal = conn.execute(text("SELECT quote_literal(:p)"), {"p": password}).scalar_one()
+    conn.execute(text(f'{verb} ROLE "{role}" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT '
+                      f"PASSWORD {literal}"))
+
+
+def _grant(conn: Connection, role: str, database: str) -> None:
+    quoted = f'"{role}"'
+    conn.execute(text(f'REVOKE CONNECT, TEMPORARY ON DATABASE "{database}" FROM PUBLIC'))
+    conn.execute(text(f'GRANT CONNECT ON DATABASE "{database}" TO {quoted}'))
+    conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quoted}"))
+    conn.execute(text(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {quoted}"))
+    conn.execute(text(f"REVOKE CREATE ON SCHEMA public FROM {quoted}"))
+    conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {quoted}"))
+    for table in QUEUE_TABLES:
+        conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {quoted}"))
+        conn.execute(text(f"GRANT USAGE, SELECT, UPDATE ON SEQUENCE {table}_id_seq TO {quoted}"))
+    for table in READ:
+        conn.execute(text(f"GRANT SELECT ON {table} TO {quoted}"))
+    for table, columns in OUTCOME.items():
+        conn.execute(text(f"GRANT UPDATE ({', '.join(columns)}) ON {table} TO {quoted}"))
+    conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {POINTS} TO {quoted}"))
+    conn.execute(text(f"GRANT USAGE, SELECT ON SEQUENCE {POINTS}_id_seq TO {quoted}"))

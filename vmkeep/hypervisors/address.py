@@ -1,0 +1,86 @@
+"""Which hypervisor addresses vmkeep accepts, wherever one comes in (API, CLI, proxy jobs).
+
+A libvirt URI can name a program to run (``qemu+ext://…?command=…``), a socket, key files, or
+turn host-key and certificate checks off; vSphere addresses can turn certificate checks off
+(``insecure``) or TLS itself (``http``). Whoever may register a hypervisor would otherwise make
+the master or a proxy run a program as root. Only the transports an administrator means are
+accepted; options that name files or weaken checks need an administrator's explicit allowance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlsplit
+
+from vmkeep.hypervisors.base import HypervisorError
+
+log = logging.getLogger(__name__)
+
+LIBVIRT_SCHEMES = ("qemu", "qemu+tls", "qemu+ssh", "qemu+unix", "qemu+libssh", "qemu+libssh2")
+PLAIN_TCP_SCHEMES = ("qemu+tcp",)
+LIBVIRT_PATHS = ("/system", "/session")
+# options that only choose among safe behaviours
+SAFE_OPTIONS = {"qemu": {"sshauth", "mode"}, "vsphere": set()}
+# options that name files on the connecting machine or turn a check off: an administrator's call
+UNSAFE_OPTIONS = {"qemu": {"keyfile", "pkipath", "known_hosts", "known_hosts_verify", "no_verify", "no_tty"},
+                  "vsphere": {"insecure", "http"}}
+
+
+class AddressRefused(HypervisorError):
+    """A hypervisor address vmkeep will not connect to; the message says why and what to do."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Allowance:
+    """What an administrator allowed for one address beyond the safe default."""
+
+    plain_tcp: bool = False  # qemu+tcp:// (no encryption, SASL at best)
+    unsafe_options: bool = False  # key files, known-hosts files, checks turned off, plain HTTP
+
+
+def check_address(uri: str, allowance: Allowance = Allowance()) -> None:
+    """Raise :class:`AddressRefused` unless ``uri`` is an address vmkeep may connect to."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError as exc:
+        raise AddressRefused(f"{uri!r} is not a URI: {exc}") from exc
+    scheme = parts.scheme.lower()
+    if scheme == "vsphere":
+        family = "vsphere"
+    elif scheme in LIBVIRT_SCHEMES or scheme in PLAIN_TCP_SCHEMES:
+        family = "qemu"
+        _check_libvirt(uri, scheme, parts.path, allowance)
+    else:
+        raise AddressRefused(
+            f"{uri!r}: vmkeep connects only to {', '.join(s + '://' for s in LIBVIRT_SCHEMES)} "
+            "(qemu+tcp:// where an administrator allows plain TCP) and vsphere:// addresses")
+    if any(c in uri for c in "\x00\r\n"):
+        raise AddressRefused(f"{uri!r}: an address may not hold control characters")
+    try:
+        options = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError as exc:
+        raise AddressRefused(f"{uri!r}: its query string is malformed ({exc})") from exc
+    for key, _value in options:
+        if key in SAFE_OPTIONS[family]:
+            continue
+        if key in UNSAFE_OPTIONS[family]:
+            if not allowance.unsafe_options:
+                raise AddressRefused(
+                    f"{uri!r}: the option {key!r} names a file on this machine or turns a security check off; "
+                    "only an administrator may allow it (API: allow_unsafe_options, CLI: --insecure)")
+            continue
+        raise AddressRefused(f"{uri!r}: the option {key!r} is not accepted (it can name a program or socket to "
+                             "use, or is unknown); connect without it")
+    log.debug("address %s accepted (%s)", uri, allowance)
+
+
+def _check_libvirt(uri: str, scheme: str, path: str, allowance: Allowance) -> None:
+    if scheme in PLAIN_TCP_SCHEMES and not allowance.plain_tcp:
+        raise AddressRefused(f"{uri!r}: qemu+tcp:// sends libvirt's traffic unencrypted; use qemu+tls:// or "
+                             "qemu+ssh://, or have an administrator allow plain TCP for this hypervisor "
+                             "(API: allow_plain_tcp, CLI: --insecure)")
+    if path not in LIBVIRT_PATHS:
+        raise AddressRefused(f"{uri!r}: a QEMU libvirt address ends in /system or /session")
