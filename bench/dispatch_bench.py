@@ -34,7 +34,6 @@ import httpx
 import psycopg
 
 from bench.repo_bench import ROOT, write_section
-from vmkeep.catalog.db import upgrade
 from vmkeep.lab.postgres import ensure_postgres, psql
 from vmkeep.proxy.queue import libpq_url
 
@@ -143,12 +142,13 @@ def main() -> None:
     server = None
     results = []
     try:
-        upgrade(url)
-        add_vms(url, args.vms, args.disk_mib * MiB)
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, "VMKEEP_DATABASE_URL": url, "VMKEEP_NEW_PASSWORD": PASSWORD,
                    "VMKEEP_MASTER_KEY_FILE": f"{tmp}/master.key", "BENCH_DISK_BYTES": str(args.disk_mib * MiB),
                    "BENCH_RATE": str(args.rate_mib * MiB), "PYTHONPATH": str(ROOT)}
+            # the schema and the proxies' database role (derived from this master key)
+            subprocess.run([VMKEEP, "db", "upgrade"], env=env, check=True, capture_output=True)
+            add_vms(url, args.vms, args.disk_mib * MiB)
             subprocess.run([VMKEEP, "user", "add", "bench", "--role", "admin"], env=env, check=True,
                            capture_output=True)
             subprocess.run([VMKEEP, "repo", "init", f"{tmp}/repo"], env=env, check=True, capture_output=True)
@@ -170,6 +170,7 @@ def main() -> None:
             server.terminate()
             server.wait()
         psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        psql(f"DROP ROLE IF EXISTS {name}_proxy")
     doc = {"vms": args.vms, "disk_mib": args.disk_mib, "rate_mib_s": args.rate_mib, "concurrency": args.concurrency,
            "cpus": os.cpu_count(), "results": results}
     (ROOT / "bench" / "results-dispatch.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -90,14 +90,19 @@ def fresh(*paths: Path) -> Callable[[], None]:
     return clean
 
 
+# a plain repository refuses a passphrase: its commands run without VMKEEP_PASSPHRASE
+WITHOUT_PASSPHRASE = ["env", "-u", "VMKEEP_PASSPHRASE"]
+
+
 def init_repo(repo: Path, *, encrypt: bool = True) -> None:
     fresh(repo)()
-    subprocess.run([VMKEEP, "repo", "init", str(repo), *(["--encrypt"] if encrypt else [])], env=ENV, check=True,
-                   capture_output=True)
+    subprocess.run([*([] if encrypt else WITHOUT_PASSPHRASE), VMKEEP, "repo", "init", str(repo),
+                    *(["--encrypt"] if encrypt else [])], env=ENV, check=True, capture_output=True)
 
 
-def vmkeep_backup(repo: Path, vm: str = VM, *, full: bool = False) -> list[str]:
-    return [VMKEEP, "backup", vm, "--repo", str(repo), "--transport", "hotadd", "--json", *(["--full"] if full else [])]
+def vmkeep_backup(repo: Path, vm: str = VM, *, full: bool = False, encrypted: bool = True) -> list[str]:
+    return [*([] if encrypted else WITHOUT_PASSPHRASE), VMKEEP, "backup", vm, "--repo", str(repo), "--transport",
+            "hotadd", "--json", *(["--full"] if full else [])]
 
 
 def virtnbdbackup(level: str, out: Path, vm: str = VM, *, compress: bool = True) -> list[str]:

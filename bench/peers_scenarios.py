@@ -95,7 +95,8 @@ def full_backup(ctx: Context) -> Result:
         return Contender(lambda: cmd(export[-1][0]), setup, cleanup, shell=True)
 
     def vmkeep(repo: Path, encrypt: bool, keep: bool) -> Contender:
-        return Contender(lambda: vmkeep_backup(repo, full=True), lambda: init_repo(repo, encrypt=encrypt),
+        return Contender(lambda: vmkeep_backup(repo, full=True, encrypted=encrypt),
+                         lambda: init_repo(repo, encrypt=encrypt),
                          (lambda: None) if keep else fresh(repo))
 
     def vnb(compress: bool) -> Contender:

@@ -41,8 +41,11 @@ BASE_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE
 ENV = {**BASE_ENV, "VMKEEP_PASSPHRASE": "bench-passphrase"}
 
 
-def sh(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV)
+PLAIN_ENV = {k: v for k, v in ENV.items() if k != "VMKEEP_PASSPHRASE"}  # a plain repository refuses one
+
+
+def sh(*cmd: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -145,10 +148,12 @@ def main() -> None:
     def backup_into(repo: Path, encrypt: bool, keep: bool = False) -> Trial:
         def setup() -> None:
             rm(repo)
-            sh(VMKEEP, "repo", "init", str(repo), *(["--encrypt"] if encrypt else []))
+            sh(VMKEEP, "repo", "init", str(repo), *(["--encrypt"] if encrypt else []),
+               env=ENV if encrypt else PLAIN_ENV)
 
         return Trial(lambda: sh(VMKEEP, "disk", "backup", str(image), "--repo", str(repo), "--name", "bench",
-                                "--workers", w, "--json"), setup, (lambda: None) if keep else (lambda: rm(repo)))
+                                "--workers", w, "--json", env=ENV if encrypt else PLAIN_ENV), setup,
+                     (lambda: None) if keep else (lambda: rm(repo)))
 
     with serve_image(info, connections=8) as uri:
         backups = rounds(args.repeat, {

@@ -81,7 +81,7 @@ def _create_or_update(conn: Connection, role: str, password: str) -> None:
     verb = "ALTER" if exists else "CREATE"
     # a password cannot be a bind parameter in DDL: quote it as a literal the server escapes
     literal = conn.execute(text("SELECT quote_literal(:p)"), {"p": password}).scalar_one()
-    conn.execute(text(f'{verb} ROLE "{role}" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT '
+    conn.execute(text(f'{verb} ROLE "{role}" WITH LOGIN NOCREATEDB NOCREATEROLE NOINHERIT '
                       f"PASSWORD {literal}"))
 
 
