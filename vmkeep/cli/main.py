@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
@@ -90,7 +91,8 @@ def main() -> None:
         err_console.print("interrupted: nothing partial was committed; the next run starts clean")
         sys.exit(130)
     except VmkeepError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # the message may quote guest file names, URIs or paths: never read as Rich markup
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 
