@@ -47,6 +47,7 @@ class ChainRow:
 class ChainReport:
     entries: int
     problems: list[str]
+    head: str  # the newest entry's hash: kept elsewhere, it shows a rewrite of the whole chain too
 
     @property
     def ok(self) -> bool:
@@ -68,4 +69,4 @@ def verify_chain(rows: Iterable[ChainRow]) -> ChainReport:
         if row.hash != expected:
             problems.append(f"entry {row.id} ({row.action} {row.target}): its content was altered (hash mismatch)")
         previous = row.hash or ""
-    return ChainReport(count, problems)
+    return ChainReport(count, problems, previous)

@@ -54,11 +54,12 @@ def audit_verify_cmd(database_url: DatabaseOpt = None, json_out: JsonOpt = False
     with sessions(resolve(database_url))() as session:
         report = verify_chain(chain_rows(session))
     if json_out:
-        emit_json({"entries": report.entries, "ok": report.ok, "problems": report.problems})
+        emit_json({"entries": report.entries, "ok": report.ok, "problems": report.problems, "head": report.head})
     else:
         for problem in report.problems:
             out_console.print(f"[red]{problem}[/red]", highlight=False)
         out_console.print(f"{report.entries} audit entries: " + ("the chain holds" if report.ok else
-                                                                 f"{len(report.problems)} problems"))
+                                                                 f"{len(report.problems)} problems")
+                          + f"; newest hash {report.head}")
     if not report.ok:
         raise typer.Exit(1)

@@ -150,7 +150,7 @@ def me(user: User = Depends(current_user)) -> UserOut:
 def audit_verify(_: User = Depends(require(*READ_AUDIT)), session: Session = Depends(get_session)) -> AuditVerifyOut:
     """Check the audit log's hash chain: every entry altered, and where entries were removed."""
     report = verify_chain(audit.chain_rows(session))
-    return AuditVerifyOut(entries=report.entries, ok=report.ok, problems=report.problems)
+    return AuditVerifyOut(entries=report.entries, ok=report.ok, problems=report.problems, head=report.head)
 
 
 @router.get("/audit", response_model=list[AuditOut], tags=["access"])

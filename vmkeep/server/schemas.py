@@ -162,6 +162,7 @@ class AuditVerifyOut(BaseModel):
     entries: int
     ok: bool
     problems: list[str]
+    head: str  # the newest entry's hash
 
 
 class AuditOut(BaseModel):
