@@ -101,7 +101,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                     jv.error = f"point {m.point_id} was stored but did not pass its boot check: " \
                                f"{jv.boot_check.get('reason')}"
                     return
-            retention = RetentionPolicy(**order.retention) if order.retention else RetentionPolicy()
+            retention = RetentionPolicy.from_counts(order.retention) if order.retention else RetentionPolicy()
             if not retention.is_empty():
                 kept = prune(repo, retention, order.vm_name)[order.vm_name].keep
                 session.execute(delete(RestorePointRecord).where(
