@@ -78,6 +78,10 @@ def test_hypervisor_addresses_are_checked(server: Server, cli: Cli, tmp_path: Pa
     assert "plain TCP" in refused[5].text
     # an operator may not grant an allowance; an administrator may, and it is recorded
     assert add(operator, "qemu+tcp://host/system", allow_plain_tcp=True).status_code == 403
+    # nor one that points at the cloud's metadata service
+    for uri, kind in (("vsphere://admin@169.254.169.254", "vsphere"), ("qemu+tls://169.254.169.254/system", "libvirt")):
+        metadata = add(admin, uri, kind=kind)
+        assert metadata.status_code == 400 and "metadata" in metadata.text, metadata.text
     assert admin.get("/api/hypervisors").json() == []  # nothing refused was stored
     ok = add(admin, "qemu+ssh://root@host/system?keyfile=/k&no_verify=1", name="ssh", allow_unsafe_options=True)
     assert ok.status_code == 201 and ok.json()["allow_unsafe_options"], ok.text

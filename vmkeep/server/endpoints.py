@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from urllib.parse import urlsplit
 
 import httpx
 from fastapi import HTTPException
@@ -92,6 +93,24 @@ class EndpointPolicy:
                     f"{what} {url!r} reaches {text}, a link-local or cloud metadata address; the server sends "
                     "nothing there unless its administrator allows it (vmkeep server --allow-endpoint CIDR)")
         return parsed, addresses[0]
+
+
+def refuse_link_local_host(endpoints: EndpointPolicy, address: str, what: str) -> None:
+    """400 when the host of ``address`` (any URI) is, or resolves to, a refused address. A name
+    that does not resolve here passes: the connection to it fails on its own."""
+    host = urlsplit(address).hostname
+    if not host:
+        return
+    try:
+        found = {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return
+    for text in sorted(found):
+        if endpoints.refused(ip_address(text)):
+            log.warning("refused %s %s: %s is link-local or cloud metadata", what, address, text)
+            raise HTTPException(400, f"{what} {address!r} reaches {text}, a link-local or cloud metadata address; "
+                                     "refused unless the server's administrator allows it (vmkeep server "
+                                     "--allow-endpoint CIDR)")
 
 
 def refuse_with_400(endpoints: EndpointPolicy, url: str | None, what: str) -> None:

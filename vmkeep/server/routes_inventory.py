@@ -25,7 +25,7 @@ from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
 from vmkeep.server import audit
 from vmkeep.server.auth import ADMIN, CHANGE_INVENTORY, EVERYONE, get_session, require
-from vmkeep.server.endpoints import refuse_with_400
+from vmkeep.server.endpoints import refuse_link_local_host, refuse_with_400
 from vmkeep.server.inventory import discover, secret_context
 from vmkeep.server.keys import seal_secret
 from vmkeep.server.limits import ACTIVE
@@ -75,6 +75,7 @@ def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(re
     allowance = Allowance(plain_tcp=body.allow_plain_tcp, unsafe_options=body.allow_unsafe_options)
     if allowance != Allowance() and user.role != ADMIN:  # the address itself was checked with the body
         raise HTTPException(403, "only an administrator may allow plain TCP or unsafe address options")
+    refuse_link_local_host(request.app.state.endpoints, body.uri, "hypervisor address")
     if session.scalar(select(Hypervisor).where(Hypervisor.name == body.name)) is not None:
         raise HTTPException(409, f"hypervisor {body.name} exists")
     sealed = seal_secret(body.password, secret_context(body.name)) if body.password else None
