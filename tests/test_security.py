@@ -69,13 +69,16 @@ def test_hypervisor_addresses_are_checked(server: Server, cli: Cli, tmp_path: Pa
                add(operator, "qemu+ssh://root@host/system?keyfile=/root/.ssh/id_ed25519"),
                add(operator, "qemu+ssh://root@host/system?no_verify=1"),
                add(operator, "qemu+tcp://host/system"),
+               add(operator, f"qemu+ssh://h/system?mode=auto;command={program}"),
+               add(operator, "qemu+ssh://h/system?sshauth=privkey;keyfile=/root/.ssh/id_rsa"),
+               add(operator, "qemu+ssh://h/system?NO_VERIFY=1"),
                add(operator, "qemu:///system?name=qemu%2Bext%3A%2F%2F%2Fsystem"),
                add(operator, "vsphere://admin@vcenter?insecure=1", kind="vsphere"),
                add(operator, "file:///etc/passwd"),
                add(operator, "qemu:///etc")]
     assert [r.status_code for r in refused] == [422] * len(refused), [r.text for r in refused]
     assert "connects only to" in refused[0].text and "not accepted" in refused[2].text
-    assert "plain TCP" in refused[5].text
+    assert "plain TCP" in refused[5].text and "'&' only" in refused[6].text
     # an operator may not grant an allowance; an administrator may, and it is recorded
     assert add(operator, "qemu+tcp://host/system", allow_plain_tcp=True).status_code == 403
     # nor one that points at the cloud's metadata service

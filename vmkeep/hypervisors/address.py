@@ -59,11 +59,14 @@ def check_address(uri: str, allowance: Allowance = Allowance()) -> None:
             "(qemu+tcp:// where an administrator allows plain TCP) and vsphere:// addresses")
     if any(c in uri for c in "\x00\r\n"):
         raise AddressRefused(f"{uri!r}: an address may not hold control characters")
+    if ";" in parts.query:  # libvirt also splits options on ';', which parse_qsl would not see
+        raise AddressRefused(f"{uri!r}: separate options with '&' only")
     try:
         options = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
         raise AddressRefused(f"{uri!r}: its query string is malformed ({exc})") from exc
-    for key, _value in options:
+    for raw_key, _value in options:
+        key = raw_key.lower()  # libvirt compares option names without regard to case
         if key in SAFE_OPTIONS[family]:
             continue
         if key in UNSAFE_OPTIONS[family]:

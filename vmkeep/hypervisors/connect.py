@@ -9,7 +9,7 @@ KINDS = ("libvirt", "vsphere")
 
 
 def kind_of(uri: str) -> str:
-    return "vsphere" if uri.startswith("vsphere://") else "libvirt"
+    return "vsphere" if uri.lower().startswith("vsphere://") else "libvirt"
 
 
 def open_connector(uri: str, *, nbd_tls: NbdTls = "auto", credentials: tuple[str, str] | None = None,
