@@ -3,8 +3,9 @@
 A proxy works procrastinate's queue in the catalog's database, so it needs a database login. It
 gets a role of its own (``<database>_proxy``) rather than the master's: no rights on users,
 tokens, hypervisors, policies, repositories, VMs or the audit log. Its work orders come from two
-views (see migration 0010); it writes only the outcome and progress columns of backup and restore
-rows, closes policy runs, and keeps the restore points of the backups it made.
+views (migrations 0010, 0011); it writes only the outcome and progress columns of backup and
+restore rows still in progress (a trigger keeps ended rows the master's), closes policy runs, and
+writes the catalog's restore points (new backups, retention). It cannot put work on the queue.
 
 ``vmkeep db upgrade`` creates the role and (re)states every grant, so the grants follow the
 schema. The catalog's own login needs CREATEROLE for that.
@@ -23,8 +24,14 @@ from vmkeep.errors import VmkeepError
 
 log = logging.getLogger(__name__)
 
-QUEUE_TABLES = ("procrastinate_jobs", "procrastinate_events", "procrastinate_periodic_defers",
-                "procrastinate_workers")
+# what a procrastinate worker does to its queue: fetch, finish and abort jobs (never defer new
+# ones: only the master sends work), log their events (procrastinate's triggers), register and
+# heartbeat as a worker
+QUEUE = {
+    "procrastinate_jobs": "SELECT, UPDATE, DELETE",
+    "procrastinate_events": "SELECT, INSERT",
+    "procrastinate_workers": "SELECT, INSERT, UPDATE, DELETE",
+}
 READ = ("alembic_version", "jobs", "job_vms", "restore_jobs", "proxies", "proxy_backup_work", "proxy_restore_work")
 OUTCOME = {  # the columns a proxy writes: status, outcome, progress
     "job_vms": ("proxy", "status", "attempts", "mode", "transport", "read_bytes", "stored_bytes", "progress_bytes",
@@ -91,11 +98,14 @@ def _grant(conn: Connection, role: str, database: str) -> None:
     conn.execute(text(f'GRANT CONNECT ON DATABASE "{database}" TO {quoted}'))
     conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {quoted}"))
     conn.execute(text(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {quoted}"))
-    conn.execute(text(f"REVOKE CREATE ON SCHEMA public FROM {quoted}"))
+    # no one but the owner creates objects in the schema (before PostgreSQL 15 PUBLIC could): a
+    # function a proxy made there could stand in for one the master calls
+    conn.execute(text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
     conn.execute(text(f"GRANT USAGE ON SCHEMA public TO {quoted}"))
-    for table in QUEUE_TABLES:
-        conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {quoted}"))
-        conn.execute(text(f"GRANT USAGE, SELECT, UPDATE ON SEQUENCE {table}_id_seq TO {quoted}"))
+    for table, rights in QUEUE.items():
+        conn.execute(text(f"GRANT {rights} ON {table} TO {quoted}"))
+        if "INSERT" in rights:
+            conn.execute(text(f"GRANT USAGE, SELECT ON SEQUENCE {table}_id_seq TO {quoted}"))
     for table in READ:
         conn.execute(text(f"GRANT SELECT ON {table} TO {quoted}"))
     for table, columns in OUTCOME.items():

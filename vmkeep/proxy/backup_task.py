@@ -61,8 +61,14 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
     with sessions() as session:
         jv = session.get(JobVM, job_vm_id)
         order = backup_order(session, job_vm_id)
-        if jv is None or jv.status in FINAL or order is None:
+        if jv is None or jv.status in FINAL:
             return  # removed, or cancelled before it started
+        if order is None:  # its VM, hypervisor, policy or repository went while it waited
+            jv.status, jv.finished = "failed", datetime.now(UTC)
+            jv.error = "its VM, hypervisor, policy or repository was removed before the backup started"
+            session.commit()
+            settle_job(session, jv.job)
+            return
         jv.status, jv.proxy, jv.attempts, jv.started = "running", proxy, jv.attempts + 1, datetime.now(UTC)
         jv.error = None
         session.commit()
@@ -137,7 +143,8 @@ def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: 
             secret = Path(tmp) / "passphrase"
             secret.touch(mode=0o600)
             secret.write_text(open_secret(record.passphrase_sealed, passphrase_context(record.name)))
-        spec = PointSpec(record.location, vm, point_id, "", record.s3_endpoint, None, str(secret) if secret else None)
+        spec = PointSpec(record.location, vm, point_id, "", record.s3_endpoint, None, str(secret) if secret else None,
+                         plain=not record.encrypted)
         return boot_check(repo, spec, connector, vm, point_id)
 
 

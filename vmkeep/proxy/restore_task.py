@@ -30,7 +30,12 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
     with sessions() as session:
         job = session.get(RestoreJob, restore_id)
         order = restore_order(session, restore_id)
-        if job is None or job.status not in ("queued", "running") or order is None:
+        if job is None or job.status not in ("queued", "running"):
+            return
+        if order is None:  # its hypervisor or repository went while it waited
+            job.status, job.finished = "failed", datetime.now(UTC)
+            job.error = "its hypervisor or repository was removed before the restore started"
+            session.commit()
             return
         job.status, job.proxy, job.attempts, job.error = "running", proxy, job.attempts + 1, None
         session.commit()

@@ -38,17 +38,16 @@ def login(body: Login, request: Request, session: Session = Depends(get_session)
     """A bearer token valid for a working day, for the user's name and password."""
     guard: LoginGuard = request.app.state.login_guard
     address = client_address(request)
-    wait = guard.retry_after(body.name, address)
+    wait = guard.attempt(body.name, address)  # counted as failed from here until the password matches
     if wait:
         raise HTTPException(429, f"too many failed logins for this user or from this address: retry in {wait} s",
                             headers={"Retry-After": str(wait)})
     user = session.scalar(select(User).where(User.name == body.name))
     if not login_matches(user, body.password) or user is None:  # an unknown name costs one argon2 check too
-        guard.failed(body.name, address)
         audit.record(session, request, body.name, "login-failed", body.name)
         session.commit()
         raise HTTPException(401, "wrong user name or password", headers={"WWW-Authenticate": "Bearer"})
-    guard.succeeded(user.name)
+    guard.succeeded(user.name, address)
     token, expires = issue_token(session, user, "login", timedelta(hours=LOGIN_HOURS))
     audit.record(session, request, user.name, "login", user.name)
     session.commit()
