@@ -121,12 +121,13 @@ def test_proxy_reaches_libvirt_over_ssh(cli: Cli, proxy: list[str], vm: BareVM, 
     vm.write("vda", 8 * MiB, 3 * MiB, 0x63)
     at_full = vm.snapshot("vda", tmp_path / "full.qcow2")
     with ssh_server(PROXY_NETWORK_GATEWAY, tmp_path / "ssh") as server:
-        listed = subprocess.run([*proxy, VMKEEP, "inventory", "--host", server.uri(), "--json"], capture_output=True,
-                                text=True, env=cli.env, timeout=120)
+        # the private sshd's key file and unknown host key: options only --insecure accepts
+        listed = subprocess.run([*proxy, VMKEEP, "inventory", "--host", server.uri(), "--insecure", "--json"],
+                                capture_output=True, text=True, env=cli.env, timeout=120)
         assert listed.returncode == 0, listed.stderr
         assert vm.name in {v["name"] for v in json.loads(listed.stdout)["vms"]}
-        proc = subprocess.run([*proxy, VMKEEP, "backup", vm.name, "--host", server.uri(), "--repo", repo,
-                               "--transport", "hotadd:nbd", "--json"],
+        proc = subprocess.run([*proxy, VMKEEP, "backup", vm.name, "--host", server.uri(), "--insecure", "--repo",
+                               repo, "--transport", "hotadd:nbd", "--json"],
                               capture_output=True, text=True, env=cli.env, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     full = json.loads(proc.stdout)["vms"][0]

@@ -220,7 +220,7 @@ def run_to_end(admin: httpx.Client, policy: str, expect: dict[str, str]) -> dict
         return current if current["finished"] else None
 
     done = wait_for(f"the run of {policy}", finished, timeout=300)
-    assert done["status"] == "succeeded", done
+    assert done["status"] == "succeeded", [(v["vm"], v["status"], v["error"]) for v in done["vms"]]
     return {v["vm"]: v for v in done["vms"]}
 
 

@@ -179,7 +179,7 @@ def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env
     try:
         repo = str(tmp_path / "repo")
         cli.run("repo", "init", repo, "--encrypt")
-        full = backup(cli, shim.address, "vc-incr", repo)
+        full = backup(cli, shim.address, "vc-incr", repo, "--insecure")
         assert full["mode"] == "full" and full["bytes_read"] == 12 * MiB  # only where data is (CBT "*")
         with flat.open("r+b") as f:  # the guest writes 1 MiB, and 100 kB across two 64 KiB blocks
             f.seek(50 * MiB)
@@ -188,7 +188,7 @@ def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env
             f.write(os.urandom(100_000))
         at_incr = tmp_path / "at-incr.raw"
         at_incr.write_bytes(flat.read_bytes())
-        incr = backup(cli, shim.address, "vc-incr", repo)
+        incr = backup(cli, shim.address, "vc-incr", repo, "--insecure")
         assert incr["mode"] == "incremental", incr
         assert incr["bytes_read"] == MiB + 2 * 64 * 1024  # the changed areas CBT reported, nothing else
         assert shim.queries >= 2 * 4  # the whole disk, 16 MiB per call, for "*" and for the changes
@@ -205,7 +205,7 @@ def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env
                 through_shim.wait(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=on)), "reconfigure")
         finally:
             through_shim.close()
-        reset = backup(cli, shim.address, "vc-incr", repo)
+        reset = backup(cli, shim.address, "vc-incr", repo, "--insecure")
         assert reset["mode"] == "full" and "reset" in reset["reason"], reset
     finally:
         shim.close()

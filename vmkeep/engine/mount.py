@@ -37,6 +37,7 @@ class PointSpec:
     s3_endpoint: str | None = None
     key_file: str | None = None
     passphrase_file: str | None = None
+    plain: bool = False  # known to be unencrypted: offer no credentials, not even the environment's
 
     def plugin_args(self) -> list[str]:
         sites = [str(PROJECT), *site.getsitepackages()]
@@ -46,7 +47,7 @@ class PointSpec:
                            ("passphrase-file", self.passphrase_file)):
             if value:
                 args.append(f"{key}={value}")
-        return args
+        return [*args, "plain=1"] if self.plain else args
 
 
 def _command(spec: PointSpec, *, unix: Path | None = None, port: int | None = None,

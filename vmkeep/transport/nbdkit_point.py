@@ -49,9 +49,12 @@ def config_complete() -> None:
         raise RuntimeError(f"nbdkit_point needs {', '.join(missing)}=")
     passphrase_file = settings.get("passphrase-file")
     key_file = settings.get("key-file")
-    repo = Repository.open(open_backend(settings["repo"], s3_endpoint=settings.get("s3-endpoint")),
-                           Credentials.from_env(Path(passphrase_file) if passphrase_file else None,
-                                                Path(key_file) if key_file else None))
+    # plain=1: the caller knows the repository is unencrypted (a registered one, pinned so in the
+    # catalog): a VMKEEP_PASSPHRASE in nbdkit's environment must not be offered to it
+    credentials = (Credentials() if settings.get("plain") == "1" else
+                   Credentials.from_env(Path(passphrase_file) if passphrase_file else None,
+                                        Path(key_file) if key_file else None))
+    repo = Repository.open(open_backend(settings["repo"], s3_endpoint=settings.get("s3-endpoint")), credentials)
     manifest = repo.find_point(settings["name"], settings.get("point") or None)
     reader = PointReader(repo, manifest, settings["disk"], cache_chunks=int(settings.get("cache-chunks", "32")),
                          read_ahead=int(settings.get("read-ahead", "4")))

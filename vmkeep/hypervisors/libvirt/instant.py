@@ -14,7 +14,7 @@ import json
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,7 @@ def start(repo: Repository, spec_base: PointSpec, connector: LibvirtConnector, v
         instant.directory.mkdir(parents=True, exist_ok=True)
         directory.mkdir(parents=True, exist_ok=True)
         for disk, entry in manifest.disks.items():
-            spec = PointSpec(spec_base.repo, vm, manifest.point_id, disk, spec_base.s3_endpoint, spec_base.key_file,
-                             spec_base.passphrase_file)
+            spec = replace(spec_base, name=vm, point=manifest.point_id, disk=disk)
             sock = instant.directory / f"{disk}.sock"
             instant.exports[disk] = start_daemon(spec, sock, instant.directory / f"{disk}.pid")
             instant.sockets[disk] = str(sock)
