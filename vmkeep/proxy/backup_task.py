@@ -89,7 +89,8 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             finally:
                 progress.close()
             upsert_points(session, order.repository.id, [m])
-            jv.status, jv.mode, jv.transport, jv.point_id = "succeeded", m.meta["mode"], m.meta["transport"], m.point_id
+            # the row stays running until the outcome is known: an ended row is the master's alone
+            jv.mode, jv.transport, jv.point_id = m.meta["mode"], m.meta["transport"], m.point_id
             jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")
             jv.duration_seconds = m.stats.get("seconds")
             jv.disks = {d: {"size": e.size, **e.stats} for d, e in m.disks.items()}
@@ -114,6 +115,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                     RestorePointRecord.repository_id == order.repository.id,
                     RestorePointRecord.name == order.vm_name,
                     RestorePointRecord.point_id.not_in(list(kept))))
+            jv.status = "succeeded"
         except Cancelled:
             jv.status, jv.error = "cancelled", "cancelled: nothing partial was committed"
         except Exception as exc:  # the row records any failure; the task itself ends cleanly
