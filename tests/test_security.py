@@ -3,6 +3,7 @@ log's chain, tokens, logins and request sizes — each through the real server o
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import Cli
@@ -396,3 +398,32 @@ def test_work_whose_target_went_fails_instead_of_waiting(cli: Cli, database: str
     assert _sql(database, "SELECT status, error LIKE '%removed%' FROM job_vms") == [("failed", True)]
     assert _sql(database, "SELECT status FROM jobs") == [("failed",)]
     factory.kw["bind"].dispose()
+
+
+def test_proxy_role_made_by_a_superuser_needs_no_createrole(cli: Cli, server_url: str, tmp_path: Path) -> None:
+    """Where the catalog's login may not manage roles, a superuser creates the proxies' role once
+    from `vmkeep db proxy-role-sql`; the upgrade then only grants."""
+    from vmkeep.lab.postgres import psql
+
+    name = f"vmkeep_t_{secrets.token_hex(4)}"
+    owner, password = f"{name}_owner", secrets.token_hex(12)
+    psql(f"CREATE ROLE {owner} WITH LOGIN NOCREATEROLE PASSWORD '{password}'")
+    psql(f"CREATE DATABASE {name} OWNER {owner}")
+    try:
+        url = make_url(server_url).set(username=owner, password=password, database=name) \
+            .render_as_string(hide_password=False)
+        env = {**cli.env, "VMKEEP_DATABASE_URL": url, "VMKEEP_MASTER_KEY_FILE": str(tmp_path / "master.key")}
+        refused = cli.run("db", "upgrade", env=env, ok=False)
+        assert refused.returncode == 1 and "proxy-role-sql" in refused.stderr, refused.stderr
+        statement = cli.run("db", "proxy-role-sql", env=env).stdout.strip()
+        assert statement.startswith(f'CREATE ROLE "{name}_proxy"')
+        psql(statement, database=name)
+        assert cli.json("db", "upgrade", env=env)["proxy_role"] == f"{name}_proxy"
+        proxy_url = url.replace(f"{owner}:{password}", f"{name}_proxy:" + statement.rsplit("'", 2)[1])
+        assert _sql(proxy_url, "SELECT count(*) FROM proxy_backup_work") == [(0,)]
+        with pytest.raises(DBAPIError):
+            _sql(proxy_url, "SELECT * FROM users")
+    finally:
+        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        psql(f"DROP ROLE IF EXISTS {name}_proxy")
+        psql(f"DROP ROLE IF EXISTS {owner}")

@@ -18,7 +18,7 @@ import re
 
 from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from vmkeep.errors import VmkeepError
 
@@ -67,20 +67,41 @@ def ensure_proxy_role(database_url: str, password: str) -> str:
     """Create or update the proxies' role and state its grants from scratch; its name."""
     role = proxy_role_name(database_url)
     database = make_url(database_url).database
+    ready = _logs_in(database_url, role, password)  # made by a superuser, or by an earlier upgrade
     engine = create_engine(database_url)
     try:
         with engine.begin() as conn:  # all of it or nothing
-            _create_or_update(conn, role, password)
+            if not ready:
+                _create_or_update(conn, role, password)
             _grant(conn, role, str(database))
     except ProgrammingError as exc:
         raise ProxyRoleError(
-            f"cannot create or grant the proxies' database role {role}: {exc.orig}; give the catalog's login the "
-            "right to manage roles (as a superuser: ALTER ROLE <catalog login> CREATEROLE), then run "
-            "`vmkeep db upgrade` again") from exc
+            f"cannot create or grant the proxies' database role {role}: {exc.orig}; either have a superuser "
+            "create it (`vmkeep db proxy-role-sql | psql` as the postgres user), or give the catalog's login "
+            "CREATEROLE; then run `vmkeep db upgrade` again") from exc
     finally:
         engine.dispose()
     log.info("proxy database role %s granted the queue and its work rows", role)
     return role
+
+
+def _logs_in(database_url: str, role: str, password: str) -> bool:
+    """Whether the role exists and takes this password (then the catalog's login needs no right to
+    manage roles: the grants are the tables' owner's to give)."""
+    engine = create_engine(proxy_database_url(database_url, role, password))
+    try:
+        with engine.connect():
+            return True
+    except OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+def create_role_sql(role: str, password: str) -> str:
+    """The statement a superuser runs once so that the catalog's login needs no CREATEROLE."""
+    quoted = "'" + password.replace("'", "''") + "'"
+    return f'CREATE ROLE "{role}" WITH LOGIN NOCREATEDB NOCREATEROLE NOINHERIT PASSWORD {quoted};'
 
 
 def _create_or_update(conn: Connection, role: str, password: str) -> None:

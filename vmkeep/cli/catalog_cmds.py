@@ -41,6 +41,18 @@ def upgrade_cmd(revision: Annotated[str, typer.Argument(help="Target revision")]
         out_console.print(f"catalog schema at revision {now}" + (f"; proxies log in as {role}" if role else ""))
 
 
+@db_app.command("proxy-role-sql")
+def proxy_role_sql_cmd(database_url: DatabaseOpt = None) -> None:
+    """Print the statement that creates the proxies' database role, for a superuser to run once
+    (`… | runuser -u postgres -- psql -d DB`), so the catalog's login needs no CREATEROLE."""
+    from vmkeep.catalog.db import database_url as resolve
+    from vmkeep.catalog.proxy_role import create_role_sql, proxy_role_name
+    from vmkeep.server.keys import proxy_role_password
+
+    role = proxy_role_name(resolve(database_url))
+    print(create_role_sql(role, proxy_role_password(role)))
+
+
 @catalog_app.command("rebuild")
 def rebuild_cmd(repo: RepoOpt, name: Annotated[str | None, typer.Option(help="Name for the repository")] = None,
                 passphrase_file: PassFile = None, key_file: KeyFile = None, s3_endpoint: S3Endpoint = None,
