@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
 
 import libvirt
 
@@ -79,9 +80,10 @@ class BareVM:
 
 
 def disk_xml(target: str, path: Path, fmt: str, shareable: bool = False) -> str:
+    """Paths escaped: a VM's directory is named after it, and names may hold ``&`` or ``'``."""
     share = "<shareable/>" if shareable else ""
     return (f"<disk type='file' device='disk'><driver name='qemu' type='{fmt}' cache='none' discard='unmap'/>"
-            f"<source file='{path}'/><target dev='{target}' bus='virtio'/>{share}</disk>")
+            f"<source file={quoteattr(str(path))}/><target dev='{target}' bus='virtio'/>{share}</disk>")
 
 
 MAC = "52:54:00:6b:65:01"  # every bare VM's network card: a restored copy must get another
@@ -110,8 +112,8 @@ def create(disks: dict[str, tuple[int, str]], shareable: tuple[str, ...] = (), *
     if uefi:
         shutil.copyfile(OVMF_VARS, directory / "VARS.fd")
         firmware = (f"<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>"
-                    f"<nvram>{directory / 'VARS.fd'}</nvram>")
-    xml = (f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>"
+                    f"<nvram>{escape(str(directory / 'VARS.fd'))}</nvram>")
+    xml = (f"<domain type='qemu'><name>{escape(name)}</name><memory unit='MiB'>48</memory><vcpu>1</vcpu>"
            f"<os><type arch='x86_64' machine='pc'>hvm</type>{firmware}</os>"
            f"<features><acpi/></features><devices>{devices}</devices></domain>")
     vm = BareVM(name, paths)

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlparse
-from xml.sax.saxutils import quoteattr
 
 import libvirt
 import libvirt_qemu
@@ -52,6 +51,7 @@ MEMORY_MIB = 256
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")  # short: the console socket path has to fit 108 bytes
 NS = "https://vmkeep.dev/xmlns/lab/1"
 NS_PREFIX = "vmkeeplab"
+ET.register_namespace(NS_PREFIX, NS)  # the prefix the lab's domain XML has always used
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 GUEST_SLACK = 10.0  # seconds the host waits beyond a command's guest-side time limit
 GUEST_READ_RATE = 15 * MiB  # bytes/s a TCG guest hashes or writes at, at worst (for time limits)
@@ -127,40 +127,44 @@ def _create_disk(path: Path, size: int) -> None:
 
 
 def domain_xml(name: str, guest: GuestImage, disks: dict[str, Path], console: Path, log: Path) -> str:
-    """TCG (KVM guests never boot on the lab machines), direct kernel boot, console on a unix socket."""
-    disk_xml = "".join(
-        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none' discard='unmap'/>"
-        f"<source file={quoteattr(str(path))}/><target dev='{target}' bus='virtio'/></disk>"
-        for target, path in disks.items()
-    )
-    p = NS_PREFIX
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  <metadata><{p}:lab xmlns:{p}='{NS}'><{p}:console path={quoteattr(str(console))}/><{p}:guest key='{guest.key}'/>
-  </{p}:lab></metadata>
-  <memory unit='MiB'>{MEMORY_MIB}</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{guest.kernel}</kernel>
-    <initrd>{guest.initrd}</initrd>
-    <cmdline>console=ttyS0</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    {disk_xml}
-    <serial type='unix'>
-      <source mode='bind' path={quoteattr(str(console))}/>
-      <log file={quoteattr(str(log))} append='off'/>
-      <target port='0'/>
-    </serial>
-    <channel type='unix'><target type='virtio' name='{AGENT_CHANNEL}'/></channel>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
+    """TCG (KVM guests never boot on the lab machines), direct kernel boot, console on a unix socket.
+
+    Built with ElementTree, so no name or path can break the document or add elements to it."""
+    root = ET.Element("domain", type="qemu")
+    _text(root, "name", name)
+    lab = ET.SubElement(ET.SubElement(root, "metadata"), f"{{{NS}}}lab")
+    ET.SubElement(lab, f"{{{NS}}}console", path=str(console))
+    ET.SubElement(lab, f"{{{NS}}}guest", key=guest.key)
+    _text(root, "memory", str(MEMORY_MIB)).set("unit", "MiB")
+    _text(root, "vcpu", "1")
+    os_ = ET.SubElement(root, "os")
+    _text(os_, "type", "hvm").attrib.update(arch="x86_64", machine="pc")
+    _text(os_, "kernel", str(guest.kernel))
+    _text(os_, "initrd", str(guest.initrd))
+    _text(os_, "cmdline", "console=ttyS0")
+    ET.SubElement(ET.SubElement(root, "features"), "acpi")
+    for event, action in (("on_poweroff", "destroy"), ("on_reboot", "restart"), ("on_crash", "destroy")):
+        _text(root, event, action)
+    devices = ET.SubElement(root, "devices")
+    for target, path in disks.items():
+        disk = ET.SubElement(devices, "disk", type="file", device="disk")
+        ET.SubElement(disk, "driver", name="qemu", type="qcow2", cache="none", discard="unmap")
+        ET.SubElement(disk, "source", file=str(path))
+        ET.SubElement(disk, "target", dev=target, bus="virtio")
+    serial = ET.SubElement(devices, "serial", type="unix")
+    ET.SubElement(serial, "source", mode="bind", path=str(console))
+    ET.SubElement(serial, "log", file=str(log), append="off")
+    ET.SubElement(serial, "target", port="0")
+    channel = ET.SubElement(devices, "channel", type="unix")
+    ET.SubElement(channel, "target", type="virtio", name=AGENT_CHANNEL)
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(root, encoding="unicode")
+
+
+def _text(parent: ET.Element, tag: str, text: str) -> ET.Element:
+    child = ET.SubElement(parent, tag)
+    child.text = text
+    return child
 
 
 class LabVM:

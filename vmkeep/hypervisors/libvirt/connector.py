@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import libvirt
 
@@ -50,6 +50,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import (
     with_disk_paths,
     with_nvram_path,
 )
+from vmkeep.hypervisors.libvirt.job_xml import BackupDisk, backup_xml, checkpoint_xml
 from vmkeep.hypervisors.libvirt.san import (
     CHECKPOINT_PREFIX,
     frozen_bases,
@@ -481,9 +482,11 @@ class LibvirtConnector:
             disks = {}
             for s in eligible:
                 if transport == "hotadd":
-                    uri = f"nbd+unix:///{s.target}?socket={socket_path}"
+                    # paths percent-encoded: a scratch directory may hold '&', ' ' or '#' (libnbd decodes them)
+                    uri = f"nbd+unix:///{s.target}?socket={quote(str(socket_path), safe='/')}"
                 elif tls_dir:
-                    uri = f"nbds://{self._nbd_host()}:{port}/{s.target}?tls-certificates={tls_dir}"
+                    uri = (f"nbds://{self._nbd_host()}:{port}/{s.target}"
+                           f"?tls-certificates={quote(str(tls_dir), safe='/')}")
                 else:
                     uri = f"nbd://{self._nbd_host()}:{port}/{s.target}"
                 dirty = f"qemu:dirty-bitmap:backup-{s.target}" if (parent_cp and s.bitmaps) else None
@@ -661,27 +664,16 @@ class LibvirtConnector:
     @staticmethod
     def _backup_xml(eligible: list[DiskSpec], parent_cp: str | None, scratch: Path, transport: str,
                     socket_path: Path, port: int, listen: str, tls: bool) -> str:
-        server = (f"<server transport='unix' socket='{socket_path}'/>" if transport == "hotadd"
-                  else f"<server transport='tcp' name='{listen}' port='{port}' tls='{'yes' if tls else 'no'}'/>")
-
-        def mode(s: DiskSpec) -> str:
-            # Per disk: a raw disk has no bitmap and is read in full within an incremental job.
-            if parent_cp and s.bitmaps:
-                return f" backupmode='incremental' incremental='{parent_cp}'"
-            return " backupmode='full'"
-
-        disks = "".join(
-            f"<disk name='{s.target}' backup='yes' type='file'{mode(s)}>"
-            f"<scratch file='{scratch / (s.target + '.qcow2')}'/></disk>" for s in eligible
-        )
-        return f"<domainbackup mode='pull'>{server}<disks>{disks}</disks></domainbackup>"
+        # Per disk: a raw disk has no bitmap and is read in full within an incremental job.
+        disks = [BackupDisk(s.target, scratch / f"{s.target}.qcow2", parent_cp if s.bitmaps else None)
+                 for s in eligible]
+        if transport == "hotadd":
+            return backup_xml(disks, socket=socket_path)
+        return backup_xml(disks, host=listen, port=port, tls=tls)
 
     @staticmethod
     def _checkpoint_xml(eligible: list[DiskSpec], checkpoint: str) -> str:
-        disks = "".join(
-            f"<disk name='{s.target}' checkpoint='{'bitmap' if s.bitmaps else 'no'}'/>" for s in eligible
-        )
-        return f"<domaincheckpoint><name>{checkpoint}</name><disks>{disks}</disks></domaincheckpoint>"
+        return checkpoint_xml(checkpoint, {s.target: s.bitmaps for s in eligible})
 
     @staticmethod
     def _job_present(dom: libvirt.virDomain) -> bool:

@@ -26,6 +26,7 @@ from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.hypervisors.libvirt.domain_xml import with_disk_paths, without_network
+from vmkeep.hypervisors.libvirt.job_xml import copy_destination_xml
 from vmkeep.repository.points import check_name
 from vmkeep.repository.repo import Repository
 
@@ -172,7 +173,7 @@ def _keep_definition(connector: LibvirtConnector, dom: libvirt.virDomain, moved:
 
 
 def _copy_and_pivot(dom: libvirt.virDomain, disk: str, target: Path, progress: Any) -> None:
-    xml = f"<disk type='file'><source file='{target}'/><driver type='qcow2'/></disk>"
+    xml = copy_destination_xml(target)
     try:
         dom.blockCopy(disk, xml, None, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
     except libvirt.libvirtError as exc:

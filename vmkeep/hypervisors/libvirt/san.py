@@ -34,6 +34,7 @@ from vmkeep.errors import ImageError
 from vmkeep.hypervisors.base import Consistency, DiskExport, HypervisorError
 from vmkeep.hypervisors.early_release import EarlyRelease
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_elements, disk_specs, point_disk_at, source_path
+from vmkeep.hypervisors.libvirt.job_xml import snapshot_xml as job_snapshot_xml
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
@@ -77,14 +78,7 @@ def serve_images(stack: ExitStack, vm: str, eligible: list[DiskSpec], bitmap: st
 
 def snapshot_xml(domain_xml: str, overlays: dict[str, Path]) -> str:
     """Every disk named: an overlay for those backed up, none for the rest (CD-ROMs, shared disks)."""
-    disks = []
-    for name, _disk in disk_elements(ET.fromstring(domain_xml)):
-        if name in overlays:
-            disks.append(f"<disk name='{name}' snapshot='external'><driver type='qcow2'/>"
-                         f"<source file='{overlays[name]}'/></disk>")
-        else:
-            disks.append(f"<disk name='{name}' snapshot='no'/>")
-    return f"<domainsnapshot><disks>{''.join(disks)}</disks></domainsnapshot>"
+    return job_snapshot_xml([name for name, _disk in disk_elements(ET.fromstring(domain_xml))], overlays)
 
 
 def _current_source(dom: libvirt.virDomain, target: str, flags: int = 0) -> str:
