@@ -30,8 +30,8 @@ from sqlalchemy import create_engine, text
 
 from bench.repo_bench import ROOT, write_section
 from vmkeep.catalog.db import upgrade
+from vmkeep.catalog.queue_schema import libpq_url
 from vmkeep.lab.postgres import ensure_postgres, psql
-from vmkeep.proxy.queue import libpq_url
 
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 MARK_BEGIN, MARK_END = "<!-- catalog-bench:begin -->", "<!-- catalog-bench:end -->"

@@ -34,8 +34,8 @@ import httpx
 import psycopg
 
 from bench.repo_bench import ROOT, write_section
+from vmkeep.catalog.queue_schema import libpq_url
 from vmkeep.lab.postgres import ensure_postgres, psql
-from vmkeep.proxy.queue import libpq_url
 
 VMKEEP = str(Path(sys.executable).with_name("vmkeep"))
 MARK_BEGIN, MARK_END = "<!-- dispatch-bench:begin -->", "<!-- dispatch-bench:end -->"

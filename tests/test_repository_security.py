@@ -21,13 +21,13 @@ from vmkeep.catalog.models import RepositoryRecord
 from vmkeep.catalog.rebuild import rebuild
 from vmkeep.cli import key_prefetch
 from vmkeep.errors import RepositoryError, VmkeepError
+from vmkeep.jobs.registered import open_registered
 from vmkeep.lab.images import Segment
 from vmkeep.repository import crypto, kdf
 from vmkeep.repository.backends import FilesystemBackend, open_backend
 from vmkeep.repository.backends.s3 import S3Backend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
-from vmkeep.server.repositories import open_registered
 
 PASSPHRASE = b"correct horse battery staple"  # the cli fixture's
 NO_PASSPHRASE = {"VMKEEP_PASSPHRASE": ""}

@@ -48,7 +48,7 @@ def _alembic_config(url: str) -> Config:
 def upgrade(url: str, revision: str = "head") -> str:
     """Bring the schema to ``revision`` (Alembic) and create the task queue's tables (procrastinate);
     returns the revision now in place."""
-    from vmkeep.proxy.queue import ensure_schema
+    from vmkeep.catalog.queue_schema import ensure_schema
 
     try:
         command.upgrade(_alembic_config(url), revision)

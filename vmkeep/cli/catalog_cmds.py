@@ -28,7 +28,7 @@ def upgrade_cmd(revision: Annotated[str, typer.Argument(help="Target revision")]
     from vmkeep.catalog.db import database_url as resolve
     from vmkeep.catalog.db import head_revision, upgrade
     from vmkeep.catalog.proxy_role import ensure_proxy_role, proxy_role_name
-    from vmkeep.server.keys import proxy_role_password
+    from vmkeep.jobs.keys import proxy_role_password
 
     url = resolve(database_url)
     now = upgrade(url, revision)
@@ -47,7 +47,7 @@ def proxy_role_sql_cmd(database_url: DatabaseOpt = None) -> None:
     (`… | runuser -u postgres -- psql -d DB`), so the catalog's login needs no CREATEROLE."""
     from vmkeep.catalog.db import database_url as resolve
     from vmkeep.catalog.proxy_role import create_role_sql, proxy_role_name
-    from vmkeep.server.keys import proxy_role_password
+    from vmkeep.jobs.keys import proxy_role_password
 
     role = proxy_role_name(resolve(database_url))
     print(create_role_sql(role, proxy_role_password(role)))

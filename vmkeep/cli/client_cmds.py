@@ -17,7 +17,6 @@ from vmkeep.errors import UsageError, VmkeepError
 
 hypervisor_app = typer.Typer(help="Hypervisors registered on the server.", no_args_is_help=True)
 policy_app = typer.Typer(help="Backup policies on the server.", no_args_is_help=True)
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def client(ctx: typer.Context) -> ApiClient:

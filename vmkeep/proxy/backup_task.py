@@ -13,22 +13,23 @@ from procrastinate import JobContext
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import Job, JobVM, Proxy, RestorePointRecord
+from vmkeep.catalog.models import JobVM, Proxy, RestorePointRecord
 from vmkeep.catalog.rebuild import upsert_points
 from vmkeep.engine.mount import PointSpec
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
 from vmkeep.hypervisors.base import Connector, HypervisorError, parse_transports
+from vmkeep.jobs.keys import open_secret
+from vmkeep.jobs.queue import tasks
+from vmkeep.jobs.registered import connector_for, open_registered, passphrase_context
+from vmkeep.jobs.settle import settle_job
+from vmkeep.jobs.status import FINAL
 from vmkeep.proxy.progress import RowProgress
-from vmkeep.proxy.queue import tasks
 from vmkeep.proxy.work import BackupOrder, RepositoryOrder, backup_order
 from vmkeep.repository.prune import RetentionPolicy, prune
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import VerifyReport, verify
-
-FINAL = ("succeeded", "failed", "cancelled")
-
 
 ABORT_POLL_SECONDS = 1.0
 
@@ -55,8 +56,6 @@ def backup_vm_task(context: JobContext, job_vm_id: int) -> None:
 def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                cancel: threading.Event | None = None, max_rate: float | None = None) -> None:
     """Back one VM up for its policy run; the outcome goes into its JobVM row, never lost."""
-    from vmkeep.server.inventory import connector_for
-    from vmkeep.server.repositories import open_registered
 
     with sessions() as session:
         jv = session.get(JobVM, job_vm_id)
@@ -134,8 +133,6 @@ def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: 
     export in a private file that is gone afterwards."""
     from vmkeep.hypervisors.libvirt.boot_check import boot_check
     from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-    from vmkeep.server.keys import open_secret
-    from vmkeep.server.repositories import passphrase_context
 
     if not isinstance(connector, LibvirtConnector) or not connector.is_local:
         return {"passed": False, "reason": "boot checks run on libvirt, by a proxy on the VM's host"}
@@ -166,21 +163,3 @@ def _verify_failure(point_id: str, report: VerifyReport) -> str:
     return (f"verify after backup: point {point_id} does not read back ({len(report.bad_chunks)} bad chunks; "
             f"first: {problems[0] if problems else '?'}); check the repository's storage, then run "
             "`vmkeep repo verify` and back up again")
-
-
-def settle_job(session: Session, job: Job) -> None:
-    """Close the policy run once every VM has an outcome."""
-    session.refresh(job)
-    statuses = [v.status for v in job.vms]
-    if job.finished is not None or any(s not in FINAL for s in statuses):
-        return
-    if all(s == "succeeded" for s in statuses):
-        job.status = "succeeded"
-    elif any(s == "succeeded" for s in statuses):
-        job.status = "partial"
-    elif all(s == "cancelled" for s in statuses):
-        job.status = "cancelled"
-    else:
-        job.status = "failed"
-    job.finished = datetime.now(UTC)
-    session.commit()

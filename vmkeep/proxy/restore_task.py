@@ -11,8 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmkeep.catalog.models import RestoreJob
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
+from vmkeep.jobs.queue import tasks
+from vmkeep.jobs.registered import connector_for, open_registered
 from vmkeep.proxy.progress import RowProgress
-from vmkeep.proxy.queue import tasks
 from vmkeep.proxy.work import restore_order
 
 
@@ -24,8 +25,6 @@ def restore_vm_task(context: JobContext, restore_id: int) -> None:
 
 def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, max_rate: float | None = None) -> None:
     """Restore as the row says; the outcome (or the reason it failed) goes back into the row."""
-    from vmkeep.server.inventory import connector_for
-    from vmkeep.server.repositories import open_registered
 
     with sessions() as session:
         job = session.get(RestoreJob, restore_id)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmkeep import __version__
 from vmkeep.catalog.db import sessions
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualMachine
-from vmkeep.proxy.queue import make_app
+from vmkeep.jobs.queue import make_app
 from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_restore
 from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled

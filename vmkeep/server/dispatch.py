@@ -15,9 +15,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, RestoreJob, VirtualMachine
-from vmkeep.proxy.backup_task import settle_job
-from vmkeep.proxy.queue import queue_name, vm_lock
-from vmkeep.server.limits import ACTIVE, RunSlots, datastores
+from vmkeep.jobs.queue import BACKUP_TASK, RESTORE_TASK, queue_name, vm_lock
+from vmkeep.jobs.settle import settle_job
+from vmkeep.jobs.status import ACTIVE
+from vmkeep.server.limits import RunSlots, datastores
 
 PROXY_TIMEOUT = timedelta(seconds=10)  # a proxy whose heartbeat is older is down
 
@@ -77,9 +78,8 @@ def choose_proxy(proxies: list[Proxy], loads: dict[str, int], vm: VirtualMachine
 
 
 async def _defer(queue: procrastinate.App, proxy: Proxy, vm: VirtualMachine, jv: JobVM) -> int:
-    task = queue.tasks["vmkeep:backup_vm"]
-    return await task.configure(queue=queue_name(proxy.name), lock=vm_lock(vm.hypervisor.name, vm.uuid)).defer_async(
-        job_vm_id=jv.id)
+    task = queue.configure_task(BACKUP_TASK, queue=queue_name(proxy.name), lock=vm_lock(vm.hypervisor.name, vm.uuid))
+    return await task.defer_async(job_vm_id=jv.id)
 
 
 def _place(jv: JobVM, vm: VirtualMachine, slots: RunSlots, proxies: list[Proxy], loads: dict[str, int]) -> Proxy | None:
@@ -264,5 +264,4 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
 
 
 async def defer_restore(queue: procrastinate.App, proxy: Proxy, restore: RestoreJob) -> int:
-    return await queue.tasks["vmkeep:restore_vm"].configure(queue=queue_name(proxy.name)).defer_async(
-        restore_id=restore.id)
+    return await queue.configure_task(RESTORE_TASK, queue=queue_name(proxy.name)).defer_async(restore_id=restore.id)

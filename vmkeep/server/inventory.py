@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Hypervisor, VirtualMachine
 from vmkeep.errors import VmkeepError
-from vmkeep.hypervisors.address import Allowance
-from vmkeep.hypervisors.base import Connector, HypervisorError, NbdTls
-from vmkeep.hypervisors.connect import KINDS, kind_of, open_connector
-from vmkeep.server.keys import open_secret
+from vmkeep.jobs.registered import connector_for
 
 
 @dataclass
@@ -23,42 +19,6 @@ class DiscoveryReport:
     vms: int = 0
     new: int = 0
     gone: int = 0
-
-
-def secret_context(name: str) -> str:
-    return f"hypervisor {name}"
-
-
-class HypervisorAccess(Protocol):
-    """What connecting to a registered hypervisor takes: its catalog row, or a proxy's work order."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def uri(self) -> str: ...
-    @property
-    def username(self) -> str | None: ...
-    @property
-    def secret_sealed(self) -> bytes | None: ...
-    @property
-    def allow_plain_tcp(self) -> bool: ...
-    @property
-    def allow_unsafe_options(self) -> bool: ...
-
-
-def connector_for(h: HypervisorAccess, nbd_tls: NbdTls = "require") -> Connector:
-    """A live connection to the hypervisor with its stored credentials, on the address terms an
-    administrator registered it with (checked again here: a row may predate the check)."""
-    if h.kind not in KINDS or kind_of(h.uri) != h.kind:
-        raise HypervisorError(f"hypervisor {h.name}: kind {h.kind!r} with address {h.uri} has no connector (have: "
-                              f"{', '.join(KINDS)}; vsphere addresses start vsphere://)")
-    credentials = None
-    if h.secret_sealed and (h.username or h.kind == "vsphere"):  # vSphere's user is in its address
-        credentials = (h.username or "", open_secret(h.secret_sealed, secret_context(h.name)))
-    return open_connector(h.uri, credentials=credentials, nbd_tls=nbd_tls,
-                          allowance=Allowance(plain_tcp=h.allow_plain_tcp, unsafe_options=h.allow_unsafe_options))
 
 
 def discover(session: Session, h: Hypervisor) -> DiscoveryReport:

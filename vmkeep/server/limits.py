@@ -10,8 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Job, JobVM, Policy, VirtualMachine
-
-ACTIVE = ("queued", "running")
+from vmkeep.jobs.status import ACTIVE
 
 
 def datastores(vm: VirtualMachine) -> set[str]:

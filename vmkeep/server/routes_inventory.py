@@ -20,16 +20,16 @@ from vmkeep.catalog.queries import find_points, glob_to_like
 from vmkeep.catalog.rebuild import rebuild
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.address import Allowance
+from vmkeep.jobs.keys import seal_secret
+from vmkeep.jobs.registered import open_registered, passphrase_context, secret_context
+from vmkeep.jobs.status import ACTIVE
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
 from vmkeep.server import audit
 from vmkeep.server.auth import ADMIN, CHANGE_INVENTORY, EVERYONE, get_session, require
 from vmkeep.server.endpoints import refuse_link_local_host, refuse_with_400
-from vmkeep.server.inventory import discover, secret_context
-from vmkeep.server.keys import seal_secret
-from vmkeep.server.limits import ACTIVE
-from vmkeep.server.repositories import open_registered, passphrase_context
+from vmkeep.server.inventory import discover
 from vmkeep.server.restore_locations import normalized_location
 from vmkeep.server.schemas import (
     DiscoveryOut,

@@ -15,13 +15,13 @@ from vmkeep.catalog.models import Job, Policy, Proxy, RepositoryRecord, User
 from vmkeep.catalog.proxy_role import proxy_database_url, proxy_role_name
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
-from vmkeep.proxy.backup_task import settle_job
+from vmkeep.jobs.keys import proxy_role_password
+from vmkeep.jobs.settle import settle_job
 from vmkeep.repository.prune import RetentionPolicy
 from vmkeep.server import audit
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, RUN_PROXY, get_session, require
 from vmkeep.server.dispatch import proxy_up, run_policy
 from vmkeep.server.endpoints import EndpointPolicy, refuse_with_400
-from vmkeep.server.keys import proxy_role_password
 from vmkeep.server.schedule import next_run
 from vmkeep.server.schemas import NAME
 
