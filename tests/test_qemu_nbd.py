@@ -7,11 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from vmkeep.transport.extents import Extent
-from vmkeep.transport.nbd_client import MAX_STATUS_REQUEST, open_export
+from vmkeep.transport.nbd_client import MAX_STATUS_REQUEST, open_export, unix_socket_of, unix_uri
 from vmkeep.transport.qemu_nbd import dying_with, probe_image, serve_image
 
 MiB = 1 << 20
@@ -70,3 +73,20 @@ def test_maps_of_a_disk_larger_than_one_status_request(tmp_path: Path) -> None:
         assert export.data_extents() == [Extent(100 * MiB, MiB), Extent(5000 * MiB, MiB), Extent(6 * GiB, 2 * MiB),
                                           Extent(9 * GiB, 64 * 1024)]
         assert export.dirty_extents() == [Extent(5000 * MiB, MiB), Extent(9 * GiB, 64 * 1024)]
+
+
+def test_socket_paths_with_uri_characters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket whose path holds '&', '#', '%' or a space still makes a URI libnbd opens (the path
+    is percent-encoded; before, the query ended at the '&' or '#')."""
+    odd = tmp_path / "a&b #c%d"
+    odd.mkdir()
+    uri = unix_uri(odd / "nbd.sock", "vda")
+    assert unix_socket_of(uri) == str(odd / "nbd.sock")
+    image = tmp_path / "d.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "8M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", str(image), "-c", "write -P 7 1M 1M"], check=True, capture_output=True)
+    monkeypatch.setenv("TMPDIR", str(odd))  # qemu_nbd makes its socket's directory there
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with serve_image(probe_image(image)) as served, open_export(served) as export:
+        assert str(odd) in unix_socket_of(served)
+        assert export.data_extents() == [Extent(MiB, MiB)]

@@ -62,7 +62,9 @@ def mount_cmd(
         raise UsageError("give --socket PATH or --port N (loopback), one of them")
     point = resolved_spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
     proc = run_foreground(point, unix=socket, port=port)
-    uri = f"nbd+unix:///?socket={socket}" if socket else f"nbd://127.0.0.1:{port}"
+    from vmkeep.transport.nbd_client import unix_uri  # libnbd: loaded by the command that serves
+
+    uri = unix_uri(socket) if socket else f"nbd://127.0.0.1:{port}"
     if json_out:  # one line, flushed: a script reads it while the export runs
         print(json.dumps({"uri": uri, "point": point.point, "disk": disk, "pid": proc.pid}), flush=True)
     else:

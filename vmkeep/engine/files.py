@@ -29,6 +29,7 @@ from typing import Any
 
 from vmkeep.engine.mount import PointSpec, serve
 from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.transport.nbd_client import unix_socket_of
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator
     import guestfs  # Debian's python3-guestfs
 
     with serve(spec) as uri, tempfile.TemporaryDirectory(prefix="vmkeep-files-") as _tmp:
-        sock = uri.split("socket=", 1)[1]
+        sock = unix_socket_of(uri)
         g = guestfs.GuestFS(python_return_dict=True)
         try:
             g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import nbd
 
@@ -31,6 +32,17 @@ def client_tls_dir() -> Path | None:
     directory = Path(os.environ.get("VMKEEP_NBD_TLS_DIR") or DEFAULT_TLS_DIR)
     needed = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
     return directory if all((directory / n).is_file() for n in needed) else None
+
+
+def unix_uri(socket: str | Path, export: str = "") -> str:
+    """The NBD URI of an export on a unix socket, its path percent-encoded (libnbd decodes it): a
+    path with ``&``, ``#`` or ``%`` in it would otherwise end or change the query."""
+    return f"nbd+unix:///{quote(export, safe='')}?socket={quote(str(socket), safe='/')}"
+
+
+def unix_socket_of(uri: str) -> str:
+    """The socket path of a :func:`unix_uri`."""
+    return unquote(uri.split("socket=", 1)[1])
 
 
 class NbdExport:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vmkeep.errors import ImageError
 from vmkeep.memory import server_environment
-from vmkeep.transport.nbd_client import NbdExport
+from vmkeep.transport.nbd_client import NbdExport, unix_uri
 
 SECTOR = 512
 # qemu-nbd --shared=0: no limit on clients. A client beyond a limit is not refused but left
@@ -124,7 +124,7 @@ def serve_on_socket(command: Callable[[Path], list[str]], what: str,
         raise ImageError(f"cannot start {what}: {exc}") from None
     try:
         _wait_for_socket(proc, sock, log, what)
-        uri = f"nbd+unix:///?socket={sock}"
+        uri = unix_uri(sock)
         if ready is not None:
             _check_ready(proc, log, what, lambda: ready(uri))
         yield uri

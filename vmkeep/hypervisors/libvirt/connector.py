@@ -61,7 +61,7 @@ from vmkeep.hypervisors.libvirt.san import (
 from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch, out_of_space, scratch_root, sweep_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
-from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir
+from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir, unix_uri
 
 RESTART_GRACE_SECONDS = 20
 STATE_NAMES = {
@@ -483,7 +483,7 @@ class LibvirtConnector:
             for s in eligible:
                 if transport == "hotadd":
                     # paths percent-encoded: a scratch directory may hold '&', ' ' or '#' (libnbd decodes them)
-                    uri = f"nbd+unix:///{s.target}?socket={quote(str(socket_path), safe='/')}"
+                    uri = unix_uri(socket_path, s.target)
                 elif tls_dir:
                     uri = (f"nbds://{self._nbd_host()}:{port}/{s.target}"
                            f"?tls-certificates={quote(str(tls_dir), safe='/')}")
