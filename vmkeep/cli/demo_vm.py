@@ -13,10 +13,10 @@ from vmkeep.cli.output import RichProgress, human, out_console, rate
 from vmkeep.engine.image import restore_image
 from vmkeep.engine.vm import backup_vm, restore_vm_as
 from vmkeep.errors import VmkeepError
-from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+from vmkeep.hypervisors.connect import open_connector
 from vmkeep.lab.images import file_sha256
 from vmkeep.lab.services import ensure_libvirtd
-from vmkeep.lab.vm import create_lab_vm, destroy_lab_vm
+from vmkeep.lab.vm import create_lab_vm, destroy_lab_vm, wait_for_agent
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.info import repository_info
@@ -35,7 +35,7 @@ def vm_demo(base: Path, size: int) -> None:
     os.environ.setdefault("VMKEEP_PASSPHRASE", "vmkeep-demo-passphrase")
     repo = Repository.init(open_backend(str(base / "repo")), chunk_size=4 * MiB, compression=1, encrypt=True,
                            credentials=Credentials.from_env())
-    connector = LibvirtConnector()
+    connector = open_connector("qemu:///system")
     rows: list[tuple[str, int, int, float, str]] = []
     t = time.monotonic()
     vm = create_lab_vm(name, disks=1, size=size)
@@ -66,7 +66,7 @@ def vm_demo(base: Path, size: int) -> None:
 
         t = time.monotonic()
         restore_vm_as(repo, connector, name, None, copy, storage=str(base / copy), progress=RichProgress())
-        booted = _wait_for_agent(copy)
+        booted = wait_for_agent(copy)
         rows.append(("restore as a new VM and boot it", 0, 0, time.monotonic() - t,
                      "agent answers" if booted else "DID NOT BOOT"))
         report = verify(repo, progress=RichProgress())
@@ -87,22 +87,3 @@ def vm_demo(base: Path, size: int) -> None:
                       f"{info.compression_ratio:.2f}x, AES-256-GCM)")
     if not booted or not report.ok:
         raise VmkeepError("the demo found a problem: see the table")
-
-
-def _wait_for_agent(name: str, timeout: float = 120.0) -> bool:
-    import libvirt
-    import libvirt_qemu
-
-    conn = libvirt.open("qemu:///system")
-    try:
-        dom = conn.lookupByName(name)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 5, 0)
-                return True
-            except libvirt.libvirtError:
-                time.sleep(1)
-        return False
-    finally:
-        conn.close()

@@ -350,6 +350,24 @@ def _set_metadata(fd: int, e: Entry, preserve_owner: bool) -> None:
     os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
 
+def _runs_in_a_vm() -> bool:
+    """Whether this machine is itself a virtual machine (the CPU says so)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return any(line.startswith("flags") and " hypervisor" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def _appliance_on_this_machine(g: Any) -> None:
+    """libguestfs boots a small appliance VM; inside a VM that is nested KVM, which on the machines
+    vmkeep runs on fails or stalls, so the appliance is emulated there (slower, but it boots). An
+    administrator's own LIBGUESTFS_BACKEND_SETTINGS wins."""
+    if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") is None and _runs_in_a_vm():
+        log.info("this machine is a VM: libguestfs' appliance runs emulated (force_tcg)")
+        g.set_backend_settings(["force_tcg"])
+
+
 @contextmanager
 def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator[GuestFiles]:
     """The point's disk as a read-only filesystem (the only one on it, or ``filesystem``, e.g.
@@ -360,6 +378,7 @@ def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator
         sock = unix_socket_of(uri)
         g = guestfs.GuestFS(python_return_dict=True)
         try:
+            _appliance_on_this_machine(g)
             g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)
             try:
                 g.launch()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from vmkeep.errors import VmkeepError
 
@@ -141,3 +141,12 @@ def parse_transports(order: str) -> list[str]:
         raise VmkeepError(f"unknown transport {', '.join(unknown) or order!r}: use an order of san, hotadd, "
                           "nbdssl, nbd, https such as san:hotadd:nbd")
     return names
+
+
+@runtime_checkable
+class BootChecks(Protocol):
+    """An optional capability: boot a restore point in a sandbox (no network) and wait for its
+    heartbeat. ``repo`` is the open repository, ``spec`` how the point's export opens it."""
+
+    def boot_check(self, repo: Any, spec: Any, vm: str, point: str | None, *, timeout: float = 300.0,
+                   marker: str | None = None, script: Path | None = None) -> dict[str, Any]: ...

@@ -540,3 +540,21 @@ def list_lab_vms(uri: str = LOCAL_URI) -> list[str]:
         return sorted(d.name() for d in conn.listAllDomains(0) if _lab_metadata(d) is not None)
     finally:
         conn.close()
+
+
+def wait_for_agent(name: str, timeout: float = 120.0, uri: str = LOCAL_URI) -> bool:
+    """Whether the guest agent of domain ``name`` (any VM, a restored copy too) answers a ping
+    within ``timeout`` seconds: the sign that the guest booted."""
+    conn = _open(uri)
+    try:
+        dom = conn.lookupByName(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 5, 0)
+                return True
+            except libvirt.libvirtError:
+                time.sleep(1)
+        return False
+    finally:
+        conn.close()

@@ -19,7 +19,7 @@ from vmkeep.engine.mount import PointSpec
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
-from vmkeep.hypervisors.base import Connector, HypervisorError, parse_transports
+from vmkeep.hypervisors.base import BootChecks, Connector, HypervisorError, parse_transports
 from vmkeep.jobs.keys import open_secret
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered, passphrase_context
@@ -131,11 +131,10 @@ def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: 
            point_id: str) -> dict[str, Any]:
     """The sandboxed boot check of the new point; the repository's passphrase reaches the
     export in a private file that is gone afterwards."""
-    from vmkeep.hypervisors.libvirt.boot_check import boot_check
-    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-
-    if not isinstance(connector, LibvirtConnector) or not connector.is_local:
-        return {"passed": False, "reason": "boot checks run on libvirt, by a proxy on the VM's host"}
+    if not isinstance(connector, BootChecks):
+        return {"passed": False, "reason": f"{connector.kind} connectors cannot boot a point in a sandbox"}
+    if not connector.is_local:
+        return {"passed": False, "reason": "boot checks run by a proxy on the VM's host"}
     with tempfile.TemporaryDirectory(prefix="vmkeep-boot-") as tmp:
         secret = None
         if record.passphrase_sealed:
@@ -144,7 +143,7 @@ def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: 
             secret.write_text(open_secret(record.passphrase_sealed, passphrase_context(record.name)))
         spec = PointSpec(record.location, vm, point_id, "", record.s3_endpoint, None, str(secret) if secret else None,
                          plain=not record.encrypted)
-        return boot_check(repo, spec, connector, vm, point_id)
+        return connector.boot_check(repo, spec, vm, point_id)
 
 
 def usable_transports(session: Session, order: BackupOrder, proxy: str) -> list[str]:

@@ -160,6 +160,13 @@ class LibvirtConnector:
         except libvirt.libvirtError:
             return self._reconnect(dom)
 
+    def boot_check(self, repo: Any, spec: Any, vm: str, point: str | None, *, timeout: float = 300.0,
+                   marker: str | None = None, script: Path | None = None) -> dict[str, Any]:
+        """The BootChecks capability (vmkeep.hypervisors.libvirt.boot_check)."""
+        from vmkeep.hypervisors.libvirt.boot_check import boot_check  # it imports this module
+
+        return boot_check(repo, spec, self, vm, point, timeout=timeout, marker=marker, script=script)
+
     def close(self) -> None:
         try:
             self.conn.close()
