@@ -74,7 +74,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
         connector = None
         try:
             repo = open_registered(order.repository)
-            connector = connector_for(order.hypervisor, order.nbd_tls)  # type: ignore[arg-type]
+            connector = connector_for(order.hypervisor, order.nbd_tls)
             previous = len(repo.point_ids(order.vm_name))
             full = bool(order.full_every) and previous % (order.full_every or 1) == 0
             # progress rows are written from another connection: close it before this session
@@ -82,7 +82,7 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             progress = RowProgress(sessions, job_vm_id)
             try:
                 m = backup_vm(repo, connector, order.vm_name, transports=usable_transports(session, order, proxy),
-                              quiesce=order.quiesce, full=full, cancel=cancel,  # type: ignore[arg-type]
+                              quiesce=order.quiesce, full=full, cancel=cancel,
                               progress=throttled(progress, max_rate))
                 checked = verify(repo, progress=progress, only=[m]) if order.verify_after else None
             finally:

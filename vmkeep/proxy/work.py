@@ -14,6 +14,8 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from vmkeep.hypervisors.base import NbdTls, Quiesce
+
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +48,8 @@ class BackupOrder:
     hypervisor: HypervisorOrder
     repository: RepositoryOrder
     transports: str
-    quiesce: str
-    nbd_tls: str
+    quiesce: Quiesce
+    nbd_tls: NbdTls  # the view holds what PolicyIn's pattern let through: require, auto or off
     full_every: int | None
     verify_after: bool
     verify_boot: bool
