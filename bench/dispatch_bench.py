@@ -46,7 +46,7 @@ PASSWORD = "bench-password"
 def simulated_proxy(name: str, server: str, token: str, concurrency: int) -> None:
     """A real proxy whose backups move no data: each disk takes size / rate seconds."""
     import vmkeep.proxy.backup_task as backup_task
-    from vmkeep.engine.progress import Progress
+    from vmkeep.progress import Progress
     from vmkeep.proxy.worker import run_proxy
     from vmkeep.repository.points import DiskEntry, Manifest
 

@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import Cli, MiB
-from vmkeep.engine.point_reader import PointReader
 from vmkeep.lab.images import Segment
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
+from vmkeep.repository.point_reader import PointReader
 from vmkeep.repository.repo import Repository
 
 

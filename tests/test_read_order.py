@@ -9,8 +9,8 @@ from pathlib import Path
 from tests.conftest import qemu_img_compare
 from vmkeep.engine.backup import READ_STRETCHES, DiskJob, backup_point
 from vmkeep.engine.image import restore_image
-from vmkeep.engine.pipeline import interleaved
 from vmkeep.lab.images import Segment
+from vmkeep.pipeline import interleaved
 from vmkeep.repository.backends.fs import FilesystemBackend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from vmkeep.engine.progress import NoProgress, Task
 from vmkeep.engine.throttle import Throttle, throttled
+from vmkeep.progress import NoProgress, Task
 
 MiB = 1 << 20
 

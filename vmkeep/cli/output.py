@@ -18,7 +18,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from vmkeep.engine.progress import NoProgress, Task
+from vmkeep.progress import NoProgress, Task
 
 err_console = Console(stderr=True)
 out_console = Console()

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from vmkeep.engine.pipeline import AnyOf, Flag, bounded_map, interleaved
-from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import PointNotFound, UsageError
+from vmkeep.pipeline import AnyOf, Flag, bounded_map, interleaved
+from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.index import ZERO_ID, DiskIndex
 from vmkeep.repository.points import DiskEntry, Manifest, index_key, manifest_key, new_point_id
 from vmkeep.repository.repo import Repository

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmkeep.engine.backup import DEFAULT_WORKERS, DiskJob, backup_point
-from vmkeep.engine.progress import Progress
 from vmkeep.engine.restore import RestoreStats, open_target, restore_disk
 from vmkeep.errors import UsageError
+from vmkeep.progress import Progress
 from vmkeep.repository.points import Manifest, check_name
 from vmkeep.repository.repo import Repository
 from vmkeep.transport.extents import Extent, parse_extent_file

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from vmkeep.engine.pipeline import bounded_map
-from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import ImageError, UsageError
 from vmkeep.fsutil import start_writeback
+from vmkeep.pipeline import bounded_map
+from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.index import DiskIndex
 from vmkeep.repository.repo import Repository
 from vmkeep.transport.nbd_client import NbdExport

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from vmkeep.engine.progress import Progress, Task
+from vmkeep.progress import Progress, Task
 
 
 class _PacedTask:

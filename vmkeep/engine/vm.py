@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.engine.backup import DEFAULT_WORKERS, DiskJob, backup_point
-from vmkeep.engine.progress import Progress
 from vmkeep.engine.restore import RestoreStats, open_target, restore_disk
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import Connector, Quiesce
+from vmkeep.progress import Progress
 from vmkeep.repository.points import Manifest, check_name
 from vmkeep.repository.repo import Repository
 from vmkeep.transport.extents import KnownExtents

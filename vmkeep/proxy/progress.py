@@ -8,7 +8,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.models import JobVM, RestoreJob
-from vmkeep.engine.progress import Task
+from vmkeep.progress import Task
 
 FLUSH_SECONDS = 1.0
 
@@ -26,7 +26,7 @@ class _RowTask:
 
 
 class RowProgress:
-    """A Progress (see vmkeep.engine.progress) whose sum lands in the ``progress_bytes`` of a
+    """A Progress (see vmkeep.progress) whose sum lands in the ``progress_bytes`` of a
     backup's or restore's row; worker threads only add to counters, one thread writes them out."""
 
     def __init__(self, sessions: sessionmaker[Session], row_id: int,

@@ -7,9 +7,9 @@ import random
 import time
 from dataclasses import dataclass, field
 
-from vmkeep.engine.pipeline import bounded_map
-from vmkeep.engine.progress import NoProgress, Progress
 from vmkeep.errors import ObjectCorrupt, ObjectMissing, RepositoryError
+from vmkeep.pipeline import bounded_map
+from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.points import DiskRef, Manifest
 from vmkeep.repository.repo import Repository
 

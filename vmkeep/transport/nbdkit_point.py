@@ -4,7 +4,7 @@ nbdkit loads this file itself (``nbdkit python vmkeep/transport/nbdkit_point.py 
 embedded interpreter: the ``site=`` parameters put vmkeep and its dependencies on its path. The
 repository's passphrase, when there is one, comes from ``VMKEEP_PASSPHRASE`` in nbdkit's
 environment or a ``passphrase-file=``, never from the command line. Reads go through
-:class:`vmkeep.engine.point_reader.PointReader` (chunk cache, read-ahead); zero chunks show as
+:class:`vmkeep.repository.point_reader.PointReader` (chunk cache, read-ahead); zero chunks show as
 holes, so a client copying the disk skips them.
 """
 
@@ -39,9 +39,9 @@ def config_complete() -> None:
     for site in reversed(sites):
         if site not in sys.path:
             sys.path.insert(0, site)
-    from vmkeep.engine.point_reader import PointReader
     from vmkeep.repository.backends import open_backend
     from vmkeep.repository.config import Credentials
+    from vmkeep.repository.point_reader import PointReader
     from vmkeep.repository.repo import Repository
 
     missing = [k for k in ("repo", "name", "disk") if k not in settings]
