@@ -18,7 +18,8 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM, virsh
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
-from vmkeep.engine.vm import backup_vm, restore_disks
+from vmkeep.engine.image import restore_image
+from vmkeep.engine.vm import backup_vm
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 from vmkeep.repository.backends.fs import FilesystemBackend
@@ -464,7 +465,7 @@ def test_the_vm_is_let_go_once_the_reads_are_done(vm: BareVM, tmp_path: Path, tr
         at_point = vm.snapshot("vda", tmp_path / "at.qcow2")
         point = back_up()
         assert point.meta["mode"] == "incremental" and point.disks["vda"].stats["bytes_read"] == MiB
-        restore_disks(repo, point, {"vda": tmp_path / "vda.qcow2"}, 2, None)
+        restore_image(repo, vm.name, point.point_id, tmp_path / "vda.qcow2", disk="vda", workers=2)
         assert qemu_img_compare(at_point, tmp_path / "vda.qcow2")
     finally:
         connector.close()

@@ -8,6 +8,7 @@ waits for the running ones and is re-raised; Ctrl-C does the same.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Protocol, TypeVar
@@ -96,5 +97,29 @@ def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_resul
                 _check(cancel)
         except BaseException:
             for f in pending:
+                f.cancel()
+            raise
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_result: Callable[[T, R], None],
+                cancel: Flag | None = None) -> None:
+    """Like :func:`bounded_map`, but ``on_result`` sees the results in the order of ``items``:
+    for a consumer that must write in sequence (an upload stream) while the work itself runs in
+    parallel. At most ``2 × workers`` results wait, so memory stays bounded."""
+    queue: deque[tuple[T, Future[R]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmkeep") as pool:
+        try:
+            for item in items:
+                _check(cancel)
+                queue.append((item, pool.submit(fn, item)))
+                if len(queue) >= workers * 2:
+                    first, future = queue.popleft()
+                    on_result(first, future.result())
+            while queue:
+                _check(cancel)
+                first, future = queue.popleft()
+                on_result(first, future.result())
+        except BaseException:
+            for _item, f in queue:
                 f.cancel()
             raise

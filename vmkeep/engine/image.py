@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmkeep.engine.backup import DEFAULT_WORKERS, DiskJob, backup_point
-from vmkeep.engine.restore import RestoreStats, open_target, restore_disk
+from vmkeep.engine.restore import RestoreStats, restore_disk
 from vmkeep.errors import UsageError
 from vmkeep.progress import Progress
 from vmkeep.repository.points import Manifest, check_name
@@ -13,6 +13,7 @@ from vmkeep.repository.repo import Repository
 from vmkeep.transport.extents import Extent, parse_extent_file
 from vmkeep.transport.nbd_client import open_export
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
+from vmkeep.transport.targets import open_file_writer
 
 DEFAULT_DISK = "disk"
 
@@ -80,8 +81,8 @@ def restore_image(
                              "choose one with --disk")
         disk = next(iter(manifest.disks))
     index = repo.load_index(manifest, disk)
-    with open_target(output, fmt, index.size, workers) as target:
-        stats = restore_disk(repo, index, target, workers=workers, progress=progress, label=f"restore {disk}")
+    with open_file_writer(output, fmt, index.size, workers) as writer:
+        stats = restore_disk(repo, index, writer, workers=workers, progress=progress, label=f"restore {disk}")
     return manifest, stats
 
 

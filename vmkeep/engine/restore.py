@@ -1,34 +1,24 @@
-"""Restore of one disk of a restore point into a raw file or a qcow2 image.
+"""Restore of one disk of a restore point into a disk writer (a file, an NBD export, an upload).
 
-The index is complete, so restore is one pass over it: zero slots are skipped (the target
-reads as zeros there), every other chunk is fetched, checked, decrypted, decompressed,
-re-hashed and written at its offset by worker threads.
+The index is complete, so restore is one pass over it: every non-zero chunk is fetched, checked,
+decrypted, decompressed, re-hashed and handed to the writer by worker threads; the writer is told
+where the zero runs are instead of being sent them. A sequential writer (a stream) gets its data
+and zeros in offset order while the workers still prepare chunks ahead of it.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
-from vmkeep.errors import ImageError, UsageError
-from vmkeep.fsutil import start_writeback
-from vmkeep.pipeline import bounded_map
+from vmkeep.errors import ImageError
+from vmkeep.pipeline import bounded_map, ordered_map
 from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.index import DiskIndex
 from vmkeep.repository.repo import Repository
-from vmkeep.transport.nbd_client import NbdExport
-from vmkeep.transport.qemu_nbd import ImageInfo, create_image, serve_image
+from vmkeep.transport.targets import DiskWriter
 
 DEFAULT_WORKERS = 6
-
-
-class DiskTarget(Protocol):
-    def pwrite(self, data: bytes, offset: int) -> None: ...
 
 
 @dataclass
@@ -39,57 +29,24 @@ class RestoreStats:
     seconds: float = 0.0
 
 
-class RawFileTarget:
-    """A sparse raw file written with pwrite (which releases the GIL); each written range starts
-    its writeback at once so the disk works while the next chunks are decrypted."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.writeback = True
-
-    def pwrite(self, data: bytes, offset: int) -> None:
-        start, view = offset, memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-        if self.writeback:
-            self.writeback = start_writeback(self.fd, start, len(data))
-
-
-@contextmanager
-def open_target(path: Path, fmt: str, size: int, workers: int) -> Iterator[DiskTarget]:
-    """Create ``path`` (refusing to overwrite) and yield a writer; on failure the file is removed."""
-    if fmt not in ("raw", "qcow2"):
-        raise UsageError(f"unsupported output format {fmt!r}: use raw or qcow2")
-    if path.exists():
-        raise UsageError(f"{path} already exists; choose another --output or remove it first")
-    try:
-        if fmt == "raw":
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                os.ftruncate(fd, size)
-                yield RawFileTarget(fd)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            create_image(path, "qcow2", size)
-            with serve_image(ImageInfo(path, "qcow2", size), readonly=False, connections=workers + 1) as uri:
-                export = NbdExport(uri)
-                try:
-                    yield export
-                    export.flush()
-                finally:
-                    export.close()
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+def zero_runs(index: DiskIndex) -> list[tuple[int, int]]:
+    """(offset, length) of each run of zero slots, in order."""
+    runs: list[tuple[int, int]] = []
+    at = 0
+    for slot, _cid in index.nonzero():
+        start = slot * index.chunk_size
+        if start > at:
+            runs.append((at, start - at))
+        at = start + index.slot_length(slot)
+    if at < index.size:
+        runs.append((at, index.size - at))
+    return runs
 
 
 def restore_disk(
     repo: Repository,
     index: DiskIndex,
-    target: DiskTarget,
+    writer: DiskWriter,
     *,
     workers: int = DEFAULT_WORKERS,
     progress: Progress | None = None,
@@ -101,22 +58,44 @@ def restore_disk(
     slots = list(index.nonzero())
     task = progress.task(label, sum(index.slot_length(s) for s, _ in slots))
 
-    def work(item: tuple[int, bytes]) -> int:
+    def load(item: tuple[int, bytes]) -> object:
         slot, cid = item
-        length = index.slot_length(slot)
-        data = repo.load_chunk(cid, length)
-        target.pwrite(data, slot * index.chunk_size)
-        task.advance(length)
-        return length
+        return writer.encode(repo.load_chunk(cid, index.slot_length(slot)), slot * index.chunk_size)
 
-    def done(_item: tuple[int, bytes], length: int) -> None:
+    def count(item: tuple[int, bytes]) -> None:
+        length = index.slot_length(item[0])
         stats.bytes_written += length
         stats.chunks += 1
+        task.advance(length)
 
     try:
-        bounded_map(work, slots, workers, done)
+        if writer.sequential:
+            zeros = iter(zero_runs(index) + [(index.size, 0)])
+            pending = next(zeros)
+
+            def write_in_order(item: tuple[int, bytes], encoded: object) -> None:
+                nonlocal pending
+                offset = item[0] * index.chunk_size
+                while pending[0] < offset:
+                    writer.zero(*pending)
+                    pending = next(zeros)
+                writer.write(encoded, offset)
+                count(item)
+
+            ordered_map(load, slots, workers, write_in_order)
+            while pending[1]:
+                writer.zero(*pending)
+                pending = next(zeros)
+        else:
+            for offset, length in zero_runs(index):
+                writer.zero(offset, length)
+
+            def work(item: tuple[int, bytes]) -> None:
+                writer.write(load(item), item[0] * index.chunk_size)
+
+            bounded_map(work, slots, workers, lambda item, _none: count(item))
     except OSError as exc:
-        raise ImageError(f"writing the restored disk failed: {exc}") from None
+        raise ImageError(f"writing the restored disk failed: {exc}") from exc
     finally:
         task.finish()
     stats.seconds = time.monotonic() - started

@@ -4,6 +4,11 @@ The data mover never knows which hypervisor it reads: a connector hands it, per 
 URI, the size, and for an incremental the metadata context that marks what changed, plus the
 VM's configuration. Entering ``point_in_time`` takes the snapshot or checkpoint; leaving it
 releases everything, on success, on error and on Ctrl-C alike.
+
+Restore runs the other way: ``restore_vm`` hands the data mover one writer per disk (a writable
+NBD export, a local file, an upload stream: whatever the hypervisor takes best), which gets
+only the data and is told where the zeros are; ``finish`` registers the VM. docs/architecture.md
+describes both directions for a new connector.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from vmkeep.errors import VmkeepError
+from vmkeep.progress import Progress
+from vmkeep.transport.targets import DiskWriter
 
 Quiesce = Literal["required", "try", "off"]
 Consistency = Literal["application", "crash"]
@@ -91,6 +98,17 @@ class PointInTimeInfo:
     release: Callable[[], None] | None = None
 
 
+class VMRestore(Protocol):
+    """One VM being restored: its disks are written first, then ``finish`` registers the VM.
+    Leaving the context without ``finish`` removes everything it made (disks, VM, leases)."""
+
+    def disk(self, name: str, size: int) -> AbstractContextManager[DiskWriter]:
+        """The writer of disk ``name`` (``size`` bytes); leaving the context flushes and closes it."""
+
+    def finish(self, *, start: bool) -> dict[str, str]:
+        """Register (and start) the VM with the restored disks; where each disk lives now."""
+
+
 class Connector(Protocol):
     kind: str  # libvirt, vsphere, …: recorded in each point, so a restore goes to the same kind
     uri: str
@@ -102,25 +120,15 @@ class Connector(Protocol):
 
     def exists(self, name: str) -> bool: ...
 
-    def restore_staging(self, name: str, storage: str | None) -> tuple[Path, str]:
-        """Where a new VM's restored disks are written (a directory) and in which format."""
-
-    def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: str | None, as_new: bool, start: bool,
-                        place: dict[str, str] | None = None) -> dict[str, str]:
-        """Register (and start) a VM from a point's configuration with its restored disks:
-        as a new VM (new identity; ``storage`` as the user named it; ``place``: other choices of
-        where it goes, such as vSphere's host, folder, network) or over the original.
-        Returns where each disk lives now (the staged files, or where they were uploaded)."""
-
-    def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
-        """Remove VM ``name`` if an earlier attempt of this restore defined it (its disks are
-        exactly ``disk_paths``); whether one was there. Refuses to touch any other VM."""
-
-    def require_shut_off(self, vm: str) -> None: ...
-
-    def forget_checkpoints(self, vm: str) -> None:
-        """Drop change-tracking state tied to disks that a restore replaces."""
+    def restore_vm(self, config: dict[str, Any], *, name: str, disks: dict[str, int], as_new: bool,
+                   storage: str | None = None, place: dict[str, str] | None = None,
+                   retry: bool = False) -> AbstractContextManager[VMRestore]:
+        """Begin restoring a VM from a point's configuration with ``disks`` (name → size in
+        bytes): as a new VM (new name, UUID and MACs; ``storage`` as the user named it; ``place``:
+        other choices such as vSphere's host, folder, network) or over the original (which must be
+        shut off). ``retry``: an earlier attempt of this same restore died; what it left (a VM it
+        made, disks it wrote) goes first. Refuses, before writing anything, a name or disk that is
+        taken, or a point of another kind of hypervisor."""
 
     def point_in_time(
         self,
@@ -144,9 +152,34 @@ def parse_transports(order: str) -> list[str]:
 
 
 @runtime_checkable
-class BootChecks(Protocol):
-    """An optional capability: boot a restore point in a sandbox (no network) and wait for its
-    heartbeat. ``repo`` is the open repository, ``spec`` how the point's export opens it."""
+class InstantRecovery(Protocol):
+    """An optional capability: run a VM straight from read-only NBD exports of a restore point
+    (the engine serves them from the repository) with its writes kept aside, then move it to
+    real storage while it runs, or drop it. ``layers`` is where each disk's writes go, as
+    ``instant_start`` returned them: the engine records it, so finish and discard can run in
+    another process."""
 
-    def boot_check(self, repo: Any, spec: Any, vm: str, point: str | None, *, timeout: float = 300.0,
-                   marker: str | None = None, script: Path | None = None) -> dict[str, Any]: ...
+    def instant_start(self, config: dict[str, Any], *, name: str, disks: dict[str, DiskExport],
+                      sandbox: bool = False) -> dict[str, str]:
+        """Define and start VM ``name`` from a point's configuration (a new identity, as a restore
+        as a new VM does) on copy-on-write layers over ``disks``; the layers. ``sandbox``: without
+        network interfaces, so the VM cannot reach production. Undoes what it made if it fails."""
+
+    def instant_finish(self, name: str, layers: dict[str, str], storage: Path,
+                       progress: Progress | None = None) -> dict[str, str]:
+        """Copy each disk (exported data and writes together) into ``storage`` while the VM runs,
+        switch the VM onto the copies and drop the layers: nothing reads the exports afterwards.
+        The new disk paths. A copy that fails leaves the VM running as it was."""
+
+    def instant_discard(self, name: str, layers: dict[str, str]) -> None:
+        """Power off and remove the VM and its layers (whatever part of them exists)."""
+
+
+@runtime_checkable
+class SandboxBoot(InstantRecovery, Protocol):
+    """An optional capability for boot checks: an instant recovery started with ``sandbox=True``
+    whose guest can be seen coming up."""
+
+    def wait_heartbeat(self, name: str, *, timeout: float, marker: str | None = None) -> bool:
+        """Whether VM ``name`` shows a heartbeat within ``timeout`` s: its guest agent answers a
+        ping or, given ``marker``, its serial console prints that text (False once the VM stops)."""

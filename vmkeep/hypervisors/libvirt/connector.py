@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
@@ -41,6 +41,7 @@ from vmkeep.hypervisors.base import (
     wire_of,
 )
 from vmkeep.hypervisors.early_release import EarlyRelease
+from vmkeep.hypervisors.libvirt import restore
 from vmkeep.hypervisors.libvirt.domain_xml import (
     DiskSpec,
     disk_specs,
@@ -51,6 +52,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import (
     with_nvram_path,
 )
 from vmkeep.hypervisors.libvirt.job_xml import BackupDisk, backup_xml, checkpoint_xml
+from vmkeep.hypervisors.libvirt.restore import LibvirtRestore
 from vmkeep.hypervisors.libvirt.san import (
     CHECKPOINT_PREFIX,
     frozen_bases,
@@ -224,10 +226,13 @@ class LibvirtConnector:
         except libvirt.libvirtError:
             return f"{self.host}:{os.path.dirname(path) if path.startswith('/') else path}"
 
-    # -- restore targets -------------------------------------------------------------------------
-    def restore_staging(self, name: str, storage: str | None) -> tuple[Path, str]:
-        """A new VM's disks go straight where it will run from: ``storage`` or the images directory."""
-        return Path(storage) if storage else Path("/var/lib/libvirt/images") / name, "qcow2"
+    # -- restore ---------------------------------------------------------------------------------
+    def restore_vm(self, config: dict[str, Any], *, name: str, disks: dict[str, int], as_new: bool,
+                   storage: str | None = None, place: dict[str, str] | None = None,
+                   retry: bool = False) -> AbstractContextManager[LibvirtRestore]:
+        """Disks as new qcow2 images where the VM runs from, then the domain defined (restore.py)."""
+        return restore.restore_vm(self, config, name=name, disks=disks, as_new=as_new, storage=storage, place=place,
+                                  retry=retry)
 
     def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
                         storage: str | None, as_new: bool, start: bool,
@@ -238,11 +243,7 @@ class LibvirtConnector:
         its disks; over the original, the variables go back to the original's file. Files written
         here are removed again if libvirt refuses the result.
         """
-        if place:
-            raise HypervisorError(f"{', '.join(place)}: vSphere placement choices; a libvirt restore takes --storage")
-        if config.get("kind", "libvirt") != "libvirt" or not config.get("domain_xml"):
-            raise HypervisorError(f"this point is of a {config.get('kind', 'foreign')} VM: restore it onto that "
-                                  "kind of hypervisor, or its disks with --disk")
+        restore.check_config(config, place)
         xml = config["domain_xml"]
         xml = renamed_copy(xml, name, disk_paths) if as_new else with_disk_paths(xml, disk_paths)
         written: list[Path] = []
