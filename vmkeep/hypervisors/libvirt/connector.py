@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 import libvirt
 
@@ -36,12 +36,12 @@ from vmkeep.hypervisors.base import (
     NbdTls,
     PointInTimeInfo,
     Quiesce,
-    VMDisk,
     VMInfo,
     wire_of,
 )
 from vmkeep.hypervisors.early_release import EarlyRelease
 from vmkeep.hypervisors.libvirt import restore
+from vmkeep.hypervisors.libvirt.connection import Connection
 from vmkeep.hypervisors.libvirt.domain_xml import (
     DiskSpec,
     disk_specs,
@@ -51,6 +51,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import (
     with_disk_paths,
     with_nvram_path,
 )
+from vmkeep.hypervisors.libvirt.inventory import list_vms
 from vmkeep.hypervisors.libvirt.job_xml import BackupDisk, backup_xml, checkpoint_xml
 from vmkeep.hypervisors.libvirt.restore import LibvirtRestore
 from vmkeep.hypervisors.libvirt.san import (
@@ -66,17 +67,10 @@ from vmkeep.polling import Backoff
 from vmkeep.transport.nbd_client import DEFAULT_TLS_DIR, client_tls_dir, unix_uri
 
 RESTART_GRACE_SECONDS = 20
-STATE_NAMES = {
-    libvirt.VIR_DOMAIN_RUNNING: "running", libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shut off", libvirt.VIR_DOMAIN_SHUTDOWN: "shutting down",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "suspended",
-}
 
 # What libvirt or QEMU say when the host cannot serve the export over TLS (no such directory,
 # "Unable to access credentials …/ca-cert.pem", a certificate that does not load).
 TLS_WORDS = ("tls", "x509", "certificate", "credentials")
-
-libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors arrive as exceptions, not on stderr
 
 
 def _free_port() -> int:
@@ -85,27 +79,10 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def is_own_address(hostname: str | None) -> bool:
-    """Whether ``hostname`` names this machine (in this network namespace): one of its addresses
-    can be bound here only if it is assigned to an interface here."""
-    if not hostname:
-        return False
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(hostname, None, proto=socket.IPPROTO_UDP)}
-    except OSError:
-        return False
-    for address in addresses:
-        family = socket.AF_INET6 if ":" in str(address) else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind((address, 0))
-                return True
-            except OSError:
-                continue
-    return False
-
-
 class LibvirtConnector:
+    """The Connector for libvirt hosts, composed of the connection, the inventory and the point
+    in time of a VM (each in a module of its own)."""
+
     kind = "libvirt"
 
     def __init__(self, uri: str = "qemu:///system", nbd_tls: NbdTls = "auto",
@@ -113,54 +90,17 @@ class LibvirtConnector:
         """``nbd_tls``: ``auto`` encrypts the nbd transport when this proxy has client
         certificates and the host accepts TLS, ``require`` refuses to go without, ``off`` never.
         ``credentials``: user name and password for hosts that ask (SASL), else none."""
+        self.connection = Connection(uri, credentials)
         self.uri = uri
         self.nbd_tls = nbd_tls
         self.credentials = credentials
-        parsed = urlparse(uri)
-        self.host = parsed.hostname or socket.gethostname()
-        self.is_local = parsed.hostname in (None, "", "localhost", "127.0.0.1", socket.gethostname()) \
-            or is_own_address(parsed.hostname)
-        try:
-            self.conn = self._open()
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}; is libvirtd "
-                                  "running and the URI right?") from None
+        self.host = self.connection.host
+        self.is_local = self.connection.is_local
 
-    def _open(self) -> libvirt.virConnect:
-        if self.credentials is None:
-            return libvirt.open(self.uri)
-        user, password = self.credentials
-
-        def answer(creds: list[list[Any]], _data: object) -> int:
-            for cred in creds:
-                if cred[0] == libvirt.VIR_CRED_AUTHNAME:
-                    cred[4] = user
-                elif cred[0] == libvirt.VIR_CRED_PASSPHRASE:
-                    cred[4] = password
-            return 0
-
-        return libvirt.openAuth(self.uri, [[libvirt.VIR_CRED_AUTHNAME, libvirt.VIR_CRED_PASSPHRASE], answer, None], 0)
-
-    def _reconnect(self, dom: libvirt.virDomain) -> libvirt.virDomain:
-        """A fresh connection and domain handle after libvirtd restarted (waits up to 30 s)."""
-        uuid = dom.UUIDString()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.conn = self._open()
-                return self.conn.lookupByUUIDString(uuid)
-            except libvirt.libvirtError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-    def _alive(self, dom: libvirt.virDomain) -> libvirt.virDomain:
-        """``dom``, or a new handle to it if the connection to libvirtd was lost."""
-        try:
-            dom.isActive()  # a real round trip to libvirtd (dom.ID() is answered from a local cache)
-            return dom
-        except libvirt.libvirtError:
-            return self._reconnect(dom)
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """The libvirt connection now (a new one after libvirtd restarted under a backup)."""
+        return self.connection.conn
 
     def boot_check(self, repo: Any, spec: Any, vm: str, point: str | None, *, timeout: float = 300.0,
                    marker: str | None = None, script: Path | None = None) -> dict[str, Any]:
@@ -170,61 +110,18 @@ class LibvirtConnector:
         return boot_check(repo, spec, self, vm, point, timeout=timeout, marker=marker, script=script)
 
     def close(self) -> None:
-        try:
-            self.conn.close()
-        except libvirt.libvirtError:
-            pass
+        self.connection.close()
 
     # -- inventory -------------------------------------------------------------------------------
     def domain(self, name: str) -> libvirt.virDomain:
-        try:
-            return self.conn.lookupByName(name)
-        except libvirt.libvirtError:
-            raise HypervisorError(f"no VM named {name!r} on {self.uri}; see `vmkeep inventory --host {self.uri}`") \
-                from None
+        return self.connection.domain(name)
 
     def exists(self, name: str) -> bool:
-        try:
-            self.conn.lookupByName(name)
-            return True
-        except libvirt.libvirtError:
-            return False
+        return self.connection.exists(name)
 
     def inventory(self) -> list[VMInfo]:
-        """Every VM with its disks; a VM undefined while the list is read is left out."""
-        vms = []
-        try:
-            domains = self.conn.listAllDomains()
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot list the VMs of {self.uri}: {exc.get_error_message()}") from None
-        for dom in domains:
-            try:
-                vms.append(self._vm_info(dom))
-            except libvirt.libvirtError as exc:
-                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise HypervisorError(f"cannot describe a VM of {self.uri}: {exc.get_error_message()}") from None
-        return vms
-
-    def _vm_info(self, dom: libvirt.virDomain) -> VMInfo:
-        disks = []
-        for spec in disk_specs(dom.XMLDesc()):
-            try:
-                capacity, allocation, _physical = dom.blockInfo(spec.target) if spec.source else (0, 0, 0)
-            except libvirt.libvirtError:
-                capacity = allocation = 0
-            disks.append(VMDisk(spec.target, spec.source, spec.format, capacity, allocation, spec.eligible,
-                                spec.reason, self._datastore(spec.source)))
-        return VMInfo(dom.name(), dom.UUIDString(), STATE_NAMES.get(dom.state()[0], "unknown"), self.host, disks)
-
-    def _datastore(self, path: str) -> str:
-        """The storage pool holding ``path``, or its directory when no pool manages it (named per
-        host: libvirt knows nothing of storage shared between hosts)."""
-        if not path:
-            return ""
-        try:
-            return f"{self.host}:pool/{self.conn.storageVolLookupByPath(path).storagePoolLookupByVolume().name()}"
-        except libvirt.libvirtError:
-            return f"{self.host}:{os.path.dirname(path) if path.startswith('/') else path}"
+        """Every VM with its disks (vmkeep.hypervisors.libvirt.inventory)."""
+        return list_vms(self.connection)
 
     # -- restore ---------------------------------------------------------------------------------
     def restore_vm(self, config: dict[str, Any], *, name: str, disks: dict[str, int], as_new: bool,
@@ -458,7 +355,7 @@ class LibvirtConnector:
         finally:
             images.close()
             try:
-                fresh = self._alive(dom)
+                fresh = self.connection.alive(dom)
             except libvirt.libvirtError:
                 notes.append("libvirtd did not come back: the checkpoint is cleaned up next run")
             else:
@@ -508,7 +405,7 @@ class LibvirtConnector:
                 early.join()
         finally:
             try:
-                fresh = self._alive(dom)
+                fresh = self.connection.alive(dom)
             except libvirt.libvirtError:
                 notes.append("libvirtd did not come back: the backup job is cleaned up next run")
             else:
@@ -552,7 +449,7 @@ class LibvirtConnector:
         job_alive = True
         while time.monotonic() < deadline:
             try:
-                dom = self._alive(dom)
+                dom = self.connection.alive(dom)
                 if not dom.isActive():
                     return HypervisorError(f"VM {dom.name()} stopped during the backup; nothing was committed. "
                                            "Run the backup again: a shut-off VM is read from its images")
