@@ -7,12 +7,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from vmkeep.transport.extents import Extent
 from vmkeep.transport.nbd_client import MAX_STATUS_REQUEST, open_export, unix_socket_of, unix_uri
-from vmkeep.transport.qemu_nbd import dying_with, probe_image, serve_image
+from vmkeep.transport.qemu_nbd import ImageInfo, create_image, dying_with, probe_image, serve_image
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -94,3 +97,48 @@ def test_socket_paths_with_uri_characters(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait()
+
+
+def _written_through_direct_export(path: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> list[str]:
+    """Write a pattern into a new qcow2 through a direct export; the qemu-nbd command lines run."""
+    from vmkeep.transport import qemu_nbd
+
+    create_image(path, "qcow2", 8 << 20)
+    commands: list[str] = []
+    real = qemu_nbd._qemu_nbd_command
+
+    def recorded(sock: Path, **kw: object) -> list[str]:
+        cmd = real(sock, **kw)  # type: ignore[arg-type]
+        commands.append(" ".join(cmd))
+        return cmd
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(qemu_nbd, "_qemu_nbd_command", recorded)
+    with serve_image(ImageInfo(path, "qcow2", 8 << 20), readonly=False, direct=True) as uri, \
+            open_export(uri) as export:
+        export.pwrite(b"\x5a" * (1 << 20), 3 << 20)
+        export.flush()
+    out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x5a 3M 1M", "-c", "read -P 0 0 3M", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "Pattern verification failed" not in out.stdout, out.stdout + out.stderr
+    return commands
+
+
+def test_restore_targets_write_past_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commands = _written_through_direct_export(tmp_path / "direct.qcow2", monkeypatch)
+    assert len(commands) == 1 and "--cache=none" in commands[0], commands
+
+
+def test_a_refused_direct_mode_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without io_uring or AIO (or a filesystem without O_DIRECT) still gets its restore."""
+    from vmkeep.transport import qemu_nbd
+
+    monkeypatch.setattr(qemu_nbd, "DIRECT_MODES", (("--cache=none", "--aio=no-such-mode"),))
+    commands = _written_through_direct_export(tmp_path / "fallback.qcow2", monkeypatch)
+    assert [("no-such-mode" in c, "--cache=writeback" in c) for c in commands] == [(True, False), (False, True)]
+
+
+def test_in_memory_targets_use_the_page_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        commands = _written_through_direct_export(Path(shm) / "shm.qcow2", monkeypatch)
+    assert len(commands) == 1 and "--cache=writeback" in commands[0], commands

@@ -105,7 +105,8 @@ def open_file_writer(path: Path, fmt: str, size: int, connections: int) -> Itera
         else:
             create_image(path, "qcow2", size)
             log.debug("writing %s through qemu-nbd with %d connections", path, connections)
-            with serve_image(ImageInfo(path, "qcow2", size), readonly=False, connections=connections + 1) as uri:
+            with serve_image(ImageInfo(path, "qcow2", size), readonly=False, connections=connections + 1,
+                             direct=True) as uri:
                 export = NbdExport(uri)
                 try:
                     yield NbdWriter(export)
