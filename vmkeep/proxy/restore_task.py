@@ -13,6 +13,7 @@ from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered
+from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.work import restore_order
 
@@ -29,14 +30,14 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
     with sessions() as session:
         job = session.get(RestoreJob, restore_id)
         order = restore_order(session, restore_id)
-        if job is None or job.status not in ("queued", "running"):
+        if job is None or job.status not in ACTIVE:
             return
         if order is None:  # its hypervisor or repository went while it waited
-            job.status, job.finished = "failed", datetime.now(UTC)
+            job.status, job.finished = JobStatus.FAILED, datetime.now(UTC)
             job.error = "its hypervisor or repository was removed before the restore started"
             session.commit()
             return
-        job.status, job.proxy, job.attempts, job.error = "running", proxy, job.attempts + 1, None
+        job.status, job.proxy, job.attempts, job.error = JobStatus.RUNNING, proxy, job.attempts + 1, None
         session.commit()
         connector = None
         try:
@@ -55,9 +56,9 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
                                            progress=progress, retry=job.attempts > 1)
             finally:
                 rows.close()
-            job.status, job.disks = "succeeded", result.disks
+            job.status, job.disks = JobStatus.SUCCEEDED, result.disks
         except Exception as exc:  # recorded for the user; the task itself ends cleanly
-            job.status, job.error = "failed", str(exc)
+            job.status, job.error = JobStatus.FAILED, str(exc)
         finally:
             if connector is not None:
                 connector.close()

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, RestoreJob, VirtualMachine
 from vmkeep.jobs.queue import BACKUP_TASK, RESTORE_TASK, queue_name, vm_lock
 from vmkeep.jobs.settle import settle_job
-from vmkeep.jobs.status import ACTIVE
+from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.server.limits import RunSlots, datastores
 
 PROXY_TIMEOUT = timedelta(seconds=10)  # a proxy whose heartbeat is older is down
@@ -87,17 +87,17 @@ def _place(jv: JobVM, vm: VirtualMachine, slots: RunSlots, proxies: list[Proxy],
     proxy can ever take it; the proxy, if it goes now."""
     policy = slots.policy
     if slots.waits_for(vm):
-        jv.status = "waiting"
+        jv.status = JobStatus.WAITING
         return None
     proxy = choose_proxy(proxies, loads, vm, policy, exclude=slots.full_proxies())
     if proxy is None:
         if slots.full_proxies() and choose_proxy(proxies, loads, vm, policy) is not None:
-            jv.status = "waiting"  # its proxies are at the run's per-proxy limit
+            jv.status = JobStatus.WAITING  # its proxies are at the run's per-proxy limit
             return None
-        jv.status, jv.finished = "failed", datetime.now(UTC)
+        jv.status, jv.finished = JobStatus.FAILED, datetime.now(UTC)
         jv.error = _no_proxy(vm, policy)
         return None
-    jv.status, jv.proxy = "queued", proxy.name
+    jv.status, jv.proxy = JobStatus.QUEUED, proxy.name
     loads[proxy.name] = loads.get(proxy.name, 0) + 1
     slots.take(vm, proxy.name)
     return proxy
@@ -107,7 +107,7 @@ def plan_run(session: Session, policy: Policy,
              requested_by: str) -> tuple[Job, list[tuple[Proxy, VirtualMachine, JobVM]]]:
     """The run's rows: a JobVM per selected VM with its proxy, waiting for a slot (the policy's
     limits per host, datastore and proxy), or failed with the reason."""
-    job = Job(policy_id=policy.id, policy_name=policy.name, requested_by=requested_by, status="running")
+    job = Job(policy_id=policy.id, policy_name=policy.name, requested_by=requested_by, status=JobStatus.RUNNING)
     session.add(job)
     session.flush()
     proxies = list(session.scalars(select(Proxy)))
@@ -115,7 +115,7 @@ def plan_run(session: Session, policy: Policy,
     slots = RunSlots(policy)
     assignments = []
     for vm in select_vms(session, policy):
-        jv = JobVM(job_id=job.id, vm_id=vm.id, vm_name=vm.name, status="queued", warnings=[])
+        jv = JobVM(job_id=job.id, vm_id=vm.id, vm_name=vm.name, status=JobStatus.QUEUED, warnings=[])
         session.add(jv)
         proxy = _place(jv, vm, slots, proxies, loads)
         if proxy is not None:
@@ -136,7 +136,7 @@ def _no_proxy(vm: VirtualMachine, policy: Policy) -> str:
 async def dispatch_waiting(session: Session, queue: procrastinate.App) -> int:
     """Send on the waiting VMs of running jobs whose limits have a free slot; how many went."""
     sent = 0
-    waiting = list(session.scalars(select(JobVM).where(JobVM.status == "waiting").order_by(JobVM.id)))
+    waiting = list(session.scalars(select(JobVM).where(JobVM.status == JobStatus.WAITING).order_by(JobVM.id)))
     if not waiting:
         return 0
     proxies, loads = list(session.scalars(select(Proxy))), proxy_loads(session)
@@ -147,7 +147,7 @@ async def dispatch_waiting(session: Session, queue: procrastinate.App) -> int:
         slots = runs.get(jv.job_id) or runs.setdefault(jv.job_id, RunSlots.of_job(session, jv.job))
         proxy = _place(jv, vm, slots, proxies, loads)
         session.commit()
-        if jv.status == "failed":
+        if jv.status == JobStatus.FAILED:
             settle_job(session, jv.job)
         if proxy is None:
             continue
@@ -192,7 +192,7 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
             continue  # retried once a proxy is up
         jv.warnings = [*jv.warnings, f"proxy {jv.proxy} stopped during attempt {jv.attempts}; retried on "
                                      f"{proxy.name}"]
-        jv.status, jv.proxy = "queued", proxy.name
+        jv.status, jv.proxy = JobStatus.QUEUED, proxy.name
         session.commit()
         await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
         moved += 1
@@ -217,7 +217,7 @@ async def _rescue_restore(session: Session, queue: procrastinate.App, task: proc
         return 0  # retried once a proxy is up
     restore.warnings = [*restore.warnings, f"proxy {restore.proxy} stopped during attempt {restore.attempts}; "
                                            f"retried on {proxy.name}"]
-    restore.status, restore.proxy = "queued", proxy.name
+    restore.status, restore.proxy = JobStatus.QUEUED, proxy.name
     session.commit()
     await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
     return 1
@@ -230,7 +230,7 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
     down = {p.name for p in proxies if not proxy_up(p)}
     if not down:
         return 0
-    waiting = session.scalars(select(JobVM).where(JobVM.status == "queued", JobVM.proxy.in_(down),
+    waiting = session.scalars(select(JobVM).where(JobVM.status == JobStatus.QUEUED, JobVM.proxy.in_(down),
                                                   JobVM.task_id.is_not(None)))
     for jv in list(waiting):
         vm = session.get(VirtualMachine, jv.vm_id)
@@ -245,8 +245,8 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
         jv.task_id = await _defer(queue, proxy, vm, jv)
         session.commit()
         moved += 1
-    restores = session.scalars(select(RestoreJob).where(RestoreJob.status == "queued", RestoreJob.proxy.in_(down),
-                                                        RestoreJob.task_id.is_not(None)))
+    restores = session.scalars(select(RestoreJob).where(RestoreJob.status == JobStatus.QUEUED,
+                                                        RestoreJob.proxy.in_(down), RestoreJob.task_id.is_not(None)))
     for restore in list(restores):
         assert restore.task_id is not None
         if restore.hypervisor is None:

@@ -17,6 +17,7 @@ from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.jobs.keys import proxy_role_password
 from vmkeep.jobs.settle import settle_job
+from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.repository.prune import RetentionPolicy
 from vmkeep.server import audit
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, RUN_PROXY, get_session, require
@@ -308,14 +309,14 @@ async def cancel_job(job_id: JobId, request: Request, user: User = Depends(requi
         raise HTTPException(404, f"no job {job_id}")
     manager = request.app.state.queue.job_manager
     for v in job.vms:
-        if v.status == "waiting":
-            v.status, v.finished = "cancelled", datetime.now(UTC)
+        if v.status == JobStatus.WAITING:
+            v.status, v.finished = JobStatus.CANCELLED, datetime.now(UTC)
             continue
-        if v.status not in ("queued", "running") or v.task_id is None:
+        if v.status not in ACTIVE or v.task_id is None:
             continue
-        stopped = await manager.cancel_job_by_id_async(v.task_id, abort=v.status == "running")
-        if stopped and v.status == "queued":
-            v.status, v.finished = "cancelled", datetime.now(UTC)
+        stopped = await manager.cancel_job_by_id_async(v.task_id, abort=v.status == JobStatus.RUNNING)
+        if stopped and v.status == JobStatus.QUEUED:
+            v.status, v.finished = JobStatus.CANCELLED, datetime.now(UTC)
     audit.record(session, request, user.name, "job-cancel", str(job_id))
     session.commit()
     settle_job(session, job)

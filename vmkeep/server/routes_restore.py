@@ -17,6 +17,7 @@ from vmkeep.catalog.models import (
     RestorePointRecord,
     User,
 )
+from vmkeep.jobs.status import JobStatus
 from vmkeep.server import audit
 from vmkeep.server.auth import EVERYONE, OVERWRITE, RESTORE, get_session, require
 from vmkeep.server.dispatch import defer_restore, restore_proxy
@@ -95,7 +96,7 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
                      repository_id=point.repository_id, hypervisor_id=hypervisor.id,
                      hypervisor_name=hypervisor.name,
                      mode="overwrite" if body.overwrite else "as-new", new_name=body.as_name, storage=body.storage,
-                     start_vm=body.start, proxy=proxy.name, status="queued")
+                     start_vm=body.start, proxy=proxy.name, status=JobStatus.QUEUED)
     session.add(job)
     audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id,
                  as_name=body.as_name, overwrite=body.overwrite)
