@@ -138,3 +138,48 @@ def test_proxy_reaches_libvirt_over_ssh(cli: Cli, proxy: list[str], vm: BareVM, 
     out = tmp_path / "r.qcow2"
     cli.run("restore", vm.name, "--repo", repo, "--disk", "vda", "--output", str(out))
     assert qemu_img_compare(at_full, out)
+
+
+def test_restore_onto_a_host_the_proxy_does_not_run_on(cli: Cli, proxy: list[str], vm: BareVM,
+                                                       tmp_path: Path) -> None:
+    """From another network, a VM restore uploads each disk into a storage volume on the host
+    (holes as holes), which the host converts to qcow2; a restore over the original is refused
+    there with what to do, and a failed upload leaves no volume behind."""
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt")
+    vm.write("vda", 4 * MiB, 3 * MiB, 0x71)
+    vm.write("vda", 60 * MiB, MiB, 0x72)
+    at_backup = vm.snapshot("vda", tmp_path / "at.qcow2")
+    point = remote_backup(cli, proxy, vm, repo, "--transport", "nbd")["point"]
+    new = f"{vm.name}-remote"
+    vm.extra.append(new)
+    storage = bare_vm.IMAGES / vm.name / "remote-copy"  # no storage pool of the host covers it yet
+
+    def remote_restore(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*proxy, VMKEEP, "restore", f"{vm.name}@{point}", "--repo", repo, "--host", REMOTE_URI,
+                               "--json", *args], capture_output=True, text=True, env=cli.env, timeout=300)
+
+    proc = remote_restore("--as", new, "--storage", str(storage), "--no-start")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    restored = Path(json.loads(proc.stdout)["disks"]["vda"])
+    assert restored == storage / f"{new}-vda.qcow2" and qemu_img_compare(at_backup, restored)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(restored)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["format"] == "qcow2" and info["actual-size"] < 16 * MiB  # the 64 MiB disk's holes stayed holes
+    assert sorted(p.name for p in storage.iterdir()) == [restored.name]  # the uploaded raw volume is gone
+    assert "vmkeep-restore-" not in bare_vm.virsh("pool-list", "--all")  # the transient pool too
+    assert restored.as_posix() in bare_vm.virsh("dumpxml", new)
+
+    proc = remote_restore("--overwrite")
+    assert proc.returncode != 0 and "runs on that host" in proc.stderr, proc.stderr
+
+    taken = remote_restore("--as", new, "--storage", str(storage), "--no-start")
+    assert taken.returncode != 0 and "already exists" in taken.stderr
+    assert sorted(p.name for p in storage.iterdir()) == [restored.name]
+
+    victims = sorted(p for p in Path(repo, "chunks").rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+    victims[-1].write_bytes(b"damaged")  # the upload fails part of the way
+    failed = remote_restore("--as", f"{new}-2", "--storage", str(storage), "--no-start")
+    assert failed.returncode != 0 and "truncated" in failed.stderr, failed.stderr
+    assert sorted(p.name for p in storage.iterdir()) == [restored.name]  # its volumes went again
+    assert f"{new}-2" not in bare_vm.virsh("list", "--all", "--name")

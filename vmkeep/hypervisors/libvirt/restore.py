@@ -4,19 +4,25 @@ then the saved domain defined with them (as a new VM, or over the shut-off origi
 A new VM's images go to ``--storage`` or the images directory; over the original, each image is
 written beside the one it replaces and swapped in only when every disk is complete, so a restore
 that fails leaves the original as it was. Whatever a failed restore wrote is removed.
+
+On this machine the images are written directly (qemu-nbd); on a host the proxy does not run on,
+they are uploaded through libvirt as storage volumes (upload.py), holes sent as holes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
+
+import libvirt
 
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import HypervisorError
+from vmkeep.hypervisors.libvirt.upload import pool_for, upload_disk
 from vmkeep.transport.targets import DiskWriter, open_file_writer
 
 if TYPE_CHECKING:
@@ -40,33 +46,42 @@ def check_config(config: dict[str, Any], place: dict[str, str] | None) -> None:
 
 
 class LibvirtRestore:
-    """One VM being restored (the connector's ``VMRestore``): disks to ``paths``, then defined."""
+    """One VM being restored (the connector's ``VMRestore``): disks to ``paths``, then defined.
+    ``pool``: the host's storage pool the disks are uploaded into, when it is not this machine."""
 
-    def __init__(self, connector: LibvirtConnector, config: dict[str, Any], name: str, paths: dict[str, Path],
-                 *, as_new: bool, storage: str | None) -> None:
+    def __init__(self, connector: LibvirtConnector, config: dict[str, Any], name: str,
+                 paths: dict[str, PurePath], *, as_new: bool, storage: str | None,
+                 pool: libvirt.virStoragePool | None = None) -> None:
         self.connector = connector
         self.config = config
         self.name = name
         self.as_new = as_new
         self.storage = storage
         self.paths = paths  # where each disk lives once the VM is defined
-        self.written: list[Path] = []
+        self.pool = pool
+        self.undo: list[Callable[[], None]] = []  # removes what was written and not handed over
 
     def staged(self, disk: str) -> Path:
-        """Where a disk is written: its final place for a new VM, beside the original's otherwise."""
-        final = self.paths[disk]
+        """Where a disk is written here: its final place for a new VM, beside the original's otherwise."""
+        final = Path(self.paths[disk])
         return final if self.as_new else final.with_name(final.name + STAGED_SUFFIX)
 
     @contextmanager
     def disk(self, name: str, size: int) -> Iterator[DiskWriter]:
         if name not in self.paths:
             raise HypervisorError(f"disk {name} is not one of this restore's ({', '.join(self.paths)})")
+        if self.pool is not None:
+            volume = self.paths[name].name
+            with upload_disk(self.connector.conn, self.pool, volume, size, FORMAT) as upload:
+                yield upload
+            self.undo.append(lambda: _delete_volume(self.pool, volume))
+            return
         path = self.staged(name)
         if not self.as_new:
             path.unlink(missing_ok=True)  # a staged copy an interrupted restore left
         log.debug("writing disk %s of %s into %s", name, self.name, path)
         with open_file_writer(path, FORMAT, size, WRITER_CONNECTIONS) as writer:
-            self.written.append(path)
+            self.undo.append(lambda: path.unlink(missing_ok=True))
             yield writer
 
     def finish(self, *, start: bool) -> dict[str, str]:
@@ -75,18 +90,35 @@ class LibvirtRestore:
             self.connector.forget_checkpoints(self.name)  # their bitmaps lived in the images being replaced
             for disk, final in self.paths.items():
                 os.replace(self.staged(disk), final)
-            self.written.clear()
+            self.undo.clear()
         placed = self.connector.define_restored(self.config, name=self.name, disk_paths=disk_paths,
                                                 storage=self.storage, as_new=self.as_new, start=start)
-        self.written.clear()
+        self.undo.clear()
         log.info("restored %s on %s with disks %s", self.name, self.connector.uri, ", ".join(placed.values()))
         return placed
 
     def discard(self) -> None:
         """Remove what this restore wrote and did not hand over."""
-        for path in self.written:
-            path.unlink(missing_ok=True)
-        self.written.clear()
+        for undo in reversed(self.undo):
+            undo()
+        self.undo.clear()
+
+
+def _delete_volume(pool: libvirt.virStoragePool | None, name: str) -> None:
+    if pool is None:
+        return
+    try:
+        pool.storageVolLookupByName(name).delete(0)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot remove the volume %s a failed restore uploaded: %s", name, exc.get_error_message())
+
+
+def _volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
+    try:
+        pool.storageVolLookupByName(name)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 @contextmanager
@@ -95,24 +127,27 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
                retry: bool) -> Iterator[LibvirtRestore]:
     """The restore session; see ``Connector.restore_vm``."""
     check_config(config, place)
+    if not connector.is_local:
+        if not as_new:
+            raise HypervisorError(f"a restore over the original VM on {connector.host} runs on that host (a proxy "
+                                  "there): its disks are swapped in place; or restore --as NEW from here")
+        with _remote_restore(connector, config, name, disks, storage, retry) as session:
+            yield session
+        return
     if as_new:
         directory = Path(storage) if storage else IMAGES / name
-        paths = {disk: directory / f"{name}-{disk}.{FORMAT}" for disk in disks}
+        paths = new_disk_paths(directory, name, disks)
         if retry:
             connector.remove_restored(name, [str(p) for p in paths.values()])
             for p in paths.values():
-                p.unlink(missing_ok=True)
-        if connector.exists(name):
-            raise UsageError(f"a VM named {name!r} already exists on {connector.uri}; choose another --as name")
-        taken = [str(p) for p in paths.values() if p.exists()]
-        if taken:
-            raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
+                Path(p).unlink(missing_ok=True)
+        _refuse_taken(connector, name, [str(p) for p in paths.values() if Path(p).exists()])
     else:
         connector.require_shut_off(name)
         sources = config.get("disks", {})
-        paths = {disk: Path(sources.get(disk, {}).get("source") or IMAGES / f"{name}-{disk}.{FORMAT}")
+        paths = {disk: PurePath(sources.get(disk, {}).get("source") or IMAGES / f"{name}-{disk}.{FORMAT}")
                  for disk in disks}
-        directory = next(iter(paths.values())).parent if paths else IMAGES
+        directory = Path(next(iter(paths.values())).parent) if paths else IMAGES
     made_directory = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     session = LibvirtRestore(connector, config, name, paths, as_new=as_new, storage=storage)
@@ -122,3 +157,34 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
         session.discard()
         if made_directory and directory.exists() and not any(directory.iterdir()):
             directory.rmdir()
+
+
+def new_disk_paths(directory: PurePath, name: str, disks: dict[str, int]) -> dict[str, PurePath]:
+    return {disk: directory / f"{name}-{disk}.{FORMAT}" for disk in disks}
+
+
+def _refuse_taken(connector: LibvirtConnector, name: str, taken: list[str]) -> None:
+    if connector.exists(name):
+        raise UsageError(f"a VM named {name!r} already exists on {connector.uri}; choose another --as name")
+    if taken:
+        raise UsageError(f"restored disks would overwrite {', '.join(taken)}; choose another --storage")
+
+
+@contextmanager
+def _remote_restore(connector: LibvirtConnector, config: dict[str, Any], name: str, disks: dict[str, int],
+                    storage: str | None, retry: bool) -> Iterator[LibvirtRestore]:
+    """A new VM on a host this proxy does not run on: its disks uploaded into a storage pool there."""
+    directory = PurePosixPath(storage) if storage else PurePosixPath(IMAGES) / name
+    paths = new_disk_paths(directory, name, disks)
+    with pool_for(connector.conn, directory) as pool:
+        if retry:
+            connector.remove_restored(name, [str(p) for p in paths.values()])
+            for p in paths.values():
+                if _volume_exists(pool, p.name):
+                    _delete_volume(pool, p.name)
+        _refuse_taken(connector, name, [str(p) for p in paths.values() if _volume_exists(pool, p.name)])
+        session = LibvirtRestore(connector, config, name, paths, as_new=True, storage=storage, pool=pool)
+        try:
+            yield session
+        finally:
+            session.discard()
