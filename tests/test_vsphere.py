@@ -1,5 +1,6 @@
 """VMware vSphere against govmomi's simulator (vcsim over HTTPS with the lab certificate): inventory,
-CBT, snapshots, backups read over the datastore's HTTPS, restores through CreateVM_Task + upload,
+CBT, snapshots, backups read over the datastore's HTTPS, restores streamed through an NFC import
+lease (the lab's simulator really decodes the streamOptimized VMDK) or over the original's disks,
 incrementals through the test-only CBT shim, and a policy run by a proxy through the server."""
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from pyVmomi import vim
 
 from tests.conftest import Cli, MiB, free_port, qemu_img_compare
 from tests.vcsim_cbt import CbtShim
+from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.vmware import devices
+from vmkeep.hypervisors.vmware.connector import VsphereConnector
 from vmkeep.hypervisors.vmware.session import Session, Target
+from vmkeep.hypervisors.vmware.stream_vmdk import StreamVmdk
 from vmkeep.lab import vcsim
 
 
@@ -116,6 +120,9 @@ def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: di
     restored = cli.json("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-full-copy",
                         "--no-start")
     assert restored["disks"] == {"scsi0-0": "[LocalDS_0] vc-full-copy/vc-full-copy.vmdk"}
+    (lease,) = [x for x in sim.nfc_leases() if x["vm"] == "vc-full-copy"]
+    assert lease["state"] == "done" and list(lease["uploads"]) == ["vc-full-copy.vmdk"]
+    assert lease["bytes"] < 2 * MiB  # 12 MiB of the lab's (very compressible) pattern in a 64 MiB disk
     copy = Path(sim.datastores[0]) / "vc-full-copy" / "vc-full-copy-flat.vmdk"
     assert subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(at_backup), str(copy)]
                           ).returncode == 0
@@ -133,7 +140,7 @@ def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: di
     assert sorted(n._moId for n in made["network"]) == sorted(n._moId for n in original["network"])  # same networks
     again = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--as", "vc-full-copy", ok=False)
     assert "already exists" in again.stderr
-    assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-*"))  # staged disks are gone
+    assert not list(Path("/tmp").glob("vmkeep-restore-vc-full-*"))  # nothing staged on the proxy
 
     # placed where the administrator says: another host, another folder
     s = session(sim)
@@ -170,6 +177,100 @@ def test_full_backup_and_restore_as_a_new_vm(cli: Cli, sim: vcsim.Vcsim, env: di
         s.close()
     refused = cli.run("restore", "vc-full", "--host", sim.address, "--repo", repo, "--overwrite", ok=False)
     assert refused.returncode != 0 and "has snapshots" in refused.stderr
+
+
+def test_restore_streams_only_the_data(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str], tmp_path: Path) -> None:
+    """A 512 MiB disk holding 17 MiB of random data: the import moves about 17 MiB, and the new
+    VM's disk reads back byte for byte; over the original, the PUT brings the disk back too."""
+    flat = vcsim.create_vm(sim, "vc-sparse", 512 * MiB)
+    with flat.open("r+b") as f:
+        f.write(os.urandom(MiB))
+        f.seek(300 * MiB + 4096)  # not on a grain boundary: two partial grains at the ends
+        f.write(os.urandom(16 * MiB))
+    at_backup = tmp_path / "at-backup.raw"
+    at_backup.write_bytes(flat.read_bytes())
+    repo = str(tmp_path / "repo")
+    cli.run("repo", "init", repo, "--encrypt")
+    backup(cli, sim.address, "vc-sparse", repo)
+    cli.run("restore", "vc-sparse", "--host", sim.address, "--repo", repo, "--as", "vc-sparse-copy", "--no-start")
+    copy = Path(sim.datastores[0]) / "vc-sparse-copy" / "vc-sparse-copy-flat.vmdk"
+    assert qemu_img_compare(at_backup, copy) and copy.stat().st_size == 512 * MiB
+    (lease,) = [x for x in sim.nfc_leases() if x["vm"] == "vc-sparse-copy"]
+    assert lease["state"] == "done"
+    assert 17 * MiB < lease["bytes"] < 17 * MiB * 1.02 + 256 * 1024, lease  # the data, not the 512 MiB
+
+    with flat.open("r+b") as f:
+        f.seek(200 * MiB)
+        f.write(os.urandom(MiB))  # where the point has zeros: the PUT must send them
+    cli.run("restore", "vc-sparse", "--host", sim.address, "--repo", repo, "--overwrite")
+    assert qemu_img_compare(at_backup, flat) and flat.stat().st_size == 512 * MiB
+
+
+def _connector(sim: vcsim.Vcsim) -> VsphereConnector:
+    return VsphereConnector(sim.address + "?insecure=1", password=sim.password)
+
+
+def _saved_config(connector: VsphereConnector, vm: str) -> dict[str, Any]:
+    props = connector.session.one(connector.vm(vm), ["config", "config.hardware.device"])
+    return devices.saved_config(props["config"], props["config.hardware.device"],
+                                {"datacenter": "DC0", "datastore": "LocalDS_0", "folder": "", "pool": None,
+                                 "host": None})
+
+
+@pytest.mark.parametrize("failure", ["broken stream", "ctrl-c"])
+def test_a_failed_restore_leaves_no_vm_and_no_lease(sim: vcsim.Vcsim, failure: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the connector protocol: a stream the simulator cannot decode (HTTP 400) or a
+    Ctrl-C in the middle of the upload: the lease is aborted and the half-made VM removed."""
+    new_vm(sim, "vc-src")
+    name = f"vc-broken-{failure.split()[0]}"
+    connector = _connector(sim)
+    try:
+        config = _saved_config(connector, "vc-src")
+        if failure == "broken stream":  # a connector breaking the format is refused
+            monkeypatch.setattr(StreamVmdk, "trailer", lambda self: b"\0" * 1536)
+        expected: type[BaseException] = HypervisorError if failure == "broken stream" else KeyboardInterrupt
+        with (pytest.raises(expected) as raised,
+              connector.restore_vm(config, name=name, disks={"scsi0-0": 64 * MiB}, as_new=True) as restoring):
+            assert connector.exists(name)
+            (lease,) = [x for x in sim.nfc_leases() if x["vm"] == name]
+            assert lease["state"] == "ready"
+            with restoring.disk("scsi0-0", 64 * MiB) as writer:
+                assert writer.sequential
+                writer.write(writer.encode(os.urandom(4 * MiB), 0), 0)
+                writer.zero(4 * MiB, 60 * MiB)
+                if failure == "ctrl-c":
+                    raise KeyboardInterrupt
+            restoring.finish(start=False)
+        if failure == "broken stream":
+            assert "refused it with 400 not a readable VMDK" in str(raised.value)
+        assert not connector.exists(name)
+        (lease,) = [x for x in sim.nfc_leases() if x["vm"] == name]
+        assert lease["state"] == "aborted", lease
+        assert failure == "ctrl-c" or lease["bytes"] > 4 * MiB  # the whole (broken) stream arrived
+    finally:
+        connector.close()
+
+
+def test_restore_refuses_before_writing(sim: vcsim.Vcsim) -> None:
+    """A taken name, a disk the configuration does not have, a resized original: refused before
+    any lease or upload."""
+    new_vm(sim, "vc-refuse")
+    connector = _connector(sim)
+    try:
+        config = _saved_config(connector, "vc-refuse")
+        leases = len(sim.nfc_leases())
+        with pytest.raises(HypervisorError, match="already exists"):
+            connector.restore_vm(config, name="vc-refuse", disks={"scsi0-0": 64 * MiB}, as_new=True).__enter__()
+        with pytest.raises(HypervisorError, match="no disk scsi0-9"):
+            connector.restore_vm(config, name="vc-refuse-2", disks={"scsi0-9": MiB}, as_new=True).__enter__()
+        with pytest.raises(HypervisorError, match="is 67108864 bytes now, the point's is 1048576"):
+            connector.restore_vm(config, name="vc-refuse", disks={"scsi0-0": MiB}, as_new=False).__enter__()
+        with pytest.raises(HypervisorError, match="libvirt"):
+            connector.restore_vm({"kind": "libvirt"}, name="x", disks={}, as_new=True)
+        assert len(sim.nfc_leases()) == leases and not connector.exists("vc-refuse-2")
+    finally:
+        connector.close()
 
 
 def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str],

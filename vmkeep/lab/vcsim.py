@@ -14,11 +14,14 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from vmkeep.errors import LabError
 from vmkeep.lab.tls import LAB_PKI, ensure_lab_pki
@@ -51,6 +54,15 @@ class Vcsim:
     def env(self) -> dict[str, str]:
         """What a vmkeep command needs to reach it."""
         return {"VMKEEP_HOST_PASSWORD": self.password, "VMKEEP_VSPHERE_CA_FILE": self.ca_file}
+
+    def nfc_leases(self) -> list[dict[str, Any]]:
+        """Every NFC import lease the simulator gave out: its VM, state (ready, error, done,
+        aborted) and the bytes each disk upload received (main.go's GET /vmkeep-lab/nfc)."""
+        base = self.url.rsplit("/sdk", 1)[0]
+        verify = ssl.create_default_context(cafile=self.ca_file) if base.startswith("https") else False
+        reply = httpx.get(f"{base}/vmkeep-lab/nfc", verify=verify, timeout=30)
+        reply.raise_for_status()
+        return list(reply.json()["leases"])
 
 
 def build() -> Path:

@@ -9,12 +9,9 @@ recorded; the snapshot is removed (and its delta consolidated) on every path out
 
 from __future__ import annotations
 
-import secrets
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 from pyVmomi import vim
@@ -28,6 +25,7 @@ from vmkeep.hypervisors.base import (
     Quiesce,
     VMDisk,
     VMInfo,
+    VMRestore,
     Wire,
 )
 from vmkeep.hypervisors.vmware import cbt, devices, restore
@@ -307,20 +305,22 @@ class VsphereConnector:
         return "incremental", "changes since the previous point's changeIds (changed block tracking)"
 
     # -- restore ---------------------------------------------------------------------------------
-    def restore_staging(self, name: str, storage: str | None) -> tuple[Path, str]:
-        """Restored disks are staged as raw files here, then uploaded to the datastore."""
-        return Path(tempfile.gettempdir()) / f"vmkeep-restore-{name}-{secrets.token_hex(4)}", "raw"
-
-    def define_restored(self, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-                        storage: str | None, as_new: bool, start: bool,
-                        place: dict[str, str] | None = None) -> dict[str, str]:
+    def restore_vm(self, config: dict[str, Any], *, name: str, disks: dict[str, int], as_new: bool,
+                   storage: str | None = None, place: dict[str, str] | None = None,
+                   retry: bool = False) -> AbstractContextManager[VMRestore]:
+        """As a new VM: an NFC import, each disk streamed as a streamOptimized VMDK. Over the
+        original: each disk streamed over its flat file with a datastore PUT (see restore.py)."""
         if config.get("kind") != "vsphere":
             raise HypervisorError("this point is of a libvirt VM: restore it onto a libvirt host, or its disks "
                                   "with --disk")
-        return restore.define(self, config, name=name, disk_paths=disk_paths, datastore=storage, as_new=as_new,
-                              start=start, place=place or {})
+        if as_new:
+            return restore.new_vm(self, config, name=name, disks=disks, datastore=storage, place=place or {},
+                                  retry=retry)
+        return restore.original_vm(self, name, disks)
 
-    def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
+    def remove_restored(self, name: str, disk_paths: list[str] | None = None) -> bool:
+        """Remove VM ``name`` if a restore made it (its annotation carries restore.MARK); whether
+        one was there. Refuses to touch any other VM."""
         if not self.exists(name):
             return False
         ref = self.vm(name)

@@ -1,20 +1,30 @@
-"""A VM rebuilt on vSphere from a restore point: CreateVM_Task from the saved configuration (new
-name, UUID and MACs; the chosen datastore), then each restored disk uploaded over its new flat
-file. A VM this leaves half-made is destroyed again."""
+"""A VM rebuilt on vSphere from a restore point, its disks streamed as the restore reads them.
+
+As a new VM: an NFC import (``ImportVApp``) of a VM made from the saved configuration (new name,
+UUID and MACs; the chosen datastore), each disk sent as a streamOptimized VMDK: only the data
+travels, compressed. Over the original: each disk PUT over its flat file through the datastore's
+``/folder`` URL. Nothing is staged on the proxy; a VM this leaves half-made is removed again.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any
 
-from pyVmomi import vim
+from pyVmomi import vim, vmodl
 
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.vmware import devices
-from vmkeep.hypervisors.vmware.datastore import upload
+from vmkeep.hypervisors.vmware.datastore import FolderWriter, put_stream
+from vmkeep.hypervisors.vmware.nfc import ImportLease
+from vmkeep.transport.targets import DiskWriter
 
 if TYPE_CHECKING:
     from vmkeep.hypervisors.vmware.connector import VsphereConnector
+
+log = logging.getLogger(__name__)
 
 MARK = "restored by vmkeep"
 IDE_KEY = 200  # the device key vSphere gives IDE controller 0 (1: 201)
@@ -74,12 +84,42 @@ def _spec(config: dict[str, Any], name: str, datastore: str, networks: dict[Any,
                              files=vim.vm.FileInfo(vmPathName=f"[{datastore}]"), deviceChange=changes)
 
 
-def define(connector: VsphereConnector, config: dict[str, Any], *, name: str, disk_paths: dict[str, str],
-           datastore: str | None, as_new: bool, start: bool, place: dict[str, str]) -> dict[str, str]:
-    """Create the VM (or refill the original's disks), upload the disks; where each disk lives
-    now ("[datastore] path")."""
-    if not as_new:
-        return overwrite(connector, name, disk_paths)
+class NewVM:
+    """A VM being restored as a new one through an NFC import lease (see nfc.py): each disk
+    streams into its place on the datastore as the restore reads it."""
+
+    def __init__(self, connector: VsphereConnector, name: str, lease: ImportLease) -> None:
+        self.connector = connector
+        self.name = name
+        self.lease = lease
+        self.finished = False
+        devices_now = connector.session.one(lease.vm, ["config.hardware.device"]).get("config.hardware.device")
+        self.made = devices.disks(devices_now or [])
+        self.written: list[str] = []
+
+    def disk(self, name: str, size: int) -> AbstractContextManager[DiskWriter]:
+        target = next((d for d in self.made if d.name == name), None)
+        if target is None:
+            raise HypervisorError(f"the new VM {self.name} has no disk {name} to restore into (it has "
+                                  f"{', '.join(d.name for d in self.made) or 'none'})")
+        if size > target.capacity:
+            raise HypervisorError(f"disk {name} of the point is {size} bytes, larger than the {target.capacity} "
+                                  f"bytes the new VM {self.name} was given")
+        self.written.append(name)
+        return self.lease.upload(target, self.lease.url_of(target, self.made))
+
+    def finish(self, *, start: bool) -> dict[str, str]:
+        self.lease.complete()
+        self.finished = True
+        if start:
+            self.connector.session.wait(self.lease.vm.PowerOnVM_Task(), f"starting {self.name}")
+        return {d.name: d.file for d in self.made if d.name in self.written}
+
+
+def _placement(connector: VsphereConnector, config: dict[str, Any], name: str, datastore: str | None,
+               place: dict[str, str]) -> tuple[Any, Any, Any, Any]:
+    """(ConfigSpec, resource pool, folder, host or None) of the new VM: where the point's VM
+    lived unless the user said otherwise."""
     session = connector.session
     placement = config.get("placement", {})
     store = datastore or placement.get("datastore")
@@ -110,50 +150,118 @@ def define(connector: VsphereConnector, config: dict[str, Any], *, name: str, di
     host = _by_name(connector, vim.HostSystem, host_name) if host_name else None
     if place.get("host") and host is None:
         raise HypervisorError(f"no host {place['host']!r} on {connector.host}")
-    vm = session.wait(folder.CreateVM_Task(config=spec, pool=pool, host=host), f"creating VM {name}")
+    return spec, pool, folder, host
+
+
+@contextmanager
+def new_vm(connector: VsphereConnector, config: dict[str, Any], *, name: str, disks: dict[str, int],
+           datastore: str | None, place: dict[str, str], retry: bool) -> Iterator[NewVM]:
+    """A new VM imported through an NFC lease; unless finished, the lease is aborted and the VM
+    removed on every way out (errors and Ctrl-C alike)."""
+    saved = {d["name"]: d for d in config.get("disks", []) if d.get("backup", True)}
+    for disk, size in disks.items():
+        if disk not in saved:
+            raise HypervisorError(f"the point's configuration has no disk {disk}: restore it with --disk")
+        if size > saved[disk]["capacity"]:
+            raise HypervisorError(f"disk {disk} of the point is {size} bytes, its configuration says "
+                                  f"{saved[disk]['capacity']}: restore it with --disk")
+    if retry:
+        connector.remove_restored(name)
+    if connector.exists(name):
+        raise HypervisorError(f"a VM named {name!r} already exists on {connector.host}; choose another --as name")
+    spec, pool, folder, host = _placement(connector, config, name, datastore, place)
+    lease = ImportLease.begin(connector.session, pool, spec, folder, host)
+    restoring: NewVM | None = None
     try:
-        made = {d.name: d for d in devices.disks(session.one(vm, ["config.hardware.device"]).get(
-            "config.hardware.device") or [])}
-        for disk, staged in disk_paths.items():
-            if disk not in made:
-                raise HypervisorError(f"the new VM {name} has no disk {disk} to restore into")
-            target = made[disk]
-            upload(session, dc_props["name"], target.datastore, target.flat_path, Path(staged))
+        lease.wait_ready()
+        restoring = NewVM(connector, name, lease)
+        yield restoring
+    finally:
+        if restoring is None or not restoring.finished:
+            lease.abort(f"the restore of {name} did not finish")
+            if lease.vm is not None:
+                _remove_if_there(connector, lease.vm, name)
+
+
+class OriginalVM:
+    """The original (shut off) VM getting its disks back: each one streams over its flat file
+    with one datastore PUT, zeros included (a PUT replaces the whole file); nothing is staged."""
+
+    def __init__(self, connector: VsphereConnector, name: str, current: dict[str, devices.Disk],
+                 datacenter: str) -> None:
+        self.connector = connector
+        self.name = name
+        self.current = current
+        self.datacenter = datacenter
+        self.written: list[str] = []
+
+    @contextmanager
+    def disk(self, name: str, size: int) -> Iterator[DiskWriter]:
+        target = _check_disk(self.current, self.name, name, size)
+        upload = put_stream(self.connector.session, self.datacenter, target.datastore, target.flat_path, size)
+        writer = FolderWriter(upload)
+        self.written.append(name)
+        try:
+            yield writer
+            if writer.at < size:
+                writer.zero(writer.at, size - writer.at)
+            upload.finish()
+        except BaseException as exc:
+            upload.abort()
+            if isinstance(exc, Exception):
+                raise HypervisorError(f"disk {name} of {self.name} is incomplete now ({exc}): run the restore "
+                                      "again before starting the VM") from exc
+            raise
+
+    def finish(self, *, start: bool) -> dict[str, str]:
+        self.connector.forget_checkpoints(self.name)  # CBT did not see these writes: the next backup is full
         if start:
-            session.wait(vm.PowerOnVM_Task(), f"starting {name}")
-    except BaseException:
-        destroy(connector, vm, name)
-        raise
-    return {disk: made[disk].file for disk in disk_paths}
+            self.connector.session.wait(self.connector.vm(self.name).PowerOnVM_Task(), f"starting {self.name}")
+        return {d: self.current[d].file for d in self.written}
 
 
-def overwrite(connector: VsphereConnector, name: str, disk_paths: dict[str, str]) -> dict[str, str]:
-    """Upload the restored disks over the (shut off) original's; tracking is reset after."""
+def _check_disk(current: dict[str, devices.Disk], vm: str, name: str, size: int) -> devices.Disk:
+    target = current.get(name)
+    if target is None:
+        raise HypervisorError(f"VM {vm} has no disk {name} any more: restore --as NEW")
+    if target.capacity != size:
+        raise HypervisorError(f"disk {name} of {vm} is {target.capacity} bytes now, the point's is {size}: "
+                              "restore --as NEW")
+    return target
+
+
+@contextmanager
+def original_vm(connector: VsphereConnector, name: str, disks: dict[str, int]) -> Iterator[OriginalVM]:
+    """The original VM, checked before anything is written: shut off, no snapshots (the disks
+    under them cannot be replaced), every disk of the point still there with its size."""
+    connector.require_shut_off(name)
     session = connector.session
     vm = connector.vm(name)
-    props = session.one(vm, ["snapshot", "config.hardware.device", "datastore"])
+    props = session.one(vm, ["snapshot", "config.hardware.device"])
     if getattr(props.get("snapshot"), "rootSnapshotList", None):
         raise HypervisorError(f"VM {name} has snapshots: the disks under them cannot be replaced; delete its "
                               "snapshots first, or restore --as NEW")
     current = {d.name: d for d in devices.disks(props.get("config.hardware.device") or [])}
-    for disk, staged in disk_paths.items():
-        target = current.get(disk)
-        if target is None:
-            raise HypervisorError(f"VM {name} has no disk {disk} any more: restore --as NEW")
-        if target.capacity != Path(staged).stat().st_size:
-            raise HypervisorError(f"disk {disk} of {name} is {target.capacity} bytes now, the point's is "
-                                  f"{Path(staged).stat().st_size}: restore --as NEW")
-    datacenter = connector.datacenter_of(vm)
-    for disk, staged in disk_paths.items():
-        target = current[disk]
-        upload(session, datacenter, target.datastore, target.flat_path, Path(staged))
-    connector.forget_checkpoints(name)  # CBT did not see these writes: the next backup must be full
-    return {disk: current[disk].file for disk in disk_paths}
+    for disk, size in disks.items():
+        _check_disk(current, name, disk, size)
+    yield OriginalVM(connector, name, current, connector.datacenter_of(vm))
+
+
+def _remove_if_there(connector: VsphereConnector, vm: Any, name: str) -> None:
+    """Remove a VM a failed restore made, unless vSphere removed it already (an aborted import)."""
+    try:
+        destroy(connector, vm, name)
+    except vmodl.fault.ManagedObjectNotFound:
+        log.info("VM %s is gone already", name)
 
 
 def destroy(connector: VsphereConnector, vm: Any, name: str) -> None:
     """Power off and delete a VM (with its files) that a restore made."""
     session = connector.session
-    if str(session.one(vm, ["runtime.powerState"]).get("runtime.powerState")) != "poweredOff":
+    state = session.one(vm, ["runtime.powerState"]).get("runtime.powerState")
+    if state is None:
+        raise vmodl.fault.ManagedObjectNotFound(obj=vm)
+    if str(state) != "poweredOff":
         session.wait(vm.PowerOffVM_Task(), f"stopping {name}")
+    log.info("Destroy_Task of VM %s (%s)", name, vm._moId)
     session.wait(vm.Destroy_Task(), f"removing {name}")
