@@ -191,3 +191,27 @@ def test_api_fuzzed_against_its_own_openapi(server: Server) -> None:
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     tested = re.search(r"Tested: (\d+)", proc.stdout)
     assert tested and int(tested.group(1)) >= 10, proc.stdout[-3000:]  # it reached the operations
+
+
+def test_a_proxy_whose_account_is_removed_says_why_and_stops(server: Server) -> None:
+    admin = server.client(server.login("admin", ADMIN_PASSWORD))
+    assert admin.post("/api/users", json={"name": "porter", "password": "porter-password",
+                                          "role": "proxy"}).status_code == 201
+    token = server.client(server.login("porter", "porter-password")).post(
+        "/api/tokens", json={"name": "proxy", "days": 30}).json()["token"]
+    proxy = subprocess.Popen([VMKEEP, "proxy", "--name", "porter-1", "--server", server.url, "--transports", "nbd",
+                              "--reaches", "*"], env={**server.env, "VMKEEP_TOKEN": token},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p["name"] == "porter-1" for p in admin.get("/api/proxies").json()):
+            assert proxy.poll() is None and time.monotonic() < deadline, proxy.stderr.read() if proxy.stderr else ""
+            time.sleep(0.2)
+        assert admin.delete("/api/users/porter").status_code == 204
+        _out, err = proxy.communicate(timeout=60)  # it stops by itself, with the reason
+    finally:
+        if proxy.poll() is None:
+            proxy.kill()
+            proxy.wait()
+    assert proxy.returncode != 0
+    assert "refuses this proxy's token" in err and "restart the proxy" in err, err

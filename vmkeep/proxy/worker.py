@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -34,12 +36,40 @@ def register(client: httpx.Client, name: str, transports: list[str], reaches: li
     return str(reply.json()["database_url"])
 
 
-def _heartbeat(client: httpx.Client, name: str, stop: threading.Event) -> None:
+class Refusal:
+    """Why the master stopped taking this proxy's heartbeats (its account or token is gone)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+
+def _heartbeat(client: httpx.Client, name: str, stop: threading.Event, refusal: Refusal) -> None:
+    """Beat until stopped; a master that no longer accepts the token stops the proxy: it would
+    otherwise go on taking work the master cannot see it do."""
     while not stop.wait(HEARTBEAT_SECONDS):
         try:
-            client.post(f"/api/proxies/{name}/heartbeat")
+            reply = client.post(f"/api/proxies/{name}/heartbeat")
         except httpx.HTTPError as exc:  # the master may be restarting: keep working, keep trying
             log.warning("heartbeat to the master failed: %s", exc)
+            continue
+        log.debug("heartbeat: %s", reply.status_code)
+        if reply.status_code in (401, 403):
+            refusal.reason = (f"the master refuses this proxy's token ({reply.status_code}: "
+                              f"{_detail(reply)}): its account was removed or its token revoked or expired; "
+                              "create a new token for the proxy's account (POST /api/tokens as that user) and "
+                              "restart the proxy with it")
+            log.error("%s; stopping once the running tasks end", refusal.reason)
+            os.kill(os.getpid(), signal.SIGTERM)  # the worker's own graceful stop
+            return
+        if reply.status_code >= 400:
+            log.warning("heartbeat refused (%s): %s", reply.status_code, _detail(reply))
+
+
+def _detail(reply: httpx.Response) -> str:
+    try:
+        return str(reply.json().get("detail", reply.text))
+    except ValueError:
+        return reply.text[:200]
 
 
 def run_proxy(server: str, token: str, name: str, transports: list[str], reaches: list[str],
@@ -51,8 +81,8 @@ def run_proxy(server: str, token: str, name: str, transports: list[str], reaches
     client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30,
                           verify=server_verify(ca_file))
     database_url = register(client, name, transports, reaches, concurrency, storage or [])
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(client, name, stop), daemon=True)
+    stop, refusal = threading.Event(), Refusal()
+    beat = threading.Thread(target=_heartbeat, args=(client, name, stop, refusal), daemon=True)
     beat.start()
     app = make_app(database_url)
     try:
@@ -64,3 +94,5 @@ def run_proxy(server: str, token: str, name: str, transports: list[str], reaches
     finally:
         stop.set()
         client.close()
+    if refusal.reason:
+        raise VmkeepError(refusal.reason)
