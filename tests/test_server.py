@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from tests.conftest import VMKEEP, Cli, MiB, free_port
 from tests.test_catalog import backed_up
@@ -215,3 +216,42 @@ def test_a_proxy_whose_account_is_removed_says_why_and_stops(server: Server) -> 
             proxy.wait()
     assert proxy.returncode != 0
     assert "refuses this proxy's token" in err and "restart the proxy" in err, err
+
+
+def test_backups_through_the_server_keep_the_repository_size_current(server: Server) -> None:
+    """/metrics showed 0 used bytes after backups until the catalog was rebuilt by hand."""
+    from tests.test_security import _sql
+
+    admin = server.client(server.login("admin", ADMIN_PASSWORD))
+    assert admin.post("/api/users", json={"name": "pia", "password": "pia-password-1", "role": "proxy"}).status_code \
+        == 201
+    pia = server.client(server.client(server.login("pia", "pia-password-1")).post(
+        "/api/tokens", json={"name": "proxy", "days": 1}).json()["token"])
+    reply = pia.post("/api/proxies/register", json={"name": "pia-1", "transports": ["nbd"], "reaches": ["*"],
+                                                     "concurrency": 1})
+    proxy_db = reply.json()["database_url"]
+    db = server.database
+    _sql(db, "INSERT INTO repositories (name, location, repo_id, encrypted, used_bytes) "
+             "VALUES ('sized', '/nowhere', 'sized-id', false, 1000)")
+    _sql(db, "INSERT INTO policies (name, selection, repository_id, retention, transports, quiesce) "
+             "SELECT 'sizing', '{}', id, '{}', 'nbd', 'try' FROM repositories WHERE name = 'sized'")
+    _sql(db, "INSERT INTO jobs (policy_id, policy_name, requested_by, status) "
+             "SELECT id, 'sizing', 'admin', 'running' FROM policies WHERE name = 'sizing'")
+    for vm in ("a", "b"):
+        _sql(db, "INSERT INTO job_vms (job_id, vm_name, status, attempts, warnings) "
+                 "SELECT id, :vm, 'queued', 0, '[]' FROM jobs WHERE policy_name = 'sizing'", vm=vm)
+    (a,), (b,) = _sql(db, "SELECT id FROM job_vms WHERE vm_name IN ('a', 'b') ORDER BY vm_name")
+
+    def used() -> float:
+        metrics = admin.get("/metrics").text
+        found = re.search(r'^vmkeep_repository_used_bytes\{repository="sized"\} (\S+)$', metrics, re.M)
+        assert found, metrics
+        return float(found.group(1))
+
+    # what the proxies' login does at the end of a backup, succeeded or failed
+    _sql(proxy_db, f"UPDATE job_vms SET status = 'running' WHERE id IN ({a}, {b})")
+    _sql(proxy_db, f"UPDATE job_vms SET status = 'succeeded', stored_bytes = 4096 WHERE id = {a}")
+    _sql(proxy_db, f"UPDATE job_vms SET status = 'failed', stored_bytes = 999 WHERE id = {b}")
+    assert used() == 1000 + 4096
+    with pytest.raises(DBAPIError, match="permission denied"):  # the proxies' login still cannot touch it
+        _sql(proxy_db, "UPDATE repositories SET used_bytes = 0")
