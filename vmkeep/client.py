@@ -69,7 +69,9 @@ def read_token(token_file: Path | None) -> str:
         if not token:
             raise UsageError(f"--token-file {token_file} is empty: put the proxy account's API token in it")
         return token
-    token = os.environ.get("VMKEEP_TOKEN", "").strip()
+    from vmkeep.settings import secret, settings
+
+    token = (secret(settings().token) or "").strip()
     if not token:
         raise UsageError("give the proxy account's API token in VMKEEP_TOKEN or a file named by --token-file")
     return token
@@ -78,7 +80,9 @@ def read_token(token_file: Path | None) -> str:
 class ApiClient:
     def __init__(self, server: str, ca_file: Path | None = None) -> None:
         self.server = server.rstrip("/")
-        token = os.environ.get("VMKEEP_TOKEN") or _tokens().get(self.server)
+        from vmkeep.settings import secret, settings
+
+        token = secret(settings().token) or _tokens().get(self.server)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=TIMEOUT_SECONDS,
                                  verify=server_verify(ca_file))

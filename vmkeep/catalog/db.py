@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from alembic import command
@@ -25,7 +24,9 @@ class CatalogError(VmkeepError):
 
 def database_url(explicit: str | None = None) -> str:
     """``--database-url``, else ``$VMKEEP_DATABASE_URL``, else the set-up's file."""
-    url = explicit or os.environ.get("VMKEEP_DATABASE_URL")
+    from vmkeep.settings import secret, settings
+
+    url = explicit or secret(settings().database_url)
     if not url and DATABASE_URL_FILE.exists():
         url = DATABASE_URL_FILE.read_text().strip()
     if not url:

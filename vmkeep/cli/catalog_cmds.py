@@ -14,7 +14,7 @@ from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, o
 from vmkeep.cli.output import emit_json, human, out_console
 
 DatabaseOpt = Annotated[str | None, typer.Option(
-    "--database-url", envvar="VMKEEP_DATABASE_URL", show_envvar=False,
+    "--database-url",  # else catalog.db.database_url reads VMKEEP_DATABASE_URL
     help="postgresql+psycopg://USER:PASS@HOST/DB (else VMKEEP_DATABASE_URL, else the set-up's local one)")]
 
 db_app = typer.Typer(help="The catalog database's schema.", no_args_is_help=True)

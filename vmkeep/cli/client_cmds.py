@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,11 +19,19 @@ hypervisor_app = typer.Typer(help="Hypervisors registered on the server.", no_ar
 policy_app = typer.Typer(help="Backup policies on the server.", no_args_is_help=True)
 
 
+def server_options(ctx: typer.Context) -> tuple[str | None, Path | None]:
+    """The root's --server and --ca-file, else VMKEEP_SERVER and VMKEEP_CA_FILE."""
+    from vmkeep.settings import settings
+
+    options, env = ctx.find_root().obj or {}, settings()
+    return options.get("server") or env.server, options.get("ca_file") or env.ca_file
+
+
 def client(ctx: typer.Context) -> ApiClient:
-    options = ctx.find_root().obj or {}
-    if not options.get("server"):
+    server, ca_file = server_options(ctx)
+    if not server:
         raise UsageError("this command talks to a vmkeep server: give --server URL (or VMKEEP_SERVER)")
-    return ApiClient(options["server"], options.get("ca_file"))
+    return ApiClient(server, ca_file)
 
 
 def _csv(text: str | None) -> list[str]:
@@ -33,7 +41,9 @@ def _csv(text: str | None) -> list[str]:
 def login_cmd(ctx: typer.Context, name: Annotated[str, typer.Argument(help="User name")]) -> None:
     """Log in and keep the token for this server (password from VMKEEP_PASSWORD, else asked)."""
     api = client(ctx)
-    password = os.environ.get("VMKEEP_PASSWORD") or typer.prompt("password", hide_input=True)
+    from vmkeep.settings import secret, settings
+
+    password = secret(settings().password) or typer.prompt("password", hide_input=True)
     token = api.call("POST", "/api/auth/login", json={"name": name, "password": password})["token"]
     save_token(api.server, token)
     out_console.print(f"logged in to {api.server} as {name}")
@@ -51,9 +61,10 @@ def hypervisor_add_cmd(
     """Register a hypervisor (password from VMKEEP_HYPERVISOR_PASSWORD) and discover its VMs."""
     api = client(ctx)
     from vmkeep.hypervisors.connect import kind_of
+    from vmkeep.settings import secret, settings
 
     body = {"name": name, "kind": kind_of(uri), "uri": uri, "username": username,
-            "password": os.environ.get("VMKEEP_HYPERVISOR_PASSWORD"), "discovery_minutes": discovery_minutes}
+            "password": secret(settings().hypervisor_password), "discovery_minutes": discovery_minutes}
     added = api.call("POST", "/api/hypervisors", json=body)
     found = api.call("POST", f"/api/hypervisors/{name}/discover")
     if json_out:
@@ -197,7 +208,7 @@ def jobs_cmd(ctx: typer.Context, job_id: Annotated[int | None, typer.Argument(he
 
 def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
     """`vmkeep --server URL points [VM]`: the catalog's points across repositories."""
-    if not (ctx.find_root().obj or {}).get("server"):
+    if not server_options(ctx)[0]:
         raise UsageError("give --repo REPO to list a repository's points, or --server URL for a server's catalog")
     rows = client(ctx).call("GET", "/api/points", params={"vm": name} if name else {})
     if json_out:
@@ -213,7 +224,7 @@ def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
 def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: str | None, as_name: str | None,
                    overwrite: bool, disk: str | None, storage: str | None, start: bool, json_out: bool) -> None:
     """`vmkeep --server URL restore VM[@POINT] --hypervisor H --as NEW|--overwrite`, followed to its end."""
-    if not (ctx.find_root().obj or {}).get("server"):
+    if not server_options(ctx)[0]:
         raise UsageError("give --repo REPO to restore here, or --server URL to have a proxy do it")
     if disk is not None:
         raise UsageError("single-disk restores run here: give --repo REPO with --disk and --output")

@@ -17,8 +17,18 @@ PassFile = Annotated[
     Path | None, typer.Option(help="File holding the passphrase (else VMKEEP_PASSPHRASE)", show_default=False)
 ]
 KeyFile = Annotated[Path | None, typer.Option(help="Key file of a key-file-encrypted repository")]
+
+
+def _s3_endpoint(value: str | None) -> str | None:
+    """--s3-endpoint, else VMKEEP_S3_ENDPOINT (quick: every repository command reads it)."""
+    from vmkeep.settings import quick
+
+    return value or quick("s3_endpoint")
+
+
 S3Endpoint = Annotated[
-    str | None, typer.Option(help="S3 endpoint URL (else AWS_ENDPOINT_URL)", envvar="VMKEEP_S3_ENDPOINT")
+    str | None, typer.Option(help="S3 endpoint URL (else VMKEEP_S3_ENDPOINT, else AWS_ENDPOINT_URL)",
+                             callback=_s3_endpoint)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object with the figures")]
 Workers = Annotated[int, typer.Option(min=1, max=64, help="Parallel chunk workers")]

@@ -46,15 +46,15 @@ ROOT_OPTIONS_WITH_VALUE = ("--server", "--ca-file")
 
 
 def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
-        "--server", envvar="VMKEEP_SERVER", show_envvar=False,
+        "--server",
         help="A vmkeep server's URL, for the commands that talk to it (login, hypervisor, policy, jobs, "
-             "points)")] = None,
+             "points; else VMKEEP_SERVER)")] = None,
          ca_file: Annotated[Path | None, typer.Option(
-             "--ca-file", envvar="VMKEEP_CA_FILE", show_envvar=False,
+             "--ca-file",
              help="PEM file of the CA that signed the --server's certificate (else VMKEEP_CA_FILE; default: the "
                   "system's)")] = None) -> None:
     """vmkeep: agentless VM backup. Local commands need no server; --server URL reaches one."""
-    ctx.obj = {"server": server, "ca_file": ca_file}
+    ctx.obj = {"server": server, "ca_file": ca_file}  # VMKEEP_SERVER/VMKEEP_CA_FILE: client_cmds.server_options
 
 
 def requested_command(argv: list[str]) -> str | None:

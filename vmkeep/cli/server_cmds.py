@@ -45,7 +45,6 @@ def server_cmd(
         min=1, max=3650, help="The longest an API token may live; a token asked without days gets this")] = 365,
     database_url: DatabaseOpt = None,
     proxy_database_url: Annotated[str | None, typer.Option(
-        envvar="VMKEEP_PROXY_DATABASE_URL", show_envvar=False,
         help="The catalog's URL as proxies on other machines reach it (else VMKEEP_PROXY_DATABASE_URL; "
              "default: the server's own)")] = None,
 ) -> None:
@@ -57,7 +56,9 @@ def server_cmd(
     from vmkeep.catalog.db import database_url as resolve
     from vmkeep.server.app import create_app
     from vmkeep.server.endpoints import EndpointPolicy, parse_networks
+    from vmkeep.settings import secret, settings
 
+    env = settings()
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("--tls-cert and --tls-key go together")
     if smtp_ca_file is not None and not smtp_starttls:
@@ -67,9 +68,9 @@ def server_cmd(
     host, port = parse_listen(listen)
     endpoints = EndpointPolicy.parse(allow_endpoint or [])
     trusted = parse_networks(trusted_proxy or [], "--trusted-proxy")
-    mailer = (Mailer(smtp_host, smtp_port, smtp_from, smtp_starttls, os.environ.get("VMKEEP_SMTP_USER"),
-                     os.environ.get("VMKEEP_SMTP_PASSWORD"), smtp_ca_file) if smtp_host else None)
-    app = create_app(resolve(database_url), mailer, proxy_database_url, endpoints, trusted)
+    mailer = (Mailer(smtp_host, smtp_port, smtp_from, smtp_starttls, env.smtp_user, secret(env.smtp_password),
+                     smtp_ca_file) if smtp_host else None)
+    app = create_app(resolve(database_url), mailer, proxy_database_url or env.proxy_database_url, endpoints, trusted)
     app.state.token_max_days = token_max_days
     # proxy headers are read by vmkeep.server.client_address, from --trusted-proxy addresses only;
     # uvicorn's own handling would believe any X-Forwarded-For sent from 127.0.0.1
@@ -84,7 +85,6 @@ def proxy_cmd(
     token_file: Annotated[Path | None, typer.Option(
         help="File holding the proxy account's API token (else VMKEEP_TOKEN)")] = None,
     ca_file: Annotated[Path | None, typer.Option(
-        envvar="VMKEEP_CA_FILE", show_envvar=False,
         help="PEM file of the CA that signed the master's certificate (else VMKEEP_CA_FILE; default: the "
              "system's)")] = None,
     transports: Annotated[str, typer.Option(help="What this proxy can do")] = "san:hotadd:nbd",
@@ -102,13 +102,14 @@ def proxy_cmd(
     from vmkeep.client import read_token
     from vmkeep.hypervisors.base import parse_transports
     from vmkeep.proxy.worker import run_proxy
+    from vmkeep.settings import settings
 
     if token is not None:
         raise UsageError("--token shows the token to every user of this machine (ps): put it in VMKEEP_TOKEN "
                          "or in a file only this user reads and give --token-file FILE")
     run_proxy(server.rstrip("/"), read_token(token_file), name, parse_transports(transports),
               [h.strip() for h in reaches.split(",") if h.strip()], concurrency, max_rate,
-              [s.strip() for s in storage.split(",") if s.strip()], ca_file)
+              [s.strip() for s in storage.split(",") if s.strip()], ca_file or settings().ca_file)
 
 
 @user_app.command("add")
@@ -128,11 +129,11 @@ def user_add_cmd(
     from vmkeep.catalog.models import User
     from vmkeep.server.audit import record
     from vmkeep.server.auth import ROLES, hash_password
+    from vmkeep.settings import secret, settings
 
     if role not in ROLES:
         raise UsageError(f"--role must be one of {', '.join(ROLES)}")
-    password = os.environ.get("VMKEEP_NEW_PASSWORD") or typer.prompt("password", hide_input=True,
-                                                                     confirmation_prompt=True)
+    password = secret(settings().new_password) or typer.prompt("password", hide_input=True, confirmation_prompt=True)
     if len(password) < 8:
         raise UsageError("the password needs at least 8 characters")
     with sessions(resolve(database_url))() as session:

@@ -21,7 +21,9 @@ KEY_SIZE = 32
 
 
 def key_file() -> Path:
-    return Path(os.environ.get("VMKEEP_MASTER_KEY_FILE") or DEFAULT_KEY_FILE)
+    from vmkeep.settings import settings
+
+    return settings().master_key_file or DEFAULT_KEY_FILE
 
 
 def master_key(create: bool = True) -> bytes:

@@ -11,7 +11,6 @@ derivation can start before the rest of the program loads.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -118,6 +117,7 @@ def read_passphrase(passphrase_file: Path | None) -> bytes | None:
             return passphrase_file.read_bytes().rstrip(b"\r\n")
         except OSError as exc:
             raise UsageError(f"cannot read the passphrase file {passphrase_file}: {exc.strerror}") from None
-    if os.environ.get("VMKEEP_PASSPHRASE"):
-        return os.environ["VMKEEP_PASSPHRASE"].encode()
-    return None
+    from vmkeep.settings import quick
+
+    passphrase = quick("passphrase")  # read now (the demo sets one), without pydantic (the key prefetch)
+    return passphrase.encode() if passphrase is not None else None

@@ -6,7 +6,6 @@ worker thread gives parallel reads without per-byte Python work.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +28,9 @@ MAX_STATUS_REQUEST = (1 << 32) - (1 << 20)
 def client_tls_dir() -> Path | None:
     """Where this proxy keeps its NBD client certificates (ca-cert.pem, client-cert.pem,
     client-key.pem; ``VMKEEP_NBD_TLS_DIR`` overrides), or None when it has none."""
-    directory = Path(os.environ.get("VMKEEP_NBD_TLS_DIR") or DEFAULT_TLS_DIR)
+    from vmkeep.settings import settings
+
+    directory = settings().nbd_tls_dir or DEFAULT_TLS_DIR
     needed = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
     return directory if all((directory / n).is_file() for n in needed) else None
 

@@ -57,10 +57,13 @@ class Vddk:
     @classmethod
     def find(cls) -> Vddk | str:
         """The VDDK install, or what is missing (for the note that says why it is not used)."""
-        plugins = Path(os.environ.get(PLUGIN_DIR_ENV) or PLUGIN_DIR)
+        from vmkeep.settings import settings
+
+        env = settings(refresh=True)  # a test points these at its own directories
+        plugins = env.nbdkit_plugin_dir or PLUGIN_DIR
         if not (plugins / "nbdkit-vddk-plugin.so").exists():
             return "nbdkit's vddk plugin is not installed (Debian has none: build nbdkit with --with-vddk)"
-        candidates = [Path(os.environ[VDDK_ENV])] if os.environ.get(VDDK_ENV) else list(VDDK_DIRS)
+        candidates = [env.vddk_dir] if env.vddk_dir else list(VDDK_DIRS)
         for d in candidates:
             if (d / "lib64" / "libvixDiskLib.so").exists() or any((d / "lib64").glob("libvixDiskLib.so.*")):
                 return cls(d)

@@ -476,7 +476,9 @@ class LibvirtConnector:
             return None
         directory = client_tls_dir()
         if directory is None:
-            where = os.environ.get("VMKEEP_NBD_TLS_DIR") or DEFAULT_TLS_DIR
+            from vmkeep.settings import settings
+
+            where = settings().nbd_tls_dir or DEFAULT_TLS_DIR
             if self.nbd_tls == "require":
                 raise HypervisorError(f"encrypted NBD is required (--nbd-tls require, a policy's nbd_tls), but this "
                                       f"proxy has no NBD client certificates in {where} (ca-cert.pem, client-cert.pem, "

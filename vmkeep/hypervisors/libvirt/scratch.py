@@ -11,7 +11,6 @@ stale-job and stale-overlay clean-ups own those: they know whether libvirt still
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +23,9 @@ SWEEP_AGE = 600.0  # seconds: a younger directory may belong to a backup that is
 
 def scratch_root() -> Path:
     """Where this run puts job scratch files and san overlays: ``VMKEEP_SCRATCH_DIR`` or the default."""
-    return Path(os.environ.get("VMKEEP_SCRATCH_DIR") or SCRATCH_ROOT)
+    from vmkeep.settings import settings
+
+    return settings().scratch_dir or SCRATCH_ROOT
 
 
 def out_of_space(why: str) -> bool:

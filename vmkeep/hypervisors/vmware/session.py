@@ -9,7 +9,6 @@ connection on it; task outcomes are read the same way (``info.state``/``info.err
 from __future__ import annotations
 
 import hashlib
-import os
 import ssl
 import time
 from dataclasses import dataclass
@@ -74,9 +73,12 @@ class Session:
                  ca_file: str | None = None) -> None:
         """``ca_file``: the CA that signed the server's certificate (else VMKEEP_VSPHERE_CA_FILE, else
         the system's)."""
+        from vmkeep.settings import secret, settings
+
         self.target = target
-        self.ca_file = ca_file or os.environ.get(CA_FILE_ENV) or None
-        password = password if password is not None else os.environ.get(PASSWORD_ENV)
+        env = settings()
+        self.ca_file = ca_file or (str(env.vsphere_ca_file) if env.vsphere_ca_file else None)
+        password = password if password is not None else secret(env.host_password)
         if password is None:
             raise HypervisorError(f"no password for {target.user}@{target.host}: set {PASSWORD_ENV} (or register "
                                   "the hypervisor with its password on the server)")

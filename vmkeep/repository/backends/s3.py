@@ -64,8 +64,8 @@ class S3Backend(Backend):
             return fn(Bucket=self.bucket, **kwargs)
         except EndpointConnectionError as exc:
             raise BackendError(
-                f"cannot reach the S3 endpoint for {self.url} ({exc}); check --s3-endpoint / AWS_ENDPOINT_URL "
-                "and that the server is up"
+                f"cannot reach the S3 endpoint for {self.url} ({exc}); check --s3-endpoint / "
+                "VMKEEP_S3_ENDPOINT / AWS_ENDPOINT_URL and that the server is up"
             ) from None
         except ClientError as exc:
             code = _code(exc)
