@@ -24,6 +24,10 @@ from vmkeep.hypervisors.vmware.session import Session, Target
 log = logging.getLogger(__name__)
 
 QUEUE_DEPTH = 2  # blocks waiting to be sent: what a stream holds in memory besides the one in flight
+# a server that takes nothing for 2 minutes has given up; its answer may take longer (it may
+# finish writing the disk first)
+TIMEOUT = httpx.Timeout(120, connect=30, read=600)
+ABORT_WAIT = 5.0  # seconds an abort waits for the sending thread; a send stuck longer fails on its timeout
 ZERO_BLOCK = bytes(4 << 20)
 _END, _ABORT = object(), object()
 
@@ -55,7 +59,7 @@ class StreamUpload:
         if length is not None:
             headers["Content-Length"] = str(length)
         verify: Any = session.context if session.context is not None else False
-        log.debug("%s %s (%s)", method, url.split("?", 1)[0], what)
+        log.info("%s %s (%s)", method, url.split("?", 1)[0], what)
         self._thread = threading.Thread(target=self._run, args=(method, url, headers, verify),
                                         name="vmkeep-upload", daemon=True)
         self._thread.start()
@@ -71,7 +75,7 @@ class StreamUpload:
 
     def _run(self, method: str, url: str, headers: dict[str, str], verify: Any) -> None:
         try:
-            with httpx.Client(verify=verify, timeout=httpx.Timeout(600, connect=30)) as client:
+            with httpx.Client(verify=verify, timeout=TIMEOUT) as client:
                 self._reply = client.request(method, url, content=self._body(), headers=headers)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread in send/finish
             self._error = exc
@@ -103,11 +107,12 @@ class StreamUpload:
         self._thread.join()
         self._raise(ended_early=False)
         assert self._reply is not None
-        log.debug("%s: %s after %d bytes", self.what, self._reply.status_code, self.sent)
+        log.info("%s: %s after %d bytes", self.what, self._reply.status_code, self.sent)
         return self._reply
 
     def abort(self) -> None:
-        """Break the request off (the body raises inside the client, which closes the connection)."""
+        """Break the request off (the body raises inside the client, which closes the connection);
+        waits at most ABORT_WAIT for it, so that Ctrl-C is not held up by a stuck network."""
         if self._done.is_set():
             return
         try:
@@ -119,7 +124,7 @@ class StreamUpload:
             self._queue.put_nowait(_ABORT)
         except queue.Full:
             pass
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=ABORT_WAIT)
 
     def _raise(self, *, ended_early: bool) -> None:
         reply, error = self._reply, self._error
