@@ -6,6 +6,7 @@ import hashlib
 import json
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,6 +170,12 @@ def test_lab_commands_create_fill_and_destroy_a_vm(cli: Cli) -> None:
         files = cli.json("lab", "files", name, "--disk", "vdb")
         assert files["mountpoint"] == "/mnt/vdb" and "hello.txt" in files["files"]
         assert name in cli.json("lab", "list")["vms"]
+        # right after a start, a lab command waits for the guest instead of losing its line
+        virsh("destroy", name)
+        virsh("start", name)
+        started = time.monotonic()
+        cli.run("lab", "write", name, "--disk", "vda", "--length", "1M")
+        assert time.monotonic() - started < 60
         cli.run("lab", "destroy", name)
         assert name not in virsh("list", "--all", "--name").split() and not vm_dir(name).exists()
     finally:

@@ -54,6 +54,7 @@ NS_PREFIX = "vmkeeplab"
 ET.register_namespace(NS_PREFIX, NS)  # the prefix the lab's domain XML has always used
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 GUEST_SLACK = 10.0  # seconds the host waits beyond a command's guest-side time limit
+BOOT_TIMEOUT = 120.0  # seconds a lab VM may take from start to answering on its console
 GUEST_READ_RATE = 15 * MiB  # bytes/s a TCG guest hashes or writes at, at worst (for time limits)
 
 
@@ -176,6 +177,7 @@ class LabVM:
         self.console = console
         self.disks = disks  # target (vda, …) → qcow2 image on the host
         self._conn: libvirt.virConnect | None = None
+        self._answered = False  # the guest's command loop has answered this object once
 
     @classmethod
     def open(cls, name: str, uri: str = LOCAL_URI) -> LabVM:
@@ -287,6 +289,8 @@ class LabVM:
 
         The guest kills the command after ``timeout`` seconds; with ``check`` a non-zero exit raises.
         """
+        if not self._answered:  # a VM started a moment ago reads no console yet: a command would be lost
+            self.wait_ready(BOOT_TIMEOUT)
         seconds = max(1, math.ceil(timeout))
         rc, out = self._exchange(cmd, seconds, seconds + GUEST_SLACK)
         if check and rc != 0:
@@ -302,6 +306,7 @@ class LabVM:
                 raise LabError(f"lab VM {self.name} stopped while booting; console:\n{self.console_log()}")
             try:
                 if self._exchange("echo ready", 5, 2.0)[1].strip() == "ready":
+                    self._answered = True
                     return
             except LabError:
                 pass
