@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pyVmomi import vim
 
@@ -248,6 +250,49 @@ def test_a_failed_restore_leaves_no_vm_and_no_lease(sim: vcsim.Vcsim, failure: s
         (lease,) = [x for x in sim.nfc_leases() if x["vm"] == name]
         assert lease["state"] == "aborted", lease
         assert failure == "ctrl-c" or lease["bytes"] > 4 * MiB  # the whole (broken) stream arrived
+    finally:
+        connector.close()
+
+
+def test_the_import_lease_through_the_protocol(sim: vcsim.Vcsim, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connector driven as the engine drives it: the lease is kept alive while the disk
+    uploads, completed by finish, and the disk reads back; a body that is not a streamOptimized
+    VMDK is refused by the simulator and puts the lease in its error state."""
+    from vmkeep.hypervisors.vmware import nfc
+
+    monkeypatch.setattr(nfc, "PROGRESS_EVERY", 0.05)
+    new_vm(sim, "vc-proto")
+    connector = _connector(sim)
+    try:
+        config = _saved_config(connector, "vc-proto")
+        source = bytearray(64 * MiB)
+        source[8 * MiB: 12 * MiB] = os.urandom(4 * MiB)
+        with connector.restore_vm(config, name="vc-proto-copy", disks={"scsi0-0": 64 * MiB},
+                                  as_new=True) as restoring:
+            with restoring.disk("scsi0-0", 64 * MiB) as writer:
+                writer.zero(0, 8 * MiB)
+                for at in (8 * MiB, 12 * MiB):
+                    writer.write(writer.encode(bytes(source[at:at + 4 * MiB]), at), at)
+                writer.zero(16 * MiB, 48 * MiB)
+                time.sleep(0.3)  # the keeper reports progress meanwhile
+            placed = restoring.finish(start=False)
+        assert placed == {"scsi0-0": "[LocalDS_0] vc-proto-copy/vc-proto-copy.vmdk"}
+        (lease,) = [x for x in sim.nfc_leases() if x["vm"] == "vc-proto-copy"]
+        assert lease["state"] == "done" and lease["progress"] > 0, lease
+        expected = tmp_path / "expected.raw"
+        expected.write_bytes(source)
+        assert qemu_img_compare(expected, Path(sim.datastores[0]) / "vc-proto-copy" / "vc-proto-copy-flat.vmdk")
+
+        with connector.restore_vm(config, name="vc-proto-junk", disks={"scsi0-0": 64 * MiB},
+                                  as_new=True) as restoring:
+            reply = httpx.post(restoring.lease.urls[0], content=b"not a disk" * 100, verify=False,
+                               headers={"Content-Type": nfc.STREAM_VMDK})
+            assert reply.status_code == 400 and "not a sparse VMDK" in reply.text
+            state = connector.session.one(restoring.lease.lease, ["state"])["state"]
+            assert state == "error"
+        (junk,) = [x for x in sim.nfc_leases() if x["vm"] == "vc-proto-junk"]
+        assert junk["state"] == "aborted" and not connector.exists("vc-proto-junk")
     finally:
         connector.close()
 

@@ -318,7 +318,7 @@ class VsphereConnector:
                                   retry=retry)
         return restore.original_vm(self, name, disks)
 
-    def remove_restored(self, name: str, disk_paths: list[str] | None = None) -> bool:
+    def remove_restored(self, name: str) -> bool:
         """Remove VM ``name`` if a restore made it (its annotation carries restore.MARK); whether
         one was there. Refuses to touch any other VM."""
         if not self.exists(name):

@@ -183,6 +183,18 @@ def new_vm(connector: VsphereConnector, config: dict[str, Any], *, name: str, di
                 _remove_if_there(connector, lease.vm, name)
 
 
+def _remove_if_there(connector: VsphereConnector, vm: Any, name: str) -> None:
+    """Remove a VM a failed restore made, unless vSphere removed it already (an aborted import).
+    Never raises: what made the restore fail is the error to report."""
+    try:
+        destroy(connector, vm, name)
+    except vmodl.fault.ManagedObjectNotFound:
+        log.info("VM %s is gone already", name)
+    except Exception as exc:  # noqa: BLE001 - logged with what to do; the restore's own error goes on
+        log.warning("could not remove the half-made VM %s (%s): remove it in vSphere, or retry the restore, "
+                    "which removes a VM it made first", name, exc)
+
+
 class OriginalVM:
     """The original (shut off) VM getting its disks back: each one streams over its flat file
     with one datastore PUT, zeros included (a PUT replaces the whole file); nothing is staged."""
@@ -245,14 +257,6 @@ def original_vm(connector: VsphereConnector, name: str, disks: dict[str, int]) -
     for disk, size in disks.items():
         _check_disk(current, name, disk, size)
     yield OriginalVM(connector, name, current, connector.datacenter_of(vm))
-
-
-def _remove_if_there(connector: VsphereConnector, vm: Any, name: str) -> None:
-    """Remove a VM a failed restore made, unless vSphere removed it already (an aborted import)."""
-    try:
-        destroy(connector, vm, name)
-    except vmodl.fault.ManagedObjectNotFound:
-        log.info("VM %s is gone already", name)
 
 
 def destroy(connector: VsphereConnector, vm: Any, name: str) -> None:
