@@ -135,7 +135,7 @@ class ImportLease:
     @contextmanager
     def upload(self, disk: devices.Disk, url: str) -> Iterator[NfcWriter]:
         """The writer of one disk; leaving the context ends its stream and checks the answer."""
-        stream = StreamVmdk(disk.capacity, name=disk.flat_path.rsplit("/", 1)[-1])
+        stream = StreamVmdk(disk.capacity, name=devices.split_datastore_path(disk.file)[1].rsplit("/", 1)[-1])
         upload = StreamUpload(self.session, "POST", url, what=f"the upload of disk {disk.name} of {self.name}",
                               content_type=STREAM_VMDK)
         writer = NfcWriter(stream, upload)
