@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+from vmkeep.hypervisors.libvirt.checkpoints import checkpoint_document
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec
 from vmkeep.hypervisors.libvirt.job_xml import copy_destination_xml
+from vmkeep.hypervisors.libvirt.pull_backup import backup_document
 from vmkeep.hypervisors.libvirt.san import snapshot_xml
 from vmkeep.lab.guest import GuestImage
 from vmkeep.lab.vm import NS, domain_xml
@@ -26,7 +27,8 @@ def attr(root: ET.Element, path: str, name: str) -> str | None:
 
 
 def backup(scratch: Path, parent: str | None, transport: str = "hotadd", host: str = "", tls: bool = False) -> str:
-    return LibvirtConnector._backup_xml(SPECS, parent, scratch, transport, scratch / "nbd.sock", 10809, host, tls)
+    socket = scratch / "nbd.sock" if transport == "hotadd" else None
+    return backup_document(SPECS, parent, scratch, socket=socket, host=host, port=10809, tls=tls)
 
 
 def domain_with_disks(sources: dict[str, str]) -> str:
@@ -57,7 +59,7 @@ def test_backup_paths_come_back_exactly(odd: str) -> None:
 
 @pytest.mark.parametrize("odd", ODD)
 def test_checkpoint_snapshot_and_copy_come_back_exactly(odd: str) -> None:
-    checkpoint = ET.fromstring(LibvirtConnector._checkpoint_xml(SPECS, odd))
+    checkpoint = ET.fromstring(checkpoint_document(SPECS, odd))
     assert checkpoint.findtext("name") == odd and len(checkpoint.findall("disks/disk")) == 2
 
     overlay = Path(f"/scratch/{odd}-1a2b/vda.vmkeep-overlay.qcow2")
@@ -99,7 +101,7 @@ def test_ordinary_names_give_the_documents_libvirt_always_got() -> None:
         '<disks>' + scratch)
     plain = ET.canonicalize(backup(Path(s), None, "nbd", "192.168.1.5"))
     assert plain.count('backupmode="full"') == 2 and 'tls="no"' in plain and "incremental=" not in plain
-    assert ET.canonicalize(LibvirtConnector._checkpoint_xml(SPECS, "vmkeep-20260101T000000Z-abcdef")) == (
+    assert ET.canonicalize(checkpoint_document(SPECS, "vmkeep-20260101T000000Z-abcdef")) == (
         '<domaincheckpoint><name>vmkeep-20260101T000000Z-abcdef</name><disks><disk checkpoint="bitmap" name="vda">'
         '</disk><disk checkpoint="no" name="vdb"></disk></disks></domaincheckpoint>')
     domain = domain_with_disks({"vda": "/i/vda.qcow2", "vdb": "/i/vdb.raw"})

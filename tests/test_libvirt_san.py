@@ -20,6 +20,7 @@ from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.hypervisors.libvirt.domain_xml import DiskSpec, disk_specs
+from vmkeep.hypervisors.libvirt.point_in_time import choose_transport
 from vmkeep.hypervisors.libvirt.san import OVERLAY_SUFFIX, frozen_bases
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 
@@ -104,10 +105,10 @@ def test_san_skipped_when_the_proxy_cannot_open_the_images() -> None:
     try:
         notes: list[str] = []
         far = [DiskSpec("vda", "/nonexistent/datastore/vda.qcow2", "qcow2", True, "")]
-        assert connector._choose_transport(["san", "nbd"], far, notes) == "nbd"
+        assert choose_transport(connector.connection, ["san", "nbd"], far, notes) == "nbd"
         assert notes and "san skipped" in notes[0] and "vda" in notes[0]
         with pytest.raises(HypervisorError, match="add nbd"):
-            connector._choose_transport(["san"], far, [])
+            choose_transport(connector.connection, ["san"], far, [])
     finally:
         connector.close()
 
