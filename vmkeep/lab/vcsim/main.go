@@ -69,7 +69,10 @@ type imports struct {
 
 var registry = &imports{scheme: "http", leases: map[string]*leaseRecord{}}
 
-// importingPool is a resource pool whose ImportVApp points the disks at our upload handler.
+// importingPool is a resource pool whose ImportVApp points the disks at our upload handler. It
+// replaces the stock pools in the registry (embedded by value, as the property collector wants);
+// the one stock method that asserts *simulator.ResourcePool, RelocateVM_Task with a pool, is not
+// used by vmkeep.
 type importingPool struct {
 	simulator.ResourcePool
 }
