@@ -10,7 +10,7 @@ from rich.table import Table
 from vmkeep.cli.catalog_cmds import DatabaseOpt
 from vmkeep.cli.client_cmds import client
 from vmkeep.cli.common import JsonOpt
-from vmkeep.cli.output import emit_json, out_console
+from vmkeep.cli.output import emit_json, out_console, uncut
 
 token_app = typer.Typer(help="Your API tokens on the server (an administrator's: everyone's).", no_args_is_help=True)
 audit_app = typer.Typer(help="The master's audit log.", no_args_is_help=True)
@@ -28,7 +28,7 @@ def token_list_cmd(ctx: typer.Context, everyone: Annotated[bool, typer.Option(
     for t in tokens:
         table.add_row(str(t["id"]), t["name"], t["user"], t["created"][:19], t["expires"][:19],
                       (t["last_used"] or "never")[:19], "this one" if t["current"] else "")
-    out_console.print(table)
+    out_console.print(uncut(table))
 
 
 @token_app.command("revoke")

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, open_repository
-from vmkeep.cli.output import emit_json, human, out_console
+from vmkeep.cli.output import emit_json, human, out_console, uncut
 
 DatabaseOpt = Annotated[str | None, typer.Option(
     "--database-url",  # else catalog.db.database_url reads VMKEEP_DATABASE_URL
@@ -97,4 +97,4 @@ def points_cmd(
     for p in rows:
         table.add_row(p["name"], p["point_id"], p["created"][:19], p["mode"] or "", p["transport"] or "",
                       human(p["logical_bytes"]), human(p["stored_bytes"] or 0), p["repository"])
-    out_console.print(table)
+    out_console.print(uncut(table))

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from vmkeep.cli.common import JsonOpt
-from vmkeep.cli.output import byte_bars, emit_json, human, out_console
+from vmkeep.cli.output import byte_bars, emit_json, human, out_console, uncut
 from vmkeep.client import ApiClient, save_token
 from vmkeep.errors import UsageError, VmkeepError
 
@@ -126,19 +128,24 @@ def policy_create_cmd(
                                                        else ""))
 
 
-def _job_table(job: dict[str, Any]) -> Table:
-    table = Table("VM", "status", "proxy", "mode", "transport", "read", "stored", "seconds", "note",
-                  title=f"run {job['id']} of {job['policy']}: {job['status']}")
+def _job_table(job: dict[str, Any]) -> Group:
+    """One run per VM, then each VM's error and every warning in full below the table (a
+    failover says where the backup went; a narrow terminal wraps them, never cuts them)."""
+    table = Table("VM", "status", "proxy", "tries", "mode", "transport", "read", "stored", "seconds",
+                  title=f"run {job['id']} of {job['policy']}: {job['status']}", box=None, pad_edge=False)
+    notes = []
     for v in job["vms"]:
-        note = v["error"] or "; ".join(v["warnings"][-1:])
         read = human(v["read_bytes"] or 0)
         if v["status"] == "running" and v["total_bytes"]:
             read = f"{human(v['progress_bytes'] or 0)} / {human(v['total_bytes'])}"
         status = v["status"] + (" ✓ verified" if v.get("verified") else "")
-        table.add_row(v["vm"], status, v["proxy"] or "", v["mode"] or "", v["transport"] or "", read,
-                      human(v["stored_bytes"] or 0),
-                      f"{v['duration_seconds']:.1f}" if v["duration_seconds"] else "", note[:60])
-    return table
+        table.add_row(v["vm"], status, v["proxy"] or "", str(v.get("attempts") or ""), v["mode"] or "",
+                      v["transport"] or "", read, human(v["stored_bytes"] or 0),
+                      f"{v['duration_seconds']:.1f}" if v["duration_seconds"] else "")
+        if v["error"]:
+            notes.append(Text(f"{v['vm']}: error: {v['error']}", style="red"))
+        notes += [Text(f"{v['vm']}: {w}") for w in v["warnings"]]
+    return Group(uncut(table), *notes)
 
 
 @policy_app.command("run")
@@ -203,7 +210,7 @@ def jobs_cmd(ctx: typer.Context, job_id: Annotated[int | None, typer.Argument(he
         ok = sum(v["status"] == "succeeded" for v in j["vms"])
         table.add_row(str(j["id"]), j["policy"], j["status"], j["requested_by"], j["started"][:19],
                       f"{ok}/{len(j['vms'])}")
-    out_console.print(table)
+    out_console.print(uncut(table))
 
 
 def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
@@ -218,7 +225,7 @@ def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
     for p in rows:
         table.add_row(p["name"], p["point_id"], p["created"][:19], p["mode"] or "", p["transport"] or "",
                       human(p["stored_bytes"] or 0), p["repository"])
-    out_console.print(table)
+    out_console.print(uncut(table))
 
 
 def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: str | None, as_name: str | None,

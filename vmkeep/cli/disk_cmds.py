@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, Workers, open_repository
-from vmkeep.cli.output import RichProgress, emit_json, human, out_console, rate
+from vmkeep.cli.output import RichProgress, emit_json, human, out_console, rate, uncut
 from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import DEFAULT_DISK, backup_image, restore_image, split_point_spec
 from vmkeep.repository.points import Manifest, check_key
@@ -113,7 +113,7 @@ def points_cmd(
     for m in points:
         table.add_row(m.name, m.point_id, m.created[:19], ", ".join(f"{d} {human(e.size)}" for d, e in m.disks.items()),
                       human(m.stats.get("bytes_read", 0)), human(m.stats.get("bytes_stored", 0)))
-    out_console.print(table)
+    out_console.print(uncut(table))
 
 
 def _check_summary(repo: Repository, manifest: Manifest) -> dict[str, Any] | None:

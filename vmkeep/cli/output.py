@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
 
 from vmkeep.progress import NoProgress, Task
 
@@ -108,3 +109,19 @@ def rate(nbytes: float, seconds: float) -> str:
 
 def emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+
+
+ID_HEADERS = ("point", "run", "id")  # what a user copies into the next command: never cut or wrapped
+
+
+def uncut(table: Table) -> Table:
+    """Nothing cut in a narrow terminal: id columns stay whole on one line, other cells wrap or
+    fold instead of ending in an ellipsis."""
+    for column in table.columns:
+        if str(column.header) in ID_HEADERS:
+            cells = [len(str(c)) for c in column.cells]
+            column.no_wrap = True
+            column.min_width = max([len(str(column.header)), *cells])
+        else:
+            column.overflow = "fold"
+    return table

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoOpt, S3Endpoint, Workers, open_repository
-from vmkeep.cli.output import ProgressBoard, RichProgress, emit_json, err_console, human, out_console, rate
+from vmkeep.cli.output import ProgressBoard, RichProgress, emit_json, err_console, human, out_console, rate, uncut
 from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import restore_image, split_point_spec
 from vmkeep.engine.throttle import throttled
@@ -121,7 +121,7 @@ def _backup_vms(vms: list[str], r: Repository, spare: list[Connector], *, host: 
                               rate(res["bytes_read"], res["duration"]))
             else:
                 table.add_row(res["vm"], "[red]failed[/red]", "", "", "", "", "", f"{res['duration']:.1f} s", "")
-        out_console.print(table)
+        out_console.print(uncut(table))
         for res in results.values():
             if res["ok"]:
                 out_console.print(f"{res['vm']}: {res['mode']} — {res['reason']}", highlight=False)
