@@ -143,8 +143,9 @@ def restore_cmd(
     hypervisor: Annotated[str | None, typer.Option(help="With --server: the registered hypervisor to restore "
                                                    "onto")] = None,
     as_name: Annotated[str | None, typer.Option("--as", help="Restore as a new VM with this name")] = None,
-    storage: Annotated[str | None, typer.Option(help="Where the new VM's disks go: a directory (libvirt) or a "
-                                                     "datastore (vSphere)")] = None,
+    storage: Annotated[str | None, typer.Option(help="Where the new VM's disks go: a storage pool or a directory "
+                                                     "(libvirt; default: the original's pool) or a datastore "
+                                                     "(vSphere)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
     esx_host: Annotated[str | None, typer.Option(help="vSphere: the host to put the new VM on")] = None,
     folder: Annotated[str | None, typer.Option(help="vSphere: VM folder, e.g. DC0/prod/web")] = None,

@@ -22,6 +22,7 @@ import libvirt
 
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import HypervisorError
+from vmkeep.hypervisors.libvirt import pools
 from vmkeep.hypervisors.libvirt.upload import pool_for, upload_disk
 from vmkeep.transport.targets import DiskWriter, open_file_writer
 
@@ -134,8 +135,10 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
         with _remote_restore(connector, config, name, disks, storage, retry) as session:
             yield session
         return
+    pool = None
     if as_new:
-        directory = Path(storage) if storage else IMAGES / name
+        placed_in, pool = placement(connector, config, name, storage)
+        directory = Path(placed_in)
         paths = new_disk_paths(directory, name, disks)
         if retry:
             connector.remove_restored(name, [str(p) for p in paths.values()])
@@ -157,6 +160,37 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
         session.discard()
         if made_directory and directory.exists() and not any(directory.iterdir()):
             directory.rmdir()
+        if pool is not None:
+            pools.refresh(pool)  # libvirt lists the new volumes (or forgets the removed ones)
+
+
+def placement(connector: LibvirtConnector, config: dict[str, Any], name: str,
+              storage: str | None) -> tuple[PurePosixPath, libvirt.virStoragePool | None]:
+    """Where a new VM's disks go, and the host's storage pool there (None: plain files):
+    ``storage`` naming a pool (no ``/``) or a directory; else the pool the original's disks were
+    in, so libvirt manages the copy's disks as it did the original's; else a directory of its own
+    under the images directory."""
+    conn = connector.conn
+    if storage and "/" not in storage:
+        pool = pools.named(conn, storage)
+        if pool is None:
+            have = ", ".join(sorted(p.name() for p in conn.listAllStoragePools(
+                libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE))) or "none"
+            raise UsageError(f"no active storage pool {storage!r} with a directory on {connector.host} (active "
+                             f"pools: {have}): give --storage a pool's name or a directory")
+        directory = pools.pool_path(pool)
+        assert directory is not None  # named() returns pools with a directory only
+        return directory, pool
+    if storage:
+        return PurePosixPath(storage), pools.covering(conn, PurePosixPath(storage))
+    for disk in (config.get("disks") or {}).values():
+        source = disk.get("source") if isinstance(disk, dict) else None
+        pool = pools.holding(conn, source) if source else None
+        if pool is not None:
+            log.info("restoring %s into storage pool %s, where the original's disks are", name, pool.name())
+            return pools.pool_path(pool) or PurePosixPath(IMAGES), pool
+    directory = PurePosixPath(IMAGES) / name
+    return directory, pools.covering(conn, directory)
 
 
 def new_disk_paths(directory: PurePath, name: str, disks: dict[str, int]) -> dict[str, PurePath]:
@@ -174,9 +208,9 @@ def _refuse_taken(connector: LibvirtConnector, name: str, taken: list[str]) -> N
 def _remote_restore(connector: LibvirtConnector, config: dict[str, Any], name: str, disks: dict[str, int],
                     storage: str | None, retry: bool) -> Iterator[LibvirtRestore]:
     """A new VM on a host this proxy does not run on: its disks uploaded into a storage pool there."""
-    directory = PurePosixPath(storage) if storage else PurePosixPath(IMAGES) / name
+    directory, chosen = placement(connector, config, name, storage)
     paths = new_disk_paths(directory, name, disks)
-    with pool_for(connector.conn, directory) as pool:
+    with pool_for(connector.conn, directory, chosen) as pool:
         if retry:
             connector.remove_restored(name, [str(p) for p in paths.values()])
             for p in paths.values():

@@ -18,6 +18,7 @@ from pathlib import PurePosixPath
 import libvirt
 
 from vmkeep.hypervisors.base import HypervisorError
+from vmkeep.hypervisors.libvirt.pools import refresh
 
 log = logging.getLogger(__name__)
 
@@ -25,38 +26,33 @@ SEND_PIECE = 256 << 10  # the largest payload of one libvirt stream message
 UPLOADING_SUFFIX = ".vmkeep-upload"
 
 
-def _pool_path(pool: libvirt.virStoragePool) -> str | None:
-    target = ET.fromstring(pool.XMLDesc(0)).find("./target/path")
-    return target.text if target is not None else None
-
-
 @contextmanager
-def pool_for(conn: libvirt.virConnect, directory: PurePosixPath) -> Iterator[libvirt.virStoragePool]:
-    """An active storage pool of the host over ``directory``: one it has, or a transient one
-    (the directory made) that goes again when the restore ends."""
-    for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-        if _pool_path(pool) == str(directory):
-            pool.refresh(0)
-            log.debug("restoring into the host's storage pool %s (%s)", pool.name(), directory)
-            yield pool
-            return
+def pool_for(conn: libvirt.virConnect, directory: PurePosixPath,
+             pool: libvirt.virStoragePool | None = None) -> Iterator[libvirt.virStoragePool]:
+    """An active storage pool of the host over ``directory``: ``pool`` (the host's own), or a
+    transient one (the directory made) that goes again when the restore ends."""
+    if pool is not None:
+        refresh(pool)
+        log.debug("restoring into the host's storage pool %s (%s)", pool.name(), directory)
+        yield pool
+        return
     root = ET.Element("pool", type="dir")
     ET.SubElement(root, "name").text = f"vmkeep-restore-{secrets.token_hex(4)}"
     ET.SubElement(ET.SubElement(root, "target"), "path").text = str(directory)
     try:
-        pool = conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"),
+        made = conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"),
                                          libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
     except libvirt.libvirtError as exc:
         raise HypervisorError(f"cannot use {directory} on {conn.getHostname()} for the restored disks: "
                               f"{exc.get_error_message()}; give --storage a directory the host can write") from exc
-    log.debug("made the transient storage pool %s over %s", pool.name(), directory)
+    log.debug("made the transient storage pool %s over %s", made.name(), directory)
     try:
-        yield pool
+        yield made
     finally:
         try:
-            pool.destroy()
+            made.destroy()
         except libvirt.libvirtError as exc:
-            log.warning("the transient storage pool %s stays on the host: %s", pool.name(), exc.get_error_message())
+            log.warning("the transient storage pool %s stays on the host: %s", made.name(), exc.get_error_message())
 
 
 def _volume_xml(name: str, size: int, fmt: str) -> str:
