@@ -6,6 +6,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -123,6 +124,23 @@ def host_paths_to_create(xml: str) -> list[str]:
     paths = [e.get("path", "") for e in root.iter("source") if e.get("mode") == "bind"]
     paths += [e.get("file", "") for e in root.iter("log")]
     return sorted({p.rsplit("/", 1)[0] for p in paths if p.startswith("/") and "/" in p})
+
+
+def remove_own_host_files(xml: str, name: str) -> None:
+    """Remove the console logs and sockets of a removed VM that lie in a directory of its own
+    (named after it, as a restored copy's are), and that directory once empty: the directories
+    ``host_paths_to_create`` made for it. Files of directories shared with other VMs stay."""
+    root = ET.fromstring(xml)
+    files = [e.get("path", "") for e in root.iter("source") if e.get("mode") == "bind"]
+    files += [e.get("file", "") for e in root.iter("log")]
+    own = [Path(f) for f in files if f.startswith("/") and Path(f).parent.name == name]
+    for path in own:
+        path.unlink(missing_ok=True)
+    for directory in {p.parent for p in own}:
+        try:
+            directory.rmdir()
+        except OSError:  # something else is in it: not only this VM's
+            pass
 
 
 def with_disk_paths(xml: str, disk_paths: dict[str, str]) -> str:

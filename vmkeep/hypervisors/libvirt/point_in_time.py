@@ -91,6 +91,7 @@ def online(source: PointSource, readonly: list[DiskSpec], transports: list[str],
         notes.append(f"read-only disks {', '.join(hidden)} skipped: this proxy cannot open their images")
         readonly = [s for s in readonly if s.target not in hidden]
     capacities = {s.target: dom.blockInfo(s.target)[0] for s in eligible + readonly}
+    log.debug("%s: disk capacities %s", vm, capacities)
     parent_cp, reason = source.base(eligible + readonly, capacities)
     images = ExitStack()
     checkpoint = new_checkpoint_name()
@@ -107,8 +108,9 @@ def online(source: PointSource, readonly: list[DiskSpec], transports: list[str],
                                 checkpoint_document(eligible, checkpoint), parent_cp, reason,
                                 lambda: quiesced(dom, quiesce, notes))
         else:
-            live = PullBackup(connection, dom, eligible, capacities, checkpoint, transport, quiesce, nbd_tls, notes,
-                              parent_cp, reason).running()
+            live = PullBackup(connection=connection, dom=dom, eligible=eligible, capacities=capacities,
+                              checkpoint=checkpoint, transport=transport, quiesce=quiesce, nbd_tls=nbd_tls,
+                              notes=notes, parent_cp=parent_cp, reason=reason).running()
         with live as fixed:
             disks = {**fixed.disks, **read_only_disks}
             try:

@@ -57,6 +57,8 @@ def find_source(connection: Connection, vm: str, since: dict[str, Any] | None,
     specs = disk_specs(live_xml)
     notes += [s.reason for s in specs if s.reason]
     eligible = [s for s in specs if s.eligible]
+    log.debug("%s: disks %s; skipped: %s", vm, ", ".join(f"{s.target}={s.source} ({s.format})" for s in eligible),
+              "; ".join(s.reason for s in specs if s.reason) or "none")
     if not eligible:
         raise HypervisorError(f"VM {vm} has no disk that can be backed up ({'; '.join(notes) or 'no disks'})")
     config = {"domain_xml": dom.XMLDesc(libvirt.VIR_DOMAIN_XML_SECURE | libvirt.VIR_DOMAIN_XML_INACTIVE),

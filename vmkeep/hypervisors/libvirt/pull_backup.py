@@ -69,7 +69,7 @@ def backup_document(eligible: list[DiskSpec], parent_cp: str | None, scratch: Pa
     return backup_xml(disks, socket=socket, host=host, port=port, tls=tls)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class PullBackup:
     """One pull-mode job: what it was asked, and what it found on the way (the consistency gained,
     a full read where libvirt refused the incremental, TLS or not, the exports).
