@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import VMKEEP, Cli, MiB, free_port, fresh_cli
-from vmkeep.hypervisors.libvirt import instant
+from vmkeep.engine import instant
+from vmkeep.engine.boot_check import boot_check
+from vmkeep.errors import UsageError
+from vmkeep.hypervisors.connect import open_connector
+from vmkeep.hypervisors.libvirt.instant import OVERLAYS
 from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm
 
 
@@ -66,7 +70,12 @@ def test_mount_serves_a_point_over_nbd(cli: Cli, backed_up: tuple[LabVM, str, st
 
 def cleanup(name: str) -> None:
     if (instant.STATE / name / "state.json").exists():
-        instant.discard(name)
+        running = instant.InstantVM.load(name)
+        connector = open_connector(running.uri)
+        try:
+            instant.discard(connector, running)
+        finally:
+            connector.close()
     destroy_lab_vm(name)
 
 
@@ -93,7 +102,7 @@ def test_instant_recovery_boots_then_moves_to_storage(cli: Cli, backed_up: tuple
         assert moved["disks"] == {d: str(tmp_path / "moved" / f"{copy}-{d}.qcow2") for d in ("vda", "vdb")}
         assert vm.is_running() and vm.run("cat /mnt/vdb/new.txt").strip() == "written-during-recovery"
         assert guest_files(vm) == files
-        assert not (instant.STATE / copy).exists() and not (instant.OVERLAYS / copy).exists()
+        assert not (instant.STATE / copy).exists() and not (OVERLAYS / copy).exists()
         for disk in moved["disks"].values():  # standalone images: the repository is out of the picture
             info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", disk], capture_output=True,
                                              text=True, check=True).stdout)
@@ -114,12 +123,31 @@ def test_instant_recovery_discard_leaves_nothing(cli: Cli, backed_up: tuple[LabV
         assert "already exists" in taken.stderr
         cli.json("instant-restore", "finish", copy, "--discard")
         assert subprocess.run(["virsh", "domstate", copy], capture_output=True).returncode != 0
-        assert not (instant.STATE / copy).exists() and not (instant.OVERLAYS / copy).exists()
+        assert not (instant.STATE / copy).exists() and not (OVERLAYS / copy).exists()
         assert all(not Path(f"/proc/{pid}").exists() for pid in pids)  # the exports stopped
         unknown = cli.run("instant-restore", "finish", copy, "--discard", ok=False)
         assert "no instant recovery named" in unknown.stderr
     finally:
         cleanup(copy)
+
+
+class BackupOnly:
+    """A connector without the optional capabilities (vSphere's, for one)."""
+
+    kind, uri, is_local = "other", "other://host", True
+
+    def exists(self, name: str) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_connector_without_the_capability_is_refused() -> None:
+    with pytest.raises(UsageError, match="cannot run a VM straight from a restore point"):
+        instant.start(None, None, BackupOnly(), "vm", None, "copy")  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="cannot boot a restore point in a sandbox"):
+        boot_check(None, None, BackupOnly(), "vm", None)  # type: ignore[arg-type]
 
 
 def test_verify_boot_records_pass_and_fail_on_the_point(cli: Cli, backed_up: tuple[LabVM, str, str, dict[str, str]],

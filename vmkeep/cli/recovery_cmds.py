@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,6 +18,9 @@ from vmkeep.cli.output import RichProgress, emit_json, out_console
 from vmkeep.engine.image import split_point_spec
 from vmkeep.engine.mount import PointSpec, run_foreground
 from vmkeep.errors import UsageError, VmkeepError
+from vmkeep.hypervisors.address import check_address
+from vmkeep.hypervisors.base import Connector
+from vmkeep.hypervisors.connect import open_connector
 from vmkeep.repository.repo import Repository
 
 SpecArg = Annotated[str, typer.Argument(metavar="VM[@POINT]", help="What to serve (default: latest point)")]
@@ -44,6 +49,16 @@ def _opened(repo: str, vm: str, point: str | None, s3_endpoint: str | None, key_
     """The repository, and how exports of its points open it (each disk fills in the rest)."""
     base = spec_for(repo, vm, point or "", "", s3_endpoint, key_file, passphrase_file)
     return open_repository(repo, passphrase_file, key_file, s3_endpoint), base
+
+
+@contextmanager
+def _connected(host: str) -> Iterator[Connector]:
+    """The connector of the hypervisor at ``host`` (its address checked), closed afterwards."""
+    connector = open_connector(host)
+    try:
+        yield connector
+    finally:
+        connector.close()
 
 
 def mount_cmd(
@@ -96,40 +111,37 @@ def instant_restore_cmd(
 ) -> None:
     """Boot a VM straight from a restore point (copy-on-write over the repository), then `finish NAME
     --storage DIR` moves it to real storage while it runs, or `finish NAME --discard` drops it."""
-    from vmkeep.hypervisors.libvirt import instant
+    from vmkeep.engine import instant
 
     started = time.monotonic()
     if target == "finish":
         if name is None or (storage is None) == (not discard):
             raise UsageError("finish NAME takes --storage DIR (keep it) or --discard (drop it)")
-        if discard:
-            gone = instant.discard(name)
-            result = {"vm": name, "discarded": True, "from": gone.source}
-        else:
-            assert storage is not None
-            disks = instant.finish(name, storage, RichProgress(not json_out))
-            result = {"vm": name, "disks": disks}
+        running = instant.InstantVM.load(name)
+        with _connected(running.uri) as connector:
+            if discard:
+                instant.discard(connector, running)
+                result: dict[str, Any] = {"vm": name, "discarded": True, "from": running.source}
+            else:
+                assert storage is not None
+                result = {"vm": name, "disks": instant.finish(connector, running, storage,
+                                                              RichProgress(not json_out))}
     else:
         if repo is None or as_name is None:
             raise UsageError("instant-restore VM[@POINT] needs --repo REPO and --as NAME")
-        from vmkeep.hypervisors.address import check_address
-        from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-
-        check_address(host)
+        check_address(host)  # a refused address is reported before the repository is opened
         vm, point = split_point_spec(target)
         r, base = _opened(repo, vm, point, s3_endpoint, key_file, passphrase_file)
-        connector = LibvirtConnector(host)
-        try:
+        with _connected(host) as connector:
             running = instant.start(r, base, connector, vm, point, as_name)
-        finally:
-            connector.close()
         result = {"vm": as_name, "from": running.source, "overlays": running.overlays}
     result["seconds"] = round(time.monotonic() - started, 3)
     if json_out:
         emit_json(result)
     elif target != "finish":
+        writes = Path(next(iter(running.overlays.values()))).parent if running.overlays else "its overlays"
         out_console.print(f"{as_name} runs from {result['from']} ({result['seconds']:.1f} s); its writes go to "
-                          f"{instant.OVERLAYS / str(as_name)}. Keep it: vmkeep instant-restore finish {as_name} "
+                          f"{writes}. Keep it: vmkeep instant-restore finish {as_name} "
                           f"--storage DIR; drop it: … finish {as_name} --discard", highlight=False)
     else:
         out_console.print(f"{name}: " + ("discarded" if discard else f"moved to {storage}"), highlight=False)
@@ -151,18 +163,13 @@ def verify_boot_cmd(
 ) -> None:
     """Check that a restore point boots: every chunk read back, then a sandboxed boot (no network) with a
     heartbeat and an optional script; the outcome is recorded on the point. Exit 1 when it fails."""
-    from vmkeep.hypervisors.address import check_address
-    from vmkeep.hypervisors.libvirt.boot_check import boot_check
-    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
+    from vmkeep.engine.boot_check import boot_check
 
     check_address(host)
     vm, point = split_point_spec(spec)
     r, base = _opened(repo, vm, point, s3_endpoint, key_file, passphrase_file)
-    connector = LibvirtConnector(host)
-    try:
+    with _connected(host) as connector:
         result = boot_check(r, base, connector, vm, point, timeout=timeout, marker=marker, script=script)
-    finally:
-        connector.close()
     if json_out:
         emit_json(result)
     elif result["passed"]:

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.models import JobVM, Proxy, RestorePointRecord
 from vmkeep.catalog.rebuild import upsert_points
+from vmkeep.engine.boot_check import boot_check
 from vmkeep.engine.mount import PointSpec
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import backup_vm
 from vmkeep.errors import Cancelled
-from vmkeep.hypervisors.base import BootChecks, Connector, HypervisorError, parse_transports
+from vmkeep.hypervisors.base import Connector, HypervisorError, SandboxBoot, parse_transports
 from vmkeep.jobs.keys import open_secret
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered, passphrase_context
@@ -131,7 +132,7 @@ def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: 
            point_id: str) -> dict[str, Any]:
     """The sandboxed boot check of the new point; the repository's passphrase reaches the
     export in a private file that is gone afterwards."""
-    if not isinstance(connector, BootChecks):
+    if not isinstance(connector, SandboxBoot):
         return {"passed": False, "reason": f"{connector.kind} connectors cannot boot a point in a sandbox"}
     if not connector.is_local:
         return {"passed": False, "reason": "boot checks run by a proxy on the VM's host"}
@@ -143,7 +144,7 @@ def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: 
             secret.write_text(open_secret(record.passphrase_sealed, passphrase_context(record.name)))
         spec = PointSpec(record.location, vm, point_id, "", record.s3_endpoint, None, str(secret) if secret else None,
                          plain=not record.encrypted)
-        return connector.boot_check(repo, spec, vm, point_id)
+        return boot_check(repo, spec, connector, vm, point_id)
 
 
 def usable_transports(session: Session, order: BackupOrder, proxy: str) -> list[str]:

@@ -1,36 +1,22 @@
-"""Verified restore: does a restore point boot? (the check SureBackup made familiar)
-
-First every chunk of the point is read back and re-hashed (a point that does not read back is a
-failure, named by its chunk, without booting). Then the point boots as an instant recovery in a
-sandbox — no network interfaces — and must show a heartbeat: its guest agent answers a ping, or
-its serial console prints a marker. An optional script then runs on the host against the VM
-(``VMKEEP_VERIFY_VM``, ``VMKEEP_VERIFY_URI``); exit 0 passes. The sandbox is removed on every
-path, and the outcome is recorded beside the point in the repository.
-"""
+"""The heartbeat of a sandboxed libvirt VM, for boot checks (vmkeep.engine.boot_check): its guest
+agent answers a ping, or its serial console log shows a marker the guest prints once it is up."""
 
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import subprocess
+import logging
 import time
 import xml.etree.ElementTree as ET
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import libvirt
 import libvirt_qemu
 
-from vmkeep.engine.mount import PointSpec
-from vmkeep.errors import VmkeepError
-from vmkeep.hypervisors.libvirt import instant
-from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
-from vmkeep.repository.repo import Repository
-from vmkeep.repository.verify import verify
+if TYPE_CHECKING:
+    from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
-SANDBOX_PREFIX = "vmkeep-verify-"
+log = logging.getLogger(__name__)
 
 
 def _agent_answers(dom: libvirt.virDomain) -> bool:
@@ -42,65 +28,21 @@ def _agent_answers(dom: libvirt.virDomain) -> bool:
 
 
 def _console_shows(dom: libvirt.virDomain, marker: str) -> bool:
-    log = ET.fromstring(dom.XMLDesc(0)).find("./devices/serial/log")
-    path = Path(log.get("file", "")) if log is not None else None
+    log_file = ET.fromstring(dom.XMLDesc(0)).find("./devices/serial/log")
+    path = Path(log_file.get("file", "")) if log_file is not None else None
     if path is None or not path.is_file():
         return False
     return marker in path.read_text(errors="replace")
 
 
-def boot_check(repo: Repository, spec_base: PointSpec, connector: LibvirtConnector, vm: str, point: str | None, *,
-               timeout: float = 300.0, marker: str | None = None, script: Path | None = None) -> dict[str, Any]:
-    """Check the point; the outcome (also recorded in the repository): passed, why, timings."""
-    manifest = repo.find_point(vm, point)
-    started = time.monotonic()
-    result: dict[str, Any] = {"vm": vm, "point": manifest.point_id, "at": datetime.now(UTC).isoformat(),
-                              "heartbeat": f"console marker {marker!r}" if marker else "guest agent ping"}
-    chunks = verify(repo, only=[manifest])
-    result["chunks_checked"] = chunks.chunks_checked
-    if not chunks.ok:
-        first = next(iter(chunks.bad_chunks.values()), None) or next(iter(chunks.broken_points.values()))[0]
-        result.update(passed=False, reason=f"the point does not read back ({len(chunks.bad_chunks)} bad chunks; "
-                                           f"first: {first}); it was not booted")
-        return _done(repo, manifest, result, started)
-    name = f"{SANDBOX_PREFIX}{secrets.token_hex(4)}"
-    result["sandbox"] = name
-    try:
-        try:
-            instant.start(repo, spec_base, connector, vm, manifest.point_id, name, sandbox=True)
-        except VmkeepError as exc:
-            result.update(passed=False, reason=f"the sandbox did not start: {exc}")
-            return _done(repo, manifest, result, started)
-        booted = time.monotonic()
-        dom = connector.domain(name)
-        deadline = booted + timeout
-        alive = False
-        while time.monotonic() < deadline and dom.isActive():
-            alive = _console_shows(dom, marker) if marker else _agent_answers(dom)
-            if alive:
-                break
-            time.sleep(1)
-        result["seconds_to_heartbeat"] = round(time.monotonic() - booted, 1) if alive else None
-        if not alive:
-            result.update(passed=False, reason=f"no heartbeat ({result['heartbeat']}) within {timeout:.0f} s")
-        elif script is not None:
-            env = {**os.environ, "VMKEEP_VERIFY_VM": name, "VMKEEP_VERIFY_URI": connector.uri}
-            try:
-                proc = subprocess.run([str(script)], env=env, capture_output=True, text=True, timeout=timeout)
-                rc, out = proc.returncode, (proc.stdout + proc.stderr).strip()[-500:]
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                rc, out = -1, str(exc)
-            result["script"] = {"path": str(script), "exit": rc, "output": out}
-            result.update(passed=rc == 0, reason=None if rc == 0 else f"the script {script} exited {rc}: {out}")
-        else:
-            result.update(passed=True, reason=None)
-    finally:
-        if (instant.STATE / name / "state.json").exists():
-            instant.discard(name)
-    return _done(repo, manifest, result, started)
-
-
-def _done(repo: Repository, manifest: Any, result: dict[str, Any], started: float) -> dict[str, Any]:
-    result["seconds"] = round(time.monotonic() - started, 1)
-    repo.record_check(manifest, result)
-    return result
+def wait_heartbeat(connector: LibvirtConnector, name: str, *, timeout: float, marker: str | None = None) -> bool:
+    """Whether ``name`` shows its heartbeat within ``timeout`` s (False as soon as it stops)."""
+    dom = connector.domain(name)
+    log.info("libvirt: waiting up to %.0f s for %s on %s to show %s", timeout, name, connector.uri,
+             f"console marker {marker!r}" if marker else "a guest agent ping")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and dom.isActive():
+        if _console_shows(dom, marker) if marker else _agent_answers(dom):
+            return True
+        time.sleep(1)
+    return False

@@ -15,13 +15,14 @@ from typing import Any
 import libvirt
 
 from vmkeep.hypervisors.base import (
+    DiskExport,
     HypervisorError,
     NbdTls,
     PointInTimeInfo,
     Quiesce,
     VMInfo,
 )
-from vmkeep.hypervisors.libvirt import restore
+from vmkeep.hypervisors.libvirt import boot_check, instant, restore
 from vmkeep.hypervisors.libvirt.connection import Connection
 from vmkeep.hypervisors.libvirt.domain_xml import (
     disk_specs,
@@ -33,6 +34,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import (
 from vmkeep.hypervisors.libvirt.inventory import list_vms
 from vmkeep.hypervisors.libvirt.point_in_time import point_in_time
 from vmkeep.hypervisors.libvirt.restore import LibvirtRestore
+from vmkeep.progress import Progress
 
 
 class LibvirtConnector:
@@ -58,12 +60,20 @@ class LibvirtConnector:
         """The libvirt connection now (a new one after libvirtd restarted under a backup)."""
         return self.connection.conn
 
-    def boot_check(self, repo: Any, spec: Any, vm: str, point: str | None, *, timeout: float = 300.0,
-                   marker: str | None = None, script: Path | None = None) -> dict[str, Any]:
-        """The BootChecks capability (vmkeep.hypervisors.libvirt.boot_check)."""
-        from vmkeep.hypervisors.libvirt.boot_check import boot_check  # it imports this module
+    # -- the InstantRecovery and SandboxBoot capabilities (instant.py, boot_check.py) ------------
+    def instant_start(self, config: dict[str, Any], *, name: str, disks: dict[str, DiskExport],
+                      sandbox: bool = False) -> dict[str, str]:
+        return instant.start(self, config, name=name, disks=disks, sandbox=sandbox)
 
-        return boot_check(repo, spec, self, vm, point, timeout=timeout, marker=marker, script=script)
+    def instant_finish(self, name: str, layers: dict[str, str], storage: Path,
+                       progress: Progress | None = None) -> dict[str, str]:
+        return instant.finish(self, name, layers, storage, progress)
+
+    def instant_discard(self, name: str, layers: dict[str, str]) -> None:
+        instant.discard(self, name, layers)
+
+    def wait_heartbeat(self, name: str, *, timeout: float, marker: str | None = None) -> bool:
+        return boot_check.wait_heartbeat(self, name, timeout=timeout, marker=marker)
 
     def close(self) -> None:
         self.connection.close()
