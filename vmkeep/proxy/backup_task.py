@@ -25,7 +25,7 @@ from vmkeep.jobs.keys import open_secret
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered, passphrase_context
 from vmkeep.jobs.settle import settle_job
-from vmkeep.jobs.status import FINAL
+from vmkeep.jobs.status import FINAL, JobStatus
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.work import BackupOrder, RepositoryOrder, backup_order
 from vmkeep.repository.prune import RetentionPolicy, prune
@@ -64,12 +64,12 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
         if jv is None or jv.status in FINAL:
             return  # removed, or cancelled before it started
         if order is None:  # its VM, hypervisor, policy or repository went while it waited
-            jv.status, jv.finished = "failed", datetime.now(UTC)
+            jv.status, jv.finished = JobStatus.FAILED, datetime.now(UTC)
             jv.error = "its VM, hypervisor, policy or repository was removed before the backup started"
             session.commit()
             settle_job(session, jv.job)
             return
-        jv.status, jv.proxy, jv.attempts, jv.started = "running", proxy, jv.attempts + 1, datetime.now(UTC)
+        jv.status, jv.proxy, jv.attempts, jv.started = JobStatus.RUNNING, proxy, jv.attempts + 1, datetime.now(UTC)
         jv.error = None
         session.commit()
         connector = None
@@ -98,13 +98,13 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             if checked is not None:
                 jv.verified = checked.ok
                 if not checked.ok:  # older points stay: retention waits for a point that reads back
-                    jv.status, jv.error = "failed", _verify_failure(m.point_id, checked)
+                    jv.status, jv.error = JobStatus.FAILED, _verify_failure(m.point_id, checked)
                     return
             if order.verify_boot:
                 session.commit()  # the point is cataloged before the (long) boot check
                 jv.boot_check = booted(repo, order.repository, connector, order.vm_name, m.point_id)
                 if not jv.boot_check.get("passed"):  # stored, but not trusted: older points stay
-                    jv.status = "failed"
+                    jv.status = JobStatus.FAILED
                     jv.error = f"point {m.point_id} was stored but did not pass its boot check: " \
                                f"{jv.boot_check.get('reason')}"
                     return
@@ -115,11 +115,11 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                     RestorePointRecord.repository_id == order.repository.id,
                     RestorePointRecord.name == order.vm_name,
                     RestorePointRecord.point_id.not_in(list(kept))))
-            jv.status = "succeeded"
+            jv.status = JobStatus.SUCCEEDED
         except Cancelled:
-            jv.status, jv.error = "cancelled", "cancelled: nothing partial was committed"
+            jv.status, jv.error = JobStatus.CANCELLED, "cancelled: nothing partial was committed"
         except Exception as exc:  # the row records any failure; the task itself ends cleanly
-            jv.status, jv.error = "failed", f"{exc}" or traceback.format_exc(limit=3)
+            jv.status, jv.error = JobStatus.FAILED, f"{exc}" or traceback.format_exc(limit=3)
         finally:
             if connector is not None:
                 connector.close()

@@ -7,6 +7,7 @@ checkpoints.py, jobs.py, quiesce.py and point_source.py) and the restore side.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -27,6 +28,7 @@ from vmkeep.hypervisors.libvirt.connection import Connection
 from vmkeep.hypervisors.libvirt.domain_xml import (
     disk_specs,
     host_paths_to_create,
+    remove_own_host_files,
     renamed_copy,
     with_disk_paths,
     with_nvram_path,
@@ -35,6 +37,8 @@ from vmkeep.hypervisors.libvirt.inventory import list_vms
 from vmkeep.hypervisors.libvirt.point_in_time import point_in_time
 from vmkeep.hypervisors.libvirt.restore import LibvirtRestore
 from vmkeep.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 class LibvirtConnector:
@@ -164,16 +168,21 @@ class LibvirtConnector:
         self.remove_domain(dom, "left by an earlier attempt of this restore")
         return True
 
-    @staticmethod
-    def remove_domain(dom: libvirt.virDomain, why: str) -> None:
-        """Power off and undefine a VM vmkeep made (its UEFI variables and metadata with it)."""
+    def remove_domain(self, dom: libvirt.virDomain, why: str) -> None:
+        """Power off and undefine a VM vmkeep made (its UEFI variables and metadata with it), and
+        the console log and socket directories made for it on this host."""
         try:
+            xml = dom.XMLDesc(0)
+            name = dom.name()
             if dom.isActive():
                 dom.destroy()
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
                               | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot remove {dom.name()}, {why}: {exc.get_error_message()}") from None
+            raise HypervisorError(f"cannot remove {dom.name()}, {why}: {exc.get_error_message()}") from exc
+        log.info("removed VM %s (%s)", name, why)
+        if self.is_local:
+            remove_own_host_files(xml, name)
 
     def forget_checkpoints(self, vm: str) -> None:
         """Drop libvirt's checkpoint records of a VM whose disks are being replaced."""
@@ -181,8 +190,8 @@ class LibvirtConnector:
         for cp in dom.listAllCheckpoints():
             try:
                 cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
-            except libvirt.libvirtError:
-                pass
+            except libvirt.libvirtError as exc:
+                log.warning("cannot drop checkpoint %s of %s: %s", cp.getName(), vm, exc.get_error_message())
 
     # -- point in time ---------------------------------------------------------------------------
     def point_in_time(
