@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -255,3 +256,26 @@ def test_backups_through_the_server_keep_the_repository_size_current(server: Ser
     assert used() == 1000 + 4096
     with pytest.raises(DBAPIError, match="permission denied"):  # the proxies' login still cannot touch it
         _sql(proxy_db, "UPDATE repositories SET used_bytes = 0")
+
+
+def test_the_server_logs_one_json_line_per_event_and_no_secret(cli: Cli, database: str, tmp_path: Path) -> None:
+    with launch(cli, database, tmp_path, "--log-format", "json") as server:
+        admin = server.client(server.login("admin", ADMIN_PASSWORD))
+        token = admin.post("/api/tokens", json={"name": "script", "days": 1}).json()["token"]
+        assert server.client(token).get("/api/vms").status_code == 200
+        assert admin.post("/api/hypervisors", json={"name": "h", "kind": "libvirt", "uri": "qemu:///system",
+                                                    "username": "u", "password": "hypervisor-secret-42"}
+                          ).status_code == 201
+        assert server.client().post("/api/auth/login", json={"name": "admin", "password": "wrong-pw-9"}
+                                    ).status_code == 401
+        server.client().get("/api/health")
+    text = (tmp_path / "server.log").read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    messages = [(e["logger"], e["message"]) for e in lines]
+    assert any(m.startswith("serving the API on http://127.0.0.1:") for _l, m in messages), messages
+    assert any(m.startswith("vmkeep server") and "up" in m for _l, m in messages), messages
+    assert any(m.startswith("POST /api/auth/login → 200") for _l, m in messages), messages
+    assert any(m.startswith("POST /api/auth/login → 401") for _l, m in messages), messages
+    assert not any("/api/health" in m for _l, m in messages)  # polling stays out of the event log
+    for secret in (ADMIN_PASSWORD, token, "hypervisor-secret-42", "wrong-pw-9", database.split(":")[2].split("@")[0]):
+        assert secret not in text

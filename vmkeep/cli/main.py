@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from vmkeep.cli.output import err_console
 from vmkeep.errors import VmkeepError
+from vmkeep.logs import configure, take_options
 
 # Each top-level command and where it lives: (module, attribute, is a group of sub-commands).
 # Only the module of the command being run is imported — the server client, the catalog and
@@ -52,7 +53,15 @@ def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
          ca_file: Annotated[Path | None, typer.Option(
              "--ca-file",
              help="PEM file of the CA that signed the --server's certificate (else VMKEEP_CA_FILE; default: the "
-                  "system's)")] = None) -> None:
+                  "system's)")] = None,
+         _verbose: Annotated[bool, typer.Option(
+             "-v", "--verbose", help="Log one line per event to stderr (before or after the command)")] = False,
+         _debug: Annotated[bool, typer.Option(
+             "--debug", help="Log also what is asked of libvirt, QEMU, vSphere, S3, PostgreSQL … and what comes "
+                             "back")] = False,
+         _log_format: Annotated[str, typer.Option(
+             "--log-format", help="text, or json: one object per line with job, VM and proxy as fields")] = "text",
+         ) -> None:
     """vmkeep: agentless VM backup. Local commands need no server; --server URL reaches one."""
     ctx.obj = {"server": server, "ca_file": ca_file}  # VMKEEP_SERVER/VMKEEP_CA_FILE: client_cmds.server_options
 
@@ -84,7 +93,14 @@ def build_app(only: str | None = None) -> typer.Typer:
 
 
 def main() -> None:
-    app = build_app(requested_command(sys.argv[1:]))
+    try:
+        argv, level, log_format = take_options(sys.argv[1:])
+    except ValueError as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    configure(level, log_format)
+    sys.argv[1:] = argv
+    app = build_app(requested_command(argv))
     try:
         app()
     except KeyboardInterrupt:

@@ -51,7 +51,10 @@ def server_cmd(
     """Run the master server: REST API (OpenAPI at /docs), metrics at /metrics, schedules, notices.
 
     SMTP login, if the server needs one, comes from VMKEEP_SMTP_USER and VMKEEP_SMTP_PASSWORD."""
+    import logging
+
     import uvicorn
+    from sqlalchemy.engine import make_url
 
     from vmkeep.catalog.db import database_url as resolve
     from vmkeep.server.app import create_app
@@ -72,6 +75,9 @@ def server_cmd(
                      smtp_ca_file) if smtp_host else None)
     app = create_app(resolve(database_url), mailer, proxy_database_url or env.proxy_database_url, endpoints, trusted)
     app.state.token_max_days = token_max_days
+    logging.getLogger("vmkeep.server").info(
+        "serving the API on %s://%s:%d (catalog %s)", "https" if tls_cert else "http", host, port,
+        make_url(resolve(database_url)).render_as_string(hide_password=True))
     # proxy headers are read by vmkeep.server.client_address, from --trusted-proxy addresses only;
     # uvicorn's own handling would believe any X-Forwarded-For sent from 127.0.0.1
     uvicorn.run(app, host=host, port=port, ssl_certfile=tls_cert, ssl_keyfile=tls_key, log_level="warning",

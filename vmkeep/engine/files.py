@@ -368,6 +368,23 @@ def _appliance_on_this_machine(g: Any) -> None:
         g.set_backend_settings(["force_tcg"])
 
 
+def _logging_into_ours(g: Any, guestfs: Any) -> None:
+    """libguestfs' messages (its warnings always; with --debug, the appliance's console and each
+    call) go to vmkeep's log instead of stderr."""
+    events = guestfs.EVENT_WARNING
+    if log.isEnabledFor(logging.DEBUG):
+        g.set_verbose(True)
+        g.set_trace(True)
+        events |= guestfs.EVENT_APPLIANCE | guestfs.EVENT_LIBRARY | guestfs.EVENT_TRACE
+
+    def forward(event: int, _handle: int, buf: bytes, _array: Any) -> None:
+        text = buf.decode(errors="replace").rstrip() if isinstance(buf, bytes) else str(buf).rstrip()
+        if text:
+            log.log(logging.WARNING if event == guestfs.EVENT_WARNING else logging.DEBUG, "libguestfs: %s", text)
+
+    g.set_event_callback(forward, events)
+
+
 @contextmanager
 def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator[GuestFiles]:
     """The point's disk as a read-only filesystem (the only one on it, or ``filesystem``, e.g.
@@ -378,6 +395,7 @@ def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator
         sock = unix_socket_of(uri)
         g = guestfs.GuestFS(python_return_dict=True)
         try:
+            _logging_into_ours(g, guestfs)
             _appliance_on_this_machine(g)
             g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)
             try:

@@ -81,6 +81,9 @@ def run_proxy(server: str, token: str, name: str, transports: list[str], reaches
     client = httpx.Client(base_url=server, headers={"Authorization": f"Bearer {token}"}, timeout=30,
                           verify=server_verify(ca_file))
     database_url = register(client, name, transports, reaches, concurrency, storage or [])
+    log.info("proxy %s registered with %s (transports %s, reaches %s, %d at once%s); working its queue", name,
+             server, ":".join(transports), ",".join(reaches) or "-", concurrency,
+             f", {max_rate:g} MiB/s each" if max_rate else "", extra={"proxy": name})
     stop, refusal = threading.Event(), Refusal()
     beat = threading.Thread(target=_heartbeat, args=(client, name, stop, refusal), daemon=True)
     beat.start()

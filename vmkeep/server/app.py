@@ -31,6 +31,7 @@ from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stall
 from vmkeep.server.endpoints import EndpointPolicy, Network
 from vmkeep.server.login_guard import LoginGuard
 from vmkeep.server.notify import Mailer
+from vmkeep.server.request_log import RequestLog
 from vmkeep.server.request_size import RequestSizeLimit
 from vmkeep.server.schedule import discover_due, notify_finished, run_due_policies
 from vmkeep.server.validation import validation_failed
@@ -86,10 +87,12 @@ async def rescue_loop(app: FastAPI) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     async with app.state.queue.open_async():
         rescuer = asyncio.create_task(rescue_loop(app))
+        log.info("vmkeep server %s up: catalog and task queue open, periodic work started", __version__)
         try:
             yield
         finally:
             rescuer.cancel()
+            log.info("vmkeep server stopping")
 
 
 def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_url: str | None = None,
@@ -111,6 +114,7 @@ def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_u
     registry = CollectorRegistry()
     registry.register(CatalogCollector(app.state.sessions))  # type: ignore[arg-type]
     app.add_middleware(RequestSizeLimit)  # 413 before any route reads a large body
+    app.add_middleware(RequestLog)  # outermost: every request's line, a refused one too
     app.include_router(routes_access.router)
     app.include_router(routes_inventory.router)
     app.include_router(routes_jobs.router)

@@ -8,6 +8,7 @@ has the least work per slot; its task carries the VM's lock.
 from __future__ import annotations
 
 import fnmatch
+import logging
 from datetime import UTC, datetime, timedelta
 
 import procrastinate
@@ -21,6 +22,9 @@ from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.server.limits import RunSlots, datastores
 
 PROXY_TIMEOUT = timedelta(seconds=10)  # a proxy whose heartbeat is older is down
+
+
+log = logging.getLogger(__name__)
 
 
 def proxy_up(p: Proxy, now: datetime | None = None) -> bool:
@@ -192,6 +196,7 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
             continue  # retried once a proxy is up
         jv.warnings = [*jv.warnings, f"proxy {jv.proxy} stopped during attempt {jv.attempts}; retried on "
                                      f"{proxy.name}"]
+        log.warning("%s", jv.warnings[-1], extra={"job": jv.job_id, "vm": jv.vm_name, "proxy": proxy.name})
         jv.status, jv.proxy = JobStatus.QUEUED, proxy.name
         session.commit()
         await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
@@ -217,6 +222,7 @@ async def _rescue_restore(session: Session, queue: procrastinate.App, task: proc
         return 0  # retried once a proxy is up
     restore.warnings = [*restore.warnings, f"proxy {restore.proxy} stopped during attempt {restore.attempts}; "
                                            f"retried on {proxy.name}"]
+    log.warning("%s", restore.warnings[-1], extra={"restore": restore.id, "vm": restore.vm_name, "proxy": proxy.name})
     restore.status, restore.proxy = JobStatus.QUEUED, proxy.name
     session.commit()
     await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
@@ -241,6 +247,7 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
         if not await queue.job_manager.cancel_job_by_id_async(jv.task_id):
             continue  # it started meanwhile: the stalled-task rescue handles it if its proxy died
         jv.warnings = [*jv.warnings, f"proxy {jv.proxy} went down before starting it; moved to {proxy.name}"]
+        log.warning("%s", jv.warnings[-1], extra={"job": jv.job_id, "vm": jv.vm_name, "proxy": proxy.name})
         jv.proxy = proxy.name
         jv.task_id = await _defer(queue, proxy, vm, jv)
         session.commit()
@@ -256,6 +263,8 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
             continue
         restore.warnings = [*restore.warnings, f"proxy {restore.proxy} went down before starting it; moved to "
                                                f"{proxy.name}"]
+        log.warning("%s", restore.warnings[-1], extra={"restore": restore.id, "vm": restore.vm_name,
+                                                        "proxy": proxy.name})
         restore.proxy = proxy.name
         restore.task_id = await defer_restore(queue, proxy, restore)
         session.commit()

@@ -6,6 +6,7 @@ worker thread gives parallel reads without per-byte Python work.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ import nbd
 
 from vmkeep.errors import ImageError
 from vmkeep.transport.extents import Extent, merge
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TLS_DIR = Path("/etc/pki/vmkeep")
 STATE_HOLE = 1
@@ -65,6 +68,9 @@ class NbdExport:
 
     def _connect(self) -> nbd.NBD:
         h = nbd.NBD()
+        if log.isEnabledFor(logging.DEBUG):  # --debug: libnbd's own trace into vmkeep's log
+            h.set_debug_callback(lambda context, message: log.debug("libnbd %s: %s", context, message))
+            h.set_debug(True)
         # The server fills every byte of a successful read: zero-filling the buffer first is waste.
         h.set_pread_initialize(False)
         # Connectors name the client certificates in the URI (tls-certificates=DIR); the URIs are
@@ -76,7 +82,8 @@ class NbdExport:
         try:
             h.connect_uri(self.uri)
         except nbd.Error as exc:
-            raise ImageError(f"cannot connect to the NBD export {self.uri}: {exc}") from None
+            raise ImageError(f"cannot connect to the NBD export {self.uri}: {exc}") from exc
+        log.debug("connected to %s (%s)", self.uri, h.get_protocol())
         return h
 
     def handle(self) -> nbd.NBD:

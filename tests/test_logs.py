@@ -1,0 +1,61 @@
+"""What vmkeep logs: one line per event (text or JSON), with context fields, and no secret in any
+line whatever a message quotes."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from vmkeep.logs import configure, redact, take_options
+
+TOKEN = "vk_Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA"
+SECRETS = [
+    (f"Authorization: Bearer {TOKEN}", TOKEN),
+    ("postgresql+psycopg://vmkeep:db-pass-77@127.0.0.1/vmkeep", "db-pass-77"),
+    ("qemu+ssh://root:ssh-pass-1@host/system", "ssh-pass-1"),
+    ("login with password=hunter22&user=x", "hunter22"),
+    ('{"name": "admin", "password": "admin-password-1"}', "admin-password-1"),
+    ("aws_secret_access_key = AbCdEfGh1234", "AbCdEfGh1234"),
+    ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----", "MIIEvQIBADANBgkq"),
+]
+
+
+@pytest.mark.parametrize("text,secret", SECRETS)
+def test_secrets_are_masked(text: str, secret: str) -> None:
+    assert secret not in redact(text) and "***" in redact(text)
+
+
+def test_lines_as_text_and_json_with_context_and_no_secret() -> None:
+    log = logging.getLogger("vmkeep.test_logs")
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        configure(logging.INFO, fmt, out)  # type: ignore[arg-type]
+        log.debug("not at info")
+        log.info("backup of %s with token %s", "web1", TOKEN, extra={"job": 7, "vm": "web1", "proxy": "pa"})
+        try:
+            raise RuntimeError(f"connect to postgresql://u:pw-in-error@db/x failed ({TOKEN})")
+        except RuntimeError:
+            log.exception("the master's periodic work failed")
+        text = out.getvalue()
+        assert TOKEN not in text and "pw-in-error" not in text and "not at info" not in text
+        if fmt == "json":
+            first, second = (json.loads(line) for line in text.splitlines()[:2])
+            assert {k: first[k] for k in ("level", "logger", "job", "vm", "proxy")} == \
+                {"level": "info", "logger": "vmkeep.test_logs", "job": 7, "vm": "web1", "proxy": "pa"}
+            assert second["level"] == "error" and "RuntimeError" in second["error"]
+        else:
+            assert "INFO vmkeep.test_logs [job=7 vm=web1 proxy=pa] backup of web1 with token vk_***" in text
+    configure(logging.WARNING)
+
+
+def test_logging_options_go_anywhere_on_the_command_line() -> None:
+    assert take_options(["backup", "vm1", "--repo", "r", "-v"]) == (["backup", "vm1", "--repo", "r"], logging.INFO,
+                                                                    "text")
+    assert take_options(["--debug", "--log-format", "json", "jobs"]) == (["jobs"], logging.DEBUG, "json")
+    assert take_options(["proxy", "--name", "p"])[1] == logging.INFO  # the long-running ones log events
+    assert take_options(["backup", "--", "-v"])[0] == ["backup", "--", "-v"]
+    with pytest.raises(ValueError, match="use text or json"):
+        take_options(["--log-format=xml", "jobs"])
