@@ -4,10 +4,14 @@ the repository, without restoring it first."""
 from __future__ import annotations
 
 import json
+import shutil
 import signal
+import socket as sk
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,7 +69,8 @@ def mount_cmd(
     spec: SpecArg,
     repo: RepoOpt,
     disk: Annotated[str, typer.Option(help="Which disk of the point")] = "vda",
-    socket: Annotated[Path | None, typer.Option(help="Serve on this unix socket")] = None,
+    socket: Annotated[Path | None, typer.Option(
+        help="Serve on this unix socket (default: a private one, its URI printed)")] = None,
     port: Annotated[int | None, typer.Option(min=1, max=65535, help="Serve on this loopback TCP port")] = None,
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
@@ -73,13 +78,25 @@ def mount_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Serve a restore point's disk as a read-only NBD export until Ctrl-C (chunks fetched on demand)."""
-    if (socket is None) == (port is None):
-        raise UsageError("give --socket PATH or --port N (loopback), one of them")
+    if socket is not None and port is not None:
+        raise UsageError("give --socket PATH or --port N (loopback), not both; without either, a private socket "
+                         "is made and its URI printed")
     point = resolved_spec(repo, spec, disk, s3_endpoint, key_file, passphrase_file)
+    with ExitStack() as stack:
+        if socket is None and port is None:  # a directory only this user enters, gone afterwards
+            private = Path(tempfile.mkdtemp(prefix="vmkeep-mount-"))
+            stack.callback(shutil.rmtree, private, ignore_errors=True)
+            socket = private / "nbd.sock"
+        _serve_until_stopped(point, disk, socket, port, json_out)
+
+
+def _serve_until_stopped(point: PointSpec, disk: str, socket: Path | None, port: int | None, json_out: bool) -> None:
+    """Start the export, say where it is once it listens (a script may connect at once), and wait."""
     proc = run_foreground(point, unix=socket, port=port)
     from vmkeep.transport.nbd_client import unix_uri  # libnbd: loaded by the command that serves
 
     uri = unix_uri(socket) if socket else f"nbd://127.0.0.1:{port}"
+    _wait_listening(proc, socket, port)
     if json_out:  # one line, flushed: a script reads it while the export runs
         print(json.dumps({"uri": uri, "point": point.point, "disk": disk, "pid": proc.pid}), flush=True)
     else:
@@ -93,6 +110,28 @@ def mount_cmd(
         return
     if code not in (0, -signal.SIGTERM):
         raise VmkeepError(f"nbdkit stopped with code {code}")
+
+
+def _wait_listening(proc: subprocess.Popen[bytes], socket: Path | None, port: int | None,
+                    timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not _listening(socket, port):
+        if proc.poll() is not None:
+            raise VmkeepError(f"nbdkit stopped with code {proc.returncode} before serving")
+        if time.monotonic() > deadline:
+            proc.terminate()
+            raise VmkeepError(f"nbdkit did not start serving within {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _listening(socket: Path | None, port: int | None) -> bool:
+    family, address = (sk.AF_UNIX, str(socket)) if socket else (sk.AF_INET, ("127.0.0.1", port or 0))
+    with sk.socket(family) as probe:
+        try:
+            probe.connect(address)
+            return True
+        except OSError:
+            return False
 
 
 def instant_restore_cmd(
