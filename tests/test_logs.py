@@ -20,12 +20,29 @@ SECRETS = [
     ('{"name": "admin", "password": "admin-password-1"}', "admin-password-1"),
     ("aws_secret_access_key = AbCdEfGh1234", "AbCdEfGh1234"),
     ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkq\n-----END PRIVATE KEY-----", "MIIEvQIBADANBgkq"),
+    ("refused: -----BEGIN RSA PRIVATE KEY-----\nMIIEcutshort", "MIIEcutshort"),  # a reply cut at 200 bytes
+    ("VMKEEP_HOST_PASSWORD=hunter2 vmkeep backup", "hunter2"),
+    ("db_password: s3cr3t-db", "s3cr3t-db"),
+    ('{"smtp_password": "two words"}', "words"),
+    ("postgresql://u:ab/cd@db/x", "ab/cd"),
+    ("postgresql://u:p@ss@db/x", "ss@db"),
+    ("Authorization: Token abcdef123456", "abcdef123456"),
+    ("Cookie: vmware_soap_session=52a1b2c3d4", "52a1b2c3d4"),
+    ("s3_secret_key=AKIAxyz", "AKIAxyz"),
 ]
 
 
 @pytest.mark.parametrize("text,secret", SECRETS)
 def test_secrets_are_masked(text: str, secret: str) -> None:
     assert secret not in redact(text) and "***" in redact(text)
+
+
+def test_a_message_cannot_forge_another_line() -> None:
+    out = io.StringIO()
+    configure(logging.INFO, "text", out)
+    logging.getLogger("vmkeep.test_logs").info("GET %s", "/x\n2026-12-04T22:00:00Z INFO vmkeep.server admin in")
+    configure(logging.WARNING)
+    assert len(out.getvalue().splitlines()) == 1 and "\\n2026" in out.getvalue()
 
 
 def test_lines_as_text_and_json_with_context_and_no_secret() -> None:

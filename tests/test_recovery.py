@@ -98,8 +98,12 @@ def test_instant_recovery_boots_then_moves_to_storage(cli: Cli, backed_up: tuple
         assert guest_files(vm) == files  # the guest reads its files from the repository, intact
         vm.run("echo written-during-recovery > /mnt/vdb/new.txt && sync")
 
-        moved = cli.json("instant-restore", "finish", copy, "--storage", str(tmp_path / "moved"))
-        assert moved["disks"] == {d: str(tmp_path / "moved" / f"{copy}-{d}.qcow2") for d in ("vda", "vdb")}
+        finished = cli.run("instant-restore", "finish", copy, "--storage", str(tmp_path / "moved"))
+        bars = [line for line in finished.stderr.splitlines() if line.lstrip().startswith("move vd")]
+        assert len(bars) == 2 and not any("/0 bytes" in b or "0.0/0" in b for b in bars), finished.stderr
+        moved = {"disks": {d: str(tmp_path / "moved" / f"{copy}-{d}.qcow2") for d in ("vda", "vdb")}}
+        assert all(Path(p).exists() for p in moved["disks"].values())
+        assert f"{copy}: moved to {tmp_path / 'moved'}" in "".join(finished.stdout.split("\n")), finished.stdout
         assert vm.is_running() and vm.run("cat /mnt/vdb/new.txt").strip() == "written-during-recovery"
         assert guest_files(vm) == files
         assert not (instant.STATE / copy).exists() and not (OVERLAYS / copy).exists()

@@ -22,14 +22,20 @@ MASK = "***"
 
 # What must never reach a log line, whatever a message quotes: API tokens, the password of a URL
 # (database, hypervisor, S3), password/secret/token parameters and headers, private keys.
+_KEYWORD = r"[\w\-]*(?:password|passwd|passphrase|secret|token|api[_\-]?key|session|cookie)[\w\-]*"
 SECRETS = (
     (re.compile(r"\bvk_[A-Za-z0-9_\-]{8,}"), "vk_" + MASK),
-    (re.compile(r"(?P<keep>\b[a-z][a-z0-9+.\-]*://[^/\s:@]+:)[^@\s/]+(?=@)", re.I), r"\g<keep>" + MASK),
-    (re.compile(r"(?P<keep>\b(?:password|passphrase|secret|token|secret_access_key|aws_secret_access_key)"
-                r"['\"]?\s*[=:]\s*['\"]?)[^\s'\",;&]+", re.I), r"\g<keep>" + MASK),
-    (re.compile(r"(?P<keep>\bauthorization['\"]?\s*[:=]\s*['\"]?(?:bearer|basic)\s+)[^\s'\",;]+", re.I),
-     r"\g<keep>" + MASK),
-    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?-----END [A-Z ]*PRIVATE KEY-----", re.S),
+    # a URL's user info: everything after the user's ':' up to the last '@' before the host
+    (re.compile(r"(?P<keep>\b[a-z][a-z0-9+.\-]*://[^/\s:@]+:)[^\s]*@(?=[^@\s]*(?:[/?#\s]|$))", re.I),
+     r"\g<keep>" + MASK + "@"),
+    # "password": "two words", password='x', VMKEEP_HOST_PASSWORD=x, db_password: x, smtp_password=…
+    (re.compile(r"(?P<keep>" + _KEYWORD + r"[\"']?\s*[=:]\s*)(?P<q>[\"'])(?:(?!(?P=q)).)*(?P=q)", re.I),
+     r"\g<keep>\g<q>" + MASK + r"\g<q>"),
+    (re.compile(r"(?P<keep>" + _KEYWORD + r"[\"']?\s*[=:]\s*)[^\s'\",;&]+", re.I), r"\g<keep>" + MASK),
+    (re.compile(r"(?P<keep>\b(?:authorization|proxy-authorization)[\"']?\s*[:=]\s*[\"']?[\w\-]+\s+)[^\s'\",;]+",
+                re.I), r"\g<keep>" + MASK),
+    # a private key, or what is left of one when a message was cut short
+    (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S),
      "[private key " + MASK + "]"),
 )
 
@@ -64,7 +70,9 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         at = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         context = " ".join(f"{k}={v}" for k, v in _context(record).items())
-        line = f"{at} {record.levelname} {record.name} " + (f"[{context}] " if context else "") + record.getMessage()
+        # one event, one line: a message quoting a newline (a path, a guest's file name) cannot forge another
+        message = record.getMessage().replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+        line = f"{at} {record.levelname} {record.name} " + (f"[{context}] " if context else "") + message
         if record.exc_text:
             line += "\n" + record.exc_text
         return line

@@ -106,9 +106,12 @@ def start(repo: Repository, spec_base: PointSpec, connector: Connector, vm: str,
 
 
 def discard(connector: Connector, instant: InstantVM) -> None:
-    """Stop and remove the VM, its layers and its exports."""
-    capable(connector).instant_discard(instant.name, instant.overlays)
-    instant.release()
+    """Stop and remove the VM, its layers and its exports (the exports even when removing the VM
+    failed: nothing may keep serving the repository)."""
+    try:
+        capable(connector).instant_discard(instant.name, instant.overlays)
+    finally:
+        instant.release()
 
 
 def finish(connector: Connector, instant: InstantVM, storage: Path,

@@ -1,4 +1,5 @@
-"""One log line per API request: method, path, status, time, and the client, so an administrator
+"""One log line per API request: method, path, status, time, and the client (behind a trusted
+reverse proxy, the one it names), so an administrator
 can follow who did what without the audit log. Polling (heartbeats, metrics, health) goes to
 debug, or it would drown the rest."""
 
@@ -7,7 +8,10 @@ from __future__ import annotations
 import logging
 import time
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vmkeep.server.client_address import client_address
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ class RequestLog:
         finally:
             path = scope.get("path", "")
             quiet = path in QUIET or path.endswith(QUIET_SUFFIX)
-            client = scope.get("client") or ("?", 0)
+            # the path as sent (still percent-encoded: a decoded %0a would start a forged line)
+            shown = scope.get("raw_path", path.encode()).decode("latin-1")
             log.log(logging.DEBUG if quiet and status < 400 else logging.INFO, "%s %s → %d (%.0f ms) from %s",
-                    scope.get("method", "?"), path, status, (time.monotonic() - started) * 1000, client[0])
+                    scope.get("method", "?"), shown, status, (time.monotonic() - started) * 1000,
+                    client_address(Request(scope)) or "?")

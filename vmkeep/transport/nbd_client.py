@@ -125,14 +125,17 @@ class NbdExport:
         try:
             self.handle().pwrite(data, offset)
         except nbd.Error as exc:
-            raise ImageError(f"writing {len(data)} bytes at {offset} to {self.uri} failed: {exc}") from None
+            raise ImageError(f"writing {len(data)} bytes at {offset} to {self.uri} failed: {exc}") from exc
 
     def flush(self) -> None:
         with self._lock:
             handles = list(self._handles)
         for h in handles:
             if h.can_flush():
-                h.flush()
+                try:
+                    h.flush()
+                except nbd.Error as exc:
+                    raise ImageError(f"flushing the writes to {self.uri} failed: {exc}") from exc
 
     def _status(self, context: str) -> Iterator[tuple[int, int, int]]:
         """(offset, length, flags) over the whole export for one metadata context."""

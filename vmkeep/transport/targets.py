@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from vmkeep.errors import UsageError
 from vmkeep.fsutil import start_writeback
 from vmkeep.transport.nbd_client import NbdExport
-from vmkeep.transport.qemu_nbd import ImageInfo, create_image, serve_image
+from vmkeep.transport.qemu_nbd import UNLIMITED, ImageInfo, create_image, serve_image
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,11 @@ class NbdWriter:
 
 
 @contextmanager
-def open_file_writer(path: Path, fmt: str, size: int, connections: int) -> Iterator[DiskWriter]:
+def open_file_writer(path: Path, fmt: str, size: int, connections: int | None = None) -> Iterator[DiskWriter]:
     """Create ``path`` (refusing to overwrite) as a ``fmt`` image of ``size`` bytes and yield its
-    writer; on failure the file is removed. ``connections``: how many threads write at once."""
+    writer; on failure the file is removed. ``connections``: how many threads write at once
+    (None: any number — each writing thread holds a connection, and one beyond the server's
+    limit would wait forever)."""
     if fmt not in FORMATS:
         raise UsageError(f"unsupported output format {fmt!r}: use raw or qcow2")
     if path.exists():
@@ -104,9 +106,9 @@ def open_file_writer(path: Path, fmt: str, size: int, connections: int) -> Itera
                 os.close(fd)
         else:
             create_image(path, "qcow2", size)
-            log.debug("writing %s through qemu-nbd with %d connections", path, connections)
-            with serve_image(ImageInfo(path, "qcow2", size), readonly=False, connections=connections + 1,
-                             direct=True) as uri:
+            log.debug("writing %s through qemu-nbd (%s connections)", path, connections or "any number of")
+            limit = UNLIMITED if connections is None else connections + 1  # + the probe's
+            with serve_image(ImageInfo(path, "qcow2", size), readonly=False, connections=limit, direct=True) as uri:
                 export = NbdExport(uri)
                 try:
                     yield NbdWriter(export)

@@ -143,13 +143,18 @@ class LibvirtConnector:
         try:
             dom = self.conn.defineXML(xml)
         except libvirt.libvirtError as exc:
-            raise HypervisorError(f"libvirt refused the restored configuration: {exc.get_error_message()}") from None
+            raise HypervisorError(f"libvirt refused the restored configuration: {exc.get_error_message()}") from exc
         if start:
-            try:
-                dom.create()
-            except libvirt.libvirtError as exc:
-                raise HypervisorError(f"the restored VM {dom.name()} is defined but does not start: "
-                                      f"{exc.get_error_message()}") from None
+            self.start_restored(dom.name())
+
+    def start_restored(self, name: str) -> None:
+        """Start a VM a restore defined; if it will not, it stays defined with its disks, to look into."""
+        try:
+            self.domain(name).create()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"the restored VM {name} is defined but does not start: "
+                                  f"{exc.get_error_message()}; its disks stay: fix its definition (virsh edit "
+                                  f"{name}) and start it, or remove it") from exc
 
     def require_shut_off(self, vm: str) -> None:
         if self.domain(vm).state()[0] != libvirt.VIR_DOMAIN_SHUTOFF:

@@ -20,7 +20,7 @@ import libvirt
 
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import DiskExport, HypervisorError
-from vmkeep.hypervisors.libvirt.domain_xml import with_disk_paths, without_network
+from vmkeep.hypervisors.libvirt.domain_xml import disk_specs, with_disk_paths, without_network
 from vmkeep.hypervisors.libvirt.job_xml import copy_destination_xml
 from vmkeep.progress import Progress
 
@@ -84,18 +84,22 @@ def _remove_overlays(name: str, overlays: dict[str, str]) -> None:
 def finish(connector: LibvirtConnector, name: str, overlays: dict[str, str], storage: Path,
            progress: Progress | None = None) -> dict[str, str]:
     """Copy every disk to ``storage`` while the VM runs, pivot onto the copies, remove the
-    overlays; the VM's new disk paths. A copy that fails leaves the VM running as it was."""
+    overlays; the VM's new disk paths. A copy that fails leaves the disks not yet moved running
+    from the repository; finishing again with the same ``storage`` goes on from there."""
     dom = connector.domain(name)
     if not dom.isActive():
         raise UsageError(f"{name} is not running: start it (virsh start {name}) or discard it")
     storage.mkdir(parents=True, exist_ok=True)
     targets = {disk: storage / f"{name}-{disk}.qcow2" for disk in overlays}
-    taken = [str(p) for p in targets.values() if p.exists()]
+    running_from = {spec.target: spec.source for spec in disk_specs(dom.XMLDesc(0))}
+    done = {disk: str(t) for disk, t in targets.items() if running_from.get(disk) == str(t)}  # an earlier finish
+    taken = [str(p) for disk, p in targets.items() if p.exists() and disk not in done]
     if taken:
         raise UsageError(f"{', '.join(taken)} exist already; choose another --storage")
-    done: dict[str, str] = {}
     try:
         for disk, target in targets.items():
+            if disk in done:
+                continue
             _copy_and_pivot(dom, disk, target, progress)
             done[disk] = str(target)
             _keep_definition(connector, dom, done)
@@ -125,7 +129,7 @@ def _copy_and_pivot(dom: libvirt.virDomain, disk: str, target: Path, progress: P
         dom.blockCopy(disk, copy_destination_xml(target), None, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
     except libvirt.libvirtError as exc:
         raise HypervisorError(f"cannot start copying {disk} to {target}: {exc.get_error_message()}") from exc
-    task = progress.task(f"move {disk}", 0) if progress is not None else None
+    task = None  # made once the job says how much it copies (a bar of "…/0 bytes" said nothing)
     deadline = time.monotonic() + COPY_TIMEOUT
     reported = 0
     try:
@@ -134,6 +138,8 @@ def _copy_and_pivot(dom: libvirt.virDomain, disk: str, target: Path, progress: P
             if not info:
                 raise HypervisorError(f"the copy of {disk} to {target} stopped on its own; the VM still runs "
                                       "from the repository")
+            if task is None and progress is not None and info["end"]:
+                task = progress.task(f"move {disk}", int(info["end"]))
             if task is not None and info["cur"] > reported:
                 task.advance(info["cur"] - reported)
                 reported = info["cur"]
@@ -145,8 +151,8 @@ def _copy_and_pivot(dom: libvirt.virDomain, disk: str, target: Path, progress: P
     except BaseException:
         try:
             dom.blockJobAbort(disk, 0)  # stay on the overlay
-        except libvirt.libvirtError:
-            pass
+        except libvirt.libvirtError as exc:
+            log.warning("aborting the copy of %s disk %s: %s", dom.name(), disk, exc.get_error_message())
         raise
     finally:
         if task is not None:

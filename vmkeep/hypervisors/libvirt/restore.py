@@ -23,7 +23,7 @@ import libvirt
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.libvirt import pools
-from vmkeep.hypervisors.libvirt.upload import pool_for, upload_disk
+from vmkeep.hypervisors.libvirt.upload import UPLOADING_SUFFIX, pool_for, upload_disk
 from vmkeep.transport.targets import DiskWriter, open_file_writer
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 IMAGES = Path("/var/lib/libvirt/images")
 FORMAT = "qcow2"
 STAGED_SUFFIX = ".vmkeep-restore"
-WRITER_CONNECTIONS = 8  # qemu-nbd connections per image: one per restore worker and then some
 
 
 def check_config(config: dict[str, Any], place: dict[str, str] | None) -> None:
@@ -81,7 +80,7 @@ class LibvirtRestore:
         if not self.as_new:
             path.unlink(missing_ok=True)  # a staged copy an interrupted restore left
         log.debug("writing disk %s of %s into %s", name, self.name, path)
-        with open_file_writer(path, FORMAT, size, WRITER_CONNECTIONS) as writer:
+        with open_file_writer(path, FORMAT, size) as writer:
             self.undo.append(lambda: path.unlink(missing_ok=True))
             yield writer
 
@@ -93,8 +92,10 @@ class LibvirtRestore:
                 os.replace(self.staged(disk), final)
             self.undo.clear()
         placed = self.connector.define_restored(self.config, name=self.name, disk_paths=disk_paths,
-                                                storage=self.storage, as_new=self.as_new, start=start)
-        self.undo.clear()
+                                                storage=self.storage, as_new=self.as_new, start=False)
+        self.undo.clear()  # handed over: the VM is defined with these disks
+        if start:
+            self.connector.start_restored(self.name)
         log.info("restored %s on %s with disks %s", self.name, self.connector.uri, ", ".join(placed.values()))
         return placed
 
@@ -132,6 +133,9 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
         if not as_new:
             raise HypervisorError(f"a restore over the original VM on {connector.host} runs on that host (a proxy "
                                   "there): its disks are swapped in place; or restore --as NEW from here")
+        if config.get("nvram"):
+            raise HypervisorError(f"{name} has UEFI variables, which are written beside its disks on the host: run "
+                                  f"this restore on {connector.host} (a proxy there)")
         with _remote_restore(connector, config, name, disks, storage, retry) as session:
             yield session
         return
@@ -211,11 +215,12 @@ def _remote_restore(connector: LibvirtConnector, config: dict[str, Any], name: s
     directory, chosen = placement(connector, config, name, storage)
     paths = new_disk_paths(directory, name, disks)
     with pool_for(connector.conn, directory, chosen) as pool:
-        if retry:
+        if retry:  # what the attempt that died left: its VM, its volumes, a half-sent upload
             connector.remove_restored(name, [str(p) for p in paths.values()])
             for p in paths.values():
-                if _volume_exists(pool, p.name):
-                    _delete_volume(pool, p.name)
+                for volume in (p.name, p.name + UPLOADING_SUFFIX):
+                    if _volume_exists(pool, volume):
+                        _delete_volume(pool, volume)
         _refuse_taken(connector, name, [str(p) for p in paths.values() if _volume_exists(pool, p.name)])
         session = LibvirtRestore(connector, config, name, paths, as_new=True, storage=storage, pool=pool)
         try:

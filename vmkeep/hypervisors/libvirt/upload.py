@@ -8,8 +8,8 @@ no pool there, a transient one is made for the restore and removed after (its fi
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SEND_PIECE = 256 << 10  # the largest payload of one libvirt stream message
 UPLOADING_SUFFIX = ".vmkeep-upload"
+TRANSIENT_PREFIX = "vmkeep-restore-"  # pools a restore makes over a directory the host has none for
 
 
 @contextmanager
@@ -31,13 +32,16 @@ def pool_for(conn: libvirt.virConnect, directory: PurePosixPath,
              pool: libvirt.virStoragePool | None = None) -> Iterator[libvirt.virStoragePool]:
     """An active storage pool of the host over ``directory``: ``pool`` (the host's own), or a
     transient one (the directory made) that goes again when the restore ends."""
-    if pool is not None:
+    if pool is not None and not pool.name().startswith(TRANSIENT_PREFIX):
         refresh(pool)
         log.debug("restoring into the host's storage pool %s (%s)", pool.name(), directory)
         yield pool
         return
+    if pool is not None:  # one a restore that died left: this restore's to remove now
+        _destroy(pool)
     root = ET.Element("pool", type="dir")
-    ET.SubElement(root, "name").text = f"vmkeep-restore-{secrets.token_hex(4)}"
+    # named after the directory: an attempt that died and its retry meet the same pool
+    ET.SubElement(root, "name").text = TRANSIENT_PREFIX + hashlib.sha256(str(directory).encode()).hexdigest()[:12]
     ET.SubElement(ET.SubElement(root, "target"), "path").text = str(directory)
     try:
         made = conn.storagePoolCreateXML(ET.tostring(root, encoding="unicode"),
@@ -49,10 +53,15 @@ def pool_for(conn: libvirt.virConnect, directory: PurePosixPath,
     try:
         yield made
     finally:
-        try:
-            made.destroy()
-        except libvirt.libvirtError as exc:
-            log.warning("the transient storage pool %s stays on the host: %s", made.name(), exc.get_error_message())
+        _destroy(made)
+
+
+def _destroy(pool: libvirt.virStoragePool) -> None:
+    """End a transient pool (its files stay)."""
+    try:
+        pool.destroy()
+    except libvirt.libvirtError as exc:
+        log.warning("the transient storage pool %s stays on the host: %s", pool.name(), exc.get_error_message())
 
 
 def _volume_xml(name: str, size: int, fmt: str) -> str:

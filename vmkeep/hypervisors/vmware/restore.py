@@ -210,6 +210,8 @@ class OriginalVM:
     @contextmanager
     def disk(self, name: str, size: int) -> Iterator[DiskWriter]:
         target = _check_disk(self.current, self.name, name, size)
+        if not self.written:  # before the first byte: CBT will not see these writes, so the next backup
+            self.connector.forget_checkpoints(self.name)  # is full even if this restore fails half-way
         upload = put_stream(self.connector.session, self.datacenter, target.datastore, target.flat_path, size)
         writer = FolderWriter(upload)
         self.written.append(name)
@@ -226,7 +228,6 @@ class OriginalVM:
             raise
 
     def finish(self, *, start: bool) -> dict[str, str]:
-        self.connector.forget_checkpoints(self.name)  # CBT did not see these writes: the next backup is full
         if start:
             self.connector.session.wait(self.connector.vm(self.name).PowerOnVM_Task(), f"starting {self.name}")
         return {d: self.current[d].file for d in self.written}
