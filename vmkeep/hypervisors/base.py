@@ -106,7 +106,8 @@ class VMRestore(Protocol):
         """The writer of disk ``name`` (``size`` bytes); leaving the context flushes and closes it."""
 
     def finish(self, *, start: bool) -> dict[str, str]:
-        """Register (and start) the VM with the restored disks; where each disk lives now."""
+        """Register (and start) the VM with the restored disks; where each disk lives now. Once
+        registered, the VM and its disks are handed over: one that does not start stays."""
 
 
 class Connector(Protocol):
