@@ -12,6 +12,12 @@ def kind_of(uri: str) -> str:
     return "vsphere" if uri.lower().startswith("vsphere://") else "libvirt"
 
 
+def uses_stored_password(uri: str, username: str | None) -> bool:
+    """Whether a registered hypervisor's sealed password goes to its connector: vSphere names its
+    user in the address, libvirt's SASL login needs the registered user name."""
+    return bool(username) or kind_of(uri) == "vsphere"
+
+
 def open_connector(uri: str, *, nbd_tls: NbdTls = "auto", credentials: tuple[str, str] | None = None,
                    insecure: bool = False, allowance: Allowance | None = None) -> Connector:
     """A live connection to the hypervisor at ``uri`` (credentials: user and password, when the

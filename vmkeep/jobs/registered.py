@@ -9,7 +9,7 @@ from typing import Protocol
 from vmkeep.catalog.rebuild import Pinned, check_pinned
 from vmkeep.hypervisors.address import Allowance
 from vmkeep.hypervisors.base import Connector, HypervisorError, NbdTls
-from vmkeep.hypervisors.connect import KINDS, kind_of, open_connector
+from vmkeep.hypervisors.connect import KINDS, kind_of, open_connector, uses_stored_password
 from vmkeep.jobs.keys import open_secret
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
@@ -68,7 +68,7 @@ def connector_for(h: HypervisorAccess, nbd_tls: NbdTls = "require") -> Connector
         raise HypervisorError(f"hypervisor {h.name}: kind {h.kind!r} with address {h.uri} has no connector (have: "
                               f"{', '.join(KINDS)}; vsphere addresses start vsphere://)")
     credentials = None
-    if h.secret_sealed and (h.username or h.kind == "vsphere"):  # vSphere's user is in its address
+    if h.secret_sealed and uses_stored_password(h.uri, h.username):
         credentials = (h.username or "", open_secret(h.secret_sealed, secret_context(h.name)))
     return open_connector(h.uri, credentials=credentials, nbd_tls=nbd_tls,
                           allowance=Allowance(plain_tcp=h.allow_plain_tcp, unsafe_options=h.allow_unsafe_options))
