@@ -359,13 +359,16 @@ def _runs_in_a_vm() -> bool:
         return False
 
 
-def _appliance_on_this_machine(g: Any) -> None:
+def _appliance_on_this_machine(g: Any) -> bool:
     """libguestfs boots a small appliance VM; inside a VM that is nested KVM, which on the machines
     vmkeep runs on fails or stalls, so the appliance is emulated there (slower, but it boots). An
-    administrator's own LIBGUESTFS_BACKEND_SETTINGS wins."""
-    if os.environ.get("LIBGUESTFS_BACKEND_SETTINGS") is None and _runs_in_a_vm():
+    administrator's own LIBGUESTFS_BACKEND_SETTINGS wins. Whether KVM may still be tried."""
+    settings = os.environ.get("LIBGUESTFS_BACKEND_SETTINGS")
+    if settings is None and _runs_in_a_vm():
         log.info("this machine is a VM: libguestfs' appliance runs emulated (force_tcg)")
         g.set_backend_settings(["force_tcg"])
+        return False
+    return "force_tcg" not in (settings or "")
 
 
 def _logging_into_ours(g: Any, guestfs: Any) -> None:
@@ -385,6 +388,34 @@ def _logging_into_ours(g: Any, guestfs: Any) -> None:
     g.set_event_callback(forward, events)
 
 
+def _launched(guestfs: Any, sock: str, spec: PointSpec, emulated: bool = False) -> Any:
+    """A libguestfs handle with the point's disk, its appliance running. An appliance that fails
+    under KVM (nested virtualisation: "failed to set MSR …") is started again emulated, said in
+    one line; nothing to set by hand."""
+    g = guestfs.GuestFS(python_return_dict=True)
+    kvm = False
+    try:
+        _logging_into_ours(g, guestfs)
+        if emulated:
+            g.set_backend_settings(["force_tcg"])
+        else:
+            kvm = _appliance_on_this_machine(g) and os.path.exists("/dev/kvm")
+        g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)
+        g.launch()
+        return g
+    except RuntimeError as exc:
+        g.close()
+        if kvm:
+            log.warning("libguestfs' appliance did not start with KVM (%s); starting it emulated, which is "
+                        "slower", (str(exc).strip().splitlines() or ["?"])[0][:200])
+            return _launched(guestfs, sock, spec, emulated=True)
+        raise FileRestoreError(f"libguestfs could not open {spec.name}@{spec.point} disk {spec.disk}: {exc}") \
+            from exc
+    except BaseException:
+        g.close()
+        raise
+
+
 @contextmanager
 def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator[GuestFiles]:
     """The point's disk as a read-only filesystem (the only one on it, or ``filesystem``, e.g.
@@ -393,13 +424,9 @@ def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator
 
     with serve(spec) as uri, tempfile.TemporaryDirectory(prefix="vmkeep-files-") as _tmp:
         sock = unix_socket_of(uri)
-        g = guestfs.GuestFS(python_return_dict=True)
+        g = _launched(guestfs, sock, spec)
         try:
-            _logging_into_ours(g, guestfs)
-            _appliance_on_this_machine(g)
-            g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)
             try:
-                g.launch()
                 found = g.list_filesystems()
             except RuntimeError as exc:
                 raise FileRestoreError(f"libguestfs could not open {spec.name}@{spec.point} disk {spec.disk}: "
