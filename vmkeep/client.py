@@ -28,11 +28,24 @@ def _tokens() -> dict[str, str]:
 
 
 def save_token(server: str, token: str) -> None:
-    """Add ``token`` to the store. The new content goes into a file created 0600 and then takes
-    the store's place: never readable by others, even for a moment, even if the old store was."""
+    """Add ``token`` to the store."""
+    _write_tokens({**_tokens(), server: token})
+
+
+def forget_token(server: str) -> bool:
+    """Drop ``server``'s token from the store (after logging out); whether there was one."""
+    tokens = _tokens()
+    if tokens.pop(server.rstrip("/"), None) is None:
+        return False
+    _write_tokens(tokens)
+    return True
+
+
+def _write_tokens(tokens: dict[str, str]) -> None:
+    """The new content goes into a file created 0600 and then takes the store's place: never
+    readable by others, even for a moment, even if the old store was."""
     path = token_file()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tokens = {**_tokens(), server: token}
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # O_EXCL, mode 0600
     staging = Path(name)
     try:
@@ -78,11 +91,13 @@ def read_token(token_file: Path | None) -> str:
 
 
 class ApiClient:
-    def __init__(self, server: str, ca_file: Path | None = None) -> None:
+    def __init__(self, server: str, ca_file: Path | None = None, token: str | None = None) -> None:
+        """A client with ``token``, else VMKEEP_TOKEN, else the one `vmkeep login` stored."""
         self.server = server.rstrip("/")
         from vmkeep.settings import secret, settings
 
-        token = secret(settings().token) or _tokens().get(self.server)
+        token = token or secret(settings().token) or _tokens().get(self.server)
+        self.ca_file = ca_file
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.server, headers=headers, timeout=TIMEOUT_SECONDS,
                                  verify=server_verify(ca_file))

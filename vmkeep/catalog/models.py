@@ -272,7 +272,9 @@ class RestoreJob(Base):
     requested_by: Mapped[str] = mapped_column(String(100))
     vm_name: Mapped[str] = mapped_column(String(200))
     point_id: Mapped[str] = mapped_column(String(64))
-    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"))
+    # history outlives the repository's registration (migration 0013)
+    repository_id: Mapped[int | None] = mapped_column(ForeignKey("repositories.id", ondelete="SET NULL"))
+    repository_name: Mapped[str] = mapped_column(String(200), server_default="")  # kept when it is removed
     hypervisor_id: Mapped[int | None] = mapped_column(ForeignKey("hypervisors.id", ondelete="SET NULL"))
     hypervisor_name: Mapped[str] = mapped_column(String(200), server_default="")  # kept when it is deleted
     mode: Mapped[str] = mapped_column(String(20))  # as-new or overwrite
@@ -291,5 +293,5 @@ class RestoreJob(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
-    repository: Mapped[RepositoryRecord] = relationship()
+    repository: Mapped[RepositoryRecord | None] = relationship()
     hypervisor: Mapped[Hypervisor | None] = relationship()

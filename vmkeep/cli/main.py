@@ -25,12 +25,18 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "files": ("files_cmds", "app", True),
     "db": ("catalog_cmds", "db_app", True),
     "catalog": ("catalog_cmds", "catalog_app", True),
-    "user": ("server_cmds", "user_app", True),
+    "user": ("user_cmds", "user_app", True),
     "server": ("server_cmds", "server_cmd", False),
     "login": ("client_cmds", "login_cmd", False),
-    "hypervisor": ("client_cmds", "hypervisor_app", True),
-    "policy": ("client_cmds", "policy_app", True),
+    "logout": ("access_cmds", "logout_cmd", False),
+    "whoami": ("access_cmds", "whoami_cmd", False),
+    "hypervisor": ("inventory_cmds", "hypervisor_app", True),
+    "vms": ("inventory_cmds", "vms_cmd", False),
+    "repository": ("registry_cmds", "repository_app", True),
+    "proxies": ("inventory_cmds", "proxies_app", True),
+    "policy": ("policy_cmds", "policy_app", True),
     "jobs": ("client_cmds", "jobs_cmd", False),
+    "restores": ("client_cmds", "restores_cmd", False),
     "proxy": ("server_cmds", "proxy_cmd", False),
     "token": ("access_cmds", "token_app", True),
     "audit": ("access_cmds", "audit_app", True),
@@ -48,8 +54,8 @@ ROOT_OPTIONS_WITH_VALUE = ("--server", "--ca-file")
 
 def root(ctx: typer.Context, server: Annotated[str | None, typer.Option(
         "--server",
-        help="A vmkeep server's URL, for the commands that talk to it (login, hypervisor, policy, jobs, "
-             "points; else VMKEEP_SERVER)")] = None,
+        help="A vmkeep server's URL, for the commands that talk to it (login, hypervisor, vms, repository, "
+             "proxies, policy, jobs, restores, token, user, audit, points; else VMKEEP_SERVER)")] = None,
          ca_file: Annotated[Path | None, typer.Option(
              "--ca-file",
              help="PEM file of the CA that signed the --server's certificate (else VMKEEP_CA_FILE; default: the "

@@ -1,20 +1,16 @@
-"""`vmkeep server` (the master's REST API) and `vmkeep user add` (bootstrap accounts locally)."""
+"""`vmkeep server` (the master's REST API) and `vmkeep proxy` (a data mover working for it)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from vmkeep.cli.catalog_cmds import DatabaseOpt
-from vmkeep.cli.common import JsonOpt
-from vmkeep.cli.output import emit_json, out_console
 from vmkeep.errors import UsageError
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
-user_app = typer.Typer(help="Accounts of the master server.", no_args_is_help=True)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -116,39 +112,3 @@ def proxy_cmd(
     run_proxy(server.rstrip("/"), read_token(token_file), name, parse_transports(transports),
               [h.strip() for h in reaches.split(",") if h.strip()], concurrency, max_rate,
               [s.strip() for s in storage.split(",") if s.strip()], ca_file or settings().ca_file)
-
-
-@user_app.command("add")
-def user_add_cmd(
-    name: Annotated[str, typer.Argument(help="Login name")],
-    role: Annotated[str, typer.Option(
-        help="admin, operator, restore-only, auditor, or proxy (for `vmkeep proxy`)")] = "admin",
-    database_url: DatabaseOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Create an account directly in the catalog (the first admin); password from
-    VMKEEP_NEW_PASSWORD or asked for."""
-    from sqlalchemy import select
-
-    from vmkeep.catalog.db import database_url as resolve
-    from vmkeep.catalog.db import sessions
-    from vmkeep.catalog.models import User
-    from vmkeep.server.audit import record
-    from vmkeep.server.auth import ROLES, hash_password
-    from vmkeep.settings import secret, settings
-
-    if role not in ROLES:
-        raise UsageError(f"--role must be one of {', '.join(ROLES)}")
-    password = secret(settings().new_password) or typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    if len(password) < 8:
-        raise UsageError("the password needs at least 8 characters")
-    with sessions(resolve(database_url))() as session:
-        if session.scalar(select(User).where(User.name == name)) is not None:
-            raise UsageError(f"user {name} exists")
-        session.add(User(name=name, role=role, password_hash=hash_password(password)))
-        record(session, None, f"local:{os.environ.get('USER', 'root')}", "user-create", name, role=role)
-        session.commit()
-    if json_out:
-        emit_json({"user": name, "role": role})
-    else:
-        out_console.print(f"user {name} ({role}) created")

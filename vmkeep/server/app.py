@@ -25,7 +25,7 @@ from vmkeep import __version__
 from vmkeep.catalog.db import sessions
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualMachine
 from vmkeep.jobs.queue import make_app
-from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_restore
+from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_proxies, routes_restore
 from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
 from vmkeep.server.endpoints import EndpointPolicy, Network
@@ -117,6 +117,7 @@ def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_u
     app.add_middleware(RequestLog)  # outermost: every request's line, a refused one too
     app.include_router(routes_access.router)
     app.include_router(routes_inventory.router)
+    app.include_router(routes_proxies.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_restore.router)
     app.add_exception_handler(RequestValidationError, validation_failed)

@@ -13,6 +13,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
 
 from vmkeep.catalog.models import ApiToken, User
 
@@ -89,7 +90,11 @@ def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = 
     if user.disabled or token.expires < now:
         raise unauthorized
     token.last_used = now
-    session.commit()
+    try:
+        session.commit()
+    except StaleDataError:  # revoked, or its user removed, since the row was read
+        session.rollback()
+        raise unauthorized from None
     request.state.user = user.name
     request.state.token_id = token.id
     return user

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.audit_chain import verify_chain
 from vmkeep.catalog.models import ApiToken, AuditEntry, User
 from vmkeep.server import audit
+from vmkeep.server.accounts import removal_refused
 from vmkeep.server.auth import (
     ADMIN,
     LOGIN_HOURS,
@@ -129,11 +130,13 @@ def create_user(body: UserIn, request: Request, admin: User = Depends(require(AD
 @router.delete("/users/{name}", status_code=204, tags=["access"])
 def delete_user(name: str, request: Request, admin: User = Depends(require(ADMIN)),
                 session: Session = Depends(get_session)) -> Response:
+    """Remove an account and its tokens (an administrator too, by another one; never the last)."""
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
         raise HTTPException(404, f"no user {name}")
-    if user.name == admin.name:
-        raise HTTPException(409, "an administrator cannot remove their own account")
+    refused = removal_refused(session, user, admin.name)
+    if refused:
+        raise HTTPException(409, f"user {name} stays: {refused}")
     session.delete(user)
     audit.record(session, request, admin.name, "user-delete", name)
     session.commit()
@@ -153,9 +156,19 @@ def audit_verify(_: User = Depends(require(*READ_AUDIT)), session: Session = Dep
 
 
 @router.get("/audit", response_model=list[AuditOut], tags=["access"])
-def audit_log(limit: int = Query(100, ge=1, le=10000), _: User = Depends(require(*READ_AUDIT)),
-              session: Session = Depends(get_session)) -> list[AuditOut]:
+def audit_log(limit: int = Query(100, ge=1, le=10000),
+              who: str | None = Query(None, alias="user", max_length=100, description="only this user's"),
+              action: str | None = Query(None, max_length=100, description="e.g. user-delete, restore-start"),
+              since: datetime | None = Query(None, description="only entries from then on"),
+              _: User = Depends(require(*READ_AUDIT)), session: Session = Depends(get_session)) -> list[AuditOut]:
     """The newest entries first."""
-    rows = session.scalars(select(AuditEntry).order_by(AuditEntry.id.desc()).limit(limit))
+    query = select(AuditEntry)
+    if who is not None:
+        query = query.where(AuditEntry.user == who)
+    if action is not None:
+        query = query.where(AuditEntry.action == action)
+    if since is not None:
+        query = query.where(AuditEntry.at >= since)
+    rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit))
     return [AuditOut(at=e.at, user=e.user, action=e.action, target=e.target, client=e.client, detail=e.detail)
             for e in rows]

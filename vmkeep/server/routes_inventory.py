@@ -9,7 +9,9 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
     Hypervisor,
+    Job,
     JobVM,
+    Policy,
     RepositoryRecord,
     RestoreJob,
     RestorePointRecord,
@@ -215,6 +217,44 @@ async def rebuild_repository(name: str, request: Request, user: User = Depends(r
     session.commit()
     return RebuildOut(repository=report.repository, points=report.points, removed=report.removed,
                       damaged=[{"key": k, "reason": why} for k, why in report.damaged])
+
+
+def _repository_users(session: Session, r: RepositoryRecord) -> list[str]:
+    """What keeps ``r`` in the catalog: the policies that back up into it, their runs still going,
+    and the restores from it under way."""
+    policies = list(session.scalars(select(Policy.name).where(Policy.repository_id == r.id).order_by(Policy.name)))
+    runs = list(session.scalars(select(Job.id).join(Policy).where(Policy.repository_id == r.id,
+                                                                  Job.finished.is_(None)).order_by(Job.id)))
+    restores = list(session.scalars(select(RestoreJob.id).where(RestoreJob.repository_id == r.id,
+                                                                RestoreJob.status.in_(ACTIVE)).order_by(RestoreJob.id)))
+    reasons = []
+    if runs:
+        reasons.append(f"runs {', '.join(map(str, runs))} are going (wait for them or cancel them)")
+    if restores:
+        reasons.append(f"restores {', '.join(map(str, restores))} are under way (wait for them to end)")
+    if policies:
+        reasons.append(f"policies {', '.join(policies)} back up into it (delete them or point them at "
+                       "another repository)")
+    return reasons
+
+
+@router.delete("/repositories/{name}", status_code=204, tags=["repositories"])
+def delete_repository(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
+                      session: Session = Depends(get_session)) -> Response:
+    """Remove a repository from the catalog: its points leave the catalog, not the repository
+    (registering it again imports them); its restores' history stays, by name. Refused while a
+    policy, a run or a restore uses it."""
+    record = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == name).with_for_update())
+    if record is None:
+        raise HTTPException(404, f"no repository {name}")
+    reasons = _repository_users(session, record)
+    if reasons:
+        raise HTTPException(409, f"repository {name} is in use: {'; '.join(reasons)}")
+    points = _repository_out(session, record).points
+    session.delete(record)
+    audit.record(session, request, user.name, "repository-delete", name, location=record.location, points=points)
+    session.commit()
+    return Response(status_code=204)
 
 
 @router.get("/points", response_model=list[PointOut], tags=["repositories"])

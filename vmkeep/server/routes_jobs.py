@@ -1,4 +1,4 @@
-"""Proxies, policies, policy runs (jobs) and their per-VM history."""
+"""Policies, policy runs (jobs) and their per-VM history."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Job, Policy, Proxy, RepositoryRecord, User
-from vmkeep.catalog.proxy_role import proxy_database_url, proxy_role_name
+from vmkeep.catalog.models import Job, Policy, RepositoryRecord, User
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
-from vmkeep.jobs.keys import proxy_role_password
 from vmkeep.jobs.settle import settle_job
 from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.repository.prune import RetentionPolicy
 from vmkeep.server import audit
-from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, RUN_PROXY, get_session, require
-from vmkeep.server.dispatch import proxy_up, run_policy
+from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.dispatch import run_policy
 from vmkeep.server.endpoints import EndpointPolicy, refuse_with_400
 from vmkeep.server.schedule import next_run
 from vmkeep.server.schemas import NAME
@@ -32,30 +30,6 @@ JobId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
 # a negative count would keep nothing, so every point would be deleted
 Retention = dict[Literal["last", "hourly", "daily", "weekly", "monthly", "yearly"],
                  Annotated[int, Field(ge=0, strict=True)]]
-
-
-class ProxyIn(BaseModel):
-    name: str = Field(pattern=NAME)
-    transports: list[str] = Field(min_length=1, max_length=3)
-    reaches: list[str] = Field(min_length=1, max_length=1000)
-    storage: list[str] = Field(default_factory=list, max_length=1000,
-                               description="datastores it reads directly (san), as discovery names them")
-    concurrency: int = Field(ge=1, le=64)
-
-
-class ProxyOut(BaseModel):
-    name: str
-    transports: list[str]
-    reaches: list[str]
-    storage: list[str]
-    concurrency: int
-    up: bool
-    last_heartbeat: datetime
-
-
-class Registered(BaseModel):
-    proxy: ProxyOut
-    database_url: str  # the queue the proxy works from
 
 
 class PolicyIn(BaseModel):
@@ -123,12 +97,6 @@ class JobOut(BaseModel):
     vms: list[JobVMOut]
 
 
-def _proxy_out(p: Proxy) -> ProxyOut:
-    return ProxyOut(name=p.name, transports=p.transports, reaches=p.reaches, storage=p.storage,
-                    concurrency=p.concurrency,
-                    up=proxy_up(p), last_heartbeat=p.last_heartbeat)
-
-
 def _policy_out(p: Policy) -> PolicyOut:
     rules = p.selection
     return PolicyOut(name=p.name, repository=p.repository.name, vms=rules.get("vms", []),
@@ -150,46 +118,6 @@ def _job_out(job: Job) -> JobOut:
                                 duration_seconds=v.duration_seconds, point_id=v.point_id, verified=v.verified,
                                 boot_check=v.boot_check, disks=v.disks, warnings=v.warnings,
                                 error=v.error, started=v.started, finished=v.finished) for v in job.vms])
-
-
-@router.post("/proxies/register", response_model=Registered, tags=["proxies"])
-def register_proxy(body: ProxyIn, request: Request, user: User = Depends(require(*RUN_PROXY)),
-                   session: Session = Depends(get_session)) -> Registered:
-    """A proxy announces itself (again after a restart) and learns where its queue is: the
-    catalog's database login, so only admins and proxy accounts may ask."""
-    try:
-        parse_transports(":".join(body.transports))
-    except VmkeepError as exc:
-        raise HTTPException(400, str(exc)) from None
-    p = session.scalar(select(Proxy).where(Proxy.name == body.name))
-    if p is None:
-        p = Proxy(name=body.name, transports=body.transports, reaches=body.reaches, storage=body.storage,
-                  concurrency=body.concurrency)
-        session.add(p)
-    else:
-        p.transports, p.reaches, p.storage, p.concurrency = (body.transports, body.reaches, body.storage,
-                                                             body.concurrency)
-    p.last_heartbeat = datetime.now(UTC)
-    audit.record(session, request, user.name, "proxy-register", body.name, reaches=body.reaches)
-    session.commit()
-    role = proxy_role_name(request.app.state.database_url)
-    url = proxy_database_url(request.app.state.proxy_database_url, role, proxy_role_password(role))
-    return Registered(proxy=_proxy_out(p), database_url=url)
-
-
-@router.post("/proxies/{name}/heartbeat", status_code=204, tags=["proxies"])
-def heartbeat(name: str, _: User = Depends(require(*RUN_PROXY)),
-              session: Session = Depends(get_session)) -> None:
-    p = session.scalar(select(Proxy).where(Proxy.name == name))
-    if p is None:
-        raise HTTPException(404, f"no proxy {name}: register first")
-    p.last_heartbeat = datetime.now(UTC)
-    session.commit()
-
-
-@router.get("/proxies", response_model=list[ProxyOut], tags=["proxies"])
-def list_proxies(_: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> list[ProxyOut]:
-    return [_proxy_out(p) for p in session.scalars(select(Proxy).order_by(Proxy.name))]
 
 
 def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: EndpointPolicy) -> None:

@@ -40,11 +40,13 @@ class RestoreIn(BaseModel):
 
 class RestoreOut(BaseModel):
     id: int
+    requested_by: str
     vm: str
     point: str
     mode: str
     new_name: str | None
     hypervisor: str
+    repository: str
     proxy: str | None
     status: str
     attempts: int
@@ -58,8 +60,9 @@ class RestoreOut(BaseModel):
 
 
 def _out(r: RestoreJob) -> RestoreOut:
-    return RestoreOut(id=r.id, vm=r.vm_name, point=r.point_id, mode=r.mode, new_name=r.new_name,
-                      hypervisor=r.hypervisor_name, proxy=r.proxy,
+    return RestoreOut(id=r.id, requested_by=r.requested_by, vm=r.vm_name, point=r.point_id, mode=r.mode,
+                      new_name=r.new_name,
+                      hypervisor=r.hypervisor_name, repository=r.repository_name, proxy=r.proxy,
                       status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
                       total_bytes=r.total_bytes, warnings=r.warnings, error=r.error, disks=r.disks,
                       created=r.created, finished=r.finished)
@@ -93,7 +96,8 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
     if proxy is None:
         raise HTTPException(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there")
     job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
-                     repository_id=point.repository_id, hypervisor_id=hypervisor.id,
+                     repository_id=point.repository_id, repository_name=point.repository.name,
+                     hypervisor_id=hypervisor.id,
                      hypervisor_name=hypervisor.name,
                      mode="overwrite" if body.overwrite else "as-new", new_name=body.as_name, storage=body.storage,
                      start_vm=body.start, proxy=proxy.name, status=JobStatus.QUEUED)
