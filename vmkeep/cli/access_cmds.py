@@ -61,8 +61,9 @@ def token_create_cmd(
                                                      "printing it: a proxy's --token-file")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """A named API token for a script or a proxy. It is shown (or written) this once only; the
-    server keeps just its SHA-256."""
+    """A named API token for a script or a proxy, shown (or written) once.
+
+    The server keeps just its SHA-256."""
     api = client(ctx)
     if user is not None:  # the API makes tokens for the caller: be that account for a moment
         from vmkeep.client import ApiClient
@@ -127,9 +128,10 @@ def audit_list_cmd(
 
 @audit_app.command("verify")
 def audit_verify_cmd(ctx: typer.Context, database_url: DatabaseOpt = None, json_out: JsonOpt = False) -> None:
-    """Check the audit log's hash chain: names every entry altered, and where entries were removed.
-    Exit 1 when it does not hold. Through --server (administrators and auditors), else on the
-    master's catalog."""
+    """Check the audit log's hash chain; exit 1 when it does not hold.
+
+    Names every entry altered, and where entries were removed. Through --server (administrators
+    and auditors), else on the master's catalog."""
     if through_server(ctx, database_url):
         report = client(ctx).call("GET", "/api/audit/verify")
     else:

@@ -97,12 +97,13 @@ def _show_job(job: dict[str, Any], json_out: bool) -> None:
 
 
 def jobs_cmd(ctx: typer.Context,
-             what: Annotated[str | None, typer.Argument(metavar="[ID | cancel ID]",
-                                                        help="A run's id: that run per VM; cancel ID: stop it")] = None,
-             cancel_id: Annotated[int | None, typer.Argument(hidden=True)] = None,
+             what: Annotated[str | None, typer.Argument(metavar="[ID|cancel]",
+                                                        help="A run's id: that run per VM; cancel: stop a run")] = None,
+             cancel_id: Annotated[int | None, typer.Argument(metavar="[ID]", help="With cancel: the run")] = None,
              json_out: JsonOpt = False) -> None:
-    """Policy runs on the server, newest first; one run per VM; or `jobs cancel ID`, which drops its
-    queued VMs and stops the running ones at their next chunk."""
+    """Policy runs on the server, newest first; one run per VM; or `jobs cancel ID`.
+
+    Cancelling drops the run's queued VMs and stops the running ones at their next chunk."""
     api = client(ctx)
     if what == "cancel":
         if cancel_id is None:

@@ -53,8 +53,9 @@ def hypervisor_list_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 
 @hypervisor_app.command("delete")
 def hypervisor_delete_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = False) -> None:
-    """Remove a hypervisor and its VMs from the catalog (refused while a backup or restore of it
-    runs); their backup and restore history and restore points stay."""
+    """Remove a hypervisor and its VMs from the catalog.
+
+    Refused while a backup or restore of it runs; their history and restore points stay."""
     client(ctx).call("DELETE", f"/api/hypervisors/{name}")
     say(json_out, {"deleted": name}, f"hypervisor {name} deleted")
 
@@ -75,8 +76,10 @@ def hypervisor_restore_locations_cmd(
                                                         "default place only)")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Where restores to this hypervisor may write (administrators set them: a restore runs as root
-    on the host). The list given replaces the one before."""
+    """Show or set where restores to this hypervisor may write.
+
+    Administrators set them (a restore runs as root on the host); the list given replaces the one
+    before."""
     api = client(ctx)
     if locations or clear:
         h = api.call("PUT", f"/api/hypervisors/{name}/restore-locations", json={"locations": locations or []})
@@ -97,8 +100,9 @@ def vms_cmd(
     limit: Annotated[int, typer.Option(min=1, max=10000)] = 1000,
     json_out: JsonOpt = False,
 ) -> None:
-    """The VMs the server's catalog knows, from the last discovery (`vmkeep inventory --host URI`
-    asks a hypervisor directly)."""
+    """The VMs the server's catalog knows, from the last discovery.
+
+    `vmkeep inventory --host URI` asks a hypervisor directly."""
     show_list(ctx, "/api/vms", "vms", json_out, ("VM", "hypervisor", "host", "state", "disks", "size", "last seen"),
               lambda v: (v["name"], v["hypervisor"], v["host"], v["state"] if v["present"] else "gone",
                          str(len(v["disks"])), human(sum(d.get("size", 0) for d in v["disks"])),

@@ -94,8 +94,9 @@ def policy_update_cmd(
     verify_after: Verify = None, verify_boot: Boot = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Change the options given; the rest stays. Runs under way keep their VMs, the next run uses
-    the new settings."""
+    """Change the options given; the rest stays.
+
+    Runs under way keep their VMs, the next run uses the new settings."""
     api = client(ctx)
     current = next((p for p in api.call("GET", "/api/policies") if p["name"] == name), None)
     if current is None:

@@ -34,8 +34,10 @@ def repository_add_cmd(
     s3_endpoint: S3Endpoint = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Register an existing repository and import its restore points; an encrypted one's passphrase
-    (from --passphrase-file or VMKEEP_PASSPHRASE) is sealed by the server for its proxies."""
+    """Register an existing repository and import its restore points.
+
+    An encrypted one's passphrase (from --passphrase-file or VMKEEP_PASSPHRASE) is sealed by the
+    server for its proxies."""
     from vmkeep.repository.kdf import read_passphrase
 
     passphrase = read_passphrase(passphrase_file)
@@ -61,8 +63,9 @@ def repository_list_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 
 @repository_app.command("rebuild")
 def repository_rebuild_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = False) -> None:
-    """Import the repository's restore points again (it stays the source of truth), e.g. after
-    `vmkeep repo prune` or `gc` ran on it directly."""
+    """Import the repository's restore points again (it stays the source of truth).
+
+    E.g. after `vmkeep repo prune` or `gc` ran on it directly."""
     report = client(ctx).call("POST", f"/api/repositories/{name}/rebuild")
     if json_out:
         emit_json(report)
@@ -72,8 +75,9 @@ def repository_rebuild_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = F
 
 @repository_app.command("delete")
 def repository_delete_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = False) -> None:
-    """Remove a repository from the server's catalog: nothing in the repository itself is touched,
-    and registering it again brings its points back. Refused while a policy, a run or a restore
-    uses it."""
+    """Remove a repository from the server's catalog; the repository itself is untouched.
+
+    Registering it again brings its points back. Refused while a policy, a run or a restore uses
+    it."""
     client(ctx).call("DELETE", f"/api/repositories/{name}")
     say(json_out, {"deleted": name}, f"repository {name} removed from the catalog (its data is untouched)")

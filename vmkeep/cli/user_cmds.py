@@ -42,8 +42,9 @@ def user_add_cmd(
     database_url: DatabaseOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create an account; password from VMKEEP_NEW_PASSWORD or asked for. A proxy's account then
-    gets its token from `vmkeep token create NAME --user ACCOUNT`."""
+    """Create an account; password from VMKEEP_NEW_PASSWORD or asked for.
+
+    A proxy's account then gets its token from `vmkeep token create NAME --user ACCOUNT`."""
     from vmkeep.server.auth import ROLES
     from vmkeep.settings import secret, settings
 
@@ -103,8 +104,9 @@ def user_list_cmd(ctx: typer.Context, database_url: DatabaseOpt = None, json_out
 @user_app.command("delete")
 def user_delete_cmd(ctx: typer.Context, name: Name, database_url: DatabaseOpt = None,
                     json_out: JsonOpt = False) -> None:
-    """Remove an account; its tokens stop working at once. An administrator may remove another
-    one, never their own account nor the last administrator."""
+    """Remove an account; its tokens stop working at once.
+
+    An administrator may remove another one, never their own account nor the last administrator."""
     if through_server(ctx, database_url):
         client(ctx).call("DELETE", f"/api/users/{name}")
     else:
