@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.errors import VmkeepError
+
+log = logging.getLogger(__name__)
 
 DATABASE_URL_FILE = Path("/etc/vmkeep/database.url")  # written by the lab set-up (vmkeep.lab.postgres)
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -36,7 +39,16 @@ def database_url(explicit: str | None = None) -> str:
 
 
 def make_engine(url: str) -> Engine:
+    log.debug("catalog engine for %s", hidden_password(url))
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def hidden_password(url: str) -> str:
+    """The database URL with its password masked, for a log line or a message."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy parses: show nothing of it
+        return "(a database URL SQLAlchemy cannot parse)"
 
 
 def _alembic_config(url: str) -> Config:
@@ -51,10 +63,11 @@ def upgrade(url: str, revision: str = "head") -> str:
     returns the revision now in place."""
     from vmkeep.catalog.queue_schema import ensure_schema
 
+    log.info("upgrading the catalog schema at %s to %s", hidden_password(url), revision)
     try:
         command.upgrade(_alembic_config(url), revision)
     except OperationalError as exc:
-        raise CatalogError(f"cannot reach the catalog database: {exc.orig}") from None
+        raise CatalogError(f"cannot reach the catalog database: {exc.orig}") from exc
     ensure_schema(url)  # the task queue shares the database
     return current_revision(make_engine(url)) or "base"
 
@@ -76,7 +89,8 @@ def sessions(url: str) -> sessionmaker[Session]:
     try:
         current = current_revision(engine)
     except OperationalError as exc:
-        raise CatalogError(f"cannot reach the catalog database: {exc.orig}") from None
+        raise CatalogError(f"cannot reach the catalog database: {exc.orig}") from exc
+    log.debug("catalog schema at %s (this vmkeep needs %s)", current, head)
     if current != head:
         raise CatalogError(f"the catalog schema is at {current or 'nothing'}, this vmkeep needs {head}: run "
                            "`vmkeep db upgrade`")

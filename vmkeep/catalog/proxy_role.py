@@ -92,7 +92,12 @@ def _logs_in(database_url: str, role: str, password: str) -> bool:
     try:
         with engine.connect():
             return True
-    except OperationalError:
+    except OperationalError as exc:
+        code = getattr(exc.orig, "sqlstate", None)
+        if code in ("28P01", "28000"):  # invalid_password, invalid_authorization_specification
+            log.debug("role %s does not log in (%s): creating or updating it", role, code)
+        else:
+            log.warning("cannot log in as role %s (%s): creating or updating it", role, exc.orig)
         return False
     finally:
         engine.dispose()

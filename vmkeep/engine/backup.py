@@ -11,6 +11,7 @@ releases the GIL (libnbd, BLAKE3, zstd, AES-GCM, write).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from vmkeep.repository.points import DiskEntry, Manifest, index_key, manifest_ke
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.sessions import WriterSession
 from vmkeep.transport.extents import Extent, intersect, merge, ranges_by_slot, subtract
+
+log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 6
 # A disk is read at this many places at once (see pipeline.interleaved); 2–4 measured alike, one
@@ -218,6 +221,8 @@ def backup_disk(
     started = time.monotonic()
     slots = _plan(job, chunk_size, parent, index, stats)
     reads.planned(len(slots))
+    log.debug("disk %s: %s, %d of %d chunk slots to read (%d bytes zero, %d reused)", job.disk, stats.mode,
+              len(slots), index.slots, stats.bytes_zero, stats.bytes_reused, extra={"disk": job.disk})
     task = progress.task(job.disk, sum(r.length for s in slots for r in s.ranges))
 
     def work(item: _Slot) -> tuple[bytes, int, int, int]:
@@ -269,6 +274,8 @@ def backup_disk(
     finally:
         task.finish()
     stats.seconds = time.monotonic() - started
+    log.info("disk %s: %s, %d bytes read, %d new chunks (%d bytes stored) in %.1f s", job.disk, stats.mode,
+             stats.bytes_read, stats.chunks_new, stats.bytes_stored, stats.seconds, extra={"disk": job.disk})
     return index, stats
 
 
@@ -354,4 +361,6 @@ def backup_point(
             stats=totals,
         )
         repo.commit_point(manifest)
+    log.info("point %s committed: %d bytes read, %d stored, %.1f s", point_id, totals["bytes_read"],
+             totals["bytes_stored"], totals["seconds"], extra={"vm": name})
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from vmkeep.engine.backup import DEFAULT_WORKERS, DiskJob, backup_point
@@ -14,6 +15,8 @@ from vmkeep.transport.extents import Extent, parse_extent_file
 from vmkeep.transport.nbd_client import open_export
 from vmkeep.transport.qemu_nbd import probe_image, serve_image
 from vmkeep.transport.targets import open_file_writer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_DISK = "disk"
 
@@ -49,6 +52,7 @@ def backup_image(
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot use the changed-extent file: {exc}") from None
     dirty_context = f"qemu:dirty-bitmap:{bitmap}" if bitmap else None
+    _log_decision(name, image, parent, bitmap, changed_file)
     with serve_image(info, bitmap=bitmap, connections=workers + 2) as uri, open_export(uri, dirty_context) as src:
         if bitmap:
             changed = src.dirty_extents()
@@ -56,6 +60,19 @@ def backup_image(
         meta = {"kind": "image", "source": str(image.resolve()), "format": info.format,
                 "bitmap": bitmap, "since": parent.point_id if (parent and changed is not None) else None}
         return backup_point(repo, name, [job], parent=parent, meta=meta, workers=workers, progress=progress)
+
+
+def _log_decision(name: str, image: Path, parent: Manifest | None, bitmap: str | None,
+                  changed_file: Path | None) -> None:
+    context = {"vm": name}
+    if parent is None:
+        log.info("full backup of %s: no earlier point of %s", image, name, extra=context)
+    elif bitmap or changed_file:
+        log.info("incremental backup of %s from point %s: changes from %s", image, parent.point_id,
+                 f"bitmap {bitmap}" if bitmap else f"extent file {changed_file}", extra=context)
+    else:
+        log.info("full backup of %s: no changed extents given (--bitmap/--changed); chunks of point %s are "
+                 "reused where identical", image, parent.point_id, extra=context)
 
 
 def _latest_or_none(repo: Repository, name: str) -> Manifest | None:
@@ -81,6 +98,8 @@ def restore_image(
                              "choose one with --disk")
         disk = next(iter(manifest.disks))
     index = repo.load_index(manifest, disk)
+    log.info("restoring %s@%s disk %s to %s (%s)", manifest.name, manifest.point_id, disk, output, fmt,
+             extra={"vm": manifest.name, "disk": disk})
     with open_file_writer(output, fmt, index.size, workers) as writer:
         stats = restore_disk(repo, index, writer, workers=workers, progress=progress, label=f"restore {disk}")
     return manifest, stats

@@ -8,6 +8,7 @@ leaves the export running detached (instant recovery) until ``stop_daemon``.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import site
@@ -21,6 +22,8 @@ from pathlib import Path
 from vmkeep.errors import ImageError
 from vmkeep.memory import server_environment
 from vmkeep.transport.qemu_nbd import serve_on_socket, socket_listening
+
+log = logging.getLogger(__name__)
 
 PLUGIN = Path(__file__).resolve().parent.parent / "transport" / "nbdkit_point.py"
 PROJECT = Path(__file__).resolve().parent.parent.parent
@@ -66,7 +69,10 @@ def serve(spec: PointSpec) -> Iterator[str]:
 
 def run_foreground(spec: PointSpec, *, unix: Path | None, port: int | None) -> subprocess.Popen[bytes]:
     """nbdkit in the foreground on a socket or loopback port the user chose (``vmkeep mount``)."""
-    return subprocess.Popen(_command(spec, unix=unix, port=port), stdin=subprocess.DEVNULL, env=server_environment())
+    proc = subprocess.Popen(_command(spec, unix=unix, port=port), stdin=subprocess.DEVNULL, env=server_environment())
+    log.info("nbdkit (pid %d) serving %s@%s disk %s on %s", proc.pid, spec.name, spec.point, spec.disk,
+             unix or f"127.0.0.1:{port}", extra={"vm": spec.name})
+    return proc
 
 
 def start_daemon(spec: PointSpec, sock: Path, pidfile: Path, timeout: float = 60) -> int:
@@ -74,8 +80,8 @@ def start_daemon(spec: PointSpec, sock: Path, pidfile: Path, timeout: float = 60
     once the plugin has opened the point and the socket listens); its pid."""
     sock.unlink(missing_ok=True)
     pidfile.unlink(missing_ok=True)
-    log = sock.with_suffix(".log")
-    with log.open("w") as err:
+    messages = sock.with_suffix(".log")
+    with messages.open("w") as err:
         try:
             proc = subprocess.run([*_command(spec, unix=sock, foreground=False), f"--pidfile={pidfile}"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout,
@@ -85,25 +91,31 @@ def start_daemon(spec: PointSpec, sock: Path, pidfile: Path, timeout: float = 60
                 from None
     if proc.returncode != 0 or not pidfile.exists():
         raise ImageError(f"nbdkit could not serve {spec.name}@{spec.point} disk {spec.disk}: "
-                         f"{log.read_text().strip()[-500:]}")
+                         f"{messages.read_text().strip()[-500:]}")
     deadline = time.monotonic() + timeout
     while not socket_listening(sock):
         if time.monotonic() > deadline:
             raise ImageError(f"nbdkit did not start serving {spec.name}@{spec.point} within {timeout:.0f} s")
         time.sleep(0.02)
-    return int(pidfile.read_text().strip())
+    pid = int(pidfile.read_text().strip())
+    log.info("nbdkit (pid %d) serving %s@%s disk %s on %s", pid, spec.name, spec.point, spec.disk, sock,
+             extra={"vm": spec.name})
+    return pid
 
 
 def stop_daemon(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
+        log.debug("nbdkit (pid %d) had already exited", pid)
         return
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
+            log.info("nbdkit (pid %d) stopped", pid)
             return
         time.sleep(0.05)
+    log.warning("nbdkit (pid %d) did not stop within 10 s of SIGTERM: killed", pid)
     os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -17,6 +18,8 @@ from vmkeep.repository.points import Manifest, check_name
 from vmkeep.repository.repo import Repository
 from vmkeep.transport.extents import KnownExtents
 from vmkeep.transport.nbd_client import NbdExport
+
+log = logging.getLogger(__name__)
 
 
 def backup_vm(
@@ -35,6 +38,14 @@ def backup_vm(
     check_name(vm, "VM name")
     parent = repo.latest_point(vm)
     since = None if (full or parent is None) else parent.meta.get("chain")
+    context = {"vm": vm}
+    if full:
+        log.info("full backup asked for (--full)", extra=context)
+    elif parent is None:
+        log.info("no earlier point: full backup", extra=context)
+    else:
+        log.debug("previous point %s; asking %s for the changes since it", parent.point_id, connector.kind,
+                  extra=context)
     previous_disks = {d: e.size for d, e in parent.disks.items()} if parent else None
     with connector.point_in_time(vm, since=since, previous_disks=previous_disks, transports=transports,
                                  quiesce=quiesce) as pit, ExitStack() as stack:
@@ -47,13 +58,18 @@ def backup_vm(
             changed = export.dirty_extents() if d.dirty_context else d.changed
             jobs.append(DiskJob(d.name, source, changed))
         reason = pit.reason if not full else "a full backup was asked for (--full)"
+        log.info("%s backup (%s) over %s, %s-consistent, %d disks", pit.mode, reason, pit.transport,
+                 pit.consistency, len(pit.disks), extra=context)
         meta: dict[str, Any] = {
             "kind": "vm", "hypervisor": connector.kind, "transport": pit.transport, "consistency": pit.consistency,
             "mode": pit.mode, "reason": reason, "config_sealed": repo.seal_record(pit.config, config_context(vm)),
             "chain": pit.chain, "notes": pit.notes, "wire": pit.wire,
         }
-        return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
-                            cancel=cancel, reads_done=_letting_go(exports, pit.release))
+        manifest = backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
+                                cancel=cancel, reads_done=_letting_go(exports, pit.release))
+    for note in pit.notes:
+        log.info("note: %s", note, extra=context)
+    return manifest
 
 
 def _letting_go(exports: list[NbdExport], release: Callable[[], None] | None) -> Callable[[], None] | None:
@@ -74,6 +90,7 @@ def _noting_reconnects(notes: list[str], disk: str) -> Callable[[], None]:
     note = f"disk {disk}: an NBD connection dropped during the backup; it was opened again and the read retried"
 
     def noted() -> None:
+        log.info("disk %s: NBD connection dropped; reopened and the read retried", disk, extra={"disk": disk})
         if note not in notes:
             notes.append(note)
     return noted
@@ -127,6 +144,8 @@ def restore_vm_as(
     """
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
+    log.info("restoring point %s as new VM %s on %s%s", manifest.point_id, new_name, connector.kind,
+             " (retry: removing what the last attempt left)" if retry else "", extra={"vm": vm})
     with connector.restore_vm(config, name=new_name, disks=disk_sizes(manifest), as_new=True, storage=storage,
                               place=place, retry=retry) as restore:
         stats = _write_disks(repo, manifest, restore, workers, progress)
@@ -146,6 +165,7 @@ def restore_vm_overwrite(
     """Put the original VM back as it was at the point; the connector refuses unless it is shut off."""
     manifest = repo.find_point(vm, point)
     config = vm_config(repo, manifest)
+    log.info("restoring point %s over the original VM on %s", manifest.point_id, connector.kind, extra={"vm": vm})
     with connector.restore_vm(config, name=vm, disks=disk_sizes(manifest), as_new=False) as restore:
         stats = _write_disks(repo, manifest, restore, workers, progress)
         placed = restore.finish(start=False)

@@ -301,6 +301,7 @@ class LabVM:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the guest's command loop answers (about 5 s after start under TCG)."""
         deadline = time.monotonic() + timeout
+        last = "no answer"
         while True:
             if not self.is_running():
                 raise LabError(f"lab VM {self.name} stopped while booting; console:\n{self.console_log()}")
@@ -308,11 +309,11 @@ class LabVM:
                 if self._exchange("echo ready", 5, 2.0)[1].strip() == "ready":
                     self._answered = True
                     return
-            except LabError:
-                pass
+            except LabError as exc:  # expected while it boots; the last one is reported if it never answers
+                last = str(exc)
             if time.monotonic() > deadline:
-                raise LabError(f"lab VM {self.name} did not answer on its console within {timeout:.0f} s; "
-                               f"console:\n{self.console_log()}")
+                raise LabError(f"lab VM {self.name} did not answer on its console within {timeout:.0f} s "
+                               f"(last: {last}); console:\n{self.console_log()}")
             time.sleep(0.5)
 
     # --- guest-side disk work ---------------------------------------------------------------------

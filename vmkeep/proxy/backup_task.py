@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import threading
 import traceback
@@ -32,6 +33,8 @@ from vmkeep.repository.prune import RetentionPolicy, prune
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import VerifyReport, verify
 
+log = logging.getLogger(__name__)
+
 ABORT_POLL_SECONDS = 1.0
 
 
@@ -43,6 +46,7 @@ def backup_vm_task(context: JobContext, job_vm_id: int) -> None:
     def watch() -> None:  # a cancelled job asks its task to abort: stop at the next chunk
         while not done.wait(ABORT_POLL_SECONDS):
             if context.should_abort():
+                log.info("backup task %s asked to abort: stopping at the next chunk", job_vm_id)
                 cancel.set()
                 return
 
@@ -62,8 +66,12 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
         jv = session.get(JobVM, job_vm_id)
         order = backup_order(session, job_vm_id)
         if jv is None or jv.status in FINAL:
+            log.info("backup task %s: nothing to do (%s)", job_vm_id,
+                     "its row is gone" if jv is None else f"already {jv.status}")
             return  # removed, or cancelled before it started
+        context = {"job": jv.job_id, "vm": jv.vm_name, "proxy": proxy}
         if order is None:  # its VM, hypervisor, policy or repository went while it waited
+            log.warning("backup not started: its VM, hypervisor, policy or repository was removed", extra=context)
             jv.status, jv.finished = JobStatus.FAILED, datetime.now(UTC)
             jv.error = "its VM, hypervisor, policy or repository was removed before the backup started"
             session.commit()
@@ -72,12 +80,16 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
         jv.status, jv.proxy, jv.attempts, jv.started = JobStatus.RUNNING, proxy, jv.attempts + 1, datetime.now(UTC)
         jv.error = None
         session.commit()
+        log.info("backup started (attempt %d)", jv.attempts, extra=context)
         connector = None
         try:
             repo = open_registered(order.repository)
             connector = connector_for(order.hypervisor, order.nbd_tls)
             previous = len(repo.point_ids(order.vm_name))
             full = bool(order.full_every) and previous % (order.full_every or 1) == 0
+            if full:
+                log.info("full backup: the policy asks for one every %d points and there are %d", order.full_every,
+                         previous, extra=context)
             # progress rows are written from another connection: close it before this session
             # touches the row again, or the two would wait on each other's row lock
             progress = RowProgress(sessions, job_vm_id)
@@ -120,12 +132,24 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             jv.status, jv.error = JobStatus.CANCELLED, "cancelled: nothing partial was committed"
         except Exception as exc:  # the row records any failure; the task itself ends cleanly
             jv.status, jv.error = JobStatus.FAILED, f"{exc}" or traceback.format_exc(limit=3)
+            log.debug("backup failed", exc_info=True, extra=context)
         finally:
             if connector is not None:
                 connector.close()
             jv.finished = datetime.now(UTC)
+            _log_outcome(jv, context)
             session.commit()
             settle_job(session, jv.job)
+
+
+def _log_outcome(jv: JobVM, context: dict[str, Any]) -> None:
+    if jv.status == JobStatus.SUCCEEDED:
+        log.info("backup succeeded: point %s, %s over %s, %s bytes read, %s stored", jv.point_id, jv.mode,
+                 jv.transport, jv.read_bytes, jv.stored_bytes, extra=context)
+    elif jv.status == JobStatus.CANCELLED:
+        log.info("backup cancelled", extra=context)
+    else:
+        log.warning("backup ended %s: %s", jv.status, jv.error, extra=context)
 
 
 def booted(repo: Repository, record: RepositoryOrder, connector: Connector, vm: str,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +18,8 @@ from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.work import restore_order
 
+log = logging.getLogger(__name__)
+
 
 @tasks.task(name="restore_vm", pass_context=True)
 def restore_vm_task(context: JobContext, restore_id: int) -> None:
@@ -31,14 +34,19 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
         job = session.get(RestoreJob, restore_id)
         order = restore_order(session, restore_id)
         if job is None or job.status not in ACTIVE:
+            log.info("restore task %s: nothing to do (%s)", restore_id,
+                     "its row is gone" if job is None else f"already {job.status}")
             return
+        context = {"restore": restore_id, "vm": job.vm_name, "proxy": proxy}
         if order is None:  # its hypervisor or repository went while it waited
+            log.warning("restore not started: its hypervisor or repository was removed", extra=context)
             job.status, job.finished = JobStatus.FAILED, datetime.now(UTC)
             job.error = "its hypervisor or repository was removed before the restore started"
             session.commit()
             return
         job.status, job.proxy, job.attempts, job.error = JobStatus.RUNNING, proxy, job.attempts + 1, None
         session.commit()
+        log.info("restore started (%s, attempt %d)", job.mode, job.attempts, extra=context)
         connector = None
         try:
             repo = open_registered(order.repository)
@@ -57,8 +65,10 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
             finally:
                 rows.close()
             job.status, job.disks = JobStatus.SUCCEEDED, result.disks
+            log.info("restore succeeded: VM %s, %d disks", result.name, len(result.disks), extra=context)
         except Exception as exc:  # recorded for the user; the task itself ends cleanly
             job.status, job.error = JobStatus.FAILED, str(exc)
+            log.warning("restore failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG), extra=context)
         finally:
             if connector is not None:
                 connector.close()

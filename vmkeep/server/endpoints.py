@@ -103,7 +103,9 @@ def refuse_link_local_host(endpoints: EndpointPolicy, address: str, what: str) -
         return
     try:
         found = {str(info[4][0]) for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
-    except (socket.gaierror, UnicodeError):
+    except (socket.gaierror, UnicodeError) as exc:
+        log.debug("%s %s: %s does not resolve here (%s); the connection to it fails on its own", what, address,
+                  host, exc)
         return
     for text in sorted(found):
         if endpoints.refused(ip_address(text)):

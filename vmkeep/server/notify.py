@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import ssl
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ import httpx
 
 from vmkeep.catalog.models import Job
 from vmkeep.server.endpoints import EndpointPolicy, EndpointRefused
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_SECONDS = 10
 
@@ -33,12 +36,20 @@ class Mailer:
         message = EmailMessage()
         message["From"], message["To"], message["Subject"] = self.sender, ", ".join(to), subject
         message.set_content(body)
+        log.debug("SMTP %s:%d: sending %r to %d recipients (STARTTLS %s, login %s)", self.host, self.port, subject,
+                  len(to), "on" if self.starttls else "off", self.username if self.username and self.password
+                  else "none")
         with smtplib.SMTP(self.host, self.port, timeout=TIMEOUT_SECONDS) as smtp:
             if self.starttls:  # verified: an unchecked certificate would hand the login to anyone between
                 smtp.starttls(context=ssl.create_default_context(cafile=self.ca_file))
             if self.username and self.password:
                 smtp.login(self.username, self.password)
-            smtp.send_message(message)
+            refused = smtp.send_message(message)
+        if refused:
+            log.warning("SMTP %s:%d refused some recipients: %s", self.host, self.port,
+                        ", ".join(f"{r} ({code})" for r, (code, _m) in refused.items()))
+        else:
+            log.debug("SMTP %s:%d accepted the message", self.host, self.port)
 
 
 def job_summary(job: Job) -> dict[str, Any]:
@@ -71,9 +82,13 @@ def post_json(url: str, payload: Any, endpoints: EndpointPolicy,
     certificate check. Redirects are not followed: they could lead anywhere."""
     parsed, address = endpoints.check(url, "webhook")
     extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
+    # only scheme and host: a webhook's path or query often is its secret (Slack, Teams, …)
+    log.debug("webhook POST to %s://%s (address %s)", parsed.scheme, parsed.host, address)
     with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-        return client.post(parsed.copy_with(host=address), json=payload, extensions=extensions,
-                           headers={"Host": parsed.netloc.decode("ascii")})
+        reply = client.post(parsed.copy_with(host=address), json=payload, extensions=extensions,
+                            headers={"Host": parsed.netloc.decode("ascii")})
+    log.debug("webhook %s://%s answered %d", parsed.scheme, parsed.host, reply.status_code)
+    return reply
 
 
 def notify_job(job: Job, mailer: Mailer | None, endpoints: EndpointPolicy = EndpointPolicy()) -> str | None:
@@ -100,4 +115,11 @@ def notify_job(job: Job, mailer: Mailer | None, endpoints: EndpointPolicy = Endp
                 mailer.send(list(policy.notify_email), f"vmkeep: {policy.name} {job.status}", _text(summary))
             except (OSError, smtplib.SMTPException) as exc:
                 errors.append(f"e-mail failed: {exc}")
+    context = {"job": job.id, "policy": policy.name}
+    if errors:
+        log.warning("notice of run %s not fully sent: %s", job.id, "; ".join(errors), extra=context)
+    else:
+        sent = [w for w, on in (("webhook", policy.notify_webhook), ("e-mail", policy.notify_email)) if on]
+        if sent:
+            log.info("notice of run %s sent by %s", job.id, " and ".join(sent), extra=context)
     return "; ".join(errors) or None

@@ -178,8 +178,8 @@ class NbdExport:
         for h in handles:
             try:
                 h.shutdown()
-            except nbd.Error:
-                pass
+            except nbd.Error as exc:  # the server went first (dropped, or stopped): nothing left to close
+                log.debug("NBD shutdown: %s", exc)
             del h
 
 

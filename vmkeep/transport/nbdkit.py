@@ -7,6 +7,7 @@ on its command line where any local user could read them.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmkeep.transport.qemu_nbd import serve_on_socket
+
+log = logging.getLogger(__name__)
 
 PLUGIN_DIR = Path("/usr/lib/x86_64-linux-gnu/nbdkit/plugins")
 PLUGIN_DIR_ENV = "VMKEEP_NBDKIT_PLUGIN_DIR"  # nbdkit built elsewhere (with its vddk plugin)
@@ -43,6 +46,8 @@ def serve_url(url: str, *, cookie: str | None = None, ca_file: str | None = None
             args.append(f"cainfo={ca_file}")
         if not verify:
             args.append("sslverify=false")
+        log.debug("nbdkit curl export of %s (certificate check %s, session cookie %s)", url.split("?")[0],
+                  "on" if verify else "off", "in a private file" if cookie else "none")
         command = lambda sock: ["nbdkit", "--foreground", "--readonly", "--exit-with-parent",  # noqa: E731
                                 f"--unix={sock}", "curl", *args]
         yield stack.enter_context(serve_on_socket(command, what or f"nbdkit reading {url.split('?')[0]}"))
@@ -62,11 +67,14 @@ class Vddk:
         env = settings(refresh=True)  # a test points these at its own directories
         plugins = env.nbdkit_plugin_dir or PLUGIN_DIR
         if not (plugins / "nbdkit-vddk-plugin.so").exists():
+            log.debug("no nbdkit vddk plugin in %s", plugins)
             return "nbdkit's vddk plugin is not installed (Debian has none: build nbdkit with --with-vddk)"
         candidates = [env.vddk_dir] if env.vddk_dir else list(VDDK_DIRS)
         for d in candidates:
             if (d / "lib64" / "libvixDiskLib.so").exists() or any((d / "lib64").glob("libvixDiskLib.so.*")):
+                log.debug("VMware VDDK found in %s", d)
                 return cls(d)
+        log.debug("no VMware VDDK under %s", ", ".join(map(str, candidates)))
         return (f"VMware VDDK is not installed (no lib64/libvixDiskLib.so under {', '.join(map(str, candidates))}; "
                 f"unpack it there or set {VDDK_ENV})")
 

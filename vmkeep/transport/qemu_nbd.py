@@ -54,6 +54,7 @@ def probe_image(path: Path, fmt: str | None = None) -> ImageInfo:
         cmd += ["-f", fmt]
     proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
+        log.debug("%s: exit %d: %s", " ".join(cmd), proc.returncode, proc.stderr.strip())
         raise ImageError(f"qemu-img cannot open {path}: {proc.stderr.strip()}")
     info = json.loads(proc.stdout)
     detected = info["format"]
@@ -64,6 +65,7 @@ def probe_image(path: Path, fmt: str | None = None) -> ImageInfo:
             f"{SECTOR} bytes); pass --format raw to back it up anyway"
         )
     bitmaps = [b["name"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])]
+    log.debug("qemu-img info %s: %s, %d bytes, bitmaps %s", path, detected, size, bitmaps or "none")
     return ImageInfo(path, detected, size, bitmaps)
 
 
@@ -100,6 +102,7 @@ def serve_image(
                 command = functools.partial(_qemu_nbd_command, image=image, readonly=readonly, bitmap=bitmap,
                                             connections=connections, cache=cache)
                 uri = stack.enter_context(serve_on_socket(command, what, ready))
+                log.debug("%s with %s", what, " ".join(cache))
                 break
             except ImageError as exc:
                 if cache == PAGE_CACHE:
@@ -157,27 +160,42 @@ def serve_on_socket(command: Callable[[Path], list[str]], what: str,
     with its own message."""
     _sweep_dead_workdirs()
     workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
-    sock, log = workdir / "nbd.sock", workdir / "server.log"
+    sock, server_log = workdir / "nbd.sock", workdir / "server.log"
+    argv = command(sock)
     try:
-        with log.open("w") as err:
-            proc = subprocess.Popen(command(sock), stdout=subprocess.DEVNULL, stderr=err,
+        with server_log.open("w") as err:
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err,
                                     env=server_environment(), preexec_fn=dying_with(os.getpid()))
     except OSError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise ImageError(f"cannot start {what}: {exc}") from None
+        raise ImageError(f"cannot start {what}: {exc}") from exc
+    log.debug("started %s (pid %d): %s", what, proc.pid, " ".join(argv))
     try:
-        _wait_for_socket(proc, sock, log, what)
+        _wait_for_socket(proc, sock, server_log, what)
         uri = unix_uri(sock)
         if ready is not None:
-            _check_ready(proc, log, what, lambda: ready(uri))
+            _check_ready(proc, server_log, what, lambda: ready(uri))
         yield uri
     finally:
         if proc.poll() is None:
             proc.terminate()
             if not exited(proc, 10):
+                log.warning("%s (pid %d) did not stop within 10 s of SIGTERM: killed", what, proc.pid)
                 proc.kill()
                 proc.wait()
+            log.debug("stopped %s (pid %d)", what, proc.pid)
+        else:
+            log.debug("%s (pid %d) had exited with %s: %s", what, proc.pid, proc.returncode,
+                      _tail(server_log, 300) or "no message")
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _tail(path: Path, limit: int) -> str:
+    """The end of a server's message file; empty when it is gone."""
+    try:
+        return path.read_text(errors="replace").strip()[-limit:]
+    except OSError:
+        return ""
 
 
 def exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -205,8 +223,9 @@ def _sweep_dead_workdirs() -> None:
         try:
             pid = int(d.name[len(WORKDIR_PREFIX):].split("-", 1)[0])
         except ValueError:
-            continue
+            continue  # not named by vmkeep: not ours to remove
         if not Path(f"/proc/{pid}").exists():
+            log.debug("removing %s, left by vmkeep process %d which is gone", d, pid)
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -238,21 +257,21 @@ def socket_listening(sock: Path) -> bool:
             return False
 
 
-def _check_ready(proc: subprocess.Popen[bytes], log: Path, what: str, check: Callable[[], None]) -> None:
+def _check_ready(proc: subprocess.Popen[bytes], server_log: Path, what: str, check: Callable[[], None]) -> None:
     try:
         check()
-    except ImageError:
+    except ImageError as exc:
         if not exited(proc, 2):
             raise  # the server runs on: what it serves lacks what was asked
-        err = log.read_text(errors="replace").strip()[-1000:]
-        raise ImageError(f"{what} failed: {err}") from None
+        err = server_log.read_text(errors="replace").strip()[-1000:]
+        raise ImageError(f"{what} failed: {err}") from exc
 
 
-def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, what: str) -> None:
+def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, server_log: Path, what: str) -> None:
     deadline = time.monotonic() + 30
     while not socket_listening(sock):
         if proc.poll() is not None:
-            err = log.read_text(errors="replace").strip()[-1000:]
+            err = server_log.read_text(errors="replace").strip()[-1000:]
             raise ImageError(f"{what} failed: {err}")
         if time.monotonic() > deadline:
             raise ImageError(f"{what} did not start within 30 s")
@@ -262,5 +281,6 @@ def _wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, what:
 def create_image(path: Path, fmt: str, size: int) -> None:
     proc = subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)],
                           capture_output=True, text=True)
+    log.debug("qemu-img create %s %s %d: exit %d", fmt, path, size, proc.returncode)
     if proc.returncode != 0:
         raise ImageError(f"cannot create {path}: {proc.stderr.strip()}")

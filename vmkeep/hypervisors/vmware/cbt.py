@@ -7,6 +7,7 @@ counts changes within it. ``*`` asks for every area that holds data (for a full 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pyVmomi import vim, vmodl
@@ -14,6 +15,8 @@ from pyVmomi import vim, vmodl
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.vmware.devices import Disk
 from vmkeep.transport.extents import Extent, merge
+
+log = logging.getLogger(__name__)
 
 
 def epoch(change_id: str) -> str:
@@ -31,10 +34,15 @@ def changed_areas(vm: Any, snapshot: Any, disk: Disk, change_id: str) -> list[Ex
                                             changeId=change_id)
         except (vim.fault.FileFault, vmodl.fault.InvalidArgument, vim.fault.InvalidState) as exc:
             why = getattr(exc, "msg", None) or type(exc).__name__
+            log.debug("QueryChangedDiskAreas(disk %s, offset %d, changeId %s): %s", disk.name, offset, change_id,
+                      type(exc).__name__)
             raise HypervisorError(f"changed block tracking of disk {disk.name} cannot answer from changeId "
-                                  f"{change_id} ({why})") from None
-        areas.extend(Extent(a.start, a.length) for a in (info.changedArea or []))
+                                  f"{change_id} ({why})") from exc
+        found = info.changedArea or []
+        areas.extend(Extent(a.start, a.length) for a in found)
         covered = info.startOffset + info.length
+        log.debug("QueryChangedDiskAreas(disk %s, offset %d, changeId %s): %d areas, %d bytes, up to %d",
+                  disk.name, offset, change_id, len(found), sum(a.length for a in found), covered)
         if covered <= offset:
             raise HypervisorError(f"changed block tracking of disk {disk.name} answered no progress at offset "
                                   f"{offset}")

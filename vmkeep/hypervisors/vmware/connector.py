@@ -9,6 +9,7 @@ recorded; the snapshot is removed (and its delta consolidated) on every path out
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -32,6 +33,8 @@ from vmkeep.hypervisors.vmware import cbt, devices, restore
 from vmkeep.hypervisors.vmware.datastore import folder_url
 from vmkeep.hypervisors.vmware.session import Session, Target
 from vmkeep.transport.nbdkit import Vddk, serve_url, serve_vddk
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = "vmkeep-"
 VDDK_TRANSPORTS = ("san", "hotadd", "nbdssl", "nbd")
@@ -134,6 +137,7 @@ class VsphereConnector:
         """Disks replaced under CBT's feet: turn tracking off and on, so the next backup is full."""
         ref = self.vm(vm)
         if self.session.one(ref, ["config.changeTrackingEnabled"]).get("config.changeTrackingEnabled"):
+            log.info("resetting changed block tracking of %s: its disks were replaced", vm, extra={"vm": vm})
             for on in (False, True):
                 self.session.wait(ref.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=on)),
                                   f"resetting changed block tracking of {vm}")
@@ -155,14 +159,17 @@ class VsphereConnector:
             raise HypervisorError(f"VM {vm} has no disk that can be backed up ({'; '.join(notes) or 'no disks'})")
         cbt_was_on = bool(props.get("config.changeTrackingEnabled"))
         if not cbt_was_on:
+            log.info("changed block tracking is off: turning it on (this backup is full)", extra={"vm": vm})
             self.session.wait(ref.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)),
                               f"turning on changed block tracking of {vm}")
             notes.append("changed block tracking was off: turned on now; this backup is full, the next ones are "
                          "incremental")
         transport, vddk = self._choose_transport(transports, notes)
+        log.debug("transport %s (%s)", transport, "VDDK" if vddk else "the datastore's HTTPS", extra={"vm": vm})
         datacenter = self.datacenter_of(ref)
         with ExitStack() as stack:
             snapshot, consistency = self._snapshot(ref, vm, quiesce, props, notes)
+            log.info("snapshot %s taken (%s-consistent)", snapshot._moId, consistency, extra={"vm": vm})
             stack.callback(self._remove_snapshot, snapshot, vm)
             frozen = devices.disks(self.session.one(snapshot, ["config.hardware.device"]).get(
                 "config.hardware.device") or [])
@@ -176,6 +183,7 @@ class VsphereConnector:
                                for d in frozen}
                 except HypervisorError as exc:
                     mode, reason = "full", f"{exc}"
+                    log.info("full backup instead: %s", exc, extra={"vm": vm})
             exports: dict[str, DiskExport] = {}
             for disk in frozen:
                 allocated = None
@@ -223,6 +231,8 @@ class VsphereConnector:
         if wanted and isinstance(found, Vddk):
             return ":".join(wanted), found
         if wanted:
+            log.info("transports %s need VMware's VDDK (%s): reading through the datastore's HTTPS", ":".join(wanted),
+                     found)
             notes.append(f"transports {':'.join(wanted)} need VMware's VDDK: {found}; reading through the "
                          "datastore's HTTPS instead")
         if not ({"nbd", "nbdssl", "https"} & set(transports)):
@@ -258,6 +268,7 @@ class VsphereConnector:
                 except HypervisorError as exc:
                     if quiesce == "required":
                         raise
+                    log.warning("quiescing failed (%s); crash-consistent snapshot instead", exc, extra={"vm": vm})
                     notes.append(f"quiescing failed ({exc}); crash-consistent snapshot instead")
             elif quiesce == "required":
                 raise HypervisorError(f"VM {vm}: VMware Tools are not running, so the snapshot cannot be quiesced "
@@ -271,6 +282,7 @@ class VsphereConnector:
     def _remove_snapshot(self, snapshot: Any, vm: str) -> None:
         self.session.wait(snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True),
                           f"removing vmkeep's snapshot of {vm}")
+        log.info("snapshot %s removed", snapshot._moId, extra={"vm": vm})
 
     def _remove_leftover_snapshots(self, ref: Any, info: Any, notes: list[str]) -> None:
         """Snapshots a crashed earlier run left are removed (and consolidated) before a new one."""
@@ -279,6 +291,7 @@ class VsphereConnector:
             node = stack.pop()
             stack.extend(node.childSnapshotList or [])
             if node.name.startswith(SNAPSHOT_PREFIX):
+                log.info("removing the snapshot %s an interrupted backup left", node.name)
                 self.session.wait(node.snapshot.RemoveSnapshot_Task(removeChildren=False, consolidate=True),
                                   f"removing the leftover snapshot {node.name}")
                 notes.append(f"removed snapshot {node.name} that an interrupted backup left")

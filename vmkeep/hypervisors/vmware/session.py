@@ -9,6 +9,7 @@ connection on it; task outcomes are read the same way (``info.state``/``info.err
 from __future__ import annotations
 
 import hashlib
+import logging
 import ssl
 import time
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
 from vmkeep.hypervisors.base import HypervisorError
+
+log = logging.getLogger(__name__)
 
 SCHEME = "vsphere"
 DEFAULT_PORT = 443
@@ -84,26 +87,33 @@ class Session:
                                   "the hypervisor with its password on the server)")
         self.context = ssl_context(target, insecure, self.ca_file)
         self.password = password  # VDDK logs in on its own
+        log.debug("vSphere login as %s at %s (certificate check %s)", target.user, target.base_url,
+                  "off" if self.context is None or self.context.verify_mode == ssl.CERT_NONE else "on")
         try:
             self.si = SmartConnect(protocol="http" if target.http else "https", host=target.host, port=target.port,
                                    user=target.user, pwd=password, sslContext=self.context,
                                    disableSslCertValidation=self.context is None and not target.http)
-        except vim.fault.InvalidLogin:
+        except vim.fault.InvalidLogin as exc:
             raise HypervisorError(f"{target.host} refused the login of {target.user}: check the user and "
-                                  f"{PASSWORD_ENV}") from None
+                                  f"{PASSWORD_ENV}") from exc
         except ssl.SSLCertVerificationError as exc:
             raise HypervisorError(f"the certificate of {target.host} does not check out ({exc.verify_message}): "
                                   f"give its CA in {CA_FILE_ENV}, or skip the check with --insecure (?insecure=1 in "
-                                  "a registered address)") from None
+                                  "a registered address)") from exc
         except (OSError, vmodl.MethodFault) as exc:
-            raise HypervisorError(f"cannot connect to vSphere at {target.base_url}: {exc}") from None
+            raise HypervisorError(f"cannot connect to vSphere at {target.base_url}: {exc}") from exc
         self.content = self.si.RetrieveContent()
+        about = self.content.about
+        log.debug("logged in to %s: %s (API %s)", target.host, getattr(about, "fullName", "?"),
+                  getattr(about, "apiVersion", "?"))
 
     def close(self) -> None:
         try:
             Disconnect(self.si)
-        except Exception:  # noqa: BLE001 - logging out of a dead session is not worth an error
-            pass
+            log.debug("logged out of %s", self.target.host)
+        except Exception as exc:  # noqa: BLE001 - logging out of a dead session is not worth an error
+            log.warning("logging out of %s failed (%s); the server ends the session when it times out",
+                        self.target.host, exc)
 
     @property
     def verifies(self) -> bool:
@@ -114,7 +124,9 @@ class Session:
         """The SHA-1 fingerprint of the server's certificate, as VDDK wants it (AA:BB:…)."""
         pem = ssl.get_server_certificate((self.target.host, self.target.port))
         digest = hashlib.sha1(ssl.PEM_cert_to_DER_cert(pem)).hexdigest().upper()  # noqa: S324 - VDDK's format
-        return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+        thumbprint = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+        log.debug("certificate thumbprint of %s:%d: %s", self.target.host, self.target.port, thumbprint)
+        return thumbprint
 
     @property
     def cookie(self) -> str:
@@ -164,15 +176,19 @@ class Session:
         """The task's result once it succeeds; its fault as a HypervisorError otherwise."""
         deadline = time.monotonic() + timeout
         delay = 0.05
+        log.debug("%s on %s: task %s", what, self.target.host, getattr(task, "_moId", task))
         while True:
             info = self.one(task, ["info.state", "info.error", "info.result"])
             state = info.get("info.state")
             if state == vim.TaskInfo.State.success:
+                log.debug("%s on %s: done", what, self.target.host)
                 return info.get("info.result")
             if state == vim.TaskInfo.State.error:
                 fault = info.get("info.error")
                 message = getattr(fault, "localizedMessage", None) or getattr(getattr(fault, "fault", None), "msg",
                                                                               None) or str(fault)
+                log.debug("%s on %s: %s (%s)", what, self.target.host, message,
+                          type(getattr(fault, "fault", None) or fault).__name__)
                 raise HypervisorError(f"{what} failed on {self.target.host}: {message}")
             if time.monotonic() > deadline:
                 raise HypervisorError(f"{what} did not finish within {timeout:.0f} s on {self.target.host}")

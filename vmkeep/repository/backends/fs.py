@@ -11,6 +11,7 @@ state or the new one. Chunks are written with O_DIRECT where the filesystem allo
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,8 @@ from vmkeep.errors import BackendError, ObjectMissing
 from vmkeep.fsutil import in_memory, start_writeback, syncfs
 from vmkeep.repository.backends import direct_io
 from vmkeep.repository.backends.base import Backend, Data, ObjectInfo, check_key
+
+log = logging.getLogger(__name__)
 
 TMP_SUFFIX = ".tmp"
 TRASH = "trash"
@@ -44,6 +47,7 @@ def _translate(exc: OSError, what: str) -> BackendError:
         return BackendError(f"the repository's filesystem is full while writing {what}; free space and retry")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BackendError(f"no permission to write {what}: {exc.strerror}")
+    log.debug("writing %s failed: %s", what, exc)
     return BackendError(f"cannot write {what}: {exc}")
 
 
@@ -61,6 +65,7 @@ class FilesystemBackend(Backend):
         hashing and encryption of the next chunks instead of all piling up for the final syncfs."""
         if not start_writeback(fd):
             self._start_writeback = False  # not supported here; syncfs still makes it durable
+            log.debug("%s: early writeback unsupported; the final syncfs makes chunks durable", self.root)
 
     def _path(self, key: str, *, prefix: bool = False) -> Path:
         """Where ``key`` lives: always under the root (see :func:`check_key`)."""
@@ -86,6 +91,7 @@ class FilesystemBackend(Backend):
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
+                    log.debug("%s stored meanwhile by another writer: kept", key)
                     return False
                 finally:
                     os.unlink(tmp)
@@ -97,15 +103,18 @@ class FilesystemBackend(Backend):
         except OSError as exc:
             try:
                 os.unlink(tmp)
-            except OSError:
-                pass
-            raise _translate(exc, key) from None
+            except FileNotFoundError:
+                pass  # never created, or already moved into place
+            except OSError as cleanup:
+                log.warning("cannot remove the temporary %s (%s); `vmkeep repo gc` removes it later", tmp, cleanup)
+            raise _translate(exc, key) from exc
 
     def _use_direct(self) -> bool:
         if self._direct is None:
             try:
                 self._direct = not in_memory(str(self.root))  # on tmpfs it would only add a copy
-            except OSError:
+            except OSError as exc:
+                log.debug("%s: cannot tell its filesystem yet (%s): buffered writes for now", self.root, exc)
                 return False  # no root yet: buffered now, decided once it exists
         return self._direct
 
@@ -122,8 +131,9 @@ class FilesystemBackend(Backend):
             try:
                 direct_io.write_file(str(tmp), parts)
                 return
-            except direct_io.DirectUnsupported:
+            except direct_io.DirectUnsupported as exc:
                 self._direct = False  # the filesystem refuses O_DIRECT: buffered from now on
+                log.info("%s refuses O_DIRECT (%s): chunks go through the page cache", self.root, exc)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             _write_all(fd, parts)
@@ -148,7 +158,7 @@ class FilesystemBackend(Backend):
         except FileNotFoundError:
             raise ObjectMissing(f"{key} is missing from the repository at {self.root}") from None
         except OSError as exc:
-            raise BackendError(f"cannot read {key}: {exc}") from None
+            raise BackendError(f"cannot read {key}: {exc}") from exc
 
     def prefetch(self, keys: list[str]) -> None:
         """The kernel reads the files into the page cache in the background (chunks are written
@@ -181,7 +191,7 @@ class FilesystemBackend(Backend):
         try:
             os.unlink(self._path(key))
         except FileNotFoundError:
-            pass
+            log.debug("%s already gone", key)
 
     def delete_if_older(self, key: str, cutoff: float) -> int:
         """Move the object aside, then look at its mtime: a touch that came first is seen and
@@ -229,7 +239,7 @@ class FilesystemBackend(Backend):
         try:
             syncfs(fd)
         except OSError as exc:
-            raise _translate(exc, "chunks (syncfs)") from None
+            raise _translate(exc, "chunks (syncfs)") from exc
         finally:
             os.close(fd)
 

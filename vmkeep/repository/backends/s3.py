@@ -8,6 +8,7 @@ the retention date. ``touch`` copies an object onto itself, which refreshes Last
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,6 +22,8 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from vmkeep.errors import BackendError, ObjectMissing, UsageError
 from vmkeep.repository.backends.base import Backend, Data, ObjectInfo, check_key
 
+log = logging.getLogger(__name__)
+
 LOCKED_PREFIXES = ("chunks/", "indexes/", "points/")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict", "409"}
@@ -28,6 +31,11 @@ _PRECONDITION = {"412", "PreconditionFailed", "ConditionalRequestConflict", "409
 
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _retries(response: dict[str, Any]) -> int:
+    """How many times botocore retried the request (throttling, 5xx, a dropped connection)."""
+    return int(response.get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
 
 
 class S3Backend(Backend):
@@ -54,6 +62,8 @@ class S3Backend(Backend):
                 s3={"addressing_style": "path"},
             ),
         )
+        log.debug("S3 client for %s: endpoint %s, %d connections, up to 4 attempts per request", url,
+                  endpoint or "AWS default", max(workers * 2, 10))
 
     def _key(self, key: str, *, prefix: bool = False) -> str:
         key = check_key(key, prefix=prefix)
@@ -61,33 +71,46 @@ class S3Backend(Backend):
 
     def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
         try:
-            return fn(Bucket=self.bucket, **kwargs)
+            reply = fn(Bucket=self.bucket, **kwargs)
         except EndpointConnectionError as exc:
+            log.debug("S3 %s on %s: endpoint unreachable (%s)", what, self.url, exc)
             raise BackendError(
                 f"cannot reach the S3 endpoint for {self.url} ({exc}); check --s3-endpoint / "
                 "VMKEEP_S3_ENDPOINT / AWS_ENDPOINT_URL and that the server is up"
-            ) from None
+            ) from exc
         except ClientError as exc:
             code = _code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            log.debug("S3 %s on %s: %s (HTTP %s, %d retries)", what, self.url, code or "error", status,
+                      _retries(exc.response))
             if code in _MISSING or code in _PRECONDITION:
                 raise
             if code == "NoSuchBucket":
                 raise BackendError(
                     f"the bucket {self.bucket!r} does not exist; create it or run `vmkeep repo init`"
-                ) from None
+                ) from exc
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise BackendError(f"S3 refused {what} on {self.url}: {code}; check the credentials") from None
-            raise BackendError(f"S3 failed {what} on {self.url}: {code or exc}") from None
+                raise BackendError(f"S3 refused {what} on {self.url}: {code}; check the credentials") from exc
+            raise BackendError(f"S3 failed {what} on {self.url}: {code or exc}") from exc
         except BotoCoreError as exc:
-            raise BackendError(f"S3 failed {what} on {self.url}: {exc}") from None
+            log.debug("S3 %s on %s: %s", what, self.url, exc)
+            raise BackendError(f"S3 failed {what} on {self.url}: {exc}") from exc
+        retries = _retries(reply)
+        if retries:
+            log.info("S3 %s on %s succeeded after %d retries", what, self.url, retries)
+        elif log.isEnabledFor(logging.DEBUG):
+            log.debug("S3 %s on %s: HTTP %s", what, self.url,
+                      reply.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+        return reply
 
     def ensure_bucket(self) -> None:
         """Create the bucket if needed (with Object Lock enabled when the repository is immutable)."""
         try:
             self._call("head bucket", self.client.head_bucket)
             return
-        except (ClientError, BackendError):
-            pass
+        except (ClientError, BackendError) as exc:
+            log.info("bucket %s not usable as it is (%s): creating it", self.bucket,
+                     _code(exc) if isinstance(exc, ClientError) else exc)
         kwargs: dict[str, Any] = {}
         if self.immutable_days:
             kwargs["ObjectLockEnabledForBucket"] = True
@@ -105,16 +128,19 @@ class S3Backend(Backend):
             self._call(f"writing {key}", self.client.put_object, **kwargs)
         except ClientError as exc:
             if _code(exc) in _PRECONDITION:
+                log.debug("S3 already holds %s (%s): not written again", key, _code(exc))
                 return False
-            raise BackendError(f"S3 failed writing {key}: {_code(exc)}") from None
+            raise BackendError(f"S3 failed writing {key}: {_code(exc)}") from exc
         return True
 
     def get(self, key: str) -> bytes:
         try:
             body = self._call(f"reading {key}", self.client.get_object, Key=self._key(key))["Body"]
             return bytes(body.read())
-        except ClientError:
-            pass
+        except ClientError as exc:
+            if not self.immutable_days:
+                raise ObjectMissing(f"{key} is missing from the repository at {self.url}") from exc
+            log.debug("S3 has no current version of %s (%s): looking for a locked one", key, _code(exc))
         # On an immutable repository a plain DELETE only hides an object behind a delete marker:
         # the locked version is still there, so read it.
         for version_id in self._versions(key) if self.immutable_days else []:
@@ -122,7 +148,8 @@ class S3Backend(Backend):
                 body = self._call(f"reading {key}", self.client.get_object, Key=self._key(key),
                                   VersionId=version_id)["Body"]
                 return bytes(body.read())
-            except ClientError:
+            except ClientError as exc:
+                log.debug("S3 version %s of %s unreadable (%s)", version_id, key, _code(exc))
                 continue
         raise ObjectMissing(f"{key} is missing from the repository at {self.url}")
 
@@ -130,7 +157,8 @@ class S3Backend(Backend):
         """Version ids of ``key`` that hold data, newest first."""
         try:
             page = self._call(f"listing versions of {key}", self.client.list_object_versions, Prefix=self._key(key))
-        except ClientError:
+        except ClientError as exc:
+            log.warning("S3 cannot list the versions of %s (%s): taken as none", key, _code(exc))
             return []
         versions = [v for v in page.get("Versions", []) if v["Key"] == self._key(key)]
         versions.sort(key=lambda v: v["LastModified"], reverse=True)
@@ -139,7 +167,9 @@ class S3Backend(Backend):
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             head = self._call(f"looking up {key}", self.client.head_object, Key=self._key(key))
-        except ClientError:
+        except ClientError as exc:
+            if _code(exc) not in _MISSING:
+                log.warning("S3 cannot look up %s (%s): taken as missing", key, _code(exc))
             return None
         return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
@@ -151,21 +181,24 @@ class S3Backend(Backend):
                 MetadataDirective="REPLACE", Metadata={"vmkeep-touched": str(time.time())},
             )
             return True
-        except ClientError:
+        except ClientError as exc:
+            if _code(exc) not in _MISSING:
+                log.warning("S3 cannot refresh %s (%s): taken as missing", key, _code(exc))
             return False
 
     def delete(self, key: str) -> None:
         """Remove an object; on an immutable repository every version whose retention has ended."""
         try:
             self._call(f"deleting {key}", self.client.delete_object, Key=self._key(key))
-        except ClientError:
-            pass
+        except ClientError as exc:
+            if _code(exc) not in _MISSING:
+                log.warning("S3 did not delete %s (%s)", key, _code(exc))
         if self.immutable_days:
             for version_id in self._versions(key):
                 try:
                     self.client.delete_object(Bucket=self.bucket, Key=self._key(key), VersionId=version_id)
-                except ClientError:
-                    pass  # still under retention
+                except ClientError as exc:  # expected while under retention
+                    log.debug("S3 keeps version %s of %s (%s)", version_id, key, _code(exc))
 
     def delete_if_older(self, key: str, cutoff: float) -> int:
         info = self.stat(key)
@@ -187,7 +220,7 @@ class S3Backend(Backend):
             try:
                 page = self._call(f"listing {prefix}", self.client.list_objects_v2, **kwargs)
             except ClientError as exc:
-                raise BackendError(f"S3 failed listing {prefix}: {_code(exc)}") from None
+                raise BackendError(f"S3 failed listing {prefix}: {_code(exc)}") from exc
             for obj in page.get("Contents", []):
                 yield ObjectInfo(obj["Key"][strip:], int(obj["Size"]), obj["LastModified"].timestamp())
             if not page.get("IsTruncated"):
