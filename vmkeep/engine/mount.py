@@ -86,9 +86,9 @@ def start_daemon(spec: PointSpec, sock: Path, pidfile: Path, timeout: float = 60
             proc = subprocess.run([*_command(spec, unix=sock, foreground=False), f"--pidfile={pidfile}"],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, timeout=timeout,
                                   env=server_environment())
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
             raise ImageError(f"nbdkit did not start serving {spec.name}@{spec.point} within {timeout:.0f} s") \
-                from None
+                from exc
     if proc.returncode != 0 or not pidfile.exists():
         raise ImageError(f"nbdkit could not serve {spec.name}@{spec.point} disk {spec.disk}: "
                          f"{messages.read_text().strip()[-500:]}")

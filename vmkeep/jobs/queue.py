@@ -6,10 +6,15 @@ VM, so two backups of one VM never run at once, whichever proxies hold them.
 
 from __future__ import annotations
 
+import logging
+
 import procrastinate
 from procrastinate import Blueprint
 
+from vmkeep.catalog.db import hidden_password
 from vmkeep.catalog.queue_schema import libpq_url
+
+log = logging.getLogger(__name__)
 
 tasks = Blueprint()
 
@@ -30,6 +35,7 @@ NAMESPACE = "vmkeep"
 def make_app(database_url: str) -> procrastinate.App:
     """The queue as this process sees it: with whatever tasks it registered on ``tasks`` (a proxy
     imports its task modules first; the master registers none and defers by name)."""
+    log.debug("task queue on %s", hidden_password(database_url))
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=libpq_url(database_url)))
     app.add_tasks_from(tasks, namespace=NAMESPACE)
     return app

@@ -4,6 +4,7 @@ The master (discovery, rebuilds) and the proxies (backups, restores) both do it.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from vmkeep.catalog.rebuild import Pinned, check_pinned
@@ -25,6 +26,9 @@ class RegisteredRepository(Pinned, Protocol):
     def passphrase_sealed(self) -> bytes | None: ...
 
 
+log = logging.getLogger(__name__)
+
+
 def passphrase_context(name: str) -> str:
     return f"repository {name}"
 
@@ -34,6 +38,8 @@ def open_registered(record: RegisteredRepository) -> Repository:
     from what was recorded then (before it is unlocked or written to)."""
     passphrase = (open_secret(record.passphrase_sealed, passphrase_context(record.name)).encode()
                   if record.passphrase_sealed else None)
+    log.debug("opening repository %s at %s (%s)", record.name, record.location,
+              "stored passphrase" if passphrase else "no passphrase")
     return Repository.open(open_backend(record.location, s3_endpoint=record.s3_endpoint), Credentials(passphrase),
                            expect=lambda config: check_pinned(record, config))
 
@@ -70,5 +76,7 @@ def connector_for(h: HypervisorAccess, nbd_tls: NbdTls = "require") -> Connector
     credentials = None
     if h.secret_sealed and uses_stored_password(h.uri, h.username):
         credentials = (h.username or "", open_secret(h.secret_sealed, secret_context(h.name)))
+    log.debug("connecting to hypervisor %s at %s (%s)", h.name, h.uri,
+              f"stored password of {h.username}" if credentials else "no stored password")
     return open_connector(h.uri, credentials=credentials, nbd_tls=nbd_tls,
                           allowance=Allowance(plain_tcp=h.allow_plain_tcp, unsafe_options=h.allow_unsafe_options))

@@ -3,12 +3,15 @@ itself (no proxy could take them), a proxy for the VMs it backed up."""
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Job
 from vmkeep.jobs.status import FINAL, JobStatus
+
+log = logging.getLogger(__name__)
 
 
 def settle_job(session: Session, job: Job) -> None:
@@ -27,3 +30,5 @@ def settle_job(session: Session, job: Job) -> None:
         job.status = JobStatus.FAILED.value
     job.finished = datetime.now(UTC)
     session.commit()
+    log.info("policy run %s ended %s (%d VMs)", job.id, job.status, len(statuses),
+             extra={"job": job.id, "policy": job.policy_name})

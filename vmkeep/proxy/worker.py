@@ -30,7 +30,7 @@ def register(client: httpx.Client, name: str, transports: list[str], reaches: li
                                                           "reaches": reaches, "storage": storage,
                                                           "concurrency": concurrency})
     except httpx.HTTPError as exc:
-        raise VmkeepError(f"cannot reach the master at {client.base_url}: {exc}") from None
+        raise VmkeepError(f"cannot reach the master at {client.base_url}: {exc}") from exc
     if reply.status_code != 200:
         raise VmkeepError(f"the master refused the registration ({reply.status_code}): {reply.text}")
     return str(reply.json()["database_url"])

@@ -23,7 +23,8 @@ def _agent_answers(dom: libvirt.virDomain) -> bool:
     try:
         libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": "guest-ping"}), 5, 0)
         return True
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:  # expected until the guest agent is up
+        log.debug("guest agent of %s not answering yet (%s)", dom.name(), exc.get_error_message())
         return False
 
 

@@ -117,7 +117,10 @@ class Connection:
         try:
             self.conn.lookupByName(name)
             return True
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                log.warning("cannot look up VM %s on %s (%s): taken as absent", name, self.uri,
+                            exc.get_error_message())
             return False
 
     def close(self) -> None:

@@ -164,7 +164,9 @@ class LibvirtConnector:
     def remove_restored(self, name: str, disk_paths: list[str]) -> bool:
         try:
             dom = self.conn.lookupByName(name)
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                log.warning("cannot look up VM %s (%s): nothing removed", name, exc.get_error_message())
             return False
         sources = sorted(spec.source for spec in disk_specs(dom.XMLDesc()) if spec.source)
         if sources != sorted(disk_paths):

@@ -26,7 +26,9 @@ def job_present(dom: libvirt.virDomain) -> bool:
     try:
         dom.backupGetXMLDesc()
         return True
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN_BACKUP, libvirt.VIR_ERR_NO_DOMAIN):
+            log.warning("cannot read the backup job of %s (%s): taken as gone", dom.name(), exc.get_error_message())
         return False
 
 

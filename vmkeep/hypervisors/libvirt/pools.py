@@ -23,7 +23,9 @@ def named(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
     """The active pool ``name`` with a directory, or None."""
     try:
         pool = conn.storagePoolLookupByName(name)
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            log.warning("cannot look up storage pool %s (%s): taken as absent", name, exc.get_error_message())
         return None
     return pool if pool.isActive() and pool_path(pool) is not None else None
 
@@ -44,7 +46,10 @@ def holding(conn: libvirt.virConnect, path: str) -> libvirt.virStoragePool | Non
     refresh(pool)
     try:
         pool.storageVolLookupByName(PurePosixPath(path).name)
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+            log.warning("cannot look up %s in pool %s (%s): taken as outside it", path, pool.name(),
+                        exc.get_error_message())
         return None
     return pool
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # What libvirt or QEMU say when the host cannot serve the export over TLS (no such directory,
 # "Unable to access credentials …/ca-cert.pem", a certificate that does not load).
+# Read from the message: a host without backup TLS fails backupBegin with a generic code (QEMU's
+# failure to load the x509 credentials, or libvirt's refusal to set TLS up), none of its own.
 TLS_WORDS = ("tls", "x509", "certificate", "credentials")
 
 

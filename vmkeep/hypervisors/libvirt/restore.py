@@ -119,7 +119,9 @@ def _volume_exists(pool: libvirt.virStoragePool, name: str) -> bool:
     try:
         pool.storageVolLookupByName(name)
         return True
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_VOL:
+            log.warning("cannot look up volume %s (%s): taken as absent", name, exc.get_error_message())
         return False
 
 

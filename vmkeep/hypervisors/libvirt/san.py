@@ -16,6 +16,7 @@ caller drops the checkpoints and the next backup is full.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -39,6 +40,8 @@ from vmkeep.hypervisors.libvirt.scratch import explain_full_scratch
 from vmkeep.hypervisors.libvirt.scratch_watch import ScratchWatch
 from vmkeep.polling import Backoff
 from vmkeep.transport.qemu_nbd import UNLIMITED, ImageInfo, probe_image, serve_image
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "vmkeep-"
 OVERLAY_SUFFIX = ".vmkeep-overlay.qcow2"
@@ -94,7 +97,10 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
     A commit already under way (left by a run that died) is taken over rather than started again.
     """
     if not dom.blockJobInfo(target, 0):
+        log.debug("%s: blockCommit of %s (%s) into its base", dom.name(), target, overlay)
         dom.blockCommit(target, None, None, 0, COMMIT_FLAGS)
+    else:
+        log.info("%s: taking over the commit of %s already under way", dom.name(), target)
     deadline, backoff = time.monotonic() + COMMIT_TIMEOUT_SECONDS, Backoff()
     while True:
         if not dom.blockJobInfo(target, 0):
@@ -103,6 +109,7 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
             # Pivoting is refused until the job is ready (every block copied, mirroring new writes),
             # which comes a moment after the progress reaches the end.
             dom.blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+            log.debug("%s: %s pivoted back to its base", dom.name(), target)
             break
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
@@ -121,6 +128,8 @@ def _commit_live(dom: libvirt.virDomain, target: str, overlay: Path) -> None:
 
 def _commit_offline(dom: libvirt.virDomain, target: str, overlay: Path, base: str, base_format: str) -> None:
     """The VM stopped while on the overlay: merge it with qemu-img and point the definition back."""
+    log.info("%s is off: committing %s into %s with qemu-img (its checkpoints' bitmaps cannot follow)",
+             dom.name(), overlay, base)
     proc = subprocess.run(["qemu-img", "commit", "-q", "-f", "qcow2", str(overlay)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise HypervisorError(f"qemu-img cannot commit {overlay} into {base}: {proc.stderr.strip()}")
@@ -149,9 +158,11 @@ def release_overlays(dom: libvirt.virDomain, overlays: dict[str, Overlay]) -> bo
                 bitmaps_kept = False
         except (libvirt.libvirtError, HypervisorError) as exc:
             why = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) else str(exc)
+            log.warning("%s: cannot commit %s back (%s); the overlay is kept", dom.name(), overlay, why)
             stuck.append(f"{target} runs on {overlay} ({why})")
             continue
         overlay.unlink(missing_ok=True)
+        log.debug("%s: overlay %s committed and removed", dom.name(), overlay)
     if stuck:
         raise HypervisorError(
             f"VM {dom.name()} still writes to vmkeep's snapshot overlays: {'; '.join(stuck)}. They hold the "
@@ -168,6 +179,9 @@ def merge_stale_overlays(dom: libvirt.virDomain, domain_xml: str) -> bool:
     for s in disk_specs(domain_xml):
         if s.source.endswith(OVERLAY_SUFFIX):
             stale[s.target] = (Path(s.source), *_backing_file(s.source))
+    if stale:
+        log.info("%s runs on overlays a dead vmkeep run left (%s): committing them back", dom.name(),
+                 ", ".join(str(o) for o, _, _ in stale.values()))
     if stale and not release_overlays(dom, stale):
         forget_bitmaps(dom, [base for _, base, _ in stale.values()])
     for overlay, _, _ in stale.values():
@@ -187,22 +201,28 @@ def _backing_file(image: str) -> tuple[str, str]:
 def forget_bitmaps(dom: libvirt.virDomain, bases: list[str]) -> None:
     """Drop vmkeep's checkpoints and their bitmaps once the bitmaps no longer cover every write,
     so the next backup is full instead of a wrong incremental."""
+    log.info("%s: dropping vmkeep's checkpoints and bitmaps (they miss writes now): the next backup is full",
+             dom.name())
     for cp in dom.listAllCheckpoints():
         if cp.getName().startswith(CHECKPOINT_PREFIX):
             cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
     for base in bases:
         for name in probe_image(Path(base)).bitmaps:
             if name.startswith(CHECKPOINT_PREFIX):
-                subprocess.run(["qemu-img", "bitmap", "--remove", base, name], capture_output=True)
+                proc = subprocess.run(["qemu-img", "bitmap", "--remove", base, name], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    # its checkpoint is gone already, so no incremental will build on it
+                    log.warning("cannot remove bitmap %s from %s: %s", name, base, proc.stderr.strip())
 
 
 def _resume(dom: libvirt.virDomain) -> None:
     """Let the guest run again, unless it was stopped meanwhile."""
     try:
         dom.resume()
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
         if dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
             raise
+        log.info("%s not resumed: it stopped meanwhile (%s)", dom.name(), exc.get_error_message())
 
 
 class _BackgroundServer:
@@ -268,6 +288,7 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
             if was_running:
                 dom.suspend()
             try:
+                log.debug("%s: disk-only snapshot into %s", vm, overlay_dir)
                 dom.snapshotCreateXML(snapshot, SNAPSHOT_FLAGS)
                 taken = {s.target: (overlays[s.target], s.source, s.format) for s in eligible}
                 # The bases hold the point in time from here on: qemu-nbd starts on them while the
@@ -277,7 +298,7 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
             except libvirt.libvirtError as exc:
                 why = exc.get_error_message()
                 remedy = explain_full_scratch(why, overlay_dir.parent) or "use --transport hotadd:nbd"
-                raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: {why}; {remedy}") from None
+                raise HypervisorError(f"libvirt cannot snapshot {vm} for the san transport: {why}; {remedy}") from exc
             finally:
                 if was_running:
                     _resume(dom)
@@ -291,6 +312,7 @@ def frozen_bases(dom: libvirt.virDomain, eligible: list[DiskSpec], sizes: dict[s
                     raise
                 stack.close()
                 point.reason = f"the bitmap of checkpoint {parent_cp} cannot be read from the base image ({exc})"
+                log.info("%s: full backup instead: %s", vm, point.reason)
                 point.parent_cp = None
                 point.disks = serve_images(stack, vm, eligible, None, sizes)
 

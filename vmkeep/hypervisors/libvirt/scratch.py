@@ -11,11 +11,14 @@ stale-job and stale-overlay clean-ups own those: they know whether libvirt still
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
 
 from vmkeep.transport.qemu_nbd import socket_listening
+
+log = logging.getLogger(__name__)
 
 SCRATCH_ROOT = Path("/var/lib/libvirt/images/vmkeep-scratch")
 SWEEP_AGE = 600.0  # seconds: a younger directory may belong to a backup that is starting
@@ -29,7 +32,10 @@ def scratch_root() -> Path:
 
 
 def out_of_space(why: str) -> bool:
-    """Whether libvirt's or QEMU's error message says a file could not be written for want of room."""
+    """Whether libvirt's or QEMU's error message says a file could not be written for want of room.
+
+    Read from the message: libvirt reports QEMU's failure as VIR_ERR_INTERNAL_ERROR (or
+    OPERATION_FAILED) whatever the cause, and passes on no errno; only QEMU's text says ENOSPC."""
     return "no space left" in why.lower()
 
 
@@ -54,9 +60,11 @@ def sweep_scratch(root: Path | None = None, now: float | None = None) -> list[Pa
             if not d.is_dir() or now - d.stat().st_mtime < SWEEP_AGE:
                 continue
             content = list(d.iterdir())
-        except OSError:
-            continue  # removed meanwhile by its own run
+        except OSError as exc:
+            log.debug("scratch sweep: %s skipped (%s; removed meanwhile by its own run?)", d, exc)
+            continue
         if all(p.name == "nbd.sock" and p.is_socket() and not socket_listening(p) for p in content):
+            log.info("removing %s, left by a dead run", d)
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

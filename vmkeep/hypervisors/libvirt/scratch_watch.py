@@ -12,6 +12,7 @@ frozen bases and the overlays are committed back before the VM resumes.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -23,6 +24,8 @@ import libvirt
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import HypervisorError
 
+log = logging.getLogger(__name__)
+
 POLL_SECONDS = 0.25
 FULL_BELOW = 1 << 20  # bytes free: QEMU allocates the scratch file in 64 KiB clusters
 
@@ -31,7 +34,8 @@ def nearly_full(directory: Path) -> bool:
     """Whether the filesystem holding ``directory`` has no room for another scratch cluster."""
     try:
         st = os.statvfs(directory)
-    except OSError:
+    except OSError as exc:
+        log.debug("cannot tell the free space of %s (%s): taken as not full", directory, exc)
         return False
     return st.f_bavail * st.f_frsize < FULL_BELOW
 
@@ -82,13 +86,17 @@ class ScratchWatch:
                             f"backup and QEMU paused {self.dom.name()} (I/O error); vmkeep {self.released} and "
                             "resumed the VM. Give the scratch directory room for the guest's writes during a backup "
                             "(VMKEEP_SCRATCH_DIR)")
-        except libvirt.libvirtError:
-            return  # libvirtd restarting or the VM gone: the backup's own clean-up deals with it
+        except libvirt.libvirtError as exc:
+            # libvirtd restarting or the VM gone: the backup's own clean-up deals with it
+            log.debug("scratch watch: cannot read the state of the VM (%s)", exc.get_error_message())
+            return
+        log.warning("%s paused on an I/O error with %s full: %s", self.dom.name(), self.scratch.parent, self.released)
         try:
             self.release()
         except (VmkeepError, libvirt.libvirtError) as exc:
+            log.warning("releasing after the scratch filled failed: %s", exc)
             self.tripped += f" (releasing failed: {exc})"
         try:
             self.dom.resume()
-        except libvirt.libvirtError:
-            pass  # shut down meanwhile
+        except libvirt.libvirtError as exc:
+            log.warning("%s not resumed after the scratch filled (%s)", self.dom.name(), exc.get_error_message())

@@ -76,7 +76,7 @@ def write_file(path: str, parts: Sequence[Bytes]) -> int:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
-            raise DirectUnsupported(str(exc)) from None
+            raise DirectUnsupported(str(exc)) from exc
         raise
     try:
         _pwrite_all(fd, buf.view[:aligned], 0)
@@ -87,7 +87,7 @@ def write_file(path: str, parts: Sequence[Bytes]) -> int:
         os.close(fd)
         os.unlink(path)
         if exc.errno == errno.EINVAL:
-            raise DirectUnsupported(str(exc)) from None
+            raise DirectUnsupported(str(exc)) from exc
         raise
     os.close(fd)
     return total

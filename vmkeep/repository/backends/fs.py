@@ -155,8 +155,8 @@ class FilesystemBackend(Backend):
         try:
             with open(self._path(key), "rb") as f:
                 return f.read()
-        except FileNotFoundError:
-            raise ObjectMissing(f"{key} is missing from the repository at {self.root}") from None
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"{key} is missing from the repository at {self.root}") from exc
         except OSError as exc:
             raise BackendError(f"cannot read {key}: {exc}") from exc
 
