@@ -95,7 +95,10 @@ def _lab_metadata(dom: libvirt.virDomain) -> ET.Element | None:
     """The lab metadata element, or None for a domain that is not a lab VM."""
     try:
         text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, NS, 0)
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as exc:
+        # no lab metadata, or the domain went since it was listed: not a lab VM (any more)
+        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+            raise LabError(f"cannot read the metadata of {dom.name()}: {exc.get_error_message()}") from exc
         return None
     return ET.fromstring(text)
 

@@ -17,6 +17,7 @@ which chunks it needs.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from vmkeep.repository.backends.fs import FilesystemBackend
 from vmkeep.repository.index import DiskIndex
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.sessions import SessionInfo, list_sessions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +99,7 @@ def collect(repo: Repository, dry_run: bool = False) -> GcReport:
         try:
             cid = bytes.fromhex(info.key.rsplit("/", 1)[1])
         except ValueError:
+            log.warning("%s under chunks/ is not a chunk: left alone", info.key)
             continue
         if cid in marked:
             continue

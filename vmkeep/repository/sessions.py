@@ -10,6 +10,7 @@ that goes stale (no heartbeat, or its process is gone on this host) and is then 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import socket
@@ -19,6 +20,8 @@ from types import TracebackType
 
 from vmkeep.errors import ObjectMissing
 from vmkeep.repository.backends.base import Backend
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0
@@ -96,7 +99,11 @@ def list_sessions(backend: Backend) -> list[SessionInfo]:
     for info in backend.list("sessions/"):
         try:
             body = json.loads(backend.get(info.key))
-        except (ObjectMissing, ValueError):
+        except ObjectMissing:
+            continue  # the session ended between the listing and the read
+        except ValueError as exc:
+            log.warning("writer session %s does not decode (%s): ignored, so what it writes is not protected",
+                        info.key, exc)
             continue
         sessions.append(
             SessionInfo(
