@@ -20,6 +20,7 @@ from vmkeep.engine.boot_check import boot_check
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.connect import open_connector
 from vmkeep.hypervisors.libvirt.instant import OVERLAYS
+from vmkeep.lab.guest import LAB_ROOT
 from vmkeep.lab.vm import LabVM, create_lab_vm, destroy_lab_vm
 
 
@@ -162,6 +163,7 @@ def test_verify_boot_records_pass_and_fail_on_the_point(cli: Cli, backed_up: tup
     sandbox = passed["sandbox"]
     assert subprocess.run(["virsh", "domstate", sandbox], capture_output=True).returncode != 0  # removed
     assert not (instant.STATE / sandbox).exists()
+    assert not (LAB_ROOT / sandbox).exists()  # its console log's directory went with it
     listed = {p["point"]: p for p in cli.json("points", guest.name, "--repo", repo)["points"]}
     assert listed[point]["boot_check"]["passed"] is True
 
