@@ -68,10 +68,15 @@ def new_vm(sim: vcsim.Vcsim, name: str, *extra_modes: str, networks: tuple[str, 
 
 
 def backup(cli: Cli, address: str, vm: str, repo: str, *args: str) -> dict[str, Any]:
+    return backup_logged(cli, address, vm, repo, *args)[0]
+
+
+def backup_logged(cli: Cli, address: str, vm: str, repo: str, *args: str) -> tuple[dict[str, Any], str]:
+    """The backup's result and its standard error (the log lines)."""
     proc = cli.run("backup", vm, "--host", address, "--repo", repo, "--json", *args, ok=False)
     result = json.loads(proc.stdout)["vms"][0]
     assert result["ok"], result
-    return dict(result)
+    return dict(result), proc.stderr
 
 
 def test_inventory_certificate_and_skipped_disks(cli: Cli, sim: vcsim.Vcsim, env: dict[str, str]) -> None:
@@ -334,8 +339,15 @@ def test_incrementals_read_only_what_cbt_reports(cli: Cli, sim: vcsim.Vcsim, env
             f.write(os.urandom(100_000))
         at_incr = tmp_path / "at-incr.raw"
         at_incr.write_bytes(flat.read_bytes())
-        incr = backup(cli, shim.address, "vc-incr", repo, "--insecure")
+        incr, stderr = backup_logged(cli, shim.address, "vc-incr", repo, "--insecure", "--debug", "--log-format",
+                                     "json")
         assert incr["mode"] == "incremental", incr
+        # --debug: the login (never the password), the snapshot, CBT's answers and the decision
+        lines = [json.loads(line) for line in stderr.splitlines()]
+        said = {(e["logger"].rsplit(".", 1)[1], e["message"].split(" ", 1)[0]) for e in lines}
+        assert {("session", "vSphere"), ("connector", "snapshot"), ("cbt", "QueryChangedDiskAreas(disk"),
+                ("vm", "incremental")} <= said, said
+        assert sim.password not in stderr
         assert incr["bytes_read"] == MiB + 2 * 64 * 1024  # the changed areas CBT reported, nothing else
         assert shim.queries >= 2 * 4  # the whole disk, 16 MiB per call, for "*" and for the changes
         out = tmp_path / "incr.raw"

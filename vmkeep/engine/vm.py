@@ -60,16 +60,15 @@ def backup_vm(
         reason = pit.reason if not full else "a full backup was asked for (--full)"
         log.info("%s backup (%s) over %s, %s-consistent, %d disks", pit.mode, reason, pit.transport,
                  pit.consistency, len(pit.disks), extra=context)
+        for note in pit.notes:  # fallbacks and what the hypervisor changed or skipped
+            log.info("note: %s", note, extra=context)
         meta: dict[str, Any] = {
             "kind": "vm", "hypervisor": connector.kind, "transport": pit.transport, "consistency": pit.consistency,
             "mode": pit.mode, "reason": reason, "config_sealed": repo.seal_record(pit.config, config_context(vm)),
             "chain": pit.chain, "notes": pit.notes, "wire": pit.wire,
         }
-        manifest = backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
-                                cancel=cancel, reads_done=_letting_go(exports, pit.release))
-    for note in pit.notes:
-        log.info("note: %s", note, extra=context)
-    return manifest
+        return backup_point(repo, vm, jobs, parent=parent, meta=meta, workers=workers, progress=progress,
+                            cancel=cancel, reads_done=_letting_go(exports, pit.release))
 
 
 def _letting_go(exports: list[NbdExport], release: Callable[[], None] | None) -> Callable[[], None] | None:

@@ -231,8 +231,6 @@ class VsphereConnector:
         if wanted and isinstance(found, Vddk):
             return ":".join(wanted), found
         if wanted:
-            log.info("transports %s need VMware's VDDK (%s): reading through the datastore's HTTPS", ":".join(wanted),
-                     found)
             notes.append(f"transports {':'.join(wanted)} need VMware's VDDK: {found}; reading through the "
                          "datastore's HTTPS instead")
         if not ({"nbd", "nbdssl", "https"} & set(transports)):
