@@ -89,7 +89,6 @@ def _noting_reconnects(notes: list[str], disk: str) -> Callable[[], None]:
     note = f"disk {disk}: an NBD connection dropped during the backup; it was opened again and the read retried"
 
     def noted() -> None:
-        log.info("disk %s: NBD connection dropped; reopened and the read retried", disk, extra={"disk": disk})
         if note not in notes:
             notes.append(note)
     return noted

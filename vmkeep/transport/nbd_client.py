@@ -103,11 +103,14 @@ class NbdExport:
             return self.handle().pread(length, offset)
         except (nbd.Error, ImageError) as exc:  # also a connection cut while it was being opened
             failure = exc
+        log.warning("reading %d bytes at %d from %s failed (%s): connecting again to retry once", length, offset,
+                    self.uri, failure)
         try:
             data: bytes = self._reconnect().pread(length, offset)
         except (nbd.Error, ImageError) as exc:
             raise ImageError(f"reading {length} bytes at {offset} from {self.uri} failed: {failure}; "
-                             f"connecting again did not help: {exc}") from None
+                             f"connecting again did not help: {exc}") from exc
+        log.info("the read at %d from %s succeeded on a new connection", offset, self.uri)
         if self.on_reconnect is not None:
             self.on_reconnect()
         return data
