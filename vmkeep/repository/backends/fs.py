@@ -43,11 +43,11 @@ def _write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
 
 
 def _translate(exc: OSError, what: str) -> BackendError:
+    log.debug("writing %s failed: %s (errno %s)", what, exc, exc.errno)
     if exc.errno == errno.ENOSPC:
         return BackendError(f"the repository's filesystem is full while writing {what}; free space and retry")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return BackendError(f"no permission to write {what}: {exc.strerror}")
-    log.debug("writing %s failed: %s", what, exc)
     return BackendError(f"cannot write {what}: {exc}")
 
 
