@@ -92,9 +92,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+_format: LogFormat = "text"
+
+
+def json_lines() -> bool:
+    """Whether stderr carries JSON log lines (then nothing else may draw there: progress bars)."""
+    return _format == "json"
+
+
 def configure(level: int, fmt: LogFormat = "text", stream: TextIO | None = None) -> None:
     """Send the ``vmkeep`` loggers' lines at ``level`` and above to ``stream`` (stderr), once;
     a second call changes level and format."""
+    global _format
+    _format = fmt
     logger = logging.getLogger("vmkeep")
     for old in [h for h in logger.handlers if getattr(h, "vmkeep", False)]:
         logger.removeHandler(old)

@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from vmkeep.logs import json_lines
 from vmkeep.progress import NoProgress, Task
 
 err_console = Console(stderr=True)
@@ -57,7 +58,7 @@ class RichProgress:
         self._lock = threading.Lock()
 
     def task(self, label: str, total: int) -> Task:
-        if not self.enabled:
+        if not self.enabled or json_lines():  # stderr is for JSON log lines then
             return NoProgress().task(label, total)
         with self._lock:
             bars = self.board or self._own
