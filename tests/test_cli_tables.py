@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from vmkeep.cli.client_cmds import _job_table
+from vmkeep.cli.client_cmds import job_table
 from vmkeep.cli.output import uncut
 
 POINT = "20261204T223712Z-0f3a9c2e71b4"
@@ -36,7 +36,7 @@ def test_a_runs_table_shows_every_warning_and_the_attempts() -> None:
           "read_bytes": 1 << 30, "stored_bytes": 1 << 29, "progress_bytes": None, "total_bytes": None,
           "duration_seconds": 12.5, "verified": None, "error": None, "warnings": warnings}
     console = Console(width=80, record=True, force_terminal=False)
-    console.print(_job_table({"id": 7, "policy": "nightly", "status": "succeeded", "vms": [vm]}))
+    console.print(job_table({"id": 7, "policy": "nightly", "status": "succeeded", "vms": [vm]}))
     lines = console.export_text().splitlines()
     row = next(line for line in lines if "web1" in line and "succeeded" in line)
     assert row.split()[:4] == ["web1", "succeeded", "pb", "2"]  # whole, with the proxy and the attempts
