@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +166,9 @@ def server_url() -> str:
     return ensure_postgres()
 
 
-@pytest.fixture
-def database(server_url: str) -> Iterator[str]:
-    """A fresh, empty database for one test; dropped afterwards."""
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    """A fresh, empty catalog database; dropped afterwards (with the proxies' role its upgrade made)."""
     name = f"vmkeep_t_{secrets.token_hex(4)}"
     admin = create_engine(server_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -179,3 +180,24 @@ def database(server_url: str) -> Iterator[str]:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             conn.execute(text(f"DROP ROLE IF EXISTS {name}_proxy"))  # made by db upgrade (catalog.proxy_role)
         admin.dispose()
+
+
+@pytest.fixture
+def database(server_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    with fresh_database(server_url) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """Debian's chromium driven by Playwright, launched once for the whole run (each test opens
+    its own context: cookies and storage of its own). `playwright install` cannot download here."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -1,7 +1,8 @@
-"""The FastAPI application of the master: routers, health and Prometheus metrics.
+"""The FastAPI application of the master: routers, health, Prometheus metrics and the web console.
 
-OpenAPI is served at ``/openapi.json`` and ``/docs``. ``/metrics`` and ``/api/health`` are open
-(scrapers and load balancers); everything under ``/api`` needs a bearer token.
+OpenAPI is served at ``/openapi.json`` and ``/docs``; the console (vmkeep.server.console) at ``/``.
+``/metrics`` and ``/api/health`` are open (scrapers and load balancers); everything under ``/api``
+needs a bearer token.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualM
 from vmkeep.jobs.queue import make_app
 from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_proxies, routes_restore
 from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
+from vmkeep.server.console import install as install_console
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
 from vmkeep.server.endpoints import EndpointPolicy, Network
 from vmkeep.server.login_guard import LoginGuard
@@ -121,6 +123,7 @@ def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_u
     app.include_router(routes_jobs.router)
     app.include_router(routes_restore.router)
     app.add_exception_handler(RequestValidationError, validation_failed)
+    install_console(app)  # the web console at /, its files at /static
 
     @app.exception_handler(DataError)
     async def bad_value(_request: Request, exc: DataError) -> JSONResponse:

@@ -74,27 +74,36 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
-                 session: Session = Depends(get_session)) -> User:
-    """The caller, from ``Authorization: Bearer``; 401 without a valid, unexpired token."""
-    unauthorized = HTTPException(401, "a valid bearer token is needed: POST /api/auth/login",
-                                 headers={"WWW-Authenticate": "Bearer"})
-    if creds is None or not creds.credentials.startswith(TOKEN_PREFIX):
-        raise unauthorized
-    row = session.execute(select(ApiToken, User).join(User).where(
-        ApiToken.token_sha256 == token_digest(creds.credentials))).first()
+def token_user(session: Session, raw: str | None) -> tuple[ApiToken, User] | None:
+    """The token and its user when ``raw`` is a valid, unexpired token of an enabled user (its
+    last use is recorded); None otherwise. The API's bearer tokens and the console's session
+    cookie are both checked here."""
+    if raw is None or not raw.startswith(TOKEN_PREFIX):
+        return None
+    row = session.execute(select(ApiToken, User).join(User).where(ApiToken.token_sha256 == token_digest(raw))).first()
     if row is None:
-        raise unauthorized
+        return None
     token, user = row.tuple()
     now = datetime.now(UTC)
     if user.disabled or token.expires < now:
-        raise unauthorized
+        return None
     token.last_used = now
     try:
         session.commit()
     except StaleDataError:  # revoked, or its user removed, since the row was read
         session.rollback()
-        raise unauthorized from None
+        return None
+    return token, user
+
+
+def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                 session: Session = Depends(get_session)) -> User:
+    """The caller, from ``Authorization: Bearer``; 401 without a valid, unexpired token."""
+    found = token_user(session, creds.credentials if creds is not None else None)
+    if found is None:
+        raise HTTPException(401, "a valid bearer token is needed: POST /api/auth/login",
+                            headers={"WWW-Authenticate": "Bearer"})
+    token, user = found
     request.state.user = user.name
     request.state.token_id = token.id
     return user

@@ -1,7 +1,7 @@
-"""One log line per API request: method, path, status, time, and the client (behind a trusted
-reverse proxy, the one it names), so an administrator
-can follow who did what without the audit log. Polling (heartbeats, metrics, health) goes to
-debug, or it would drown the rest."""
+"""One log line per request (API and console): method, path, status, time, and the client (behind
+a trusted reverse proxy, the one it names), so an administrator can follow who did what without
+the audit log. Polling (heartbeats, metrics, health, the dashboard's running jobs) goes to debug,
+or it would drown the rest."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from vmkeep.server.client_address import client_address
 
 log = logging.getLogger(__name__)
 
-QUIET = ("/api/health", "/metrics")
+QUIET = ("/api/health", "/metrics", "/dashboard/running")  # the last: the console's dashboard polls it
 QUIET_SUFFIX = "/heartbeat"
 
 

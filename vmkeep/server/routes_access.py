@@ -16,18 +16,15 @@ from vmkeep.server import audit
 from vmkeep.server.accounts import removal_refused
 from vmkeep.server.auth import (
     ADMIN,
-    LOGIN_HOURS,
     READ_AUDIT,
     ROLES,
     current_user,
     get_session,
     hash_password,
     issue_token,
-    login_matches,
     require,
 )
-from vmkeep.server.client_address import client_address
-from vmkeep.server.login_guard import LoginGuard
+from vmkeep.server.logins import LoginRefused, log_in, log_out
 from vmkeep.server.schemas import AuditOut, AuditVerifyOut, Login, TokenInfo, TokenOut, TokenRequest, UserIn, UserOut
 
 router = APIRouter(prefix="/api")
@@ -37,32 +34,19 @@ router = APIRouter(prefix="/api")
              responses={429: {"description": "too many failed logins: wait Retry-After seconds"}})
 def login(body: Login, request: Request, session: Session = Depends(get_session)) -> TokenOut:
     """A bearer token valid for a working day, for the user's name and password."""
-    guard: LoginGuard = request.app.state.login_guard
-    address = client_address(request)
-    wait = guard.attempt(body.name, address)  # counted as failed from here until the password matches
-    if wait:
-        raise HTTPException(429, f"too many failed logins for this user or from this address: retry in {wait} s",
-                            headers={"Retry-After": str(wait)})
-    user = session.scalar(select(User).where(User.name == body.name))
-    if not login_matches(user, body.password) or user is None:  # an unknown name costs one argon2 check too
-        audit.record(session, request, body.name, "login-failed", body.name)
-        session.commit()
-        raise HTTPException(401, "wrong user name or password", headers={"WWW-Authenticate": "Bearer"})
-    guard.succeeded(user.name, address)
-    token, expires = issue_token(session, user, "login", timedelta(hours=LOGIN_HOURS))
-    audit.record(session, request, user.name, "login", user.name)
-    session.commit()
+    try:
+        token, expires = log_in(session, request, body.name, body.password)
+    except LoginRefused as refused:
+        headers = ({"Retry-After": str(refused.retry_after)} if refused.retry_after is not None
+                   else {"WWW-Authenticate": "Bearer"})
+        raise HTTPException(refused.status, refused.message, headers=headers) from None
     return TokenOut(token=token, expires=expires)
 
 
 @router.post("/auth/logout", status_code=204, tags=["access"])
 def logout(request: Request, user: User = Depends(current_user), session: Session = Depends(get_session)) -> Response:
     """Revoke the token this request came with."""
-    token = session.get(ApiToken, request.state.token_id)
-    if token is not None:
-        session.delete(token)
-        audit.record(session, request, user.name, "logout", token.name)
-        session.commit()
+    log_out(session, request, user, request.state.token_id)
     return Response(status_code=204)
 
 

@@ -1,0 +1,35 @@
+"""The web console: server-rendered pages (Jinja2, htmx) at ``/``, a face of the master like the API.
+
+It works with the API's users, roles, login tokens and audit log: a login puts a 12-hour token in
+an HttpOnly, SameSite=Strict cookie (Secure over TLS), and every POST carries a CSRF token derived
+from it and must come from the console's own origin.
+
+``static/htmx.min.js`` is htmx.org 2.0.11 from npm (``npm pack htmx.org@2.0.11``, ``dist/``), its
+licence beside it: vendored, so neither set-up nor CI runs npm and the console needs no CDN.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
+
+from vmkeep.server.console import pages
+from vmkeep.server.console.render import page
+from vmkeep.server.console.session import LoginNeeded, Refused, back_to_login
+
+STATIC = Path(__file__).parent / "static"
+
+
+def install(app: FastAPI) -> None:
+    """Add the console's pages and static files to the master's application."""
+    app.include_router(pages.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_exception_handler(LoginNeeded, back_to_login)  # type: ignore[arg-type]
+    app.add_exception_handler(Refused, refused)  # type: ignore[arg-type]
+
+
+async def refused(request: Request, exc: Refused) -> Response:
+    """403 as a page that says why (an htmx request shows it nowhere, and nothing changed)."""
+    return page(request, "refused.html", {"message": str(exc)}, 403)

@@ -1,0 +1,57 @@
+"""Jinja2 for the console's templates, with the filters its pages share (binary sizes, times)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import HTMLResponse
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from vmkeep import __version__
+
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+
+# every console page: nothing from elsewhere, no inline script or style, never inside a frame
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def ibytes(n: int | None) -> str:
+    """1536 → '1.5 KiB': sizes in binary units, as the CLI shows them."""
+    if n is None:
+        return "—"
+    size, unit = float(n), 0
+    while size >= 1024 and unit < len(UNITS) - 1:
+        size, unit = size / 1024, unit + 1
+    return f"{int(size)} B" if unit == 0 else f"{size:.1f} {UNITS[unit]}"
+
+
+def iso(at: datetime) -> str:
+    """The machine-readable time a <time> element carries; console.js shows it in the browser's zone."""
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="seconds")
+
+
+def utc_text(at: datetime) -> str:
+    """What a <time> shows until (or without) JavaScript."""
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(),
+                  trim_blocks=True, lstrip_blocks=True)
+env.filters.update(ibytes=ibytes, iso=iso, utc_text=utc_text)
+env.globals["version"] = __version__
+
+
+def page(request: Request, template: str, context: dict[str, Any], status_code: int = 200,
+         headers: dict[str, str] | None = None) -> HTMLResponse:
+    html = env.get_template(template).render(request=request, **context)
+    return HTMLResponse(html, status_code=status_code, headers={**HEADERS, **(headers or {})})
