@@ -1,6 +1,7 @@
 """File restore on a host where KVM exists but the appliance cannot run under it (nested KVM:
-"failed to set MSR 0x10a"): vmkeep starts it again emulated and says so in one line. The KVM
-failure is a real QEMU started by libguestfs through a wrapper that refuses KVM as such a host does."""
+"failed to set MSR 0x10a"): vmkeep starts it again emulated and says so in one line. libguestfs
+and QEMU run for real; the only stand-in is the host's QEMU binary, a wrapper that refuses KVM as
+such a host does (given to libguestfs' own handle, so no variable of the user's is involved)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,16 @@ def test_an_appliance_refused_by_kvm_starts_emulated(cli: Cli, tmp_path: Path, m
     wrapper = tmp_path / "qemu-nested"
     wrapper.write_text(WRAPPER.format(qemu="/usr/bin/qemu-system-x86_64"))
     wrapper.chmod(0o755)
-    monkeypatch.setenv("LIBGUESTFS_HV", str(wrapper))  # the test's stand-in for a nested-KVM host
-    monkeypatch.delenv("LIBGUESTFS_BACKEND_SETTINGS", raising=False)
+    import guestfs
+
+    class NestedHost(guestfs.GuestFS):  # type: ignore[misc]
+        """libguestfs' handle on a host whose QEMU refuses KVM."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.set_hv(str(wrapper))
+
+    monkeypatch.setattr(guestfs, "GuestFS", NestedHost)
     monkeypatch.setattr(files, "_runs_in_a_vm", lambda: False)  # not caught by the VM check: a real failure
     spec = PointSpec(repo, "fs", point["point"], "disk", passphrase_file=str(secret))
     with caplog.at_level(logging.WARNING, logger="vmkeep.engine.files"), files.open_point_files(spec) as guest:
