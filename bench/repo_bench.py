@@ -183,18 +183,23 @@ def main() -> None:
     record("vmkeep incremental, no changes", t, runs)
     record("  the same, engine time only", statistics.median(engine_times), engine_times)
 
-    out = work / "restored.raw"
-    restores = rounds(args.repeat, {
-        "qemu-img convert to raw + sync": Trial(
-            lambda: (sh("qemu-img", "convert", "-O", "raw", str(image), str(out)), sh("sync")),
-            lambda: rm(out), lambda: rm(out)),
-        "vmkeep restore to raw + sync": Trial(
-            lambda: (sh(VMKEEP, "disk", "restore", "bench", "--repo", str(disk_repo), "--output", str(out),
-                        "--format", "raw", "--workers", w, "--json"), sh("sync")),
-            lambda: rm(out), lambda: rm(out)),
-    })
-    for key, runs in restores.items():
-        record(key, statistics.median(runs), runs)
+    def restores_against_convert(source: Path, repo: Path, name: str, fmt: str, suffix: str = "") -> None:
+        """`qemu-img convert -O fmt` of the source and `vmkeep disk restore --format fmt` of its
+        point, each + sync, in rounds; recorded under their keys (+ ``suffix``)."""
+        out = work / f"restored.{fmt}"
+        runs = rounds(args.repeat, {
+            f"qemu-img convert to {fmt} + sync{suffix}": Trial(
+                lambda: (sh("qemu-img", "convert", "-O", fmt, str(source), str(out)), sh("sync")),
+                lambda: rm(out), lambda: rm(out)),
+            f"vmkeep restore to {fmt} + sync{suffix}": Trial(
+                lambda: (sh(VMKEEP, "disk", "restore", name, "--repo", str(repo), "--output", str(out),
+                            "--format", fmt, "--workers", w, "--json"), sh("sync")),
+                lambda: rm(out), lambda: rm(out)),
+        })
+        for key, times in runs.items():
+            record(key, statistics.median(times), times)
+
+    restores_against_convert(image, disk_repo, "bench", "raw")
     rm(disk_repo, shm)
 
     # the format a VM restore writes: an image three quarters full (half random, a quarter text)
@@ -203,22 +208,12 @@ def main() -> None:
         rm(mixed)
         make_image(mixed, size, [Segment(0, size // 2, "random", "bench"),
                                  Segment(size // 2, size // 4, "text", "bench")])
-    mixed_repo, out_qcow2 = work / "repo-mixed", work / "restored.qcow2"
+    mixed_repo = work / "repo-mixed"
     rm(mixed_repo)
     sh(VMKEEP, "repo", "init", str(mixed_repo), "--encrypt")
     sh(VMKEEP, "disk", "backup", str(mixed), "--repo", str(mixed_repo), "--name", "mixed", "--workers", w)
     sh("sync")
-    qcow2_restores = rounds(args.repeat, {
-        "qemu-img convert to qcow2 + sync, 3/4 full": Trial(
-            lambda: (sh("qemu-img", "convert", "-O", "qcow2", str(mixed), str(out_qcow2)), sh("sync")),
-            lambda: rm(out_qcow2), lambda: rm(out_qcow2)),
-        "vmkeep restore to qcow2 + sync, 3/4 full": Trial(
-            lambda: (sh(VMKEEP, "disk", "restore", "mixed", "--repo", str(mixed_repo), "--output", str(out_qcow2),
-                        "--format", "qcow2", "--workers", w, "--json"), sh("sync")),
-            lambda: rm(out_qcow2), lambda: rm(out_qcow2)),
-    })
-    for key, runs in qcow2_restores.items():
-        record(key, statistics.median(runs), runs)
+    restores_against_convert(mixed, mixed_repo, "mixed", "qcow2", ", 3/4 full")
     rm(mixed_repo)
 
     def ratio(a: str, b: str) -> float:
