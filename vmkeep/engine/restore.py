@@ -29,11 +29,12 @@ class RestoreStats:
     seconds: float = 0.0
 
 
-def zero_runs(index: DiskIndex) -> list[tuple[int, int]]:
-    """(offset, length) of each run of zero slots, in order."""
+def zero_runs(index: DiskIndex, data: list[tuple[int, bytes]] | None = None) -> list[tuple[int, int]]:
+    """(offset, length) of each run of zero slots, in order; ``data``: the index's non-zero
+    slots when the caller has listed them already (one pass over a large index is enough)."""
     runs: list[tuple[int, int]] = []
     at = 0
-    for slot, _cid in index.nonzero():
+    for slot, _cid in index.nonzero() if data is None else data:
         start = slot * index.chunk_size
         if start > at:
             runs.append((at, start - at))
@@ -70,7 +71,7 @@ def restore_disk(
 
     try:
         if writer.sequential:
-            zeros = iter(zero_runs(index) + [(index.size, 0)])
+            zeros = iter(zero_runs(index, slots) + [(index.size, 0)])
             pending = next(zeros)
 
             def write_in_order(item: tuple[int, bytes], encoded: object) -> None:
@@ -87,7 +88,7 @@ def restore_disk(
                 writer.zero(*pending)
                 pending = next(zeros)
         else:
-            for offset, length in zero_runs(index):
+            for offset, length in zero_runs(index, slots):
                 writer.zero(offset, length)
 
             def work(item: tuple[int, bytes]) -> None:
