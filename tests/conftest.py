@@ -201,3 +201,27 @@ def chromium() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def console_master(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A `vmkeep server` on a fresh catalog for one console test module, with an auditor besides
+    the admin: each module's tests only add to its catalog."""
+    from tests.console_support import AUDITOR
+    from tests.test_server import ADMIN_PASSWORD, launch
+
+    with fresh_database(server_url) as database, launch(fresh_cli(), database,
+                                                       tmp_path_factory.mktemp("console")) as running:
+        with running.client(running.login("admin", ADMIN_PASSWORD)) as admin:
+            reply = admin.post("/api/users", json={"name": AUDITOR[0], "password": AUDITOR[1], "role": "auditor"})
+            assert reply.status_code == 201, reply.text
+        yield running
+
+
+@pytest.fixture(scope="module")
+def console_api(console_master: Any) -> Iterator[Any]:
+    """The console master's API as the admin, logged in once (each login is an audit entry)."""
+    from tests.test_server import ADMIN_PASSWORD
+
+    with console_master.client(console_master.login("admin", ADMIN_PASSWORD)) as client:
+        yield client

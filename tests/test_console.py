@@ -4,74 +4,25 @@ Screenshots of the pages go to docs/console/ (shown in the README)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-import pytest
 from sqlalchemy import create_engine, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tests.conftest import fresh_cli, fresh_database
+from tests.conftest import fresh_cli
+from tests.console_support import BROWSER_ZONE, DESKTOP, PHONE, SHOTS, audit_actions, csrf_of, form_login, log_in
 from tests.test_catalog import backed_up
-from tests.test_server import ADMIN_PASSWORD, Server, launch
+from tests.test_server import ADMIN_PASSWORD, Server
 from vmkeep.catalog.models import ApiToken, Job, JobVM
 from vmkeep.server.auth import token_digest
 from vmkeep.server.console.session import COOKIE, set_session_cookie
-
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "console"
-DESKTOP, PHONE = {"width": 1280, "height": 800}, {"width": 390, "height": 844}
-BROWSER_ZONE = "Asia/Kolkata"
-
-
-@pytest.fixture(scope="module")
-def master(server_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One server for the module: the console's tests only add to its catalog."""
-    cli = fresh_cli()
-    with fresh_database(server_url) as database, launch(cli, database, tmp_path_factory.mktemp("console")) as running:
-        admin = running.client(running.login("admin", ADMIN_PASSWORD))
-        reply = admin.post("/api/users", json={"name": "audrey", "password": "audrey-password", "role": "auditor"})
-        assert reply.status_code == 201, reply.text
-        yield running
-
-
-def log_in(browser: Any, master: Server, name: str, password: str) -> Any:
-    """A fresh browser context logged in through the form; the page is on the dashboard. The
-    browser is in India (UTC+05:30), so times shown in UTC would not pass for local ones."""
-    context = browser.new_context(viewport=DESKTOP, locale="en-US", timezone_id=BROWSER_ZONE)
-    page = context.new_page()
-    page.goto(master.url + "/")
-    assert page.url == master.url + "/login"  # no session yet: the login page
-    page.get_by_label("User name").fill(name)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Log in").click()
-    page.wait_for_url(master.url + "/")
-    return page
-
-
-def form_login(master: Server) -> httpx.Client:
-    """A console session without a browser, as a form post from the console's own page does it."""
-    client = httpx.Client(base_url=master.url, timeout=30)
-    reply = client.post("/login", data={"name": "admin", "password": ADMIN_PASSWORD}, headers={"Origin": master.url})
-    assert reply.status_code == 303 and reply.headers["location"] == "/", reply.text
-    return client
-
-
-@pytest.fixture(scope="module")
-def admin_api(master: Server) -> Iterator[httpx.Client]:
-    """The API as the admin, logged in once (each login is an audit entry of its own)."""
-    with master.client(master.login("admin", ADMIN_PASSWORD)) as client:
-        yield client
-
-
-def audit_actions(admin_api: httpx.Client) -> list[tuple[str, str]]:
-    """(user, action) of every audit entry, newest first."""
-    return [(e["user"], e["action"]) for e in admin_api.get("/api/audit", params={"limit": 1000}).json()]
 
 
 def finished_backups(database: str, outcomes: list[str]) -> None:
@@ -87,30 +38,30 @@ def finished_backups(database: str, outcomes: list[str]) -> None:
     engine.dispose()
 
 
-def test_login_and_dashboard_with_real_figures(chromium: Any, master: Server, make_disk: Callable[..., Path],
+def test_login_and_dashboard_with_real_figures(chromium: Any, console_master: Server, make_disk: Callable[..., Path],
                                                 tmp_path: Path) -> None:
     cli = fresh_cli()
     repo = str(tmp_path / "repo")
     cli.run("repo", "init", repo, "--encrypt")
     backed_up(cli, make_disk, repo, ["app-1", "app-1", "mail-1"])
-    admin = master.client(master.login("admin", ADMIN_PASSWORD))
+    admin = console_master.client(console_master.login("admin", ADMIN_PASSWORD))
     assert admin.post("/api/repositories", json={"name": "main", "location": repo,
                                                  "passphrase": cli.env["VMKEEP_PASSPHRASE"]}).status_code == 201
     assert admin.post("/api/policies", json={"name": "nightly", "repository": "main",
                                              "globs": ["app-*"]}).status_code == 201
     assert admin.post("/api/proxies/register", json={"name": "p1", "transports": ["nbd"], "reaches": ["*"],
                                                      "concurrency": 1}).status_code == 200
-    finished_backups(master.database, ["succeeded", "succeeded", "succeeded", "failed"])
+    finished_backups(console_master.database, ["succeeded", "succeeded", "succeeded", "failed"])
 
     context = chromium.new_context(viewport=DESKTOP)
     page = context.new_page()
-    page.goto(master.url + "/login")
+    page.goto(console_master.url + "/login")
     page.screenshot(path=str(SHOTS / "login-1280x800.png"))
     page.set_viewport_size(PHONE)
     page.screenshot(path=str(SHOTS / "login-390x844.png"))
     context.close()
 
-    page = log_in(chromium, master, "admin", ADMIN_PASSWORD)
+    page = log_in(chromium, console_master, "admin", ADMIN_PASSWORD)
     problems: list[str] = []  # script errors, Content-Security-Policy refusals
     page.on("console", lambda message: message.type == "error" and problems.append(message.text))
     page.reload()
@@ -127,7 +78,8 @@ def test_login_and_dashboard_with_real_figures(chromium: Any, master: Server, ma
     heard = page.locator("time").first  # the proxy's heartbeat, in the browser's time zone
     at = datetime.fromisoformat(str(heard.get_attribute("datetime"))).astimezone(ZoneInfo(BROWSER_ZONE))
     assert heard.inner_text() == f"{at:%b} {at.day}, {at.year}, {at.hour % 12 or 12}:{at:%M} {at:%p}"
-    assert page.get_by_role("navigation", name="Main").get_by_role("link").all_inner_texts() == ["Dashboard"]
+    assert page.get_by_role("navigation", name="Main").get_by_role("link").all_inner_texts() == [
+        "Dashboard", "Inventory", "Policies", "Jobs", "Restore", "Repositories", "Proxies", "Audit log", "Users"]
     page.screenshot(path=str(SHOTS / "dashboard-1280x800.png"), full_page=True)
     page.set_viewport_size(PHONE)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
@@ -137,49 +89,50 @@ def test_login_and_dashboard_with_real_figures(chromium: Any, master: Server, ma
     page.context.close()
 
 
-def test_wrong_password_shows_an_error_by_the_form(chromium: Any, master: Server, admin_api: httpx.Client) -> None:
+def test_wrong_password_shows_an_error_by_the_form(chromium: Any, console_master: Server,
+                                                   console_api: httpx.Client) -> None:
     context = chromium.new_context(viewport=DESKTOP)
     page = context.new_page()
-    page.goto(master.url + "/login")
+    page.goto(console_master.url + "/login")
     page.get_by_label("User name").fill("admin")
     page.get_by_label("Password").fill("not-the-password")
     page.get_by_role("button", name="Log in").click()
     error = page.get_by_role("alert")
     assert error.inner_text() == "Wrong user name or password."
-    assert page.url == master.url + "/login" and page.get_by_label("User name").input_value() == "admin"
+    assert page.url == console_master.url + "/login" and page.get_by_label("User name").input_value() == "admin"
     assert page.get_by_label("Password").get_attribute("aria-describedby") == "login-error"
     assert not [c for c in context.cookies() if c["name"] == COOKIE]
     context.close()
-    assert ("admin", "login-failed") in audit_actions(admin_api)  # audited like the API's
+    assert ("admin", "login-failed") in audit_actions(console_api)  # audited like the API's
 
 
-def test_logout_ends_the_session(chromium: Any, master: Server, admin_api: httpx.Client) -> None:
-    page = log_in(chromium, master, "admin", ADMIN_PASSWORD)
+def test_logout_ends_the_session(chromium: Any, console_master: Server, console_api: httpx.Client) -> None:
+    page = log_in(chromium, console_master, "admin", ADMIN_PASSWORD)
     cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]  # plain HTTP here
     assert page.evaluate("document.cookie") == ""  # out of the page's scripts' reach
     page.get_by_role("button", name="Log out").click()
-    page.wait_for_url(master.url + "/login")
+    page.wait_for_url(console_master.url + "/login")
     assert not [c for c in page.context.cookies() if c["name"] == COOKIE]
     page.context.close()
-    old = httpx.get(master.url + "/", cookies={COOKIE: cookie["value"]})
+    old = httpx.get(console_master.url + "/", cookies={COOKIE: cookie["value"]})
     assert old.status_code == 303 and old.headers["location"] == "/login"  # the old cookie is dead
-    assert master.client(cookie["value"]).get("/api/me").status_code == 401  # the token is revoked
-    assert ("admin", "logout") in audit_actions(admin_api)
+    assert console_master.client(cookie["value"]).get("/api/me").status_code == 401  # the token is revoked
+    assert ("admin", "logout") in audit_actions(console_api)
 
 
-def test_a_revoked_or_expired_session_goes_back_to_login(master: Server) -> None:
-    client = form_login(master)
+def test_a_revoked_or_expired_session_goes_back_to_login(console_master: Server) -> None:
+    client = form_login(console_master)
     token = client.cookies[COOKIE]
     assert client.get("/").status_code == 200
-    assert master.client(token).post("/api/auth/logout").status_code == 204  # the API ends it
+    assert console_master.client(token).post("/api/auth/logout").status_code == 204  # the API ends it
     reply = client.get("/")
     assert reply.status_code == 303 and reply.headers["location"] == "/login"
     polled = client.get("/dashboard/running", headers={"HX-Request": "true"})  # htmx is told to go there
     assert polled.headers.get("HX-Redirect") == "/login"
 
-    expiring = form_login(master)
-    engine = create_engine(master.database)
+    expiring = form_login(console_master)
+    engine = create_engine(console_master.database)
     with engine.begin() as conn:  # twelve hours later
         conn.execute(update(ApiToken).where(ApiToken.token_sha256 == token_digest(expiring.cookies[COOKIE]))
                      .values(expires=datetime.now(UTC) - timedelta(seconds=1)))
@@ -188,60 +141,61 @@ def test_a_revoked_or_expired_session_goes_back_to_login(master: Server) -> None
     assert reply.status_code == 303 and reply.headers["location"] == "/login"
 
 
-def test_csrf_and_cross_site_posts_are_refused(master: Server, admin_api: httpx.Client) -> None:
-    client = form_login(master)
+def test_csrf_and_cross_site_posts_are_refused(console_master: Server, console_api: httpx.Client) -> None:
+    client = form_login(console_master)
     page = client.get("/").text
-    csrf = page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
-    before = audit_actions(admin_api)
+    csrf = csrf_of(page)
+    before = audit_actions(console_api)
     refused = [
-        client.post("/logout", data={}, headers={"Origin": master.url}),  # no token
-        client.post("/logout", data={"csrf": "0" * 64}, headers={"Origin": master.url}),  # a wrong one
+        client.post("/logout", data={}, headers={"Origin": console_master.url}),  # no token
+        client.post("/logout", data={"csrf": "0" * 64}, headers={"Origin": console_master.url}),  # a wrong one
         client.post("/logout", data={"csrf": csrf}, headers={"Origin": "https://evil.example"}),  # another site
         client.post("/logout", data={"csrf": csrf}),  # neither Origin nor Referer
         client.post("/logout", data={"csrf": csrf}, headers={"Referer": "https://evil.example/x"}),
-        httpx.post(master.url + "/login", data={"name": "admin", "password": ADMIN_PASSWORD},
+        httpx.post(console_master.url + "/login", data={"name": "admin", "password": ADMIN_PASSWORD},
                    headers={"Origin": "https://evil.example"}),  # a login forced from another site
     ]
     assert [r.status_code for r in refused] == [403] * 6
     assert "reload the page" in refused[0].text and "own pages" in refused[2].text  # what to do
     assert all(COOKIE not in r.cookies for r in refused)
     assert client.get("/").status_code == 200  # the session still works: nothing changed
-    assert audit_actions(admin_api) == before
-    done = client.post("/logout", headers={"Origin": master.url, "X-CSRF-Token": csrf})  # htmx's header
+    assert audit_actions(console_api) == before
+    done = client.post("/logout", headers={"Origin": console_master.url, "X-CSRF-Token": csrf})  # htmx's header
     assert done.status_code == 303 and client.get("/").status_code == 303
 
 
-def test_an_auditor_sees_no_changing_actions(chromium: Any, master: Server, admin_api: httpx.Client) -> None:
-    page = log_in(chromium, master, "admin", ADMIN_PASSWORD)
+def test_an_auditor_sees_no_changing_actions(chromium: Any, console_master: Server, console_api: httpx.Client) -> None:
+    page = log_in(chromium, console_master, "admin", ADMIN_PASSWORD)
     assert page.locator(".action").count() > 0  # "add one with vmkeep … hypervisor add"
     page.context.close()
-    page = log_in(chromium, master, "audrey", "audrey-password")
+    page = log_in(chromium, console_master, "audrey", "audrey-password")
     assert "audrey (auditor)" in page.locator(".account").inner_text()
     assert page.locator(".action").count() == 0 and "hypervisor add" not in page.inner_text("main")
     assert "an administrator or operator adds it" in page.inner_text("main")
     page.context.close()
-    assert ("audrey", "login") in audit_actions(admin_api)
+    assert ("audrey", "login") in audit_actions(console_api)
 
 
-def test_console_logins_are_throttled_with_the_apis(master: Server) -> None:
-    form = {"Origin": master.url}
-    tries = [httpx.post(master.url + "/login", data={"name": "mallory", "password": f"guess-{i}"}, headers=form)
+def test_console_logins_are_throttled_with_the_apis(console_master: Server) -> None:
+    form = {"Origin": console_master.url}
+    tries = [httpx.post(console_master.url + "/login", data={"name": "mallory", "password": f"guess-{i}"}, headers=form)
              for i in range(6)]
     assert [r.status_code for r in tries] == [401] * 5 + [429] and "try again in" in tries[-1].text
     assert int(tries[-1].headers["Retry-After"]) >= 1
-    api = httpx.post(master.url + "/api/auth/login", json={"name": "mallory", "password": "guess-6"})
+    api = httpx.post(console_master.url + "/api/auth/login", json={"name": "mallory", "password": "guess-6"})
     assert api.status_code == 429  # one guard for both faces
 
 
-def test_a_proxy_account_reads_nothing(master: Server, admin_api: httpx.Client) -> None:
-    assert admin_api.post("/api/users", json={"name": "pete", "password": "pete-password",
+def test_a_proxy_account_reads_nothing(console_master: Server, console_api: httpx.Client) -> None:
+    assert console_api.post("/api/users", json={"name": "pete", "password": "pete-password",
                                               "role": "proxy"}).status_code == 201
-    client = httpx.Client(base_url=master.url, timeout=30)
-    refused = client.post("/login", data={"name": "pete", "password": "pete-password"}, headers={"Origin": master.url})
+    client = httpx.Client(base_url=console_master.url, timeout=30)
+    refused = client.post("/login", data={"name": "pete", "password": "pete-password"},
+                          headers={"Origin": console_master.url})
     assert refused.status_code == 403 and "cannot use the console" in refused.text and COOKIE not in client.cookies
-    assert audit_actions(admin_api)[:2] == [("pete", "logout"), ("pete", "login")]  # its token went again at once
+    assert audit_actions(console_api)[:2] == [("pete", "logout"), ("pete", "login")]  # its token went again at once
     # a proxy's API token put into the cookie by hand reads nothing either, as in the API
-    client.cookies.set(COOKIE, master.login("pete", "pete-password"))
+    client.cookies.set(COOKIE, console_master.login("pete", "pete-password"))
     assert [client.get(p).status_code for p in ("/", "/dashboard/running")] == [403, 403]
 
 
@@ -250,7 +204,7 @@ def test_the_cookie_is_secure_under_tls() -> None:
     for scheme, secure in (("https", True), ("http", False)):
         response = Response()
         request = Request({"type": "http", "scheme": scheme, "method": "POST", "path": "/login",
-                           "headers": [(b"host", b"master:8470")]})
+                           "headers": [(b"host", b"console_master:8470")]})
         set_session_cookie(response, request, "vk_x")
         header = response.headers["set-cookie"]
         assert "HttpOnly" in header and "SameSite=strict" in header.replace("Strict", "strict")

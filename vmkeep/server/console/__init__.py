@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
-from vmkeep.server.console import pages
+from vmkeep.server.console import files, inventory, jobs, pages, people, points, policies, proxies, repositories
 from vmkeep.server.console.render import page
 from vmkeep.server.console.session import LoginNeeded, Refused, back_to_login
 
@@ -24,7 +24,8 @@ STATIC = Path(__file__).parent / "static"
 
 def install(app: FastAPI) -> None:
     """Add the console's pages and static files to the master's application."""
-    app.include_router(pages.router)
+    for module in (pages, inventory, policies, jobs, points, files, repositories, proxies, people):
+        app.include_router(module.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_exception_handler(LoginNeeded, back_to_login)  # type: ignore[arg-type]
     app.add_exception_handler(Refused, refused)  # type: ignore[arg-type]

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import RedirectResponse
 from sqlalchemy.orm import Session
 
-from vmkeep.server.auth import ADMIN, CHANGE_INVENTORY, EVERYONE, get_session, token_user
+from vmkeep.server.auth import EVERYONE, get_session, token_user
 from vmkeep.server.console.dashboard import dashboard, running_jobs
-from vmkeep.server.console.render import page
+from vmkeep.server.console.render import page, screen
 from vmkeep.server.console.session import (
     COOKIE,
     Visitor,
@@ -26,11 +26,6 @@ from vmkeep.server.logins import LoginRefused, log_in, log_out
 log = logging.getLogger(__name__)
 
 router = APIRouter(include_in_schema=False)
-
-
-def _roles(who: Visitor) -> dict[str, bool]:
-    """What the templates may offer this user: the API's role rules, nothing more."""
-    return {"may_change": who.user.role in CHANGE_INVENTORY, "is_admin": who.user.role == ADMIN}
 
 
 @router.get("/login")
@@ -79,8 +74,7 @@ def logout(request: Request, who: Visitor = Depends(changing), session: Session 
 @router.get("/")
 def dashboard_page(request: Request, who: Visitor = Depends(person), session: Session = Depends(get_session),
                    ) -> Response:
-    return page(request, "dashboard.html",
-                {"who": who, "board": dashboard(session), "active": "dashboard", **_roles(who)})
+    return screen(request, who, "dashboard.html", "dashboard", {"board": dashboard(session)})
 
 
 @router.get("/dashboard/running")

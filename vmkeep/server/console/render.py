@@ -11,6 +11,8 @@ from fastapi.responses import HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from vmkeep import __version__
+from vmkeep.server.auth import ADMIN, CHANGE_INVENTORY, OVERWRITE, READ_AUDIT, RESTORE
+from vmkeep.server.console.session import Visitor
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 
@@ -55,3 +57,18 @@ def page(request: Request, template: str, context: dict[str, Any], status_code: 
          headers: dict[str, str] | None = None) -> HTMLResponse:
     html = env.get_template(template).render(request=request, **context)
     return HTMLResponse(html, status_code=status_code, headers={**HEADERS, **(headers or {})})
+
+
+def roles(who: Visitor) -> dict[str, bool]:
+    """What the templates may offer this user: the API's role rules, nothing more (the routes
+    enforce them again; a hidden button is a courtesy, not the check)."""
+    role = who.user.role
+    return {"may_change": role in CHANGE_INVENTORY, "may_restore": role in RESTORE, "may_overwrite": role in OVERWRITE,
+            "may_audit": role in READ_AUDIT, "is_admin": role == ADMIN}
+
+
+def screen(request: Request, who: Visitor, template: str, active: str, context: dict[str, Any],
+           status_code: int = 200, headers: dict[str, str] | None = None) -> HTMLResponse:
+    """A whole console page for a logged-in user: the navigation marks ``active``, the templates
+    get the user's role flags."""
+    return page(request, template, {"who": who, "active": active, **roles(who), **context}, status_code, headers)
