@@ -32,5 +32,8 @@ def install(app: FastAPI) -> None:
 
 
 async def refused(request: Request, exc: Refused) -> Response:
-    """403 as a page that says why (an htmx request shows it nowhere, and nothing changed)."""
+    """403 that says why: a page, or for an htmx request the message alone, which htmx swaps in
+    where the action's answer would have gone (nothing changed)."""
+    if request.headers.get("hx-request"):
+        return page(request, "refused_part.html", {"message": str(exc)}, 403)
     return page(request, "refused.html", {"message": str(exc)}, 403)
