@@ -234,7 +234,8 @@ class JobVM(Base):
     """One VM's backup within a policy run, with its outcome."""
 
     __tablename__ = "job_vms"
-    __table_args__ = (Index("ix_job_vms_status", "status"),)
+    __table_args__ = (Index("ix_job_vms_status", "status"), Index("ix_job_vms_job_id", "job_id"),
+                      Index("ix_job_vms_vm_name", "vm_name"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -261,6 +262,21 @@ class JobVM(Base):
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     job: Mapped[Job] = relationship(back_populates="vms")
+
+
+class JobVMLog(Base):
+    """A log line of one VM's backup, as the proxy running it logged it (INFO and above, secrets
+    masked); at most 500 per backup row (migration 0014's trigger)."""
+
+    __tablename__ = "job_vm_logs"
+    __table_args__ = (Index("ix_job_vm_logs_job_vm_id", "job_vm_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    job_vm_id: Mapped[int] = mapped_column(ForeignKey("job_vms.id", ondelete="CASCADE"))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    level: Mapped[str] = mapped_column(String(10))
+    logger: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(String(4000))
 
 
 class RestoreJob(Base):

@@ -4,8 +4,9 @@ A proxy works procrastinate's queue in the catalog's database, so it needs a dat
 gets a role of its own (``<database>_proxy``) rather than the master's: no rights on users,
 tokens, hypervisors, policies, repositories, VMs or the audit log. Its work orders come from two
 views (migrations 0010, 0011); it writes only the outcome and progress columns of backup and
-restore rows still in progress (a trigger keeps ended rows the master's), closes policy runs, and
-writes the catalog's restore points (new backups, retention). It cannot put work on the queue.
+restore rows still in progress (a trigger keeps ended rows the master's), closes policy runs,
+writes the catalog's restore points (new backups, retention) and adds its backups' log lines. It
+cannot put work on the queue.
 
 ``vmkeep db upgrade`` creates the role and (re)states every grant, so the grants follow the
 schema. The catalog's own login needs CREATEROLE for that.
@@ -42,6 +43,7 @@ OUTCOME = {  # the columns a proxy writes: status, outcome, progress
     "jobs": ("status", "finished"),
 }
 POINTS = "restore_points"  # cataloged after each backup, pruned by the policy's retention
+LOG_LINES = "job_vm_logs"  # a backup's log lines, added while it runs (never read back or changed)
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,50}$")
 
 
@@ -138,3 +140,5 @@ def _grant(conn: Connection, role: str, database: str) -> None:
         conn.execute(text(f"GRANT UPDATE ({', '.join(columns)}) ON {table} TO {quoted}"))
     conn.execute(text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {POINTS} TO {quoted}"))
     conn.execute(text(f"GRANT USAGE, SELECT ON SEQUENCE {POINTS}_id_seq TO {quoted}"))
+    conn.execute(text(f"GRANT INSERT ON {LOG_LINES} TO {quoted}"))
+    conn.execute(text(f"GRANT USAGE ON SEQUENCE {LOG_LINES}_id_seq TO {quoted}"))
