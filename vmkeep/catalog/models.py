@@ -246,6 +246,7 @@ class JobVM(Base):
     attempts: Mapped[int] = mapped_column(default=0)
     task_id: Mapped[int | None] = mapped_column(BigInteger)  # the procrastinate job
     mode: Mapped[str | None] = mapped_column(String(20))
+    mode_reason: Mapped[str | None] = mapped_column(String(500))  # why full or incremental
     transport: Mapped[str | None] = mapped_column(String(20))
     read_bytes: Mapped[int | None] = mapped_column(BigInteger)
     stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
@@ -311,3 +312,45 @@ class RestoreJob(Base):
 
     repository: Mapped[RepositoryRecord | None] = relationship()
     hypervisor: Mapped[Hypervisor | None] = relationship()
+
+
+class MaintenanceRun(Base):
+    """A verify, prune, GC or usage measurement of a repository, run by a proxy (migration 0015)."""
+
+    __tablename__ = "maintenance_runs"
+    __table_args__ = (Index("ix_maintenance_runs_repository", "repository_id", "kind", "id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # history outlives the repository's registration
+    repository_id: Mapped[int | None] = mapped_column(ForeignKey("repositories.id", ondelete="SET NULL"))
+    repository_name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))  # verify, prune, gc, usage
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")  # what the task is to do
+    requested_by: Mapped[str] = mapped_column(String(100))
+    proxy: Mapped[str | None] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    task_id: Mapped[int | None] = mapped_column(BigInteger)
+    progress_bytes: Mapped[int | None] = mapped_column(BigInteger)  # live, while it runs
+    total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(String(4000))
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RepositoryUsage(Base):
+    """What one name's points take of a repository, as its last usage run measured it: bytes of
+    chunks only its points use (unique) and of chunks shared with other names (stored sizes)."""
+
+    __tablename__ = "repository_usage"
+
+    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    points: Mapped[int]
+    logical_bytes: Mapped[int] = mapped_column(BigInteger)
+    referenced_bytes: Mapped[int] = mapped_column(BigInteger)
+    unique_bytes: Mapped[int] = mapped_column(BigInteger)
+    shared_bytes: Mapped[int] = mapped_column(BigInteger)
+    run_id: Mapped[int] = mapped_column(ForeignKey("maintenance_runs.id", ondelete="CASCADE"))

@@ -5,8 +5,9 @@ gets a role of its own (``<database>_proxy``) rather than the master's: no right
 tokens, hypervisors, policies, repositories, VMs or the audit log. Its work orders come from two
 views (migrations 0010, 0011); it writes only the outcome and progress columns of backup and
 restore rows still in progress (a trigger keeps ended rows the master's), closes policy runs,
-writes the catalog's restore points (new backups, retention) and adds its backups' log lines. It
-cannot put work on the queue.
+writes the catalog's restore points (new backups, retention, prunes) and adds its backups' log
+lines; it runs repository maintenance (verify, prune, GC) the same way (migration 0015). It cannot
+put work on the queue.
 
 ``vmkeep db upgrade`` creates the role and (re)states every grant, so the grants follow the
 schema. The catalog's own login needs CREATEROLE for that.
@@ -33,14 +34,17 @@ QUEUE = {
     "procrastinate_events": "SELECT, INSERT",
     "procrastinate_workers": "SELECT, INSERT, UPDATE, DELETE",
 }
-READ = ("alembic_version", "jobs", "job_vms", "restore_jobs", "proxies", "proxy_backup_work", "proxy_restore_work")
+READ = ("alembic_version", "jobs", "job_vms", "restore_jobs", "proxies", "proxy_backup_work", "proxy_restore_work",
+        "maintenance_runs", "proxy_maintenance_work")
 OUTCOME = {  # the columns a proxy writes: status, outcome, progress
-    "job_vms": ("proxy", "status", "attempts", "mode", "transport", "read_bytes", "stored_bytes", "progress_bytes",
-                "total_bytes", "duration_seconds", "point_id", "verified", "disks", "boot_check", "warnings",
-                "error", "started", "finished"),
+    "job_vms": ("proxy", "status", "attempts", "mode", "mode_reason", "transport", "read_bytes", "stored_bytes",
+                "progress_bytes", "total_bytes", "duration_seconds", "point_id", "verified", "disks", "boot_check",
+                "warnings", "error", "started", "finished"),
     "restore_jobs": ("proxy", "status", "attempts", "warnings", "progress_bytes", "total_bytes", "error", "disks",
                      "finished"),
     "jobs": ("status", "finished"),
+    "maintenance_runs": ("proxy", "status", "attempts", "progress_bytes", "total_bytes", "result", "error", "started",
+                         "finished"),
 }
 POINTS = "restore_points"  # cataloged after each backup, pruned by the policy's retention
 LOG_LINES = "job_vm_logs"  # a backup's log lines, added while it runs (never read back or changed)

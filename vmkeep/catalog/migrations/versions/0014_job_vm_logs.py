@@ -1,4 +1,5 @@
-"""the log lines of each VM's backup, written by the proxy that runs it; job history indexes
+"""the log lines of each VM's backup, written by the proxy that runs it; why a backup was full or
+incremental; job history indexes
 
 Revision ID: 0014
 Revises: 0013
@@ -48,6 +49,8 @@ def upgrade() -> None:
     )
     op.create_index('ix_job_vm_logs_job_vm_id', 'job_vm_logs', ['job_vm_id', 'id'])
     op.execute(BOUNDED)
+    # why the backup was full or incremental (the point's manifest says it too), for the job's page
+    op.add_column('job_vms', sa.Column('mode_reason', sa.String(length=500), nullable=True))
     # a job's page reads its VMs; the history filters jobs by a VM's name
     op.create_index('ix_job_vms_job_id', 'job_vms', ['job_id'])
     op.create_index('ix_job_vms_vm_name', 'job_vms', ['vm_name'])
@@ -56,5 +59,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index('ix_job_vms_vm_name', table_name='job_vms')
     op.drop_index('ix_job_vms_job_id', table_name='job_vms')
+    op.drop_column('job_vms', 'mode_reason')
     op.drop_table('job_vm_logs')
     op.execute("DROP FUNCTION vmkeep_job_vm_logs_bounded()")
