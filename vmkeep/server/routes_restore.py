@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi import Path as FastPath
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
@@ -16,8 +16,9 @@ from vmkeep.catalog.models import (
     RestoreJob,
     RestorePointRecord,
     User,
+    VirtualMachine,
 )
-from vmkeep.jobs.status import JobStatus
+from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.server import audit
 from vmkeep.server.auth import EVERYONE, OVERWRITE, RESTORE, get_session, require
 from vmkeep.server.dispatch import defer_restore, restore_proxy
@@ -68,33 +69,45 @@ def _out(r: RestoreJob) -> RestoreOut:
                       created=r.created, finished=r.finished)
 
 
-@router.post("/restores", response_model=RestoreOut, status_code=202, tags=["restores"])
-async def start_restore(body: RestoreIn, request: Request, user: User = Depends(require(*RESTORE)),
-                        session: Session = Depends(get_session)) -> RestoreOut:
-    """Restore a VM from the catalog's point; follow it at GET /api/restores/{id}."""
+class RestoreRefused(Exception):
+    """A restore the checks refused before anything was created: the HTTP status, the message, and
+    which of the request's fields caused it (the console shows the message beside that control)."""
+
+    def __init__(self, status: int, message: str, field: str) -> None:
+        super().__init__(message)
+        self.status, self.field = status, field
+
+
+async def begin_restore(session: Session, request: Request, user: User, body: RestoreIn) -> RestoreJob:
+    """Check, audit and queue a restore (the API's POST /api/restores and the console's wizard):
+    :class:`RestoreRefused` before anything is written when a check fails."""
     if bool(body.as_name) == body.overwrite:
-        raise HTTPException(400, "give as_name (a new VM) or overwrite: true (the original), one of them")
+        raise RestoreRefused(400, "give as_name (a new VM) or overwrite: true (the original), one of them", "mode")
     if body.overwrite and user.role not in OVERWRITE:
-        raise HTTPException(403, f"role {user.role} restores as a new VM only: overwriting a VM needs an operator "
-                                 "or an administrator")
+        raise RestoreRefused(403, f"role {user.role} restores as a new VM only: overwriting a VM needs an operator "
+                                  "or an administrator", "mode")
     hypervisor = session.scalar(select(Hypervisor).where(Hypervisor.name == body.hypervisor))
     if hypervisor is None:
-        raise HTTPException(404, f"no hypervisor {body.hypervisor}")
+        raise RestoreRefused(404, f"no hypervisor {body.hypervisor}", "hypervisor")
     if body.storage is not None and not storage_allowed(body.storage, hypervisor.restore_locations):
         where = ", ".join(hypervisor.restore_locations) or "none registered yet"
-        raise HTTPException(403, f"restores to {body.hypervisor} may write only inside its restore locations "
-                                 f"({where}); an administrator sets them with PUT /api/hypervisors/"
-                                 f"{body.hypervisor}/restore-locations")
+        raise RestoreRefused(403, f"restores to {body.hypervisor} may write only inside its restore locations "
+                                  f"({where}); an administrator sets them with PUT /api/hypervisors/"
+                                  f"{body.hypervisor}/restore-locations", "storage")
     query = select(RestorePointRecord).where(RestorePointRecord.name == body.vm)
     if body.point:
         query = query.where(RestorePointRecord.point_id.startswith(body.point, autoescape=True))
     points = list(session.scalars(query.order_by(RestorePointRecord.created.desc()).limit(2)))
     if not points or (body.point and len(points) > 1 and points[0].point_id != body.point):
-        raise HTTPException(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}")
+        raise RestoreRefused(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}", "point")
     point = points[0]
+    if body.as_name and name_taken(session, hypervisor, body.as_name):
+        raise RestoreRefused(409, f"{body.hypervisor} already has a VM {body.as_name} (or a restore creating it): "
+                                  "choose another name", "as_name")
     proxy = restore_proxy(session, hypervisor)
     if proxy is None:
-        raise HTTPException(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there")
+        raise RestoreRefused(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there",
+                             "hypervisor")
     job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
                      repository_id=point.repository_id, repository_name=point.repository.name,
                      hypervisor_id=hypervisor.id,
@@ -107,7 +120,26 @@ async def start_restore(body: RestoreIn, request: Request, user: User = Depends(
     session.commit()
     job.task_id = await defer_restore(request.app.state.queue, proxy, job)
     session.commit()
-    return _out(job)
+    return job
+
+
+def name_taken(session: Session, hypervisor: Hypervisor, name: str) -> bool:
+    """Whether the hypervisor has a VM of that name as last discovered, or a restore under way creates one."""
+    present = select(VirtualMachine.id).where(VirtualMachine.hypervisor_id == hypervisor.id,
+                                              VirtualMachine.name == name, VirtualMachine.present.is_(True))
+    creating = select(RestoreJob.id).where(RestoreJob.hypervisor_id == hypervisor.id, RestoreJob.new_name == name,
+                                           RestoreJob.status.in_(ACTIVE))
+    return session.scalar(select(exists(present).or_(exists(creating)))) or False
+
+
+@router.post("/restores", response_model=RestoreOut, status_code=202, tags=["restores"])
+async def start_restore(body: RestoreIn, request: Request, user: User = Depends(require(*RESTORE)),
+                        session: Session = Depends(get_session)) -> RestoreOut:
+    """Restore a VM from the catalog's point; follow it at GET /api/restores/{id}."""
+    try:
+        return _out(await begin_restore(session, request, user, body))
+    except RestoreRefused as refused:
+        raise HTTPException(refused.status, str(refused)) from None
 
 
 @router.get("/restores/{restore_id}", response_model=RestoreOut, tags=["restores"])
