@@ -120,21 +120,37 @@ def _job_out(job: Job) -> JobOut:
                                 error=v.error, started=v.started, finished=v.finished) for v in job.vms])
 
 
+class PolicyRefused(HTTPException):
+    """A policy change the API refuses (400, 404, 409), with the field of ``PolicyIn`` that caused
+    it when one did: the console shows the message beside that field."""
+
+    def __init__(self, status_code: int, detail: str, field: str | None = None) -> None:
+        super().__init__(status_code, detail)
+        self.field = field
+
+
 def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: EndpointPolicy) -> None:
     """Check ``body`` and write it into ``policy``; 400 with the reason when it does not hold."""
     retention = {str(key): count for key, count in body.retention.items()}
     repo = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == body.repository))
     if repo is None:
-        raise HTTPException(400, f"no repository {body.repository}: register it first (POST /api/repositories)")
+        raise PolicyRefused(400, f"no repository {body.repository}: register it first (POST /api/repositories)",
+                            "repository")
+    field = "transports"
     try:
         parse_transports(body.transports)
+        field = "retention"
         RetentionPolicy.from_counts(retention)
+        field = "schedule"
         first_run = next_run(body.schedule, datetime.now(UTC)) if body.schedule else None
     except VmkeepError as exc:
-        raise HTTPException(400, f"bad transports, retention or schedule: {exc}") from None
-    refuse_with_400(endpoints, body.notify_webhook, "notify_webhook")
+        raise PolicyRefused(400, f"bad transports, retention or schedule: {exc}", field) from None
+    try:
+        refuse_with_400(endpoints, body.notify_webhook, "notify_webhook")
+    except HTTPException as exc:
+        raise PolicyRefused(exc.status_code, str(exc.detail), "notify_webhook") from None
     if any("@" not in a for a in body.notify_email):
-        raise HTTPException(400, "notify_email holds addresses like ops@example.com")
+        raise PolicyRefused(400, "notify_email holds addresses like ops@example.com", "notify_email")
     if body.schedule != policy.schedule or policy.next_run is None:
         policy.next_run = first_run
     policy.name, policy.repository_id, policy.schedule, policy.retention = (body.name, repo.id, body.schedule,
@@ -152,50 +168,74 @@ def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: Endpoint
 def _policy_named(session: Session, name: str) -> Policy:
     policy = session.scalar(select(Policy).where(Policy.name == name))
     if policy is None:
-        raise HTTPException(404, f"no policy {name}")
+        raise PolicyRefused(404, f"no policy {name}")
     return policy
+
+
+# What the API's policy routes do, as functions the web console calls too: the same checks, the
+# same errors (PolicyRefused), the same audit entries.
+
+def create_policy_as(session: Session, request: Request, user: str, body: PolicyIn) -> Policy:
+    if session.scalar(select(Policy).where(Policy.name == body.name)) is not None:
+        raise PolicyRefused(409, f"policy {body.name} exists", "name")
+    policy = Policy(next_run=None)
+    _apply(session, policy, body, request.app.state.endpoints)
+    session.add(policy)
+    audit.record(session, request, user, "policy-create", body.name)
+    session.commit()
+    session.refresh(policy)
+    return policy
+
+
+def change_policy_as(session: Session, request: Request, user: str, name: str, body: PolicyIn) -> Policy:
+    policy = _policy_named(session, name)
+    if body.name != name:
+        raise PolicyRefused(400, f"the body names policy {body.name}, the path {name}: a policy keeps its name",
+                            "name")
+    _apply(session, policy, body, request.app.state.endpoints)
+    audit.record(session, request, user, "policy-change", name)
+    session.commit()
+    session.refresh(policy)
+    return policy
+
+
+def delete_policy_as(session: Session, request: Request, user: str, name: str) -> None:
+    policy = _policy_named(session, name)
+    going = session.scalar(select(Job.id).where(Job.policy_id == policy.id, Job.finished.is_(None)).limit(1))
+    if going is not None:
+        raise PolicyRefused(409, f"run {going} of policy {name} is going: wait for it or cancel it "
+                                 f"(POST /api/jobs/{going}/cancel), then delete")
+    session.delete(policy)
+    audit.record(session, request, user, "policy-delete", name)
+    session.commit()
+
+
+async def run_policy_as(session: Session, request: Request, user: str, name: str) -> Job:
+    policy = _policy_named(session, name)
+    job = await run_policy(session, request.app.state.queue, policy, user)
+    audit.record(session, request, user, "backup-start", name, job=job.id)
+    session.commit()
+    return job
 
 
 @router.post("/policies", response_model=PolicyOut, status_code=201, tags=["policies"])
 def create_policy(body: PolicyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                   session: Session = Depends(get_session)) -> PolicyOut:
-    if session.scalar(select(Policy).where(Policy.name == body.name)) is not None:
-        raise HTTPException(409, f"policy {body.name} exists")
-    policy = Policy(next_run=None)
-    _apply(session, policy, body, request.app.state.endpoints)
-    session.add(policy)
-    audit.record(session, request, user.name, "policy-create", body.name)
-    session.commit()
-    session.refresh(policy)
-    return _policy_out(policy)
+    return _policy_out(create_policy_as(session, request, user.name, body))
 
 
 @router.put("/policies/{name}", response_model=PolicyOut, tags=["policies"])
 def change_policy(name: str, body: PolicyIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                   session: Session = Depends(get_session)) -> PolicyOut:
     """Replace a policy's settings; runs under way keep their VMs, the next run uses the new ones."""
-    policy = _policy_named(session, name)
-    if body.name != name:
-        raise HTTPException(400, f"the body names policy {body.name}, the path {name}: a policy keeps its name")
-    _apply(session, policy, body, request.app.state.endpoints)
-    audit.record(session, request, user.name, "policy-change", name)
-    session.commit()
-    session.refresh(policy)
-    return _policy_out(policy)
+    return _policy_out(change_policy_as(session, request, user.name, name, body))
 
 
 @router.delete("/policies/{name}", status_code=204, tags=["policies"])
 def delete_policy(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                   session: Session = Depends(get_session)) -> None:
     """Delete a policy; its run history stays. Restore points are untouched (prune removes those)."""
-    policy = _policy_named(session, name)
-    going = session.scalar(select(Job.id).where(Job.policy_id == policy.id, Job.finished.is_(None)).limit(1))
-    if going is not None:
-        raise HTTPException(409, f"run {going} of policy {name} is going: wait for it or cancel it "
-                                 f"(POST /api/jobs/{going}/cancel), then delete")
-    session.delete(policy)
-    audit.record(session, request, user.name, "policy-delete", name)
-    session.commit()
+    delete_policy_as(session, request, user.name, name)
 
 
 @router.get("/policies", response_model=list[PolicyOut], tags=["policies"])
@@ -207,11 +247,7 @@ def list_policies(_: User = Depends(require(*EVERYONE)), session: Session = Depe
 async def run_policy_now(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                          session: Session = Depends(get_session)) -> JobOut:
     """Start a run: one task per selected VM on the best proxy; follow it at GET /api/jobs/{id}."""
-    policy = _policy_named(session, name)
-    job = await run_policy(session, request.app.state.queue, policy, user.name)
-    audit.record(session, request, user.name, "backup-start", name, job=job.id)
-    session.commit()
-    return _job_out(job)
+    return _job_out(await run_policy_as(session, request, user.name, name))
 
 
 @router.get("/jobs", response_model=list[JobOut], tags=["jobs"])
