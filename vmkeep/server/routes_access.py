@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as FastPath
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.audit_chain import verify_chain
@@ -54,6 +54,12 @@ def logout(request: Request, user: User = Depends(current_user), session: Sessio
 def create_token(body: TokenRequest, request: Request, user: User = Depends(require(*ROLES)),
                  session: Session = Depends(get_session)) -> TokenOut:
     """A named API token for scripts, valid ``days`` (at most, and by default, the server's maximum)."""
+    return new_token(session, request, user, body)
+
+
+def new_token(session: Session, request: Request, user: User, body: TokenRequest) -> TokenOut:
+    """Issue ``user`` a named token, audited (400: longer than the server allows); the API and the
+    console both call this."""
     longest: int = request.app.state.token_max_days
     if body.days is not None and body.days > longest:
         raise HTTPException(400, f"a token lives at most {longest} days on this server: ask for fewer days")
@@ -71,26 +77,36 @@ def list_tokens(request: Request, everyone: bool = Query(False, alias="all", des
     """The caller's unexpired tokens (an administrator's ``all=true``: everyone's); never the token itself."""
     if everyone and user.role != ADMIN:
         raise HTTPException(403, "only an administrator lists every user's tokens")
+    return tokens_of(session, None if everyone else user, request.state.token_id)
+
+
+def tokens_of(session: Session, owner: User | None, current: int) -> list[TokenInfo]:
+    """Unexpired tokens of ``owner`` (None: everyone's), ``current`` marked."""
     query = (select(ApiToken, User.name).join(User).where(ApiToken.expires > datetime.now(UTC))
              .order_by(ApiToken.id))
-    if not everyone:
-        query = query.where(ApiToken.user_id == user.id)
-    return [TokenInfo(id=t.id, name=t.name, user=owner, created=t.created, expires=t.expires, last_used=t.last_used,
-                      current=t.id == request.state.token_id)
-            for t, owner in session.execute(query).tuples()]
+    if owner is not None:
+        query = query.where(ApiToken.user_id == owner.id)
+    return [TokenInfo(id=t.id, name=t.name, user=name, created=t.created, expires=t.expires, last_used=t.last_used,
+                      current=t.id == current)
+            for t, name in session.execute(query).tuples()]
 
 
 @router.delete("/tokens/{token_id}", status_code=204, tags=["access"])
 def revoke_token(token_id: Annotated[int, FastPath(ge=1, le=2**63 - 1)], request: Request,
                  user: User = Depends(require(*ROLES)), session: Session = Depends(get_session)) -> Response:
     """Revoke one of the caller's tokens (an administrator: anyone's); it stops working at once."""
+    revoke(session, request, user, token_id)
+    return Response(status_code=204)
+
+
+def revoke(session: Session, request: Request, user: User, token_id: int) -> None:
+    """Revoke a token of ``user``'s (an administrator: anyone's), audited (404: no such token of theirs)."""
     token = session.get(ApiToken, token_id)
     if token is None or (token.user_id != user.id and user.role != ADMIN):
         raise HTTPException(404, f"no token {token_id} of yours")
     session.delete(token)
     audit.record(session, request, user.name, "token-revoke", token.name, id=token_id)
     session.commit()
-    return Response(status_code=204)
 
 
 @router.get("/users", response_model=list[UserOut], tags=["access"])
@@ -102,19 +118,31 @@ def list_users(_: User = Depends(require(ADMIN)), session: Session = Depends(get
 @router.post("/users", response_model=UserOut, status_code=201, tags=["access"])
 def create_user(body: UserIn, request: Request, admin: User = Depends(require(ADMIN)),
                 session: Session = Depends(get_session)) -> UserOut:
+    user = add_user(session, request, admin, body)
+    return UserOut(name=user.name, role=user.role, disabled=user.disabled, created=user.created)
+
+
+def add_user(session: Session, request: Request, admin: User, body: UserIn) -> User:
+    """Create an account, audited (409: the name is taken); the API and the console both call this."""
     if session.scalar(select(User).where(User.name == body.name)) is not None:
         raise HTTPException(409, f"user {body.name} exists")
     user = User(name=body.name, role=body.role, password_hash=hash_password(body.password))
     session.add(user)
     audit.record(session, request, admin.name, "user-create", body.name, role=body.role)
     session.commit()
-    return UserOut(name=user.name, role=user.role, disabled=user.disabled, created=user.created)
+    return user
 
 
 @router.delete("/users/{name}", status_code=204, tags=["access"])
 def delete_user(name: str, request: Request, admin: User = Depends(require(ADMIN)),
                 session: Session = Depends(get_session)) -> Response:
     """Remove an account and its tokens (an administrator too, by another one; never the last)."""
+    remove_user(session, request, admin, name)
+    return Response(status_code=204)
+
+
+def remove_user(session: Session, request: Request, admin: User, name: str) -> None:
+    """Remove an account, audited (404: none; 409: oneself or the last administrator)."""
     user = session.scalar(select(User).where(User.name == name))
     if user is None:
         raise HTTPException(404, f"no user {name}")
@@ -124,7 +152,6 @@ def delete_user(name: str, request: Request, admin: User = Depends(require(ADMIN
     session.delete(user)
     audit.record(session, request, admin.name, "user-delete", name)
     session.commit()
-    return Response(status_code=204)
 
 
 @router.get("/me", response_model=UserOut, tags=["access"])
@@ -135,6 +162,11 @@ def me(user: User = Depends(current_user)) -> UserOut:
 @router.get("/audit/verify", response_model=AuditVerifyOut, tags=["access"])
 def audit_verify(_: User = Depends(require(*READ_AUDIT)), session: Session = Depends(get_session)) -> AuditVerifyOut:
     """Check the audit log's hash chain: every entry altered, and where entries were removed."""
+    return chain_report(session)
+
+
+def chain_report(session: Session) -> AuditVerifyOut:
+    """The audit chain's check, as the API and the console show it."""
     report = verify_chain(audit.chain_rows(session))
     return AuditVerifyOut(entries=report.entries, ok=report.ok, problems=report.problems, head=report.head)
 
@@ -146,13 +178,26 @@ def audit_log(limit: int = Query(100, ge=1, le=10000),
               since: datetime | None = Query(None, description="only entries from then on"),
               _: User = Depends(require(*READ_AUDIT)), session: Session = Depends(get_session)) -> list[AuditOut]:
     """The newest entries first."""
-    query = select(AuditEntry)
-    if who is not None:
-        query = query.where(AuditEntry.user == who)
-    if action is not None:
-        query = query.where(AuditEntry.action == action)
-    if since is not None:
-        query = query.where(AuditEntry.at >= since)
+    query = select(AuditEntry).where(*audit_filter(who, action, since))
     rows = session.scalars(query.order_by(AuditEntry.id.desc()).limit(limit))
     return [AuditOut(at=e.at, user=e.user, action=e.action, target=e.target, client=e.client, detail=e.detail)
             for e in rows]
+
+
+def audit_filter(who: str | None = None, action: str | None = None, since: datetime | None = None,
+                 until: datetime | None = None, target: str | None = None) -> list[ColumnElement[bool]]:
+    """The conditions of an audit log query (the API's and the console's): exact user and action,
+    a time range (until: before then), the target containing some text (any case)."""
+    conditions: list[ColumnElement[bool]] = []
+    if who is not None:
+        conditions.append(AuditEntry.user == who)
+    if action is not None:
+        conditions.append(AuditEntry.action == action)
+    if since is not None:
+        conditions.append(AuditEntry.at >= since)
+    if until is not None:
+        conditions.append(AuditEntry.at < until)
+    if target:
+        escaped = target.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        conditions.append(AuditEntry.target.ilike(f"%{escaped}%", escape="\\"))
+    return conditions

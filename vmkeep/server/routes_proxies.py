@@ -99,6 +99,12 @@ def delete_proxy(name: str, request: Request, admin: User = Depends(require(ADMI
     """Remove a proxy that is gone for good. Refused while it is up (it would register again at
     its next restart, and its heartbeat would fail) and while work is assigned to it (the master
     moves that to another proxy once its heartbeat stops)."""
+    remove_proxy(session, request, admin, name)
+    return Response(status_code=204)
+
+
+def remove_proxy(session: Session, request: Request, admin: User, name: str) -> None:
+    """Remove a proxy, audited (404: none; 409: up, or work assigned); the API and the console call this."""
     p = session.scalar(select(Proxy).where(Proxy.name == name).with_for_update())
     if p is None:
         raise HTTPException(404, f"no proxy {name}")
@@ -118,4 +124,3 @@ def delete_proxy(name: str, request: Request, admin: User = Depends(require(ADMI
     session.delete(p)
     audit.record(session, request, admin.name, "proxy-delete", name)
     session.commit()
-    return Response(status_code=204)
