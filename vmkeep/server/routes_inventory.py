@@ -31,7 +31,7 @@ from vmkeep.repository.repo import Repository
 from vmkeep.server import audit
 from vmkeep.server.auth import ADMIN, CHANGE_INVENTORY, EVERYONE, get_session, require
 from vmkeep.server.endpoints import refuse_link_local_host, refuse_with_400
-from vmkeep.server.inventory import discover
+from vmkeep.server.inventory import DiscoveryReport, discover
 from vmkeep.server.restore_locations import normalized_location
 from vmkeep.server.schemas import (
     DiscoveryOut,
@@ -74,6 +74,11 @@ def list_hypervisors(_: User = Depends(require(*EVERYONE)),
 def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                    session: Session = Depends(get_session)) -> HypervisorOut:
     """Register a hypervisor manager; its password is sealed with the server's master key."""
+    return _hypervisor_out(add_hypervisor_as(session, request, user, body))
+
+
+def add_hypervisor_as(session: Session, request: Request, user: User, body: HypervisorIn) -> Hypervisor:
+    """The API's and the console's hypervisor registration (checks, sealing, audit)."""
     allowance = Allowance(plain_tcp=body.allow_plain_tcp, unsafe_options=body.allow_unsafe_options)
     if allowance != Allowance() and user.role != ADMIN:  # the address itself was checked with the body
         raise HTTPException(403, "only an administrator may allow plain TCP or unsafe address options")
@@ -88,12 +93,19 @@ def add_hypervisor(body: HypervisorIn, request: Request, user: User = Depends(re
     audit.record(session, request, user.name, "hypervisor-add", body.name, uri=body.uri, kind=body.kind,
                  allow_plain_tcp=allowance.plain_tcp, allow_unsafe_options=allowance.unsafe_options)
     session.commit()
-    return _hypervisor_out(h)
+    return h
 
 
 @router.delete("/hypervisors/{name}", status_code=204, tags=["inventory"])
 def delete_hypervisor(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                       session: Session = Depends(get_session)) -> Response:
+    delete_hypervisor_as(session, request, user.name, name)
+    return Response(status_code=204)
+
+
+def delete_hypervisor_as(session: Session, request: Request, user: str, name: str) -> None:
+    """The API's and the console's hypervisor removal: refused (409) while its VMs are being
+    backed up or restored."""
     h = _hypervisor(session, name)
     busy = session.scalar(select(func.count()).select_from(JobVM).join(VirtualMachine)
                           .where(VirtualMachine.hypervisor_id == h.id, JobVM.status.in_(ACTIVE)))
@@ -103,9 +115,8 @@ def delete_hypervisor(name: str, request: Request, user: User = Depends(require(
         raise HTTPException(409, f"hypervisor {name} has {busy} backups or restores under way: cancel them or "
                                  "wait for them to end, then delete it")
     session.delete(h)  # its VMs go; their backup and restore history stays (by name)
-    audit.record(session, request, user.name, "hypervisor-delete", name)
+    audit.record(session, request, user, "hypervisor-delete", name)
     session.commit()
-    return Response(status_code=204)
 
 
 @router.put("/hypervisors/{name}/restore-locations", response_model=HypervisorOut, tags=["inventory"])
@@ -127,14 +138,20 @@ def set_restore_locations(name: str, body: RestoreLocations, request: Request, a
 async def discover_now(name: str, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                        session: Session = Depends(get_session)) -> DiscoveryOut:
     """Refresh the hypervisor's VMs now (the schedule does it too)."""
+    report = await discover_as(session, request, user.name, name)
+    return DiscoveryOut(hypervisor=report.hypervisor, vms=report.vms, new=report.new, gone=report.gone)
+
+
+async def discover_as(session: Session, request: Request, user: str, name: str) -> DiscoveryReport:
+    """The API's and the console's discovery now: 502 with the hypervisor's answer when it fails."""
     h = _hypervisor(session, name)
     try:
         report = await run_in_threadpool(discover, session, h)
     except VmkeepError as exc:
         raise HTTPException(502, f"discovery of {name} failed: {exc}") from None
-    audit.record(session, request, user.name, "hypervisor-discover", name, vms=report.vms)
+    audit.record(session, request, user, "hypervisor-discover", name, vms=report.vms)
     session.commit()
-    return DiscoveryOut(hypervisor=report.hypervisor, vms=report.vms, new=report.new, gone=report.gone)
+    return report
 
 
 @router.get("/vms", response_model=list[VMOut], tags=["inventory"])
