@@ -55,6 +55,7 @@ MATRIX: dict[tuple[str, str], set[str] | None] = {
     ("POST", "/api/policies/{name}/run"): CHANGE,
     ("GET", "/api/jobs"): PEOPLE,
     ("GET", "/api/jobs/{job_id}"): PEOPLE,
+    ("GET", "/api/jobs/{job_id}/log"): PEOPLE,
     ("POST", "/api/jobs/{job_id}/cancel"): CHANGE,
     ("POST", "/api/restores"): {ADMIN, OPERATOR, RESTORE_ONLY},
     ("GET", "/api/restores"): PEOPLE,

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Job, Policy, RepositoryRecord, User
+from vmkeep.catalog.models import Job, JobVM, JobVMLog, Policy, RepositoryRecord, User
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.jobs.settle import settle_job
@@ -71,6 +71,7 @@ class JobVMOut(BaseModel):
     status: str
     attempts: int
     mode: str | None
+    mode_reason: str | None = Field(None, description="why full or incremental")
     transport: str | None
     read_bytes: int | None
     stored_bytes: int | None
@@ -113,6 +114,7 @@ def _job_out(job: Job) -> JobOut:
     return JobOut(id=job.id, policy=job.policy_name, requested_by=job.requested_by, status=job.status,
                   started=job.started, finished=job.finished,
                   vms=[JobVMOut(vm=v.vm_name, proxy=v.proxy, status=v.status, attempts=v.attempts, mode=v.mode,
+                                mode_reason=v.mode_reason,
                                 transport=v.transport, read_bytes=v.read_bytes, stored_bytes=v.stored_bytes,
                                 progress_bytes=v.progress_bytes, total_bytes=v.total_bytes,
                                 duration_seconds=v.duration_seconds, point_id=v.point_id, verified=v.verified,
@@ -256,21 +258,59 @@ def list_jobs(limit: int = Query(50, ge=1, le=1000), _: User = Depends(require(*
     return [_job_out(j) for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit))]
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
-def get_job(job_id: JobId, _: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> JobOut:
+class LogLineOut(BaseModel):
+    vm: str
+    at: datetime
+    level: str
+    logger: str
+    message: str
+
+
+def job_of(session: Session, job_id: int) -> Job:
+    """The run, or 404."""
     job = session.get(Job, job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
-    return _job_out(job)
+    return job
+
+
+def job_log(session: Session, job_id: int, vm: str | None = None, limit: int = 500) -> list[LogLineOut]:
+    """The log lines the proxies wrote for a run's VMs (one VM's with ``vm``), oldest first."""
+    query = (select(JobVM.vm_name, JobVMLog).join(JobVMLog, JobVMLog.job_vm_id == JobVM.id)
+             .where(JobVM.job_id == job_id).order_by(JobVMLog.id).limit(limit))
+    if vm is not None:
+        query = query.where(JobVM.vm_name == vm)
+    return [LogLineOut(vm=name, at=line.at, level=line.level, logger=line.logger, message=line.message)
+            for name, line in session.execute(query).tuples()]
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"])
+def get_job(job_id: JobId, _: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> JobOut:
+    return _job_out(job_of(session, job_id))
+
+
+@router.get("/jobs/{job_id}/log", response_model=list[LogLineOut], tags=["jobs"])
+def get_job_log(job_id: JobId, vm: str | None = Query(None, max_length=200, description="one VM's lines"),
+                limit: int = Query(500, ge=1, le=100_000), _: User = Depends(require(*EVERYONE)),
+                session: Session = Depends(get_session)) -> list[LogLineOut]:
+    """What the proxies logged while backing up the run's VMs (INFO and above, secrets masked; at
+    most 500 lines per VM), oldest first."""
+    job_of(session, job_id)
+    return job_log(session, job_id, vm, limit)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"])
 async def cancel_job(job_id: JobId, request: Request, user: User = Depends(require(*CHANGE_INVENTORY)),
                      session: Session = Depends(get_session)) -> JobOut:
     """Queued VMs are dropped; running ones stop at their next chunk and release everything."""
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(404, f"no job {job_id}")
+    job = job_of(session, job_id)
+    await cancel_run(session, request, user.name, job)
+    return _job_out(job)
+
+
+async def cancel_run(session: Session, request: Request, user: str, job: Job) -> None:
+    """Cancel a run (the API's and the console's): waiting and queued VMs are dropped, running ones
+    asked to abort; audited."""
     manager = request.app.state.queue.job_manager
     for v in job.vms:
         if v.status == JobStatus.WAITING:
@@ -281,7 +321,6 @@ async def cancel_job(job_id: JobId, request: Request, user: User = Depends(requi
         stopped = await manager.cancel_job_by_id_async(v.task_id, abort=v.status == JobStatus.RUNNING)
         if stopped and v.status == JobStatus.QUEUED:
             v.status, v.finished = JobStatus.CANCELLED, datetime.now(UTC)
-    audit.record(session, request, user.name, "job-cancel", str(job_id))
+    audit.record(session, request, user, "job-cancel", str(job.id))
     session.commit()
     settle_job(session, job)
-    return _job_out(job)
