@@ -10,9 +10,11 @@ from __future__ import annotations
 import fnmatch
 import logging
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import procrastinate
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, cast, func, or_, select, true
+from sqlalchemy.dialects.postgresql import JSONB, array
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, RestoreJob, VirtualMachine
@@ -31,26 +33,75 @@ def proxy_up(p: Proxy, now: datetime | None = None) -> bool:
     return (now or datetime.now(UTC)) - p.last_heartbeat < PROXY_TIMEOUT
 
 
+def picks(rules: dict[str, Any], vm: VirtualMachine, hypervisor: str) -> bool:
+    """Whether selection ``rules`` pick ``vm`` (of ``hypervisor``): its name among the names or
+    globs (any VM when there are none), and its hypervisor, host, tags and folder as the rules ask."""
+    if rules.get("hypervisor") and hypervisor != rules["hypervisor"]:
+        return False
+    if rules.get("hosts") and vm.host not in rules["hosts"]:
+        return False
+    if rules.get("tags") and not set(rules["tags"]) & set(vm.tags):
+        return False
+    if rules.get("folders") and not any(fnmatch.fnmatchcase(vm.folder or "", g) for g in rules["folders"]):
+        return False
+    if not (rules.get("vms") or rules.get("globs")):
+        return True
+    return vm.name in rules.get("vms", []) or any(fnmatch.fnmatchcase(vm.name, g) for g in rules.get("globs", []))
+
+
+def glob_regex(glob: str) -> str:
+    """A shell glob as fnmatch reads it (``*``, ``?``, ``[...]``, ``[!...]``) written as an anchored
+    PostgreSQL regular expression."""
+    out, i = ["^"], 0
+    while i < len(glob):
+        c = glob[i]
+        i += 1
+        if c == "*":
+            out.append(".*")
+        elif c == "?":
+            out.append(".")
+        elif c == "[":
+            j = i + 1 if i < len(glob) and glob[i] == "!" else i
+            j = j + 1 if j < len(glob) and glob[j] == "]" else j
+            while j < len(glob) and glob[j] != "]":
+                j += 1
+            if j >= len(glob):
+                out.append("\\[")
+                continue
+            inner = glob[i:j].replace("\\", "\\\\")
+            out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner) + "]")
+            i = j + 1
+        else:
+            out.append(c if c.isalnum() or c in "_- " else "\\" + c)
+    return "".join(out) + "$"
+
+
+def selection_clause(rules: dict[str, Any]) -> ColumnElement[bool]:
+    """:func:`picks` as one SQL condition on ``VirtualMachine`` joined with ``Hypervisor``."""
+    conditions: list[ColumnElement[bool]] = []
+    if rules.get("hypervisor"):
+        conditions.append(Hypervisor.name == rules["hypervisor"])
+    if rules.get("hosts"):
+        conditions.append(VirtualMachine.host.in_(rules["hosts"]))
+    if rules.get("tags"):
+        conditions.append(cast(VirtualMachine.tags, JSONB).op("?|")(array([str(t) for t in rules["tags"]])))
+    if rules.get("folders"):
+        conditions.append(or_(*[func.coalesce(VirtualMachine.folder, "").regexp_match(glob_regex(g))
+                                for g in rules["folders"]]))
+    if rules.get("vms") or rules.get("globs"):
+        conditions.append(or_(VirtualMachine.name.in_(rules.get("vms", [])),
+                              *[VirtualMachine.name.regexp_match(glob_regex(g)) for g in rules.get("globs", [])]))
+    return and_(true(), *conditions)
+
+
 def select_vms(session: Session, policy: Policy) -> list[VirtualMachine]:
     """The present VMs the policy's rules pick: names, globs, hypervisor, hosts, tags, folders."""
     rules = policy.selection
-    query = select(VirtualMachine).join(Hypervisor).where(VirtualMachine.present.is_(True))
+    query = select(VirtualMachine, Hypervisor.name).join(Hypervisor).where(VirtualMachine.present.is_(True))
     if rules.get("hypervisor"):
         query = query.where(Hypervisor.name == rules["hypervisor"])
-    chosen = []
-    for vm in session.scalars(query.order_by(VirtualMachine.name)):
-        named = vm.name in rules.get("vms", []) or any(fnmatch.fnmatchcase(vm.name, g) for g in rules.get("globs", []))
-        if not (rules.get("vms") or rules.get("globs")):
-            named = True
-        if rules.get("hosts") and vm.host not in rules["hosts"]:
-            continue
-        if rules.get("tags") and not set(rules["tags"]) & set(vm.tags):
-            continue
-        if rules.get("folders") and not any(fnmatch.fnmatchcase(vm.folder or "", g) for g in rules["folders"]):
-            continue
-        if named:
-            chosen.append(vm)
-    return chosen
+    return [vm for vm, hypervisor in session.execute(query.order_by(VirtualMachine.name)).tuples()
+            if picks(rules, vm, hypervisor)]
 
 
 def proxy_loads(session: Session) -> dict[str, int]:
