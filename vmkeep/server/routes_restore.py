@@ -101,6 +101,9 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
     if not points or (body.point and len(points) > 1 and points[0].point_id != body.point):
         raise RestoreRefused(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}", "point")
     point = points[0]
+    if point.kind != "vm":  # the proxy's engine would refuse it only once it ran
+        raise RestoreRefused(422, f"point {point.point_id} of {body.vm} is a disk image, not a VM's backup: restore "
+                                  f"its disk with `vmkeep disk restore {body.vm}@{point.point_id}`", "point")
     if body.as_name and name_taken(session, hypervisor, body.as_name):
         raise RestoreRefused(409, f"{body.hypervisor} already has a VM {body.as_name} (or a restore creating it): "
                                   "choose another name", "as_name")
