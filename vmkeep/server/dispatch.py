@@ -49,6 +49,37 @@ def picks(rules: dict[str, Any], vm: VirtualMachine, hypervisor: str) -> bool:
     return vm.name in rules.get("vms", []) or any(fnmatch.fnmatchcase(vm.name, g) for g in rules.get("globs", []))
 
 
+def _literal(c: str) -> str:
+    """``c`` as itself in a PostgreSQL regular expression, inside brackets or out."""
+    return c if c.isalnum() else "\\" + c
+
+
+def _glob_set(glob: str, i: int, j: int) -> str | None:
+    """The set ``glob[i:j]`` (between ``[`` and ``]``) as fnmatch reads it, every member literal
+    (``^``, ``[``, ``\\`` too) and ranges cleaned up as ``fnmatch.translate`` does; None: empty."""
+    chunks = [glob[i:j]]
+    if "-" in chunks[0]:
+        chunks, k = [], i + 2 if glob[i] == "!" else i + 1
+        while (k := glob.find("-", k, j)) >= 0:
+            chunks.append(glob[i:k])
+            i, k = k + 1, k + 3
+        if glob[i:j]:
+            chunks.append(glob[i:j])
+        else:
+            chunks[-1] += "-"
+        for k in range(len(chunks) - 1, 0, -1):  # an empty range (z-a) goes
+            if chunks[k - 1][-1] > chunks[k][0]:
+                chunks[k - 1] = chunks[k - 1][:-1] + chunks[k][1:]
+                del chunks[k]
+    negated = chunks[0].startswith("!")
+    if negated:
+        chunks[0] = chunks[0][1:]
+    members = "-".join("".join(map(_literal, chunk)) for chunk in chunks)
+    if not members:
+        return "." if negated else None
+    return "[" + ("^" if negated else "") + members + "]"
+
+
 def glob_regex(glob: str) -> str:
     """A shell glob as fnmatch reads it (``*``, ``?``, ``[...]``, ``[!...]``) written as an anchored
     PostgreSQL regular expression."""
@@ -68,11 +99,13 @@ def glob_regex(glob: str) -> str:
             if j >= len(glob):
                 out.append("\\[")
                 continue
-            inner = glob[i:j].replace("\\", "\\\\")
-            out.append("[" + ("^" + inner[1:] if inner.startswith("!") else inner) + "]")
+            inner = _glob_set(glob, i, j)
+            if inner is None:
+                return "^(?!)"  # a set that holds nothing (z-a): the glob matches nothing
+            out.append(inner)
             i = j + 1
         else:
-            out.append(c if c.isalnum() or c in "_- " else "\\" + c)
+            out.append(_literal(c))
     return "".join(out) + "$"
 
 
