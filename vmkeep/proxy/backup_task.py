@@ -27,6 +27,7 @@ from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered, passphrase_context
 from vmkeep.jobs.settle import settle_job
 from vmkeep.jobs.status import FINAL, JobStatus
+from vmkeep.proxy.log_lines import catalog_log
 from vmkeep.proxy.progress import RowProgress
 from vmkeep.proxy.work import BackupOrder, RepositoryOrder, backup_order
 from vmkeep.repository.prune import RetentionPolicy, prune
@@ -60,8 +61,20 @@ def backup_vm_task(context: JobContext, job_vm_id: int) -> None:
 
 def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
                cancel: threading.Event | None = None, max_rate: float | None = None) -> None:
-    """Back one VM up for its policy run; the outcome goes into its JobVM row, never lost."""
+    """Back one VM up for its policy run; the outcome goes into its JobVM row, never lost, and
+    its log lines into the catalog beside it (vmkeep.proxy.log_lines)."""
+    with sessions() as session:
+        row = session.get(JobVM, job_vm_id)
+        whose = (row.job_id, row.vm_name) if row is not None else None
+    if whose is None:
+        log.info("backup task %s: nothing to do (its row is gone)", job_vm_id)
+        return
+    with catalog_log(sessions, job_vm_id, *whose):
+        _run_backup(sessions, proxy, job_vm_id, cancel, max_rate)
 
+
+def _run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int, cancel: threading.Event | None,
+                max_rate: float | None) -> None:
     with sessions() as session:
         jv = session.get(JobVM, job_vm_id)
         order = backup_order(session, job_vm_id)
@@ -103,6 +116,9 @@ def run_backup(sessions: sessionmaker[Session], proxy: str, job_vm_id: int,
             upsert_points(session, order.repository.id, [m])
             # the row stays running until the outcome is known: an ended row is the master's alone
             jv.mode, jv.transport, jv.point_id = m.meta["mode"], m.meta["transport"], m.point_id
+            reason = (f"the policy asks for a full backup every {order.full_every} points" if full
+                      else m.meta.get("reason"))
+            jv.mode_reason = reason[:500] if reason else None
             jv.read_bytes, jv.stored_bytes = m.stats.get("bytes_read"), m.stats.get("bytes_stored")
             jv.duration_seconds = m.stats.get("seconds")
             jv.disks = {d: {"size": e.size, **e.stats} for d, e in m.disks.items()}
