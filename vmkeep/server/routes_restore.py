@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi import Path as FastPath
 from pydantic import BaseModel, Field
-from sqlalchemy import exists, select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
@@ -132,7 +132,7 @@ def name_taken(session: Session, hypervisor: Hypervisor, name: str) -> bool:
                                               VirtualMachine.name == name, VirtualMachine.present.is_(True))
     creating = select(RestoreJob.id).where(RestoreJob.hypervisor_id == hypervisor.id, RestoreJob.new_name == name,
                                            RestoreJob.status.in_(ACTIVE))
-    return session.scalar(select(exists(present).or_(exists(creating)))) or False
+    return session.scalar(select(or_(exists(present), exists(creating)))) or False
 
 
 @router.post("/restores", response_model=RestoreOut, status_code=202, tags=["restores"])
