@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as FastPath
-from sqlalchemy import ColumnElement, select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.audit_chain import verify_chain
@@ -80,15 +80,20 @@ def list_tokens(request: Request, everyone: bool = Query(False, alias="all", des
     return tokens_of(session, None if everyone else user, request.state.token_id)
 
 
-def tokens_of(session: Session, owner: User | None, current: int) -> list[TokenInfo]:
-    """Unexpired tokens of ``owner`` (None: everyone's), ``current`` marked."""
+def token_query(owner: User | None) -> Select[ApiToken, str]:
+    """Unexpired tokens of ``owner`` (None: everyone's) with their user's name, oldest first."""
     query = (select(ApiToken, User.name).join(User).where(ApiToken.expires > datetime.now(UTC))
              .order_by(ApiToken.id))
-    if owner is not None:
-        query = query.where(ApiToken.user_id == owner.id)
+    return query if owner is None else query.where(ApiToken.user_id == owner.id)
+
+
+def tokens_of(session: Session, owner: User | None, current: int, query: Select[ApiToken, str] | None = None,
+              ) -> list[TokenInfo]:
+    """Unexpired tokens of ``owner`` (None: everyone's), or those ``query`` (a slice of
+    :func:`token_query`) finds, ``current`` marked."""
+    rows = session.execute(token_query(owner) if query is None else query).tuples()
     return [TokenInfo(id=t.id, name=t.name, user=name, created=t.created, expires=t.expires, last_used=t.last_used,
-                      current=t.id == current)
-            for t, name in session.execute(query).tuples()]
+                      current=t.id == current) for t, name in rows]
 
 
 @router.delete("/tokens/{token_id}", status_code=204, tags=["access"])
