@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 from tests.conftest import fresh_cli
 from tests.console_support import AUDITOR, BROWSER_ZONE, audit_actions, csrf_of, form_login, log_in, shoot
 from tests.test_server import Server
-from vmkeep.catalog.models import Hypervisor, VirtualMachine
+from vmkeep.catalog.models import Hypervisor, Policy, VirtualMachine
+from vmkeep.server.console.policy_form import preview
+from vmkeep.server.dispatch import select_vms
 from vmkeep.server.schedule import next_run
 
 # name, host, tags, folder, present
@@ -42,7 +44,11 @@ def catalog(console_master: Server, console_api: httpx.Client, tmp_path_factory:
                          discovery_minutes=10080)
         lab.vms = [VirtualMachine(name=name, uuid=f"uuid-{name}", host=host, state="running", disks=[], tags=tags,
                                   folder=folder, present=present) for name, host, tags, folder, present in CATALOG]
-        session.add(lab)
+        other = Hypervisor(name="other", kind="libvirt", uri="qemu+tls://other/system",
+                           discovered_at=datetime.now(UTC), discovery_minutes=10080)
+        other.vms = [VirtualMachine(name="app-9", uuid="uuid-app-9", host="kvm-9", state="shut off", disks=[],
+                                    tags=["prod"], folder=None)]
+        session.add_all([lab, other])
         session.commit()
     engine.dispose()
 
@@ -90,6 +96,24 @@ def test_without_a_repository_the_page_says_what_to_do(console_master: Server) -
     assert "an administrator or operator registers one" in auditor and "repository add" not in auditor
 
 
+RULES: list[dict[str, Any]] = [
+    {}, {"globs": ["app-*"]}, {"vms": ["db-1", "nope"], "globs": ["w?b-[0-9]"]},
+    {"hypervisor": "lab", "tags": ["test"]}, {"hosts": ["kvm-1", "kvm-9"], "folders": ["prod/*"]},
+    {"globs": ["[!a]*"]}, {"tags": ["prod"], "hypervisor": "other"}, {"globs": ["*-[z-a]"]}, {"folders": ["*"]},
+    {"globs": ["app-?"], "tags": ["prod", "none"]}]
+
+
+def test_the_preview_picks_what_the_dispatcher_picks(console_master: Server, catalog: None) -> None:
+    """The preview counts and slices in SQL; a run selects in Python (dispatch.select_vms): the same VMs."""
+    engine = create_engine(console_master.database)
+    with Session(engine) as session:
+        for rules in RULES:
+            wanted = [vm.name for vm in select_vms(session, Policy(selection=rules))]
+            shown = preview(session, rules)
+            assert ([name for name, _, _ in shown.vms], shown.total) == (wanted, len(wanted)), rules
+    engine.dispose()
+
+
 def test_create_and_edit_a_policy_in_the_browser(chromium: Any, console_master: Server, console_api: httpx.Client,
                                                  catalog: None) -> None:
     page = log_in(chromium, console_master)
@@ -106,8 +130,8 @@ def test_create_and_edit_a_policy_in_the_browser(chromium: Any, console_master: 
     with page.expect_response(lambda r: "/policies/preview?" in r.url) as answered:
         page.get_by_label("Name globs").fill("app-*")
     assert "globs=app-*" in answered.value.url.replace("%2A", "*") and "csrf" not in answered.value.url
-    wait_preview(page, ["app-1", "app-2", "app-3"])  # exactly the glob's present VMs
-    assert page.locator("[data-figure=preview-total]").inner_text() == "3"
+    wait_preview(page, ["app-1", "app-2", "app-3", "app-9"])  # exactly the glob's present VMs
+    assert page.locator("[data-figure=preview-total]").inner_text() == "4"
 
     page.get_by_label("Schedule (cron, UTC)").fill("30 2 * * *")
     runs = page.locator("#policy-next-runs time")

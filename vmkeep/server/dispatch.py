@@ -133,7 +133,7 @@ def select_vms(session: Session, policy: Policy) -> list[VirtualMachine]:
     query = select(VirtualMachine, Hypervisor.name).join(Hypervisor).where(VirtualMachine.present.is_(True))
     if rules.get("hypervisor"):
         query = query.where(Hypervisor.name == rules["hypervisor"])
-    return [vm for vm, hypervisor in session.execute(query.order_by(VirtualMachine.name)).tuples()
+    return [vm for vm, hypervisor in session.execute(query.order_by(VirtualMachine.name))
             if picks(rules, vm, hypervisor)]
 
 

@@ -19,7 +19,7 @@ from vmkeep.catalog.models import Hypervisor, Job, Policy, RepositoryRecord
 from vmkeep.catalog.models import VirtualMachine as VM
 from vmkeep.errors import VmkeepError
 from vmkeep.server.console.paging import Paging
-from vmkeep.server.dispatch import select_vms, selection_clause
+from vmkeep.server.dispatch import selection_clause
 from vmkeep.server.routes_jobs import PolicyIn, PolicyRefused
 from vmkeep.server.schedule import next_run
 
@@ -142,9 +142,13 @@ class Preview:
 
 
 def preview(session: Session, rules: dict[str, Any]) -> Preview:
-    """The VMs the (unsaved) rules select now, by the dispatcher's own selection."""
-    chosen = select_vms(session, Policy(selection=rules))
-    return Preview([(vm.name, vm.hypervisor.name, vm.host) for vm in chosen[:PREVIEW_SHOWN]], len(chosen))
+    """The VMs the (unsaved) rules select now: the dispatcher's rules as one SQL condition
+    (dispatch.selection_clause, which picks what dispatch.select_vms picks), counted and sliced in
+    the catalog: a keystroke does not read 10,000 VMs."""
+    query = (select(VM.name, Hypervisor.name, VM.host).join(Hypervisor)
+             .where(VM.present.is_(True), selection_clause(rules)).order_by(VM.name, Hypervisor.name))
+    shown = [(vm, hypervisor, host) for vm, hypervisor, host in session.execute(query.limit(PREVIEW_SHOWN))]
+    return Preview(shown, len(shown) if len(shown) < PREVIEW_SHOWN else selected_count(session, rules))
 
 
 def selected_count(session: Session, rules: dict[str, Any]) -> int:
