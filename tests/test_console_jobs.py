@@ -5,6 +5,7 @@ and a backup's log lines written by the proxy's logging handler through the prox
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -18,8 +19,9 @@ from playwright.sync_api import expect
 from sqlalchemy import Engine, create_engine, insert, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.conftest import fresh_cli
 from tests.console_support import AUDITOR, audit_actions, csrf_of, form_login, log_in, shoot
-from tests.test_server import Server
+from tests.test_server import ADMIN_PASSWORD, Server
 from vmkeep.catalog.models import Job, JobVM, JobVMLog
 from vmkeep.proxy import log_lines
 from vmkeep.proxy.log_lines import catalog_log
@@ -243,6 +245,12 @@ def test_the_proxy_log_handler_writes_a_backups_lines_into_the_catalog(
         conn.execute(insert(JobVMLog), [{"job_vm_id": rows["web-log"], "at": datetime.now(UTC), "level": "INFO",
                                          "logger": "x", "message": "one too many"}] * 3)
     assert len(console_api.get(f"/api/jobs/{job_id}/log").json()) == log_lines.MAX_LINES
+
+    env = {"VMKEEP_SERVER": console_master.url, "VMKEEP_TOKEN": console_master.login("admin", ADMIN_PASSWORD)}
+    cli = fresh_cli()
+    assert len(json.loads(cli.run("jobs", "log", str(job_id), "--json", env=env).stdout)) == log_lines.MAX_LINES
+    shown = cli.run("jobs", "log", str(job_id), env=env).stdout.splitlines()
+    assert len(shown) == log_lines.MAX_LINES and "web-log INFO vmkeep.engine.test: backup started" in shown[0]
 
     client = form_login(console_master)
     running = client.get(f"/jobs/{job_id}").text  # while it runs: the last lines only

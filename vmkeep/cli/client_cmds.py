@@ -97,14 +97,25 @@ def _show_job(job: dict[str, Any], json_out: bool) -> None:
 
 
 def jobs_cmd(ctx: typer.Context,
-             what: Annotated[str | None, typer.Argument(metavar="[ID|cancel]",
-                                                        help="A run's id: that run per VM; cancel: stop a run")] = None,
-             cancel_id: Annotated[int | None, typer.Argument(metavar="[ID]", help="With cancel: the run")] = None,
+             what: Annotated[str | None, typer.Argument(metavar="[ID|cancel|log]", help=(
+                 "A run's id: that run per VM; cancel: stop a run; log: the proxies' log lines of a run"))] = None,
+             cancel_id: Annotated[int | None, typer.Argument(metavar="[ID]",
+                                                             help="With cancel or log: the run")] = None,
              json_out: JsonOpt = False) -> None:
-    """Policy runs on the server, newest first; one run per VM; or `jobs cancel ID`.
+    """Policy runs on the server, newest first; one run per VM; or `jobs cancel ID`, `jobs log ID`.
 
     Cancelling drops the run's queued VMs and stops the running ones at their next chunk."""
     api = client(ctx)
+    if what == "log":
+        if cancel_id is None:
+            raise UsageError("say which run: vmkeep jobs log ID (the run column of `vmkeep jobs`)")
+        lines = api.call("GET", f"/api/jobs/{cancel_id}/log")
+        if json_out:
+            emit_json(lines)
+        for line in [] if json_out else lines:
+            out_console.print(f"{line['at'][:19]} {line['vm']} {line['level']} {line['logger']}: {line['message']}",
+                              highlight=False, soft_wrap=True, markup=False)
+        return
     if what == "cancel":
         if cancel_id is None:
             raise UsageError("say which run: vmkeep jobs cancel ID (the run column of `vmkeep jobs`)")
