@@ -12,13 +12,13 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import fresh_cli
 from tests.console_support import AUDITOR, BROWSER_ZONE, audit_actions, csrf_of, form_login, log_in, shoot
 from tests.test_server import Server
-from vmkeep.catalog.models import Hypervisor, Policy, VirtualMachine
+from vmkeep.catalog.models import Hypervisor, Job, Policy, VirtualMachine
 from vmkeep.server.console.policy_form import preview
 from vmkeep.server.dispatch import select_vms
 from vmkeep.server.schedule import next_run
@@ -255,6 +255,21 @@ def test_run_now_and_delete(chromium: Any, console_master: Server, console_api: 
     page.goto(console_master.url + "/policies")
     outcome = page.locator("tr[data-policy=webs]").get_by_role("link", name=job["status"])
     assert outcome.get_attribute("href") == f"/jobs/{job['id']}"
+
+    engine = create_engine(console_master.database)  # a run going on: deleting waits for it
+    with Session(engine) as session:
+        policy = session.scalars(select(Policy).where(Policy.name == "webs")).one()
+        going = Job(policy_id=policy.id, policy_name="webs", requested_by="schedule", status="running")
+        session.add(going)
+        session.commit()
+        client = form_login(console_master)
+        csrf = csrf_of(client.get("/policies/webs/delete").text)
+        refused = client.post("/policies/webs/delete", data={"csrf": csrf}, headers={"Origin": console_master.url})
+        assert refused.status_code == 409 and f'href="/jobs/{going.id}"' in refused.text
+        assert f"run {going.id} of policy webs is going" in refused.text
+        going.finished, going.status = datetime.now(UTC), "cancelled"
+        session.commit()
+    engine.dispose()
 
     page.get_by_role("link", name="Delete webs").click()
     assert "Its run history stays" in page.inner_text("main")

@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Policy
+from vmkeep.catalog.models import Job, Policy
 from vmkeep.server.auth import CHANGE_INVENTORY, get_session
 from vmkeep.server.console.paging import Paging, paging
 from vmkeep.server.console.policy_form import (
@@ -157,7 +157,8 @@ def delete_page(name: str, request: Request, who: Visitor = Depends(person),
                 session: Session = Depends(get_session)) -> Response:
     """The confirmation step: what deleting does and does not remove."""
     may_change(who)
-    return screen(request, who, "policy_delete.html", ACTIVE, {"policy": named(session, name), "error": None})
+    return screen(request, who, "policy_delete.html", ACTIVE, {"policy": named(session, name), "error": None,
+                                                               "going": None})
 
 
 @router.post("/policies/{name}/delete")
@@ -168,8 +169,10 @@ def delete(name: str, request: Request, who: Visitor = Depends(changing),
         delete_policy_as(session, request, who.user.name, name)
     except PolicyRefused as exc:
         session.rollback()
-        return screen(request, who, "policy_delete.html", ACTIVE, {"policy": named(session, name),
-                                                                   "error": str(exc.detail)}, exc.status_code)
+        policy = named(session, name)
+        going = session.scalar(select(Job.id).where(Job.policy_id == policy.id, Job.finished.is_(None)).limit(1))
+        return screen(request, who, "policy_delete.html", ACTIVE, {"policy": policy, "error": str(exc.detail),
+                                                                   "going": going}, exc.status_code)
     log.info("console: %s deleted policy %s", who.user.name, name)
     return RedirectResponse(f"/policies?deleted={name}", status_code=303)
 
