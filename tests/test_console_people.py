@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from tests.console_support import AUDITOR, BROWSER_ZONE, audit_actions, csrf_of, form_login, log_in, shoot
 from tests.test_server import Server
-from vmkeep.catalog.models import Job, JobVM, Proxy
+from vmkeep.catalog.models import Job, JobVM, Proxy, RestoreJob
 
 MiB = 1024 * 1024
 
@@ -53,9 +53,12 @@ def test_proxies_show_their_state_work_and_throughput_and_delete_follows_the_api
         job.vms = [JobVM(vm_name="db-1", status="running", proxy="edge-1", started=now - timedelta(seconds=20),
                          progress_bytes=400 * MiB, total_bytes=1600 * MiB),
                    JobVM(vm_name="web-1", status="queued", proxy="edge-1")]
-        session.add(job)
+        restore = RestoreJob(requested_by="admin", vm_name="db-1", point_id="0" * 64, mode="as-new",
+                             new_name="db-1-copy", status="running", proxy="edge-1", progress_bytes=100 * MiB,
+                             total_bytes=200 * MiB, created=now - timedelta(seconds=20))
+        session.add_all([job, restore])
         session.commit()
-        job_id = job.id
+        job_id, restore_id = job.id, restore.id
     engine.dispose()
 
     assert console_api.post("/api/proxies/edge-1/heartbeat").status_code == 204
@@ -67,8 +70,9 @@ def test_proxies_show_their_state_work_and_throughput_and_delete_follows_the_api
     cells = up.locator("td").all_inner_texts()
     assert cells[1:5] == ["hotadd, nbd", "host-a, host-b", "ds1", "2"]
     assert f"run {job_id}: db-1 (running, 25 %)" in cells[5] and "web-1 (queued)" in cells[5]
+    assert f"restore {restore_id}: db-1-copy (running, 50 %)" in cells[5]
     rate = float(up.locator("[data-throughput]").inner_text().removesuffix(" MiB/s"))
-    assert 400 / 30 < rate <= 400 / 20  # 400 MiB in the 20-odd seconds since it started
+    assert 500 / 30 < rate <= 500 / 20  # 400 + 100 MiB in the 20-odd seconds since they started
     assert down.locator("[data-work]").inner_text() == "idle" and down.locator("[data-throughput]").inner_text() == "—"
     heard = up.locator("time").first  # in the browser's zone
     at = datetime.fromisoformat(str(heard.get_attribute("datetime"))).astimezone(ZoneInfo(BROWSER_ZONE))

@@ -91,7 +91,7 @@ def tokens_of(session: Session, owner: User | None, current: int, query: Select[
               ) -> list[TokenInfo]:
     """Unexpired tokens of ``owner`` (None: everyone's), or those ``query`` (a slice of
     :func:`token_query`) finds, ``current`` marked."""
-    rows = session.execute(token_query(owner) if query is None else query).tuples()
+    rows = session.execute(token_query(owner) if query is None else query)
     return [TokenInfo(id=t.id, name=t.name, user=name, created=t.created, expires=t.expires, last_used=t.last_used,
                       current=t.id == current) for t, name in rows]
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import JobVM, Proxy, RestoreJob
+from vmkeep.catalog.models import JobVM, MaintenanceRun, Proxy, RestoreJob
 from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.server.auth import ADMIN, get_session
 from vmkeep.server.console.people import removed
@@ -33,11 +33,11 @@ RUNNING = JobStatus.RUNNING.value
 
 @dataclass
 class Work:
-    """A backup (one VM of a run) or a restore assigned to a proxy."""
+    """A backup (one VM of a run), a restore or a repository's maintenance assigned to a proxy."""
 
-    kind: str  # backup or restore
-    id: int  # the run's id (a backup) or the restore's
-    vm: str
+    label: str  # "run 12", "restore 3", "gc 5"
+    href: str  # its page in the console
+    what: str  # the VM, or the repository
     status: str
     progress_bytes: int
     total_bytes: int | None
@@ -82,17 +82,21 @@ def ago(seconds: int) -> str:
 
 
 def proxy_rows(session: Session, now: datetime | None = None) -> list[ProxyRow]:
-    """Every registered proxy (a handful: they are machines) with its assigned work, three queries."""
+    """Every registered proxy (a handful: they are machines) with its assigned work, four queries."""
     now = now or datetime.now(UTC)
     work: dict[str, list[Work]] = defaultdict(list)
     for v in session.scalars(select(JobVM).where(JobVM.proxy.is_not(None), JobVM.status.in_(ACTIVE))
                              .order_by(JobVM.job_id, JobVM.id)):
-        work[str(v.proxy)].append(Work("backup", v.job_id, v.vm_name, v.status, v.progress_bytes or 0,
-                                       v.total_bytes, v.started))
+        work[str(v.proxy)].append(Work(f"run {v.job_id}", f"/jobs/{v.job_id}", v.vm_name, v.status,
+                                       v.progress_bytes or 0, v.total_bytes, v.started))
     for r in session.scalars(select(RestoreJob).where(RestoreJob.proxy.is_not(None), RestoreJob.status.in_(ACTIVE))
                              .order_by(RestoreJob.id)):
-        work[str(r.proxy)].append(Work("restore", r.id, r.new_name or r.vm_name, r.status, r.progress_bytes or 0,
-                                       r.total_bytes, r.created))
+        work[str(r.proxy)].append(Work(f"restore {r.id}", f"/restores/{r.id}", r.new_name or r.vm_name, r.status,
+                                       r.progress_bytes or 0, r.total_bytes, r.created))
+    for m in session.scalars(select(MaintenanceRun).where(MaintenanceRun.proxy.is_not(None),
+                                                          MaintenanceRun.status.in_(ACTIVE)).order_by(MaintenanceRun.id)):
+        work[str(m.proxy)].append(Work(f"{m.kind} {m.id}", f"/maintenance/{m.id}", m.repository_name, m.status,
+                                       m.progress_bytes or 0, m.total_bytes, m.started))
     rows = []
     for p in session.scalars(select(Proxy).order_by(Proxy.name)):
         mine = work.get(p.name, [])
