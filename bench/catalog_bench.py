@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -69,51 +71,80 @@ def fill(url: str, vms: int, points: int) -> float:
     return time.monotonic() - started
 
 
-def measure(client: httpx.Client, path: str, params: dict[str, str], n: int) -> dict[str, float]:
+def timed(client: httpx.Client, path: str, params: dict[str, str], n: int) -> tuple[dict[str, float], httpx.Response]:
+    """p50 and p95 of ``n`` GETs (each must answer 200), and the last answer."""
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         reply = client.get(path, params=params)
         times.append((time.perf_counter() - t0) * 1000)
-        assert reply.status_code == 200, reply.text
+        assert reply.status_code == 200, (path, params, reply.status_code, reply.text[:500])
     times.sort()
-    return {"p50_ms": round(statistics.median(times), 1), "p95_ms": round(times[int(len(times) * 0.95) - 1], 1),
-            "rows": len(reply.json())}
+    return {"p50_ms": round(statistics.median(times), 1), "p95_ms": round(times[int(len(times) * 0.95) - 1], 1)}, reply
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure(client: httpx.Client, path: str, params: dict[str, str], n: int) -> dict[str, float]:
+    figures, reply = timed(client, path, params, n)
+    return {**figures, "rows": len(reply.json())}
+
+
+def arguments(doc: str | None, requests: int) -> argparse.Namespace:
+    """The scale benchmarks' command line: --vms, --points, --requests."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vms", type=int, default=10_000)
     ap.add_argument("--points", type=int, default=1_000_000)
-    ap.add_argument("--requests", type=int, default=200)
-    args = ap.parse_args()
+    ap.add_argument("--requests", type=int, default=requests)
+    return ap.parse_args()
+
+
+@contextmanager
+def bench_database() -> Iterator[str]:
+    """A fresh database at the newest schema for one run (dropped afterwards): its URL."""
     server_url = ensure_postgres()
     name = f"vmkeep_bench_{secrets.token_hex(3)}"
     admin = create_engine(server_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))
     url = server_url.rsplit("/", 1)[0] + f"/{name}"
-    proc = None
     try:
         upgrade(url)
-        seconds = fill(url, args.vms, args.points)
-        print(f"filled {args.vms} VMs and {args.points} points in {seconds:.0f} s", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            env = {**os.environ, "VMKEEP_DATABASE_URL": url, "VMKEEP_NEW_PASSWORD": "bench-password",
-                   "VMKEEP_MASTER_KEY_FILE": f"{tmp}/master.key"}
-            subprocess.run([VMKEEP, "user", "add", "bench", "--role", "auditor"], env=env, check=True,
-                           capture_output=True)
-            port = 18470 + os.getpid() % 1000
-            proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}"], env=env)
-            base = f"http://127.0.0.1:{port}"
+        yield url
+    finally:
+        admin.dispose()
+        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # as the superuser: autovacuum may be at work
+
+
+@contextmanager
+def served(url: str, role: str = "auditor") -> Iterator[tuple[str, str, str]]:
+    """A real `vmkeep server` on the catalog at ``url`` with a user ``bench`` of ``role``:
+    (base URL, user name, password)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "VMKEEP_DATABASE_URL": url, "VMKEEP_NEW_PASSWORD": "bench-password",
+               "VMKEEP_MASTER_KEY_FILE": f"{tmp}/master.key"}
+        subprocess.run([VMKEEP, "user", "add", "bench", "--role", role], env=env, check=True, capture_output=True)
+        port = 18470 + os.getpid() % 1000
+        proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}"], env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
             for _ in range(300):
                 try:
                     if httpx.get(f"{base}/api/health").status_code == 200:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.2)
-            token = httpx.post(f"{base}/api/auth/login", json={"name": "bench", "password": "bench-password"}
-                               ).json()["token"]
+            yield base, "bench", "bench-password"
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def main() -> None:
+    args = arguments(__doc__, 200)
+    with bench_database() as url:
+        seconds = fill(url, args.vms, args.points)
+        print(f"filled {args.vms} VMs and {args.points} points in {seconds:.0f} s", flush=True)
+        with served(url) as (base, user, password):
+            token = httpx.post(f"{base}/api/auth/login", json={"name": user, "password": password}).json()["token"]
             client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
             cases = {
                 "newest 100 points across all VMs": ("/api/points", {"limit": "100"}),
@@ -125,12 +156,6 @@ def main() -> None:
             for path, params in cases.values():
                 measure(client, path, params, 5)  # warm the caches
             results = {key: measure(client, path, params, args.requests) for key, (path, params) in cases.items()}
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait()
-        admin.dispose()
-        psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # as the superuser: autovacuum may be at work
     for key, r in results.items():
         print(f"{key:40s} p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  ({r['rows']} rows)")
     doc = {"vms": args.vms, "points": args.points, "requests": args.requests, "cpus": os.cpu_count(),

@@ -11,18 +11,44 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from sqlalchemy import create_engine, update
+from sqlalchemy import create_engine, delete, func, select, update
 from sqlalchemy.orm import Session
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.conftest import fresh_cli
-from tests.console_support import BROWSER_ZONE, DESKTOP, PHONE, SHOTS, audit_actions, csrf_of, form_login, log_in
+from tests.console_support import (
+    BROWSER_ZONE,
+    DESKTOP,
+    PHONE,
+    SHOTS,
+    audit_actions,
+    csrf_of,
+    form_login,
+    log_in,
+    shoot,
+)
 from tests.test_catalog import backed_up
 from tests.test_server import ADMIN_PASSWORD, Server
-from vmkeep.catalog.models import ApiToken, Job, JobVM
+from vmkeep.catalog.db import upgrade
+from vmkeep.catalog.models import (
+    ApiToken,
+    BackupDay,
+    Hypervisor,
+    Job,
+    JobVM,
+    NewestPoint,
+    PointDay,
+    Policy,
+    RepositoryRecord,
+    RestorePointRecord,
+    VirtualMachine,
+)
 from vmkeep.server.auth import token_digest
+from vmkeep.server.console.dashboard import protection
+from vmkeep.server.console.render import ibytes
 from vmkeep.server.console.session import COOKIE, set_session_cookie
+from vmkeep.server.dispatch import select_vms
 
 
 def finished_backups(database: str, outcomes: list[str]) -> None:
@@ -80,10 +106,8 @@ def test_login_and_dashboard_with_real_figures(chromium: Any, console_master: Se
     assert heard.inner_text() == f"{at:%b} {at.day}, {at.year}, {at.hour % 12 or 12}:{at:%M} {at:%p}"
     assert page.get_by_role("navigation", name="Main").get_by_role("link").all_inner_texts() == [
         "Dashboard", "Inventory", "Policies", "Jobs", "Restore", "Repositories", "Proxies", "Audit log", "Users"]
-    page.screenshot(path=str(SHOTS / "dashboard-1280x800.png"), full_page=True)
-    page.set_viewport_size(PHONE)
+    page.set_viewport_size(PHONE)  # (the screenshots come with every figure: test_dashboard_figures_at_work)
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
-    page.screenshot(path=str(SHOTS / "dashboard-390x844.png"), full_page=True)
     page.keyboard.press("Tab")  # the first stop is the skip link, then the navigation
     assert page.evaluate("document.activeElement.textContent") == "Skip to the content"
     page.context.close()
@@ -209,3 +233,198 @@ def test_the_cookie_is_secure_under_tls() -> None:
         header = response.headers["set-cookie"]
         assert "HttpOnly" in header and "SameSite=strict" in header.replace("Strict", "strict")
         assert ("Secure" in header) == secure, header
+
+
+# The dashboard's figures at work (after the tests above, which see a catalog without hypervisor)
+
+def _catalog_rows(database: str, rows: list[Any]) -> None:
+    engine = create_engine(database)
+    with Session(engine) as session:
+        session.add_all(rows)
+        session.commit()
+    engine.dispose()
+
+
+def test_dashboard_figures_at_work(chromium: Any, console_master: Server, console_api: httpx.Client) -> None:
+    """RPO breaches, storage ratios, the growth chart and a running job's per-VM progress."""
+    now = datetime.now(UTC)
+    engine = create_engine(console_master.database)
+    with Session(engine) as session:
+        repo = session.scalars(select(RepositoryRecord).where(RepositoryRecord.name == "main")).one()
+        lab = Hypervisor(name="lab", kind="libvirt", uri="qemu:///system", discovered_at=now)
+        lab.vms = [VirtualMachine(name=n, uuid=n, host="h1", state="running", disks=[], tags=[], first_seen=seen)
+                   for n, seen in (("web-old", now - timedelta(days=9)), ("web-fresh", now - timedelta(days=9)),
+                                   ("web-new", now - timedelta(minutes=5)), ("db-1", now - timedelta(days=9)))]
+        session.add(lab)
+        session.add_all([RestorePointRecord(repository_id=repo.id, name=n, point_id=f"p-{n}", created=at, kind="vm",
+                                            logical_bytes=8 << 30, read_bytes=2 << 30, stored_bytes=1 << 29,
+                                            disks={"vda": 8 << 30})
+                         for n, at in (("web-old", now - timedelta(days=3)),
+                                       ("web-fresh", now - timedelta(minutes=1)))])
+        session.commit()
+        assert console_api.post("/api/policies", json={"name": "hourly-web", "repository": "main",
+                                                       "globs": ["web-*"], "schedule": "0 * * * *"}).status_code == 201
+        # made two days ago, and not due again while the test runs
+        session.execute(update(Policy).where(Policy.name == "hourly-web").values(created=now - timedelta(days=2),
+                                                                                  next_run=None))
+        job = Job(policy_name="hourly-web", requested_by="admin", status="running", started=now - timedelta(minutes=2))
+        job.vms = [JobVM(vm_name="web-old", status="running", proxy="p1", progress_bytes=1 << 30,
+                         total_bytes=4 << 30, started=now - timedelta(seconds=100), warnings=[]),
+                   JobVM(vm_name="web-fresh", status="queued", warnings=[])]
+        session.add(job)
+        session.commit()
+        logical, read, stored, points = session.execute(select(
+            func.sum(RestorePointRecord.logical_bytes), func.sum(RestorePointRecord.read_bytes),
+            func.sum(RestorePointRecord.stored_bytes), func.count())
+            .where(RestorePointRecord.repository_id == repo.id)).one()
+        used = repo.used_bytes
+        assert used and logical and read and stored
+        today = session.scalar(select(func.sum(RestorePointRecord.stored_bytes)).where(
+            RestorePointRecord.created >= datetime.combine(now.date(), datetime.min.time(), UTC)))
+        job_id = job.id
+    try:
+        page = log_in(chromium, console_master)
+        rpo = page.get_by_role("region", name="Recovery points on time")
+        assert page.locator("[data-figure=rpo-breaches]").inner_text() == "1"
+        assert rpo.locator("[data-breach]").all_inner_texts()[0].startswith("web-old (hourly-web) newest point")
+        assert "web-fresh" not in rpo.inner_text() and "web-new" not in rpo.inner_text()  # fresh; discovered since
+        assert "scheduled run before the last one" in rpo.inner_text()  # the rule, on the page
+
+        storage = page.locator("tr[data-repository=main]")
+        assert storage.locator("td").nth(3).inner_text() == str(points)  # from point_days
+        assert storage.locator("[data-ratio=reduction]").inner_text() == f"{logical / used:.1f}×"
+        assert storage.locator("[data-ratio=dedup-compression]").inner_text() == f"{read / stored:.1f}×"
+        assert "Full size of every point" in str(page.locator("th", has_text="Reduction").get_attribute("title"))
+        bars = page.locator("svg[data-chart=growth] rect.bar")
+        assert bars.count() == 30
+        assert bars.nth(29).get_attribute("data-day") == now.date().isoformat()
+        assert bars.nth(29).locator("title").text_content() == f"{now.date()}: {ibytes(today)}"
+        assert float(str(bars.nth(29).get_attribute("height"))) > 0
+        assert float(str(bars.nth(0).get_attribute("height"))) == 0  # nothing stored 29 days ago
+
+        run = page.locator(f"[data-job='{job_id}']")
+        assert run.get_by_role("link", name=f"Job {job_id}").get_attribute("href") == f"/jobs/{job_id}"
+        counts = " ".join(run.locator("[data-job-progress]").inner_text().split())
+        assert "0 done, 1 running, 1 waiting of 2 VMs" in counts
+        vm = run.locator("tr[data-vm=web-old]")
+        assert vm.locator("[data-progress]").inner_text() == "25 % · 1.0 GiB of 4.0 GiB"
+        assert vm.locator("[data-throughput]").inner_text().endswith("MiB/s")  # about 10 MiB/s
+        assert "min" in vm.locator("[data-eta]").inner_text()  # about 5 minutes left
+        with page.expect_response(lambda r: r.url.endswith("/dashboard/running"), timeout=8000):
+            engine.dispose()
+            with Session(engine) as session:  # the proxy moves on; htmx's next poll shows it
+                session.execute(update(JobVM).where(JobVM.job_id == job_id, JobVM.vm_name == "web-old")
+                                .values(progress_bytes=3 << 30))
+                session.commit()
+        page.wait_for_function("document.querySelector('tr[data-vm=web-old] [data-progress]')"
+                               ".textContent.startsWith('75 %')", timeout=8000)
+        shoot(page, "dashboard")
+        page.context.close()
+    finally:
+        with Session(engine) as session:
+            session.execute(update(JobVM).where(JobVM.job_id == job_id).values(status="cancelled", finished=now))
+            session.execute(update(Job).where(Job.id == job_id).values(status="cancelled", finished=now))
+            session.commit()
+        engine.dispose()
+
+
+MIXED_GLOBS = ["web-*", "db-?", "[!w]*-1", "app-[0-9][0-9]", "x[z-a]*", "[]]*", "*[[]*", "a^b*", "*\\*"]
+
+
+def test_protected_count_is_what_select_vms_picks(database: str) -> None:
+    """The dashboard's one-query count of protected VMs equals select_vms over every policy, on a
+    catalog with every kind of rule (names, globs with sets and ranges, hypervisor, hosts, tags,
+    folders) and VMs that are gone."""
+    upgrade(database)
+    engine = create_engine(database)
+    names = ["web-1", "web-2", "db-1", "db-22", "mail-1", "app-07", "app-7", "x-1", "]odd", "a[b", "a^bc",
+             "back\\slash", "web-gone"]
+    with Session(engine) as session:
+        repo = RepositoryRecord(name="r", location="/r", repo_id="r", encrypted=False)
+        session.add(repo)
+        for h in ("east", "west"):
+            hyp = Hypervisor(name=h, kind="libvirt", uri=f"qemu+tls://{h}/system")
+            hyp.vms = [VirtualMachine(name=n, uuid=f"{h}-{n}", host=f"{h}-h{i % 3}", state="running", disks=[],
+                                      tags=[["prod"], ["test"], [], ["prod", "db"]][i % 4],
+                                      folder=[None, "/dc/web", "/dc/db", "/lab"][i % 4], present=n != "web-gone")
+                       for i, n in enumerate(names)]
+            session.add(hyp)
+        session.flush()
+        rules: list[dict[str, Any]] = [
+            {"globs": MIXED_GLOBS[:3]}, {"globs": MIXED_GLOBS[3:]}, {"vms": ["mail-1"], "hypervisor": "west"},
+            {"hosts": ["east-h1"], "tags": ["db"]}, {"folders": ["/dc/*"], "globs": ["a*"]},
+            {"tags": ["prod"], "hypervisor": "east", "hosts": ["east-h0", "east-h2"]}, {"folders": ["[!/]*"]},
+        ]
+        policies = [Policy(name=f"p{i}", selection=r, repository_id=repo.id, retention={}) for i, r in enumerate(rules)]
+        session.add_all(policies)
+        session.commit()
+        for k in range(len(policies) + 1):
+            chosen = policies[:k]
+            picked = {vm.id: vm.name for p in chosen for vm in select_vms(session, p)}
+            protected, unprotected = protection(session, chosen)
+            present = session.scalars(select(VirtualMachine.name).where(VirtualMachine.present.is_(True),
+                                                                        VirtualMachine.id.not_in(picked))).all()
+            assert protected == len(picked), (k, picked)
+            assert unprotected == sorted(present)[:10]
+        assert 0 < len(picked) < 2 * (len(names) - 1)  # the rules pick some VMs, not all
+    engine.dispose()
+
+
+def test_dashboard_sums_follow_the_catalog(database: str) -> None:
+    """point_days, newest_points and backup_days (kept by triggers, migration 0016) match the
+    rows they sum after points are added, pruned and moved, and backups end, retry and go."""
+    upgrade(database)
+    engine = create_engine(database)
+    now = datetime.now(UTC)
+    with Session(engine) as session:
+        repos = [RepositoryRecord(name=n, location=f"/{n}", repo_id=n, encrypted=False) for n in ("a", "b")]
+        session.add_all(repos)
+        session.flush()
+        session.add_all([RestorePointRecord(repository_id=repos[i % 2].id, name=f"vm-{i % 3}", point_id=f"p{i}",
+                                            created=now - timedelta(days=i % 5, hours=i), kind="vm",
+                                            logical_bytes=1000 + i, read_bytes=100 + i if i % 4 else None,
+                                            stored_bytes=10 + i, disks={}) for i in range(40)])
+        job = Job(policy_name="p", requested_by="t", status="running", started=now)
+        job.vms = [JobVM(vm_name=f"vm-{i}", status=["succeeded", "failed", "queued"][i % 3], warnings=[],
+                         finished=now - timedelta(days=i % 3) if i % 3 < 2 else None) for i in range(30)]
+        session.add(job)
+        session.commit()
+
+        def check() -> None:
+            days = {(r.repository_id, r.day): (r.points, r.logical_bytes, r.read_bytes, r.stored_bytes)
+                    for r in session.scalars(select(PointDay))}
+            day = func.date(func.timezone("UTC", RestorePointRecord.created))
+            want = {(r[0], r[1]): tuple(r[2:]) for r in session.execute(select(
+                RestorePointRecord.repository_id, day, func.count(), func.sum(RestorePointRecord.logical_bytes),
+                func.coalesce(func.sum(RestorePointRecord.read_bytes), 0),
+                func.coalesce(func.sum(RestorePointRecord.stored_bytes), 0))
+                .group_by(RestorePointRecord.repository_id, day))}
+            assert days == want
+            newest = {(r.repository_id, r.name): r.created for r in session.scalars(select(NewestPoint))}
+            assert newest == {(r[0], r[1]): r[2] for r in session.execute(select(
+                RestorePointRecord.repository_id, RestorePointRecord.name, func.max(RestorePointRecord.created))
+                .group_by(RestorePointRecord.repository_id, RestorePointRecord.name))}
+            ended = func.date(func.timezone("UTC", JobVM.finished))
+            outcomes = {r.day: (r.succeeded, r.failed) for r in session.scalars(select(BackupDay))
+                        if r.succeeded or r.failed}
+            assert outcomes == {r[0]: (r[1], r[2]) for r in session.execute(select(
+                ended, func.count().filter(JobVM.status == "succeeded"), func.count().filter(JobVM.status == "failed"))
+                .where(JobVM.status.in_(["succeeded", "failed"]), JobVM.finished.is_not(None)).group_by(ended))}
+
+        check()
+        session.execute(delete(RestorePointRecord).where(RestorePointRecord.name == "vm-1",
+                                                         RestorePointRecord.created < now - timedelta(days=1)))  # prune
+        session.execute(delete(RestorePointRecord).where(RestorePointRecord.name == "vm-2",
+                                                         RestorePointRecord.repository_id == repos[1].id))  # all gone
+        session.execute(update(RestorePointRecord).where(RestorePointRecord.name == "vm-0")
+                        .values(repository_id=repos[1].id))
+        session.execute(update(JobVM).where(JobVM.status == "queued").values(status="failed", finished=now))
+        session.execute(update(JobVM).where(JobVM.vm_name.in_(["vm-1", "vm-4"])).values(status="queued", finished=None))
+        session.execute(update(JobVM).where(JobVM.vm_name == "vm-0").values(finished=now - timedelta(days=7)))
+        session.commit()
+        check()
+        assert (repos[1].id, "vm-2") not in {(r.repository_id, r.name) for r in session.scalars(select(NewestPoint))}
+        session.execute(delete(JobVM).where(JobVM.vm_name.in_(["vm-3", "vm-5"])))
+        session.commit()
+        check()
+    engine.dispose()

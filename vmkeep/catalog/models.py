@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, UniqueConstraint, false, func
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, UniqueConstraint, false, func, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -235,7 +235,10 @@ class JobVM(Base):
 
     __tablename__ = "job_vms"
     __table_args__ = (Index("ix_job_vms_status", "status"), Index("ix_job_vms_job_id", "job_id"),
-                      Index("ix_job_vms_vm_name", "vm_name"))
+                      Index("ix_job_vms_vm_name", "vm_name"),
+                      # each VM's newest outcome (the dashboard's "failed last backup", migration 0016)
+                      Index("ix_job_vms_outcomes", "vm_id", "id",
+                            postgresql_where=text("status IN ('succeeded', 'failed')")))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
@@ -354,3 +357,40 @@ class RepositoryUsage(Base):
     unique_bytes: Mapped[int] = mapped_column(BigInteger)
     shared_bytes: Mapped[int] = mapped_column(BigInteger)
     run_id: Mapped[int] = mapped_column(ForeignKey("maintenance_runs.id", ondelete="CASCADE"))
+
+
+class PointDay(Base):
+    """What one repository's points of one UTC day add up to: kept by the database's triggers on
+    ``restore_points`` (migration 0016), so storage ratios and growth read a few rows, not a million."""
+
+    __tablename__ = "point_days"
+
+    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"), primary_key=True)
+    day: Mapped[date] = mapped_column(primary_key=True)
+    points: Mapped[int] = mapped_column(BigInteger)
+    logical_bytes: Mapped[int] = mapped_column(BigInteger)
+    read_bytes: Mapped[int] = mapped_column(BigInteger)
+    stored_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class BackupDay(Base):
+    """How many backups ended on one UTC day, by outcome: kept by the database's triggers on
+    ``job_vms`` (migration 0016), so success rates read 30 rows, not a month of backups."""
+
+    __tablename__ = "backup_days"
+
+    day: Mapped[date] = mapped_column(primary_key=True)
+    succeeded: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+
+
+class NewestPoint(Base):
+    """A name's newest restore point in one repository: kept by the database's triggers on
+    ``restore_points`` (migration 0016), so 10,000 VMs' newest points are one join, not 10,000 look-ups."""
+
+    __tablename__ = "newest_points"
+    __table_args__ = (Index("ix_newest_points_name", "name"),)
+
+    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
