@@ -256,6 +256,14 @@ def test_a_token_is_shown_once_works_and_is_revoked(chromium: Any, console_maste
     page.wait_for_url(console_master.url + "/users?revoked=1")
     assert console_master.client(token).get("/api/me").status_code == 401
     assert [a for a in audit_actions(console_api)[:2]] == [("admin", "token-revoke"), ("admin", "token-create")]
+
+    audrey = console_master.login(*AUDITOR)  # everyone's tokens are listed, and an admin revokes anyone's
+    page.reload()
+    theirs = page.locator("tr[data-token]", has_text=AUDITOR[0])
+    assert theirs.locator("td").first.inner_text() == AUDITOR[0] and theirs.locator("th").inner_text() == "login"
+    theirs.get_by_role("button", name="Revoke").click()
+    page.wait_for_url(console_master.url + "/users?revoked=1")
+    assert console_master.client(audrey).get("/api/me").status_code == 401
     page.context.close()
 
 
@@ -273,7 +281,8 @@ def test_auditor_and_operator_get_the_apis_roles(console_master: Server, console
     auditor = form_login(console_master, *AUDITOR)
     audit = auditor.get("/audit")
     assert audit.status_code == 200 and 'href="/audit"' in audit.text and 'href="/users"' not in audit.text
-    assert '"intact"' in auditor.get("/audit/verify", headers={"HX-Request": "true"}).text
+    assert '"intact"' in auditor.get("/audit/verify", headers={"HX-Request": "true"}).text  # the result alone
+    assert "The chain is intact" in auditor.get("/audit/verify").text  # without JavaScript: the page with it
     assert auditor.get("/users").status_code == 403
     csrf = csrf_of(audit.text)
     state = {path: [x["name"] for x in console_api.get(path).json()] for path in ("/api/users", "/api/proxies")}
