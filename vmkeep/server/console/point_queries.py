@@ -19,22 +19,18 @@ from vmkeep.catalog.models import JobVM, RepositoryRecord, RestoreJob, RestorePo
 from vmkeep.catalog.queries import glob_to_like
 from vmkeep.server.console.paging import Paging
 
-# the distinct names, one index probe each
-WALK = """
+# The distinct names after :after, one index probe each; PostgreSQL evaluates a WITH query only as
+# far as its reader fetches, so a page costs a probe per name it passes, never a walk of them all.
+NAMES = text("""
 WITH RECURSIVE names(name) AS (
-    (SELECT name FROM restore_points ORDER BY name LIMIT 1)
+    (SELECT name FROM restore_points WHERE name > :after ORDER BY name LIMIT 1)
     UNION ALL
     SELECT (SELECT p.name FROM restore_points p WHERE p.name > names.name ORDER BY p.name LIMIT 1)
     FROM names WHERE names.name IS NOT NULL
+), shown AS (
+    SELECT name FROM names WHERE name IS NOT NULL AND name ILIKE :pattern ESCAPE '\\' LIMIT :limit
 )
-"""
-
-NAMES = text(WALK + """, shown AS (
-    SELECT name, count(*) OVER () AS total FROM names
-    WHERE name IS NOT NULL AND name ILIKE :pattern ESCAPE '\\'
-    ORDER BY name LIMIT :limit OFFSET :offset
-)
-SELECT shown.name, shown.total, s.points, s.newest, s.repositories, latest.kind, r.name AS repository
+SELECT shown.name, s.points, s.newest, s.repositories, latest.kind, r.name AS repository
 FROM shown
 CROSS JOIN LATERAL (SELECT count(*) AS points, max(created) AS newest, count(DISTINCT repository_id) AS repositories
                     FROM restore_points WHERE name = shown.name) s
@@ -42,10 +38,6 @@ CROSS JOIN LATERAL (SELECT kind, repository_id FROM restore_points WHERE name = 
                     ORDER BY created DESC LIMIT 1) latest
 JOIN repositories r ON r.id = latest.repository_id
 ORDER BY shown.name
-""")
-
-NAME_COUNT = text(WALK + """
-SELECT count(*) FROM names WHERE name IS NOT NULL AND name ILIKE :pattern ESCAPE '\\'
 """)
 
 
@@ -75,15 +67,15 @@ class TimelinePoint:
         return None if self.boot_check is None else bool(self.boot_check.get("passed"))
 
 
-def names_with_points(session: Session, search: str, paging: Paging) -> list[NamePoints]:
-    """One page of the names that have points, by name; ``search`` is a part of the name (any case)."""
+def names_with_points(session: Session, search: str, after: str, per_page: int) -> tuple[list[NamePoints], str | None]:
+    """One page of the names that have points, by name, from the first name after ``after``;
+    ``search`` is a part of the name (any case). With the page comes the ``after`` of the next
+    page (None: this is the last). Keyset paging: page 200 costs what page 1 does, and no count
+    walks every name."""
     pattern = "%" + glob_to_like(search.replace("*", "")) + "%" if search else "%"
-    rows = session.execute(NAMES, {"pattern": pattern, "limit": paging.per_page, "offset": paging.offset}).all()
-    if rows:
-        paging.total = rows[0].total
-    else:  # past the last page, or nothing matches: count without the page
-        paging.total = session.scalar(NAME_COUNT, {"pattern": pattern}) or 0
-    return [NamePoints(r.name, r.points, r.newest, r.kind, r.repository, r.repositories) for r in rows]
+    rows = session.execute(NAMES, {"after": after, "pattern": pattern, "limit": per_page + 1}).all()
+    names = [NamePoints(r.name, r.points, r.newest, r.kind, r.repository, r.repositories) for r in rows[:per_page]]
+    return names, (names[-1].name if len(rows) > per_page else None)
 
 
 def timeline(session: Session, name: str, paging: Paging) -> list[TimelinePoint]:
