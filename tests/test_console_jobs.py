@@ -104,6 +104,22 @@ def test_history_filters_and_pages(chromium: Any, console_master: Server, catalo
     assert cells[1:3] == ["hourly", "schedule"] and cells[4] == "3 min 00 s"
     assert cells[5] == "1 / 1 of 2" and cells[6] == "10.0 MiB" and cells[7] == "2.0 MiB" and cells[8] == "failed"
 
+    # a run of many VMs: its page shows them a page at a time, the running ones first, in SQL
+    big = add_job(catalog, "big", "running", "schedule", NOW - timedelta(minutes=5),
+                  [(f"vm-{i:02d}", "running" if i in (30, 40) else "failed" if i == 7 else "succeeded")
+                   for i in range(45)])
+    shown = client.get(f"/jobs/{big}").text
+    cards = re.findall(r'<article class="card jobvm" id="jobvm-\d+" data-vm="([^"]+)"', shown)
+    assert cards == ["vm-30", "vm-40", *[f"vm-{i:02d}" for i in range(18)]] and "Page 1 of 3" in shown
+    assert "2 running" in shown and "42 succeeded" in shown and "1 failed" in shown and "43 of 45 VMs ended" in shown
+    assert f'hx-get="/jobs/{big}/live?page=1&amp;per_page=20"' in shown  # polls the page it shows
+    third = client.get(f"/jobs/{big}", params={"page": "3"}).text
+    assert re.findall(r'data-vm="([^"]+)"', third) == [f"vm-{i:02d}" for i in range(39, 45) if i != 40]
+    failed = client.get(f"/jobs/{big}/live", params={"status": "failed"}).text
+    assert re.findall(r'data-vm="([^"]+)"', failed) == ["vm-07"]
+    odd = client.get(f"/jobs/{big}", params={"status": "sleeping"})
+    assert odd.status_code == 400 and 'id="vm-status-error"' in odd.text and "pick one of the list" in odd.text
+
     page = log_in(chromium, console_master)
     page.get_by_role("link", name="Jobs").click()
     page.get_by_label("Policy").select_option("nightly")

@@ -49,7 +49,9 @@ class JobFilters:
             found.append(Job.status == self.status)
         if self.requested_by:
             found.append(Job.requested_by == self.requested_by)
-        if self.vm:
+        if self.vm and "*" not in self.vm:  # the index on job_vms.vm_name
+            found.append(exists().where(JobVM.job_id == Job.id, JobVM.vm_name == self.vm))
+        elif self.vm:
             pattern = self.vm.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%")
             found.append(exists().where(JobVM.job_id == Job.id, JobVM.vm_name.like(pattern, escape="\\")))
         since, until = _day("since", self.since), _day("until", self.until)
@@ -188,10 +190,55 @@ def _vm_view(jv: JobVM, now: datetime) -> VMView:
     return VMView(jv, _disks(jv), done, total, rate, eta)
 
 
-def job_view(session: Session, job: Job, now: datetime | None = None) -> list[VMView]:
-    """The run's VMs with progress, disks and log lines (the last few while it goes)."""
+VM_STATUSES = [s.value for s in JobStatus if s != JobStatus.PARTIAL]
+VMS_PER_PAGE = 20  # a run of a few thousand VMs is shown a page at a time, the running ones first
+
+
+@dataclass
+class JobSummary:
+    """A run's VMs counted by status, and what they read and stored, in SQL."""
+
+    counts: dict[str, int]
+    read_bytes: int
+    stored_bytes: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def ended(self) -> int:
+        return sum(n for s, n in self.counts.items() if s in (JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                                               JobStatus.CANCELLED))
+
+
+def summary(session: Session, job_id: int) -> JobSummary:
+    rows = session.execute(select(JobVM.status, func.count(), func.coalesce(func.sum(JobVM.read_bytes), 0),
+                                  func.coalesce(func.sum(JobVM.stored_bytes), 0))
+                           .where(JobVM.job_id == job_id).group_by(JobVM.status)).tuples().all()
+    found = JobSummary({}, 0, 0)
+    for status, n, read, stored in rows:
+        found.counts[status] = n
+        found.read_bytes += int(read or 0)
+        found.stored_bytes += int(stored or 0)
+    return found
+
+
+def job_view(session: Session, job: Job, paging: Paging, status: str = "",
+             now: datetime | None = None) -> list[VMView]:
+    """One page of the run's VMs (running ones first) with progress, disks and log lines (the last
+    few while the run goes); fills in ``paging.total``. :class:`FilterError` for an unknown status."""
     now = now or datetime.now(UTC)
-    views = {jv.id: _vm_view(jv, now) for jv in job.vms}
+    where = [JobVM.job_id == job.id]
+    if status:
+        if status not in VM_STATUSES:
+            raise FilterError("vm-status", f"no status {status!r}: pick one of the list")
+        where.append(JobVM.status == status)
+    paging.total = session.scalar(select(func.count()).select_from(JobVM).where(*where)) or 0
+    rows = session.scalars(select(JobVM).where(*where)
+                           .order_by((JobVM.status == JobStatus.RUNNING.value).desc(), JobVM.id)
+                           .limit(paging.per_page).offset(paging.offset)).all()
+    views = {jv.id: _vm_view(jv, now) for jv in rows}
     if not views:
         return []
     counts = dict(session.execute(select(JobVMLog.job_vm_id, func.count()).where(

@@ -10,8 +10,17 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Job
 from vmkeep.server.auth import CHANGE_INVENTORY, get_session
-from vmkeep.server.console.job_view import FilterError, JobFilters, choices, history, job_view
-from vmkeep.server.console.paging import Paging, paging
+from vmkeep.server.console.job_view import (
+    VM_STATUSES,
+    VMS_PER_PAGE,
+    FilterError,
+    JobFilters,
+    choices,
+    history,
+    job_view,
+    summary,
+)
+from vmkeep.server.console.paging import PER_PAGE, Paging, paging
 from vmkeep.server.console.render import page, roles, screen
 from vmkeep.server.console.session import Refused, Visitor, changing, person
 from vmkeep.server.routes_jobs import JobId, cancel_run, job_of
@@ -41,30 +50,41 @@ def jobs_page(request: Request, who: Visitor = Depends(person), session: Session
     return screen(request, who, "jobs.html", "jobs", context)
 
 
-def _live(who: Visitor, session: Session, job_id: int) -> dict[str, object]:
+def _live(who: Visitor, session: Session, job_id: int, p: Paging, status: str) -> tuple[dict[str, object], int]:
+    """A job's page or live part, and its status code (404: no such job, 400: a bad filter)."""
     job = session.get(Job, job_id)
     if job is None:
-        return {"job": None, "job_id": job_id}
-    return {"job": job, "vms": job_view(session, job), "poll": POLL if job.finished is None else None,
-            "who": who, **roles(who)}
+        return {"job": None, "job_id": job_id}, 404
+    if p.per_page == PER_PAGE:  # not asked for: a job's VMs are bigger than a list's rows
+        p.per_page = VMS_PER_PAGE
+    p.filters = {"status": status}
+    context: dict[str, object] = {"job": job, "summary": summary(session, job_id), "p": p, "status": status,
+                                  "statuses": VM_STATUSES, "vms": [], "error": None,
+                                  "poll": POLL if job.finished is None else None, "who": who, **roles(who)}
+    try:
+        context["vms"] = job_view(session, job, p, status)
+    except FilterError as exc:
+        context["error"] = str(exc)
+        return context, 400
+    return context, 200
 
 
 @router.get("/jobs/{job_id}")
-def job_page(request: Request, job_id: JobId, who: Visitor = Depends(person),
-             session: Session = Depends(get_session)) -> Response:
-    context = _live(who, session, job_id)
-    return screen(request, who, "job.html", "jobs", context, 200 if context["job"] else 404)
+def job_page(request: Request, job_id: JobId, who: Visitor = Depends(person), session: Session = Depends(get_session),
+             p: Paging = Depends(paging), status: str = Query("", max_length=20)) -> Response:
+    context, code = _live(who, session, job_id, p, status.strip())
+    return screen(request, who, "job.html", "jobs", context, code)
 
 
 @router.get("/jobs/{job_id}/live")
-def job_live(request: Request, job_id: JobId, who: Visitor = Depends(person),
-             session: Session = Depends(get_session)) -> Response:
+def job_live(request: Request, job_id: JobId, who: Visitor = Depends(person), session: Session = Depends(get_session),
+             p: Paging = Depends(paging), status: str = Query("", max_length=20)) -> Response:
     """The part of a job's page htmx polls while it runs; once it ended, the part comes back
     without its trigger and the polling stops."""
-    context = _live(who, session, job_id)
+    context, code = _live(who, session, job_id, p, status.strip())
     if context["job"] is None:  # removed meanwhile: say so where the part was, and stop
         return page(request, "refused_part.html", {"message": f"Job {job_id} no longer exists."})
-    return page(request, "job_live.html", context)
+    return page(request, "job_live.html", context, code)
 
 
 @router.post("/jobs/{job_id}/cancel")
