@@ -123,7 +123,10 @@ def served(url: str, role: str = "auditor") -> Iterator[tuple[str, str, str]]:
                "VMKEEP_MASTER_KEY_FILE": f"{tmp}/master.key"}
         subprocess.run([VMKEEP, "user", "add", "bench", "--role", role], env=env, check=True, capture_output=True)
         port = 18470 + os.getpid() % 1000
-        proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}"], env=env)
+        log = Path(tmp, "server.log")  # its access log would drown the figures
+        with log.open("w") as out:
+            proc = subprocess.Popen([VMKEEP, "server", "--listen", f"127.0.0.1:{port}"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
             for _ in range(300):

@@ -45,7 +45,7 @@ from vmkeep.catalog.models import (
     VirtualMachine,
 )
 from vmkeep.server.auth import token_digest
-from vmkeep.server.console.dashboard import protection
+from vmkeep.server.console.dashboard import protection, rpo_deadline
 from vmkeep.server.console.render import ibytes
 from vmkeep.server.console.session import COOKIE, set_session_cookie
 from vmkeep.server.dispatch import select_vms
@@ -428,3 +428,15 @@ def test_dashboard_sums_follow_the_catalog(database: str) -> None:
         session.commit()
         check()
     engine.dispose()
+
+
+def test_rpo_deadline_is_the_scheduled_run_before_the_last() -> None:
+    now = datetime(2026, 12, 5, 1, 30, tzinfo=UTC)
+    old = now - timedelta(days=30)
+    nightly = Policy(name="n", selection={}, retention={}, schedule="0 22 * * *", created=old)
+    assert rpo_deadline(nightly, now) == datetime(2026, 12, 3, 22, 0, tzinfo=UTC)  # the last run was the 4th's
+    assert rpo_deadline(Policy(name="h", schedule="15 * * * *", created=old), now) == datetime(2026, 12, 5, 0, 15,
+                                                                                              tzinfo=UTC)
+    assert rpo_deadline(Policy(name="m", schedule=None, created=old), now) is None  # run by hand: no promise
+    assert rpo_deadline(Policy(name="y", schedule="0 22 * * *", created=now - timedelta(days=1)), now) is None  # new
+    assert rpo_deadline(Policy(name="x", schedule="not cron", created=old), now) is None
