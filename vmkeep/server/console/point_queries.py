@@ -1,9 +1,8 @@
 """What the restore pages read of the catalog, one page at a time: the names that have points
 (a million points, ten thousand names: never grouped whole), one name's timeline, restores.
 
-The names are walked with a loose index scan of ``ix_restore_points_name_created`` (one index
-probe per distinct name, not a scan of every point); each shown name's count and newest point come
-from the same index.
+The names come from ``newest_points`` (a row per name and repository, kept by the database), each
+shown name's count and newest point from ``ix_restore_points_name_created``.
 """
 
 from __future__ import annotations
@@ -12,28 +11,26 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, text
+from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import JobVM, RepositoryRecord, RestoreJob, RestorePointRecord
+from vmkeep.catalog.models import JobVM, NewestPoint, RepositoryRecord, RestoreJob, RestorePointRecord
 from vmkeep.catalog.queries import glob_to_like
 from vmkeep.server.console.paging import Paging
 
-# The distinct names after :after, one index probe each; PostgreSQL evaluates a WITH query only as
-# far as its reader fetches, so a page costs a probe per name it passes, never a walk of them all.
+# newest_points (kept by triggers, migration 0016) has a row per name and repository: the names,
+# their newest point and repositories come from its ~10,000 rows; only the page's names are counted
+# in restore_points (an index range each).
 NAMES = text("""
-WITH RECURSIVE names(name) AS (
-    (SELECT name FROM restore_points WHERE name > :after ORDER BY name LIMIT 1)
-    UNION ALL
-    SELECT (SELECT p.name FROM restore_points p WHERE p.name > names.name ORDER BY p.name LIMIT 1)
-    FROM names WHERE names.name IS NOT NULL
+WITH per_name AS (
+    SELECT name, max(created) AS newest, count(*) AS repositories FROM newest_points
+    WHERE name ILIKE :pattern ESCAPE '\\' GROUP BY name
 ), shown AS (
-    SELECT name FROM names WHERE name IS NOT NULL AND name ILIKE :pattern ESCAPE '\\' LIMIT :limit
+    SELECT *, count(*) OVER () AS total FROM per_name ORDER BY name LIMIT :limit OFFSET :offset
 )
-SELECT shown.name, s.points, s.newest, s.repositories, latest.kind, r.name AS repository
+SELECT shown.name, shown.total, shown.newest, shown.repositories, s.points, latest.kind, r.name AS repository
 FROM shown
-CROSS JOIN LATERAL (SELECT count(*) AS points, max(created) AS newest, count(DISTINCT repository_id) AS repositories
-                    FROM restore_points WHERE name = shown.name) s
+CROSS JOIN LATERAL (SELECT count(*) AS points FROM restore_points WHERE name = shown.name) s
 CROSS JOIN LATERAL (SELECT kind, repository_id FROM restore_points WHERE name = shown.name
                     ORDER BY created DESC LIMIT 1) latest
 JOIN repositories r ON r.id = latest.repository_id
@@ -67,15 +64,16 @@ class TimelinePoint:
         return None if self.boot_check is None else bool(self.boot_check.get("passed"))
 
 
-def names_with_points(session: Session, search: str, after: str, per_page: int) -> tuple[list[NamePoints], str | None]:
-    """One page of the names that have points, by name, from the first name after ``after``;
-    ``search`` is a part of the name (any case). With the page comes the ``after`` of the next
-    page (None: this is the last). Keyset paging: page 200 costs what page 1 does, and no count
-    walks every name."""
+def names_with_points(session: Session, search: str, paging: Paging) -> list[NamePoints]:
+    """One page of the names that have points, by name; ``search`` is a part of the name (any case)."""
     pattern = "%" + glob_to_like(search.replace("*", "")) + "%" if search else "%"
-    rows = session.execute(NAMES, {"after": after, "pattern": pattern, "limit": per_page + 1}).all()
-    names = [NamePoints(r.name, r.points, r.newest, r.kind, r.repository, r.repositories) for r in rows[:per_page]]
-    return names, (names[-1].name if len(rows) > per_page else None)
+    rows = session.execute(NAMES, {"pattern": pattern, "limit": paging.per_page, "offset": paging.offset}).all()
+    if rows:
+        paging.total = rows[0].total
+    else:  # past the last page, or nothing matches: counted without the page
+        paging.total = session.scalar(select(func.count(distinct(NewestPoint.name))).where(
+            NewestPoint.name.ilike(pattern, escape="\\"))) or 0
+    return [NamePoints(r.name, r.points, r.newest, r.kind, r.repository, r.repositories) for r in rows]
 
 
 def timeline(session: Session, name: str, paging: Paging) -> list[TimelinePoint]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
-from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import RedirectResponse
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import Hypervisor, RestoreJob, VirtualMachine
 from vmkeep.jobs.status import ACTIVE
 from vmkeep.server.auth import OVERWRITE, RESTORE, get_session
-from vmkeep.server.console.paging import MAX_PER_PAGE, PER_PAGE, Paging, paging
+from vmkeep.server.console.paging import Paging, paging
 from vmkeep.server.console.point_queries import find_point, names_with_points, restores, timeline
 from vmkeep.server.console.render import page, screen
 from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
@@ -37,14 +36,11 @@ FIELD_RULES = {"as_name": f"A VM name is {NAME_RULE}.",
 
 
 @router.get("/points")
-def points_page(request: Request, q: str = Query("", max_length=200), after: str = Query("", max_length=200),
-                per_page: int = Query(PER_PAGE, ge=1, le=MAX_PER_PAGE), who: Visitor = Depends(person),
-                session: Session = Depends(get_session)) -> Response:
-    names, next_after = names_with_points(session, q.strip(), after, per_page)
-    shown = {k: v for k, v in {"q": q, "per_page": per_page if per_page != PER_PAGE else None}.items() if v}
-    return screen(request, who, "points.html", "points", {
-        "names": names, "q": q, "after": after, "first": "?" + urlencode(shown),
-        "next": "?" + urlencode({**shown, "after": next_after}) if next_after else None})
+def points_page(request: Request, q: str = Query("", max_length=200), where: Paging = Depends(paging),
+                who: Visitor = Depends(person), session: Session = Depends(get_session)) -> Response:
+    where.filters = {"q": q}
+    names = names_with_points(session, q.strip(), where)
+    return screen(request, who, "points.html", "points", {"names": names, "q": q, "paging": where})
 
 
 @router.get("/points/vm/{name}")
