@@ -68,7 +68,8 @@ def catalog(console_master: Server, console_api: httpx.Client, tmp_path_factory:
     with _sql(console_master) as session:
         # discovered just now, so the master's schedule does not try to reach this made-up host
         lab = Hypervisor(name="lab", kind="libvirt", uri="qemu+tls://node-1/system", discovered_at=now)
-        session.add(lab)
+        session.add_all([lab, Hypervisor(name="spare", kind="libvirt", uri="qemu+tls://node-9/system",
+                                         discovered_at=now)])
         session.flush()
         session.add(VM(hypervisor_id=lab.id, name="web-1", uuid="u-web-1", host="node-1", state="shutoff",
                        disks=[{"name": "vda", "size": 40 * GiB}], tags=[], present=True))
@@ -126,6 +127,9 @@ def test_points_list_and_timeline_show_the_real_points(chromium: Any, console_ma
                                                        console_api: httpx.Client, catalog: Catalog) -> None:
     api_points = console_api.get("/api/points", params={"vm": "app-1"}).json()
     assert len(api_points) == 3
+    with _sql(console_master) as session:
+        found = session.execute(select(RestorePointRecord.point_id, RestorePointRecord.id))
+        rows_of = {row.point_id: row.id for row in found}
     page = log_in(chromium, console_master)
     page.get_by_role("navigation", name="Main").get_by_role("link", name="Restore").click()
     page.wait_for_url(console_master.url + "/points")
@@ -154,7 +158,8 @@ def test_points_list_and_timeline_show_the_real_points(chromium: Any, console_ma
         assert cells.locator("[data-cell=size]").inner_text() == ibytes(p["logical_bytes"]) == "8.0 MiB"
         assert cells.locator("[data-cell=stored]").inner_text() == ibytes(p["stored_bytes"])
         assert cells.locator("[data-cell=mode]").inner_text() == f"{p['mode'] or 'full'} (disk image)"
-        assert cells.get_by_role("link", name="Files").get_attribute("href") == f"/points/{p['point_id']}/files"
+        files = cells.get_by_role("link", name="Files").get_attribute("href")  # the catalog row's number
+        assert files == f"/points/{rows_of[p['point_id']]}/files"
         assert cells.get_by_role("link", name="Restore…").count() == 0  # an image's point is no VM to restore
     assert page.locator("table.timeline tbody tr").evaluate_all("rs => rs.map(r => r.dataset.point)") == [
         p["point_id"] for p in api_points]
@@ -177,7 +182,12 @@ def test_the_wizard_restores_a_vm_as_a_new_one(chromium: Any, console_master: Se
     page.locator(f"tr[data-point='{catalog.web_points[0]}']").get_by_role("link", name="Restore…").click()
     page.wait_for_url(re.compile(r"/points/vm/web-1/restore\?point="))
     assert page.get_by_label("Hypervisor").input_value() == "lab"  # where web-1 lives
-    assert LOCATION in page.locator("#storage-hint").inner_text()
+    hint = page.locator("#storage-hint")
+    assert LOCATION in hint.inner_text()
+    page.get_by_label("Hypervisor").select_option("spare")  # its own locations come in (htmx)
+    hint.filter(has_text="spare has no restore location yet").wait_for(timeout=5000)
+    page.get_by_label("Hypervisor").select_option("lab")
+    hint.filter(has_text=f"Restores to lab may write inside: {LOCATION}").wait_for(timeout=5000)
     assert page.get_by_label("Type the VM's name, web-1, to confirm").is_hidden()  # only for an overwrite
     page.get_by_label("Name of the new VM").fill("web-1-copy")
     page.get_by_label("Storage (where its disks go)").fill(LOCATION + "/web-1-copy")

@@ -84,7 +84,8 @@ def timeline(session: Session, name: str, paging: Paging) -> list[TimelinePoint]
         select(RestorePointRecord, RepositoryRecord.name).join(RepositoryRecord)
         .where(RestorePointRecord.name == name)
         .order_by(RestorePointRecord.created.desc(), RestorePointRecord.id.desc())
-        .offset(paging.offset).limit(paging.per_page)).tuples().all()
+        .offset(paging.offset).limit(paging.per_page)).all()
+    # the backups of that name (ix_job_vms_vm_name), not a scan of every backup
     made = {v.point_id: v for v in session.scalars(select(JobVM).where(
         JobVM.vm_name == name, JobVM.point_id.in_([p.point_id for p, _ in rows])))}
     return [TimelinePoint(p, repository, *_checks(made.get(p.point_id))) for p, repository in rows]
@@ -99,7 +100,7 @@ def find_point(session: Session, name: str, point_id: str) -> tuple[RestorePoint
     repository's name; found through the name's index."""
     row = session.execute(select(RestorePointRecord, RepositoryRecord.name).join(RepositoryRecord)
                           .where(RestorePointRecord.name == name, RestorePointRecord.point_id == point_id)
-                          .order_by(RestorePointRecord.created.desc()).limit(1)).tuples().first()
+                          .order_by(RestorePointRecord.created.desc()).limit(1)).first()
     return None if row is None else (row[0], row[1])
 
 
