@@ -302,6 +302,14 @@ def test_an_auditor_sees_points_but_cannot_restore(chromium: Any, console_master
     assert posted.status_code == 403 and "cannot restore" in posted.text
     assert restores(console_api) == before and audit_actions(console_api) == trail
 
+    admin = form_login(console_master)  # an administrator's post without the token, or from elsewhere
+    fields = {"point": catalog.web_points[0], "hypervisor": "lab", "mode": "as-new", "as_name": "forged-copy"}
+    forged = [admin.post("/points/vm/web-1/restore", headers={"Origin": console_master.url}, data=fields),
+              admin.post("/points/vm/web-1/restore", headers={"Origin": "http://evil.example"},
+                         data={**fields, "csrf": csrf_of(admin.get("/points").text)})]
+    assert [r.status_code for r in forged] == [403, 403]
+    assert restores(console_api) == before
+
 
 def test_lists_page_in_sql(console_master: Server, console_api: httpx.Client, catalog: Catalog) -> None:
     now = datetime.now(UTC)
