@@ -29,6 +29,7 @@ def vm_lock(hypervisor: str, vm_uuid: str) -> str:
 
 BACKUP_TASK = "vmkeep:backup_vm"  # what the master defers by name; the proxy registers the functions
 RESTORE_TASK = "vmkeep:restore_vm"
+MAINTENANCE_TASK = "vmkeep:maintain_repository"  # verify, prune, GC, usage (vmkeep.proxy.maintenance_task)
 NAMESPACE = "vmkeep"
 
 

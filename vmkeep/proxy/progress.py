@@ -1,4 +1,5 @@
-"""Progress of a proxy's backup or restore, written into its row every second for the API to show."""
+"""Progress of a proxy's backup, restore or repository maintenance, written into its row every second
+for the API to show."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import threading
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import JobVM, RestoreJob
+from vmkeep.catalog.models import JobVM, MaintenanceRun, RestoreJob
 from vmkeep.progress import Task
 
 FLUSH_SECONDS = 1.0
@@ -30,7 +31,7 @@ class RowProgress:
     backup's or restore's row; worker threads only add to counters, one thread writes them out."""
 
     def __init__(self, sessions: sessionmaker[Session], row_id: int,
-                 table: type[JobVM] | type[RestoreJob] = JobVM) -> None:
+                 table: type[JobVM] | type[RestoreJob] | type[MaintenanceRun] = JobVM) -> None:
         self.sessions, self.row_id, self.table = sessions, row_id, table
         self.lock = threading.Lock()
         self.done = self.total = 0

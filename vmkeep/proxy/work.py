@@ -1,8 +1,9 @@
-"""What a proxy reads of the catalog to run one backup or restore: a work order.
+"""What a proxy reads of the catalog to run one backup, restore or repository maintenance: a work order.
 
 A proxy's database role has no rights on hypervisors, policies, repositories or VMs; the master's
-migrations define two views (``proxy_backup_work``, ``proxy_restore_work``) that show exactly the
-fields a task in progress needs, sealed credentials included (they open only with the master key).
+migrations define views (``proxy_backup_work``, ``proxy_restore_work``, ``proxy_maintenance_work``)
+that show exactly the fields a task in progress needs, sealed credentials included (they open only
+with the master key).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ class BackupOrder:
 
 
 @dataclass(frozen=True)
+class MaintenanceOrder:
+    kind: str
+    params: dict[str, Any]
+    repository: RepositoryOrder
+
+
+@dataclass(frozen=True)
 class RestoreOrder:
     hypervisor: HypervisorOrder
     repository: RepositoryOrder
@@ -89,3 +97,12 @@ def restore_order(session: Session, restore_id: int) -> RestoreOrder | None:
         log.info("restore %s is no longer to do", restore_id)
         return None
     return RestoreOrder(_hypervisor(row), _repository(row))
+
+
+def maintenance_order(session: Session, run_id: int) -> MaintenanceOrder | None:
+    """A repository maintenance run's order (migration 0015's view), or None when it is no longer to do."""
+    row = session.execute(text("SELECT * FROM proxy_maintenance_work WHERE run_id = :id"), {"id": run_id}).first()
+    if row is None:
+        log.info("maintenance run %s is no longer to do", run_id)
+        return None
+    return MaintenanceOrder(row.kind, row.params or {}, _repository(row))

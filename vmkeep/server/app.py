@@ -26,7 +26,14 @@ from vmkeep import __version__
 from vmkeep.catalog.db import sessions
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualMachine
 from vmkeep.jobs.queue import make_app
-from vmkeep.server import routes_access, routes_inventory, routes_jobs, routes_proxies, routes_restore
+from vmkeep.server import (
+    routes_access,
+    routes_inventory,
+    routes_jobs,
+    routes_maintenance,
+    routes_proxies,
+    routes_restore,
+)
 from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
 from vmkeep.server.console import install as install_console
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
@@ -122,6 +129,7 @@ def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_u
     app.include_router(routes_proxies.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_restore.router)
+    app.include_router(routes_maintenance.router)
     app.add_exception_handler(RequestValidationError, validation_failed)
     install_console(app)  # the web console at /, its files at /static
 
