@@ -18,10 +18,9 @@ import fnmatch
 import logging
 import os
 import stat
-import tempfile
 import unicodedata
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
@@ -39,6 +38,7 @@ log = logging.getLogger(__name__)
 DANGEROUS_BITS = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWOTH
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+READ_CHUNK = 1 << 20  # one pread: libguestfs' protocol caps a call's reply near 2 MiB
 _NAMED_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -118,6 +118,7 @@ def _libguestfs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
             ("guestfs_lstatns", ctypes.POINTER(_StatNS), [h, s]), ("guestfs_free_statns", None, [ctypes.c_void_p]),
             ("guestfs_readlink", ctypes.c_void_p, [h, s]), ("guestfs_ls0", ctypes.c_int, [h, s, s]),
             ("guestfs_find0", ctypes.c_int, [h, s, s]), ("guestfs_download", ctypes.c_int, [h, s, s]),
+            ("guestfs_pread", ctypes.c_void_p, [h, s, ctypes.c_int, ctypes.c_int64, ctypes.POINTER(ctypes.c_size_t)]),
             ("guestfs_last_error", s, [h])):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
@@ -164,6 +165,18 @@ class _BytePaths:
         was opened, whatever happens to its name meanwhile."""
         if self.lib.guestfs_download(self.h, path, f"/proc/self/fd/{fd}".encode()) == -1:
             raise self._failed()
+
+    def pread(self, path: bytes, count: int, offset: int) -> bytes:
+        """Up to ``count`` bytes of the guest file from ``offset`` (libguestfs caps one call near
+        2 MiB); empty at its end."""
+        size = ctypes.c_size_t()
+        ptr = self.lib.guestfs_pread(self.h, path, count, offset, ctypes.byref(size))
+        if not ptr:
+            raise self._failed()
+        try:
+            return ctypes.string_at(ptr, size.value)
+        finally:
+            self.libc.free(ptr)
 
     def names(self, call: str, path: bytes) -> list[bytes]:
         """What ``guestfs_ls0`` or ``guestfs_find0`` lists (NUL-separated), read back from a memfd."""
@@ -235,6 +248,14 @@ class GuestFiles:
     def _children(self, directory: str) -> Iterator[tuple[bytes, Entry]]:
         for name in self._names(directory):
             yield name, self.entry(str(PurePosixPath(directory) / _guest_str(name)))
+
+    def read(self, path: str, offset: int, count: int = READ_CHUNK) -> bytes:
+        """A piece of a guest file (empty at its end): a download streamed in pieces holds the
+        appliance only for one piece at a time."""
+        try:
+            return self.raw.pread(_guest_bytes(path), count, offset)
+        except RuntimeError as exc:
+            raise FileRestoreError(f"cannot read {shown(path)} from the point: {shown(str(exc))}{self.hint}") from exc
 
     def listdir(self, path: str) -> list[Entry]:
         top = self.entry(path)
@@ -388,10 +409,16 @@ def _logging_into_ours(g: Any, guestfs: Any) -> None:
     g.set_event_callback(forward, events)
 
 
-def _launched(guestfs: Any, sock: str, spec: PointSpec, emulated: bool = False) -> Any:
-    """A libguestfs handle with the point's disk, its appliance running. An appliance that fails
-    under KVM (nested virtualisation: "failed to set MSR …") is started again emulated, said in
-    one line; nothing to set by hand."""
+def _what(specs: list[PointSpec]) -> str:
+    """``vm@point disk vda`` (or ``disks vda, vdb``) for messages."""
+    disks = ", ".join(s.disk for s in specs)
+    return f"{specs[0].name}@{specs[0].point} disk{'s' if len(specs) > 1 else ''} {disks}"
+
+
+def _launched(guestfs: Any, socks: list[str], specs: list[PointSpec], emulated: bool = False) -> Any:
+    """A libguestfs handle with the point's disks (in order: /dev/sda, /dev/sdb, …), its appliance
+    running. An appliance that fails under KVM (nested virtualisation: "failed to set MSR …") is
+    started again emulated, said in one line; nothing to set by hand."""
     g = guestfs.GuestFS(python_return_dict=True)
     kvm = False
     try:
@@ -400,7 +427,8 @@ def _launched(guestfs: Any, sock: str, spec: PointSpec, emulated: bool = False) 
             g.set_backend_settings(["force_tcg"])
         else:
             kvm = _appliance_on_this_machine(g) and os.path.exists("/dev/kvm")
-        g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)
+        for sock in socks:
+            g.add_drive_opts("", protocol="nbd", server=[f"unix:{sock}"], format="raw", readonly=True)
         g.launch()
         return g
     except RuntimeError as exc:
@@ -408,47 +436,89 @@ def _launched(guestfs: Any, sock: str, spec: PointSpec, emulated: bool = False) 
         if kvm:
             log.warning("libguestfs' appliance did not start with KVM (%s); starting it emulated, which is "
                         "slower", (str(exc).strip().splitlines() or ["?"])[0][:200])
-            return _launched(guestfs, sock, spec, emulated=True)
-        raise FileRestoreError(f"libguestfs could not open {spec.name}@{spec.point} disk {spec.disk}: {exc}") \
-            from exc
+            return _launched(guestfs, socks, specs, emulated=True)
+        raise FileRestoreError(f"libguestfs could not open {_what(specs)}: {exc}") from exc
     except BaseException:
         g.close()
         raise
+
+
+@dataclass
+class Filesystem:
+    device: str  # as libguestfs names it: /dev/sda1, /dev/sdb, /dev/vg/root
+    kind: str  # ext4, xfs, vfat, ntfs, …
+    disk: str | None  # the point's disk it is on (None: spans disks, an LVM volume say)
+
+
+class PointFilesystems:
+    """The filesystems of a point's disks in one libguestfs appliance; one of them is mounted
+    read-only at / at a time (:meth:`mount`). Not for two threads at once: its user serialises."""
+
+    def __init__(self, g: Any, specs: list[PointSpec], found: dict[str, str]) -> None:
+        self.g = g
+        self.specs = specs
+        drives = {f"/dev/sd{chr(ord('a') + i)}": s.disk for i, s in enumerate(specs)}
+        self.filesystems = [Filesystem(dev, kind, next((d for prefix, d in drives.items()
+                                                         if dev == prefix or dev.startswith(prefix) and
+                                                         dev[len(prefix):].isdigit()), None))
+                            for dev, kind in sorted(found.items())]
+        s = specs[0]
+        self.hint = (f" (a damaged or missing chunk reads as an I/O error: `vmkeep repo verify {s.repo} --point "
+                     f"{s.name}@{s.point}` names it)")
+        self.mounted: str | None = None
+
+    def mount(self, filesystem: str) -> GuestFiles:
+        """``filesystem`` mounted read-only at / (the one mounted before unmounted)."""
+        known = {f.device: f for f in self.filesystems}
+        if filesystem not in known:
+            raise UsageError(f"no filesystem {filesystem} on {_what(self.specs)} (there are: {', '.join(known)})")
+        if self.mounted != filesystem:
+            if self.mounted is not None:
+                self.g.umount_all()
+                self.mounted = None
+            try:
+                self.g.mount_ro(filesystem, "/")
+            except RuntimeError as exc:
+                raise FileRestoreError(f"cannot mount {filesystem} ({known[filesystem].kind}): {exc}{self.hint}") \
+                    from exc
+            self.mounted = filesystem
+        return GuestFiles(self.g, self.hint)
+
+
+@contextmanager
+def open_point_filesystems(specs: list[PointSpec]) -> Iterator[PointFilesystems]:
+    """The disks of ``specs`` (one point's) served read-only from the repository and opened in one
+    libguestfs appliance; the filesystems it knows on them (at least one, or
+    :class:`FileRestoreError`); everything released afterwards."""
+    import guestfs  # Debian's python3-guestfs
+
+    with ExitStack() as servers:
+        socks = [unix_socket_of(servers.enter_context(serve(spec))) for spec in specs]
+        g = _launched(guestfs, socks, specs)
+        try:
+            try:
+                found = g.list_filesystems()
+            except RuntimeError as exc:
+                raise FileRestoreError(f"libguestfs could not open {_what(specs)}: {exc}") from exc
+            found = {dev: kind for dev, kind in found.items() if kind not in ("unknown", "swap", "")}
+            point = PointFilesystems(g, specs, found)
+            if not found:
+                raise FileRestoreError(f"no readable filesystem on {_what(specs)}: it holds none that libguestfs "
+                                       f"knows, or its data is damaged{point.hint}")
+            yield point
+        finally:
+            g.close()
 
 
 @contextmanager
 def open_point_files(spec: PointSpec, filesystem: str | None = None) -> Iterator[GuestFiles]:
     """The point's disk as a read-only filesystem (the only one on it, or ``filesystem``, e.g.
     /dev/sda1); released afterwards."""
-    import guestfs  # Debian's python3-guestfs
-
-    with serve(spec) as uri, tempfile.TemporaryDirectory(prefix="vmkeep-files-") as _tmp:
-        sock = unix_socket_of(uri)
-        g = _launched(guestfs, sock, spec)
-        try:
-            try:
-                found = g.list_filesystems()
-            except RuntimeError as exc:
-                raise FileRestoreError(f"libguestfs could not open {spec.name}@{spec.point} disk {spec.disk}: "
-                                       f"{exc}") from exc
-            found = {dev: kind for dev, kind in found.items() if kind not in ("unknown", "swap", "")}
-            hint = (f" (a damaged or missing chunk reads as an I/O error: `vmkeep repo verify {spec.repo} --point "
-                    f"{spec.name}@{spec.point}` names it)")
-            if not found:
-                raise FileRestoreError(f"no readable filesystem on disk {spec.disk} of {spec.name}@{spec.point}: it "
-                                       f"holds none that libguestfs knows, or its data is damaged{hint}")
-            if filesystem is None:
-                if len(found) != 1:
-                    raise UsageError(f"disk {spec.disk} holds {len(found)} filesystems "
-                                     f"({', '.join(f'{d} ({k})' for d, k in found.items())}): choose one "
-                                     "with --filesystem")
-                filesystem = next(iter(found))
-            elif filesystem not in found:
-                raise UsageError(f"no filesystem {filesystem} on disk {spec.disk} (there are: {', '.join(found)})")
-            try:
-                g.mount_ro(filesystem, "/")
-            except RuntimeError as exc:
-                raise FileRestoreError(f"cannot mount {filesystem} ({found[filesystem]}): {exc}{hint}") from exc
-            yield GuestFiles(g, hint)
-        finally:
-            g.close()
+    with open_point_filesystems([spec]) as point:
+        if filesystem is None:
+            if len(point.filesystems) != 1:
+                raise UsageError(f"disk {spec.disk} holds {len(point.filesystems)} filesystems "
+                                 f"({', '.join(f'{f.device} ({f.kind})' for f in point.filesystems)}): choose one "
+                                 "with --filesystem")
+            filesystem = point.filesystems[0].device
+        yield point.mount(filesystem)

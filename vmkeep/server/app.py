@@ -28,6 +28,7 @@ from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, VirtualM
 from vmkeep.jobs.queue import make_app
 from vmkeep.server import (
     routes_access,
+    routes_files,
     routes_inventory,
     routes_jobs,
     routes_maintenance,
@@ -129,6 +130,7 @@ def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_u
     app.include_router(routes_proxies.router)
     app.include_router(routes_jobs.router)
     app.include_router(routes_restore.router)
+    routes_files.install(app)  # file-level restore, its sessions closed with the server
     app.include_router(routes_maintenance.router)
     app.add_exception_handler(RequestValidationError, validation_failed)
     install_console(app)  # the web console at /, its files at /static
