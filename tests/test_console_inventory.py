@@ -97,6 +97,15 @@ def test_add_a_hypervisor_through_the_form(chromium: Any, console_master: Server
                                                                                    "qemu:///system", True)
     assert audit_actions(console_api)[0] == ("admin", "hypervisor-add")
 
+    # discovery of this host's libvirt, as the API does it: what it found, in words
+    with page.expect_response(lambda r: r.url.endswith("/discover")) as answer:
+        page.get_by_role("button", name="Discover the VMs of local now").click()
+    assert answer.value.status == 200
+    found = len(console_api.get("/api/vms", params={"hypervisor": "local"}).json())
+    said = page.locator("tr[data-hypervisor=local]").get_by_role("status").inner_text()
+    assert said.startswith(f"Found {found} VMs: ") and said.endswith(" gone.")
+    assert audit_actions(console_api)[0] == ("admin", "hypervisor-discover")
+
     # the same name again: the API's 409 beside the name; nothing changes
     page.locator("details.add-hypervisor summary").click()
     page.get_by_label("Name", exact=True).fill("local")
