@@ -239,9 +239,11 @@ def test_the_proxy_log_handler_writes_a_backups_lines_into_the_catalog(
             engine_log.info("connecting to qemu+ssh://root:hunter2@host/system with password=hunter2")
             engine_log.debug("a debug line stays out")
             engine_log.warning("the other VM's line", extra={"job": job_id, "vm": "other-vm"})
-            worker = threading.Thread(target=engine_log.info, args=("read by a disk worker thread",))
-            worker.start()
-            worker.join()
+            for name, line in (("vmkeep-disk_0", "read by a disk worker thread"),
+                               ("Thread-9 (_heartbeat)", "heartbeat to the master failed")):
+                worker = threading.Thread(target=engine_log.info, args=(line,), name=name)
+                worker.start()
+                worker.join()
             for i in range(log_lines.MAX_LINES):
                 engine_log.info("chunk %d", i)
     finally:
@@ -255,7 +257,7 @@ def test_the_proxy_log_handler_writes_a_backups_lines_into_the_catalog(
     assert lines[0]["level"] == "INFO" and lines[0]["logger"] == "vmkeep.engine.test"
     assert "hunter2" not in " ".join(messages) and "password=***" in messages[1]  # masked on the way in
     assert "read by a disk worker thread" in messages
-    assert not [m for m in messages if "debug line" in m or "other VM" in m]
+    assert not [m for m in messages if "debug line" in m or "other VM" in m or "heartbeat" in m]
     assert console_api.get(f"/api/jobs/{job_id}/log", params={"vm": "other-vm"}).json() == []
     with catalog.begin() as conn:  # the database keeps at most 500 per VM, whoever writes them
         conn.execute(insert(JobVMLog), [{"job_vm_id": rows["web-log"], "at": datetime.now(UTC), "level": "INFO",

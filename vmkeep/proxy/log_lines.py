@@ -5,8 +5,9 @@ While a backup task runs, a handler on the ``vmkeep`` logger collects its INFO-a
 secrets masked (vmkeep.logs.Redacting), and one thread writes them in batches. A proxy runs
 several backups at once, each with its own handler: a line that names its VM (``extra={"vm": …}``)
 goes to that VM's backup, a line without one to the backup whose thread logged it, or, from the
-engine's worker threads, to the only backup running (with two running it cannot be told whose
-it is, and goes to stderr only).
+engine's worker threads (``vmkeep-disk_0``, …), to the only backup running (with two running it
+cannot be told whose it is, and goes to stderr only). The proxy's own lines (its heartbeat) stay
+out.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 FLUSH_SECONDS = 1.0
 MAX_LINES = 500  # per task; the catalog keeps at most as many per backup row (migration 0014)
 MESSAGE_CHARS = 4000
+ENGINE_THREADS = ("vmkeep", "scratch-watch")  # the names of the threads a backup starts (disk readers, …)
 
 
 class CatalogLog(logging.Handler):
@@ -59,6 +61,8 @@ class CatalogLog(logging.Handler):
             return False
         if record.thread == self.thread:
             return True
+        if not (record.threadName or "").startswith(ENGINE_THREADS):
+            return False  # the proxy's heartbeat, another task's thread
         with CatalogLog.active_lock:
             return CatalogLog.active == {self}
 
