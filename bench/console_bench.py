@@ -49,8 +49,8 @@ def extras(url: str, vms: int, now: datetime) -> None:
     a run going on now, proxies, users and the audit log."""
     rng = random.Random(25)
     with psycopg.connect(libpq_url(url)) as conn:
-        conn.execute("UPDATE vms SET tags = CASE WHEN id % 3 = 0 THEN '[\"prod\"]'::json ELSE '[\"test\"]'::json END, "
-                     "folder = '/dc1/rack-' || lpad((id % 20)::text, 2, '0'), first_seen = %s",
+        conn.execute("UPDATE vms SET tags = CASE WHEN id %% 3 = 0 THEN '[\"prod\"]'::json ELSE '[\"test\"]'::json END, "
+                     "folder = '/dc1/rack-' || lpad((id %% 20)::text, 2, '0'), first_seen = %s",
                      (now - timedelta(days=100),))  # known as long as their points
         repo_id = conn.execute("SELECT id FROM repositories WHERE name = 'main'").fetchone()[0]  # type: ignore[index]
         ids = {}

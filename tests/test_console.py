@@ -45,7 +45,7 @@ from vmkeep.catalog.models import (
     VirtualMachine,
 )
 from vmkeep.server.auth import token_digest
-from vmkeep.server.console.dashboard import protection, rpo_deadline
+from vmkeep.server.console.dashboard import coverage, rpo_deadline
 from vmkeep.server.console.render import ibytes
 from vmkeep.server.console.session import COOKIE, set_session_cookie
 from vmkeep.server.dispatch import select_vms
@@ -361,7 +361,8 @@ def test_protected_count_is_what_select_vms_picks(database: str) -> None:
         for k in range(len(policies) + 1):
             chosen = policies[:k]
             picked = {vm.id: vm.name for p in chosen for vm in select_vms(session, p)}
-            protected, unprotected = protection(session, chosen)
+            covered = coverage(session, chosen, datetime.now(UTC))
+            protected, unprotected = covered.protected, covered.unprotected
             present = session.scalars(select(VirtualMachine.name).where(VirtualMachine.present.is_(True),
                                                                         VirtualMachine.id.not_in(picked))).all()
             assert protected == len(picked), (k, picked)

@@ -97,7 +97,7 @@ class Growth:
         return sum(b.stored_bytes for b in self.bars)
 
 
-@dataclass
+@dataclass(order=True)
 class Breach:
     vm: str
     policies: str
@@ -218,19 +218,6 @@ def _present(*columns: Any) -> Select[Any]:
     return select(*columns).select_from(VM).join(Hypervisor).where(VM.present.is_(True))
 
 
-def protection(session: Session, policies: list[Policy]) -> tuple[int, list[str]]:
-    """How many present VMs at least one policy selects, and the first few names of those none
-    does: the policies' rules as one SQL condition (dispatch.selection_clause), not select_vms
-    per policy."""
-    chosen = or_(*(selection_clause(p.selection) for p in policies)) if policies else literal(False)
-    vms = _present(VM.name, chosen.label("chosen")).cte("vms_chosen").prefix_with("MATERIALIZED")  # one pass
-    first = select(vms.c.name).where(~vms.c.chosen).order_by(vms.c.name).limit(SHOWN_NAMES).subquery()
-    protected, unprotected = session.execute(select(
-        select(func.count()).select_from(vms).where(vms.c.chosen).scalar_subquery(),
-        select(func.array_agg(first.c.name)).scalar_subquery())).one()
-    return protected, sorted(unprotected or [])
-
-
 def rpo_deadline(policy: Policy, now: datetime) -> datetime | None:
     """The time a VM's newest point must be newer than: the scheduled run before the last one.
     The last run may still be going, so a VM breaches once a whole scheduled run went by without
@@ -247,27 +234,47 @@ def rpo_deadline(policy: Policy, now: datetime) -> datetime | None:
     return deadline if created < deadline else None
 
 
-def rpo_breaches(session: Session, policies: list[Policy], now: datetime) -> Breaches:
-    """Present VMs under a scheduled policy whose newest point in its repository (newest_points,
-    kept by the database) is older than :func:`rpo_deadline`, or that have none; VMs discovered
-    since are not late yet."""
+@dataclass
+class Coverage:
+    protected: int  # present VMs at least one policy selects
+    unprotected: list[str]  # the first few names of the others
+    breaches: Breaches
+
+
+def coverage(session: Session, policies: list[Policy], now: datetime) -> Coverage:
+    """What the policies protect and which of their VMs miss the RPO, in one statement: every
+    policy's rules (dispatch.selection_clause, not select_vms per policy) are evaluated once per
+    present VM, then counted, and joined with each VM's newest point in the policy's repository
+    (newest_points, kept by the database) for the scheduled ones (:func:`rpo_deadline`). A VM
+    with no point is late too, unless it was discovered after the deadline."""
+    flags = [selection_clause(p.selection).label(f"p{i}") for i, p in enumerate(policies)]
+    vms = _present(VM.id, VM.name, VM.first_seen, *flags).cte("membership").prefix_with("MATERIALIZED")
+    chosen = or_(*(vms.c[f"p{i}"] for i in range(len(policies)))) if policies else literal(False)
+    first = select(vms.c.name).where(~chosen).order_by(vms.c.name).limit(SHOWN_NAMES).subquery()
+    figures = [select(func.count()).select_from(vms).where(chosen).scalar_subquery(),
+               select(func.array_agg(first.c.name)).scalar_subquery()]
     parts = []
-    for p in policies:
+    for i, p in enumerate(policies):
         deadline = rpo_deadline(p, now)
-        if deadline is None:
-            continue
-        newest = and_(NewestPoint.name == VM.name, NewestPoint.repository_id == p.repository_id)
-        parts.append(_present(VM.id, VM.name, literal(p.name).label("policy"), NewestPoint.created)
-                     .outerjoin(NewestPoint, newest)
-                     .where(selection_clause(p.selection), VM.first_seen < deadline,
-                            or_(NewestPoint.created.is_(None), NewestPoint.created < deadline)))
-    if not parts:
-        return Breaches(0, [])
-    late = union_all(*parts).subquery()
-    rows = session.execute(select(late.c.name, func.string_agg(late.c.policy, ", "), func.min(late.c.created),
-                                  func.count().over())
-                           .group_by(late.c.id, late.c.name).order_by(late.c.name).limit(SHOWN_NAMES)).all()
-    return Breaches(rows[0][3] if rows else 0, [Breach(name, names, newest) for name, names, newest, _n in rows])
+        if deadline is not None:
+            newest = and_(NewestPoint.name == vms.c.name, NewestPoint.repository_id == p.repository_id)
+            parts.append(select(vms.c.id, vms.c.name, literal(p.name).label("policy"), NewestPoint.created)
+                         .select_from(vms).outerjoin(NewestPoint, newest)
+                         .where(vms.c[f"p{i}"], vms.c.first_seen < deadline,
+                                or_(NewestPoint.created.is_(None), NewestPoint.created < deadline)))
+    if parts:
+        late = union_all(*parts).cte("late").prefix_with("MATERIALIZED")
+        shown = (select(late.c.name, func.string_agg(late.c.policy, ", ").label("policies"),
+                        func.min(late.c.created).label("newest"))
+                 .group_by(late.c.id, late.c.name).order_by(late.c.name).limit(SHOWN_NAMES).subquery())
+        figures += [select(func.count(late.c.id.distinct())).scalar_subquery(),
+                    select(func.json_agg(func.json_build_array(shown.c.name, shown.c.policies, shown.c.newest)))
+                    .scalar_subquery()]
+    row = session.execute(select(*figures)).one()
+    late_count, late_rows = (row[2], row[3] or []) if parts else (0, [])
+    first_late = sorted(Breach(name, names, datetime.fromisoformat(newest) if newest else None)
+                        for name, names, newest in late_rows)
+    return Coverage(row[0], sorted(row[1] or []), Breaches(late_count, first_late))
 
 
 def repositories(session: Session) -> list[RepositoryUsage]:
@@ -327,15 +334,15 @@ def running_jobs(session: Session, now: datetime | None = None) -> list[RunningJ
 def dashboard(session: Session, now: datetime | None = None) -> Dashboard:
     now = now or datetime.now(UTC)
     policies = list(session.scalars(select(Policy)))
-    protected, unprotected = protection(session, policies)
+    covered = coverage(session, policies, now)
     rate_7, rate_30 = success_rates(session, now)
     failed, failed_names = failed_last(session)
     return Dashboard(
         hypervisors=session.scalar(select(func.count()).select_from(Hypervisor)) or 0, policies=len(policies),
         vms=session.scalar(select(func.count()).select_from(VM).where(VM.present.is_(True))) or 0,
-        protected=protected, unprotected=unprotected, failed=failed, failed_last=failed_names,
+        protected=covered.protected, unprotected=covered.unprotected, failed=failed, failed_last=failed_names,
         rate_7=rate_7, rate_30=rate_30,
-        breaches=rpo_breaches(session, policies, now),
+        breaches=covered.breaches,
         proxies=[ProxyState(p.name, proxy_up(p, now), p.last_heartbeat)
                  for p in session.scalars(select(Proxy).order_by(Proxy.name))],
         repositories=repositories(session), growth=growth(session, now), running=running_jobs(session, now))
