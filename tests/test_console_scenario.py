@@ -92,6 +92,9 @@ def test_protect_watch_restore_and_download_from_the_browser(
         job = console_api.get("/api/jobs").json()[0]
         assert job["status"] == "succeeded" and job["vms"][0]["vm"] == vm.name, job
         point = job["vms"][0]["point_id"]
+        lines = console_api.get(f"/api/jobs/{job['id']}/log").json()  # what the proxy logged reached the page
+        assert lines and lines[-1]["vm"] == vm.name
+        assert lines[-1]["message"] in row.inner_text()
 
         # restore as a new VM through the wizard, and see it running
         page.goto(f"{console_master.url}/points/vm/{vm.name}")
