@@ -267,6 +267,13 @@ def test_dashboard_figures_at_work(chromium: Any, console_master: Server, consol
         # made two days ago, and not due again while the test runs
         session.execute(update(Policy).where(Policy.name == "hourly-web").values(created=now - timedelta(days=2),
                                                                                   next_run=None))
+        vm_ids = {name: id_ for name, id_ in session.execute(select(VirtualMachine.name, VirtualMachine.id))}
+        ended = Job(policy_name="hourly-web", requested_by="schedule", status="partial",
+                    started=now - timedelta(hours=3), finished=now - timedelta(hours=2))
+        ended.vms = [JobVM(vm_id=vm_ids[n], vm_name=n, status=s, finished=now - timedelta(hours=2), warnings=[])
+                     for n, s in (("web-fresh", "failed"), ("db-1", "succeeded"), ("web-fresh", "succeeded"),
+                                  ("db-1", "failed"))]  # newest last: db-1 failed last time, web-fresh not
+        session.add(ended)
         job = Job(policy_name="hourly-web", requested_by="admin", status="running", started=now - timedelta(minutes=2))
         job.vms = [JobVM(vm_name="web-old", status="running", proxy="p1", progress_bytes=1 << 30,
                          total_bytes=4 << 30, started=now - timedelta(seconds=100), warnings=[]),
@@ -284,6 +291,8 @@ def test_dashboard_figures_at_work(chromium: Any, console_master: Server, consol
         job_id = job.id
     try:
         page = log_in(chromium, console_master)
+        assert page.locator("[data-figure=failed]").inner_text() == "1"
+        assert "Failed last time: db-1" in page.get_by_role("region", name="Virtual machines").inner_text()
         rpo = page.get_by_role("region", name="Recovery points on time")
         assert page.locator("[data-figure=rpo-breaches]").inner_text() == "1"
         assert rpo.locator("[data-breach]").all_inner_texts()[0].startswith("web-old (hourly-web) newest point")

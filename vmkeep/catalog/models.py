@@ -237,7 +237,7 @@ class JobVM(Base):
     __table_args__ = (Index("ix_job_vms_status", "status"), Index("ix_job_vms_job_id", "job_id"),
                       Index("ix_job_vms_vm_name", "vm_name"),
                       # each VM's newest outcome (the dashboard's "failed last backup", migration 0016)
-                      Index("ix_job_vms_outcomes", "vm_id", "id",
+                      Index("ix_job_vms_outcomes", "vm_id", "id", postgresql_include=["status"],
                             postgresql_where=text("status IN ('succeeded', 'failed')")))
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -9,8 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from cronsim import CronSim, CronSimError
-from sqlalchemy import Select, and_, exists, func, literal, or_, select, union_all
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy import Select, and_, func, literal, or_, select, true, union_all
+from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
     BackupDay,
@@ -201,15 +201,16 @@ def success_rates(session: Session, now: datetime) -> tuple[Rate | None, Rate | 
 
 
 def failed_last(session: Session) -> tuple[int, list[str]]:
-    """How many present VMs' newest finished backup failed, and the first few names: the failed
-    backups with no later outcome of their VM (ix_job_vms_outcomes answers each)."""
-    later = aliased(JobVM)
-    newest_failed = (select(JobVM.vm_name).join(VM, VM.id == JobVM.vm_id).where(
-        JobVM.status == JobStatus.FAILED.value, VM.present.is_(True), ~exists().where(
-            later.vm_id == JobVM.vm_id, later.id > JobVM.id, later.status.in_(OUTCOMES)))
-        .cte("newest_failed").prefix_with("MATERIALIZED"))  # found first, then sorted (not by walking names)
-    rows = session.execute(select(newest_failed.c.vm_name, func.count().over())
-                           .order_by(newest_failed.c.vm_name).limit(SHOWN_NAMES)).all()
+    """How many present VMs' newest finished backup failed, and the first few names: each VM's
+    newest outcome is one step down ix_job_vms_outcomes (which holds the status), so the cost
+    follows the VMs, not the years of history."""
+    last = (select(JobVM.status).where(JobVM.vm_id == VM.id, JobVM.status.in_(OUTCOMES))
+            .order_by(JobVM.id.desc()).limit(1).lateral("last_outcome"))
+    failed = (select(VM.name).select_from(VM).join(last, true()).where(
+        VM.present.is_(True), last.c.status == JobStatus.FAILED.value)
+        .cte("failed_last").prefix_with("MATERIALIZED"))  # found first, then sorted (not by walking names)
+    rows = session.execute(select(failed.c.name, func.count().over())
+                           .order_by(failed.c.name).limit(SHOWN_NAMES)).all()
     return (rows[0][1] if rows else 0), [name for name, _count in rows]
 
 

@@ -177,7 +177,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('day'),
     )
     op.execute(BACKUPS)
-    op.create_index('ix_job_vms_outcomes', 'job_vms', ['vm_id', 'id'],
+    op.create_index('ix_job_vms_outcomes', 'job_vms', ['vm_id', 'id'], postgresql_include=['status'],
                     postgresql_where=sa.text("status IN ('succeeded', 'failed')"))
 
 
