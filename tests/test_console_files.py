@@ -8,6 +8,7 @@ filesystems in all (the browser and the API share the admin's session of the fir
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from tests.test_files import MTIME, backed_up, guest_fs
 from tests.test_server import Server
 from vmkeep.engine.files import Entry
 from vmkeep.errors import VmkeepError
+from vmkeep.server.app import create_app
 from vmkeep.server.file_access import _member, disposition
 from vmkeep.server.file_sessions import FileSessions, PointRef, RegisteredRepo, SessionsFull
 
@@ -237,22 +240,30 @@ def test_tar_members_and_file_names_are_made_safe() -> None:
     assert disposition("caf\udce9 ü.txt").startswith('attachment; filename="caf_ _.txt"')
 
 
-def test_file_sessions_close_when_idle_full_or_stopping() -> None:
-    """The manager's rules with an opener that records what it opened and released: the least
-    recently used idle session makes room, a busy one never does, idle ones close, a failed open
-    keeps its error until retried, everything closes when the server stops."""
-    released: list[str] = []
+class RecordingOpener:
+    """Opens nothing heavy: records which points were opened and released (the manager's rules
+    are what is tested), and fails for a VM named broken as an unreachable repository does."""
 
-    def opener(stack: ExitStack, point: PointRef) -> Any:
+    def __init__(self) -> None:
+        self.released: list[str] = []
+
+    def __call__(self, stack: ExitStack, point: PointRef) -> Any:
         if point.vm == "broken":
             raise VmkeepError("repository files (/srv/gone) cannot be read: No such file or directory")
-        stack.callback(released.append, point.vm)
+        stack.callback(self.released.append, point.vm)
         return SimpleNamespace(filesystems=[])
 
-    def ref(number: int, vm: str) -> PointRef:
-        return PointRef(number, vm, f"p{number}", datetime.now(UTC), ("vda",),
-                        RegisteredRepo("r", "/srv/r", "id", False, None, None))
 
+def ref(number: int, vm: str) -> PointRef:
+    return PointRef(number, vm, f"p{number}", datetime.now(UTC), ("vda",),
+                    RegisteredRepo("r", "/srv/r", "id", False, None, None))
+
+
+def test_file_sessions_close_when_idle_full_or_stopping() -> None:
+    """The least recently used idle session makes room, a busy one never does, idle ones close, a
+    failed open keeps its error until retried, everything closes when the server stops."""
+    opener = RecordingOpener()
+    released = opener.released
     manager = FileSessions(opener, max_sessions=2, idle_seconds=60)
     try:
         a, b = manager.get("ann", ref(1, "a")), manager.get("ann", ref(2, "b"))
@@ -279,3 +290,19 @@ def test_file_sessions_close_when_idle_full_or_stopping() -> None:
     finally:
         manager.close_all()
     assert released.count("d") == 1 and d.closed
+
+
+def test_the_server_closes_file_sessions_when_it_stops(console_master: Server) -> None:
+    """The application's lifespan closes the sessions still open (the master stopping)."""
+    app = create_app(console_master.database)
+    opener = RecordingOpener()
+    app.state.file_sessions = FileSessions(opener)
+
+    async def serve_a_while() -> None:
+        async with app.router.lifespan_context(app):  # as uvicorn starts and stops it
+            app.state.file_sessions.get("ann", ref(1, "a")).future.result(5)
+            assert opener.released == []
+
+    with ThreadPoolExecutor(1) as thread:  # Playwright's loop runs in this one
+        thread.submit(asyncio.run, serve_a_while()).result()
+    assert opener.released == ["a"]

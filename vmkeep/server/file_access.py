@@ -34,7 +34,7 @@ from vmkeep.engine.files import DANGEROUS_BITS, Entry, FileRestoreError, shown
 from vmkeep.errors import UsageError, VmkeepError
 from vmkeep.server import audit
 from vmkeep.server.endpoints import refuse_with_400
-from vmkeep.server.file_sessions import FileSession, FileSessions, NotReady, PointRef, RegisteredRepo
+from vmkeep.server.file_sessions import FileSession, FileSessions, NotReady, PointRef, RegisteredRepo, SessionsFull
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,21 @@ async def await_open(s: FileSession, timeout: float = OPEN_TIMEOUT) -> None:
     if s.state == "opening":
         raise NotReady(f"the filesystems of {s.point.label} are still being opened: try again", failed=False)
     s.filesystems  # noqa: B018
+
+
+async def open_session(request: Request, user: User, ref: str, session: Session, retry: bool = True) -> FileSession:
+    """The caller's file session of the point ``ref``, open (waited for); 503 while it cannot be."""
+    point = find_point(session, ref)
+    await check_reachable(request, point)
+    try:
+        s = sessions_of(request).get(user.name, point, retry=retry)
+        await await_open(s)
+    except SessionsFull as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "60"}) from exc
+    except NotReady as exc:
+        raise HTTPException(502 if exc.failed else 503, f"cannot open the files of {point.label}: {exc}",
+                            headers=None if exc.failed else {"Retry-After": "10"}) from exc
+    return s
 
 
 # --- downloads ---------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from vmkeep.server.file_access import (
     MAX_POINTS_SEARCHED,
     Search,
     Searches,
-    await_open,
     check_pattern,
     check_reachable,
     choose_filesystem,
@@ -40,11 +39,12 @@ from vmkeep.server.file_access import (
     listing,
     mtime_of,
     newest_points,
+    open_session,
     run_search,
     search_point,
     sessions_of,
 )
-from vmkeep.server.file_sessions import FileSession, FileSessions, NotReady, SessionsFull
+from vmkeep.server.file_sessions import FileSessions, NotReady
 from vmkeep.server.schemas import NAME
 
 router = APIRouter(prefix="/api", tags=["files"])
@@ -109,21 +109,6 @@ async def answered(call: Callable[..., T], *args: Any) -> T:
         raise HTTPException(502 if exc.failed else 503, str(exc)) from exc
     except VmkeepError as exc:
         raise failure(exc) from exc
-
-
-async def open_session(request: Request, user: User, ref: str, session: Session, retry: bool = True) -> FileSession:
-    """The caller's file session of the point ``ref``, open (waited for); 503 while it cannot be."""
-    point = find_point(session, ref)
-    await check_reachable(request, point)
-    try:
-        s = sessions_of(request).get(user.name, point, retry=retry)
-        await await_open(s)
-    except SessionsFull as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "60"}) from exc
-    except NotReady as exc:
-        raise HTTPException(502 if exc.failed else 503, f"cannot open the files of {point.label}: {exc}",
-                            headers=None if exc.failed else {"Retry-After": "10"}) from exc
-    return s
 
 
 @router.get("/points/{point}/files", response_model=ListingOut)

@@ -36,6 +36,7 @@ from vmkeep.server.file_access import (
     listing,
     mtime_of,
     newest_points,
+    open_session,
     search_point,
     sessions_of,
 )
@@ -132,11 +133,9 @@ async def files_part(ref: str, request: Request, path: str = PathQuery, fs: str 
 @router.get("/points/{ref}/files/download")
 async def files_download(ref: str, request: Request, path: str = Query(max_length=4096), fs: str = FsQuery,
                          who: Visitor = Depends(restorer), session: Session = Depends(get_session)) -> Response:
-    """A file as it is, a folder as a tar; audited (``file-download``) with the path."""
-    point = find_point(session, ref)
-    s = sessions_of(request).find(who.user.name, point.id)
-    if s is None or s.state != "ready":
-        return RedirectResponse(f"/points/{ref}/files", status_code=303)  # open it first
+    """A file as it is, a folder as a tar; audited (``file-download``) with the path. The point is
+    opened first if it is not open (a search's result whose session closed)."""
+    s = await open_session(request, who.user, ref, session)  # a search's point may not be open (yet, again)
     try:
         return await run_in_threadpool(download, session, request, who.user, s, choose_filesystem(s, fs or None),
                                        guest_path(path))
