@@ -2,10 +2,11 @@
 
 Fills a fresh database with the catalog bench's synthetic inventory and points
 (`bench.catalog_bench.fill`), adds what a running installation has besides (tags and folders,
-policies of each kind of selection rule, 30 days of job history, a run going on now, proxies,
-users, a hash-chained audit log), starts a real `vmkeep server`, logs in through the console's
-form and times every page the navigation links to (GET, over loopback), with a search, a filter,
-a deep page and a detail page where the page offers them. Target: every page under 300 ms at p95.
+policies of each kind of selection rule, 30 days of job history, a run going on now, a usage
+measurement of the repository, proxies, users, a hash-chained audit log), starts a real
+`vmkeep server`, logs in through the console's form and times every page the navigation links
+to (GET, over loopback), with a search, a filter, a deep page and a detail page where the page
+offers them. Target: every page under 300 ms at p95.
 
 Writes bench/results-console.json and the table of docs/performance.md between its markers.
 
@@ -29,6 +30,7 @@ from bench.catalog_bench import arguments, bench_database, fill, served, timed
 from bench.repo_bench import ROOT, write_section
 from vmkeep.catalog.audit_chain import GENESIS, entry_hash
 from vmkeep.catalog.queue_schema import libpq_url
+from vmkeep.repository.info import NameStats, RepoInfo
 
 MARK_BEGIN, MARK_END = "<!-- console-bench:begin -->", "<!-- console-bench:end -->"
 TARGET_MS = 300.0
@@ -95,6 +97,7 @@ def extras(url: str, vms: int, now: datetime) -> None:
                               total if status == "running" else None, None, "[]",
                               now - timedelta(minutes=rng.randrange(1, 30)) if status != "queued" else None,
                               now - timedelta(minutes=1) if status == "succeeded" else None))
+        usage_run(conn, repo_id, vms, now)
         audit_log(conn, now)
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE")  # as autovacuum leaves a catalog that has run for a while
@@ -114,6 +117,23 @@ def _selected(rules: dict[str, Any]) -> str:
     if "vms" in rules:
         where.append("name IN (" + ", ".join(f"'{v}'" for v in rules["vms"]) + ")")
     return f"SELECT id, name FROM vms WHERE {' AND '.join(where)} ORDER BY id"
+
+
+def usage_run(conn: psycopg.Connection[Any], repo_id: int, vms: int, now: datetime) -> None:
+    """A usage measurement of the repository as a proxy reports it (RepoInfo.as_dict): the
+    catalog's trigger turns its names into repository_usage rows, one per VM."""
+    rng = random.Random(15)
+    info = RepoInfo("/srv/main", "bench", True, 1 << 20, 3, 0, points=100 * vms, logical_bytes=vms * (40 << 30) * 100,
+                    referenced_bytes=vms * (20 << 30) * 100, unique_plain_bytes=vms * (6 << 30),
+                    stored_bytes=vms * (3 << 30), chunks=vms * 6144)
+    info.names = {f"vm-{i:05d}": NameStats(100, 100 * (40 << 30), 100 * (20 << 30), rng.randrange(4 << 30),
+                                           rng.randrange(2 << 30)) for i in range(vms)}
+    run_id = conn.execute("INSERT INTO maintenance_runs (repository_id, repository_name, kind, requested_by, proxy, "
+                          "status, attempts, created, started) VALUES (%s, 'main', 'usage', 'schedule', 'proxy-1', "
+                          "'running', 1, %s, %s) RETURNING id", (repo_id, now - timedelta(hours=5),
+                                                                  now - timedelta(hours=5))).fetchone()[0]  # type: ignore[index]
+    conn.execute("UPDATE maintenance_runs SET status = 'succeeded', result = %s, finished = %s WHERE id = %s",
+                 (json.dumps(info.as_dict()), now - timedelta(hours=4), run_id))
 
 
 def audit_log(conn: psycopg.Connection[Any], now: datetime) -> None:
@@ -238,7 +258,7 @@ def main() -> None:
            "target_p95_ms": TARGET_MS, "results": results}
     (ROOT / "bench" / "results-console.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = ["", f"{args.vms:,} VMs, {args.points:,} restore points (`bench/catalog_bench.py`'s rows), "
-             f"{len(POLICIES)} policies, {HISTORY_DAYS} days of job history, a run going on, "
+             f"{len(POLICIES)} policies, {HISTORY_DAYS} days of job history, a run going on, per-VM repository usage, "
              f"{AUDIT_ENTRIES:,} audit entries; {args.requests} requests of each page as the admin, through the "
              f"console's session on loopback; {doc['cpus']} CPUs (written by `bench/console_bench.py`).", "",
              "| page | p50 ms | p95 ms | p95 < 300 ms |", "|---|---:|---:|---|"]
