@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import procrastinate
@@ -115,8 +115,15 @@ async def start_maintenance(session: Session, queue: procrastinate.App, request:
     if kind == "prune":
         detail.update(dry_run=bool(params.get("dry_run", True)), confirms=params.get("confirms"))
     audit.record(session, request, user, f"repository-{kind}", repository, **detail)
-    run.task_id = await queue.configure_task(MAINTENANCE_TASK, queue=queue_name(proxy.name)).defer_async(
-        run_id=run.id)
+    session.commit()  # before the task exists: a proxy that takes it at once must find its row
+    try:
+        run.task_id = await queue.configure_task(MAINTENANCE_TASK, queue=queue_name(proxy.name)).defer_async(
+            run_id=run.id)
+    except Exception as exc:
+        run.status, run.finished = JobStatus.FAILED.value, datetime.now(UTC)
+        run.error = f"could not put it on proxy {proxy.name}'s queue: {exc}"
+        session.commit()
+        raise MaintenanceRefused(503, f"{run.error}; try again") from exc
     session.commit()
     log.info("%s of repository %s queued on proxy %s (run %d, by %s)", kind, repository, proxy.name, run.id, user)
     return run
