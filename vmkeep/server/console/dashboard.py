@@ -97,7 +97,7 @@ class Growth:
         return sum(b.stored_bytes for b in self.bars)
 
 
-@dataclass(order=True)
+@dataclass
 class Breach:
     vm: str
     policies: str
@@ -273,8 +273,8 @@ def coverage(session: Session, policies: list[Policy], now: datetime) -> Coverag
                     .scalar_subquery()]
     row = session.execute(select(*figures)).one()
     late_count, late_rows = (row[2], row[3] or []) if parts else (0, [])
-    first_late = sorted(Breach(name, names, datetime.fromisoformat(newest) if newest else None)
-                        for name, names, newest in late_rows)
+    first_late = sorted((Breach(name, names, datetime.fromisoformat(newest) if newest else None)
+                         for name, names, newest in late_rows), key=lambda b: b.vm)
     return Coverage(row[0], sorted(row[1] or []), Breaches(late_count, first_late))
 
 
@@ -291,8 +291,8 @@ def growth(session: Session, now: datetime) -> Growth:
     """Stored bytes per day (all repositories), the last GROWTH_DAYS days up to today, as bars."""
     today = now.astimezone(UTC).date()
     days = [today - timedelta(days=GROWTH_DAYS - 1 - k) for k in range(GROWTH_DAYS)]
-    stored = dict(session.execute(select(PointDay.day, func.sum(PointDay.stored_bytes))
-                                  .where(PointDay.day >= days[0]).group_by(PointDay.day)).tuples().all())
+    stored = {day: total for day, total in session.execute(select(PointDay.day, func.sum(PointDay.stored_bytes))
+                                                           .where(PointDay.day >= days[0]).group_by(PointDay.day))}
     chart = Growth([], max([int(v) for v in stored.values()] + [0]))
     slot = chart.width / GROWTH_DAYS
     chart.bar_width = round(slot * 0.8, 1)
