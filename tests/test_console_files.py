@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import tarfile
@@ -26,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import fresh_cli
+from tests.conftest import MiB, fresh_cli
 from tests.console_support import AUDITOR, form_login, log_in, shoot
 from tests.test_files import MTIME, backed_up, guest_fs
 from tests.test_server import Server
@@ -37,6 +38,7 @@ from vmkeep.server.file_access import _member, disposition
 from vmkeep.server.file_sessions import FileSessions, PointRef, RegisteredRepo, SessionsFull
 
 __all__ = ["guest_fs"]  # the crafted ext4 disk, a module fixture shared with tests/test_files.py
+LATIN1_CONTENT = b"a name in Latin-1, as old Samba shares wrote them\n"
 OPENING = 120_000  # ms: a point's filesystems open in 10-30 s under emulation, slower with the machine busy
 
 
@@ -44,10 +46,17 @@ OPENING = 120_000  # ms: a point's filesystems open in 10-30 s under emulation, 
 def points(console_master: Server, console_api: httpx.Client, guest_fs: tuple[Path, Path],
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Two points of VM fsvm in an encrypted repository registered through the API (its passphrase
-    sealed): the catalog numbers of the newest and the older one, and the repository's path."""
+    sealed): the ids of the newest and the older one, and the repository's path. The disk is the
+    file restore tests' tree plus /etc/caf\\xe9.txt, a name that is not UTF-8."""
     cli = fresh_cli()
-    _tree, image = guest_fs
-    repo = tmp_path_factory.mktemp("files") / "repo"
+    base = tmp_path_factory.mktemp("files")
+    tree = base / "tree"
+    shutil.copytree(guest_fs[0], tree, symlinks=True)
+    (Path(os.fsdecode(os.fsencode(tree / "etc") + b"/caf\xe9.txt"))).write_bytes(LATIN1_CONTENT)
+    image = base / "fs.img"
+    subprocess.run(["truncate", "-s", str(32 * MiB), str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(image)], check=True)
+    repo = base / "repo"
     older = backed_up(cli, image, str(repo))
     newest = str(cli.json("disk", "backup", str(image), "--repo", str(repo), "--name", "fsvm", "--format",
                           "raw")["point"])
@@ -85,6 +94,9 @@ def test_browse_download_and_search_in_the_browser(chromium: Any, console_master
     assert cells[1] == "file" and cells[2] == "10 B"  # binary units
     assert "2020" in cells[3] and "UTC" not in cells[3]  # 2020-01-02 03:04:05 UTC, in the browser's zone (India)
     assert page.get_by_role("navigation", name="Folder").inner_text().split() == ["/", "etc"]
+    with page.expect_download() as got:  # the link keeps the name's bytes; the server reads them as they are
+        page.get_by_role("link", name="Download caf\\xe9.txt").click()
+    assert Path(got.value.path()).read_bytes() == LATIN1_CONTENT
 
     page.get_by_role("navigation", name="Folder").get_by_role("link", name="/", exact=True).click()
     page.get_by_role("link", name="data/").click()

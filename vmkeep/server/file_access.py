@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -83,8 +83,13 @@ async def check_reachable(request: Request, point: PointRef) -> None:
     await run_in_threadpool(refuse_with_400, request.app.state.endpoints, point.repo.s3_endpoint, "s3_endpoint")
 
 
-def guest_path(path: str) -> str:
-    """An absolute, normalised guest path (no '..' left to climb above /)."""
+def guest_path(request: Request, path: str) -> str:
+    """The request's guest path, absolute and normalised (no '..' left to climb above /). It is
+    read again from the raw query string with its bytes kept (as surrogate escapes, as the engine
+    names them): the parsed parameter has replaced bytes that are not UTF-8, so a guest name that is
+    not UTF-8 could not be opened from the link the listing made for it."""
+    raw = parse_qs(request.scope.get("query_string", b"").decode("latin-1"), errors="surrogateescape").get("path")
+    path = raw[0] if raw else path
     if not path.startswith("/") or "\0" in path:
         raise HTTPException(400, f"give an absolute guest path (starting with /), not {shown(path)!r}")
     normal = posixpath.normpath(path)

@@ -118,7 +118,7 @@ async def list_files(point: str, request: Request, path: str = PathQuery, filesy
     point id or the catalog's number for it."""
     s = await open_session(request, user, point, session)
     fs = choose_filesystem(s, filesystem)
-    top, entries = await answered(listing, s, fs, guest_path(path))
+    top, entries = await answered(listing, s, fs, guest_path(request, path))
     return ListingOut(vm=s.point.vm, point=s.point.point_id, repository=s.point.repo.name,
                       filesystems=[FilesystemOut(device=f.device, kind=f.kind, disk=f.disk)
                                    for f in s.filesystems.filesystems],
@@ -135,7 +135,8 @@ async def download_files(point: str, request: Request, path: str = Query(max_len
                          session: Session = Depends(get_session)) -> StreamingResponse:
     """Download a file as it is, or a folder as a tar streamed as it is read; audited with the path."""
     s = await open_session(request, user, point, session)
-    return await answered(download, session, request, user, s, choose_filesystem(s, filesystem), guest_path(path))
+    return await answered(download, session, request, user, s, choose_filesystem(s, filesystem),
+                          guest_path(request, path))
 
 
 def _search_out(search: Search) -> SearchOut:

@@ -86,7 +86,7 @@ async def _state(request: Request, who: Visitor, ref: str, session: Session, pat
     """What the files area shows: opening, the reason it failed, or the folder's listing."""
     try:
         point = find_point(session, ref)
-        path = guest_path(path)
+        path = guest_path(request, path)
     except HTTPException as exc:
         return {**_context(None, None, "/", fs), "error": str(exc.detail)}, exc.status_code
     context = _context(point, None, path, fs)
@@ -138,7 +138,7 @@ async def files_download(ref: str, request: Request, path: str = Query(max_lengt
     s = await open_session(request, who.user, ref, session)  # a search's point may not be open (yet, again)
     try:
         return await run_in_threadpool(download, session, request, who.user, s, choose_filesystem(s, fs or None),
-                                       guest_path(path))
+                                       guest_path(request, path))
     except NotReady as exc:
         raise HTTPException(503, str(exc)) from exc
     except VmkeepError as exc:
