@@ -123,11 +123,9 @@ def test_usage_fills_the_list_and_the_repository_page(console_master: Server, co
     assert mail.locator("[data-figure=shared]").inner_text() == "0 B"
     dedup = float(page.locator("[data-figure=dedup]").inner_text().rstrip("×"))
     assert dedup >= 1.0 and float(page.locator("[data-figure=compression]").inner_text().rstrip("×")) > 0
-    shoot(page, "repository")
     page.goto(console_master.url + "/repositories")
     row = page.locator("tr[data-repository=main]")
     assert row.locator("[data-figure=dedup]").inner_text() == f"{dedup:.2f}×"
-    shoot(page, "repositories")
     page.context.close()
 
 
@@ -186,6 +184,7 @@ def test_prune_shows_a_dry_run_then_removes_what_it_showed(console_master: Serve
     listed = sorted(str(c.get_attribute("data-point")) for c in page.locator("code[data-point]").all())
     assert listed == sorted(f"app-1@{p}" for p in apps[:2])  # the two oldest; the newest stays
     assert "mail-1" in page.locator(".run-status .hint").first.inner_text()  # left alone: no retention covers it
+    shoot(page, "repository-prune")
     # a dry run removes nothing: the catalog and the repository still have every point
     assert len(console_api.get("/api/points", params={"vm": "app-1"}).json()) == 3
     assert len(opened(cli, repo).list_points("app-1")) == 3
@@ -214,6 +213,10 @@ def test_gc_frees_the_bytes_prune_left(console_master: Server, console_api: http
     page = log_in(chromium, console_master)
     page.goto(console_master.url + "/repositories")
     assert "freed" in page.locator("tr[data-repository=main]").inner_text()
+    shoot(page, "repositories")
+    page.goto(console_master.url + "/repositories/main")
+    assert "freed" in page.locator("[data-outcome=gc]").inner_text()
+    shoot(page, "repository")
     page.context.close()
 
 
@@ -233,7 +236,9 @@ def test_an_auditor_sees_but_cannot_run(console_master: Server, console_api: htt
     dry_run = next(r["id"] for r in before if r["kind"] == "prune" and r["params"]["dry_run"])
     refused.append(auditor.post(f"/maintenance/{dry_run}/confirm", data={"csrf": csrf},
                                 headers={"Origin": console_master.url}))
-    assert [r.status_code for r in refused] == [403] * 4 and "administrator or operator" in refused[0].text
+    refused.append(auditor.post("/repositories/main/remove", data={"csrf": csrf, "understood": "yes"},
+                                headers={"Origin": console_master.url}))
+    assert [r.status_code for r in refused] == [403] * 5 and "administrator or operator" in refused[0].text
     api = console_master.client(console_master.login(*AUDITOR))
     kinds = ("verify", "prune", "gc")
     assert [api.post(f"/api/repositories/main/{k}", json={}).status_code for k in kinds] == [403] * 3
@@ -243,3 +248,27 @@ def test_an_auditor_sees_but_cannot_run(console_master: Server, console_api: htt
     assert runs(console_api) == before  # nothing queued
     assert [a for a in audit_actions(console_api) if a[1].startswith("repository-")] == \
         [a for a in trail if a[1].startswith("repository-")]
+
+
+def test_removing_the_registration_keeps_the_apis_refusals(console_master: Server, console_api: httpx.Client,
+                                                           chromium: Any) -> None:
+    page = log_in(chromium, console_master)
+    page.goto(console_master.url + "/repositories/main")
+    remove = page.get_by_role("button", name="Remove main")
+    remove.click()  # not confirmed
+    assert "Tick the box" in page.locator("#remove-error").inner_text()
+    page.get_by_label("I understand").check()
+    page.get_by_role("button", name="Remove main").click()
+    assert "policies apps back up into it" in page.locator("#remove-error").inner_text()  # the API's refusal
+    assert [r["name"] for r in console_api.get("/api/repositories").json()] == ["main"]
+    assert console_api.delete("/api/policies/apps").status_code == 204
+    page.get_by_label("I understand").check()
+    page.get_by_role("button", name="Remove main").click()
+    page.wait_for_url(console_master.url + "/repositories")
+    assert "No repository yet" in page.inner_text("main")
+    assert console_api.get("/api/repositories").json() == []
+    assert {r["repository"] for r in runs(console_api)} == {"main"}  # the history stays, by name
+    page.goto(console_master.url + "/maintenance")
+    assert page.locator("tr[data-run]").count() == len(runs(console_api))
+    page.context.close()
+    assert ("admin", "repository-delete") in audit_actions(console_api)

@@ -11,6 +11,7 @@ from vmkeep.catalog.models import (
     Hypervisor,
     Job,
     JobVM,
+    MaintenanceRun,
     Policy,
     RepositoryRecord,
     RestoreJob,
@@ -238,13 +239,18 @@ async def rebuild_repository(name: str, request: Request, user: User = Depends(r
 
 def _repository_users(session: Session, r: RepositoryRecord) -> list[str]:
     """What keeps ``r`` in the catalog: the policies that back up into it, their runs still going,
-    and the restores from it under way."""
+    the restores from it and its maintenance runs under way."""
     policies = list(session.scalars(select(Policy.name).where(Policy.repository_id == r.id).order_by(Policy.name)))
     runs = list(session.scalars(select(Job.id).join(Policy).where(Policy.repository_id == r.id,
                                                                   Job.finished.is_(None)).order_by(Job.id)))
     restores = list(session.scalars(select(RestoreJob.id).where(RestoreJob.repository_id == r.id,
                                                                 RestoreJob.status.in_(ACTIVE)).order_by(RestoreJob.id)))
+    upkeep = list(session.scalars(select(MaintenanceRun.id).where(MaintenanceRun.repository_id == r.id,
+                                                                  MaintenanceRun.status.in_(ACTIVE))
+                                  .order_by(MaintenanceRun.id)))
     reasons = []
+    if upkeep:
+        reasons.append(f"maintenance runs {', '.join(map(str, upkeep))} are under way (wait for them to end)")
     if runs:
         reasons.append(f"runs {', '.join(map(str, runs))} are going (wait for them or cancel them)")
     if restores:
@@ -260,7 +266,13 @@ def delete_repository(name: str, request: Request, user: User = Depends(require(
                       session: Session = Depends(get_session)) -> Response:
     """Remove a repository from the catalog: its points leave the catalog, not the repository
     (registering it again imports them); its restores' history stays, by name. Refused while a
-    policy, a run or a restore uses it."""
+    policy, a run, a restore or a maintenance run uses it."""
+    remove_repository(session, request, user.name, name)
+    return Response(status_code=204)
+
+
+def remove_repository(session: Session, request: Request, user: str, name: str) -> None:
+    """The API's DELETE and the console's remove: HTTPException 404, or 409 with what uses it."""
     record = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == name).with_for_update())
     if record is None:
         raise HTTPException(404, f"no repository {name}")
@@ -269,9 +281,8 @@ def delete_repository(name: str, request: Request, user: User = Depends(require(
         raise HTTPException(409, f"repository {name} is in use: {'; '.join(reasons)}")
     points = _repository_out(session, record).points
     session.delete(record)
-    audit.record(session, request, user.name, "repository-delete", name, location=record.location, points=points)
+    audit.record(session, request, user, "repository-delete", name, location=record.location, points=points)
     session.commit()
-    return Response(status_code=204)
 
 
 @router.get("/points", response_model=list[PointOut], tags=["repositories"])

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -19,8 +19,9 @@ from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.server.auth import CHANGE_INVENTORY, get_session
 from vmkeep.server.console.paging import Paging, paging
 from vmkeep.server.console.render import ibytes, page, screen
-from vmkeep.server.console.session import Refused, Visitor, changing, person
+from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
 from vmkeep.server.maintenance import KINDS, Latest, MaintenanceRefused, confirm_prune, latest_runs, start_maintenance
+from vmkeep.server.routes_inventory import remove_repository
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +152,27 @@ def repository_page(name: str, request: Request, who: Visitor = Depends(person),
     return _repository_screen(request, who, session, name, p)
 
 
-def _may_maintain(who: Visitor) -> None:
+def _may_maintain(who: Visitor, what: str = "run repository maintenance") -> None:
     if who.user.role not in CHANGE_INVENTORY:
-        raise Refused(f"A {who.user.role} account cannot run repository maintenance: an administrator or "
-                      "operator can.")
+        raise Refused(f"A {who.user.role} account cannot {what}: an administrator or operator can.")
+
+
+@router.post("/repositories/{name}/remove")
+def remove(name: str, request: Request, who: Visitor = Depends(changing), session: Session = Depends(get_session),
+           fields: dict[str, str] = Depends(form_fields)) -> Response:
+    """Remove the registration, as the API's DELETE does (same refusals, same audit entry)."""
+    _may_maintain(who, "remove a repository")
+    if fields.get("understood") != "yes":
+        return _repository_screen(request, who, session, name, Paging(),
+                                  ("remove", "Tick the box to confirm: its points leave the catalog (the repository "
+                                             "keeps them)."), 400)
+    try:
+        remove_repository(session, request, who.user.name, name)
+    except HTTPException as refused:
+        session.rollback()
+        return _repository_screen(request, who, session, name, Paging(), ("remove", str(refused.detail)),
+                                  refused.status_code)
+    return RedirectResponse("/repositories", status_code=303)
 
 
 @router.post("/repositories/{name}/{kind}")
