@@ -272,24 +272,32 @@ def ref(number: int, vm: str) -> PointRef:
 
 
 def test_file_sessions_close_when_idle_full_or_stopping() -> None:
-    """The least recently used idle session makes room, a busy one never does, idle ones close, a
-    failed open keeps its error until retried, everything closes when the server stops."""
+    """The least recently used idle session makes room (a user's own once they hold their share),
+    a busy one never does, idle ones close, a failed open keeps its error until retried,
+    everything closes when the server stops."""
     opener = RecordingOpener()
     released = opener.released
-    manager = FileSessions(opener, max_sessions=2, idle_seconds=60)
+    manager = FileSessions(opener, max_sessions=3, idle_seconds=60)  # one user may hold two
     try:
         a, b = manager.get("ann", ref(1, "a")), manager.get("ann", ref(2, "b"))
         a.future.result(5), b.future.result(5)
         assert manager.get("ann", ref(1, "a")) is a  # reused, and now the most recently used
-        with b.streaming():  # a download of b under way: a makes room instead
+        with b.streaming():  # a download of b under way: ann's a makes room for her c instead
             c = manager.get("ann", ref(3, "c"))
             c.future.result(5)
-            with c.lock, pytest.raises(SessionsFull, match="try again"):  # b streams, c in a call
-                manager.get("bob", ref(1, "a"))
+            with c.lock:  # c in a call, b streaming: ann has no room, others still have
+                with pytest.raises(SessionsFull, match="you have 2"):
+                    manager.get("ann", ref(4, "d"))
+                x = manager.get("bob", ref(1, "x"))
+                x.future.result(5)
+                with x.lock, pytest.raises(SessionsFull, match="3 points' files are open"):
+                    manager.get("cat", ref(5, "y"))  # all three in use
+                manager.get("cat", ref(5, "y")).future.result(5)  # bob's x, idle again, makes room
+                manager.sweep(time.monotonic() + 61)  # the idle y closes, the busy b and c stay
         time.sleep(0.2)
-        assert released == ["a"] and manager.find("ann", 1) is None
+        assert sorted(released) == ["a", "x", "y"] and manager.find("ann", 1) is None
         manager.sweep(time.monotonic() + 61)
-        assert sorted(released) == ["a", "b", "c"]
+        assert sorted(released) == ["a", "b", "c", "x", "y"]
 
         broken = manager.get("ann", ref(4, "broken"))
         with pytest.raises(VmkeepError):

@@ -30,7 +30,7 @@ from vmkeep.jobs.registered import open_registered, passphrase_context
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 300.0  # a session nobody used for this long closes
-MAX_SESSIONS = 3  # appliances open at once (each a QEMU of a few hundred MiB)
+MAX_SESSIONS = 3  # appliances open at once (each a QEMU of a few hundred MiB); one user may hold all but one
 SWEEP_SECONDS = 10.0
 
 
@@ -176,6 +176,7 @@ class FileSessions:
                  max_sessions: int = MAX_SESSIONS, idle_seconds: float = IDLE_SECONDS) -> None:
         self.opener = opener
         self.max_sessions, self.idle_seconds = max_sessions, idle_seconds
+        self.per_user = max(1, max_sessions - 1)
         self._sessions: dict[Key, FileSession] = {}
         self._lock = threading.Lock()
         self._workers = ThreadPoolExecutor(max_workers=max_sessions, thread_name_prefix="vmkeep-files")
@@ -195,7 +196,7 @@ class FileSessions:
                     return found
                 if found is not None:
                     victims.append(self._sessions.pop(key))
-                victims += self._make_room()
+                victims += self._make_room(user)
                 opening = FileSession(key, point)
                 self._sessions[key] = opening
                 self._start_sweeper()
@@ -206,15 +207,21 @@ class FileSessions:
         self._workers.submit(self._open, opening)
         return opening
 
-    def _make_room(self) -> list[FileSession]:
-        """Sessions to close so that one more fits (the least recently used of those not opening
-        and not in use); called with the lock held."""
-        if len(self._sessions) < self.max_sessions:
+    def _make_room(self, user: str) -> list[FileSession]:
+        """Sessions to close so that one more of ``user``'s fits (the least recently used of those
+        not opening and not in use): the user's own first once they hold their share, so that one
+        user (a search across many points, say) does not close everyone else's; lock held."""
+        own = [s for s in self._sessions.values() if s.key[0] == user]
+        if len(own) >= self.per_user:
+            candidates, full = own, f"you have {len(own)} points' files open and in use (the most one user may)"
+        elif len(self._sessions) >= self.max_sessions:
+            candidates, full = list(self._sessions.values()), f"{len(self._sessions)} points' files are open and in " \
+                                                                "use (the limit)"
+        else:
             return []
-        idle = sorted((s for s in self._sessions.values() if not s.busy), key=lambda s: s.last_used)
+        idle = sorted((s for s in candidates if not s.busy), key=lambda s: s.last_used)
         if not idle:
-            raise SessionsFull(f"{len(self._sessions)} points' files are open and in use (the limit): try again "
-                               "in a few minutes, or close a point's files you no longer need")
+            raise SessionsFull(f"{full}: try again in a few minutes, or close a point's files you no longer need")
         victim = idle[0]
         del self._sessions[victim.key]
         log.info("closing the file session of %s for %s to make room", victim.point.label, victim.key[0])
