@@ -257,8 +257,8 @@ def test_dashboard_figures_at_work(chromium: Any, console_master: Server, consol
                                    ("web-new", now - timedelta(minutes=5)), ("db-1", now - timedelta(days=9)))]
         session.add(lab)
         session.add_all([RestorePointRecord(repository_id=repo.id, name=n, point_id=f"p-{n}", created=at, kind="vm",
-                                            logical_bytes=8 << 30, read_bytes=2 << 30, stored_bytes=1 << 29,
-                                            disks={"vda": 8 << 30})
+                                            logical_bytes=8 << 20, read_bytes=2 << 20, stored_bytes=1 << 19,
+                                            disks={"vda": 8 << 20})
                          for n, at in (("web-old", now - timedelta(days=3)),
                                        ("web-fresh", now - timedelta(minutes=1)))])
         session.commit()
