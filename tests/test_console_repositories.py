@@ -220,6 +220,17 @@ def test_gc_frees_the_bytes_prune_left(console_master: Server, console_api: http
     page.context.close()
 
 
+def test_a_run_waiting_on_a_proxy_that_went_down_moves_to_a_live_one(console_master: Server,
+                                                                      console_api: httpx.Client, proxy: Any) -> None:
+    """A proxy that registered and fell silent (no worker ever takes its queue): its run moves."""
+    assert console_api.post("/api/proxies/register", json={"name": "a-ghost", "transports": ["nbd"],
+                                                           "reaches": ["*"], "concurrency": 1}).status_code == 200
+    started = console_api.post("/api/repositories/main/usage").json()
+    assert started["proxy"] == "a-ghost"  # the least loaded, first by name
+    report = finished(console_api, started["id"])  # once a-ghost's heartbeat is 10 s old
+    assert report["status"] == "succeeded" and report["proxy"] == "p1" and report["attempts"] == 1
+
+
 def test_an_auditor_sees_but_cannot_run(console_master: Server, console_api: httpx.Client, proxy: Any,
                                         chromium: Any) -> None:
     page = log_in(chromium, console_master, *AUDITOR)

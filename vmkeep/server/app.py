@@ -40,6 +40,7 @@ from vmkeep.server.console import install as install_console
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
 from vmkeep.server.endpoints import EndpointPolicy, Network
 from vmkeep.server.login_guard import LoginGuard
+from vmkeep.server.maintenance import rescue_maintenance
 from vmkeep.server.notify import Mailer
 from vmkeep.server.request_log import RequestLog
 from vmkeep.server.request_size import RequestSizeLimit
@@ -85,6 +86,7 @@ async def rescue_loop(app: FastAPI) -> None:
             with app.state.sessions() as session:
                 await rescue_stalled(session, app.state.queue, STALLED_AFTER_SECONDS)
                 await rescue_queued(session, app.state.queue)
+                await rescue_maintenance(session, app.state.queue, STALLED_AFTER_SECONDS)
                 await dispatch_waiting(session, app.state.queue)
                 await run_due_policies(session, app.state.queue, datetime.now(UTC))
                 await notify_finished(session, app.state.mailer, app.state.endpoints)

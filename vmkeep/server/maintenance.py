@@ -51,11 +51,11 @@ class MaintenanceRefused(Exception):
         self.status = status
 
 
-def maintenance_proxy(session: Session) -> Proxy | None:
+def maintenance_proxy(session: Session, exclude: set[str] | None = None) -> Proxy | None:
     """The live proxy with the least maintenance queued or running on it."""
     loads = dict(session.execute(select(MaintenanceRun.proxy, func.count()).where(
         MaintenanceRun.status.in_(ACTIVE)).group_by(MaintenanceRun.proxy)).tuples().all())
-    up = [p for p in session.scalars(select(Proxy)) if proxy_up(p)]
+    up = [p for p in session.scalars(select(Proxy)) if proxy_up(p) and p.name not in (exclude or set())]
     return min(up, key=lambda p: (loads.get(p.name, 0), p.name)) if up else None
 
 
@@ -183,3 +183,43 @@ def run_out(run: MaintenanceRun) -> dict[str, Any]:
 
 def _at(at: datetime | None) -> str | None:
     return at.isoformat() if at else None
+
+
+async def rescue_maintenance(session: Session, queue: procrastinate.App, heartbeat_seconds: float) -> int:
+    """Maintenance a dead proxy held, or that waits on the queue of a proxy that is down, goes to a
+    live proxy (as dispatch's rescues do for backups and restores); how many moved. Every kind can
+    start again from scratch: verify and usage only read, GC is safe to repeat, a prune recomputes
+    its retention (a confirmed one still removes only what its dry run listed)."""
+    moved = 0
+    for task in await queue.job_manager.get_stalled_jobs(seconds_since_heartbeat=heartbeat_seconds,
+                                                         task_name=MAINTENANCE_TASK):
+        run_id = task.task_kwargs.get("run_id")
+        run = session.get(MaintenanceRun, run_id) if isinstance(run_id, int) else None
+        if run is None or run.status not in ACTIVE:
+            continue
+        proxy = maintenance_proxy(session, exclude={run.proxy} if run.proxy else None)
+        if proxy is None:
+            continue  # retried once a proxy is up
+        log.warning("proxy %s stopped during %s run %d of %s: retried on %s", run.proxy, run.kind, run.id,
+                    run.repository_name, proxy.name)
+        run.status, run.proxy = JobStatus.QUEUED.value, proxy.name
+        session.commit()
+        await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
+        moved += 1
+    down = {p.name for p in session.scalars(select(Proxy)) if not proxy_up(p)}
+    waiting = session.scalars(select(MaintenanceRun).where(MaintenanceRun.status == JobStatus.QUEUED.value,
+                                                           MaintenanceRun.proxy.in_(down),
+                                                           MaintenanceRun.task_id.is_not(None)))
+    for run in list(waiting) if down else []:
+        assert run.task_id is not None
+        proxy = maintenance_proxy(session, exclude=down)
+        if proxy is None or not await queue.job_manager.cancel_job_by_id_async(run.task_id):
+            continue  # none up, or it started meanwhile (the stalled rescue handles it if its proxy died)
+        log.warning("proxy %s went down before starting %s run %d of %s: moved to %s", run.proxy, run.kind, run.id,
+                    run.repository_name, proxy.name)
+        run.proxy = proxy.name
+        run.task_id = await queue.configure_task(MAINTENANCE_TASK, queue=queue_name(proxy.name)).defer_async(
+            run_id=run.id)
+        session.commit()
+        moved += 1
+    return moved
