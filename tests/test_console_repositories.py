@@ -18,7 +18,7 @@ from tests.conftest import Cli, fresh_cli, make_image
 from tests.console_support import AUDITOR, audit_actions, csrf_of, form_login, log_in, shoot
 from tests.test_catalog import backed_up
 from tests.test_scale_out import start_proxy, stop, wait_for
-from tests.test_server import Server
+from tests.test_server import ADMIN_PASSWORD, Server
 from vmkeep.lab.images import Segment
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
@@ -229,6 +229,17 @@ def test_a_run_waiting_on_a_proxy_that_went_down_moves_to_a_live_one(console_mas
     assert started["proxy"] == "a-ghost"  # the least loaded, first by name
     report = finished(console_api, started["id"])  # once a-ghost's heartbeat is 10 s old
     assert report["status"] == "succeeded" and report["proxy"] == "p1" and report["attempts"] == 1
+
+
+def test_the_cli_runs_maintenance_through_the_server(console_master: Server, stocked: tuple[Cli, str], proxy: Any,
+                                                     tmp_path: Path) -> None:
+    cli = stocked[0]
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "config"), "VMKEEP_SERVER": console_master.url}
+    cli.run("login", "admin", env={**env, "VMKEEP_PASSWORD": ADMIN_PASSWORD})
+    verified = cli.json("repository", "verify", "main", env=env)
+    assert verified["status"] == "succeeded" and verified["result"]["ok"] is True
+    said = cli.run("repository", "prune", "main", env=env).stdout
+    assert "app-1: keep 1, would remove 0" in said and "mail-1" in said  # the earlier prune left the newest
 
 
 def test_an_auditor_sees_but_cannot_run(console_master: Server, console_api: httpx.Client, proxy: Any,

@@ -1,5 +1,6 @@
-"""`vmkeep --server URL repository list|add|rebuild|delete`: the repositories a server backs up into
-(`vmkeep repo …` works on a repository itself, without a server)."""
+"""`vmkeep --server URL repository list|add|rebuild|delete|verify|prune|gc`: the repositories a server
+backs up into, and their maintenance run by its proxies (`vmkeep repo …` works on a repository
+itself, without a server)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from rich.markup import escape
 from vmkeep.cli.client_cmds import client, say, show_list
 from vmkeep.cli.common import JsonOpt, PassFile, S3Endpoint
 from vmkeep.cli.output import emit_json, human, out_console
+from vmkeep.errors import VmkeepError
 
 repository_app = typer.Typer(help="Repositories registered on the server (`vmkeep repo` is the local tool).",
                              no_args_is_help=True)
@@ -81,3 +83,76 @@ def repository_delete_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = Fa
     it."""
     client(ctx).call("DELETE", f"/api/repositories/{name}")
     say(json_out, {"deleted": name}, f"repository {name} removed from the catalog (its data is untouched)")
+
+
+def _maintained(ctx: typer.Context, name: str, kind: str, json_out: bool, body: dict[str, Any] | None = None,
+                ) -> dict[str, Any]:
+    """Start a maintenance run on the server (a proxy does it) and follow it to its end."""
+    import time
+
+    from vmkeep.cli.output import byte_bars
+
+    api = client(ctx)
+    run = api.call("POST", f"/api/repositories/{name}/{kind}", **({"json": body} if body is not None else {}))
+    with byte_bars() as bars:  # verify reports the bytes it has read into the run's row every second
+        bar = bars.add_task(f"{kind} of {name}", total=None)
+        while run["status"] in ("queued", "running"):
+            time.sleep(1)
+            run = api.call("GET", f"/api/maintenance/{run['id']}")
+            bars.update(bar, completed=run["progress_bytes"] or 0, total=run["total_bytes"] or None,
+                        description=f"{kind} of {name} on {run['proxy']}")
+    if json_out:
+        emit_json(run)
+    if run["status"] != "succeeded":
+        raise VmkeepError(f"the {kind} of {name} failed on proxy {run['proxy']} (run {run['id']}): {run['error']}")
+    return run
+
+
+@repository_app.command("verify")
+def repository_verify_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = False) -> None:
+    """Have a proxy re-read every chunk the repository's points use; names bad chunks and broken points."""
+    run = _maintained(ctx, name, "verify", json_out)
+    report = run["result"]
+    if not json_out:
+        out_console.print(f"run {run['id']}: checked {report['chunks_checked']} chunks "
+                          f"({human(report['bytes_checked'])}) in {report['points']} points: "
+                          + ("[green]intact[/green]" if report["ok"] else "[red]DAMAGED[/red]"))
+        for cid, why in report["bad_chunks"].items():
+            out_console.print(f"  bad chunk {cid}: {escape(why)}", highlight=False, soft_wrap=True)
+        for point, whys in report["broken_points"].items():
+            out_console.print(f"  broken point {point}: {escape('; '.join(whys))}", highlight=False, soft_wrap=True)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@repository_app.command("prune")
+def repository_prune_cmd(
+    ctx: typer.Context, name: Name,
+    confirm: Annotated[int | None, typer.Option(help="Remove what this dry run (its run id) listed")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the points the retention of the policies backing up into it would remove (a dry run),
+    or with --confirm RUN remove what that dry run listed. Run gc afterwards to free the space."""
+    run = _maintained(ctx, name, "prune", json_out, {"dry_run": confirm is None, "confirm": confirm})
+    report = run["result"]
+    if json_out:
+        return
+    verb = "would remove" if report["dry_run"] else "removed"
+    for vm, n in report["names"].items():
+        out_console.print(f"{vm}: keep {len(n['keep'])}, {verb} {len(n['remove'])}: {' '.join(n['remove'])}")
+    if report["unmanaged"]:
+        out_console.print(f"left alone (no policy's retention covers them): {', '.join(report['unmanaged'])}")
+    out_console.print(f"run {run['id']}: {verb} {report['points_removed']} points; gc then frees "
+                      f"{human(report['frees_bytes'])}" + (f" — to do it: vmkeep repository prune {name} --confirm "
+                                                            f"{run['id']}" if report["dry_run"] and
+                                                           report["points_removed"] else ""))
+
+
+@repository_app.command("gc")
+def repository_gc_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = False) -> None:
+    """Have a proxy delete the chunks no point uses (safe while backups run)."""
+    run = _maintained(ctx, name, "gc", json_out)
+    if not json_out:
+        r = run["result"]
+        out_console.print(f"run {run['id']}: freed {human(r['bytes_freed'])} in {r['chunks_deleted']} chunks "
+                          f"({r['chunks_live']} live, {r['chunks_kept_recent']} kept for running backups)")
