@@ -165,6 +165,19 @@ def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
                          human(p["stored_bytes"] or 0), p["repository"]), params={"vm": name})
 
 
+def follow(api: ApiClient, path: str, run: dict[str, Any], label: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Poll ``path`` until the run a proxy does (a restore, a repository's maintenance) has ended,
+    showing the bytes it reports into its row."""
+    with byte_bars() as bars:
+        bar = bars.add_task(label(run), total=None)
+        while run["status"] in ("queued", "running"):
+            time.sleep(1)
+            run = api.call("GET", path)
+            bars.update(bar, completed=run["progress_bytes"] or 0, total=run["total_bytes"] or None,
+                        description=label(run))
+    return dict(run)
+
+
 def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: str | None, as_name: str | None,
                    overwrite: bool, disk: str | None, storage: str | None, start: bool, json_out: bool) -> None:
     """`vmkeep --server URL restore VM[@POINT] --hypervisor H --as NEW|--overwrite`, followed to its end."""
@@ -178,13 +191,9 @@ def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: s
     job = api.call("POST", "/api/restores", json={"vm": vm, "point": point, "hypervisor": hypervisor,
                                                   "as_name": as_name, "overwrite": overwrite, "storage": storage,
                                                   "start": start})
-    with byte_bars() as bars:  # the proxy reports bytes written into the restore's row every second
-        bar = bars.add_task(f"restoring {vm}@{job['point']}", total=None)
-        while job["status"] in ("queued", "running"):
-            time.sleep(1)
-            job = api.call("GET", f"/api/restores/{job['id']}")
-            bars.update(bar, completed=job["progress_bytes"] or 0, total=job["total_bytes"] or None,
-                        description=f"restoring {vm}@{job['point']} on {job['proxy']}")
+    # the proxy reports bytes written into the restore's row every second
+    job = follow(api, f"/api/restores/{job['id']}", job,
+                 lambda j: f"restoring {vm}@{j['point']}" + (f" on {j['proxy']}" if j["proxy"] else ""))
     if json_out:
         emit_json(job)
     elif job["status"] == "succeeded":

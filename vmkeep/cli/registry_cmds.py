@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from vmkeep.cli.client_cmds import client, say, show_list
+from vmkeep.cli.client_cmds import client, follow, say, show_list
 from vmkeep.cli.common import JsonOpt, PassFile, S3Endpoint
 from vmkeep.cli.output import emit_json, human, out_console
 from vmkeep.errors import VmkeepError
@@ -88,19 +88,10 @@ def repository_delete_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = Fa
 def _maintained(ctx: typer.Context, name: str, kind: str, json_out: bool, body: dict[str, Any] | None = None,
                 ) -> dict[str, Any]:
     """Start a maintenance run on the server (a proxy does it) and follow it to its end."""
-    import time
-
-    from vmkeep.cli.output import byte_bars
-
     api = client(ctx)
     run = api.call("POST", f"/api/repositories/{name}/{kind}", **({"json": body} if body is not None else {}))
-    with byte_bars() as bars:  # verify reports the bytes it has read into the run's row every second
-        bar = bars.add_task(f"{kind} of {name}", total=None)
-        while run["status"] in ("queued", "running"):
-            time.sleep(1)
-            run = api.call("GET", f"/api/maintenance/{run['id']}")
-            bars.update(bar, completed=run["progress_bytes"] or 0, total=run["total_bytes"] or None,
-                        description=f"{kind} of {name} on {run['proxy']}")
+    # verify reports the bytes it has read into the run's row every second
+    run = follow(api, f"/api/maintenance/{run['id']}", run, lambda r: f"{kind} of {name} on {r['proxy']}")
     if json_out:
         emit_json(run)
     if run["status"] != "succeeded":
