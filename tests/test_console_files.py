@@ -139,6 +139,7 @@ def test_browse_download_and_search_in_the_browser(chromium: Any, console_master
     found = page.locator("#files-search")
     found.locator("h2", has_text="in 2 of the newest 2 points").wait_for(timeout=2 * OPENING)
     assert found.locator("tr[data-match='/etc/app.conf']").count() == 2
+    shoot(page, "files-search")
     with page.expect_download() as got:
         found.get_by_role("link", name="Download /etc/app.conf").last.click()  # from the older point
     assert Path(got.value.path()).read_bytes() == b"key=value\n"
@@ -207,6 +208,9 @@ def test_an_auditor_cannot_browse_or_download(chromium: Any, console_master: Ser
     for path in ("files", "files/download?path=/etc/app.conf", "files/search?pattern=x"):
         assert api.get(f"/api/points/{point}/{path}").status_code == 403, path
     assert api.get("/api/vms/fsvm/files/search", params={"pattern": "x"}).status_code == 403
+    admin = form_login(console_master)
+    unknown = admin.get("/points/20200101T000000Z-000000/files/search", params={"pattern": "x"})
+    assert unknown.status_code == 404 and "no restore point 20200101T000000Z-000000" in unknown.text
     client = form_login(console_master, *AUDITOR)
     for path in ("files", "files/part", "files/download?path=/etc/app.conf", "files/search?pattern=x"):
         reply = client.get(f"/points/{point}/{path}")

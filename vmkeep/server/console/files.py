@@ -151,7 +151,10 @@ async def files_search(ref: str, request: Request, pattern: str = Query("", max_
                        who: Visitor = Depends(restorer), session: Session = Depends(get_session)) -> Response:
     """Search this point (at once: its filesystems are open) or the VM's newest points (in a
     thread, the page polling its results as they come)."""
-    point = find_point(session, ref)
+    try:
+        point = find_point(session, ref)
+    except HTTPException as exc:
+        return screen(request, who, "files.html", "points", {"point": None, "error": exc.detail}, exc.status_code)
     context: dict[str, Any] = {"point": point, "ref": point.id, "pattern": pattern, "points": points, "fs": fs,
                                "error": None, "search": None, "matches": [], "cut": False,
                                "max_points": MAX_POINTS_SEARCHED, "max_matches": MAX_MATCHES}
