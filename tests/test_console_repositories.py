@@ -216,6 +216,7 @@ def test_gc_frees_the_bytes_prune_left(console_master: Server, console_api: http
     shoot(page, "repositories")
     page.goto(console_master.url + "/repositories/main")
     assert "freed" in page.locator("[data-outcome=gc]").inner_text()
+    assert f"run {report['id']}" in page.locator("[data-outdated]").inner_text()  # the usage figures predate it
     shoot(page, "repository")
     page.context.close()
 

@@ -109,6 +109,18 @@ class RepositoryRow:
         return RunView(self.latest.gc) if self.latest.gc else None
 
 
+def outdated_by(session: Session, row: RepositoryRow) -> MaintenanceRun | None:
+    """The newest GC or prune (not a dry run) that changed the repository after its last usage run."""
+    if row.latest.usage is None:
+        return None
+    return session.scalar(select(MaintenanceRun).where(
+        MaintenanceRun.repository_id == row.record.id, MaintenanceRun.status == JobStatus.SUCCEEDED.value,
+        MaintenanceRun.id > row.latest.usage.id,
+        (MaintenanceRun.kind == "gc") | ((MaintenanceRun.kind == "prune")
+                                         & (MaintenanceRun.params["dry_run"].as_boolean().is_(False))))
+        .order_by(MaintenanceRun.id.desc()).limit(1))
+
+
 def repository_rows(session: Session, records: list[RepositoryRecord]) -> list[RepositoryRow]:
     ids = [r.id for r in records]
     counts = dict(session.execute(select(RestorePointRecord.repository_id, func.count()).where(
@@ -142,6 +154,7 @@ def _repository_screen(request: Request, who: Visitor, session: Session, name: s
                                                 .order_by(MaintenanceRun.id.desc()).limit(RECENT_RUNS))]
     return screen(request, who, "repository.html", "repositories",
                   {"row": row, "usage": usage, "p": p, "runs": runs, "actions": ACTIONS,
+                   "outdated_by": outdated_by(session, row),
                    "error_kind": error[0] if error else None, "error": error[1] if error else None},
                   status_code)
 
