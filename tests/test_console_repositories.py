@@ -241,6 +241,11 @@ def test_the_cli_runs_maintenance_through_the_server(console_master: Server, sto
     assert verified["status"] == "succeeded" and verified["result"]["ok"] is True
     said = cli.run("repository", "prune", "main", env=env).stdout
     assert "app-1: keep 1, would remove 0" in said and "mail-1" in said  # the earlier prune left the newest
+    api = httpx.Client(base_url=console_master.url, timeout=30,
+                       headers={"Authorization": f"Bearer {console_master.login('admin', ADMIN_PASSWORD)}"})
+    dry = api.post("/api/repositories/main/prune")  # no body: a dry run
+    assert dry.status_code == 202 and dry.json()["params"]["dry_run"] is True
+    assert finished(api, dry.json()["id"])["result"]["points_removed"] == 0
 
 
 def test_an_auditor_sees_but_cannot_run(console_master: Server, console_api: httpx.Client, proxy: Any,

@@ -78,11 +78,12 @@ async def measure_repository(name: str, request: Request, user: User = Depends(r
 
 
 @router.post("/repositories/{name}/prune", response_model=MaintenanceOut, status_code=202, tags=["repositories"])
-async def prune_repository(name: str, body: PruneIn, request: Request,
+async def prune_repository(name: str, request: Request, body: PruneIn | None = None,
                            user: User = Depends(require(*CHANGE_INVENTORY)),
                            session: Session = Depends(get_session)) -> MaintenanceOut:
     """Remove the points the retention of the policies backing up into it does not keep (a dry run
     by default: it lists them and what removing them frees once GC runs)."""
+    body = body or PruneIn(dry_run=True, confirm=None)
     if body.confirm is not None:
         try:
             run = await confirm_prune(session, request.app.state.queue, request, user.name, body.confirm, name)
