@@ -334,20 +334,21 @@ def test_the_server_closes_file_sessions_when_it_stops(console_master: Server) -
 
 def test_a_disk_with_two_filesystems(chromium: Any, console_master: Server, console_api: httpx.Client,
                                      points: dict[str, Any], tmp_path: Path) -> None:
-    """A partitioned disk (ext4 and FAT): the page offers both, and switching remounts in the same
-    appliance."""
+    """A partitioned disk (a small FAT partition first, as EFI puts it, then ext4): the page shows the
+    largest first, offers both, and switching remounts in the same appliance."""
     image, first = tmp_path / "two.img", tmp_path / "first"
     (first / "docs").mkdir(parents=True)
     (first / "docs" / "one.txt").write_text("on the first\n")
     second = tmp_path / "TWO.TXT"
     second.write_text("on the second\n")
     subprocess.run(["truncate", "-s", str(64 * MiB), str(image)], check=True)
-    subprocess.run(["sfdisk", "-q", str(image)], input="label: dos\nstart=2048, size=61440, type=83\n"
-                   "start=63488, type=c\n", text=True, check=True)
-    subprocess.run(["mkfs.ext4", "-q", "-E", f"offset={2048 * 512}", "-d", str(first), str(image), "30M"], check=True)
-    subprocess.run(["mkfs.vfat", "-n", "SECOND", "--offset", "63488", str(image), "33792"], check=True,
+    subprocess.run(["sfdisk", "-q", str(image)], input="label: dos\nstart=2048, size=40960, type=c\n"
+                   "start=43008, type=83\n", text=True, check=True)  # 20 MiB FAT, then 43 MiB ext4
+    subprocess.run(["mkfs.vfat", "-n", "SECOND", "--offset", "2048", str(image), "20480"], check=True,
                    capture_output=True)
-    subprocess.run(["mcopy", "-i", f"{image}@@{63488 * 512}", str(second), "::/TWO.TXT"], check=True)
+    subprocess.run(["mcopy", "-i", f"{image}@@{2048 * 512}", str(second), "::/TWO.TXT"], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-E", f"offset={43008 * 512}", "-d", str(first), str(image), "44032K"],
+                   check=True)
     cli = fresh_cli()
     point = str(cli.json("disk", "backup", str(image), "--repo", str(points["repo"]), "--name", "twofs", "--format",
                          "raw")["point"])
@@ -357,15 +358,16 @@ def test_a_disk_with_two_filesystems(chromium: Any, console_master: Server, cons
     page.goto(f"{console_master.url}/points/{point}/files")
     page.locator("table.files-table").wait_for(timeout=OPENING)
     picker = page.get_by_label("Filesystem")
-    assert picker.locator("option").all_inner_texts() == ["/dev/sda1 (ext4, disk disk)", "/dev/sda2 (vfat, disk disk)"]
+    assert picker.locator("option").all_inner_texts() == ["/dev/sda1 (vfat, disk disk, 20.0 MiB)",
+                                                          "/dev/sda2 (ext4, disk disk, 43.0 MiB)"]
     assert page.locator("td.files-name").all_inner_texts() == ["docs/", "lost+found/"]
-    picker.select_option("/dev/sda2")
+    picker.select_option("/dev/sda1")
     page.get_by_role("button", name="Show").click()
     page.locator("tr[data-path='/TWO.TXT']").wait_for()
     with page.expect_download() as got:
         page.get_by_role("link", name="Download TWO.TXT").click()
     assert Path(got.value.path()).read_bytes() == b"on the second\n"
-    page.get_by_label("Filesystem").select_option("/dev/sda1")
+    page.get_by_label("Filesystem").select_option("/dev/sda2")
     page.get_by_role("button", name="Show").click()
     page.locator("tr[data-path='/docs']").wait_for()
     page.context.close()

@@ -448,6 +448,7 @@ class Filesystem:
     device: str  # as libguestfs names it: /dev/sda1, /dev/sdb, /dev/vg/root
     kind: str  # ext4, xfs, vfat, ntfs, …
     disk: str | None  # the point's disk it is on (None: spans disks, an LVM volume say)
+    size: int = 0  # of the partition or volume holding it (0: not known)
 
 
 class PointFilesystems:
@@ -460,12 +461,24 @@ class PointFilesystems:
         drives = {f"/dev/sd{chr(ord('a') + i)}": s.disk for i, s in enumerate(specs)}
         self.filesystems = [Filesystem(dev, kind, next((d for prefix, d in drives.items()
                                                          if dev == prefix or dev.startswith(prefix) and
-                                                         dev[len(prefix):].isdigit()), None))
+                                                         dev[len(prefix):].isdigit()), None), self._size(dev))
                             for dev, kind in sorted(found.items())]
         s = specs[0]
         self.hint = (f" (a damaged or missing chunk reads as an I/O error: `vmkeep repo verify {s.repo} --point "
                      f"{s.name}@{s.point}` names it)")
         self.mounted: str | None = None
+
+    def _size(self, device: str) -> int:
+        try:
+            return int(self.g.blockdev_getsize64(device))
+        except RuntimeError:  # a filesystem libguestfs names otherwise (btrfs subvolume, …)
+            return 0
+
+    @property
+    def largest(self) -> Filesystem:
+        """The one to show first: the largest is the system's own (/, C:) far more often than the
+        first (/boot, an EFI or recovery partition)."""
+        return max(self.filesystems, key=lambda f: f.size)
 
     def mount(self, filesystem: str) -> GuestFiles:
         """``filesystem`` mounted read-only at / (the one mounted before unmounted)."""

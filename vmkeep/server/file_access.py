@@ -97,10 +97,10 @@ def guest_path(request: Request, path: str) -> str:
 
 
 def choose_filesystem(s: FileSession, filesystem: str | None) -> str:
-    """``filesystem`` if the point has it, else its first (400 naming the ones there are)."""
+    """``filesystem`` if the point has it, else its largest (400 naming the ones there are)."""
     known = [f.device for f in s.filesystems.filesystems]
     if filesystem is None or filesystem == "":
-        return known[0]
+        return s.filesystems.largest.device
     if filesystem not in known:
         raise HTTPException(400, f"no filesystem {filesystem} in {s.point.label}: there are {', '.join(known)}")
     return filesystem

@@ -50,13 +50,14 @@ from vmkeep.server.schemas import NAME
 router = APIRouter(prefix="/api", tags=["files"])
 T = TypeVar("T")
 PathQuery = Query("/", max_length=4096, description="a guest path, from the filesystem's /")
-FsQuery = Query(None, max_length=200, description="which filesystem (/dev/sda1, …); the point's first if not given")
+FsQuery = Query(None, max_length=200, description="which filesystem (/dev/sda1, …); the point's largest if not given")
 
 
 class FilesystemOut(BaseModel):
     device: str
     kind: str
     disk: str | None
+    size: int
 
 
 class EntryOut(BaseModel):
@@ -120,7 +121,7 @@ async def list_files(point: str, request: Request, path: str = PathQuery, filesy
     fs = choose_filesystem(s, filesystem)
     top, entries = await answered(listing, s, fs, guest_path(request, path))
     return ListingOut(vm=s.point.vm, point=s.point.point_id, repository=s.point.repo.name,
-                      filesystems=[FilesystemOut(device=f.device, kind=f.kind, disk=f.disk)
+                      filesystems=[FilesystemOut(device=f.device, kind=f.kind, disk=f.disk, size=f.size)
                                    for f in s.filesystems.filesystems],
                       filesystem=fs, path=shown(top.path), kind=top.kind,
                       entries=[entry_out(e) for e in entries] if top.kind == "dir" else [entry_out(top)])
