@@ -66,6 +66,11 @@ MATRIX: dict[tuple[str, str], set[str] | None] = {
     ("POST", "/api/restores"): {ADMIN, OPERATOR, RESTORE_ONLY},
     ("GET", "/api/restores"): PEOPLE,
     ("GET", "/api/restores/{restore_id}"): PEOPLE,
+    ("GET", "/api/points/{point}/files"): {ADMIN, OPERATOR, RESTORE_ONLY},  # a file is a restore
+    ("GET", "/api/points/{point}/files/download"): {ADMIN, OPERATOR, RESTORE_ONLY},
+    ("GET", "/api/points/{point}/files/search"): {ADMIN, OPERATOR, RESTORE_ONLY},
+    ("DELETE", "/api/points/{point}/files"): {ADMIN, OPERATOR, RESTORE_ONLY},
+    ("GET", "/api/vms/{vm}/files/search"): {ADMIN, OPERATOR, RESTORE_ONLY},
 }
 
 
