@@ -7,10 +7,12 @@ beside the fields, roles, and a restore's live progress. No proxy runs: the rest
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +23,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import MiB, fresh_cli
 from tests.console_support import AUDITOR, audit_actions, csrf_of, form_login, log_in, shoot
 from tests.test_catalog import backed_up
+from tests.test_scale_out import start_proxy, stop, wait_for
 from tests.test_server import Server
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Proxy, RepositoryRecord, RestoreJob, RestorePointRecord
 from vmkeep.catalog.models import VirtualMachine as VM
@@ -37,6 +40,7 @@ class Catalog:
     """What the module's catalog holds besides the real repository's points."""
 
     web_points: list[str]  # web-1's two VM points, oldest first
+    folder: Path  # the disk images backed up: disk0-2 are app-1's points, disk3 mail-1's
 
 
 @contextmanager
@@ -95,7 +99,7 @@ def catalog(console_master: Server, console_api: httpx.Client, tmp_path_factory:
                            json={"locations": [LOCATION]}).status_code == 200
     assert console_api.post("/api/users", json={"name": RITA[0], "password": RITA[1],
                                                 "role": "restore-only"}).status_code == 201
-    return Catalog(ids)
+    return Catalog(ids, folder)
 
 
 def proxy_alive(api: httpx.Client) -> None:
@@ -160,7 +164,7 @@ def test_points_list_and_timeline_show_the_real_points(chromium: Any, console_ma
         assert cells.locator("[data-cell=mode]").inner_text() == f"{p['mode'] or 'full'} (disk image)"
         files = cells.get_by_role("link", name="Files").get_attribute("href")  # the catalog row's number
         assert files == f"/points/{rows_of[p['point_id']]}/files"
-        assert cells.get_by_role("link", name="Restore…").count() == 0  # an image's point is no VM to restore
+        assert cells.get_by_role("link", name="Restore…").count() == 1  # its disk, to a file
     assert page.locator("table.timeline tbody tr").evaluate_all("rs => rs.map(r => r.dataset.point)") == [
         p["point_id"] for p in api_points]
 
@@ -391,3 +395,93 @@ def test_a_restore_page_shows_its_progress_live(chromium: Any, console_master: S
     page.wait_for_timeout(2500)
     assert polls == []  # the polling stopped
     page.context.close()
+
+
+def test_the_wizard_restores_one_disk_to_a_file_with_a_real_proxy(chromium: Any, console_master: Server,
+                                                                   console_api: httpx.Client, catalog: Catalog,
+                                                                   tmp_path: Path) -> None:
+    """A disk-image point's disk written to a file by a real proxy on the hypervisor's host: the
+    same disk as the image backed up; wrong fields are refused beside them, an existing file is
+    not overwritten."""
+    with _sql(console_master) as session:  # a hypervisor whose host runs the proxy below
+        files = Hypervisor(name="files", kind="libvirt", uri="qemu+tls://node-5/system",
+                           discovered_at=datetime.now(UTC))
+        session.add(files)
+        session.flush()
+        session.add(VM(hypervisor_id=files.id, name="db-5", uuid="u-db-5", host="node-5", state="running",
+                       disks=[], tags=[], present=True))
+        session.commit()
+    assert console_api.put("/api/hypervisors/files/restore-locations",
+                           json={"locations": [str(tmp_path)]}).status_code == 200
+    mail = console_api.get("/api/points", params={"vm": "mail-1"}).json()[0]["point_id"]
+    base = {"vm": "mail-1", "point": mail, "hypervisor": "files", "mode": "disk-file", "disk": "disk",
+            "storage": str(tmp_path / "out"), "file": "mail-1.qcow2"}
+    before = restores(console_api)
+    no_proxy = console_api.post("/api/restores", json=base)  # p1 is on node-1 only
+    assert no_proxy.status_code == 409 and "cannot write a file" in no_proxy.json()["detail"]
+    for change, status, words in [({"file": "../mail.qcow2"}, 422, "pattern"), ({"file": "a..b"}, 400, "'..'"),
+                                  ({"disk": "vdz"}, 404, "has no disk vdz (it has: disk)"),
+                                  ({"storage": "/etc"}, 403, "restore locations"), ({"format": "vmdk"}, 422, "")]:
+        refused = console_api.post("/api/restores", json={**base, **change})
+        assert refused.status_code == status and words in refused.text, (change, refused.text)
+    assert restores(console_api) == before
+
+    token = console_api.post("/api/tokens", json={"name": "file-proxy"}).json()["token"]
+    proxy = start_proxy(console_master, token, "pf", reaches="node-5")
+    try:
+        wait_for("proxy pf up", lambda: any(p["name"] == "pf" and p["up"]
+                                            for p in console_api.get("/api/proxies").json()), timeout=60)
+        page = log_in(chromium, console_master)
+        page.goto(console_master.url + "/points/vm/mail-1")
+        page.get_by_role("link", name="Restore…").click()
+        page.wait_for_url(re.compile(r"/points/vm/mail-1/restore\?point="))
+        assert page.get_by_label("One disk to an image file").is_checked()  # an image: no VM
+        assert page.get_by_label("The whole VM as a new VM (the original stays as it is)").count() == 0
+        assert page.get_by_label("Name of the new VM").is_hidden()
+        page.get_by_label("Hypervisor").select_option("files")
+        page.locator("#storage-hint").filter(has_text=str(tmp_path)).wait_for(timeout=5000)
+        directory, name = page.get_by_label("Directory on the host (inside a restore location)"), page.get_by_label(
+            "File name")
+        submit = page.get_by_role("button", name="Start the restore")
+        directory.fill(str(tmp_path / "out"))
+        name.fill("mail-1.qcow2")
+        shoot(page, "restore-wizard-disk-file")
+        for where, file, field, words in [("/var/tmp", "m.qcow2", "directory", "restore locations"),
+                                          (str(tmp_path), "sub/m.qcow2", "file", "no '/'"),
+                                          ("", "m.qcow2", "directory", "Enter the directory")]:
+            directory.fill(where)
+            name.fill(file)
+            submit.click()
+            assert words in page.locator(f"#{field}-error").inner_text(), (field, words)
+            assert page.get_by_label("One disk to an image file").is_checked()
+        assert restores(console_api) == before
+        directory.fill(str(tmp_path / "out"))
+        name.fill("mail-1.qcow2")
+        page.get_by_label("Format").select_option("qcow2")
+        submit.click()
+        page.wait_for_url(re.compile(r"/restores/\d+$"))
+        page.locator("[data-fact=status]").filter(has_text="succeeded").wait_for(timeout=60000)
+        assert page.locator("[data-fact=file]").inner_text() == f"{tmp_path}/out/mail-1.qcow2 (qcow2)"
+        shoot(page, "restore-disk-file")
+        job = restores(console_api)[0]
+        written = tmp_path / "out" / "mail-1.qcow2"
+        assert (job["mode"], job["disk"], job["format"], job["new_name"], job["proxy"], job["disks"]) == (
+            "disk-file", "disk", "qcow2", "mail-1.qcow2", "pf", {"disk": str(written)})
+        assert job["progress_bytes"] == job["total_bytes"] and job["total_bytes"] > 0
+        compared = subprocess.run(["qemu-img", "compare", str(written), str(catalog.folder / "disk3.qcow2")],
+                                  capture_output=True, text=True)
+        assert compared.returncode == 0, compared.stdout + compared.stderr
+        entry = console_api.get("/api/audit", params={"action": "restore-start"}).json()[0]
+        assert entry["detail"]["mode"] == "disk-file" and entry["detail"]["file"] == str(written)
+
+        # the same file again (raw this time): the proxy refuses to overwrite it and leaves it as it was
+        again = console_api.post("/api/restores", json={**base, "format": "raw"})
+        assert again.status_code == 202, again.text
+        failed = wait_for("the second restore to fail", lambda: (r := console_api.get(
+            f"/api/restores/{again.json()['id']}").json())["status"] == "failed" and r, timeout=60)
+        assert "already exists" in failed["error"]
+        assert subprocess.run(["qemu-img", "compare", str(written), str(catalog.folder / "disk3.qcow2")],
+                              capture_output=True).returncode == 0
+        page.context.close()
+    finally:
+        stop(proxy)

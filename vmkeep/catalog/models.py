@@ -297,9 +297,12 @@ class RestoreJob(Base):
     repository_name: Mapped[str] = mapped_column(String(200), server_default="")  # kept when it is removed
     hypervisor_id: Mapped[int | None] = mapped_column(ForeignKey("hypervisors.id", ondelete="SET NULL"))
     hypervisor_name: Mapped[str] = mapped_column(String(200), server_default="")  # kept when it is deleted
-    mode: Mapped[str] = mapped_column(String(20))  # as-new or overwrite
-    new_name: Mapped[str | None] = mapped_column(String(200))
-    storage: Mapped[str | None] = mapped_column(String(1000))
+    mode: Mapped[str] = mapped_column(String(20))  # as-new, overwrite, disk-file or instant
+    new_name: Mapped[str | None] = mapped_column(String(200))  # the new VM's, or disk-file's file name
+    storage: Mapped[str | None] = mapped_column(String(1000))  # disk-file: the file's directory
+    disk: Mapped[str | None] = mapped_column(String(200))  # disk-file: which disk of the point (0017)
+    format: Mapped[str | None] = mapped_column(String(10))  # disk-file: qcow2 or raw
+    step: Mapped[str | None] = mapped_column(String(10))  # instant: start, finish or discard
     start_vm: Mapped[bool] = mapped_column(default=True)
     proxy: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed

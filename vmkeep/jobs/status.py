@@ -19,3 +19,8 @@ class JobStatus(StrEnum):
 ACTIVE: tuple[str, ...] = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)  # on a proxy's queue or being done
 FINAL: tuple[str, ...] = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value,
                           JobStatus.CANCELLED.value)  # a backup's or restore's outcome
+
+# an instant recovery's restore row (not a backup's state): the VM runs from the backup until it is
+# finished (then succeeded) or discarded
+INSTANT = "instant"
+DISCARDED = "discarded"

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from procrastinate import JobContext
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.models import RestoreJob
+from vmkeep.engine.image import restore_image
 from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
+from vmkeep.errors import UsageError
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered
 from vmkeep.jobs.status import ACTIVE, JobStatus
+from vmkeep.progress import Progress
 from vmkeep.proxy.progress import RowProgress
-from vmkeep.proxy.work import restore_order
+from vmkeep.proxy.work import HypervisorOrder, restore_order
+from vmkeep.repository.repo import Repository
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +52,55 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
         job.status, job.proxy, job.attempts, job.error = JobStatus.RUNNING, proxy, job.attempts + 1, None
         session.commit()
         log.info("restore started (%s, attempt %d)", job.mode, job.attempts, extra=context)
-        connector = None
         try:
             repo = open_registered(order.repository)
-            connector = connector_for(order.hypervisor)
             # progress lands through another connection: closed before this session writes the row
             rows = RowProgress(sessions, restore_id, RestoreJob)
-            progress = throttled(rows, max_rate)
             try:
-                if job.mode == "overwrite":  # re-stages every disk: a retry needs nothing removed first
-                    result = restore_vm_overwrite(repo, connector, job.vm_name, job.point_id, progress=progress)
-                else:
-                    assert job.new_name is not None
-                    result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
-                                           storage=job.storage, start=job.start_vm,
-                                           progress=progress, retry=job.attempts > 1)
+                name, disks = perform(repo, order.hypervisor, job, throttled(rows, max_rate))
             finally:
                 rows.close()
-            job.status, job.disks = JobStatus.SUCCEEDED, result.disks
-            log.info("restore succeeded: VM %s, %d disks", result.name, len(result.disks), extra=context)
+            job.status, job.disks = JobStatus.SUCCEEDED, disks
+            log.info("restore succeeded: %s, %d disks", name, len(disks), extra=context)
         except Exception as exc:  # recorded for the user; the task itself ends cleanly
             job.status, job.error = JobStatus.FAILED, str(exc)
             log.warning("restore failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG), extra=context)
         finally:
-            if connector is not None:
-                connector.close()
             job.finished = datetime.now(UTC)
             session.commit()
+
+
+def perform(repo: Repository, hypervisor: HypervisorOrder, job: RestoreJob,
+            progress: Progress) -> tuple[str, dict[str, str]]:
+    """Do the row's restore: what it made (a VM's or a file's name) and its disks' paths."""
+    if job.mode == "disk-file":  # a file written here, on the host: no hypervisor call
+        return restore_disk_file(repo, job, progress)
+    connector = connector_for(hypervisor)
+    try:
+        if job.mode == "overwrite":  # re-stages every disk: a retry needs nothing removed first
+            result = restore_vm_overwrite(repo, connector, job.vm_name, job.point_id, progress=progress)
+        else:
+            assert job.new_name is not None
+            result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
+                                   storage=job.storage, start=job.start_vm,
+                                   progress=progress, retry=job.attempts > 1)
+        return result.name, result.disks
+    finally:
+        connector.close()
+
+
+def restore_disk_file(repo: Repository, job: RestoreJob, progress: Progress) -> tuple[str, dict[str, str]]:
+    """One disk of the point to ``storage/new_name`` on this machine (the proxy runs on the target
+    host: the master chose it so). A retry's file is the partial one an earlier attempt left: it
+    goes first; a failed attempt's file goes too (``open_file_writer`` removes it)."""
+    assert job.storage and job.new_name and job.disk and job.format
+    if "/" in job.new_name or ".." in job.new_name:  # the master checked it; the row is checked again here
+        raise UsageError(f"{job.new_name!r} is not a plain file name")
+    directory = Path(job.storage)
+    path = directory / job.new_name
+    if job.attempts > 1 and path.exists():
+        log.info("removing %s, the partial file of an earlier attempt", path, extra={"restore": job.id})
+        path.unlink()
+    directory.mkdir(parents=True, exist_ok=True)
+    restore_image(repo, job.vm_name, job.point_id, path, disk=job.disk, fmt=job.format, progress=progress)
+    return str(path), {job.disk: str(path)}

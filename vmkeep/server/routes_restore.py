@@ -1,9 +1,9 @@
-"""Restores started through the server: a whole VM as a new one, or over the original."""
+"""Restores started through the server: a whole VM as a new one or over the original, or one disk to a file."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi import Path as FastPath
@@ -32,11 +32,21 @@ RestoreId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
 class RestoreIn(BaseModel):
     vm: str = Field(pattern=NAME)
     point: str | None = Field(default=None, max_length=64, description="a point id or unique prefix; latest if none")
-    hypervisor: str = Field(max_length=200, description="where the VM is defined")
+    hypervisor: str = Field(max_length=200, description="where the VM is defined, or the file written")
+    mode: Literal["as-new", "overwrite", "disk-file"] | None = Field(
+        default=None, description="as-new (as_name), overwrite, or disk-file (disk, file, storage: one disk to a "
+                                  "file); none: as_name or overwrite says")
     as_name: str | None = Field(default=None, pattern=NAME, description="restore as a new VM of this name")
     overwrite: bool = Field(default=False, description="put the original (shut off) back instead")
-    storage: str | None = Field(default=None, pattern=r"^/", max_length=1000)
+    storage: str | None = Field(default=None, pattern=r"^/", max_length=1000,
+                                description="where the disks go; disk-file: the file's directory")
     start: bool = True
+    disk: str | None = Field(default=None, pattern=NAME, description="disk-file: which disk of the point")
+    file: str | None = Field(default=None, pattern=NAME, description="disk-file: the file's name (no slashes)")
+    format: Literal["qcow2", "raw"] = Field(default="qcow2", description="disk-file: the file's format")
+
+    def chosen_mode(self) -> str:
+        return self.mode or ("overwrite" if self.overwrite else "as-new")
 
 
 class RestoreOut(BaseModel):
@@ -46,6 +56,9 @@ class RestoreOut(BaseModel):
     point: str
     mode: str
     new_name: str | None
+    disk: str | None
+    format: str | None
+    storage: str | None
     hypervisor: str
     repository: str
     proxy: str | None
@@ -62,7 +75,7 @@ class RestoreOut(BaseModel):
 
 def _out(r: RestoreJob) -> RestoreOut:
     return RestoreOut(id=r.id, requested_by=r.requested_by, vm=r.vm_name, point=r.point_id, mode=r.mode,
-                      new_name=r.new_name,
+                      new_name=r.new_name, disk=r.disk, format=r.format, storage=r.storage,
                       hypervisor=r.hypervisor_name, repository=r.repository_name, proxy=r.proxy,
                       status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
                       total_bytes=r.total_bytes, warnings=r.warnings, error=r.error, disks=r.disks,
@@ -81,9 +94,12 @@ class RestoreRefused(Exception):
 async def begin_restore(session: Session, request: Request, user: User, body: RestoreIn) -> RestoreJob:
     """Check, audit and queue a restore (the API's POST /api/restores and the console's wizard):
     :class:`RestoreRefused` before anything is written when a check fails."""
-    if bool(body.as_name) == body.overwrite:
+    mode = body.chosen_mode()
+    if mode == "disk-file":
+        _check_file_fields(body)
+    elif bool(body.as_name) == (mode == "overwrite") or (body.mode == "as-new" and body.overwrite):
         raise RestoreRefused(400, "give as_name (a new VM) or overwrite: true (the original), one of them", "mode")
-    if body.overwrite and user.role not in OVERWRITE:
+    if mode == "overwrite" and user.role not in OVERWRITE:
         raise RestoreRefused(403, f"role {user.role} restores as a new VM only: overwriting a VM needs an operator "
                                   "or an administrator", "mode")
     hypervisor = session.scalar(select(Hypervisor).where(Hypervisor.name == body.hypervisor))
@@ -94,6 +110,54 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
         raise RestoreRefused(403, f"restores to {body.hypervisor} may write only inside its restore locations "
                                   f"({where}); an administrator sets them with PUT /api/hypervisors/"
                                   f"{body.hypervisor}/restore-locations", "storage")
+    point = _point(session, body, mode)
+    if body.as_name and mode == "as-new" and name_taken(session, hypervisor, body.as_name):
+        raise RestoreRefused(409, f"{body.hypervisor} already has a VM {body.as_name} (or a restore creating it): "
+                                  "choose another name", "as_name")
+    if mode == "disk-file" and file_taken(session, hypervisor, body):
+        raise RestoreRefused(409, f"a restore under way already writes {body.storage}/{body.file}: choose another "
+                                  "file name", "file")
+    proxy = restore_proxy(session, hypervisor)
+    if proxy is None:
+        extra = (" (a proxy that reaches the host only over the network, --reaches '*', cannot write a file on it)"
+                 if mode == "disk-file" else "")
+        raise RestoreRefused(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there{extra}",
+                             "hypervisor")
+    disk_file = mode == "disk-file"
+    job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
+                     repository_id=point.repository_id, repository_name=point.repository.name,
+                     hypervisor_id=hypervisor.id,
+                     hypervisor_name=hypervisor.name, mode=mode,
+                     new_name=body.file if disk_file else body.as_name if mode == "as-new" else None,
+                     storage=body.storage if mode != "overwrite" else None,
+                     disk=body.disk if disk_file else None, format=body.format if disk_file else None,
+                     start_vm=body.start and mode == "as-new", proxy=proxy.name, status=JobStatus.QUEUED)
+    session.add(job)
+    details = ({"disk": body.disk, "file": f"{body.storage}/{body.file}", "format": body.format} if disk_file
+               else {"as_name": body.as_name, "overwrite": mode == "overwrite"})
+    audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id, mode=mode, **details)
+    session.commit()
+    job.task_id = await defer_restore(request.app.state.queue, proxy, job)
+    session.commit()
+    return job
+
+
+def _check_file_fields(body: RestoreIn) -> None:
+    """A disk-file restore names the disk, the directory (checked against the restore locations
+    later) and a plain file name."""
+    if not body.disk:
+        raise RestoreRefused(400, "give disk: the point's disk to write to the file", "disk")
+    if not body.storage:
+        raise RestoreRefused(400, "give storage: the directory to write the file in, inside the hypervisor's "
+                                  "restore locations", "storage")
+    if not body.file or ".." in body.file:
+        raise RestoreRefused(400, "give file: a plain file name (letters, digits, '.', '_' or '-'; no '/', no '..')",
+                             "file")
+
+
+def _point(session: Session, body: RestoreIn, mode: str) -> RestorePointRecord:
+    """The catalog's point the restore asks for; a whole-VM restore needs a VM's point, a disk-file
+    restore a disk that point has."""
     query = select(RestorePointRecord).where(RestorePointRecord.name == body.vm)
     if body.point:
         query = query.where(RestorePointRecord.point_id.startswith(body.point, autoescape=True))
@@ -101,29 +165,22 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
     if not points or (body.point and len(points) > 1 and points[0].point_id != body.point):
         raise RestoreRefused(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}", "point")
     point = points[0]
-    if point.kind != "vm":  # the proxy's engine would refuse it only once it ran
+    if mode == "disk-file":
+        if body.disk not in (point.disks or {}):
+            raise RestoreRefused(404, f"point {point.point_id} of {body.vm} has no disk {body.disk} (it has: "
+                                      f"{', '.join(point.disks or {}) or 'none'})", "disk")
+    elif point.kind != "vm":  # the proxy's engine would refuse it only once it ran
         raise RestoreRefused(422, f"point {point.point_id} of {body.vm} is a disk image, not a VM's backup: restore "
-                                  f"its disk with `vmkeep disk restore {body.vm}@{point.point_id}`", "point")
-    if body.as_name and name_taken(session, hypervisor, body.as_name):
-        raise RestoreRefused(409, f"{body.hypervisor} already has a VM {body.as_name} (or a restore creating it): "
-                                  "choose another name", "as_name")
-    proxy = restore_proxy(session, hypervisor)
-    if proxy is None:
-        raise RestoreRefused(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there",
-                             "hypervisor")
-    job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
-                     repository_id=point.repository_id, repository_name=point.repository.name,
-                     hypervisor_id=hypervisor.id,
-                     hypervisor_name=hypervisor.name,
-                     mode="overwrite" if body.overwrite else "as-new", new_name=body.as_name, storage=body.storage,
-                     start_vm=body.start, proxy=proxy.name, status=JobStatus.QUEUED)
-    session.add(job)
-    audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id,
-                 as_name=body.as_name, overwrite=body.overwrite)
-    session.commit()
-    job.task_id = await defer_restore(request.app.state.queue, proxy, job)
-    session.commit()
-    return job
+                                  "its disk to a file (mode disk-file) or with "
+                                  f"`vmkeep disk restore {body.vm}@{point.point_id}`", "point")
+    return point
+
+
+def file_taken(session: Session, hypervisor: Hypervisor, body: RestoreIn) -> bool:
+    """Whether a disk-file restore under way writes the same file on the hypervisor."""
+    return session.scalar(select(exists(select(RestoreJob.id).where(
+        RestoreJob.hypervisor_id == hypervisor.id, RestoreJob.mode == "disk-file", RestoreJob.status.in_(ACTIVE),
+        RestoreJob.storage == body.storage, RestoreJob.new_name == body.file)))) or False
 
 
 def name_taken(session: Session, hypervisor: Hypervisor, name: str) -> bool:

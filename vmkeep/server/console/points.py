@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -32,7 +33,10 @@ router = APIRouter(include_in_schema=False)
 
 NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
 FIELD_RULES = {"as_name": f"A VM name is {NAME_RULE}.",
-               "storage": "Storage is an absolute directory (it starts with /), at most 1000 characters."}
+               "storage": "Storage is an absolute directory (it starts with /), at most 1000 characters.",
+               "file": f"A file name is {NAME_RULE}: no '/'.",
+               "format": "The format is qcow2 or raw."}
+FILE_FIELDS = {"storage": "directory"}  # the API's field → the wizard's control, for a disk to a file
 
 
 @router.get("/points")
@@ -82,7 +86,7 @@ def wizard_page(request: Request, name: str, point: str = Query(max_length=64), 
     if who.user.role not in RESTORE:
         raise Refused(f"A {who.user.role} account may look at restore points but not restore them: "
                       "ask an administrator, an operator or a restore-only user.")
-    return _wizard(request, who, session, name, point, {"mode": "as-new", "start": "on"}, {})
+    return _wizard(request, who, session, name, point, {"mode": "as-new", "start": "on", "format": "qcow2"}, {})
 
 
 @router.get("/points/restore-locations")
@@ -96,22 +100,44 @@ def locations_part(request: Request, hypervisor: str = Query("", max_length=200)
 
 def _restore_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, dict[str, str]]:
     """The API's request from the wizard's fields, or the errors to show beside them."""
-    overwrite = form.get("mode") == "overwrite"
+    mode = form.get("mode", "as-new")
+    if mode == "disk-file":
+        return _file_body(name, form)
+    overwrite = mode == "overwrite"
     as_name = None if overwrite else form.get("as_name", "").strip()
     if as_name == "":
         return None, {"as_name": "Enter the new VM's name (" + NAME_RULE + ")."}
     storage = form.get("storage", "").strip() or None
+    return _validated(lambda: RestoreIn(
+        vm=name, point=form.get("point") or None, hypervisor=form.get("hypervisor", ""), as_name=as_name,
+        overwrite=overwrite, storage=None if overwrite else storage,
+        start=not overwrite and form.get("start") == "on"))
+
+
+def _file_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, dict[str, str]]:
+    """One disk to a file: the directory is the API's storage, the file name its file."""
+    missing = {field: words for field, words in (("directory", "Enter the directory the file goes in."),
+                                                 ("file", "Enter the file's name."))
+               if not form.get(field, "").strip()}
+    if missing:
+        return None, missing
+    body, errors = _validated(lambda: RestoreIn(
+        vm=name, point=form.get("point") or None, hypervisor=form.get("hypervisor", ""), mode="disk-file",
+        disk=form.get("disk") or None, file=form.get("file", "").strip(),
+        format=form.get("format", "qcow2"),  # type: ignore[arg-type]  # checked by the model
+        storage=form.get("directory", "").strip()))
+    return body, {FILE_FIELDS.get(field, field): words for field, words in errors.items()}
+
+
+def _validated(build: Callable[[], RestoreIn]) -> tuple[RestoreIn | None, dict[str, str]]:
     try:
-        body = RestoreIn(vm=name, point=form.get("point") or None, hypervisor=form.get("hypervisor", ""),
-                         as_name=as_name, overwrite=overwrite, storage=None if overwrite else storage,
-                         start=not overwrite and form.get("start") == "on")
+        return build(), {}
     except ValidationError as exc:
         errors: dict[str, str] = {}
         for problem in exc.errors():
             field = str(problem["loc"][0]) if problem["loc"] else "mode"
             errors.setdefault(field, FIELD_RULES.get(field, f"{field}: {problem['msg']}"))
         return None, errors
-    return body, {}
 
 
 @router.post("/points/vm/{name}/restore")
@@ -133,7 +159,8 @@ async def start_restore(request: Request, name: str, who: Visitor = Depends(chan
         job = await begin_restore(session, request, who.user, body)
     except RestoreRefused as refused:
         session.rollback()
-        return _wizard(request, who, session, name, point_id, form, {refused.field: str(refused)}, refused.status)
+        field = FILE_FIELDS.get(refused.field, refused.field) if body.mode == "disk-file" else refused.field
+        return _wizard(request, who, session, name, point_id, form, {field: str(refused)}, refused.status)
     log.info("console restore %d started by %s: %s@%s %s", job.id, who.user.name, name, job.point_id, job.mode)
     return RedirectResponse(f"/restores/{job.id}", status_code=303)
 
