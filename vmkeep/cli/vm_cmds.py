@@ -149,7 +149,8 @@ def restore_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
     esx_host: Annotated[str | None, typer.Option(help="vSphere: the host to put the new VM on")] = None,
     folder: Annotated[str | None, typer.Option(help="vSphere: VM folder, e.g. DC0/prod/web")] = None,
-    network: Annotated[str | None, typer.Option(help="vSphere: the network for every NIC of the new VM")] = None,
+    network: Annotated[str | None, typer.Option(
+        help="The network for every NIC of the new VM (a libvirt network or a vSphere one); 'none': no NICs")] = None,
     disk: Annotated[str | None, typer.Option(help="Restore only this disk, to --output")] = None,
     output: Annotated[Path | None, typer.Option(help="File for --disk")] = None,
     fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw, for --disk")] = "qcow2",

@@ -27,6 +27,8 @@ Quiesce = Literal["required", "try", "off"]
 Consistency = Literal["application", "crash"]
 NbdTls = Literal["auto", "require", "off"]
 TRANSPORTS = ("san", "hotadd", "nbdssl", "nbd", "https")  # nbdssl: vSphere (VDDK); https: a datastore's HTTPS
+# place["network"] of a restore as a new VM: every network card of the new VM left unconnected
+DISCONNECTED = "none"
 
 
 class HypervisorError(VmkeepError):
@@ -184,3 +186,13 @@ class SandboxBoot(InstantRecovery, Protocol):
     def wait_heartbeat(self, name: str, *, timeout: float, marker: str | None = None) -> bool:
         """Whether VM ``name`` shows a heartbeat within ``timeout`` s: its guest agent answers a
         ping or, given ``marker``, its serial console prints that text (False once the VM stops)."""
+
+
+@runtime_checkable
+class RestoreChoices(Protocol):
+    """An optional capability: where a restore as a new VM may go on this hypervisor, so a user
+    picks from lists rather than typing names (``restore_vm``'s ``place`` keys)."""
+
+    def restore_choices(self) -> dict[str, list[str]]:
+        """``networks`` (always), and ``hosts`` and ``folders`` where the hypervisor has them:
+        each the names ``place`` takes, sorted."""

@@ -16,6 +16,7 @@ from typing import Any
 import libvirt
 
 from vmkeep.hypervisors.base import (
+    DISCONNECTED,
     DiskExport,
     HypervisorError,
     NbdTls,
@@ -28,10 +29,12 @@ from vmkeep.hypervisors.libvirt.connection import Connection
 from vmkeep.hypervisors.libvirt.domain_xml import (
     disk_specs,
     host_paths_to_create,
+    on_network,
     remove_own_host_files,
     renamed_copy,
     with_disk_paths,
     with_nvram_path,
+    without_network,
 )
 from vmkeep.hypervisors.libvirt.inventory import list_vms
 from vmkeep.hypervisors.libvirt.point_in_time import point_in_time
@@ -94,6 +97,10 @@ class LibvirtConnector:
         return list_vms(self.connection)
 
     # -- restore ---------------------------------------------------------------------------------
+    def restore_choices(self) -> dict[str, list[str]]:
+        """The RestoreChoices capability: the host's libvirt networks (one host, no folders)."""
+        return {"networks": restore.network_names(self.conn)}
+
     def restore_vm(self, config: dict[str, Any], *, name: str, disks: dict[str, int], as_new: bool,
                    storage: str | None = None, place: dict[str, str] | None = None,
                    retry: bool = False) -> AbstractContextManager[LibvirtRestore]:
@@ -113,6 +120,11 @@ class LibvirtConnector:
         restore.check_config(config, place)
         xml = config["domain_xml"]
         xml = renamed_copy(xml, name, disk_paths) if as_new else with_disk_paths(xml, disk_paths)
+        network = (place or {}).get("network")
+        if as_new and network == DISCONNECTED:
+            xml = without_network(xml)  # interfaces removed: nothing to plug in by mistake
+        elif as_new and network:
+            xml = on_network(xml, network)
         written: list[Path] = []
         try:
             nvram = config.get("nvram")

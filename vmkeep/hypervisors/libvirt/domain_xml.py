@@ -172,3 +172,16 @@ def without_network(xml: str) -> str:
         for iface in devices.findall("interface"):
             devices.remove(iface)
     return ET.tostring(root, encoding="unicode")
+
+
+def on_network(xml: str, network: str) -> str:
+    """The configuration with every network interface on libvirt network ``network`` (a bridge,
+    user or direct interface becomes a network one); model, MAC and other settings stay."""
+    root = ET.fromstring(xml)
+    for iface in root.findall("./devices/interface"):
+        iface.set("type", "network")
+        for el in iface.findall("source") + iface.findall("target"):  # target: a tap name of the old VM's host
+            iface.remove(el)
+        source = ET.Element("source", {"network": network})
+        iface.insert(0, source)
+    return ET.tostring(root, encoding="unicode")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from vmkeep.errors import UsageError
-from vmkeep.hypervisors.base import HypervisorError
+from vmkeep.hypervisors.base import DISCONNECTED, HypervisorError
 from vmkeep.hypervisors.libvirt import pools
 from vmkeep.hypervisors.libvirt.upload import UPLOADING_SUFFIX, pool_for, upload_disk
 from vmkeep.transport.targets import DiskWriter, open_file_writer
@@ -37,9 +37,12 @@ STAGED_SUFFIX = ".vmkeep-restore"
 
 
 def check_config(config: dict[str, Any], place: dict[str, str] | None) -> None:
-    """Refuse a point of another hypervisor, or choices libvirt does not have."""
-    if place:
-        raise HypervisorError(f"{', '.join(place)}: vSphere placement choices; a libvirt restore takes --storage")
+    """Refuse a point of another hypervisor, or choices libvirt does not have (a libvirt
+    hypervisor is one host, without VM folders: only ``network`` is a choice)."""
+    other = sorted(k for k, v in (place or {}).items() if v and k != "network")
+    if other:
+        raise HypervisorError(f"{', '.join(other)}: vSphere placement choices; a libvirt restore takes --storage "
+                              "and --network (each libvirt host is a hypervisor of its own: restore onto that one)")
     if config.get("kind", "libvirt") != "libvirt" or not config.get("domain_xml"):
         raise HypervisorError(f"this point is of a {config.get('kind', 'foreign')} VM: restore it onto that "
                               "kind of hypervisor, or its disks with --disk")
@@ -51,7 +54,7 @@ class LibvirtRestore:
 
     def __init__(self, connector: LibvirtConnector, config: dict[str, Any], name: str,
                  paths: dict[str, PurePath], *, as_new: bool, storage: str | None,
-                 pool: libvirt.virStoragePool | None = None) -> None:
+                 pool: libvirt.virStoragePool | None = None, place: dict[str, str] | None = None) -> None:
         self.connector = connector
         self.config = config
         self.name = name
@@ -59,6 +62,7 @@ class LibvirtRestore:
         self.storage = storage
         self.paths = paths  # where each disk lives once the VM is defined
         self.pool = pool
+        self.place = place  # the network chosen for a new VM's interfaces (checked already)
         self.undo: list[Callable[[], None]] = []  # removes what was written and not handed over
 
     def staged(self, disk: str) -> Path:
@@ -92,7 +96,8 @@ class LibvirtRestore:
                 os.replace(self.staged(disk), final)
             self.undo.clear()
         placed = self.connector.define_restored(self.config, name=self.name, disk_paths=disk_paths,
-                                                storage=self.storage, as_new=self.as_new, start=False)
+                                                storage=self.storage, as_new=self.as_new, start=False,
+                                                place=self.place)
         self.undo.clear()  # handed over: the VM is defined with these disks
         if start:
             self.connector.start_restored(self.name)
@@ -104,6 +109,29 @@ class LibvirtRestore:
         for undo in reversed(self.undo):
             undo()
         self.undo.clear()
+
+
+def network_names(conn: libvirt.virConnect) -> list[str]:
+    """The host's libvirt networks, sorted: active or not (one that is not active must be started
+    before the new VM starts, which libvirt then refuses with that reason)."""
+    return sorted(n.name() for n in conn.listAllNetworks())
+
+
+def check_network(connector: LibvirtConnector, place: dict[str, str] | None) -> str | None:
+    """The network every interface of the new VM goes on (``DISCONNECTED``: none), refused before
+    anything is written when the host has no such network; None: the original's interfaces."""
+    network = (place or {}).get("network") or None
+    if network is None or network == DISCONNECTED:
+        return network
+    try:
+        known = network_names(connector.conn)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot list the networks of {connector.host}: {exc.get_error_message()}") from exc
+    log.debug("networks of %s: %s", connector.host, known)
+    if network not in known:
+        raise UsageError(f"no libvirt network {network!r} on {connector.host} (there are: {', '.join(known) or 'none'}"
+                         f"; or {DISCONNECTED!r} for a VM without network interfaces)")
+    return network
 
 
 def _delete_volume(pool: libvirt.virStoragePool | None, name: str) -> None:
@@ -131,6 +159,9 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
                retry: bool) -> Iterator[LibvirtRestore]:
     """The restore session; see ``Connector.restore_vm``."""
     check_config(config, place)
+    if not as_new and (place or {}).get("network"):
+        raise UsageError("a restore over the original keeps its network: --network is for a new VM (--as)")
+    check_network(connector, place)
     if not connector.is_local:
         if not as_new:
             raise HypervisorError(f"a restore over the original VM on {connector.host} runs on that host (a proxy "
@@ -138,7 +169,7 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
         if config.get("nvram"):
             raise HypervisorError(f"{name} has UEFI variables, which are written beside its disks on the host: run "
                                   f"this restore on {connector.host} (a proxy there)")
-        with _remote_restore(connector, config, name, disks, storage, retry) as session:
+        with _remote_restore(connector, config, name, disks, storage, retry, place) as session:
             yield session
         return
     pool = None
@@ -159,7 +190,7 @@ def restore_vm(connector: LibvirtConnector, config: dict[str, Any], *, name: str
         directory = Path(next(iter(paths.values())).parent) if paths else IMAGES
     made_directory = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
-    session = LibvirtRestore(connector, config, name, paths, as_new=as_new, storage=storage)
+    session = LibvirtRestore(connector, config, name, paths, as_new=as_new, storage=storage, place=place)
     try:
         yield session
     finally:
@@ -212,7 +243,7 @@ def _refuse_taken(connector: LibvirtConnector, name: str, taken: list[str]) -> N
 
 @contextmanager
 def _remote_restore(connector: LibvirtConnector, config: dict[str, Any], name: str, disks: dict[str, int],
-                    storage: str | None, retry: bool) -> Iterator[LibvirtRestore]:
+                    storage: str | None, retry: bool, place: dict[str, str] | None) -> Iterator[LibvirtRestore]:
     """A new VM on a host this proxy does not run on: its disks uploaded into a storage pool there."""
     directory, chosen = placement(connector, config, name, storage)
     paths = new_disk_paths(directory, name, disks)
@@ -224,7 +255,8 @@ def _remote_restore(connector: LibvirtConnector, config: dict[str, Any], name: s
                     if _volume_exists(pool, volume):
                         _delete_volume(pool, volume)
         _refuse_taken(connector, name, [str(p) for p in paths.values() if _volume_exists(pool, p.name)])
-        session = LibvirtRestore(connector, config, name, paths, as_new=True, storage=storage, pool=pool)
+        session = LibvirtRestore(connector, config, name, paths, as_new=True, storage=storage, pool=pool,
+                                 place=place)
         try:
             yield session
         finally:

@@ -102,6 +102,13 @@ class VsphereConnector:
         datacenters = sorted(str(p.get("name")) for _d, p in self.session.collect(vim.Datacenter, ["name"]))
         return {"datacenters": datacenters, "clusters": clusters, "hosts": hosts, "datastores": stores}
 
+    def restore_choices(self) -> dict[str, list[str]]:
+        """The RestoreChoices capability: networks (standard and distributed port groups), hosts
+        and VM folders, as a restore's ``place`` names them."""
+        networks = sorted(str(p.get("name")) for _n, p in self.session.collect(vim.Network, ["name"]))
+        hosts = sorted(str(p.get("name")) for _h, p in self.session.collect(vim.HostSystem, ["name"]))
+        return {"networks": networks, "hosts": hosts, "folders": sorted(set(self.folder_paths().values()) - {""})}
+
     def folder_paths(self) -> dict[Any, str]:
         """Every folder's path under its datacenter's VM folder ("" for that folder itself)."""
         props = {f: p for f, p in self.session.collect(vim.Folder, ["name", "parent"])}

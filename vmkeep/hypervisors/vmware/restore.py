@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyVmomi import vim, vmodl
 
-from vmkeep.hypervisors.base import HypervisorError
+from vmkeep.hypervisors.base import DISCONNECTED, HypervisorError
 from vmkeep.hypervisors.vmware import devices
 from vmkeep.hypervisors.vmware.datastore import FolderWriter, put_stream
 from vmkeep.hypervisors.vmware.nfc import ImportLease
@@ -131,7 +131,9 @@ def _placement(connector: VsphereConnector, config: dict[str, Any], name: str, d
     pool = _by_name(connector, vim.ResourcePool, placement.get("pool")) or _by_name(connector, vim.ResourcePool,
                                                                                      None)
     networks = {p.get("name"): n for n, p in session.collect(vim.Network, ["name"])}
-    if place.get("network"):  # every NIC on the network asked for
+    if place.get("network") == DISCONNECTED:  # no network cards at all: the copy reaches nothing
+        config = {**config, "nics": []}
+    elif place.get("network"):  # every NIC on the network asked for
         if place["network"] not in networks:
             raise HypervisorError(f"no network {place['network']!r} on {connector.host} (there are: "
                                   f"{', '.join(sorted(map(str, networks)))})")
