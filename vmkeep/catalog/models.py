@@ -42,6 +42,8 @@ class RestorePointRecord(Base):
         UniqueConstraint("repository_id", "name", "point_id"),
         Index("ix_restore_points_name_created", "name", "created"),
         Index("ix_restore_points_created", "created"),
+        # a point by id or id prefix (LIKE 'x%': text_pattern_ops whatever the collation; 0018)
+        Index("ix_restore_points_point_id", "point_id", postgresql_ops={"point_id": "text_pattern_ops"}),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -303,6 +305,11 @@ class RestoreJob(Base):
     disk: Mapped[str | None] = mapped_column(String(200))  # disk-file: which disk of the point (0017)
     format: Mapped[str | None] = mapped_column(String(10))  # disk-file: qcow2 or raw
     step: Mapped[str | None] = mapped_column(String(10))  # instant: start, finish or discard
+    # as-new: where the new VM goes besides its storage (restore_vm's place; 0018): every NIC on
+    # this network ("none": no NICs), on this host, in this VM folder; None: as the original
+    network: Mapped[str | None] = mapped_column(String(200))
+    host: Mapped[str | None] = mapped_column(String(200))
+    folder: Mapped[str | None] = mapped_column(String(500))
     start_vm: Mapped[bool] = mapped_column(default=True)
     proxy: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed
