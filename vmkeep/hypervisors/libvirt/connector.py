@@ -99,7 +99,10 @@ class LibvirtConnector:
     # -- restore ---------------------------------------------------------------------------------
     def restore_choices(self) -> dict[str, list[str]]:
         """The RestoreChoices capability: the host's libvirt networks (one host, no folders)."""
-        return {"networks": restore.network_names(self.conn)}
+        try:
+            return {"networks": restore.network_names(self.conn)}
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"cannot list the networks of {self.host}: {exc.get_error_message()}") from exc
 
     def restore_vm(self, config: dict[str, Any], *, name: str, disks: dict[str, int], as_new: bool,
                    storage: str | None = None, place: dict[str, str] | None = None,
