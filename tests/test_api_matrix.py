@@ -66,6 +66,8 @@ MATRIX: dict[tuple[str, str], set[str] | None] = {
     ("POST", "/api/restores"): {ADMIN, OPERATOR, RESTORE_ONLY},
     ("GET", "/api/restores"): PEOPLE,
     ("GET", "/api/restores/{restore_id}"): PEOPLE,
+    ("POST", "/api/restores/{restore_id}/finish"): {ADMIN, OPERATOR, RESTORE_ONLY},
+    ("POST", "/api/restores/{restore_id}/discard"): {ADMIN, OPERATOR, RESTORE_ONLY},
     ("GET", "/api/points/{point}/files"): {ADMIN, OPERATOR, RESTORE_ONLY},  # a file is a restore
     ("GET", "/api/points/{point}/files/download"): {ADMIN, OPERATOR, RESTORE_ONLY},
     ("GET", "/api/points/{point}/files/search"): {ADMIN, OPERATOR, RESTORE_ONLY},

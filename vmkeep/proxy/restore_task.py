@@ -1,4 +1,4 @@
-"""The task a proxy runs for a restore started through the server."""
+"""The task a proxy runs for a restore started through the server (and each step of an instant recovery)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
 from vmkeep.errors import UsageError
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import connector_for, open_registered
-from vmkeep.jobs.status import ACTIVE, JobStatus
+from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.progress import Progress
+from vmkeep.proxy.instant_steps import instant_step
 from vmkeep.proxy.progress import RowProgress
-from vmkeep.proxy.work import HypervisorOrder, restore_order
+from vmkeep.proxy.work import RestoreOrder, restore_order
 from vmkeep.repository.repo import Repository
 
 log = logging.getLogger(__name__)
@@ -57,26 +58,32 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
             # progress lands through another connection: closed before this session writes the row
             rows = RowProgress(sessions, restore_id, RestoreJob)
             try:
-                name, disks = perform(repo, order.hypervisor, job, throttled(rows, max_rate))
+                name, disks, status = perform(repo, order, job, throttled(rows, max_rate))
             finally:
                 rows.close()
-            job.status, job.disks = JobStatus.SUCCEEDED, disks
-            log.info("restore succeeded: %s, %d disks", name, len(disks), extra=context)
+            job.status, job.disks = status, disks
+            log.info("restore %s: %s, %d disks", status, name, len(disks), extra=context)
         except Exception as exc:  # recorded for the user; the task itself ends cleanly
-            job.status, job.error = JobStatus.FAILED, str(exc)
+            # a failed finish or discard leaves the VM running from the backup, as it was
+            job.status = INSTANT if job.mode == "instant" and job.step != "start" else JobStatus.FAILED
+            job.error = str(exc)
             log.warning("restore failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG), extra=context)
         finally:
-            job.finished = datetime.now(UTC)
+            if job.status != INSTANT:
+                job.finished = datetime.now(UTC)
             session.commit()
 
 
-def perform(repo: Repository, hypervisor: HypervisorOrder, job: RestoreJob,
-            progress: Progress) -> tuple[str, dict[str, str]]:
-    """Do the row's restore: what it made (a VM's or a file's name) and its disks' paths."""
+def perform(repo: Repository, order: RestoreOrder, job: RestoreJob,
+            progress: Progress) -> tuple[str, dict[str, str], str]:
+    """Do the row's restore (or its instant recovery's step): what it made (a VM's or a file's
+    name), its disks' paths and the row's status afterwards."""
     if job.mode == "disk-file":  # a file written here, on the host: no hypervisor call
-        return restore_disk_file(repo, job, progress)
-    connector = connector_for(hypervisor)
+        return *restore_disk_file(repo, job, progress), JobStatus.SUCCEEDED
+    connector = connector_for(order.hypervisor)
     try:
+        if job.mode == "instant":
+            return instant_step(repo, order.repository, connector, job, progress)
         if job.mode == "overwrite":  # re-stages every disk: a retry needs nothing removed first
             result = restore_vm_overwrite(repo, connector, job.vm_name, job.point_id, progress=progress)
         else:
@@ -84,7 +91,7 @@ def perform(repo: Repository, hypervisor: HypervisorOrder, job: RestoreJob,
             result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
                                    storage=job.storage, start=job.start_vm,
                                    progress=progress, retry=job.attempts > 1)
-        return result.name, result.disks
+        return result.name, result.disks, JobStatus.SUCCEEDED
     finally:
         connector.close()
 

@@ -301,6 +301,8 @@ async def _rescue_restore(session: Session, queue: procrastinate.App, task: proc
     restore = session.get(RestoreJob, task.task_kwargs["restore_id"])
     if restore is None or restore.status not in ACTIVE or restore.hypervisor is None:
         return 0
+    if restore.mode == "instant":  # its exports and state are on the dead proxy's machine: it waits for it
+        return 0
     proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
     if proxy is None:
         return 0  # retried once a proxy is up
@@ -340,8 +342,8 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
                                                         RestoreJob.proxy.in_(down), RestoreJob.task_id.is_not(None)))
     for restore in list(restores):
         assert restore.task_id is not None
-        if restore.hypervisor is None:
-            continue  # its hypervisor is being deleted; the restore fails there
+        if restore.hypervisor is None or restore.mode == "instant":
+            continue  # its hypervisor is being deleted (the restore fails there), or only its proxy can do it
         proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
         if proxy is None or not await queue.job_manager.cancel_job_by_id_async(restore.task_id):
             continue

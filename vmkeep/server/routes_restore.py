@@ -1,7 +1,9 @@
-"""Restores started through the server: a whole VM as a new one or over the original, or one disk to a file."""
+"""Restores started through the server: a whole VM as a new one or over the original, one disk to a
+file, or an instant recovery (the VM run from the backup, then finished to storage or discarded)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -13,15 +15,16 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
     Hypervisor,
+    Proxy,
     RestoreJob,
     RestorePointRecord,
     User,
     VirtualMachine,
 )
-from vmkeep.jobs.status import ACTIVE, JobStatus
+from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.server import audit
 from vmkeep.server.auth import EVERYONE, OVERWRITE, RESTORE, get_session, require
-from vmkeep.server.dispatch import defer_restore, restore_proxy
+from vmkeep.server.dispatch import defer_restore, proxy_up, restore_proxy
 from vmkeep.server.restore_locations import storage_allowed
 from vmkeep.server.schemas import NAME
 
@@ -33,10 +36,12 @@ class RestoreIn(BaseModel):
     vm: str = Field(pattern=NAME)
     point: str | None = Field(default=None, max_length=64, description="a point id or unique prefix; latest if none")
     hypervisor: str = Field(max_length=200, description="where the VM is defined, or the file written")
-    mode: Literal["as-new", "overwrite", "disk-file"] | None = Field(
-        default=None, description="as-new (as_name), overwrite, or disk-file (disk, file, storage: one disk to a "
-                                  "file); none: as_name or overwrite says")
-    as_name: str | None = Field(default=None, pattern=NAME, description="restore as a new VM of this name")
+    mode: Literal["as-new", "overwrite", "disk-file", "instant"] | None = Field(
+        default=None, description="as-new (as_name), overwrite, disk-file (disk, file, storage: one disk to a "
+                                  "file) or instant (as_name: run the VM from the backup at once, then finish or "
+                                  "discard it); none: as_name or overwrite says")
+    as_name: str | None = Field(default=None, pattern=NAME,
+                                description="restore (or, instant, run) as a new VM of this name")
     overwrite: bool = Field(default=False, description="put the original (shut off) back instead")
     storage: str | None = Field(default=None, pattern=r"^/", max_length=1000,
                                 description="where the disks go; disk-file: the file's directory")
@@ -55,6 +60,7 @@ class RestoreOut(BaseModel):
     vm: str
     point: str
     mode: str
+    step: str | None
     new_name: str | None
     disk: str | None
     format: str | None
@@ -74,7 +80,7 @@ class RestoreOut(BaseModel):
 
 
 def _out(r: RestoreJob) -> RestoreOut:
-    return RestoreOut(id=r.id, requested_by=r.requested_by, vm=r.vm_name, point=r.point_id, mode=r.mode,
+    return RestoreOut(id=r.id, requested_by=r.requested_by, vm=r.vm_name, point=r.point_id, mode=r.mode, step=r.step,
                       new_name=r.new_name, disk=r.disk, format=r.format, storage=r.storage,
                       hypervisor=r.hypervisor_name, repository=r.repository_name, proxy=r.proxy,
                       status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
@@ -97,6 +103,12 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
     mode = body.chosen_mode()
     if mode == "disk-file":
         _check_file_fields(body)
+    elif mode == "instant":
+        if not body.as_name:
+            raise RestoreRefused(400, "give as_name: the name the VM runs under, from the backup", "as_name")
+        if body.storage is not None:
+            raise RestoreRefused(400, "an instant recovery runs from the repository: give storage when finishing "
+                                      "it (POST /api/restores/{id}/finish)", "storage")
     elif bool(body.as_name) == (mode == "overwrite") or (body.mode == "as-new" and body.overwrite):
         raise RestoreRefused(400, "give as_name (a new VM) or overwrite: true (the original), one of them", "mode")
     if mode == "overwrite" and user.role not in OVERWRITE:
@@ -111,7 +123,7 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
                                   f"({where}); an administrator sets them with PUT /api/hypervisors/"
                                   f"{body.hypervisor}/restore-locations", "storage")
     point = _point(session, body, mode)
-    if body.as_name and mode == "as-new" and name_taken(session, hypervisor, body.as_name):
+    if body.as_name and mode in ("as-new", "instant") and name_taken(session, hypervisor, body.as_name):
         raise RestoreRefused(409, f"{body.hypervisor} already has a VM {body.as_name} (or a restore creating it): "
                                   "choose another name", "as_name")
     if mode == "disk-file" and file_taken(session, hypervisor, body):
@@ -128,10 +140,11 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
                      repository_id=point.repository_id, repository_name=point.repository.name,
                      hypervisor_id=hypervisor.id,
                      hypervisor_name=hypervisor.name, mode=mode,
-                     new_name=body.file if disk_file else body.as_name if mode == "as-new" else None,
+                     new_name=body.file if disk_file else body.as_name if mode in ("as-new", "instant") else None,
                      storage=body.storage if mode != "overwrite" else None,
                      disk=body.disk if disk_file else None, format=body.format if disk_file else None,
-                     start_vm=body.start and mode == "as-new", proxy=proxy.name, status=JobStatus.QUEUED)
+                     start_vm=mode == "instant" or (body.start and mode == "as-new"), proxy=proxy.name,
+                     step="start" if mode == "instant" else None, status=JobStatus.QUEUED)
     session.add(job)
     details = ({"disk": body.disk, "file": f"{body.storage}/{body.file}", "format": body.format} if disk_file
                else {"as_name": body.as_name, "overwrite": mode == "overwrite"})
@@ -169,7 +182,7 @@ def _point(session: Session, body: RestoreIn, mode: str) -> RestorePointRecord:
         if body.disk not in (point.disks or {}):
             raise RestoreRefused(404, f"point {point.point_id} of {body.vm} has no disk {body.disk} (it has: "
                                       f"{', '.join(point.disks or {}) or 'none'})", "disk")
-    elif point.kind != "vm":  # the proxy's engine would refuse it only once it ran
+    elif point.kind != "vm":  # the proxy's engine would refuse it only once it ran (instant recovery too)
         raise RestoreRefused(422, f"point {point.point_id} of {body.vm} is a disk image, not a VM's backup: restore "
                                   "its disk to a file (mode disk-file) or with "
                                   f"`vmkeep disk restore {body.vm}@{point.point_id}`", "point")
@@ -188,18 +201,78 @@ def name_taken(session: Session, hypervisor: Hypervisor, name: str) -> bool:
     present = select(VirtualMachine.id).where(VirtualMachine.hypervisor_id == hypervisor.id,
                                               VirtualMachine.name == name, VirtualMachine.present.is_(True))
     creating = select(RestoreJob.id).where(RestoreJob.hypervisor_id == hypervisor.id, RestoreJob.new_name == name,
-                                           RestoreJob.status.in_(ACTIVE))
+                                           RestoreJob.mode != "disk-file", RestoreJob.status.in_((*ACTIVE, INSTANT)))
     return session.scalar(select(or_(exists(present), exists(creating)))) or False
+
+
+async def _answer(work: Awaitable[RestoreJob]) -> RestoreOut:
+    """The API's answer: the restore row, or the refusal as an HTTP error."""
+    try:
+        return _out(await work)
+    except RestoreRefused as refused:
+        raise HTTPException(refused.status, str(refused)) from None
+
+
+class FinishIn(BaseModel):
+    storage: str = Field(pattern=r"^/", max_length=1000, description="the directory the disks move to, inside one "
+                                                                     "of the hypervisor's restore locations")
+
+
+async def follow_up(session: Session, request: Request, user: User, restore_id: int, step: str,
+                    storage: str | None = None) -> RestoreJob:
+    """Send an instant recovery's finish (to ``storage``) or discard to the proxy that runs it (its
+    exports and state are on that proxy's machine); :class:`RestoreRefused` when it cannot go."""
+    job = session.get(RestoreJob, restore_id)
+    if job is None:
+        raise RestoreRefused(404, f"no restore {restore_id}", "restore")
+    if job.mode != "instant" or job.status != INSTANT:
+        raise RestoreRefused(409, f"restore {restore_id} is not running instantly (it is {job.mode}, {job.status}): "
+                                  "only a VM that runs from the backup can be finished or discarded", "restore")
+    hypervisor = job.hypervisor
+    if hypervisor is None:
+        raise RestoreRefused(409, f"hypervisor {job.hypervisor_name} was removed: stop the VM {job.new_name} by "
+                                  "hand", "restore")
+    if step == "finish":
+        assert storage is not None
+        if not storage_allowed(storage, hypervisor.restore_locations):
+            where = ", ".join(hypervisor.restore_locations) or "none registered yet"
+            raise RestoreRefused(403, f"{job.new_name}'s disks may move only inside {hypervisor.name}'s restore "
+                                      f"locations ({where})", "storage")
+    proxy = session.scalar(select(Proxy).where(Proxy.name == job.proxy))
+    if proxy is None or not proxy_up(proxy):
+        raise RestoreRefused(409, f"proxy {job.proxy}, which runs {job.new_name}'s exports, is down: start it again "
+                                  "(no other proxy can finish or discard it)", "restore")
+    job.step, job.status, job.error, job.progress_bytes, job.total_bytes = step, JobStatus.QUEUED, None, None, None
+    if storage is not None:
+        job.storage = storage
+    audit.record(session, request, user.name, f"restore-instant-{step}", job.vm_name, restore=job.id,
+                 vm=job.new_name, storage=storage)
+    session.commit()
+    job.task_id = await defer_restore(request.app.state.queue, proxy, job)
+    session.commit()
+    return job
+
+
+@router.post("/restores/{restore_id}/finish", response_model=RestoreOut, status_code=202, tags=["restores"])
+async def finish_instant(restore_id: RestoreId, body: FinishIn, request: Request,
+                         user: User = Depends(require(*RESTORE)),
+                         session: Session = Depends(get_session)) -> RestoreOut:
+    """Move an instantly recovered VM's disks to real storage while it runs; follow it at GET /api/restores/{id}."""
+    return await _answer(follow_up(session, request, user, restore_id, "finish", body.storage))
+
+
+@router.post("/restores/{restore_id}/discard", response_model=RestoreOut, status_code=202, tags=["restores"])
+async def discard_instant(restore_id: RestoreId, request: Request, user: User = Depends(require(*RESTORE)),
+                          session: Session = Depends(get_session)) -> RestoreOut:
+    """Stop and remove an instantly recovered VM with everything written to it."""
+    return await _answer(follow_up(session, request, user, restore_id, "discard"))
 
 
 @router.post("/restores", response_model=RestoreOut, status_code=202, tags=["restores"])
 async def start_restore(body: RestoreIn, request: Request, user: User = Depends(require(*RESTORE)),
                         session: Session = Depends(get_session)) -> RestoreOut:
     """Restore a VM from the catalog's point; follow it at GET /api/restores/{id}."""
-    try:
-        return _out(await begin_restore(session, request, user, body))
-    except RestoreRefused as refused:
-        raise HTTPException(refused.status, str(refused)) from None
+    return await _answer(begin_restore(session, request, user, body))
 
 
 @router.get("/restores/{restore_id}", response_model=RestoreOut, tags=["restores"])
@@ -214,3 +287,4 @@ def get_restore(restore_id: RestoreId, _: User = Depends(require(*EVERYONE)),
 @router.get("/restores", response_model=list[RestoreOut], tags=["restores"])
 def list_restores(_: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> list[RestoreOut]:
     return [_out(r) for r in session.scalars(select(RestoreJob).order_by(RestoreJob.id.desc()).limit(100))]
+

@@ -138,7 +138,8 @@ def _copy_and_pivot(dom: libvirt.virDomain, disk: str, target: Path, progress: P
             if not info:
                 raise HypervisorError(f"the copy of {disk} to {target} stopped on its own; the VM still runs "
                                       "from the repository")
-            if task is None and progress is not None and info["end"]:
+            # the job's end is 1 until it has looked at the disk: the bar's size waits for it to copy
+            if task is None and progress is not None and info["cur"] and info["end"] > 1:
                 task = progress.task(f"move {disk}", int(info["end"]))
             if task is not None and info["cur"] > reported:
                 task.advance(info["cur"] - reported)

@@ -8,6 +8,7 @@ choice, audit entry and errors, each shown beside the control it concerns.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,13 +20,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Hypervisor, RestoreJob, VirtualMachine
-from vmkeep.jobs.status import ACTIVE
+from vmkeep.jobs.status import ACTIVE, INSTANT
 from vmkeep.server.auth import OVERWRITE, RESTORE, get_session
 from vmkeep.server.console.paging import Paging, paging
 from vmkeep.server.console.point_queries import find_point, names_with_points, restores, timeline
-from vmkeep.server.console.render import page, screen
+from vmkeep.server.console.render import page, roles, screen
 from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
-from vmkeep.server.routes_restore import RestoreIn, RestoreRefused, begin_restore
+from vmkeep.server.routes_restore import RestoreIn, RestoreRefused, begin_restore, follow_up
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ FIELD_RULES = {"as_name": f"A VM name is {NAME_RULE}.",
                "file": f"A file name is {NAME_RULE}: no '/'.",
                "format": "The format is qcow2 or raw."}
 FILE_FIELDS = {"storage": "directory"}  # the API's field → the wizard's control, for a disk to a file
+INSTANT_FIELDS = {"as_name": "instant_name"}  # … and for an instant recovery
 
 
 @router.get("/points")
@@ -103,6 +105,8 @@ def _restore_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, di
     mode = form.get("mode", "as-new")
     if mode == "disk-file":
         return _file_body(name, form)
+    if mode == "instant":
+        return _instant_body(name, form)
     overwrite = mode == "overwrite"
     as_name = None if overwrite else form.get("as_name", "").strip()
     if as_name == "":
@@ -112,6 +116,16 @@ def _restore_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, di
         vm=name, point=form.get("point") or None, hypervisor=form.get("hypervisor", ""), as_name=as_name,
         overwrite=overwrite, storage=None if overwrite else storage,
         start=not overwrite and form.get("start") == "on"))
+
+
+def _instant_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, dict[str, str]]:
+    """An instant recovery: the VM's name is the API's as_name."""
+    run_as = form.get("instant_name", "").strip()
+    if not run_as:
+        return None, {"instant_name": "Enter the name the VM runs under (" + NAME_RULE + ")."}
+    body, errors = _validated(lambda: RestoreIn(vm=name, point=form.get("point") or None, mode="instant",
+                                                hypervisor=form.get("hypervisor", ""), as_name=run_as))
+    return body, {INSTANT_FIELDS.get(field, field): words for field, words in errors.items()}
 
 
 def _file_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, dict[str, str]]:
@@ -159,7 +173,8 @@ async def start_restore(request: Request, name: str, who: Visitor = Depends(chan
         job = await begin_restore(session, request, who.user, body)
     except RestoreRefused as refused:
         session.rollback()
-        field = FILE_FIELDS.get(refused.field, refused.field) if body.mode == "disk-file" else refused.field
+        fields = {"disk-file": FILE_FIELDS, "instant": INSTANT_FIELDS}.get(body.mode or "", {})
+        field = fields.get(refused.field, refused.field)
         return _wizard(request, who, session, name, point_id, form, {field: str(refused)}, refused.status)
     log.info("console restore %d started by %s: %s@%s %s", job.id, who.user.name, name, job.point_id, job.mode)
     return RedirectResponse(f"/restores/{job.id}", status_code=303)
@@ -171,7 +186,8 @@ def restores_page(request: Request, where: Paging = Depends(paging), who: Visito
     return screen(request, who, "restores.html", "points", {"restores": restores(session, where), "paging": where})
 
 
-def _progress(job: RestoreJob, seen: int | None, seen_at: float | None, rate: float | None) -> dict[str, Any]:
+def _progress(job: RestoreJob, seen: int | None, seen_at: float | None, rate: float | None,
+              errors: dict[str, str] | None = None) -> dict[str, Any]:
     """What the progress part shows: the rate over the last poll, smoothed with the one before
     (the poll carries its sample in its URL: nothing is kept on the server)."""
     now, done = time.time(), job.progress_bytes or 0
@@ -181,8 +197,9 @@ def _progress(job: RestoreJob, seen: int | None, seen_at: float | None, rate: fl
     remaining = (job.total_bytes - done) if job.total_bytes else None
     eta = remaining / rate if rate and remaining is not None and job.status in ACTIVE else None
     percent = 100.0 * done / job.total_bytes if job.total_bytes else None
+    locations = job.hypervisor.restore_locations if job.hypervisor is not None and job.status == INSTANT else []
     return {"job": job, "live": job.status in ACTIVE, "rate": rate, "eta": duration_text(eta), "percent": percent,
-            "done": done, "now": now}
+            "done": done, "now": now, "locations": locations, "errors": errors or {}}
 
 
 def duration_text(seconds: float | None) -> str | None:
@@ -213,9 +230,40 @@ def restore_page(request: Request, restore_id: int, who: Visitor = Depends(perso
 @router.get("/restores/{restore_id}/progress")
 def progress_part(request: Request, restore_id: int, seen: int | None = Query(None, ge=0),
                   at: float | None = Query(None), rate: float | None = Query(None, ge=0),
-                  _who: Visitor = Depends(person), session: Session = Depends(get_session)) -> Response:
+                  who: Visitor = Depends(person), session: Session = Depends(get_session)) -> Response:
     """The restore's status and progress alone, which its page polls while it runs."""
     job = _restore(session, restore_id)
     if job is None:  # swapped in place of the polled part (no trigger on it): the polling ends
         return page(request, "refused_part.html", {"message": f"Restore {restore_id} is gone."}, 404)
-    return page(request, "restore_progress.html", _progress(job, seen, at, rate))
+    return page(request, "restore_progress.html", {"who": who, **roles(who), **_progress(job, seen, at, rate)})
+
+
+@router.post("/restores/{restore_id}/{step}")
+async def instant_step(request: Request, restore_id: int, step: str, who: Visitor = Depends(changing),
+                       session: Session = Depends(get_session)) -> Response:
+    """Finish (to the storage given) or discard an instant recovery: the API's own follow-up (same
+    checks, same proxy, same audit entry); refused beside the control otherwise."""
+    if step not in ("finish", "discard"):
+        return screen(request, who, "restore.html", "points", {"job": None, "restore_id": restore_id}, 404)
+    if who.user.role not in RESTORE:
+        raise Refused(f"A {who.user.role} account cannot finish or discard a recovery: ask an administrator, an "
+                      "operator or a restore-only user.")
+    form = await form_fields(request)
+    job = _restore(session, restore_id)
+    if job is None:
+        return screen(request, who, "restore.html", "points", {"job": None, "restore_id": restore_id}, 404)
+    storage = form.get("storage", "").strip() if step == "finish" else None
+    errors: dict[str, str] = {}
+    status = 400
+    if step == "finish" and not re.fullmatch(r"/.{0,999}", storage or "", re.DOTALL):
+        errors = {"storage": "Enter the directory the disks move to (an absolute path inside a restore location)."}
+    else:
+        try:
+            await follow_up(session, request, who.user, restore_id, step, storage)
+            log.info("console: %s of instant recovery %d asked by %s", step, restore_id, who.user.name)
+            return RedirectResponse(f"/restores/{restore_id}", status_code=303)
+        except RestoreRefused as refused:
+            session.rollback()
+            errors, status = {refused.field: str(refused)}, refused.status
+    session.refresh(job)
+    return screen(request, who, "restore.html", "points", _progress(job, None, None, None, errors), status)
