@@ -38,6 +38,7 @@ MATRIX: dict[tuple[str, str], set[str] | None] = {
     ("DELETE", "/api/hypervisors/{name}"): CHANGE,
     ("POST", "/api/hypervisors/{name}/discover"): CHANGE,
     ("PUT", "/api/hypervisors/{name}/restore-locations"): {ADMIN},
+    ("GET", "/api/hypervisors/{name}/restore-choices"): {ADMIN, OPERATOR, RESTORE_ONLY},  # asks the hypervisor
     ("GET", "/api/vms"): PEOPLE,
     ("GET", "/api/repositories"): PEOPLE,
     ("POST", "/api/repositories"): CHANGE,

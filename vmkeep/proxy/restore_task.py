@@ -88,8 +88,9 @@ def perform(repo: Repository, order: RestoreOrder, job: RestoreJob,
             result = restore_vm_overwrite(repo, connector, job.vm_name, job.point_id, progress=progress)
         else:
             assert job.new_name is not None
+            place = {k: v for k, v in (("network", job.network), ("host", job.host), ("folder", job.folder)) if v}
             result = restore_vm_as(repo, connector, job.vm_name, job.point_id, job.new_name,
-                                   storage=job.storage, start=job.start_vm,
+                                   storage=job.storage, start=job.start_vm, place=place,
                                    progress=progress, retry=job.attempts > 1)
         return result.name, result.disks, JobStatus.SUCCEEDED
     finally:

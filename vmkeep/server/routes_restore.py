@@ -25,11 +25,13 @@ from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.server import audit
 from vmkeep.server.auth import EVERYONE, OVERWRITE, RESTORE, get_session, require
 from vmkeep.server.dispatch import defer_restore, proxy_up, restore_proxy
+from vmkeep.server.restore_choices import ChoicesOut, restore_choices
 from vmkeep.server.restore_locations import storage_allowed
 from vmkeep.server.schemas import NAME
 
 router = APIRouter(prefix="/api")
 RestoreId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
+PLACE_NAME = r"^[^\x00-\x1f\x7f]+$"  # a hypervisor's own names (vSphere's hold spaces, folders '/')
 
 
 class RestoreIn(BaseModel):
@@ -49,6 +51,14 @@ class RestoreIn(BaseModel):
     disk: str | None = Field(default=None, pattern=NAME, description="disk-file: which disk of the point")
     file: str | None = Field(default=None, pattern=NAME, description="disk-file: the file's name (no slashes)")
     format: Literal["qcow2", "raw"] = Field(default="qcow2", description="disk-file: the file's format")
+    network: str | None = Field(default=None, pattern=PLACE_NAME, max_length=200,
+                                description="as-new: every network card on this network ('none': no network "
+                                            "cards); the original's if none. GET /api/hypervisors/{name}/"
+                                            "restore-choices lists them")
+    host: str | None = Field(default=None, pattern=PLACE_NAME, max_length=200,
+                             description="as-new, vSphere: the host the new VM runs on")
+    folder: str | None = Field(default=None, pattern=PLACE_NAME, max_length=500,
+                               description="as-new, vSphere: the VM folder, e.g. DC0/prod")
 
     def chosen_mode(self) -> str:
         return self.mode or ("overwrite" if self.overwrite else "as-new")
@@ -65,6 +75,9 @@ class RestoreOut(BaseModel):
     disk: str | None
     format: str | None
     storage: str | None
+    network: str | None
+    host: str | None
+    folder: str | None
     hypervisor: str
     repository: str
     proxy: str | None
@@ -82,6 +95,7 @@ class RestoreOut(BaseModel):
 def _out(r: RestoreJob) -> RestoreOut:
     return RestoreOut(id=r.id, requested_by=r.requested_by, vm=r.vm_name, point=r.point_id, mode=r.mode, step=r.step,
                       new_name=r.new_name, disk=r.disk, format=r.format, storage=r.storage,
+                      network=r.network, host=r.host, folder=r.folder,
                       hypervisor=r.hypervisor_name, repository=r.repository_name, proxy=r.proxy,
                       status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
                       total_bytes=r.total_bytes, warnings=r.warnings, error=r.error, disks=r.disks,
@@ -111,6 +125,10 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
                                       "it (POST /api/restores/{id}/finish)", "storage")
     elif bool(body.as_name) == (mode == "overwrite") or (body.mode == "as-new" and body.overwrite):
         raise RestoreRefused(400, "give as_name (a new VM) or overwrite: true (the original), one of them", "mode")
+    placed = [f for f in ("network", "host", "folder") if getattr(body, f)]
+    if placed and mode != "as-new":
+        raise RestoreRefused(400, f"{', '.join(placed)}: only a restore as a new VM goes elsewhere than the original",
+                             placed[0])
     if mode == "overwrite" and user.role not in OVERWRITE:
         raise RestoreRefused(403, f"role {user.role} restores as a new VM only: overwriting a VM needs an operator "
                                   "or an administrator", "mode")
@@ -145,9 +163,11 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
                      disk=body.disk if disk_file else None, format=body.format if disk_file else None,
                      start_vm=mode == "instant" or (body.start and mode == "as-new"), proxy=proxy.name,
                      step="start" if mode == "instant" else None, status=JobStatus.QUEUED)
+    job.network, job.host, job.folder = body.network, body.host, body.folder
     session.add(job)
     details = ({"disk": body.disk, "file": f"{body.storage}/{body.file}", "format": body.format} if disk_file
-               else {"as_name": body.as_name, "overwrite": mode == "overwrite"})
+               else {"as_name": body.as_name, "overwrite": mode == "overwrite",
+                     **{f: getattr(body, f) for f in placed}})
     audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id, mode=mode, **details)
     session.commit()
     job.task_id = await defer_restore(request.app.state.queue, proxy, job)
@@ -288,3 +308,13 @@ def get_restore(restore_id: RestoreId, _: User = Depends(require(*EVERYONE)),
 def list_restores(_: User = Depends(require(*EVERYONE)), session: Session = Depends(get_session)) -> list[RestoreOut]:
     return [_out(r) for r in session.scalars(select(RestoreJob).order_by(RestoreJob.id.desc()).limit(100))]
 
+
+@router.get("/hypervisors/{name}/restore-choices", response_model=ChoicesOut, tags=["restores"])
+async def get_restore_choices(name: str, _: User = Depends(require(*RESTORE)),
+                              session: Session = Depends(get_session)) -> ChoicesOut:
+    """Where a restore as a new VM may go on this hypervisor (networks, hosts, folders), asked of the
+    hypervisor now: empty lists with ``error`` when it does not answer within a few seconds."""
+    hypervisor = session.scalar(select(Hypervisor).where(Hypervisor.name == name))
+    if hypervisor is None:
+        raise HTTPException(404, f"no hypervisor {name}")
+    return await restore_choices(hypervisor)

@@ -26,6 +26,7 @@ from vmkeep.server.console.paging import Paging, paging
 from vmkeep.server.console.point_queries import find_point, names_with_points, restores, timeline
 from vmkeep.server.console.render import page, roles, screen
 from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
+from vmkeep.server.restore_choices import ChoicesOut, restore_choices
 from vmkeep.server.routes_restore import RestoreIn, RestoreRefused, begin_restore, follow_up
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,9 @@ NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter o
 FIELD_RULES = {"as_name": f"A VM name is {NAME_RULE}.",
                "storage": "Storage is an absolute directory (it starts with /), at most 1000 characters.",
                "file": f"A file name is {NAME_RULE}: no '/'.",
-               "format": "The format is qcow2 or raw."}
+               "format": "The format is qcow2 or raw.",
+               "network": "A network's name is at most 200 characters, without control characters.",
+               "host": "A host's name is at most 200 characters, without control characters."}
 FILE_FIELDS = {"storage": "directory"}  # the API's field → the wizard's control, for a disk to a file
 INSTANT_FIELDS = {"as_name": "instant_name"}  # … and for an instant recovery
 
@@ -100,6 +103,21 @@ def locations_part(request: Request, hypervisor: str = Query("", max_length=200)
                                                     "chosen": hypervisor})
 
 
+@router.get("/points/restore-choices")
+async def choices_part(request: Request, hypervisor: str = Query("", max_length=200),
+                       network: str = Query("", max_length=200), host: str = Query("", max_length=200),
+                       who: Visitor = Depends(person), session: Session = Depends(get_session)) -> Response:
+    """The network (and host) selects of the hypervisor the wizard has selected, asked of the
+    hypervisor (restore_choices: a few seconds at most; text fields when it cannot say)."""
+    if who.user.role not in RESTORE:
+        raise Refused(f"A {who.user.role} account cannot restore: ask an administrator, an operator or a "
+                      "restore-only user.")
+    found = session.scalar(select(Hypervisor).where(Hypervisor.name == hypervisor))
+    choices = await restore_choices(found) if found is not None else ChoicesOut(
+        hypervisor=hypervisor, networks=[], hosts=[], folders=[], error=f"There is no hypervisor {hypervisor}.")
+    return page(request, "restore_place.html", {"choices": choices, "form": {"network": network, "host": host}})
+
+
 def _restore_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, dict[str, str]]:
     """The API's request from the wizard's fields, or the errors to show beside them."""
     mode = form.get("mode", "as-new")
@@ -115,7 +133,9 @@ def _restore_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, di
     return _validated(lambda: RestoreIn(
         vm=name, point=form.get("point") or None, hypervisor=form.get("hypervisor", ""), as_name=as_name,
         overwrite=overwrite, storage=None if overwrite else storage,
-        start=not overwrite and form.get("start") == "on"))
+        start=not overwrite and form.get("start") == "on",
+        network=None if overwrite else form.get("network", "").strip() or None,  # "": the original's
+        host=None if overwrite else form.get("host", "").strip() or None))
 
 
 def _instant_body(name: str, form: dict[str, str]) -> tuple[RestoreIn | None, dict[str, str]]:
