@@ -27,7 +27,13 @@ from tests.test_scale_out import start_proxy, stop, wait_for
 from tests.test_server import Server
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Proxy, RepositoryRecord, RestoreJob, RestorePointRecord
 from vmkeep.catalog.models import VirtualMachine as VM
+from vmkeep.errors import UsageError
 from vmkeep.lab.images import make_image
+from vmkeep.progress import NoProgress
+from vmkeep.proxy.restore_task import restore_disk_file
+from vmkeep.repository.backends import open_backend
+from vmkeep.repository.config import Credentials
+from vmkeep.repository.repo import Repository
 from vmkeep.server.console.render import ibytes
 
 GiB = 1024 * MiB
@@ -41,6 +47,7 @@ class Catalog:
 
     web_points: list[str]  # web-1's two VM points, oldest first
     folder: Path  # the disk images backed up: disk0-2 are app-1's points, disk3 mail-1's
+    passphrase: str  # of the repository in folder/repo
 
 
 @contextmanager
@@ -99,7 +106,7 @@ def catalog(console_master: Server, console_api: httpx.Client, tmp_path_factory:
                            json={"locations": [LOCATION]}).status_code == 200
     assert console_api.post("/api/users", json={"name": RITA[0], "password": RITA[1],
                                                 "role": "restore-only"}).status_code == 201
-    return Catalog(ids, folder)
+    return Catalog(ids, folder, cli.env["VMKEEP_PASSPHRASE"])
 
 
 def proxy_alive(api: httpx.Client) -> None:
@@ -485,3 +492,22 @@ def test_the_wizard_restores_one_disk_to_a_file_with_a_real_proxy(chromium: Any,
         page.context.close()
     finally:
         stop(proxy)
+
+
+def test_a_retried_disk_file_restore_replaces_its_partial_file(catalog: Catalog, tmp_path: Path) -> None:
+    """The proxy's disk-file step: a second attempt (its proxy died during the first) removes the
+    partial file the first left and writes the disk; a first attempt never overwrites a file."""
+    repo = Repository.open(open_backend(str(catalog.folder / "repo")), Credentials(catalog.passphrase.encode()))
+    mail = repo.find_point("mail-1")
+    partial = tmp_path / "mail.raw"
+    partial.write_bytes(b"half a disk")
+    job = RestoreJob(id=1, vm_name="mail-1", point_id=mail.point_id, mode="disk-file", storage=str(tmp_path),
+                     new_name="mail.raw", disk="disk", format="raw", attempts=1)
+    with pytest.raises(UsageError, match="already exists"):
+        restore_disk_file(repo, job, NoProgress())
+    assert partial.read_bytes() == b"half a disk"  # not ours: left alone
+    job.attempts = 2
+    assert restore_disk_file(repo, job, NoProgress()) == (str(partial), {"disk": str(partial)})
+    same = subprocess.run(["qemu-img", "compare", "-f", "raw", str(partial), str(catalog.folder / "disk3.qcow2")],
+                          capture_output=True, text=True)
+    assert same.returncode == 0, same.stdout + same.stderr
