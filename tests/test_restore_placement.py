@@ -124,6 +124,12 @@ def test_a_restore_through_the_server_goes_onto_the_chosen_network(chromium: Any
         assert console_api.get("/api/hypervisors/nowhere/restore-choices").status_code == 404
         with console_master.client(console_master.login(*AUDITOR)) as auditor:
             assert auditor.get("/api/hypervisors/local/restore-choices").status_code == 403
+        audrey = log_in(chromium, console_master, *AUDITOR)  # nor the console's part of the wizard
+        try:
+            part = audrey.request.get(f"{console_master.url}/points/restore-choices?hypervisor=local")
+            assert part.status == 403 and network not in part.text()
+        finally:
+            audrey.context.close()
 
         # a network is a new VM's choice: refused over the original, nothing queued
         before = console_api.get("/api/restores").json()
@@ -141,6 +147,7 @@ def test_a_restore_through_the_server_goes_onto_the_chosen_network(chromium: Any
             wait_for("proxy pn up", lambda: any(p["name"] == "pn" and p["up"]
                                                 for p in console_api.get("/api/proxies").json()), timeout=60)
             page.goto(f"{console_master.url}/points/vm/{vm.name}/restore?point={point}")
+            page.locator("select#network").wait_for(timeout=15000)  # local's networks, asked when the page opened
             page.get_by_label("Hypervisor").select_option("far")  # text fields, with the reason
             page.locator("#place-note").filter(has_text="type the names instead").wait_for(timeout=15000)
             assert page.get_by_role("textbox", name="Network").is_visible()
@@ -157,6 +164,7 @@ def test_a_restore_through_the_server_goes_onto_the_chosen_network(chromium: Any
             page.get_by_role("button", name="Start the restore").click()
             page.wait_for_url(re.compile(r"/restores/\d+$"))
             page.locator("[data-fact=status]").filter(has_text="succeeded").wait_for(timeout=120_000)
+            assert page.locator("[data-fact=network]").inner_text() == network
         finally:
             page.context.close()
             stop(proxy)
