@@ -165,13 +165,22 @@ def test_a_restore_through_the_server_goes_onto_the_chosen_network(chromium: Any
             page.wait_for_url(re.compile(r"/restores/\d+$"))
             page.locator("[data-fact=status]").filter(has_text="succeeded").wait_for(timeout=120_000)
             assert page.locator("[data-fact=network]").inner_text() == network
+
+            # the command line through the server: --network none, a copy without network cards
+            admin_token = console_api.post("/api/tokens", json={"name": "cli"}).json()["token"]
+            alone = f"{vm.name}-c"
+            vm.extra.append(alone)
+            done = cli.json("restore", f"{vm.name}@{point}", "--hypervisor", "local", "--as", alone, "--storage",
+                            str(place / "copies"), "--network", "none", "--no-start",
+                            env={"VMKEEP_SERVER": console_master.url, "VMKEEP_TOKEN": admin_token})
+            assert (done["status"], done["network"]) == ("succeeded", "none") and interfaces(alone) == []
         finally:
             page.context.close()
             stop(proxy)
-        job = console_api.get("/api/restores").json()[0]
+        job = next(r for r in console_api.get("/api/restores").json() if r["new_name"] == copy)
         assert (job["new_name"], job["network"], job["host"], job["status"]) == (copy, network, None, "succeeded")
-        entry = console_api.get("/api/audit", params={"action": "restore-start"}).json()[0]
-        assert entry["detail"]["network"] == network
+        started = console_api.get("/api/audit", params={"action": "restore-start"}).json()
+        assert [e["detail"].get("network") for e in started][:2] == ["none", network]  # newest first
         ifaces = interfaces(copy)
         assert [(i.get("type"), i.find("source").get("network")) for i in ifaces] == [("network", network)]
 

@@ -170,7 +170,8 @@ def restore_cmd(
         from vmkeep.cli.client_cmds import server_restore
 
         server_restore(ctx, vm, point, hypervisor, as_name, overwrite, disk, storage,
-                       start, json_out)
+                       start, json_out, place={k: v for k, v in (("host", esx_host), ("folder", folder),
+                                                                ("network", network)) if v})
         return
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
     progress = RichProgress(not json_out)
