@@ -14,7 +14,7 @@ from fastapi.responses import RedirectResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import MaintenanceRun, RepositoryRecord, RepositoryUsage, RestorePointRecord
+from vmkeep.catalog.models import MaintenanceRun, PointDay, RepositoryRecord, RepositoryUsage
 from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.server.auth import CHANGE_INVENTORY, get_session
 from vmkeep.server.console.paging import Paging, paging
@@ -123,8 +123,10 @@ def outdated_by(session: Session, row: RepositoryRow) -> MaintenanceRun | None:
 
 def repository_rows(session: Session, records: list[RepositoryRecord]) -> list[RepositoryRow]:
     ids = [r.id for r in records]
-    counts = dict(session.execute(select(RestorePointRecord.repository_id, func.count()).where(
-        RestorePointRecord.repository_id.in_(ids)).group_by(RestorePointRecord.repository_id)).tuples().all())
+    # the daily sums the catalog's triggers keep (migration 0016): a few rows, not a million points
+    counts = {rid: int(n) for rid, n in session.execute(
+        select(PointDay.repository_id, func.sum(PointDay.points)).where(PointDay.repository_id.in_(ids))
+        .group_by(PointDay.repository_id)).all()}
     latest = latest_runs(session, ids)
     return [RepositoryRow(r, counts.get(r.id, 0), latest[r.id]) for r in records]
 
