@@ -25,6 +25,7 @@ from vmkeep.catalog.models import (
 )
 from vmkeep.catalog.models import VirtualMachine as VM
 from vmkeep.jobs.status import JobStatus
+from vmkeep.server.console.render import span
 from vmkeep.server.dispatch import proxy_up, selection_clause
 
 OUTCOMES = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)  # a cancelled backup says nothing either way
@@ -126,21 +127,11 @@ class VMProgress:
         done, total = jv.progress_bytes, jv.total_bytes
         rate = done / elapsed if done and elapsed > 0 else None
         left = (total - done) / rate if rate and total and done is not None and total >= done else None
-        return cls(jv, done, total, rate, duration(left))
+        return cls(jv, done, total, rate, span(left))
 
     @property
     def percent(self) -> float | None:
         return 100.0 * min(self.done or 0, self.total) / self.total if self.total else None
-
-
-def duration(seconds: float | None) -> str | None:
-    """3725 → '1 h 02 min', 42 → '42 s'."""
-    if seconds is None:
-        return None
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    return f"{s // 60} min {s % 60:02d} s" if s < 3600 else f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 @dataclass

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import Job, JobVM, JobVMLog
 from vmkeep.jobs.status import JobStatus
 from vmkeep.server.console.paging import Paging
+from vmkeep.server.console.render import span
 
 STATUSES = [s.value for s in JobStatus if s not in (JobStatus.WAITING, JobStatus.QUEUED)]
 RUNNING_TAIL = 20  # log lines per VM while a run goes (the page polls); all of them once it ended
@@ -73,18 +74,6 @@ def _day(name: str, text: str) -> date | None:
         raise FilterError(name, f"“{text}” is not a date: use YYYY-MM-DD, e.g. 2026-12-01") from None
 
 
-def span(seconds: float | None) -> str:
-    """42 → '42 s', 3725 → '1 h 02 min'."""
-    if seconds is None:
-        return "—"
-    s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
 @dataclass
 class HistoryRow:
     id: int
@@ -109,7 +98,7 @@ def history(session: Session, filters: JobFilters, paging: Paging, now: datetime
     jobs = session.scalars(select(Job).where(*where).order_by(Job.id.desc())
                            .limit(paging.per_page).offset(paging.offset)).all()
     rows = {j.id: HistoryRow(j.id, j.policy_name, j.requested_by, j.status, j.started,
-                             span(((j.finished or now) - j.started).total_seconds()), j.finished is None)
+                             span(((j.finished or now) - j.started).total_seconds()) or "—", j.finished is None)
             for j in jobs}
     if rows:
         ok = func.count().filter(JobVM.status == JobStatus.SUCCEEDED.value)

@@ -24,7 +24,7 @@ from vmkeep.jobs.status import ACTIVE, INSTANT
 from vmkeep.server.auth import OVERWRITE, RESTORE, get_session
 from vmkeep.server.console.paging import Paging, paging
 from vmkeep.server.console.point_queries import find_point, names_with_points, restores, timeline
-from vmkeep.server.console.render import page, roles, screen
+from vmkeep.server.console.render import page, roles, screen, span
 from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
 from vmkeep.server.restore_choices import ChoicesOut, restore_choices
 from vmkeep.server.routes_restore import RestoreIn, RestoreRefused, begin_restore, follow_up
@@ -218,20 +218,8 @@ def _progress(job: RestoreJob, seen: int | None, seen_at: float | None, rate: fl
     eta = remaining / rate if rate and remaining is not None and job.status in ACTIVE else None
     percent = 100.0 * done / job.total_bytes if job.total_bytes else None
     locations = job.hypervisor.restore_locations if job.hypervisor is not None and job.status == INSTANT else []
-    return {"job": job, "live": job.status in ACTIVE, "rate": rate, "eta": duration_text(eta), "percent": percent,
+    return {"job": job, "live": job.status in ACTIVE, "rate": rate, "eta": span(eta), "percent": percent,
             "done": done, "now": now, "locations": locations, "errors": errors or {}}
-
-
-def duration_text(seconds: float | None) -> str | None:
-    """An ETA in words a person reads at a glance: '42 s', '3 min 5 s', '2 h 10 min'."""
-    if seconds is None:
-        return None
-    whole = int(seconds + 0.5)
-    if whole < 60:
-        return f"{whole} s"
-    if whole < 3600:
-        return f"{whole // 60} min {whole % 60} s"
-    return f"{whole // 3600} h {whole % 3600 // 60} min"
 
 
 def _restore(session: Session, restore_id: int) -> RestoreJob | None:

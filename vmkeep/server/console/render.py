@@ -37,6 +37,19 @@ def ibytes(n: int | None) -> str:
     return f"{int(size)} B" if unit == 0 else f"{size:.1f} {UNITS[unit]}"
 
 
+def span(seconds: float | None) -> str | None:
+    """A time in words read at a glance (durations, time left): 42 → '42 s', 185 → '3 min 05 s',
+    3725 → '1 h 02 min'."""
+    if seconds is None:
+        return None
+    whole = max(0, round(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
 def iso(at: datetime) -> str:
     """The machine-readable time a <time> element carries; console.js shows it in the browser's zone."""
     return (at if at.tzinfo else at.replace(tzinfo=UTC)).astimezone(UTC).isoformat(timespec="seconds")
