@@ -196,6 +196,18 @@ def test_inventory_repositories_proxies_policies_and_runs(admin_cli: tuple[Cli, 
             "FROM repositories r, hypervisors h RETURNING id")[0]
     assert f"restores {restore_id}" in refused(cli, "proxies", "delete", "p9")
     _sql(db, "UPDATE restore_jobs SET status = 'succeeded', finished = now()")
+    # a VM running instantly from a point on its machine, a repository verify on its queue: still its work
+    (instant_id,) = _sql(
+        db, "INSERT INTO restore_jobs (requested_by, vm_name, point_id, repository_id, repository_name, hypervisor_id, "
+            "hypervisor_name, mode, new_name, start_vm, proxy, status, attempts, warnings) SELECT 'admin', 'app-1', "
+            "'0123abcd', r.id, r.name, h.id, h.name, 'instant', 'app-now', true, 'p9', 'instant', 1, '[]' "
+            "FROM repositories r, hypervisors h RETURNING id")[0]
+    (verify_id,) = _sql(db, "INSERT INTO maintenance_runs (repository_id, repository_name, kind, requested_by, proxy, "
+                            "status) SELECT id, name, 'verify', 'admin', 'p9', 'queued' FROM repositories "
+                            "RETURNING id")[0]
+    assert f"restores {instant_id} and maintenance runs {verify_id}" in refused(cli, "proxies", "delete", "p9")
+    _sql(db, "UPDATE restore_jobs SET status = 'discarded', finished = now() WHERE id = :id", id=instant_id)
+    _sql(db, "UPDATE maintenance_runs SET status = 'failed', error = 'test', finished = now()")
     assert cli.json("proxies", "delete", "p9") == {"deleted": "p9"}
     assert cli.json("proxies", "list")["proxies"] == []
 
@@ -203,8 +215,8 @@ def test_inventory_repositories_proxies_policies_and_runs(admin_cli: tuple[Cli, 
     assert cli.json("policy", "delete", "nightly") == {"deleted": "nightly"}
     assert cli.json("repository", "delete", "main") == {"deleted": "main"}
     assert cli.json("repository", "list")["repositories"] == []
-    [restore] = cli.json("restores")["restores"]
-    assert restore["id"] == restore_id and restore["repository"] == "main" and restore["new_name"] == "app-copy"
+    restore = next(r for r in cli.json("restores")["restores"] if r["id"] == restore_id)
+    assert restore["repository"] == "main" and restore["new_name"] == "app-copy"
     assert cli.json("restores", str(restore_id))["status"] == "succeeded"
     assert f"restore {restore_id}: app-1@0123abcd from main" in " ".join(cli.run("restores", str(restore_id))
                                                                         .stdout.split())

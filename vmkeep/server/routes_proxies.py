@@ -9,12 +9,12 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import JobVM, Proxy, RestoreJob, User
+from vmkeep.catalog.models import JobVM, MaintenanceRun, Proxy, RestoreJob, User
 from vmkeep.catalog.proxy_role import proxy_database_url, proxy_role_name
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.jobs.keys import proxy_role_password
-from vmkeep.jobs.status import ACTIVE, JobStatus
+from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.server import audit
 from vmkeep.server.auth import ADMIN, EVERYONE, RUN_PROXY, get_session, require
 from vmkeep.server.dispatch import PROXY_TIMEOUT, proxy_up
@@ -114,11 +114,14 @@ def remove_proxy(session: Session, request: Request, admin: User, name: str) -> 
                                  f"{PROXY_TIMEOUT.seconds} s, then delete it")
     backups = list(session.scalars(select(JobVM.job_id).where(
         JobVM.proxy == name, JobVM.status.in_((*ACTIVE, JobStatus.WAITING.value))).distinct().order_by(JobVM.job_id)))
+    # an instant recovery runs on the proxy's machine until it is finished or discarded there
     restores = list(session.scalars(select(RestoreJob.id).where(
-        RestoreJob.proxy == name, RestoreJob.status.in_(ACTIVE)).order_by(RestoreJob.id)))
-    if backups or restores:
-        work = ([f"runs {', '.join(map(str, backups))}"] if backups else []) + (
-            [f"restores {', '.join(map(str, restores))}"] if restores else [])
+        RestoreJob.proxy == name, RestoreJob.status.in_((*ACTIVE, INSTANT))).order_by(RestoreJob.id)))
+    upkeep = list(session.scalars(select(MaintenanceRun.id).where(
+        MaintenanceRun.proxy == name, MaintenanceRun.status.in_(ACTIVE)).order_by(MaintenanceRun.id)))
+    if backups or restores or upkeep:
+        work = [f"{what} {', '.join(map(str, ids))}" for what, ids in
+                (("runs", backups), ("restores", restores), ("maintenance runs", upkeep)) if ids]
         raise HTTPException(409, f"proxy {name} still has work assigned ({' and '.join(work)}): the master moves "
                                  "it to another proxy shortly, or cancel it; then delete the proxy")
     session.delete(p)
