@@ -21,6 +21,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from vmkeep.hypervisors.libvirt.scratch import SCRATCH_ROOT
 from vmkeep.lab.images import Segment, make_image
@@ -176,9 +177,16 @@ def fresh_database(server_url: str) -> Iterator[str]:
     try:
         yield server_url.rsplit("/", 1)[0] + f"/{name}"
     finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            conn.execute(text(f"DROP ROLE IF EXISTS {name}_proxy"))  # made by db upgrade (catalog.proxy_role)
+        for attempt in range(20):  # a backend of the proxies' role may still be exiting: FORCE may not end it
+            try:
+                with admin.connect() as conn:
+                    conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    conn.execute(text(f"DROP ROLE IF EXISTS {name}_proxy"))  # made by db upgrade (catalog.proxy_role)
+                break
+            except DBAPIError:
+                if attempt == 19:
+                    raise
+                time.sleep(0.5)
         admin.dispose()
 
 
