@@ -23,6 +23,7 @@ from vmkeep.catalog.models import Hypervisor, Policy, VirtualMachine
 from vmkeep.server.auth import CHANGE_INVENTORY, get_session
 from vmkeep.server.console.inventory_view import PROTECTION, Filters, inventory
 from vmkeep.server.console.paging import MAX_PER_PAGE, PER_PAGE, Paging, paging
+from vmkeep.server.console.people import removed
 from vmkeep.server.console.render import screen
 from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
 from vmkeep.server.dispatch import picks
@@ -178,13 +179,10 @@ def deletion(request: Request, who: Visitor, session: Session, name: str, error:
 def delete(name: str, request: Request, who: Visitor = Depends(changing),
            session: Session = Depends(get_session)) -> Response:
     may_change(who)
-    try:
-        delete_hypervisor_as(session, request, who.user.name, name)
-    except HTTPException as exc:
-        session.rollback()
-        return deletion(request, who, session, name, str(exc.detail), exc.status_code)
-    log.info("console: %s deleted hypervisor %s", who.user.name, name)
-    return RedirectResponse(f"/inventory?{urlencode({'deleted': name})}", status_code=303)
+    return removed(who, session, f"hypervisor {name}",
+                   lambda: delete_hypervisor_as(session, request, who.user.name, name),
+                   lambda error, status: deletion(request, who, session, name, error, status),
+                   f"/inventory?{urlencode({'deleted': name})}")
 
 
 def protect_vm(session: Session, request: Request, who: Visitor, vm: VirtualMachine, policy_name: str) -> str:
