@@ -1,0 +1,1 @@
+"""Citrix XenServer / XCP-ng pools through XAPI (the official XenAPI SDK)."""
