@@ -78,14 +78,23 @@ def test_hypervisor_addresses_are_checked(server: Server, cli: Cli, tmp_path: Pa
                add(operator, "qemu:///system?name=qemu%2Bext%3A%2F%2F%2Fsystem"),
                add(operator, "vsphere://admin@vcenter?insecure=1", kind="vsphere"),
                add(operator, "file:///etc/passwd"),
-               add(operator, "qemu:///etc")]
+               add(operator, "qemu:///etc"),
+               add(operator, "xapi://root:secret@xen1", kind="xen"),
+               add(admin, "xapi://root@xen1?insecure=1", kind="xen", allow_unsafe_options=True),
+               add(operator, "xapi://root@xen1\x01", kind="xen"),
+               add(operator, "xapi://xen1", kind="xen"),
+               add(operator, "xapi://root@xen1", kind="vsphere")]
     assert [r.status_code for r in refused] == [422] * len(refused), [r.text for r in refused]
     assert "connects only to" in refused[0].text and "not accepted" in refused[2].text
     assert "plain TCP" in refused[5].text and "'&' only" in refused[6].text
+    assert "may not hold a password" in refused[13].text and "not accepted" in refused[14].text
+    assert "control characters" in refused[15].text and "xapi://USER@HOST" in refused[16].text
+    assert "does not match" in refused[17].text
     # an operator may not grant an allowance; an administrator may, and it is recorded
     assert add(operator, "qemu+tcp://host/system", allow_plain_tcp=True).status_code == 403
     # nor one that points at the cloud's metadata service
-    for uri, kind in (("vsphere://admin@169.254.169.254", "vsphere"), ("qemu+tls://169.254.169.254/system", "libvirt")):
+    for uri, kind in (("vsphere://admin@169.254.169.254", "vsphere"), ("qemu+tls://169.254.169.254/system", "libvirt"),
+                      ("xapi://root@169.254.169.254:443", "xen")):
         metadata = add(admin, uri, kind=kind)
         assert metadata.status_code == 400 and "metadata" in metadata.text, metadata.text
     assert admin.get("/api/hypervisors").json() == []  # nothing refused was stored
@@ -93,8 +102,9 @@ def test_hypervisor_addresses_are_checked(server: Server, cli: Cli, tmp_path: Pa
     assert ok.status_code == 201 and ok.json()["allow_unsafe_options"], ok.text
     assert add(admin, "vsphere://admin@vcenter?insecure=1", name="vc", kind="vsphere",
                allow_unsafe_options=True).status_code == 201
+    assert add(operator, "xapi://root@xen1:8443", name="xen", kind="xen").status_code == 201
     added = [e for e in admin.get("/api/audit").json() if e["action"] == "hypervisor-add"]
-    assert {e["target"]: e["detail"]["allow_unsafe_options"] for e in added} == {"ssh": True, "vc": True}
+    assert {e["target"]: e["detail"]["allow_unsafe_options"] for e in added} == {"ssh": True, "vc": True, "xen": False}
 
     # a row that predates the check (written straight into the catalog) is refused when used
     _sql(server.database, "INSERT INTO hypervisors (name, kind, uri, discovery_minutes, allow_plain_tcp, "

@@ -21,7 +21,7 @@ Name = Annotated[str, typer.Argument(help="The hypervisor's name on the server")
 def hypervisor_add_cmd(
     ctx: typer.Context,
     name: Name,
-    uri: Annotated[str, typer.Option(help="libvirt URI of the host, or vsphere://USER@VCENTER")],
+    uri: Annotated[str, typer.Option(help="libvirt URI, vsphere://USER@VCENTER or xapi://USER@POOL-MASTER")],
     username: Annotated[str | None, typer.Option(help="Login, if the host asks for one")] = None,
     discovery_minutes: Annotated[int, typer.Option(min=1, help="Rediscover every N minutes")] = 60,
     allow_plain_tcp: Annotated[bool, typer.Option(help="Administrators: accept qemu+tcp:// (unencrypted)")] = False,

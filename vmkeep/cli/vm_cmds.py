@@ -25,11 +25,11 @@ if TYPE_CHECKING:
     from vmkeep.hypervisors.base import Connector
     from vmkeep.repository.repo import Repository
 
-HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI (qemu:///system, qemu+tls://…) or vSphere "
-                                                     "address (vsphere://USER@HOST[:PORT], password in "
-                                                     "VMKEEP_HOST_PASSWORD)")]
+HostOpt = Annotated[str, typer.Option("--host", help="libvirt URI (qemu:///system, qemu+tls://…), "
+                                                     "vsphere://USER@VCENTER or xapi://USER@POOL-MASTER "
+                                                     "([:PORT]; password in VMKEEP_HOST_PASSWORD)")]
 InsecureOpt = Annotated[bool, typer.Option(
-    "--insecure", help="vSphere: skip the certificate check; any address: accept plain TCP (qemu+tcp://) and "
+    "--insecure", help="vSphere, XAPI: skip the certificate check; any address: accept plain TCP (qemu+tcp://) and "
                        "options that name key files or turn checks off (keyfile, no_verify, http, …)")]
 
 

@@ -2,7 +2,8 @@
 
 A libvirt URI can name a program to run (``qemu+ext://…?command=…``), a socket, key files, or
 turn host-key and certificate checks off; vSphere addresses can turn certificate checks off
-(``insecure``) or TLS itself (``http``). Whoever may register a hypervisor would otherwise make
+(``insecure``) or TLS itself (``http``); XenServer/XCP-ng addresses (``xapi://USER@HOST[:PORT]``)
+take no options at all. Whoever may register a hypervisor would otherwise make
 the master or a proxy run a program as root. Only the transports an administrator means are
 accepted; options that name files or weaken checks need an administrator's explicit allowance.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from vmkeep.hypervisors.base import HypervisorError
 
@@ -21,10 +22,12 @@ LIBVIRT_SCHEMES = ("qemu", "qemu+tls", "qemu+ssh", "qemu+unix", "qemu+libssh", "
 PLAIN_TCP_SCHEMES = ("qemu+tcp",)
 LIBVIRT_PATHS = ("/system", "/session")
 # options that only choose among safe behaviours
-SAFE_OPTIONS = {"qemu": {"sshauth", "mode"}, "vsphere": set()}
+SAFE_OPTIONS: dict[str, set[str]] = {"qemu": {"sshauth", "mode"}, "vsphere": set(), "xapi": set()}
 # options that name files on the connecting machine or turn a check off: an administrator's call
-UNSAFE_OPTIONS = {"qemu": {"keyfile", "pkipath", "known_hosts", "known_hosts_verify", "no_verify", "no_tty"},
-                  "vsphere": {"insecure", "http"}}
+UNSAFE_OPTIONS: dict[str, set[str]] = {
+    "qemu": {"keyfile", "pkipath", "known_hosts", "known_hosts_verify", "no_verify", "no_tty"},
+    "vsphere": {"insecure", "http"},
+    "xapi": set()}  # certificate checks go off only with the command line's --insecure
 
 
 class AddressRefused(HypervisorError):
@@ -50,14 +53,17 @@ def check_address(uri: str, allowance: Allowance = Allowance()) -> None:
     scheme = parts.scheme.lower()
     if scheme == "vsphere":
         family = "vsphere"
+    elif scheme == "xapi":
+        family = "xapi"
+        _check_xapi(uri, parts)
     elif scheme in LIBVIRT_SCHEMES or scheme in PLAIN_TCP_SCHEMES:
         family = "qemu"
         _check_libvirt(uri, scheme, parts.path, allowance)
     else:
         raise AddressRefused(
             f"{uri!r}: vmkeep connects only to {', '.join(s + '://' for s in LIBVIRT_SCHEMES)} "
-            "(qemu+tcp:// where an administrator allows plain TCP) and vsphere:// addresses")
-    if any(c in uri for c in "\x00\r\n"):
+            "(qemu+tcp:// where an administrator allows plain TCP), vsphere:// and xapi:// addresses")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uri):
         raise AddressRefused(f"{uri!r}: an address may not hold control characters")
     if ";" in parts.query:  # libvirt also splits options on ';', which parse_qsl would not see
         raise AddressRefused(f"{uri!r}: separate options with '&' only")
@@ -78,6 +84,22 @@ def check_address(uri: str, allowance: Allowance = Allowance()) -> None:
         raise AddressRefused(f"{uri!r}: the option {key!r} is not accepted (it can name a program or socket to "
                              "use, or is unknown); connect without it")
     log.debug("address %s accepted (%s)", uri, allowance)
+
+
+def _check_xapi(uri: str, parts: SplitResult) -> None:
+    """``xapi://USER@HOST[:PORT]``: the password comes from the environment or the server's sealed
+    copy, never the address (it would be stored, logged and shown in clear)."""
+    if parts.password is not None:
+        raise AddressRefused(f"{parts.scheme}://{parts.hostname}: an address may not hold a password; give it in "
+                             "VMKEEP_HOST_PASSWORD (or the hypervisor's registered password)")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise AddressRefused(f"{uri!r}: its port is not a number ({exc})") from exc
+    if not parts.username or not parts.hostname:
+        raise AddressRefused(f"{uri!r}: write xapi://USER@HOST[:PORT] (the pool master, e.g. xapi://root@xen1)")
+    if parts.path not in ("", "/") or parts.fragment:
+        raise AddressRefused(f"{uri!r}: an XAPI address has no path; write xapi://USER@HOST[:PORT]")
 
 
 def _check_libvirt(uri: str, scheme: str, path: str, allowance: Allowance) -> None:

@@ -1,34 +1,42 @@
-"""One entry for every hypervisor address: ``qemu…://`` goes to libvirt, ``vsphere://`` to vSphere."""
+"""One entry for every hypervisor address: ``qemu…://`` goes to libvirt, ``vsphere://`` to vSphere,
+``xapi://`` to Citrix XenServer / XCP-ng."""
 
 from __future__ import annotations
 
 from vmkeep.hypervisors.address import Allowance, check_address
 from vmkeep.hypervisors.base import Connector, NbdTls
 
-KINDS = ("libvirt", "vsphere")
+KINDS = ("libvirt", "vsphere", "xen")
+SCHEME_KINDS = {"vsphere://": "vsphere", "xapi://": "xen"}  # every other address is libvirt's
 
 
 def kind_of(uri: str) -> str:
-    return "vsphere" if uri.lower().startswith("vsphere://") else "libvirt"
+    lowered = uri.lower()
+    return next((kind for prefix, kind in SCHEME_KINDS.items() if lowered.startswith(prefix)), "libvirt")
 
 
 def uses_stored_password(uri: str, username: str | None) -> bool:
-    """Whether a registered hypervisor's sealed password goes to its connector: vSphere names its
-    user in the address, libvirt's SASL login needs the registered user name."""
-    return bool(username) or kind_of(uri) == "vsphere"
+    """Whether a registered hypervisor's sealed password goes to its connector: vSphere and XAPI name
+    their user in the address, libvirt's SASL login needs the registered user name."""
+    return bool(username) or kind_of(uri) in ("vsphere", "xen")
 
 
 def open_connector(uri: str, *, nbd_tls: NbdTls = "auto", credentials: tuple[str, str] | None = None,
                    insecure: bool = False, allowance: Allowance | None = None) -> Connector:
     """A live connection to the hypervisor at ``uri`` (credentials: user and password, when the
-    caller has them; vSphere otherwise reads VMKEEP_HOST_PASSWORD). The address is checked first
+    caller has them; vSphere and XAPI otherwise read VMKEEP_HOST_PASSWORD). The address is checked first
     (vmkeep.hypervisors.address): ``allowance`` is what an administrator allowed for it; without
     one, a command line's ``--insecure`` allows plain TCP and options that weaken checks."""
     check_address(uri, allowance if allowance is not None else Allowance(plain_tcp=insecure, unsafe_options=insecure))
-    if kind_of(uri) == "vsphere":
+    kind = kind_of(uri)
+    if kind == "vsphere":
         from vmkeep.hypervisors.vmware.connector import VsphereConnector
 
         return VsphereConnector(uri, insecure=insecure, credentials=credentials, nbd_tls=nbd_tls)
+    if kind == "xen":
+        from vmkeep.hypervisors.xen.connector import XenConnector
+
+        return XenConnector(uri, credentials=credentials, insecure=insecure, nbd_tls=nbd_tls)
     from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 
     return LibvirtConnector(uri, nbd_tls=nbd_tls, credentials=credentials)

@@ -72,7 +72,7 @@ def connector_for(h: HypervisorAccess, nbd_tls: NbdTls = "require") -> Connector
     administrator registered it with (checked again here: a row may predate the check)."""
     if h.kind not in KINDS or kind_of(h.uri) != h.kind:
         raise HypervisorError(f"hypervisor {h.name}: kind {h.kind!r} with address {h.uri} has no connector (have: "
-                              f"{', '.join(KINDS)}; vsphere addresses start vsphere://)")
+                              f"{', '.join(KINDS)}; vsphere addresses start vsphere://, xen ones xapi://)")
     credentials = None
     if h.secret_sealed and uses_stored_password(h.uri, h.username):
         credentials = (h.username or "", open_secret(h.secret_sealed, secret_context(h.name)))

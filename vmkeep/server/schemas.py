@@ -54,7 +54,7 @@ class UserOut(BaseModel):
 
 class HypervisorIn(BaseModel):
     name: str = Field(pattern=NAME)
-    kind: str = Field(pattern=r"^(libvirt|vsphere)$")
+    kind: str = Field(pattern=r"^(libvirt|vsphere|xen)$")
     uri: str = Field(min_length=1, max_length=1000)
     username: str | None = Field(default=None, max_length=200)
     password: str | None = Field(default=None, max_length=1000)

@@ -25,9 +25,12 @@ class Settings(BaseSettings):
         "S3 endpoint URL of s3:// repositories, when no --s3-endpoint is given (else AWS_ENDPOINT_URL)"))
     # hypervisors
     host_password: SecretStr | None = Field(default=None, description=(
-        "Password of the vCenter/ESXi user of --host vsphere://USER@HOST"))
+        "Password of the vCenter/ESXi user of --host vsphere://USER@HOST, or the XenServer/XCP-ng user of "
+        "--host xapi://USER@HOST"))
     vsphere_ca_file: Path | None = Field(default=None, description=(
         "PEM file of the CA that signed vCenter's/ESXi's certificate (default: the system's CAs)"))
+    xapi_ca_file: Path | None = Field(default=None, description=(
+        "PEM file of the CA that signed the XenServer/XCP-ng pool master's certificate (default: the system's CAs)"))
     scratch_dir: Path | None = Field(default=None, description=(
         "Directory on the KVM host for job scratch files and san overlays "
         "(default: /var/lib/libvirt/images/vmkeep-scratch)"))
