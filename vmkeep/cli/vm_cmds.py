@@ -144,13 +144,13 @@ def restore_cmd(
                                                    "onto")] = None,
     as_name: Annotated[str | None, typer.Option("--as", help="Restore as a new VM with this name")] = None,
     storage: Annotated[str | None, typer.Option(help="Where the new VM's disks go: a storage pool or a directory "
-                                                     "(libvirt; default: the original's pool) or a datastore "
-                                                     "(vSphere)")] = None,
+                                                     "(libvirt; default: the original's pool), a datastore "
+                                                     "(vSphere) or an SR by name or UUID (XAPI)")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Put the original VM back (shut off)")] = False,
-    esx_host: Annotated[str | None, typer.Option(help="vSphere: the host to put the new VM on")] = None,
+    esx_host: Annotated[str | None, typer.Option(help="vSphere, XAPI: the host to put (start) the new VM on")] = None,
     folder: Annotated[str | None, typer.Option(help="vSphere: VM folder, e.g. DC0/prod/web")] = None,
     network: Annotated[str | None, typer.Option(
-        help="The network for every NIC of the new VM (a libvirt network or a vSphere one); 'none': no NICs")] = None,
+        help="The network for every NIC of the new VM (a libvirt, vSphere or XAPI network); 'none': no NICs")] = None,
     disk: Annotated[str | None, typer.Option(help="Restore only this disk, to --output")] = None,
     output: Annotated[Path | None, typer.Option(help="File for --disk")] = None,
     fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw, for --disk")] = "qcow2",
