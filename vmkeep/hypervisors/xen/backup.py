@@ -270,12 +270,10 @@ class XenPoint:
 
     def _incremental_base(self, eligible: list[Disk], cbt_was_off: bool) -> tuple[Mode, str]:
         """("incremental", from what) when every disk continues the previous point's chain, else
-        ("full", why)."""
+        ("full", why): what changed about the disks first, then whether CBT can answer."""
         since = self.since
         if not since or not since.get("disks"):
             return "full", "no previous restore point of this VM"
-        if cbt_was_off:
-            return "full", "changed block tracking was off (turned on now)"
         for d in eligible:
             before = since["disks"].get(d.name)
             if not isinstance(before, dict) or not before.get("vdi"):
@@ -287,6 +285,10 @@ class XenPoint:
             size = before.get("size", (self.previous_disks or {}).get(d.name))
             if size != d.size:
                 return "full", f"disk {d.name} was resized ({size} → {d.size} bytes)"
+        if cbt_was_off:
+            return "full", "changed block tracking was off (turned on now)"
+        for d in eligible:
+            before = since["disks"][d.name]
             try:
                 self.session.call("VDI.get_by_uuid", before["vdi"])
             except XapiError as exc:
