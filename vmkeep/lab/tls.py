@@ -127,3 +127,25 @@ def ensure_lab_pki() -> None:
             issued = client
         _write(key_path, issued.key_pem(), private=True)
         _write(cert_path, issued.cert_pem())
+
+
+def issue_server_cert(cert_path: Path, key_path: Path, cn: str, ips: tuple[str, ...],
+                      names: tuple[str, ...] = ()) -> None:
+    """A server certificate signed by the lab CA naming exactly ``ips`` and ``names``, for
+    simulators listening on addresses the host certificate does not name (the XAPI sim's member at
+    127.0.0.2). Rewritten on every call: it lives as long as the simulator's state directory."""
+    ensure_lab_pki()
+    ca = _load(LAB_PKI / "ca-cert.pem", LAB_PKI / "ca-key.pem")
+    issued = _issue(cn, ca, server=True)  # the usual extensions; its SAN is replaced below
+    san: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
+    san += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+    builder = (x509.CertificateBuilder().subject_name(issued.cert.subject).issuer_name(issued.cert.issuer)
+               .public_key(issued.key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(issued.cert.not_valid_before_utc).not_valid_after(issued.cert.not_valid_after_utc))
+    for ext in issued.cert.extensions:
+        if not isinstance(ext.value, x509.SubjectAlternativeName):
+            builder = builder.add_extension(ext.value, critical=ext.critical)
+    builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    cert = builder.sign(ca.key, hashes.SHA256())
+    _write(key_path, Issued(issued.key, cert).key_pem(), private=True)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
