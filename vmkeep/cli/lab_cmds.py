@@ -168,3 +168,36 @@ def vcsim_stop_cmd() -> None:
     from vmkeep.lab import vcsim
 
     out_console.print("vcsim stopped" if vcsim.stop() else "vcsim was not running")
+
+
+xapi_app = typer.Typer(help="The lab's XenServer: a XAPI simulator (two hosts) with a VM of known data.",
+                       no_args_is_help=True)
+app.add_typer(xapi_app, name="xapi")
+
+
+@xapi_app.command("start")
+def xapi_start_cmd(
+    listen: Annotated[str, typer.Option(help="127.0.0.1:PORT to serve on (the pool member answers on 127.0.0.2)")]
+    = "127.0.0.1:8443",
+    json_out: JsonOpt = False,
+) -> None:
+    """Start the simulator in the background, with the lab VM vmkeep-xen1."""
+    from vmkeep.lab import xapi
+
+    sim = xapi.start(listen)
+    if json_out:
+        emit_json({"address": sim.address, "member_address": sim.member_address, "url": sim.url,
+                   "ca_file": sim.ca_file, "pid": sim.pid, "password_file": str(xapi.STATE / "info.json")})
+        return
+    out_console.print(f"XAPI simulator runs at {sim.url} (pid {sim.pid}) with lab VM {xapi.LAB_VM}\n"
+                      f"  address: {sim.address} (pool member: {sim.member_address})\n"
+                      f"  export VMKEEP_XAPI_CA_FILE={sim.ca_file}\n"
+                      f"  password: in {xapi.STATE / 'info.json'} (root only)", highlight=False)
+
+
+@xapi_app.command("stop")
+def xapi_stop_cmd() -> None:
+    """Stop the simulator (its VMs, images and NBD servers go with it)."""
+    from vmkeep.lab import xapi
+
+    out_console.print("XAPI simulator stopped" if xapi.stop() else "XAPI simulator was not running")
