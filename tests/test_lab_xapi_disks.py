@@ -359,3 +359,18 @@ def test_export_stream_equals_the_image(sim, tmp_path: Path) -> None:  # type: i
     images.copy(snap, sr, copy)
     assert images.size(copy) == SIZE and images.bitmaps(copy) == []
     assert b"".join(export_stream(images, copy)) == exported
+
+
+def test_changed_blocks_across_a_resize(sim) -> None:  # type: ignore[no-untyped-def]
+    images, _, sr = sim
+    vdi = live_disk(images, sr)
+    s1 = snapshot(images, vdi)
+    images.resize(vdi, 2 * SIZE)  # qcow2 grows the bitmaps with the disk
+    images.write(vdi, 100 * MiB, b"z" * 512)
+    s2 = snapshot(images, vdi)
+    assert images.size(s1) == SIZE and images.size(s2) == 2 * SIZE
+    bitmap = images.changed_blocks(s1, s2)
+    assert len(bitmap) == 2 * SIZE // BLOCK // 8  # sized by the later snapshot
+    assert set_blocks(bitmap) == [1600]
+    with pytest.raises(ImageError):
+        images.resize(vdi, SIZE)
