@@ -64,6 +64,7 @@ class _Conn:
 class _Export:
     vdi: str
     exportname: str
+    tls: bool
     port: int
     listener: socket.socket
     socket: Path
@@ -81,7 +82,7 @@ class NbdServers:
         self.images = images
         self._lock = threading.Lock()  # the exports
         self._stats = threading.Lock()  # counters, budgets, connections
-        self._exports: dict[tuple[str, str], _Export] = {}
+        self._exports: dict[tuple[str, str, bool], _Export] = {}
         self._open: Counter[str] = Counter()
         self._sent: Counter[str] = Counter()
         self._budget: dict[str, int] = {}  # vdi -> bytes it may still send (break_after)
@@ -95,9 +96,11 @@ class NbdServers:
         return host_cert_pem(self.state, host)
 
     def export(self, vdi_uuid: str, exportname: str, host: str, *, tls: bool) -> int:
-        """Serve the VDI under ``exportname`` (once per pair) and return its port on 127.0.0.1."""
+        """Serve the VDI under ``exportname`` and return its port on 127.0.0.1. One server per
+        (VDI, export name, TLS or not): a second host asking gets the first one's server (and
+        certificate), a plain request never gets a TLS server."""
         with self.images.lock, self._lock:  # this order everywhere: Images calls drop() under its lock
-            found = self._exports.get((vdi_uuid, exportname))
+            found = self._exports.get((vdi_uuid, exportname, tls))
             if found is not None:
                 return found.port
             path, snapshot = self.images.source(vdi_uuid)
@@ -110,10 +113,10 @@ class NbdServers:
             listener.listen(64)
             listener.settimeout(0.2)  # the accept loop looks at `stopped` this often
             port = listener.getsockname()[1]
-            ex = _Export(vdi_uuid, exportname, port, listener, Path(unix_socket_of(uri)), server)
+            ex = _Export(vdi_uuid, exportname, tls, port, listener, Path(unix_socket_of(uri)), server)
             ex.thread = threading.Thread(target=self._accept, args=(ex,), name=f"xapi-nbd-{port}", daemon=True)
             ex.thread.start()
-            self._exports[(vdi_uuid, exportname)] = ex
+            self._exports[(vdi_uuid, exportname, tls)] = ex
         log.info("NBD export %r of VDI %s (%s, %s) on 127.0.0.1:%d", exportname, vdi_uuid,
                  f"snapshot {snapshot}" if snapshot else "live disk", "TLS" if tls else "plain", port)
         return port
@@ -151,7 +154,7 @@ class NbdServers:
                     if (vdi_uuid is None or ex.vdi == vdi_uuid)
                     and (exportname_prefix is None or ex.exportname.startswith(exportname_prefix))]
             for ex in gone:
-                del self._exports[(ex.vdi, ex.exportname)]
+                del self._exports[(ex.vdi, ex.exportname, ex.tls)]
         for ex in gone:
             self._stop(ex)
 
