@@ -207,6 +207,10 @@ class NbdServers:
             conns = list(ex.conns)
         for conn in conns:
             conn.cut()
+        try:
+            ex.listener.shutdown(socket.SHUT_RDWR)  # wakes accept() at once
+        except OSError:
+            pass
         if ex.thread is not None:
             ex.thread.join()
         ex.listener.close()
