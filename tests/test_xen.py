@@ -96,15 +96,21 @@ def connector(sim: Any, **kw: Any) -> XenConnector:
 
 
 def backup(cli: Cli, sim: Any, vm: str, repo: str, *args: str, ok: bool = True) -> dict[str, Any]:
+    return backup_logged(cli, sim, vm, repo, *args, ok=ok)[0]
+
+
+def backup_logged(cli: Cli, sim: Any, vm: str, repo: str, *args: str, ok: bool = True) -> tuple[dict[str, Any], str]:
+    """The backup's result and its standard error (the log lines)."""
     proc = cli.run("backup", vm, "--host", sim.address, "--repo", repo, "--json", *args, ok=False)
+    assert proc.stdout, proc.stderr
     result = dict(json.loads(proc.stdout)["vms"][0])
     assert result["ok"] == ok, result
-    return result
+    return result, proc.stderr
 
 
 def new_repo(cli: Cli, tmp_path: Path) -> str:
     repo = str(tmp_path / "repo")
-    cli.run("repo", "init", repo)
+    cli.run("repo", "init", repo, "--encrypt")
     return repo
 
 
@@ -116,7 +122,7 @@ def lab_data(offset: int, length: int) -> bytes:
 def new_vm(sim: Any, name: str, **kw: Any) -> tuple[str, str]:
     """A running VM with data in two places of its 64 MiB disk: (VM uuid, disk VDI uuid)."""
     uuid = xapi.create_vm(sim, name, 64 * MiB, **{"running": True, **kw})
-    disk = xapi.disks(sim, uuid)[0]
+    disk = xapi.disks(sim, uuid)["xvda"]
     for offset, length in ((0, 8 * MiB), (32 * MiB, 4 * MiB)):
         xapi.guest_write(sim, disk, offset, lab_data(offset, length))
     return uuid, disk
@@ -128,6 +134,10 @@ def vm_ref(xs: XapiSession, uuid: str) -> str:
 
 def snapshots_named(xs: XapiSession, uuid: str) -> list[str]:
     return sorted(str(xs.call("VM.get_name_label", s)) for s in xs.call("VM.get_snapshots", vm_ref(xs, uuid)))
+
+
+def disk_vdis(xs: XapiSession, vm: str) -> list[str]:
+    return [str(xs.call("VBD.get_VDI", b)) for b in xs.call("VM.get_VBDs", vm) if xs.call("VBD.get_type", b) == "Disk"]
 
 
 def ours(xs: XapiSession, uuid: str) -> list[dict[str, Any]]:
@@ -195,12 +205,20 @@ def test_full_then_incremental_reads_only_the_changed_blocks(cli: Cli, sim: Any,
     # the guest writes 1 MiB, and 100 kB across two 64 KiB blocks
     xapi.guest_write(sim, disk, 50 * MiB, os.urandom(MiB))
     xapi.guest_write(sim, disk, 3 * MiB + 10, os.urandom(100_000))
-    incr = backup(cli, sim, "xen-incr", repo, "--debug")
+    incr, stderr = backup_logged(cli, sim, "xen-incr", repo, "--debug", "--log-format", "json")
     assert incr["mode"] == "incremental", incr
+    # --debug: the calls to XAPI and their answers, never the password nor the session ref
+    lines = [json.loads(line) for line in stderr.splitlines()]
+    said = {(e["logger"].rsplit(".", 1)[1], e["message"].split(" ", 1)[0]) for e in lines}
+    assert {("session", "XAPI"), ("backup", "snapshot"), ("cbt", "disk"), ("vm", "incremental")} <= said, said
+    assert sim.password not in stderr
+    assert not [e["message"] for e in lines if e["logger"].startswith("vmkeep.hypervisors.xen")
+                and "session_id=OpaqueRef:" in e["message"] and "<session>" not in e["message"]]
     assert incr["bytes_read"] == MiB + 2 * BLOCK  # the changed blocks XAPI listed, nothing else
     assert restored_equals_live(cli, sim, repo, "xen-incr", incr["point"], disk, tmp_path)
-    (new_base,) = ours(xs, uuid)  # the previous base went: no point builds on it any more
-    assert new_base["uuid"] != base["uuid"]
+    # the previous point's base stays until a later point builds on this one (its commit could still fail)
+    (new_base,) = [v for v in ours(xs, uuid) if v["uuid"] != base["uuid"]]
+    assert {v["uuid"] for v in ours(xs, uuid)} == {base["uuid"], new_base["uuid"]}
     # what went over the wire for the new snapshot: the changed blocks (plus TLS and NBD framing)
     sent = int(xapi.reads(sim, new_base["uuid"]))
     assert MiB + 2 * BLOCK <= sent < MiB + 2 * BLOCK + 256 * 1024, sent
@@ -301,14 +319,14 @@ def test_leftovers_of_a_crashed_run_go_the_administrators_snapshot_stays(cli: Cl
     ref = vm_ref(xs, uuid)
     # a crashed run's snapshot VM (with its VDIs), a crashed run's stray CBT metadata, the admin's snapshot
     crashed = xs.call("VM.snapshot", ref, "vmkeep-20260101T000000Z")
-    crashed_vdis = [xs.call("VBD.get_VDI", b) for b in xs.call("VM.get_VBDs", crashed)]
+    crashed_vdis = disk_vdis(xs, crashed)
     stray_vm = xs.call("VM.snapshot", ref, "vmkeep-20260101T000100Z")
-    (stray,) = [xs.call("VBD.get_VDI", b) for b in xs.call("VM.get_VBDs", stray_vm)]
+    (stray,) = disk_vdis(xs, stray_vm)
     xs.call("VDI.data_destroy", stray)
     xs.call("VDI.add_to_other_config", stray, "vmkeep-base", uuid)
     xs.call("VM.destroy", stray_vm)
     admin = xs.call("VM.snapshot", ref, "before the upgrade")
-    admin_vdis = [xs.call("VBD.get_VDI", b) for b in xs.call("VM.get_VBDs", admin)]
+    admin_vdis = disk_vdis(xs, admin)
     xapi.guest_write(sim, disk, 10 * MiB, os.urandom(MiB))
     done = backup(cli, sim, "xen-left", repo)
     assert done["mode"] == "incremental" and done["bytes_read"] == MiB, done  # the chain survived the clean-up
@@ -318,7 +336,7 @@ def test_leftovers_of_a_crashed_run_go_the_administrators_snapshot_stays(cli: Cl
         with pytest.raises(XapiError, match="HANDLE_INVALID"):
             xs.call("VDI.get_uuid", vdi)
     assert all(xs.call("VDI.get_uuid", v) for v in admin_vdis)
-    assert len(ours(xs, uuid)) == 1
+    assert len(ours(xs, uuid)) == 2  # the previous base and the new one
 
 
 def test_quiescing(cli: Cli, sim: Any, env: dict[str, str], tmp_path: Path) -> None:
@@ -353,8 +371,7 @@ def test_nbd_networks_decide_how_disks_are_read(cli: Cli, sim: Any, env: dict[st
 
 
 def test_a_pool_member_redirects_to_the_master_and_busy_objects_are_retried(sim: Any, xs: XapiSession) -> None:
-    member = sim.address.replace("127.0.0.1", "127.0.0.2")
-    redirected = XapiSession(member, sim.password, ca_file=sim.ca_file)
+    redirected = XapiSession(sim.member_address, sim.password, ca_file=sim.ca_file)
     try:
         assert redirected.host == "127.0.0.1" and redirected.port == xs.port
         assert redirected.call("pool.get_all")

@@ -149,7 +149,7 @@ class XapiSession:
         VDI_IN_USE and OTHER_OPERATION_IN_PROGRESS are tried again a few times with backoff."""
         delay = BACKOFF
         for attempt in range(1, RETRIES + 1):
-            log.debug("XAPI %s%s", method, _short(args))
+            log.debug("XAPI %s%s", method, self._short(args))
             try:
                 with self._lock:
                     if self._api is None:
@@ -170,9 +170,17 @@ class XapiSession:
             except (OSError, xmlrpc.client.ProtocolError, xmlrpc.client.Fault) as exc:
                 log.debug("XAPI %s: %s", method, exc)
                 raise HypervisorError(f"XAPI {method} on {self.host} failed: {exc}") from exc
-            log.debug("XAPI %s -> %s", method, _short(value))
+            log.debug("XAPI %s -> %s", method, self._short(value))
             return value
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _short(self, value: Any) -> str:
+        """``value`` for the debug log: cut short, and without the session ref (it is a credential
+        while the session lasts, and NBD export names carry it)."""
+        text = repr(value)
+        if self.ref:
+            text = text.replace(self.ref, "OpaqueRef:<session>")
+        return text if len(text) <= LOG_LIMIT else f"{text[:LOG_LIMIT]}… ({len(text)} characters)"
 
     def http_url(self, path: str, **query: str) -> str:
         """``https://host:port/path?session_id=REF&…`` (HTTP handlers such as export_raw_vdi)."""
@@ -180,6 +188,3 @@ class XapiSession:
         return f"https://{_url_host(self.host)}:{self.port}/{path.lstrip('/')}?{params}"
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= LOG_LIMIT else f"{text[:LOG_LIMIT]}… ({len(text)} characters)"
