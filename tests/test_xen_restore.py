@@ -173,7 +173,8 @@ def test_restore_elsewhere_without_network(sim: xapi.Xapi, backed: Backed, conne
     try:
         vm = vm_named(s, "xr-elsewhere")
         assert vm is not None and vm["VIFs"] == [] and vm["power_state"] == "Running"
-        assert s.call("host.get_name_label", vm["resident_on"]) == "xen2"
+        assert s.call("host.get_name_label", vm["resident_on"]) == "xen2" == s.call("host.get_name_label",
+                                                                                  vm["affinity"])
         restored = disks_of(s, vm)
         assert {v["sr_name"] for v in restored.values()} == {"Shared NFS"}
         assert qemu_img_compare(xapi.image(sim, restored["xvda"]["uuid"]), backed.expected["xvda"])

@@ -158,6 +158,7 @@ def _plan(session: XapiSession, config: dict[str, Any], disks: dict[str, int], s
         host = _find(hosts, place["host"])
         if host is None:
             raise HypervisorError(f"no host {place['host']!r} in the pool (there are: {_names(hosts)})")
+        _check_reach(session, chosen, srs, host, place["host"])
     unknown = set(place) - {"network", "host"}
     if unknown:
         raise HypervisorError(f"a XenServer/XCP-ng pool has no {', '.join(sorted(unknown))} to place a VM in: leave "
@@ -165,11 +166,25 @@ def _plan(session: XapiSession, config: dict[str, Any], disks: dict[str, int], s
     return Plan(chosen, vifs, host)
 
 
-def _vm_record(config: dict[str, Any], name: str, origin: str) -> dict[str, Any]:
+def _check_reach(session: XapiSession, chosen: dict[str, tuple[str, str]], srs: dict[str, dict[str, Any]],
+                 host: str, host_name: str) -> None:
+    """A disk on a host's local SR keeps the VM on that host: refuse another host before the upload
+    (XAPI would refuse VM.start_on with VM_REQUIRES_SR only after it)."""
+    for disk, (ref, sr_name) in chosen.items():
+        sr = srs[ref]
+        if sr.get("shared") or not sr.get("PBDs"):
+            continue
+        hosts = {str(session.call("PBD.get_host", pbd)) for pbd in sr["PBDs"]}
+        if host not in hosts:
+            raise HypervisorError(f"disk {disk} would go to SR {sr_name!r}, local to another host than {host_name}: "
+                                  "give --storage a shared SR, or restore onto that SR's host")
+
+
+def _vm_record(config: dict[str, Any], name: str, origin: str, host: str | None) -> dict[str, Any]:
     saved = dict(config.get("vm") or {})
     other = {k: v for k, v in (saved.get("other_config") or {}).items() if not str(k).startswith("vmkeep")}
     record = {**VM_DEFAULTS, **{k: v for k, v in saved.items() if v is not None}}
-    record.update(name_label=name, other_config={**other, MARK: origin})
+    record.update(name_label=name, other_config={**other, MARK: origin}, affinity=host or NULL)
     return record
 
 
@@ -237,7 +252,7 @@ def _create(session: XapiSession, config: dict[str, Any], name: str, disks: dict
     """The VM, its VDIs, VBDs and VIFs (``made`` records each as it comes)."""
     source = (config.get("vm") or {}).get("name_label", "?")
     origin = f"{source} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
-    made.vm = str(session.call("VM.create", _vm_record(config, name, origin)))
+    made.vm = str(session.call("VM.create", _vm_record(config, name, origin, plan.host)))
     log.info("created VM %s (%s) for the restore", name, made.vm)
     saved = config.get("disks") or {}
     for disk, size in disks.items():
