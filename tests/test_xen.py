@@ -306,6 +306,13 @@ def test_a_failed_read_leaves_no_snapshot_and_the_next_backup_works(cli: Cli, si
             assert [v["uuid"] for v in ours(xs, uuid)] == [base["uuid"]]
     finally:
         conn.close()
+    # XAPI fails after the snapshot, before any read: the backup fails and takes its snapshot along
+    xapi.fault(sim, "VDI.get_nbd_info", "INTERNAL_ERROR", 1)
+    failed = backup(cli, sim, "xen-break", repo, ok=False)
+    assert "INTERNAL_ERROR" in failed["error"], failed
+    assert snapshots_named(xs, uuid) == [] and [v["uuid"] for v in ours(xs, uuid)] == [base["uuid"]]
+    assert not [v for v in xs.call("VDI.get_all_records").values()
+                if v["is_a_snapshot"] and v["type"] != "cbt_metadata" and v["name_label"].startswith("xen-break")]
     after = backup(cli, sim, "xen-break", repo)
     assert after["mode"] == "incremental" and after["bytes_read"] == 2 * MiB, after
     assert restored_equals_live(cli, sim, repo, "xen-break", after["point"], disk, tmp_path)
@@ -348,6 +355,12 @@ def test_quiescing(cli: Cli, sim: Any, env: dict[str, str], tmp_path: Path) -> N
     crash = backup(cli, sim, "xen-noquiesce", repo)
     assert crash["consistency"] == "crash" and any("crash-consistent" in n for n in crash["notes"]), crash
     assert backup(cli, sim, "xen-vss", repo, "--quiesce", "required")["consistency"] == "application"
+    # the guest's VSS fails this once: crash-consistent with a note, or refused when required
+    xapi.fault(sim, "VM.snapshot_with_quiesce", "VM_SNAPSHOT_WITH_QUIESCE_FAILED", 2)
+    fell_back = backup(cli, sim, "xen-vss", repo)
+    assert fell_back["consistency"] == "crash" and any("quiescing failed" in n for n in fell_back["notes"]), fell_back
+    failed = backup(cli, sim, "xen-vss", repo, "--quiesce", "required", ok=False)
+    assert "quiesced snapshot failed" in failed["error"], failed
 
 
 def test_nbd_networks_decide_how_disks_are_read(cli: Cli, sim: Any, env: dict[str, str], xs: XapiSession,
@@ -364,6 +377,10 @@ def test_nbd_networks_decide_how_disks_are_read(cli: Cli, sim: Any, env: dict[st
         assert "plain NBD" in plain_refused["error"] and "--nbd-tls off" in plain_refused["error"], plain_refused
         plain = backup(cli, sim, "xen-net", repo, "--nbd-tls", "off")
         assert any("plain NBD" in n for n in plain["notes"]), plain
+        allowed = backup(cli, sim, "xen-net", repo, "--insecure")  # an administrator's allowance, nbd_tls auto
+        assert any("plain NBD" in n for n in allowed["notes"]), allowed
+        required = backup(cli, sim, "xen-net", repo, "--nbd-tls", "require", "--insecure", ok=False)
+        assert "encrypted reads are required" in required["error"], required
         assert xapi.attached(sim) == []
     finally:
         xs.call("network.remove_purpose", net, "insecure_nbd")

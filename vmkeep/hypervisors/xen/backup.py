@@ -386,13 +386,21 @@ class XenPoint:
         Each step is tried on its own, so one refusal leaves as little as possible behind."""
         if self._early is not None:
             self._early.join()
+        made = [*self.snap_vdis.values(), *self.other_vdis]
+        if self.snapshot is None and not made:
+            return
         if self.snapshot is not None:
+            try:  # its VDIs, also when the failure came before they were looked at
+                self.records.forget("VM", self.snapshot)
+                made += [v for v in self._disk_vdis(self.records.get("VM", self.snapshot)).values() if v not in made]
+            except HypervisorError as exc:
+                log.debug("the disks of the snapshot of %s: %s", self.vm, exc, extra=self.context)
             try:
                 self.session.call("VM.destroy", self.snapshot)
             except HypervisorError as exc:
                 log.warning("removing the snapshot of %s failed (%s); the next backup removes it", self.vm, exc,
                             extra=self.context)
-        for vdi_ref in [*self.snap_vdis.values(), *self.other_vdis]:
+        for vdi_ref in made:
             self._destroy_vdi(vdi_ref)
         log.info("snapshot of %s removed after the failure", self.vm, extra=self.context)
 
