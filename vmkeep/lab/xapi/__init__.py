@@ -120,15 +120,29 @@ def stop(state: Path = STATE) -> bool:
     os.kill(sim.pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        try:
-            os.kill(sim.pid, 0)
-        except ProcessLookupError:
+        if _gone(sim.pid):
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     else:
         os.kill(sim.pid, signal.SIGKILL)
+        _gone(sim.pid)
     (state / "info.json").unlink(missing_ok=True)
     return True
+
+
+def _gone(pid: int) -> bool:
+    """Whether the process ended; reaps it when this process started it (else it stays a zombie
+    that kill(pid, 0) still finds)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
 
 
 # --- clients -------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
-import sys
 import threading
 import xmlrpc.client
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +44,7 @@ class XapiServer(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(30)
+        request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # headers and body are two writes
         try:
             tls = self.ctx.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as exc:
@@ -56,12 +57,40 @@ class XapiServer(ThreadingHTTPServer):
             tls.close()
 
 
+def linger(sock: ssl.SSLSocket, seconds: float = 2.0, limit: int = 64 << 20) -> None:
+    """Read what the client still sends before closing: closing with unread data makes the kernel
+    send RST, and the client loses the error reply it has not read yet (a refused import)."""
+    sock.settimeout(seconds)
+    got = 0
+    try:
+        while got < limit:
+            data = sock.recv(1 << 20)
+            if not data:
+                return
+            got += len(data)
+    except (OSError, ssl.SSLError):
+        return
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: XapiServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         log.debug("%s %s", self.client_address[0], format % args)
+
+    def log_error(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.warning("%s %s", self.client_address[0], format % args)
+
+    def handle_one_request(self) -> None:
+        """As the base class, with a handler's failure logged (the base class hides it)."""
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError, ssl.SSLError):
+            self.close_connection = True
+        except Exception:
+            log.exception("%s %s failed", self.command, self.path)
+            self.close_connection = True
 
     def _reply(self, status: int, body: bytes = b"", ctype: str = "text/plain") -> None:
         self.send_response(status)
@@ -111,6 +140,19 @@ class Handler(BaseHTTPRequestHandler):
             self.query = query
             return ref, str(rec["uuid"])
 
+    def _drain(self) -> None:
+        """Read and drop a refused request's body, so the connection stays in step."""
+        left = int(self.headers.get("Content-Length") or 0)
+        if "Content-Length" not in self.headers:
+            self.close_connection = True
+            linger(self.connection)
+            return
+        while left > 0:
+            data = self.rfile.read(min(left, 1 << 20))
+            if not data:
+                break
+            left -= len(data)
+
     def do_GET(self) -> None:
         if urlsplit(self.path).path != "/export_raw_vdi":
             self._reply(404, b"not found")
@@ -152,7 +194,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         found = self._vdi("import_raw_vdi")
         if found is None:
-            self.close_connection = True  # the body was not read
+            self._drain()
             return
         ref, uuid = found
         from vmkeep.lab.xapi.api_vdi import _refresh
@@ -168,7 +210,8 @@ class Handler(BaseHTTPRequestHandler):
         except StreamError as exc:
             log.info("import_raw_vdi %s failed: %s %s", uuid, exc.code, exc)
             self.close_connection = True
-            self._reply(500, f"{exc.code} {exc}".encode())
+            self._reply(500, str(exc).encode())
+            linger(self.connection)  # the rest of the body, if the client still sends it
             return
         with sim.store.lock:
             if sim.store.exists("VDI", ref):
@@ -231,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException:
         log.exception("the simulator failed")
         raise
-    sys.exit(0)
+    logging.shutdown()
+    # everything it started is stopped; idle keep-alive connections' threads need not be waited for
+    os._exit(0)
 
 
 if __name__ == "__main__":
