@@ -93,9 +93,11 @@ def raw_copy(sim: xapi.Xapi, vdi_uuid: str, target: Path) -> Path:
     return target
 
 
-def marked_vdis(s: XapiSession) -> list[str]:
-    return sorted(v["uuid"] for v in s.call("VDI.get_all_records").values()
-                  if restore.MARK in (v.get("other_config") or {}))
+def image_files(sim: xapi.Xapi) -> list[str]:
+    """The image files of every SR of the simulator."""
+    files = sorted(str(p) for p in (Path(sim.state) / "sr").rglob("*") if p.is_file())
+    assert files
+    return files
 
 
 class Backed:
@@ -220,6 +222,7 @@ def test_failures_mid_upload_leave_nothing(sim: xapi.Xapi, backed: Backed, conne
     VIFs and VDIs go again. A retry removes what a dead attempt left (marked) and restores."""
     s = session(sim)
     before = (sorted(s.call("VM.get_all")), sorted(s.call("VDI.get_all")))
+    images = image_files(sim)
     try:
         xapi.fault(sim, "import_raw_vdi", "VDI_IO_ERROR", 1)
         proc = backed.cli.run("restore", SOURCE, "--host", sim.address, "--repo", backed.repo, "--as", "xr-fail",
@@ -241,6 +244,7 @@ def test_failures_mid_upload_leave_nothing(sim: xapi.Xapi, backed: Backed, conne
             restore_vm_as(repo, connector, SOURCE, None, "xr-dies")
         assert vm_named(s, "xr-dies") is None
         assert (sorted(s.call("VM.get_all")), sorted(s.call("VDI.get_all"))) == before
+        assert image_files(sim) == images
         monkeypatch.setattr(upload.ChunkedImport, "write", real_write)
         # an attempt that died without cleaning up (its process killed): made, never undone
         config, sizes = vm_config(repo, manifest), disk_sizes(manifest)
