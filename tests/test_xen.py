@@ -181,6 +181,16 @@ def test_inventory_lists_guests_their_disks_and_the_pool(cli: Cli, sim: Any, env
     assert srs["ISO library"]["content_type"] == "iso"
     nets = {n["name"]: n for n in pool["networks"]}
     assert nets["Pool-wide network associated with eth0"]["purpose"] == ["nbd"]
+    # a name two VMs share is refused rather than guessed
+    xapi.create_vm(sim, "xen-twin", 16 * MiB, running=False)
+    xapi.create_vm(sim, "xen-twin", 16 * MiB, running=False)
+    conn = connector(sim)
+    try:
+        with pytest.raises(HypervisorError, match="2 VMs are named 'xen-twin'"):
+            conn.vm_ref("xen-twin")
+        assert conn.exists("xen-twin") and not conn.exists("xen-nobody")
+    finally:
+        conn.close()
     # certificate checks are on; the password is checked
     untrusted = cli.run("inventory", "--host", sim.address, ok=False, env={"VMKEEP_XAPI_CA_FILE": ""})
     assert untrusted.returncode != 0 and "does not check out" in untrusted.stderr, untrusted.stderr
@@ -255,6 +265,17 @@ def test_chain_breaks_make_full_backups_that_say_why(cli: Cli, sim: Any, env: di
         xs.call("VDI.destroy", xs.call("VDI.get_by_uuid", gone["uuid"]))
     lost = backup(cli, sim, "xen-chain", repo)
     assert lost["mode"] == "full" and "is gone" in lost["reason"], lost
+
+    # a disk added
+    sr = xs.call("SR.get_by_name_label", "Local storage")[0]
+    extra = xs.call("VDI.create", {"name_label": "data", "name_description": "", "SR": sr,
+                                   "virtual_size": str(16 * MiB), "type": "user", "sharable": False,
+                                   "read_only": False, "other_config": {}})
+    xs.call("VBD.create", {"VM": vm_ref(xs, uuid), "VDI": extra, "userdevice": "1", "bootable": False,
+                           "mode": "RW", "type": "Disk", "empty": False, "other_config": {},
+                           "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    added = backup(cli, sim, "xen-chain", repo)
+    assert added["mode"] == "full" and "xvdb is new" in added["reason"] and set(added["disks"]) == {"xvda", "xvdb"}
 
     # the disk moved to another SR (a copy plugged in its place)
     nfs = xs.call("SR.get_by_name_label", "Shared NFS")[0]
