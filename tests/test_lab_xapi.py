@@ -113,6 +113,12 @@ def test_records_marshal_like_xapi(x: Any) -> None:
     x.network.add_purpose(lab_net, "nbd")
     x.network.remove_purpose(lab_net, "nbd")
     assert x.network.get_purpose(lab_net) == []
+    eth0 = nets["Pool-wide network associated with eth0"]
+    x.network.remove_purpose(eth0, "nbd")
+    try:
+        assert x.VDI.get_nbd_info(disk_vdis(x, vm)[0]) == []  # no network allows NBD
+    finally:
+        x.network.add_purpose(eth0, "nbd")
 
 
 def test_snapshot_destroy_and_power_rules(sim: xapi.Xapi, x: Any) -> None:
@@ -146,6 +152,11 @@ def test_snapshot_destroy_and_power_rules(sim: xapi.Xapi, x: Any) -> None:
     vss = x.VM.get_by_uuid(xapi.create_vm(sim, "quiet", 4 * MiB, vss=True, cd=False, networks=()))
     assert x.VM.get_is_a_snapshot(x.VM.snapshot_with_quiesce(vss, "q1"))
     x.VM.clean_shutdown(vss)
+    xen2 = x.host.get_by_name_label("xen2")[0]
+    x.VM.start_on(vss, xen2, False, False)
+    assert x.VM.get_resident_on(vss) == xen2 and x.host.get_resident_VMs(xen2)[-1] == vss
+    x.VM.hard_shutdown(vss)
+    assert (x.VM.get_power_state(vss), x.VM.get_resident_on(vss)) == ("Halted", NULL)
     assert failure(x.VM.snapshot_with_quiesce, vss, "q2") == ["VM_BAD_POWER_STATE", vss, "running", "halted"]
     assert failure(x.VBD.create, {"VM": vss, "VDI": disk_vdis(x, vss)[0], "userdevice": "0", "bootable": False,
                                   "mode": "RW", "type": "Disk", "empty": False, "other_config": {},
@@ -214,6 +225,30 @@ def test_cbt_changed_blocks_data_destroy_and_attachment(sim: xapi.Xapi, x: Any, 
     x.VBD.create({"VM": halted, "VDI": s1, "userdevice": "0", "bootable": True, "mode": "RW", "type": "Disk",
                   "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
     assert failure(x.VM.start, halted, False, False) == ["VDI_INCOMPATIBLE_TYPE", s1, "cbt_metadata"]
+    # a read cut short: after nbd_break the VDI's connections are refused
+    xapi.nbd_break(sim, x.VDI.get_uuid(s3), 0)
+    with pytest.raises(nbd.Error):
+        connect(x.VDI.get_nbd_info(s3)[0], tmp_path / "certs").pread(512, 0)
+
+
+def test_http_errors_inside_200_and_faults(sim: xapi.Xapi, x: Any) -> None:
+    vm = x.VM.get_by_uuid(xapi.create_vm(sim, "exported", MiB, running=False))
+    vdi = disk_vdis(x, vm)[0]
+    x.VDI.enable_cbt(vdi)
+    snap = disk_vdis(x, x.VM.snapshot(vm, "m"))[0]
+    x.VDI.data_destroy(snap)
+    s = xapi.session(sim)
+    try:
+        body = get(sim, f"/export_raw_vdi?session_id={s.handle}&vdi={x.VDI.get_uuid(snap)}&format=raw")
+        assert body.startswith(b"HTTP/1.1 500 Internal Error")  # XAPI's error inside a 200
+        xapi.fault(sim, "export_raw_vdi", "VDI_IO_ERROR")
+        conn = https(sim)
+        conn.request("GET", f"/export_raw_vdi?session_id={s.handle}&vdi={vdi}&format=raw")
+        reply = conn.getresponse()
+        assert (reply.status, reply.read().split()[0]) == (500, b"VDI_IO_ERROR")
+        assert len(get(sim, f"/export_raw_vdi?session_id={s.handle}&vdi={vdi}&format=raw")) == MiB
+    finally:
+        s.xenapi.session.logout()
 
 
 def test_fault_injection(sim: xapi.Xapi, x: Any) -> None:
