@@ -210,7 +210,6 @@ class Restoring:
         self.host = host
         self.finished = False
         self.written: list[str] = []
-        self.imports: dict[str, ChunkedImport] = {}  # what each disk's import sent (tests, logs)
 
     @contextmanager
     def disk(self, name: str, size: int) -> Iterator[ChunkedImport]:
@@ -223,7 +222,6 @@ class Restoring:
                                   f"VDI made for {self.name}")
         uuid = str(self.session.call("VDI.get_uuid", ref))
         with import_vdi(self.session, uuid, self.sizes[name], zeros=False, label=f"disk {name} of {self.name}") as w:
-            self.imports[name] = w
             yield w
         self.written.append(name)
 
@@ -305,15 +303,18 @@ def new_vm(connector: XenConnector, config: dict[str, Any], *, name: str, disks:
 def _undo(session: XapiSession, name: str, made: Made) -> None:
     """Remove what a restore that did not finish made. Never raises: what made the restore fail
     is the error to report."""
-    try:
-        if made.vm:
-            _destroy_vm(session, made.vm, name)
-        for disk, ref in made.vdis.items():
-            log.info("removing VDI %s (disk %s of the unfinished restore of %s)", ref, disk, name)
-            session.call("VDI.destroy", ref)
-    except Exception as exc:  # noqa: BLE001 - logged with what to do; the restore's own error goes on
-        log.warning("could not remove all of the half-made VM %s (%s): retry the restore, which removes what it "
-                    "made first, or remove the VM and its disks marked %s", name, exc, MARK)
+    steps: list[tuple[str, str, str]] = [("VM", made.vm, name)] if made.vm else []
+    steps += [("VDI", ref, f"disk {disk}") for disk, ref in made.vdis.items()]
+    for cls, ref, what in steps:
+        try:
+            log.info("removing %s (%s) of the unfinished restore of %s", what, ref, name)
+            if cls == "VM":
+                _destroy_vm(session, ref, name)
+            else:
+                session.call("VDI.destroy", ref)
+        except Exception as exc:  # noqa: BLE001 - logged with what to do; the restore's own error goes on
+            log.warning("could not remove %s of the half-made VM %s (%s): retry the restore, which removes what it "
+                        "made first, or remove what carries other_config %s", what, name, exc, MARK)
 
 
 def _destroy_vm(session: XapiSession, ref: str, name: str) -> None:
@@ -369,7 +370,6 @@ class Original:
         self.ref = ref
         self.current = current  # disk -> {"vdi": ref, "record": VDI record, "sr": SR name}
         self.written: list[str] = []
-        self.imports: dict[str, ChunkedImport] = {}
 
     @contextmanager
     def disk(self, name: str, size: int) -> Iterator[ChunkedImport]:
@@ -382,7 +382,6 @@ class Original:
         try:
             with import_vdi(self.session, str(record["uuid"]), size, zeros=True,
                             label=f"disk {name} of {self.name}") as writer:
-                self.imports[name] = writer
                 yield writer
                 if writer.at < size:  # a point's tail the engine named no zeros for
                     writer.zero(writer.at, size - writer.at)
