@@ -81,6 +81,10 @@ def check_address(uri: str, allowance: Allowance = Allowance()) -> None:
                     f"{uri!r}: the option {key!r} names a file on this machine or turns a security check off; "
                     "only an administrator may allow it (API: allow_unsafe_options, CLI: --insecure)")
             continue
+        if family == "xapi":
+            raise AddressRefused(f"{uri!r}: the option {key!r} is not accepted: an XAPI address takes no options "
+                                 "(the pool's CA goes in VMKEEP_XAPI_CA_FILE; a command line's --insecure skips the "
+                                 "certificate check)")
         raise AddressRefused(f"{uri!r}: the option {key!r} is not accepted (it can name a program or socket to "
                              "use, or is unknown); connect without it")
     log.debug("address %s accepted (%s)", uri, allowance)
