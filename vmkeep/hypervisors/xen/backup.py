@@ -186,10 +186,18 @@ class XenPoint:
                 continue
             log.info("removing the snapshot %s an interrupted backup of %s left", name, self.vm, extra=self.context)
             vdis = self._disk_vdis(snap)
-            self.session.call("VM.destroy", snap_ref)
+            try:
+                self.session.call("VM.destroy", snap_ref)
+            except HypervisorError as exc:  # it does not stop this backup; the next one tries again
+                log.warning("removing the leftover snapshot %s failed: %s", name, exc, extra=self.context)
+                self.notes.append(f"snapshot {name} that an interrupted backup left could not be removed ({exc})")
+                continue
             for vdi_ref in vdis.values():
-                if str(self.records.get("VDI", vdi_ref).get("uuid")) not in keep:
+                vdi = self.records.get("VDI", vdi_ref)
+                if str(vdi.get("uuid")) not in keep:
                     self._destroy_vdi(vdi_ref)
+                elif not (vdi.get("other_config") or {}).get(BASE_KEY):  # the point's base: marked, as on release
+                    self.session.call("VDI.add_to_other_config", vdi_ref, BASE_KEY, self.vm_uuid)
             self.notes.append(f"removed snapshot {name} that an interrupted backup left")
         for vdi_ref, vdi in self.session.call("VDI.get_all_records").items():
             if (vdi.get("type") == "cbt_metadata" and (vdi.get("other_config") or {}).get(BASE_KEY) == self.vm_uuid
