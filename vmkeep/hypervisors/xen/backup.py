@@ -274,6 +274,7 @@ class XenPoint:
                                       "was a disk added or removed while it was taken? Run the backup again")
             self.snap_vdis[disk.name] = by_device[userdevice]
             found[disk.name] = {**self.records.get("VDI", by_device[userdevice]), "ref": by_device[userdevice]}
+            disk.record["virtual_size"] = found[disk.name]["virtual_size"]  # the size read is the snapshot's
         return found
 
     def _incremental_base(self, eligible: list[Disk], cbt_was_off: bool) -> tuple[Mode, str]:
