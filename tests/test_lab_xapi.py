@@ -261,6 +261,9 @@ def test_fault_injection(sim: xapi.Xapi, x: Any) -> None:
     assert failure(x.VDI.destroy, vdi) == failure(x.VDI.destroy, vdi) == ["VDI_IN_USE", vdi, "destroy"]
     x.VM.destroy(snap)
     x.VDI.destroy(vdi)
+    with pytest.raises(XenAPI.Failure):  # fails after making the VM: a failed call changes nothing
+        xapi.create_vm(sim, "half-made", [MiB, -1])
+    assert x.VM.get_by_name_label("half-made") == []
 
 
 def https(sim: xapi.Xapi) -> http.client.HTTPSConnection:

@@ -93,13 +93,19 @@ def vdi_create(sim: Sim, record: dict[str, Any]) -> str:
     for name in VDI_REQUIRED:
         if name not in record:
             raise XapiError("FIELD_TYPE_ERROR", name)
+    try:
+        size = int(record["virtual_size"])
+    except (TypeError, ValueError):
+        raise XapiError("FIELD_TYPE_ERROR", "virtual_size") from None
+    if size < 0:
+        raise XapiError("INVALID_VALUE", "virtual_size", size)
     sr = record["SR"]
     if sim.store.get("SR", sr)["content_type"] == "iso":
         raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
     fields = {k: v for k, v in wire_fields(record).items() if k in (
         *VDI_REQUIRED, "name_description", "sm_config", "xenstore_data", "tags", "on_boot")}
     ref = _add(sim, **fields, allowed_operations=["clone", "copy", "destroy", "resize", "snapshot", "enable_cbt"])
-    sim.images.create(sim.sr_dir(sr), _vdi(sim, ref)["uuid"], int(record["virtual_size"]))
+    sim.images.create(sim.sr_dir(sr), _vdi(sim, ref)["uuid"], size)
     _refresh(sim, ref)
     return ref
 
