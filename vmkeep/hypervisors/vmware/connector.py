@@ -329,8 +329,8 @@ class VsphereConnector:
         """As a new VM: an NFC import, each disk streamed as a streamOptimized VMDK. Over the
         original: each disk streamed over its flat file with a datastore PUT (see restore.py)."""
         if config.get("kind") != "vsphere":
-            raise HypervisorError("this point is of a libvirt VM: restore it onto a libvirt host, or its disks "
-                                  "with --disk")
+            raise HypervisorError(f"this point is of a {config.get('kind', 'foreign')} VM: restore it onto that kind "
+                                  "of hypervisor, or its disks with --disk")
         if as_new:
             return restore.new_vm(self, config, name=name, disks=disks, datastore=storage, place=place or {},
                                   retry=retry)
