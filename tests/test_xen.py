@@ -393,6 +393,7 @@ def test_nbd_networks_decide_how_disks_are_read(cli: Cli, sim: Any, env: dict[st
     try:
         none = backup(cli, sim, "xen-net", repo, ok=False)
         assert "xe network-param-add param-name=purpose param-key=nbd" in none["error"], none
+        assert xs.call("network.get_uuid", net) in none["error"]  # which network is which, to pick from
         xs.call("network.add_purpose", net, "insecure_nbd")
         plain_refused = backup(cli, sim, "xen-net", repo, ok=False)
         assert "plain NBD" in plain_refused["error"] and "--nbd-tls off" in plain_refused["error"], plain_refused

@@ -49,11 +49,17 @@ NBD_PURPOSES = ("nbd", "insecure_nbd")
 Mode = Literal["full", "incremental"]
 
 
-def nbd_remedy(networks: list[str]) -> str:
-    names = ", ".join(repr(n) for n in networks) or "none"
-    return ("give a network the hosts reach the proxy on the purpose nbd (TLS): xe network-param-add "
-            "param-name=purpose param-key=nbd uuid=<network uuid> (XAPI: network.add_purpose), e.g. on one of "
-            f"{names}")
+def network_list(networks: dict[str, dict[str, Any]]) -> str:
+    """The pool's networks as an administrator picks one: name, uuid and purpose."""
+    return ", ".join(f"{n.get('name_label', '')!r} (uuid {n.get('uuid', '')}"
+                     f"{', purpose ' + '+'.join(n['purpose']) if n.get('purpose') else ''})"
+                     for n in sorted(networks.values(), key=lambda n: str(n.get("name_label", "")))) or "none"
+
+
+def nbd_remedy(networks: dict[str, dict[str, Any]]) -> str:
+    return ("give the network the hosts reach this proxy on the purpose nbd (NBD with TLS): xe network-param-add "
+            "param-name=purpose param-key=nbd uuid=<its uuid> (XAPI: network.add_purpose); the pool's networks: "
+            f"{network_list(networks)}")
 
 
 def base_uuids(since: dict[str, Any] | None) -> set[str]:
@@ -150,14 +156,13 @@ class XenPoint:
         does and plain reads are not allowed."""
         networks = self.records.all("network")
         purposes = {p for n in networks.values() for p in (n.get("purpose") or [])}
-        names = sorted(str(n.get("name_label", "")) for n in networks.values())
         if not purposes & set(NBD_PURPOSES):
             raise HypervisorError(f"XAPI cannot serve the disks of {self.vm}: no network of the pool has the purpose "
-                                  f"nbd or insecure_nbd; {nbd_remedy(names)}")
+                                  f"nbd or insecure_nbd; {nbd_remedy(networks)}")
         if "nbd" not in purposes:
-            self._plain_refusal(transport, names)  # raises unless plain NBD is allowed
+            self._plain_refusal(transport)  # raises unless plain NBD is allowed
 
-    def _plain_refusal(self, transport: str, names: list[str]) -> None:
+    def _plain_refusal(self, transport: str) -> None:
         """Plain NBD (``insecure_nbd``) only with nbd_tls off, or auto where an administrator
         allowed it for this address; else the refusal with what to do."""
         if self.nbd_tls == "off" or (self.nbd_tls == "auto" and self.plain_allowed and transport == "nbd"):
@@ -166,9 +171,9 @@ class XenPoint:
                else "plain NBD is not allowed for this address (nbd_tls: auto)")
         raise HypervisorError(f"XAPI serves the disks of {self.vm} only over plain NBD (purpose insecure_nbd) and "
                               f"{why}: switch that network to TLS (xe network-param-remove param-name=purpose "
-                              "param-key=insecure_nbd, then xe network-param-add param-name=purpose param-key=nbd "
-                              f"uuid=<network uuid>; networks: {', '.join(names)}), or allow plain NBD with "
-                              "--nbd-tls off")
+                              "param-key=insecure_nbd uuid=<its uuid>, then xe network-param-add param-name=purpose "
+                              "param-key=nbd uuid=<its uuid>; the pool's networks: "
+                              f"{network_list(self.records.all('network'))}), or allow plain NBD with --nbd-tls off")
 
     def _remove_leftovers(self, record: dict[str, Any]) -> None:
         """What interrupted backups of this VM left: snapshot VMs named ``vmkeep-…`` with their
@@ -333,10 +338,9 @@ class XenPoint:
         infos = list(self.session.call("VDI.get_nbd_info", snap["ref"]))
         log.debug("NBD endpoints of %s disk %s: %s", self.vm, disk,
                   [(i.get("address"), i.get("port"), i.get("subject")) for i in infos], extra=self.context)
-        names = sorted(str(n.get("name_label", "")) for n in self.records.all("network").values())
         if not infos:
             raise HypervisorError(f"XAPI offers no NBD endpoint for disk {disk} of {self.vm}: no host that sees its "
-                                  f"SR is on a network with the purpose nbd; {nbd_remedy(names)}")
+                                  f"SR is on a network with the purpose nbd; {nbd_remedy(self.records.all('network'))}")
         near = [self.records.get("host", r).get("address") for r in (record.get("resident_on"), record.get("affinity"))
                 if r and r != NULL]
         infos.sort(key=lambda i: (i.get("address") not in near, i.get("address") != self.session.host))
@@ -346,7 +350,7 @@ class XenPoint:
             directory = self._tls_dir(disk, str(info["cert"]))
             return (f"nbds://{_host(str(info['address']))}:{int(info['port'])}/"
                     f"{quote(str(info['exportname']), safe='')}?tls-certificates={quote(str(directory), safe='/')}")
-        self._plain_refusal(transport, names)
+        self._plain_refusal(transport)
         info = infos[0]
         self.notes.append(f"disk {disk} read over plain NBD (a network with purpose insecure_nbd): not encrypted")
         return f"nbd://{_host(str(info['address']))}:{int(info['port'])}/{quote(str(info['exportname']), safe='')}"
