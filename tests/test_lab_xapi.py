@@ -62,6 +62,16 @@ def disk_vdis(x: Any, vm: str) -> list[str]:
     return [r["VDI"] for r in sorted(recs, key=lambda r: int(r["userdevice"])) if r["type"] == "Disk"]
 
 
+def vbd(vm: str, vdi: str) -> dict[str, Any]:
+    return {"VM": vm, "VDI": vdi, "userdevice": "0", "bootable": True, "mode": "RW", "type": "Disk", "empty": False,
+            "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}}
+
+
+def vdi_record(sr: str, size: int) -> dict[str, Any]:
+    return {"name_label": "new", "name_description": "", "SR": sr, "virtual_size": str(size), "type": "user",
+            "sharable": False, "read_only": False, "other_config": {}}
+
+
 def test_login_member_and_session_rules(sim: xapi.Xapi, x: Any) -> None:
     assert x.pool.get_name_label(x.pool.get_all()[0]) == "vmkeep-lab-pool"
     bad = XenAPI.Session(sim.url, transport=xmlrpc.client.SafeTransport(
@@ -158,14 +168,9 @@ def test_snapshot_destroy_and_power_rules(sim: xapi.Xapi, x: Any) -> None:
     x.VM.hard_shutdown(vss)
     assert (x.VM.get_power_state(vss), x.VM.get_resident_on(vss)) == ("Halted", NULL)
     assert failure(x.VM.snapshot_with_quiesce, vss, "q2") == ["VM_BAD_POWER_STATE", vss, "running", "halted"]
-    assert failure(x.VBD.create, {"VM": vss, "VDI": disk_vdis(x, vss)[0], "userdevice": "0", "bootable": False,
-                                  "mode": "RW", "type": "Disk", "empty": False, "other_config": {},
-                                  "qos_algorithm_type": "", "qos_algorithm_params": {}}) == \
-        ["DEVICE_ALREADY_EXISTS", "0"]
+    assert failure(x.VBD.create, vbd(vss, disk_vdis(x, vss)[0])) == ["DEVICE_ALREADY_EXISTS", "0"]
     iso = x.SR.get_by_name_label("ISO library")[0]
-    assert failure(x.VDI.create, {"name_label": "n", "name_description": "", "SR": iso, "virtual_size": "512",
-                                  "type": "user", "sharable": False, "read_only": False, "other_config": {}}) == \
-        ["SR_OPERATION_NOT_SUPPORTED", iso]
+    assert failure(x.VDI.create, vdi_record(iso, 512)) == ["SR_OPERATION_NOT_SUPPORTED", iso]
 
 
 def connect(info: dict[str, Any], tmp: Path) -> nbd.NBD:
@@ -222,8 +227,7 @@ def test_cbt_changed_blocks_data_destroy_and_attachment(sim: xapi.Xapi, x: Any, 
     # a VM whose disk is CBT metadata does not start
     snap_vm = x.VBD.get_VM(x.VDI.get_VBDs(s1)[0])  # data_destroy left the snapshot VM's VBD
     halted = x.VM.create({k: v for k, v in x.VM.get_record(snap_vm).items() if k != "uuid"})
-    x.VBD.create({"VM": halted, "VDI": s1, "userdevice": "0", "bootable": True, "mode": "RW", "type": "Disk",
-                  "empty": False, "other_config": {}, "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    x.VBD.create(vbd(halted, s1))
     assert failure(x.VM.start, halted, False, False) == ["VDI_INCOMPATIBLE_TYPE", s1, "cbt_metadata"]
     # a read cut short: after nbd_break the VDI's connections are refused
     xapi.nbd_break(sim, x.VDI.get_uuid(s3), 0)
@@ -242,10 +246,8 @@ def test_http_errors_inside_200_and_faults(sim: xapi.Xapi, x: Any) -> None:
         body = get(sim, f"/export_raw_vdi?session_id={s.handle}&vdi={x.VDI.get_uuid(snap)}&format=raw")
         assert body.startswith(b"HTTP/1.1 500 Internal Error")  # XAPI's error inside a 200
         xapi.fault(sim, "export_raw_vdi", "VDI_IO_ERROR")
-        conn = https(sim)
-        conn.request("GET", f"/export_raw_vdi?session_id={s.handle}&vdi={vdi}&format=raw")
-        reply = conn.getresponse()
-        assert (reply.status, reply.read().split()[0]) == (500, b"VDI_IO_ERROR")
+        status, text = request(sim, "GET", f"/export_raw_vdi?session_id={s.handle}&vdi={vdi}&format=raw")
+        assert (status, text.split()[0]) == (500, b"VDI_IO_ERROR")
         assert len(get(sim, f"/export_raw_vdi?session_id={s.handle}&vdi={vdi}&format=raw")) == MiB
     finally:
         s.xenapi.session.logout()
@@ -266,56 +268,50 @@ def test_fault_injection(sim: xapi.Xapi, x: Any) -> None:
     assert x.VM.get_by_name_label("half-made") == []
 
 
-def https(sim: xapi.Xapi) -> http.client.HTTPSConnection:
-    return http.client.HTTPSConnection("127.0.0.1", int(sim.url.rsplit(":", 1)[1].strip("/")),
-                                       context=ssl.create_default_context(cafile=sim.ca_file))
-
-
 def test_http_export_import(sim: xapi.Xapi, x: Any) -> None:
     vdi = disk_vdis(x, x.VM.get_by_name_label(xapi.LAB_VM)[0])[0]
     uuid = x.VDI.get_uuid(vdi)
     s = xapi.session(sim)
     ref = s.handle
     try:
-        conn = https(sim)
-        conn.request("GET", f"/export_raw_vdi?session_id=OpaqueRef:bad&vdi={uuid}&format=raw")
-        assert conn.getresponse().status == 401
+        assert request(sim, "GET", f"/export_raw_vdi?session_id=OpaqueRef:bad&vdi={uuid}")[0] == 401
         data = get(sim, f"/export_raw_vdi?session_id={ref}&vdi={uuid}&format=raw")
         assert len(data) == 64 * MiB
         for offset, length in xapi.LAB_DATA:  # the lab VM's known data
             assert data[offset:offset + length] == lab_pattern(offset, length)
         assert data[16 * MiB:17 * MiB] == bytes(MiB)
-        conn = https(sim)
+        conn = http.client.HTTPSConnection("127.0.0.1", int(sim.url.rsplit(":", 1)[1].strip("/")),
+                                           context=ssl.create_default_context(cafile=sim.ca_file))
         conn.putrequest("PUT", f"/import_raw_vdi?session_id={ref}&vdi={vdi}&format=raw&chunked=true")
         conn.putheader("Transfer-Encoding", "chunked")
         conn.endheaders()
         assert conn.getresponse().status == 403
         body = struct.pack("<QI", BLOCK, 4) + b"abcd" + struct.pack("<QI", 0, 0)
-        assert put(sim, f"/import_raw_vdi?session_id={ref}&vdi={vdi}&chunked=true", body)[0] == 500  # running VM
+        imp = f"/import_raw_vdi?session_id={ref}&chunked=true&vdi="
+        assert request(sim, "PUT", imp + vdi, body)[0] == 500  # the VDI of a running VM
         local = x.SR.get_by_name_label("Local storage")[0]
-        new = x.VDI.create({"name_label": "import", "name_description": "", "SR": local, "virtual_size": str(MiB),
-                            "type": "user", "sharable": False, "read_only": False, "other_config": {}})
-        assert put(sim, f"/import_raw_vdi?session_id={ref}&vdi={new}&format=raw&chunked=true", body) == (200, b"")
+        new = x.VDI.create(vdi_record(local, MiB))
+        assert request(sim, "PUT", imp + new, body) == (200, b"")
         data = get(sim, f"/export_raw_vdi?session_id={ref}&vdi={new}&format=raw")
         assert data[BLOCK:BLOCK + 4] == b"abcd" and data.count(0) == MiB - 4
-        status, text = put(sim, f"/import_raw_vdi?session_id={ref}&vdi={new}&chunked=true",
-                           struct.pack("<QI", MiB - 2, 4) + b"abcd" + struct.pack("<QI", 0, 0))
+        beyond = struct.pack("<QI", MiB - 2, 4) + b"abcd" + struct.pack("<QI", 0, 0)
+        status, text = request(sim, "PUT", imp + new, beyond)
         assert status == 500 and b"VDI_IO_ERROR" in text
         x.VDI.destroy(new)
     finally:
         s.xenapi.session.logout()
 
 
-def get(sim: xapi.Xapi, path: str) -> bytes:
-    conn = https(sim)
-    conn.request("GET", path)
-    reply = conn.getresponse()
-    assert reply.status == 200
-    return reply.read()
 
-
-def put(sim: xapi.Xapi, path: str, body: bytes) -> tuple[int, bytes]:
-    conn = https(sim)
-    conn.request("PUT", path, body=body)
+def request(sim: xapi.Xapi, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPSConnection("127.0.0.1", int(sim.url.rsplit(":", 1)[1].strip("/")),
+                                       context=ssl.create_default_context(cafile=sim.ca_file))
+    conn.request(method, path, body=body)
     reply = conn.getresponse()
     return reply.status, reply.read()
+
+
+def get(sim: xapi.Xapi, path: str) -> bytes:
+    status, data = request(sim, "GET", path)
+    assert status == 200
+    return data
