@@ -1,0 +1,67 @@
+"""A XenServer / XCP-ng pool on the master: registered with its password sealed, discovered, and a
+policy's VM backed up by a proxy through XAPI (the lab's simulator: real images, NBD over TLS)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, MiB, free_port, qemu_img_compare
+from vmkeep.lab import xapi
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[xapi.Xapi]:
+    state = tmp_path_factory.mktemp("xapi-server")
+    started = xapi.start(f"127.0.0.1:{free_port()}", lab_vm=False, state=state)
+    try:
+        yield started
+    finally:
+        xapi.stop(state)
+
+
+def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: xapi.Xapi, database: str, tmp_path: Path) -> None:
+    """The master registers the pool (password sealed), discovers its VMs with their SRs, and a
+    proxy backs a XAPI VM up for a policy; the restore point is the VM's disk as it was."""
+    from tests.test_scale_out import run_to_end, start_proxy, stop, wait_for
+    from tests.test_server import ADMIN_PASSWORD, launch
+
+    uuid = xapi.create_vm(sim, "xen-policy", 64 * MiB, running=True)
+    disk = xapi.disks(sim, uuid)["xvda"]
+    xapi.guest_write(sim, disk, 3 * MiB, b"policy data " * 4096)
+    at_backup = tmp_path / "at-backup.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(xapi.image(sim, disk)), str(at_backup)], check=True)
+    cli.env.update(sim.env())
+    password = cli.env.pop("VMKEEP_HOST_PASSWORD")  # the master's sealed copy is the only one
+    with launch(cli, database, tmp_path) as master:
+        admin = master.client(master.login("admin", ADMIN_PASSWORD))
+        repo = str(tmp_path / "repo")
+        del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
+        cli.run("repo", "init", repo)
+        assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+        reply = admin.post("/api/hypervisors", json={"name": "pool", "kind": "xen", "uri": sim.address,
+                                                     "password": password})
+        assert reply.status_code == 201, reply.text
+        found = admin.post("/api/hypervisors/pool/discover")
+        assert found.status_code == 200, found.text
+        vms = {v["name"]: v for v in admin.get("/api/vms").json()}
+        assert vms["xen-policy"]["disks"][0]["datastore"] == "Local storage", vms["xen-policy"]
+        assert not any(v.get("name", "").startswith("Control domain") for v in vms.values())
+        assert admin.post("/api/policies", json={"name": "xen", "repository": "main", "vms": ["xen-policy"],
+                                                 "transports": "nbd"}).status_code == 201
+        token = admin.post("/api/tokens", json={"name": "proxy"}).json()["token"]
+        proxy = start_proxy(master, token, "p1", reaches="*", transports="nbd")
+        try:
+            wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
+            done = run_to_end(admin, "xen", {"xen-policy": "queued"})["xen-policy"]
+        finally:
+            stop(proxy)
+        assert done["mode"] == "full", done
+        out = tmp_path / "restored.raw"
+        cli.run("restore", f"xen-policy@{done['point_id']}", "--repo", repo, "--disk", "xvda", "--output", str(out),
+                "--format", "raw")
+        assert qemu_img_compare(at_backup, out)
+    assert xapi.attached(sim) == []
