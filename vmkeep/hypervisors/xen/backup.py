@@ -212,13 +212,17 @@ class XenPoint:
                 self._destroy_vdi(vdi_ref)
 
     def _disk_vdis(self, snap: dict[str, Any]) -> dict[str, str]:
-        """userdevice → snapshot VDI of a snapshot VM's disk VBDs (never a CD's image: it is shared)."""
+        """userdevice → snapshot VDI of a snapshot VM's disk VBDs (never a CD's image: it is shared),
+        and under "suspend" the memory image a snapshot of a suspended VM carries."""
         refs = {}
         for vbd_ref in snap.get("VBDs") or []:
             vbd = self.records.get("VBD", vbd_ref)
             vdi_ref = str(vbd.get("VDI") or NULL)
             if vbd.get("type") == "Disk" and vdi_ref != NULL and self.records.get("VDI", vdi_ref).get("is_a_snapshot"):
                 refs[str(vbd.get("userdevice"))] = vdi_ref
+        suspend = str(snap.get("suspend_VDI") or NULL)
+        if suspend != NULL:
+            refs["suspend"] = suspend
         return refs
 
     def _enable_cbt(self, eligible: list[Disk]) -> bool:
