@@ -257,6 +257,42 @@ def write_section(begin: str, end: str, lines: list[str], heading: str) -> None:
     path.write_text(head + "\n".join([begin, *lines, end]) + tail)
 
 
+class Results(dict[str, dict[str, object]]):
+    """A VM benchmark's runs by name: median seconds, each round's seconds, throughput over
+    ``nbytes`` (the data moved; a run that moves less names its own), printed as they come."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes = nbytes
+
+    def record(self, key: str, seconds: float, runs: list[float], nbytes: int | None = None) -> None:
+        moved = self.nbytes if nbytes is None else nbytes
+        self[key] = {"seconds": round(seconds, 3), "runs": [round(r, 3) for r in runs],
+                     "throughput_gbps": round(moved / seconds / 1e9, 3)}
+        print(f"{key:44s} {seconds:7.2f} s  {moved / seconds / 1e9:6.2f} GB/s", flush=True)
+
+
+def publish(name: str, marks: tuple[str, str], heading: str, intro: str, doc: dict[str, object],
+            results: dict[str, dict[str, object]], ratios: dict[str, tuple[float, float, str]]) -> None:
+    """Write a VM benchmark's results: bench/results-NAME.json, and in docs/performance.md its two
+    tables under ``intro`` — each run's seconds and GB/s, then each ratio against its target
+    (``sense``: "≥", "<", or "info" for a ratio without a target)."""
+    doc = {**doc, "results": results,
+           "ratios": {k: {"ratio": r, "target": t, "sense": c} for k, (r, t, c) in ratios.items()}}
+    (ROOT / "bench" / f"results-{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    lines = ["", intro, "", "| run | seconds | GB/s |", "|---|---:|---:|"]
+    lines += [f"| {k} | {r['seconds']:.2f} | {r['throughput_gbps']:.2f} |" for k, r in results.items()]
+    lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
+    for k, (r, t, c) in ratios.items():
+        if c == "info":
+            lines.append(f"| {k} | {r:.3f} | — | — |")
+            continue
+        met = r >= t if c == "≥" else r < t
+        lines.append(f"| {k} | {r:.3f} | {c} {t} | {'yes' if met else 'no'} |")
+    write_section(marks[0], marks[1], [*lines, ""], heading)
+    print(json.dumps(doc["ratios"], indent=1))
+
+
 def write_markdown(doc: dict) -> None:
     lines = ["",
              f"Image: {doc['size_bytes'] / GiB:.1f} GiB qcow2 of incompressible data (the qcow2 restores: one "

@@ -38,7 +38,19 @@ from pathlib import Path
 
 import libvirt
 
-from bench.repo_bench import ENV, ROOT, VMKEEP, GiB, Trial, median_of, rm, rounds, sh, write_section
+from bench.repo_bench import (
+    ENV,
+    ROOT,
+    VMKEEP,
+    GiB,
+    Results,
+    Trial,
+    median_of,
+    publish,
+    rm,
+    rounds,
+    sh,
+)
 from vmkeep.hypervisors.libvirt.connector import LibvirtConnector
 from vmkeep.lab.images import Segment, make_image
 
@@ -209,12 +221,8 @@ def main() -> None:
     data = int(args.data_gib * GiB)
     image = make_image(IMAGES / "vda.qcow2", 8 * GiB, [Segment(0, data, "random", "vm-bench")])
     define_vm(image)
-    results: dict[str, dict[str, object]] = {}
-
-    def record(key: str, seconds: float, runs: list[float], nbytes: int = data) -> None:
-        results[key] = {"seconds": round(seconds, 3), "runs": [round(r, 3) for r in runs],
-                        "throughput_gbps": round(nbytes / seconds / 1e9, 3)}
-        print(f"{key:44s} {seconds:7.2f} s  {nbytes / seconds / 1e9:6.2f} GB/s", flush=True)
+    results = Results(data)
+    record = results.record
 
     try:
         disk_repo, shm_repo, copy = work / "vm-repo", shm / "repo", work / "vm-nbdcopy.raw"
@@ -274,25 +282,12 @@ def main() -> None:
             f"{tr}, incremental after 1 MiB / full, engine time": (
                 round(secs(f"{tr}:   the same, engine time only") / full, 4), 0.03, "<"),
         })
-    doc = {"disk_bytes": 8 * GiB, "data_bytes": data, "repeat": args.repeat, "cpus": os.cpu_count(),
-           "results": results, "ratios": {k: {"ratio": r, "target": t, "sense": c} for k, (r, t, c) in ratios.items()}}
-    (ROOT / "bench" / "results-vm.json").write_text(json.dumps(doc, indent=1) + "\n")
-    lines = ["", f"VM disk: 8 GiB qcow2 holding {data / GiB:.1f} GiB of incompressible data; "
-             f"{doc['cpus']} CPUs; median of {args.repeat} runs, of {args.incremental_repeat} for the incrementals "
-             "(written by `bench/vm_bench.py`).", "",
-             "| run | seconds | GB/s |", "|---|---:|---:|"]
-    lines += [f"| {k} | {r['seconds']:.2f} | {r['throughput_gbps']:.2f} |" for k, r in results.items()]
-    lines += ["", "| ratio | measured | target | met |", "|---|---:|---:|---|"]
-    for k, (r, t, c) in ratios.items():
-        if c == "info":
-            lines.append(f"| {k} | {r:.3f} | — | — |")
-            continue
-        met = r >= t if c == "≥" else r < t
-        lines.append(f"| {k} | {r:.3f} | {c} {t} | {'yes' if met else 'no'} |")
-    lines.append("")
-    write_section(MARK_BEGIN, MARK_END, lines, "VM backup through libvirt")
-    print(json.dumps(doc["ratios"], indent=1))
-
+    publish("vm", (MARK_BEGIN, MARK_END), "VM backup through libvirt",
+            f"VM disk: 8 GiB qcow2 holding {data / GiB:.1f} GiB of incompressible data; {os.cpu_count()} CPUs; "
+            f"median of {args.repeat} runs, of {args.incremental_repeat} for the incrementals (written by "
+            "`bench/vm_bench.py`).",
+            {"disk_bytes": 8 * GiB, "data_bytes": data, "repeat": args.repeat, "cpus": os.cpu_count()},
+            results, ratios)
 
 if __name__ == "__main__":
     main()

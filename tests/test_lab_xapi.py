@@ -1,5 +1,5 @@
 """The lab's XAPI simulator through the official XenAPI SDK: its protocol, rules and errors are
-XAPI's (xen-spec.md), so the Xen connector tested against it would fail against a pool where
+XAPI's (docs/xen.md), so the Xen connector tested against it would fail against a pool where
 it breaks them. One simulator (a real process over HTTPS) serves the whole module."""
 
 from __future__ import annotations

@@ -181,6 +181,8 @@ def test_inventory_lists_guests_their_disks_and_the_pool(cli: Cli, sim: Any, env
     assert srs["ISO library"]["content_type"] == "iso"
     nets = {n["name"]: n for n in pool["networks"]}
     assert nets["Pool-wide network associated with eth0"]["purpose"] == ["nbd"]
+    table = cli.run("inventory", "--host", sim.address).stdout  # the table and the pool's line
+    assert "xen-inv" in table and "hosts: xen1, xen2" in table and "Local storage (" in table, table
     # a name two VMs share is refused rather than guessed
     xapi.create_vm(sim, "xen-twin", 16 * MiB, running=False)
     xapi.create_vm(sim, "xen-twin", 16 * MiB, running=False)

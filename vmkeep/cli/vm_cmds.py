@@ -204,6 +204,24 @@ def restore_cmd(
                           f"{human(result['bytes_written'])} in {result['duration']:.1f} s", highlight=False)
 
 
+def topology_line(topology: dict[str, Any]) -> str:
+    """One line of the estate around the VMs, whatever the hypervisor calls its parts (vSphere's
+    datacenters, clusters and datastores; a Xen pool's hosts, SRs and networks): each part's names,
+    with the hosts of a cluster and the free space of a store."""
+    parts = []
+    for kind, items in topology.items():
+        names = []
+        for item in items:
+            if not isinstance(item, dict):
+                names.append(str(item))
+                continue
+            extra = [f"{len(item['hosts'])} hosts"] if isinstance(item.get("hosts"), list) else []
+            extra += [f"{human(item['free'] or 0)} free"] if "free" in item else []
+            names.append(f"{item.get('name', '')}" + (f" ({', '.join(extra)})" if extra else ""))
+        parts.append(f"{kind}: {', '.join(names) or 'none'}")
+    return "; ".join(parts)
+
+
 def inventory_cmd(host: HostOpt = "qemu:///system", insecure: InsecureOpt = False,
                   json_out: JsonOpt = False) -> None:
     """VMs on a hypervisor with their state and disks."""
@@ -218,10 +236,7 @@ def inventory_cmd(host: HostOpt = "qemu:///system", insecure: InsecureOpt = Fals
                    **({"topology": topology} if topology else {})})
         return
     if topology:
-        out_console.print(f"datacenters: {', '.join(topology['datacenters'])}; clusters: "
-                          + ", ".join(f"{c['name']} ({len(c['hosts'])} hosts)" for c in topology["clusters"])
-                          + "; datastores: " + ", ".join(f"{d['name']} ({human(d['free'] or 0)} free)"
-                                                          for d in topology["datastores"]), highlight=False)
+        out_console.print(topology_line(topology), highlight=False)
     table = Table("VM", "state", "disk", "format", "size", "allocated", "backup")
     for vm in vms:
         for i, d in enumerate(vm.disks or []):

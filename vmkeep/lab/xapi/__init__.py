@@ -1,7 +1,7 @@
 """The lab's XenServer: a XAPI simulator for tests and the demo, NOT a product feature.
 
 No XenServer can run here, so ``python -m vmkeep.lab.xapi.server`` serves the subset of XAPI the
-Xen connector uses (/tmp/notes/xen-spec.md: XML-RPC over HTTPS with XAPI's errors and rules,
+Xen connector uses (docs/xen.md, "The lab's simulator": XML-RPC over HTTPS with XAPI's errors and rules,
 NBD exports, raw import/export), backed by real qcow2 images whose CBT answers come from QEMU's
 persistent dirty bitmaps. A connector that breaks XAPI's rules fails here as on a real pool.
 

@@ -1,6 +1,6 @@
 """session, pool, host, SR and network methods, and the initial world of the simulated pool.
 
-The world is fixed (spec: two hosts, dom0 each, one template, three SRs, two networks) so tests
+The world is fixed (docs/xen.md: two hosts, dom0 each, one template, three SRs, two networks) so tests
 and the connector can name things; SR free space is the state directory's file system.
 """
 
