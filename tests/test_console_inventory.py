@@ -45,7 +45,8 @@ def catalog(console_master: Server, console_api: httpx.Client) -> Iterator[None]
                      {"name": "vdb", "path": "/dev/sdb", "format": "raw", "size": 512 * 1024**2, "allocation": 0,
                       "backup": True, "skip_reason": "", "datastore": "default"}]
             session.add(VirtualMachine(hypervisor_id=lab.id, name=f"web-{i:03}", uuid=f"w{i}", host="kvm-1",
-                                       state="running", disks=disks, tags=[], folder="prod/web" if i < 30 else None))
+                                       state="running", disks=disks, tags=["gold"] if i == 1 else [],
+                                       folder="prod/web" if i < 30 else None))
             session.add(VirtualMachine(hypervisor_id=lab.id, name=f"db-{i:03}", uuid=f"d{i}", host="kvm-2",
                                        state="shutoff", disks=disks[:1], tags=[], folder=None))
         session.add(VirtualMachine(hypervisor_id=lab.id, name="old-1", uuid="o1", host="kvm-2", state="shutoff",
@@ -139,6 +140,7 @@ def test_tree_search_filters_and_paging(chromium: Any, console_master: Server, c
     assert cells[0] == "running"
     assert cells[1] == "vda 20.0 GiB, vdb 512.0 MiB"  # names and sizes, binary units
     assert cells[2] == "nightly"
+    assert web1.locator("th .tag").all_inner_texts() == ["gold"]  # the hypervisor's own tags (XenServer's)
     newest = web1.locator("time")
     assert newest.get_attribute("datetime") == NEWEST.isoformat()  # the newest of its two points
     assert "incremental" in cells[3]

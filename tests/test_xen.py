@@ -170,7 +170,7 @@ def test_inventory_lists_guests_their_disks_and_the_pool(cli: Cli, sim: Any, env
     assert found["state"] == "shut off" and found["uuid"] == uuid and found["host"] == "xen1"
     disks = {d["name"]: d for d in found["disks"]}
     assert disks["xvda"]["backup"] and disks["xvda"]["size"] == 64 * MiB
-    assert disks["xvda"]["datastore"] == "Local storage"
+    assert disks["xvda"]["datastore"] == "Local storage" and disks["xvda"]["change_tracking"] is False
     assert not disks["xvdb"]["backup"] and "sharable" in disks["xvdb"]["skip_reason"]
     (cd,) = [d for n, d in disks.items() if n not in ("xvda", "xvdb")]
     assert not cd["backup"] and "CD" in cd["skip_reason"]

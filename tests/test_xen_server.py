@@ -1,5 +1,6 @@
-"""A XenServer / XCP-ng pool on the master: registered with its password sealed, discovered, and a
-policy's VM backed up by a proxy through XAPI (the lab's simulator: real images, NBD over TLS)."""
+"""A XenServer / XCP-ng pool on the master: registered with its password sealed, discovered with
+its VMs' own tags, and the VM a policy picks by tag backed up by a proxy through XAPI (the lab's
+simulator: real images, NBD over TLS)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: xapi.Xapi, data
     from tests.test_server import ADMIN_PASSWORD, launch
 
     uuid = xapi.create_vm(sim, "xen-policy", 64 * MiB, running=True)
+    xapi.create_vm(sim, "xen-untagged", 16 * MiB, running=False)
+    pool = xapi.session(sim)
+    try:
+        pool.xenapi.VM.add_tags(pool.xenapi.VM.get_by_uuid(uuid), "backup-gold")
+    finally:
+        pool.xenapi.session.logout()
     disk = xapi.disks(sim, uuid)["xvda"]
     xapi.guest_write(sim, disk, 3 * MiB, b"policy data " * 4096)
     at_backup = tmp_path / "at-backup.raw"
@@ -49,8 +56,9 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: xapi.Xapi, data
         assert found.status_code == 200, found.text
         vms = {v["name"]: v for v in admin.get("/api/vms").json()}
         assert vms["xen-policy"]["disks"][0]["datastore"] == "Local storage", vms["xen-policy"]
+        assert vms["xen-policy"]["tags"] == ["backup-gold"] and vms["xen-untagged"]["tags"] == []
         assert not any(v.get("name", "").startswith("Control domain") for v in vms.values())
-        assert admin.post("/api/policies", json={"name": "xen", "repository": "main", "vms": ["xen-policy"],
+        assert admin.post("/api/policies", json={"name": "xen", "repository": "main", "tags": ["backup-gold"],
                                                  "transports": "nbd"}).status_code == 201
         token = admin.post("/api/tokens", json={"name": "proxy"}).json()["token"]
         proxy = start_proxy(master, token, "p1", reaches="*", transports="nbd")

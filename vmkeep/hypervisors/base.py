@@ -45,6 +45,7 @@ class VMDisk:
     backup: bool = True
     skip_reason: str = ""
     datastore: str = ""  # the storage it lives on (pool, datastore, SR): concurrency limits count per datastore
+    change_tracking: bool | None = None  # the hypervisor tracks its changed blocks (None: it does not say)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class VMInfo:
     host: str
     disks: list[VMDisk]
     folder: str | None = None  # where the manager files it (vSphere's VM folders), for selection rules
+    tags: list[str] = field(default_factory=list)  # the hypervisor's own tags (XenServer's), for selection rules
 
 
 @dataclass

@@ -43,12 +43,13 @@ def discover(session: Session, h: Hypervisor) -> DiscoveryReport:
         vm = known.pop(info.uuid, None)
         if vm is None:
             session.add(VirtualMachine(hypervisor_id=h.id, name=info.name, uuid=info.uuid, host=info.host,
-                                       state=info.state, disks=disks, tags=[], folder=info.folder, present=True,
-                                       last_seen=now))
+                                       state=info.state, disks=disks, tags=list(info.tags), folder=info.folder,
+                                       present=True, last_seen=now))
             report.new += 1
         else:
             vm.name, vm.host, vm.state, vm.disks, vm.folder, vm.present, vm.last_seen = (
                 info.name, info.host, info.state, disks, info.folder, True, now)
+            vm.tags = list(info.tags)  # the hypervisor's own tags (XenServer's): policies select by them
     for vm in known.values():
         if vm.present:
             vm.present = False

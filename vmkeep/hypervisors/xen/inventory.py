@@ -129,7 +129,8 @@ def _order(userdevice: Any) -> tuple[int, str]:
 def vm_disks(found: list[Disk]) -> list[VMDisk]:
     return [VMDisk(d.name, d.uuid, str((d.record.get("sm_config") or {}).get("image-format") or "vhd"), d.size,
                    int(d.record.get("physical_utilisation") or 0), d.backup, d.skip_reason,
-                   str(d.sr.get("name_label", ""))) for d in found]
+                   str(d.sr.get("name_label", "")), change_tracking=bool(d.record.get("cbt_enabled")))
+            for d in found]
 
 
 def host_of(records: Records, vm: dict[str, Any]) -> str:
@@ -153,7 +154,8 @@ def master_name(records: Records) -> str:
 def vm_info(records: Records, vm: dict[str, Any]) -> VMInfo:
     folder = (vm.get("other_config") or {}).get("folder")  # XenCenter's folders live there
     return VMInfo(str(vm["name_label"]), str(vm["uuid"]), POWER_STATES.get(str(vm.get("power_state")), "unknown"),
-                  host_of(records, vm), vm_disks(disks(records, vm)), folder=str(folder) if folder else None)
+                  host_of(records, vm), vm_disks(disks(records, vm)), folder=str(folder) if folder else None,
+                  tags=sorted(str(t) for t in vm.get("tags") or []))
 
 
 def list_vms(session: XapiSession) -> list[VMInfo]:
