@@ -29,12 +29,24 @@ SECRETS = [
     ("Authorization: Token abcdef123456", "abcdef123456"),
     ("Cookie: vmware_soap_session=52a1b2c3d4", "52a1b2c3d4"),
     ("s3_secret_key=AKIAxyz", "AKIAxyz"),
+    # a XAPI session ref: in an NBD export name, plain and URL-encoded into an nbds:// URI, and in XAPI's errors
+    ("export /6f1c?session_id=OpaqueRef:5e2a0c1d-77aa-4b1e-9c1f-0d3e4f5a6b7c", "5e2a0c1d-77aa"),
+    ("reading 65536 bytes at 0 from nbds://127.0.0.1:10809/%2F6f1c%3Fsession_id%3DOpaqueRef%3A5e2a0c1d-77aa-4b1e"
+     "?tls-certificates=/tmp/x failed", "5e2a0c1d-77aa"),
+    ("XAPI VM.get_record failed on 127.0.0.1: SESSION_INVALID OpaqueRef:5e2a0c1d-77aa-4b1e", "5e2a0c1d-77aa"),
+    ("failure ['SESSION_INVALID', 'OpaqueRef:5e2a0c1d-77aa-4b1e']", "5e2a0c1d-77aa"),
 ]
 
 
 @pytest.mark.parametrize("text,secret", SECRETS)
 def test_secrets_are_masked(text: str, secret: str) -> None:
     assert secret not in redact(text) and "***" in redact(text)
+
+
+def test_a_session_ref_masked_in_a_uri_keeps_the_rest() -> None:
+    uri = "nbds://h:10809/%2F6f1c%3Fsession_id%3DOpaqueRef%3A5e2a-77aa?tls-certificates=/tmp/x"
+    assert redact(uri) == "nbds://h:10809/%2F6f1c%3Fsession_id%3D***?tls-certificates=/tmp/x"
+    assert redact("/6f1c?session_id=OpaqueRef:5e2a-77aa&x=1") == "/6f1c?session_id=***&x=1"
 
 
 def test_a_message_cannot_forge_another_line() -> None:

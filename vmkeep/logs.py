@@ -21,7 +21,8 @@ CONTEXT_FIELDS = ("job", "restore", "vm", "proxy", "policy", "disk")
 MASK = "***"
 
 # What must never reach a log line, whatever a message quotes: API tokens, the password of a URL
-# (database, hypervisor, S3), password/secret/token parameters and headers, private keys.
+# (database, hypervisor, S3), password/secret/token/session parameters and headers (plain and URL-encoded),
+# XAPI session refs in its errors, private keys.
 _KEYWORD = r"[\w\-]*(?:password|passwd|passphrase|secret|token|api[_\-]?key|session|cookie)[\w\-]*"
 SECRETS = (
     (re.compile(r"\bvk_[A-Za-z0-9_\-]{8,}"), "vk_" + MASK),
@@ -34,6 +35,10 @@ SECRETS = (
     (re.compile(r"(?P<keep>" + _KEYWORD + r"[\"']?\s*[=:]\s*)[^\s'\",;&]+", re.I), r"\g<keep>" + MASK),
     (re.compile(r"(?P<keep>\b(?:authorization|proxy-authorization)[\"']?\s*[:=]\s*[\"']?[\w\-]+\s+)[^\s'\",;]+",
                 re.I), r"\g<keep>" + MASK),
+    # the same URL-encoded into a URI (an NBD export name inside nbds://…: session_id%3DOpaqueRef%3A…)
+    (re.compile(r"(?P<keep>" + _KEYWORD + r"%3D)(?:[\w\-.~]|%3A)+", re.I), r"\g<keep>" + MASK),
+    # XAPI's SESSION_INVALID names the (expired, maybe still valid elsewhere) session ref it refused
+    (re.compile(r"(?P<keep>SESSION_INVALID[\s\[\]'\",]*)OpaqueRef:[\w\-]+"), r"\g<keep>OpaqueRef:" + MASK),
     # a private key, or what is left of one when a message was cut short
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)", re.S),
      "[private key " + MASK + "]"),
