@@ -16,10 +16,11 @@ import pytest
 from tests.conftest import Cli, MiB, free_port, fresh_cli, qemu_img_compare
 from vmkeep.engine.vm import disk_sizes, restore_vm_as, vm_config
 from vmkeep.hypervisors.base import HypervisorError
-from vmkeep.hypervisors.xen import restore, upload
+from vmkeep.hypervisors.xen import inventory, restore, upload
 from vmkeep.hypervisors.xen.connector import XenConnector
-from vmkeep.hypervisors.xen.session import XapiSession
+from vmkeep.hypervisors.xen.session import XapiError, XapiSession
 from vmkeep.lab import xapi
+from vmkeep.lab.xapi import api_vm as xapi_vm
 from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
@@ -64,7 +65,7 @@ def connector(sim: xapi.Xapi, monkeypatch: pytest.MonkeyPatch) -> Iterator[XenCo
 
 
 def vm_named(s: XapiSession, name: str) -> dict[str, Any] | None:
-    found = restore.vms_named(s, name)
+    found = inventory.vms_named(s, name)
     return found[0][1] if found else None
 
 
@@ -120,6 +121,13 @@ def backed(sim: xapi.Xapi, tmp_path_factory: pytest.TempPathFactory) -> Backed:
     cli = fresh_cli()
     cli.env.update(sim.env())
     uuid = xapi.create_vm(sim, SOURCE, [64 * MiB, 16 * MiB], running=False, networks=[NET0, NET1], cd=True)
+    s = session(sim)
+    try:  # a UEFI guest's variables and Windows' update device: a restore keeps both
+        ref = s.call("VM.get_by_uuid", uuid)
+        s.call("VM.set_NVRAM", ref, {"EFI-variables": "ZWZpLXZhcnM="})
+        s.call("VM.set_has_vendor_device", ref, True)
+    finally:
+        s.close()
     vdis = xapi.disks(sim, uuid)
     for disk, offset, length in WRITES:
         xapi.guest_write(sim, vdis[disk], offset, pattern(offset, length))
@@ -141,8 +149,12 @@ def test_restore_as_a_new_vm_sends_only_the_data(sim: xapi.Xapi, backed: Backed)
         assert source is not None and copy is not None
         assert copy["uuid"] != source["uuid"] and copy["power_state"] == "Running"
         assert restore.MARK in copy["other_config"]
-        assert copy["memory_static_max"] == source["memory_static_max"]
-        assert copy["HVM_boot_params"] == source["HVM_boot_params"]
+        for kept in ("memory_static_max", "HVM_boot_params", "NVRAM", "has_vendor_device", "PV_bootloader_args",
+                     "hardware_platform_version", "HVM_shadow_multiplier", "platform"):
+            assert copy[kept] == source[kept], kept
+        # XAPI derives a VIF's MAC from the VM's mac_seed: the copy has a seed of its own
+        seed = copy["other_config"]["mac_seed"]
+        assert seed and seed != source["other_config"]["mac_seed"]
         restored = disks_of(s, copy)
         assert sorted(restored) == ["xvda", "xvdb"]
         for disk, vdi in restored.items():
@@ -154,6 +166,7 @@ def test_restore_as_a_new_vm_sends_only_the_data(sim: xapi.Xapi, backed: Backed)
         old, new = vifs_of(s, source), vifs_of(s, copy)
         assert [n for _m, n in old] == [NET0, NET1] and [n for _m, n in new] == [NET1, NET1]
         assert not {m for m, _n in old} & {m for m, _n in new} and all(m for m, _n in new)
+        assert [m for m, _n in new] == [xapi_vm.seeded_mac(seed, d) for d in (0, 1)]
     finally:
         s.close()
     # what the simulator decoded from the bodies (its log), and what the connector put on the wire
@@ -201,11 +214,11 @@ def test_refusals_come_before_anything_is_made(sim: xapi.Xapi, backed: Backed, c
         assert "no storage repository 'nowhere'" in refused("--as", "xr-x", "--storage", "nowhere")
         assert "no network 'nonet'" in refused("--as", "xr-x", "--network", "nonet")
         assert "no host 'xen9'" in refused("--as", "xr-x", "--esx-host", "xen9")
-        s.call("VM.start", restore.vms_named(s, SOURCE)[0][0], False, False)
+        s.call("VM.start", inventory.vms_named(s, SOURCE)[0][0], False, False)
         try:
             assert "shut it down first" in refused("--overwrite")
         finally:
-            s.call("VM.hard_shutdown", restore.vms_named(s, SOURCE)[0][0])
+            s.call("VM.hard_shutdown", inventory.vms_named(s, SOURCE)[0][0])
         for config, kind in (({"domain_xml": "<domain/>"}, "libvirt"), ({"kind": "vsphere"}, "vsphere")):
             with pytest.raises(HypervisorError, match=f"point is of a {kind} VM: restore it onto"):
                 connector.restore_vm(config, name="xr-x", disks={"vda": MiB}, as_new=True)
@@ -258,7 +271,7 @@ def test_failures_mid_upload_leave_nothing(sim: xapi.Xapi, backed: Backed, conne
         restored = disks_of(s, vm)
         assert set(done.disks) == {"xvda", "xvdb"} and done.disks["xvda"] == f"Local storage/{restored['xvda']['uuid']}"
         assert qemu_img_compare(xapi.image(sim, restored["xvdb"]["uuid"]), backed.expected["xvdb"])
-        assert len(restore.vms_named(s, "xr-retried")) == 1
+        assert len(inventory.vms_named(s, "xr-retried")) == 1
         assert set(s.call("VDI.get_all")) - set(before[1]) == {s.call("VDI.get_by_uuid", v["uuid"])
                                                                 for v in restored.values()}
     finally:
@@ -291,6 +304,38 @@ def test_overwrite_the_halted_original(sim: xapi.Xapi, backed: Backed, tmp_path:
     backed.cli.run("restore", f"{SOURCE}@{first_point}", "--repo", backed.repo, "--disk", "xvda", "--output",
                    str(target), "--format", "raw")
     assert qemu_img_compare(target, backed.expected["xvda"])
+
+
+def test_vm_create_records(sim: xapi.Xapi, backed: Backed) -> None:
+    """VM.create refuses a record without a field XAPI's datamodel gives no default; the record a
+    restore sends carries every one of them, also from a point saved before the connector kept
+    them, and none of the original's identity (its mac_seed)."""
+    seed = "0d6b8e0c-6c52-4b7c-9a52-1f0e3c7d9a11"
+    old_point: dict[str, Any] = {"vm": {
+        "name_label": SOURCE, "memory_static_max": "268435456", "memory_static_min": "134217728",
+        "memory_dynamic_max": "268435456", "memory_dynamic_min": "268435456", "VCPUs_max": "1",
+        "VCPUs_at_startup": "1", "domain_type": "hvm", "platform": {}, "actions_after_shutdown": "destroy",
+        "actions_after_reboot": "restart", "actions_after_crash": "restart",
+        "other_config": {"mac_seed": seed, "vmkeep-base": "x", "xensource_internal": "true", "folder": "/web"}}}
+    record = restore._vm_record(old_point, "xr-old", "test", None)
+    assert not set(xapi_vm.VM_REQUIRED) - set(record)
+    assert record["PV_bootloader_args"] == "" and record["HVM_boot_policy"] == "BIOS order"
+    assert set(record["other_config"]) == {"folder", restore.MARK}
+    s = session(sim)
+    try:
+        for missing in ("PV_bootloader_args", "PCI_bus", "recommendations", "user_version"):
+            with pytest.raises(XapiError) as refused:
+                s.call("VM.create", {k: v for k, v in record.items() if k != missing})
+            assert refused.value.details == ["FIELD_TYPE_ERROR", missing]
+        ref = s.call("VM.create", record)
+        try:
+            made = s.call("VM.get_record", ref)
+            assert made["other_config"]["mac_seed"] not in ("", seed)
+            assert made["NVRAM"] == {} and made["domain_type"] == "hvm"
+        finally:
+            s.call("VM.destroy", ref)
+    finally:
+        s.close()
 
 
 def test_import_replies_and_bodies() -> None:

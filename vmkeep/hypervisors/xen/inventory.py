@@ -20,10 +20,15 @@ log = logging.getLogger(__name__)
 NULL = "OpaqueRef:NULL"
 POWER_STATES = {"Running": "running", "Halted": "shut off", "Paused": "paused", "Suspended": "suspended"}
 MARK_PREFIX = "vmkeep"  # other_config keys vmkeep sets (vmkeep-base, …): not part of a VM's configuration
-VM_FIELDS = ("name_label", "name_description", "memory_static_max", "memory_static_min", "memory_dynamic_max",
-             "memory_dynamic_min", "VCPUs_max", "VCPUs_at_startup", "VCPUs_params", "domain_type", "HVM_boot_policy",
-             "HVM_boot_params", "PV_bootloader", "PV_kernel", "PV_ramdisk", "PV_args", "platform",
-             "actions_after_shutdown", "actions_after_reboot", "actions_after_crash", "tags", "other_config")
+VM_FIELDS = ("name_label", "name_description", "user_version", "memory_static_max", "memory_static_min",
+             "memory_dynamic_max", "memory_dynamic_min", "VCPUs_max", "VCPUs_at_startup", "VCPUs_params",
+             "domain_type", "HVM_boot_policy", "HVM_boot_params", "HVM_shadow_multiplier", "PV_bootloader",
+             "PV_kernel", "PV_ramdisk", "PV_args", "PV_bootloader_args", "PV_legacy_args", "platform", "PCI_bus",
+             "recommendations", "NVRAM", "has_vendor_device", "hardware_platform_version", "actions_after_shutdown",
+             "actions_after_reboot", "actions_after_crash", "tags", "other_config")
+# NVRAM holds a UEFI guest's variables (boot entries, Secure Boot keys): without it the copy boots
+# as a machine whose firmware was reset; has_vendor_device and hardware_platform_version are
+# hardware the guest has seen (Windows' update device; the virtual platform's version).
 
 
 class Records:
@@ -168,18 +173,27 @@ def list_vms(session: XapiSession) -> list[VMInfo]:
     return sorted(vms, key=lambda v: v.name)
 
 
+def vms_named(session: XapiSession, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """The guest VMs (not templates, snapshots or control domains) called ``name``: (ref, record)."""
+    found = []
+    for ref in session.call("VM.get_by_name_label", name):
+        record = dict(session.call("VM.get_record", ref))
+        if is_guest(record):
+            found.append((str(ref), record))
+    return found
+
+
 def find_vm(session: XapiSession, name: str) -> str:
     """The ref of the guest VM called ``name`` (name_label), refusing a name several VMs share."""
-    refs = [r for r in session.call("VM.get_by_name_label", name)
-            if is_guest(session.call("VM.get_record", r))]
-    if not refs:
+    found = vms_named(session, name)
+    if not found:
         raise HypervisorError(f"no VM named {name!r} in the pool of {session.host}; see `vmkeep inventory --host "
                               f"{session.uri}`")
-    if len(refs) > 1:
-        uuids = ", ".join(str(session.call("VM.get_uuid", r)) for r in refs)
-        raise HypervisorError(f"{len(refs)} VMs are named {name!r} in the pool of {session.host} ({uuids}): give "
+    if len(found) > 1:
+        uuids = ", ".join(str(record.get("uuid")) for _ref, record in found)
+        raise HypervisorError(f"{len(found)} VMs are named {name!r} in the pool of {session.host} ({uuids}): give "
                               "each a name of its own (xe vm-param-set name-label=… uuid=…)")
-    return str(refs[0])
+    return found[0][0]
 
 
 def topology(session: XapiSession) -> dict[str, Any]:

@@ -5,10 +5,10 @@ VDI per disk on the chosen SR, each filled through ``PUT /import_raw_vdi`` in XA
 format (only the data travels: a new VDI reads as zeros), VBDs as the point had them (CD drives
 empty) and VIFs with new MACs. Everything it makes carries ``other_config`` ``vmkeep-restored``,
 so a retry or :func:`remove_restored` touches only what a restore made; leaving without
-``finish`` removes it again.
+``finish`` removes it again. The saved record goes to ``VM.create`` without the keys that make
+the original's identity (``mac_seed``: XAPI derives each new VIF's MAC from it).
 
-Over the original (halted) VM: each disk's VDI is rewritten in place through the same import,
-the point's zeros included (the disk may hold data there).
+Over the original (halted) VM: :mod:`vmkeep.hypervisors.xen.overwrite`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmkeep.hypervisors.base import DISCONNECTED, HypervisorError
-from vmkeep.hypervisors.xen.inventory import NULL, disk_name, is_guest
+from vmkeep.hypervisors.xen.inventory import NULL, Records, vms_named
+from vmkeep.hypervisors.xen.overwrite import Original, original_vm
 from vmkeep.hypervisors.xen.session import XapiError
 from vmkeep.hypervisors.xen.upload import ChunkedImport, import_vdi
 
@@ -35,11 +36,20 @@ MARK = "vmkeep-restored"  # other_config key of a VM (value: where it came from)
 KIND = "xen"
 KIND_HOSTS = {"libvirt": "a libvirt (KVM) host: --host qemu:///system or qemu+tls://HOST/system",
               "vsphere": "vSphere: --host vsphere://USER@VCENTER"}
-# fields XAPI's VM.create wants besides the saved ones, with the values a new VM gets
-VM_DEFAULTS: dict[str, Any] = {"user_version": "1", "is_a_template": False, "affinity": NULL, "PV_legacy_args": "",
-                               "HVM_shadow_multiplier": 1.0, "PCI_bus": "", "recommendations": "",
-                               "name_description": "", "VCPUs_params": {}, "HVM_boot_params": {}, "platform": {},
-                               "other_config": {}, "tags": [], "blocked_operations": {}, "xenstore_data": {}}
+# what VM.create gets where the point has nothing: XAPI's datamodel gives these fields no default
+# (a record without one is refused), points made before they were saved lack them; NVRAM etc.
+# as XAPI defaults them, has_vendor_device off (no device the guest has not seen)
+VM_DEFAULTS: dict[str, Any] = {"user_version": "1", "is_a_template": False, "affinity": NULL, "VCPUs_params": {},
+                               "PV_bootloader": "", "PV_kernel": "", "PV_ramdisk": "", "PV_args": "",
+                               "PV_bootloader_args": "", "PV_legacy_args": "", "HVM_boot_params": {},
+                               "HVM_shadow_multiplier": 1.0, "platform": {}, "PCI_bus": "", "recommendations": "",
+                               "NVRAM": {}, "has_vendor_device": False, "hardware_platform_version": "0",
+                               "name_description": "", "other_config": {}, "tags": [], "blocked_operations": {},
+                               "xenstore_data": {}}
+# other_config keys of the original that a new VM must not get: mac_seed (XAPI derives each VIF's
+# MAC from it and the device: the copy would get the original's MACs), and what XAPI's own
+# VM.clone / import drop (default_template, xensource_internal; grant_api_access)
+IDENTITY_KEYS = frozenset({"mac_seed", "default_template", "xensource_internal", "grant_api_access"})
 
 
 def _where(kind: str) -> str:
@@ -62,20 +72,6 @@ def restore_vm(connector: XenConnector, config: dict[str, Any], *, name: str, di
 
 
 # -- the pool's objects by name --------------------------------------------------------------------
-def _records(session: XapiSession, cls: str) -> dict[str, dict[str, Any]]:
-    return dict(session.call(f"{cls}.get_all_records"))
-
-
-def vms_named(session: XapiSession, name: str) -> list[tuple[str, dict[str, Any]]]:
-    """The VMs (not templates, snapshots or control domains) called ``name``: (ref, record)."""
-    found = []
-    for ref in session.call("VM.get_by_name_label", name):
-        record = dict(session.call("VM.get_record", ref))
-        if is_guest(record):
-            found.append((str(ref), record))
-    return found
-
-
 def _find(records: dict[str, dict[str, Any]], wanted: str) -> str | None:
     """The ref of the object whose name_label or uuid is ``wanted``."""
     for ref, record in records.items():
@@ -88,21 +84,21 @@ def _names(records: dict[str, dict[str, Any]]) -> str:
     return ", ".join(sorted(str(r.get("name_label")) for r in records.values())) or "none"
 
 
-def _user_srs(session: XapiSession) -> dict[str, dict[str, Any]]:
-    return {ref: sr for ref, sr in _records(session, "SR").items() if sr.get("content_type") != "iso"}
+def _user_srs(records: Records) -> dict[str, dict[str, Any]]:
+    return {ref: sr for ref, sr in records.all("SR").items() if sr.get("content_type") != "iso"}
 
 
-def _networks(session: XapiSession) -> dict[str, dict[str, Any]]:
+def _networks(records: Records) -> dict[str, dict[str, Any]]:
     """The networks a VIF may go on (not XAPI's host-internal management network)."""
-    return {ref: n for ref, n in _records(session, "network").items()
+    return {ref: n for ref, n in records.all("network").items()
             if (n.get("other_config") or {}).get("is_host_internal_management_network") != "true"}
 
 
 def choices(connector: XenConnector) -> dict[str, list[str]]:
     """The RestoreChoices capability: the pool's networks and hosts, as ``place`` names them."""
-    session = connector.session
-    return {"networks": sorted(str(n.get("name_label")) for n in _networks(session).values()),
-            "hosts": sorted(str(h.get("name_label")) for h in _records(session, "host").values())}
+    records = Records(connector.session)
+    return {"networks": sorted(str(n.get("name_label")) for n in _networks(records).values()),
+            "hosts": sorted(str(h.get("name_label")) for h in records.all("host").values())}
 
 
 # -- as a new VM -------------------------------------------------------------------------------------
@@ -125,7 +121,8 @@ def _plan(session: XapiSession, config: dict[str, Any], disks: dict[str, int], s
         if size > int(saved[disk].get("size") or 0):
             raise HypervisorError(f"disk {disk} of the point is {size} bytes, its configuration says "
                                   f"{saved[disk].get('size')}: restore it with --disk {disk} --output FILE")
-    srs = _user_srs(session)
+    records = Records(session)
+    srs = _user_srs(records)
     chosen: dict[str, tuple[str, str]] = {}
     if storage:
         ref = _find(srs, storage)
@@ -134,14 +131,14 @@ def _plan(session: XapiSession, config: dict[str, Any], disks: dict[str, int], s
                                   "give --storage an SR's name or UUID")
         chosen = {d: (ref, str(srs[ref]["name_label"])) for d in disks}
     else:
-        default = next((str(p.get("default_SR") or NULL) for p in _records(session, "pool").values()), NULL)
+        default = next((str(p.get("default_SR") or NULL) for p in records.all("pool").values()), NULL)
         for disk in disks:
             ref = _find(srs, str(saved[disk].get("sr") or "")) or (default if default in srs else None)
             if ref is None:
                 raise HypervisorError(f"disk {disk} was on SR {saved[disk].get('sr')!r}, which the pool does not have, "
                                       f"and the pool has no default SR: give --storage (SRs: {_names(srs)})")
             chosen[disk] = (ref, str(srs[ref]["name_label"]))
-    networks = _networks(session)
+    networks = _networks(records)
     asked = place.get("network")
     vifs: list[dict[str, Any]] = []
     if asked != DISCONNECTED:
@@ -154,7 +151,7 @@ def _plan(session: XapiSession, config: dict[str, Any], disks: dict[str, int], s
             vifs.append({**vif, "network_ref": ref})
     host = None
     if place.get("host"):
-        hosts = _records(session, "host")
+        hosts = records.all("host")
         host = _find(hosts, place["host"])
         if host is None:
             raise HypervisorError(f"no host {place['host']!r} in the pool (there are: {_names(hosts)})")
@@ -181,9 +178,14 @@ def _check_reach(session: XapiSession, chosen: dict[str, tuple[str, str]], srs: 
 
 
 def _vm_record(config: dict[str, Any], name: str, origin: str, host: str | None) -> dict[str, Any]:
+    """The record for VM.create: the saved one, XAPI's required fields filled in for older points,
+    the original's identity left out (XAPI gives the new VM its own mac_seed)."""
     saved = dict(config.get("vm") or {})
-    other = {k: v for k, v in (saved.get("other_config") or {}).items() if not str(k).startswith("vmkeep")}
+    other = {k: v for k, v in (saved.get("other_config") or {}).items()
+             if not str(k).startswith("vmkeep") and k not in IDENTITY_KEYS}
     record = {**VM_DEFAULTS, **{k: v for k, v in saved.items() if v is not None}}
+    if "HVM_boot_policy" not in record:  # a point without it: what XAPI's templates set per domain type
+        record["HVM_boot_policy"] = "BIOS order" if record.get("domain_type") == "hvm" else ""
     record.update(name_label=name, other_config={**other, MARK: origin}, affinity=host or NULL)
     return record
 
@@ -352,86 +354,8 @@ def remove_restored(connector: XenConnector, name: str) -> bool:
             session.call("VDI.destroy", vdi)
         log.info("removed VM %s (%s) and %d of its disks, made by an earlier restore", name, record.get("uuid"),
                  len(vdis))
-    for ref, left in _records(session, "VDI").items():  # an attempt that died between VDI.create and VBD.create
+    for ref, left in Records(session).all("VDI").items():  # an attempt that died between VDI.create and VBD.create
         if (left.get("other_config") or {}).get(MARK) == name and not left.get("VBDs"):
             log.info("removing VDI %s, left by an earlier restore of %s", left.get("uuid"), name)
             session.call("VDI.destroy", ref)
     return bool(found)
-
-
-# -- over the original ---------------------------------------------------------------------------------
-class Original:
-    """The original (halted) VM getting its disks back: each VDI rewritten whole, zeros included."""
-
-    def __init__(self, connector: XenConnector, name: str, ref: str, current: dict[str, dict[str, Any]]) -> None:
-        self.connector = connector
-        self.session = connector.session
-        self.name = name
-        self.ref = ref
-        self.current = current  # disk -> {"vdi": ref, "record": VDI record, "sr": SR name}
-        self.written: list[str] = []
-
-    @contextmanager
-    def disk(self, name: str, size: int) -> Iterator[ChunkedImport]:
-        target = _check_disk(self.current, self.name, name, size)
-        record = target["record"]
-        if record.get("cbt_enabled"):  # the change log would not know this rewrite: the next backup is full
-            log.info("disk %s of %s: CBT turned off and on again (its log is void after the restore)", name, self.name)
-            self.session.call("VDI.disable_cbt", target["vdi"])
-            self.session.call("VDI.enable_cbt", target["vdi"])
-        try:
-            with import_vdi(self.session, str(record["uuid"]), size, zeros=True,
-                            label=f"disk {name} of {self.name}") as writer:
-                yield writer
-                if writer.at < size:  # a point's tail the engine named no zeros for
-                    writer.zero(writer.at, size - writer.at)
-        except Exception as exc:
-            raise HypervisorError(f"disk {name} of {self.name} is incomplete now ({exc}): run the restore again "
-                                  "before starting the VM") from exc
-        self.written.append(name)
-
-    def finish(self, *, start: bool) -> dict[str, str]:
-        if start:
-            self.session.call("VM.start", self.ref, False, False)
-        return {d: f"{self.current[d]['sr']}/{self.current[d]['record']['uuid']}" for d in self.written}
-
-
-def _check_disk(current: dict[str, dict[str, Any]], vm: str, name: str, size: int) -> dict[str, Any]:
-    target = current.get(name)
-    if target is None:
-        raise HypervisorError(f"VM {vm} has no disk {name} any more: restore --as NEW")
-    now = int(target["record"].get("virtual_size") or 0)
-    if now != size:
-        raise HypervisorError(f"disk {name} of {vm} is {now} bytes now, the point's is {size}: restore --as NEW")
-    return target
-
-
-@contextmanager
-def original_vm(connector: XenConnector, name: str, disks: dict[str, int]) -> Iterator[Original]:
-    """The original VM, checked before anything is written: one VM of that name, halted, every
-    disk of the point still there with its size."""
-    session = connector.session
-    found = vms_named(session, name)
-    if not found:
-        raise HypervisorError(f"no VM named {name!r} in the pool: restore --as NEW")
-    if len(found) > 1:
-        raise HypervisorError(f"{len(found)} VMs are named {name!r} in the pool: rename the others, or restore "
-                              "--as NEW")
-    ref, record = found[0]
-    state = str(record.get("power_state"))
-    if state != "Halted":
-        raise HypervisorError(f"VM {name} is {state.lower()}: shut it down first (xe vm-shutdown vm={name}), then "
-                              "restore over it")
-    current: dict[str, dict[str, Any]] = {}
-    for vbd_ref in record.get("VBDs") or []:
-        vbd = dict(session.call("VBD.get_record", vbd_ref))
-        vdi = str(vbd.get("VDI") or NULL)
-        if vbd.get("type") != "Disk" or vdi == NULL:
-            continue
-        vdi_record = dict(session.call("VDI.get_record", vdi))
-        sr = str(session.call("SR.get_name_label", vdi_record["SR"]))
-        current[disk_name(str(vbd.get("userdevice")))] = {"vdi": vdi, "record": vdi_record, "sr": sr}
-    for disk, size in disks.items():
-        _check_disk(current, name, disk, size)
-    log.info("restoring over VM %s (%s): disks %s", name, record.get("uuid"), ", ".join(sorted(disks)))
-    yield Original(connector, name, ref, current)

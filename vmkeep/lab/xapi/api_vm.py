@@ -6,7 +6,9 @@ of the sim reads a real point-in-time image and CBT bitmaps rotate exactly at sn
 
 from __future__ import annotations
 
-import secrets
+import hashlib
+import re
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from vmkeep.lab.xapi.api import api
@@ -15,11 +17,17 @@ from vmkeep.lab.xapi.model import NULL, XapiError, now
 if TYPE_CHECKING:
     from vmkeep.lab.xapi.api import Sim
 
-VM_REQUIRED = ("name_label", "memory_static_max", "memory_static_min", "memory_dynamic_max",
-               "memory_dynamic_min", "VCPUs_max", "VCPUs_at_startup", "platform", "other_config",
-               "actions_after_shutdown", "actions_after_reboot", "actions_after_crash")
+# the fields of XAPI's VM record that have no default in its datamodel (ocaml/idl/datamodel_vm.ml):
+# VM.create's record must carry each (the others default, e.g. NVRAM {}, has_vendor_device,
+# hardware_platform_version 0, HVM_shadow_multiplier 1.0, domain_type from HVM_boot_policy)
+VM_REQUIRED = ("user_version", "is_a_template", "affinity", "memory_static_max", "memory_dynamic_max",
+               "memory_dynamic_min", "memory_static_min", "VCPUs_params", "VCPUs_max", "VCPUs_at_startup",
+               "actions_after_shutdown", "actions_after_reboot", "actions_after_crash", "PV_bootloader",
+               "PV_kernel", "PV_ramdisk", "PV_args", "PV_bootloader_args", "PV_legacy_args", "HVM_boot_policy",
+               "HVM_boot_params", "platform", "PCI_bus", "other_config", "recommendations")
+MAC_SEED = "mac_seed"  # other_config key: XAPI derives the MAC of each VIF made with MAC "" from it
 INT_FIELDS = {"memory_static_max", "memory_static_min", "memory_dynamic_max", "memory_dynamic_min",
-              "VCPUs_max", "VCPUs_at_startup", "user_version", "virtual_size", "MTU"}
+              "VCPUs_max", "VCPUs_at_startup", "user_version", "hardware_platform_version", "virtual_size", "MTU"}
 VBD_FIELDS = ("VM", "VDI", "userdevice", "bootable", "mode", "type", "empty", "other_config",
               "qos_algorithm_type", "qos_algorithm_params")
 VIF_FIELDS = ("device", "network", "VM", "MAC", "MTU", "other_config", "qos_algorithm_type", "qos_algorithm_params")
@@ -50,17 +58,26 @@ def _ordinary(rec: dict[str, Any]) -> None:
 
 # --- VM ------------------------------------------------------------------------------------
 @api("VM.create")
-def vm_create(sim: Sim, record: dict[str, Any]) -> str:
+def vm_create_call(sim: Sim, record: dict[str, Any]) -> str:
+    """XAPI's VM.create: a record without one of the fields that have no default is refused."""
     for name in VM_REQUIRED:
         if name not in record:
             raise XapiError("FIELD_TYPE_ERROR", name)
-    if "domain_type" not in record and "HVM_boot_policy" not in record:
-        raise XapiError("FIELD_TYPE_ERROR", "domain_type")
+    return vm_create(sim, record)
+
+
+def vm_create(sim: Sim, record: dict[str, Any]) -> str:
+    """A new halted VM; the lab's own VMs come here directly (the store's defaults fill in what
+    they leave out). As XAPI, other_config gets a new ``mac_seed`` unless it carries one."""
     fields = {k: v for k, v in wire_fields(record).items() if k not in (
         "uuid", "power_state", "is_a_snapshot", "snapshot_of", "snapshots", "VBDs", "VIFs", "resident_on",
         "is_control_domain", "allowed_operations")}
-    if "domain_type" not in record:
-        fields["domain_type"] = "hvm" if record["HVM_boot_policy"] else "pv"
+    if record.get("domain_type") in (None, "unspecified"):
+        fields["domain_type"] = "hvm" if record.get("HVM_boot_policy", "BIOS order") else "pv"
+    other = dict(record.get("other_config") or {})
+    other.setdefault(MAC_SEED, str(uuid.uuid4()))
+    fields["other_config"] = other
+    fields.setdefault("NVRAM", {})  # XAPI's default (the store's VM defaults lack the field)
     return sim.store.create("VM", **fields, allowed_operations=["snapshot", "start", "destroy"])
 
 
@@ -187,6 +204,19 @@ def vm_set_affinity(sim: Sim, vm: str, host: str) -> str:
     return ""
 
 
+@api("VM.set_NVRAM")
+def vm_set_nvram(sim: Sim, vm: str, value: dict[str, str]) -> str:
+    """UEFI variables and the like; XAPI refuses the change while the VM runs."""
+    _power(sim, vm, "Halted")["NVRAM"] = {str(k): str(v) for k, v in value.items()}
+    return ""
+
+
+@api("VM.set_has_vendor_device")
+def vm_set_has_vendor_device(sim: Sim, vm: str, value: bool) -> str:
+    _power(sim, vm, "Halted")["has_vendor_device"] = bool(value)
+    return ""
+
+
 # --- VBD / VIF -------------------------------------------------------------------------------
 def _new_vbd(sim: Sim, vm: str, vdi: str, fields: dict[str, Any]) -> str:
     st = sim.store
@@ -227,19 +257,33 @@ def vbd_destroy(sim: Sim, vbd: str) -> str:
     return ""
 
 
-def new_mac() -> str:
-    """A random locally administered unicast MAC, as XAPI generates for MAC=""."""
-    first = (secrets.randbits(8) & 0xFC) | 0x02
-    return ":".join(f"{b:02x}" for b in [first, *secrets.token_bytes(5)])
+def seeded_mac(seed: str, device: int) -> str:
+    """The MAC XAPI gives VIF ``device`` of a VM with mac_seed ``seed`` (xapi_vif_helpers.gen_mac:
+    MD5 chained 2 * device + 1 times over the seed, locally administered unicast), so the same seed
+    and device always give the same MAC."""
+    hashed = seed.encode()
+    for _ in range(2 * device + 1):
+        hashed = hashlib.md5(hashed).digest()  # noqa: S324 - XAPI's derivation, not a security hash
+    again = hashlib.md5(hashed).digest()  # noqa: S324
+    octets = [(hashed[0] | 0x02) & ~0x01 & 0xFF, hashed[1], hashed[2], hashed[3], again[1], again[2]]
+    return ":".join(f"{b:02x}" for b in octets)
 
 
 def _new_vif(sim: Sim, vm: str, fields: dict[str, Any]) -> str:
     st = sim.store
     rec = _vm(sim, vm)
     st.get("network", fields["network"])
-    if any(st.get("VIF", v)["device"] == str(fields["device"]) for v in rec["VIFs"]):
+    device = str(fields["device"])
+    if not device.isdigit():
+        raise XapiError("INVALID_DEVICE", device)
+    if any(st.get("VIF", v)["device"] == device for v in rec["VIFs"]):
         raise XapiError("DEVICE_ALREADY_EXISTS", fields["device"])
-    mac = fields.get("MAC") or new_mac()
+    mac = fields.get("MAC") or ""
+    seed = (rec.get("other_config") or {}).get(MAC_SEED)
+    if not mac and seed:
+        mac = seeded_mac(str(seed), int(device))
+    if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", mac):
+        raise XapiError("MAC_INVALID", mac)  # XAPI: MAC "" on a VM without mac_seed is refused too
     vif = st.create("VIF", **{**wire_fields(fields), "VM": vm, "MAC": mac, "MAC_autogenerated": not fields.get("MAC")})
     st.get("VIF", vif)["device"] = str(fields["device"])
     st.link("VM", vm, "VIFs", vif)
