@@ -77,7 +77,8 @@ def vm_create(sim: Sim, record: dict[str, Any]) -> str:
     other = dict(record.get("other_config") or {})
     other.setdefault(MAC_SEED, str(uuid.uuid4()))
     fields["other_config"] = other
-    fields.setdefault("NVRAM", {})  # XAPI's default (the store's VM defaults lack the field)
+    for name, default in (("NVRAM", {}), ("PCI_bus", "")):  # in every XAPI record; the store's defaults lack them
+        fields.setdefault(name, default)
     return sim.store.create("VM", **fields, allowed_operations=["snapshot", "start", "destroy"])
 
 
