@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import re
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -136,6 +137,40 @@ def _copy(rec: dict[str, Any]) -> dict[str, Any]:
     return copy.deepcopy(rec)
 
 
+_TERM = re.compile(r'\s*field\s*"(?P<name>[^"]*)"\s*=\s*"(?P<value>(?:[^"\\]|\\.)*)"\s*')
+
+
+def parse_where(expr: str) -> list[tuple[str, str]]:
+    """The subset of XAPI's query language a client needs: ``field "NAME"="VALUE"`` terms joined by
+    ``and`` (``name__label`` names name_label, as in XAPI's database); else XAPI's parse failure."""
+    terms, rest = [], expr
+    while True:
+        match = _TERM.match(rest)
+        if match is None:
+            raise XapiError("INTERNAL_ERROR", f"cannot parse the expression {expr!r} (the lab's simulator knows "
+                            'field "NAME"="VALUE" joined by and)')
+        terms.append((match["name"].replace("__", "_"), re.sub(r"\\(.)", r"\1", match["value"])))
+        rest = rest[match.end():]
+        if not rest:
+            return terms
+        if not rest.startswith("and ") and not rest.startswith("and\t"):
+            raise XapiError("INTERNAL_ERROR", f"cannot parse the expression {expr!r} at {rest!r}")
+        rest = rest[3:]
+
+
+def _db_text(value: Any) -> str:
+    """A field as XAPI's database holds it (what a query compares): bools true/false, times as text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, DateTime):
+        return str(value.value)
+    return str(value)
+
+
+def matches(terms: list[tuple[str, str]], rec: dict[str, Any]) -> bool:
+    return all(name in rec and _db_text(rec[name]) == value for name, value in terms)
+
+
 def generic(store: Store, cls: str, name: str) -> Callable[..., Any] | None:
     """XAPI's generated per-class methods (``get_all``, ``get_<field>``, ``add_to_other_config``…)
     as a callable taking the arguments after the session ref; None when ``name`` is not one."""
@@ -146,6 +181,8 @@ def generic(store: Store, cls: str, name: str) -> Callable[..., Any] | None:
         return lambda: list(objs)
     if name == "get_all_records":
         return lambda: {r: _copy(rec) for r, rec in objs.items()}
+    if name == "get_all_records_where":
+        return lambda expr: {r: _copy(rec) for r, rec in objs.items() if matches(parse_where(str(expr)), rec)}
     if name == "get_record":
         return lambda ref: _copy(store.get(cls, ref))
     if name == "get_by_uuid":
