@@ -8,19 +8,24 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
 from tests.conftest import Cli, MiB, free_port, qemu_img_compare
 from vmkeep.hypervisors.base import HypervisorError
 from vmkeep.hypervisors.xen import cbt
-from vmkeep.hypervisors.xen.backup import choose_transport
+from vmkeep.hypervisors.xen.backup import XenPoint, choose_transport
 from vmkeep.hypervisors.xen.connector import XenConnector
 from vmkeep.hypervisors.xen.inventory import disk_name
 from vmkeep.hypervisors.xen.session import XapiError, XapiSession, parse_uri
+from vmkeep.logs import redact
 from vmkeep.transport.extents import Extent
 from vmkeep.transport.nbd_client import NbdExport
 
@@ -322,6 +327,10 @@ def test_a_failed_read_leaves_no_snapshot_and_the_next_backup_works(cli: Cli, si
                 finally:
                     export.close()
             assert failure != "interrupt" or caught.type is KeyboardInterrupt
+            if failure == "read":  # libnbd's error quotes the URI; its export name carried the session ref
+                assert "nbds://" in str(caught.value), caught.value
+                for ref in (conn.session.ref, quote(conn.session.ref, safe="")):
+                    assert ref not in str(caught.value), caught.value
             # the snapshot VM and its VDIs are gone, nothing is attached, the previous base stays
             assert snapshots_named(xs, uuid) == [] and xapi.attached(sim) == []
             with pytest.raises(XapiError, match="UUID_INVALID"):
@@ -341,32 +350,127 @@ def test_a_failed_read_leaves_no_snapshot_and_the_next_backup_works(cli: Cli, si
     assert restored_equals_live(cli, sim, repo, "xen-break", after["point"], disk, tmp_path)
 
 
+def other_chains_base(xs: XapiSession, ref: str, uuid: str, name: str) -> str:
+    """A base as another repository's chain left it: CBT metadata marked as the VM's."""
+    vm = xs.call("VM.snapshot", ref, name)
+    (vdi,) = disk_vdis(xs, vm)
+    xs.call("VDI.data_destroy", vdi)
+    xs.call("VDI.add_to_other_config", vdi, "vmkeep-base", uuid)
+    xs.call("VM.destroy", vm)
+    return str(vdi)
+
+
+def gone(xs: XapiSession, vdi: str) -> bool:
+    try:
+        xs.call("VDI.get_uuid", vdi)
+    except XapiError as exc:
+        assert exc.code == "HANDLE_INVALID"
+        return True
+    return False
+
+
 def test_leftovers_of_a_crashed_run_go_the_administrators_snapshot_stays(cli: Cli, sim: Any, env: dict[str, str],
                                                                          xs: XapiSession, tmp_path: Path) -> None:
     uuid, disk = new_vm(sim, "xen-left")
     repo = new_repo(cli, tmp_path)
     assert backup(cli, sim, "xen-left", repo)["mode"] == "full"
     ref = vm_ref(xs, uuid)
-    # a crashed run's snapshot VM (with its VDIs), a crashed run's stray CBT metadata, the admin's snapshot
+    # a crashed run's snapshot VM (with its VDIs); a run that died between destroying its snapshot VM and
+    # its VDIs (marked since the snapshot); four bases other repositories' chains left; the admin's snapshot
     crashed = xs.call("VM.snapshot", ref, "vmkeep-20260101T000000Z")
     crashed_vdis = disk_vdis(xs, crashed)
-    stray_vm = xs.call("VM.snapshot", ref, "vmkeep-20260101T000100Z")
-    (stray,) = disk_vdis(xs, stray_vm)
-    xs.call("VDI.data_destroy", stray)
-    xs.call("VDI.add_to_other_config", stray, "vmkeep-base", uuid)
-    xs.call("VM.destroy", stray_vm)
+    orphan_vm = xs.call("VM.snapshot", ref, "vmkeep-20260101T000050Z")
+    (orphan,) = disk_vdis(xs, orphan_vm)
+    xs.call("VDI.add_to_other_config", orphan, "vmkeep-base", uuid)
+    xs.call("VM.destroy", orphan_vm)
+    others = [other_chains_base(xs, ref, uuid, f"vmkeep-2026010{i}T000100Z") for i in range(1, 5)]
     admin = xs.call("VM.snapshot", ref, "before the upgrade")
     admin_vdis = disk_vdis(xs, admin)
     xapi.guest_write(sim, disk, 10 * MiB, os.urandom(MiB))
+    xapi.fault(sim, "VDI.destroy", "INTERNAL_ERROR", 1)  # the first removal fails: noted, the backup goes on
     done = backup(cli, sim, "xen-left", repo)
     assert done["mode"] == "incremental" and done["bytes_read"] == MiB, done  # the chain survived the clean-up
+    assert any("could not be removed" in n and "INTERNAL_ERROR" in n for n in done["notes"]), done["notes"]
     assert "removed snapshot vmkeep-20260101T000000Z that an interrupted backup left" in done["notes"]
     assert snapshots_named(xs, uuid) == ["before the upgrade"]
-    for vdi in [*crashed_vdis, stray]:
-        with pytest.raises(XapiError, match="HANDLE_INVALID"):
-            xs.call("VDI.get_uuid", vdi)
+    # the crashed snapshot's VDI (whose first removal failed: marked before, so found again) and the orphan go
+    assert all(gone(xs, v) for v in [*crashed_vdis, orphan]), done["notes"]
+    assert sum(gone(xs, v) for v in others) == 1  # the newest 3 other bases of the disk stay
     assert all(xs.call("VDI.get_uuid", v) for v in admin_vdis)
-    assert len(ours(xs, uuid)) == 2  # the previous base and the new one
+    assert len(ours(xs, uuid)) == 5  # the previous base, the 3 others, the new one
+
+
+def test_two_repositories_keep_two_chains_incremental(cli: Cli, sim: Any, env: dict[str, str], xs: XapiSession,
+                                                      tmp_path: Path) -> None:
+    uuid, disk = new_vm(sim, "xen-two")
+    repos = {}
+    for name in ("a", "b"):
+        repos[name] = str(tmp_path / f"repo-{name}")
+        cli.run("repo", "init", repos[name], "--encrypt")
+        assert backup(cli, sim, "xen-two", repos[name])["mode"] == "full"
+    for round_ in range(3):
+        xapi.guest_write(sim, disk, (20 + round_) * MiB, os.urandom(MiB))
+        for name, repo in repos.items():
+            done = backup(cli, sim, "xen-two", repo)
+            assert done["mode"] == "incremental", (name, round_, done)
+            assert restored_equals_live(cli, sim, repo, "xen-two", done["point"], disk, tmp_path)
+        assert len(ours(xs, uuid)) <= 5  # per chain one base in use; of the others the newest 3
+    assert snapshots_named(xs, uuid) == [] and xapi.attached(sim) == []
+
+
+def test_a_snapshot_a_running_backup_reads_stays(cli: Cli, sim: Any, env: dict[str, str], xs: XapiSession,
+                                                 tmp_path: Path) -> None:
+    uuid, _disk = new_vm(sim, "xen-concurrent")
+    repo = new_repo(cli, tmp_path)
+    conn = connector(sim)
+    try:
+        with conn.point_in_time("xen-concurrent", since=None, previous_disks=None, transports=["nbd"],
+                                quiesce="off") as pit:
+            export = NbdExport(pit.disks["xvda"].uri)
+            try:
+                first = export.pread(BLOCK, 0)
+                other = backup(cli, sim, "xen-concurrent", repo)  # a command-line run meanwhile
+                assert other["mode"] == "full", other
+                assert any("left as it is" in n and "attached" in n for n in other["notes"]), other["notes"]
+                assert len(snapshots_named(xs, uuid)) == 1  # the running backup's
+                assert export.pread(BLOCK, 0) == first
+            finally:
+                export.close()
+        assert snapshots_named(xs, uuid) == [] and xapi.attached(sim) == []
+        assert len(ours(xs, uuid)) == 2  # both points' bases
+    finally:
+        conn.close()
+
+
+def test_a_failure_quoting_the_nbd_uri_names_no_session(cli: Cli, sim: Any, env: dict[str, str], xs: XapiSession,
+                                                        tmp_path: Path) -> None:
+    uuid, _disk = new_vm(sim, "xen-secret")
+    repo = new_repo(cli, tmp_path)
+    stop = threading.Event()
+
+    def cut_the_snapshots_reads() -> None:  # once the backup's snapshot exists, its NBD reads break
+        while not stop.is_set():
+            for snap in xs.call("VM.get_snapshots", vm_ref(xs, uuid)):
+                for vdi in disk_vdis(xs, snap):
+                    xapi.nbd_break(sim, xs.call("VDI.get_uuid", vdi), 64 * 1024)
+                    return
+            time.sleep(0.02)
+
+    cutter = threading.Thread(target=cut_the_snapshots_reads)
+    cutter.start()
+    xapi.fault(sim, "VDI.get_nbd_info", "OTHER_OPERATION_IN_PROGRESS", 3)  # ~1.75 s between snapshot and reads
+    try:
+        failed, stderr = backup_logged(cli, sim, "xen-secret", repo, "--debug", ok=False)
+    finally:
+        stop.set()
+        cutter.join()
+    assert "nbds://" in failed["error"], failed  # the read failed, quoting the URI
+    session_ref = re.compile(r"OpaqueRef(?::|%3A)[0-9a-f]{8}-", re.I)
+    assert not session_ref.search(failed["error"]), failed["error"]
+    leaks = [line for line in stderr.splitlines() if re.search(r"session_id(=|%3D)OpaqueRef", line, re.I)]
+    assert not leaks, leaks
+    assert snapshots_named(xs, uuid) == [] and xapi.attached(sim) == []
+    assert "session_id=***" in redact(f"/{uuid}?session_id={xs.ref}")  # what a log line would show instead
 
 
 def test_quiescing(cli: Cli, sim: Any, env: dict[str, str], tmp_path: Path) -> None:
@@ -384,6 +488,17 @@ def test_quiescing(cli: Cli, sim: Any, env: dict[str, str], tmp_path: Path) -> N
     assert fell_back["consistency"] == "crash" and any("quiescing failed" in n for n in fell_back["notes"]), fell_back
     failed = backup(cli, sim, "xen-vss", repo, "--quiesce", "required", ok=False)
     assert "quiesced snapshot failed" in failed["error"], failed
+
+
+def test_a_suspended_or_paused_vm_is_not_said_to_lack_guest_tools(sim: Any, xs: XapiSession) -> None:
+    # the simulator keeps VMs running or halted: the power state as XAPI would give it, refused before any call
+    point = XenPoint(session=xs, vm="xen-asleep", since=None, previous_disks=None, transports=["nbd"],
+                     quiesce="required", nbd_tls="auto", plain_allowed=False)
+    for state in ("Suspended", "Paused"):
+        with pytest.raises(HypervisorError, match=f"is {state.lower()}: a quiesced snapshot needs it running") as e:
+            point._take_snapshot("OpaqueRef:NULL", {"power_state": state,  # noqa: SLF001
+                                                    "allowed_operations": ["snapshot_with_quiesce"]})
+        assert "guest tools with VSS" not in str(e.value) and "--quiesce try" in str(e.value)
 
 
 def test_nbd_networks_decide_how_disks_are_read(cli: Cli, sim: Any, env: dict[str, str], xs: XapiSession,

@@ -15,7 +15,7 @@ import threading
 import time
 import xmlrpc.client
 from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import XenAPI
 
@@ -34,6 +34,7 @@ RETRIES = 8  # attempts of a call that keeps failing with a TRANSIENT error
 BACKOFF = 0.25  # first wait between them (s), doubled each time, at most MAX_BACKOFF
 MAX_BACKOFF = 4.0
 LOG_LIMIT = 600  # characters of a reply written to the debug log
+SESSION_MASK = "OpaqueRef:<session>"
 
 
 class XapiError(HypervisorError):
@@ -59,7 +60,8 @@ def parse_uri(uri: str) -> tuple[str, str, int]:
     return unquote(parts.username), parts.hostname, port or DEFAULT_PORT
 
 
-def _url_host(host: str) -> str:
+def url_host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
 
 
@@ -86,6 +88,7 @@ class XapiSession:
         self._lock = threading.RLock()  # one XML-RPC connection: the engine may release from another thread
         self._api: Any = None
         self.ref = ""
+        self._old_refs: list[str] = []  # refs the SDK replaced by logging in again (masked as well)
         self._login()
 
     # -- login -----------------------------------------------------------------------------------
@@ -97,7 +100,7 @@ class XapiSession:
 
     @property
     def base_url(self) -> str:
-        return f"https://{_url_host(self.host)}:{self.port}/"
+        return f"https://{url_host(self.host)}:{self.port}/"
 
     def _login(self) -> None:
         """Log in at ``self.host``; a pool member answers HOST_IS_SLAVE with its master's address,
@@ -159,7 +162,7 @@ class XapiSession:
                         target = getattr(target, part)
                     value = target(*args)
             except XenAPI.Failure as exc:
-                details = [str(d) for d in exc.details]
+                details = [self.mask(str(d)) for d in exc.details]  # SESSION_INVALID names the session ref
                 log.debug("XAPI %s: failure %s", method, details)
                 if details[:1] and details[0] in TRANSIENT and attempt < RETRIES:
                     log.info("XAPI %s: %s; trying again in %.2f s", method, " ".join(details), delay)
@@ -170,6 +173,7 @@ class XapiSession:
             except (OSError, xmlrpc.client.ProtocolError, xmlrpc.client.Fault) as exc:
                 log.debug("XAPI %s: %s", method, exc)
                 raise HypervisorError(f"XAPI {method} on {self.host} failed: {exc}") from exc
+            self._follow_relogin()
             log.debug("XAPI %s -> %s", method, self._short(value))
             return value
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
@@ -177,14 +181,29 @@ class XapiSession:
     def _short(self, value: Any) -> str:
         """``value`` for the debug log: cut short, and without the session ref (it is a credential
         while the session lasts, and NBD export names carry it)."""
-        text = repr(value)
-        if self.ref:
-            text = text.replace(self.ref, "OpaqueRef:<session>")
+        text = self.mask(repr(value))
         return text if len(text) <= LOG_LIMIT else f"{text[:LOG_LIMIT]}… ({len(text)} characters)"
+
+    def _follow_relogin(self) -> None:
+        """The SDK logs in again by itself when XAPI answers SESSION_INVALID (an expired session):
+        the new ref is the one NBD export names carry from then on."""
+        current = str(getattr(self._api, "_session", None) or "")
+        if current and current != self.ref:
+            log.debug("XAPI session at %s renewed by the SDK", self.host)
+            self._old_refs.append(self.ref)
+            self.ref = current
+
+    def mask(self, text: str) -> str:
+        """``text`` without this session's refs, plain or URL-encoded (an NBD export name in a URI):
+        error messages end up in job records, and a ref is a credential while the session lasts."""
+        for ref in (self.ref, *self._old_refs):
+            if ref:
+                text = text.replace(ref, SESSION_MASK).replace(quote(ref, safe=""), quote(SESSION_MASK, safe=""))
+        return text
 
     def http_url(self, path: str, **query: str) -> str:
         """``https://host:port/path?session_id=REF&…`` (HTTP handlers such as export_raw_vdi)."""
         params = urlencode({"session_id": self.ref, **query})
-        return f"https://{_url_host(self.host)}:{self.port}/{path.lstrip('/')}?{params}"
+        return f"https://{url_host(self.host)}:{self.port}/{path.lstrip('/')}?{params}"
 
 
