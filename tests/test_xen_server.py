@@ -1,6 +1,7 @@
 """A XenServer / XCP-ng pool on the master: registered with its password sealed, discovered with
-its VMs' own tags, and the VM a policy picks by tag backed up by a proxy through XAPI (the lab's
-simulator: real images, NBD over TLS)."""
+its VMs' own tags, the VM a policy picks by tag backed up by a proxy through XAPI, and restored
+through the server as a new VM on the network and host picked from the pool's restore choices
+(the lab's simulator: real images, NBD over TLS)."""
 
 from __future__ import annotations
 
@@ -65,11 +66,33 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: xapi.Xapi, data
         try:
             wait_for("the proxy", lambda: any(p["up"] for p in admin.get("/api/proxies").json()))
             done = run_to_end(admin, "xen", {"xen-policy": "queued"})["xen-policy"]
+            assert done["mode"] == "full", done
+            # back as a new VM through the same proxy, on a network and host picked from the choices
+            choices = admin.get("/api/hypervisors/pool/restore-choices").json()
+            assert (choices["networks"], choices["hosts"], choices["error"]) == (
+                ["Lab network 1", "Pool-wide network associated with eth0"], ["xen1", "xen2"], None), choices
+            job = admin.post("/api/restores", json={"vm": "xen-policy", "point": done["point_id"], "hypervisor": "pool",
+                                                    "as_name": "xen-policy-copy", "network": "Lab network 1",
+                                                    "host": "xen2"})
+            assert job.status_code == 202, job.text
+            restored = wait_for("the restore", lambda: (r := admin.get(f"/api/restores/{job.json()['id']}").json())
+                                ["finished"] and r, timeout=120)
+            assert restored["status"] == "succeeded", restored
         finally:
             stop(proxy)
-        assert done["mode"] == "full", done
         out = tmp_path / "restored.raw"
         cli.run("restore", f"xen-policy@{done['point_id']}", "--repo", repo, "--disk", "xvda", "--output", str(out),
                 "--format", "raw")
         assert qemu_img_compare(at_backup, out)
+    pool = xapi.session(sim)
+    try:
+        x = pool.xenapi
+        (copy,) = x.VM.get_by_name_label("xen-policy-copy")
+        assert x.host.get_name_label(x.VM.get_resident_on(copy)) == "xen2"
+        assert [x.network.get_name_label(x.VIF.get_network(v)) for v in x.VM.get_VIFs(copy)] == ["Lab network 1"]
+        copy_disks = xapi.disks(sim, x.VM.get_uuid(copy))
+    finally:
+        pool.xenapi.session.logout()
+    assert subprocess.run(["qemu-img", "compare", "-U", "-q", "-f", "raw", "-F", "qcow2", str(at_backup),
+                           str(xapi.image(sim, copy_disks["xvda"]))]).returncode == 0
     assert xapi.attached(sim) == []

@@ -21,6 +21,13 @@ def uses_stored_password(uri: str, username: str | None) -> bool:
     return bool(username) or kind_of(uri) in ("vsphere", "xen")
 
 
+def restores_need_the_host(uri: str) -> bool:
+    """Whether a restore to this hypervisor writes its host's storage, so that only a proxy running
+    on one of its hosts takes it (libvirt); vSphere and XenServer take the disks through their API
+    from any proxy that reaches them over the network."""
+    return kind_of(uri) == "libvirt"
+
+
 def open_connector(uri: str, *, nbd_tls: NbdTls = "auto", credentials: tuple[str, str] | None = None,
                    insecure: bool = False, allowance: Allowance | None = None) -> Connector:
     """A live connection to the hypervisor at ``uri`` (credentials: user and password, when the

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB, array
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import Hypervisor, Job, JobVM, Policy, Proxy, RestoreJob, VirtualMachine
+from vmkeep.hypervisors.connect import restores_need_the_host
 from vmkeep.jobs.queue import BACKUP_TASK, RESTORE_TASK, queue_name, vm_lock
 from vmkeep.jobs.settle import settle_job
 from vmkeep.jobs.status import ACTIVE, JobStatus
@@ -288,9 +289,14 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
     return moved
 
 
-def restore_proxy(session: Session, hypervisor: Hypervisor, exclude: set[str] | None = None) -> Proxy | None:
-    """A live proxy on one of the hypervisor's hosts (restores write the host's storage), least loaded."""
+def restore_proxy(session: Session, hypervisor: Hypervisor, exclude: set[str] | None = None, *,
+                  file_on_host: bool = False) -> Proxy | None:
+    """A live proxy that can write this hypervisor's restores, least loaded: one on one of its hosts
+    where restores write the host's storage (libvirt) or a file on the host (``file_on_host``),
+    else also one that reaches it over the network (``--reaches '*'``: vSphere, XenServer)."""
     hosts = set(session.scalars(select(VirtualMachine.host).where(VirtualMachine.hypervisor_id == hypervisor.id)))
+    if not file_on_host and not restores_need_the_host(hypervisor.uri):
+        hosts.add("*")
     loads = proxy_loads(session)
     fits = [p for p in session.scalars(select(Proxy))
             if proxy_up(p) and hosts & set(p.reaches) and p.name not in (exclude or set())]
@@ -303,7 +309,8 @@ async def _rescue_restore(session: Session, queue: procrastinate.App, task: proc
         return 0
     if restore.mode == "instant":  # its exports and state are on the dead proxy's machine: it waits for it
         return 0
-    proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
+    proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy),
+                          file_on_host=restore.mode == "disk-file")
     if proxy is None:
         return 0  # retried once a proxy is up
     restore.warnings = [*restore.warnings, f"proxy {restore.proxy} stopped during attempt {restore.attempts}; "
@@ -344,7 +351,8 @@ async def rescue_queued(session: Session, queue: procrastinate.App) -> int:
         assert restore.task_id is not None
         if restore.hypervisor is None or restore.mode == "instant":
             continue  # its hypervisor is being deleted (the restore fails there), or only its proxy can do it
-        proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy))
+        proxy = restore_proxy(session, restore.hypervisor, exclude=_other_than(restore.proxy),
+                          file_on_host=restore.mode == "disk-file")
         if proxy is None or not await queue.job_manager.cancel_job_by_id_async(restore.task_id):
             continue
         restore.warnings = [*restore.warnings, f"proxy {restore.proxy} went down before starting it; moved to "

@@ -21,6 +21,7 @@ from vmkeep.catalog.models import (
     User,
     VirtualMachine,
 )
+from vmkeep.hypervisors.connect import restores_need_the_host
 from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.server import audit
 from vmkeep.server.auth import EVERYONE, OVERWRITE, RESTORE, get_session, require
@@ -147,12 +148,14 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
     if mode == "disk-file" and file_taken(session, hypervisor, body):
         raise RestoreRefused(409, f"a restore under way already writes {body.storage}/{body.file}: choose another "
                                   "file name", "file")
-    proxy = restore_proxy(session, hypervisor)
+    disk_file_or_host = mode == "disk-file" or restores_need_the_host(hypervisor.uri)
+    proxy = restore_proxy(session, hypervisor, file_on_host=mode == "disk-file")
     if proxy is None:
         extra = (" (a proxy that reaches the host only over the network, --reaches '*', cannot write a file on it)"
                  if mode == "disk-file" else "")
-        raise RestoreRefused(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there{extra}",
-                             "hypervisor")
+        anywhere = "" if disk_file_or_host else " (or anywhere with --reaches '*': it reaches it over the network)"
+        raise RestoreRefused(409, f"no proxy is up on a host of {body.hypervisor}: start `vmkeep proxy` there"
+                                  f"{anywhere}{extra}", "hypervisor")
     disk_file = mode == "disk-file"
     job = RestoreJob(requested_by=user.name, vm_name=body.vm, point_id=point.point_id,
                      repository_id=point.repository_id, repository_name=point.repository.name,
