@@ -13,17 +13,16 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from vmkeep.errors import LabError
+from vmkeep.lab import background
 from vmkeep.lab.tls import LAB_PKI, ensure_lab_pki
 
 SOURCE = Path(__file__).with_name("vcsim") / "main.go"
@@ -84,16 +83,7 @@ def build() -> Path:
 
 
 def running(state: Path = STATE) -> Vcsim | None:
-    info = state / "info.json"
-    if not info.exists():
-        return None
-    sim = Vcsim(**json.loads(info.read_text()))
-    try:
-        os.kill(sim.pid, 0)
-    except ProcessLookupError:
-        info.unlink(missing_ok=True)
-        return None
-    return sim
+    return background.recorded(state, Vcsim)
 
 
 def start(listen: str = DEFAULT_LISTEN, *, lab_vm: bool = True, state: Path = STATE) -> Vcsim:
@@ -118,9 +108,7 @@ def start(listen: str = DEFAULT_LISTEN, *, lab_vm: bool = True, state: Path = ST
     first = json.loads(line)
     sim = Vcsim(proc.pid, first["url"], f"vsphere://{USER}@{listen}", password, str(CA_FILE),
                 first["datastores"])
-    info = state / "info.json"
-    info.touch(mode=0o600)
-    info.write_text(json.dumps(asdict(sim)) + "\n")
+    background.record(state, sim)
     if lab_vm:
         try:
             create_lab_vm(sim)
@@ -135,17 +123,7 @@ def stop(state: Path = STATE) -> bool:
     sim = running(state)
     if sim is None:
         return False
-    os.kill(sim.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            os.kill(sim.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(sim.pid, signal.SIGKILL)
-    (state / "info.json").unlink(missing_ok=True)
+    background.end(state, sim.pid, 15)
     return True
 
 

@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
-import signal
 import ssl
 import subprocess
 import sys
-import time
 import xmlrpc.client
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmkeep.errors import LabError
+from vmkeep.lab import background
 from vmkeep.lab.tls import LAB_PKI, ensure_lab_pki
 from vmkeep.lab.vcsim import lab_pattern
 
@@ -62,16 +60,7 @@ class Xapi:
 
 
 def running(state: Path = STATE) -> Xapi | None:
-    info = state / "info.json"
-    if not info.exists():
-        return None
-    sim = Xapi(**json.loads(info.read_text()))
-    try:
-        os.kill(sim.pid, 0)
-    except ProcessLookupError:
-        info.unlink(missing_ok=True)
-        return None
-    return sim
+    return background.recorded(state, Xapi)
 
 
 def start(listen: str = "127.0.0.1:8443", *, lab_vm: bool = True, state: Path = STATE) -> Xapi:
@@ -100,9 +89,7 @@ def start(listen: str = "127.0.0.1:8443", *, lab_vm: bool = True, state: Path = 
     port = listen.rpartition(":")[2]
     sim = Xapi(proc.pid, first["url"], f"xapi://{USER}@127.0.0.1:{port}", f"xapi://{USER}@127.0.0.2:{port}",
                password, str(CA_FILE), str(state))
-    info = state / "info.json"
-    info.touch(mode=0o600)
-    info.write_text(json.dumps(asdict(sim)) + "\n")
+    background.record(state, sim)
     if lab_vm:
         try:
             create_lab_vm(sim)
@@ -117,32 +104,8 @@ def stop(state: Path = STATE) -> bool:
     sim = running(state)
     if sim is None:
         return False
-    os.kill(sim.pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if _gone(sim.pid):
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(sim.pid, signal.SIGKILL)
-        _gone(sim.pid)
-    (state / "info.json").unlink(missing_ok=True)
+    background.end(state, sim.pid, 20)
     return True
-
-
-def _gone(pid: int) -> bool:
-    """Whether the process ended; reaps it when this process started it (else it stays a zombie
-    that kill(pid, 0) still finds)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return True
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 # --- clients -------------------------------------------------------------------------------------
