@@ -210,6 +210,21 @@ def test_one_backup_per_host_at_a_time(server: Server, cli: Cli, tmp_path: Path)
             bare_vm.destroy(m)
 
 
+def register_discovered(cli: Cli, admin: httpx.Client, tmp_path: Path, name: str, kind: str, uri: str,
+                        password: str) -> tuple[str, dict[str, dict]]:
+    """A plain repository "main" on the master and hypervisor ``name`` registered with its password
+    (sealed there), discovered: the repository's path and the VMs found, by name."""
+    repo = str(tmp_path / "repo")
+    del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
+    cli.run("repo", "init", repo)
+    assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
+    reply = admin.post("/api/hypervisors", json={"name": name, "kind": kind, "uri": uri, "password": password})
+    assert reply.status_code == 201, reply.text
+    found = admin.post(f"/api/hypervisors/{name}/discover")
+    assert found.status_code == 200, found.text
+    return repo, {v["name"]: v for v in admin.get("/api/vms").json()}
+
+
 def run_to_end(admin: httpx.Client, policy: str, expect: dict[str, str]) -> dict:
     """Run ``policy``; check each VM's first status (queued or waiting), return the ended run."""
     job = admin.post(f"/api/policies/{policy}/run").json()

@@ -396,7 +396,7 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: vcsim.Vcsim, en
                                                   tmp_path: Path) -> None:
     """The master registers the vCenter (password sealed), discovers it, and a proxy backs a VM
     up for a policy; the restore point is the VM's disk."""
-    from tests.test_scale_out import run_to_end, start_proxy, stop, wait_for
+    from tests.test_scale_out import register_discovered, run_to_end, start_proxy, stop, wait_for
     from tests.test_server import ADMIN_PASSWORD, launch
 
     flat = new_vm(sim, "vc-policy")
@@ -405,16 +405,7 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: vcsim.Vcsim, en
     password = env.pop("VMKEEP_HOST_PASSWORD")  # the master's sealed copy is the only one
     with launch(cli, database, tmp_path) as master:
         admin = master.client(master.login("admin", ADMIN_PASSWORD))
-        repo = str(tmp_path / "repo")
-        del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
-        cli.run("repo", "init", repo)
-        assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
-        reply = admin.post("/api/hypervisors", json={"name": "vc", "kind": "vsphere", "uri": sim.address,
-                                                     "password": password})
-        assert reply.status_code == 201, reply.text
-        found = admin.post("/api/hypervisors/vc/discover")
-        assert found.status_code == 200, found.text
-        vms = {v["name"]: v for v in admin.get("/api/vms").json()}
+        repo, vms = register_discovered(cli, admin, tmp_path, "vc", "vsphere", sim.address, password)
         assert vms["vc-policy"]["disks"][0]["datastore"] == "LocalDS_0"
         assert admin.post("/api/policies", json={"name": "vc", "repository": "main", "vms": ["vc-policy"],
                                                  "transports": "nbd", "folders": ["DC0*"]}).status_code == 201

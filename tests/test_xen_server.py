@@ -28,7 +28,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[xapi.Xapi]:
 def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: xapi.Xapi, database: str, tmp_path: Path) -> None:
     """The master registers the pool (password sealed), discovers its VMs with their SRs, and a
     proxy backs a XAPI VM up for a policy; the restore point is the VM's disk as it was."""
-    from tests.test_scale_out import run_to_end, start_proxy, stop, wait_for
+    from tests.test_scale_out import register_discovered, run_to_end, start_proxy, stop, wait_for
     from tests.test_server import ADMIN_PASSWORD, launch
 
     uuid = xapi.create_vm(sim, "xen-policy", 64 * MiB, running=True)
@@ -46,16 +46,7 @@ def test_policy_run_by_a_proxy_through_the_server(cli: Cli, sim: xapi.Xapi, data
     password = cli.env.pop("VMKEEP_HOST_PASSWORD")  # the master's sealed copy is the only one
     with launch(cli, database, tmp_path) as master:
         admin = master.client(master.login("admin", ADMIN_PASSWORD))
-        repo = str(tmp_path / "repo")
-        del cli.env["VMKEEP_PASSPHRASE"]  # plain: a passphrase given to it is refused
-        cli.run("repo", "init", repo)
-        assert admin.post("/api/repositories", json={"name": "main", "location": repo}).status_code == 201
-        reply = admin.post("/api/hypervisors", json={"name": "pool", "kind": "xen", "uri": sim.address,
-                                                     "password": password})
-        assert reply.status_code == 201, reply.text
-        found = admin.post("/api/hypervisors/pool/discover")
-        assert found.status_code == 200, found.text
-        vms = {v["name"]: v for v in admin.get("/api/vms").json()}
+        repo, vms = register_discovered(cli, admin, tmp_path, "pool", "xen", sim.address, password)
         assert vms["xen-policy"]["disks"][0]["datastore"] == "Local storage", vms["xen-policy"]
         assert vms["xen-policy"]["tags"] == ["backup-gold"] and vms["xen-untagged"]["tags"] == []
         assert not any(v.get("name", "").startswith("Control domain") for v in vms.values())
