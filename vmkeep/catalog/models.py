@@ -8,6 +8,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, String, UniqueConstraint, false, func, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+AFTER_BACKUP = "after-backup"  # a copy target's schedule: right after each run's backups
+
 
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
@@ -43,6 +45,7 @@ class RestorePointRecord(Base):
         Index("ix_restore_points_name_created", "name", "created"),
         Index("ix_restore_points_created", "created"),
         # a point by id or id prefix (LIKE 'x%': text_pattern_ops whatever the collation; 0018)
+        Index("ix_restore_points_name_point", "name", "point_id"),  # a point's copies (0019)
         Index("ix_restore_points_point_id", "point_id", postgresql_ops={"point_id": "text_pattern_ops"}),
     )
 
@@ -204,12 +207,35 @@ class Policy(Base):
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     repository: Mapped[RepositoryRecord] = relationship()
+    copy_targets: Mapped[list[CopyTarget]] = relationship(back_populates="policy", cascade="all, delete-orphan",
+                                                          passive_deletes=True, order_by="CopyTarget.id")
+
+
+class CopyTarget(Base):
+    """Another repository a policy's points are copied to (migration 0019): right after each run's
+    backups (``schedule`` "after-backup", that run's new points) or on a cron (every point of the
+    policy's VMs the target lacks), kept there by the target's own retention."""
+
+    __tablename__ = "policy_copy_targets"
+    __table_args__ = (UniqueConstraint("policy_id", "repository_id"),
+                      Index("ix_policy_copy_targets_next_run", "next_run"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id", ondelete="CASCADE"))
+    repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id"))
+    schedule: Mapped[str] = mapped_column(String(100), default=AFTER_BACKUP, server_default=AFTER_BACKUP)
+    retention: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")  # keep_last, …
+    next_run: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # a cron's next time
+
+    policy: Mapped[Policy] = relationship(back_populates="copy_targets")
+    repository: Mapped[RepositoryRecord] = relationship()
 
 
 class Job(Base):
     """One run of a policy."""
 
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_copies_pending", "id", postgresql_where=text("copies_queued IS NULL")),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     policy_id: Mapped[int | None] = mapped_column(ForeignKey("policies.id", ondelete="SET NULL"))
@@ -220,6 +246,7 @@ class Job(Base):
     notify_error: Mapped[str | None] = mapped_column(String(2000))
     started: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    copies_queued: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # its after-backup copies (0019)
 
     policy: Mapped[Policy | None] = relationship()
     vms: Mapped[list[JobVM]] = relationship(back_populates="job", order_by="JobVM.id")
@@ -311,6 +338,10 @@ class RestoreJob(Base):
     host: Mapped[str | None] = mapped_column(String(200))
     folder: Mapped[str | None] = mapped_column(String(500))
     start_vm: Mapped[bool] = mapped_column(default=True)
+    # 0019: the restore may read the point from a copy in another repository when its own fails to
+    # open; the repository it was read from (the proxy writes it)
+    use_copies: Mapped[bool] = mapped_column(default=False, server_default=false())
+    source_repository: Mapped[str | None] = mapped_column(String(200))
     proxy: Mapped[str | None] = mapped_column(String(100))
     status: Mapped[str] = mapped_column(String(20))  # queued, running, succeeded, failed
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
@@ -337,7 +368,10 @@ class MaintenanceRun(Base):
     # history outlives the repository's registration
     repository_id: Mapped[int | None] = mapped_column(ForeignKey("repositories.id", ondelete="SET NULL"))
     repository_name: Mapped[str] = mapped_column(String(200))
-    kind: Mapped[str] = mapped_column(String(20))  # verify, prune, gc, usage
+    kind: Mapped[str] = mapped_column(String(20))  # verify, prune, gc, usage, copy
+    # a copy's target (0019): repository_id is the source it reads
+    target_repository_id: Mapped[int | None] = mapped_column(ForeignKey("repositories.id", ondelete="SET NULL"))
+    target_repository_name: Mapped[str | None] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")  # what the task is to do
     requested_by: Mapped[str] = mapped_column(String(100))
     proxy: Mapped[str | None] = mapped_column(String(100))

@@ -6,8 +6,10 @@ tokens, hypervisors, policies, repositories, VMs or the audit log. Its work orde
 views (migrations 0010, 0011); it writes only the outcome and progress columns of backup and
 restore rows still in progress (a trigger keeps ended rows the master's), closes policy runs,
 writes the catalog's restore points (new backups, retention, prunes) and adds its backups' log
-lines; it runs repository maintenance (verify, prune, GC) the same way (migration 0015). It cannot
-put work on the queue.
+lines; it runs repository maintenance (verify, prune, GC) the same way (migration 0015), and backup
+copies: the target repository of a copy through a view, the copied points' rows written for the
+target, a restore's copies of its point through another view (migration 0019). It cannot put work
+on the queue.
 
 ``vmkeep db upgrade`` creates the role and (re)states every grant, so the grants follow the
 schema. The catalog's own login needs CREATEROLE for that.
@@ -35,13 +37,13 @@ QUEUE = {
     "procrastinate_workers": "SELECT, INSERT, UPDATE, DELETE",
 }
 READ = ("alembic_version", "jobs", "job_vms", "restore_jobs", "proxies", "proxy_backup_work", "proxy_restore_work",
-        "maintenance_runs", "proxy_maintenance_work")
+        "maintenance_runs", "proxy_maintenance_work", "proxy_copy_work", "proxy_restore_sources")
 OUTCOME = {  # the columns a proxy writes: status, outcome, progress
     "job_vms": ("proxy", "status", "attempts", "mode", "mode_reason", "transport", "read_bytes", "stored_bytes",
                 "progress_bytes", "total_bytes", "duration_seconds", "point_id", "verified", "disks", "boot_check",
                 "warnings", "error", "started", "finished"),
     "restore_jobs": ("proxy", "status", "attempts", "warnings", "progress_bytes", "total_bytes", "error", "disks",
-                     "finished"),
+                     "finished", "source_repository"),
     "jobs": ("status", "finished"),
     "maintenance_runs": ("proxy", "status", "attempts", "progress_bytes", "total_bytes", "result", "error", "started",
                          "finished"),
