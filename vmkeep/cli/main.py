@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "token": ("access_cmds", "token_app", True),
     "audit": ("access_cmds", "audit_app", True),
     "points": ("disk_cmds", "points_cmd", False),
+    "copy": ("copy_cmds", "copy_cmd", False),
     "backup": ("vm_cmds", "backup_cmd", False),
     "restore": ("vm_cmds", "restore_cmd", False),
     "inventory": ("vm_cmds", "inventory_cmd", False),

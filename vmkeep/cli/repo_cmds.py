@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from vmkeep.cli.common import JsonOpt, KeyFile, PassFile, RepoArg, S3Endpoint, Workers, open_repository
+from vmkeep.cli.common import (
+    JsonOpt,
+    KeyFile,
+    PassFile,
+    RepoArg,
+    S3Endpoint,
+    S3Profile,
+    Workers,
+    open_read_only,
+    open_repository,
+)
 from vmkeep.cli.output import RichProgress, emit_json, human, out_console
 from vmkeep.engine.backup import DEFAULT_WORKERS
 from vmkeep.engine.image import split_point_spec
@@ -16,6 +27,7 @@ from vmkeep.repository.backends import open_backend
 from vmkeep.repository.config import DEFAULT_CHUNK_SIZE, Credentials
 from vmkeep.repository.gc import collect
 from vmkeep.repository.info import repository_info
+from vmkeep.repository.kdf import read_passphrase
 from vmkeep.repository.prune import RetentionPolicy, prune
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import verify
@@ -42,24 +54,39 @@ def init_cmd(
     passphrase_file: PassFile = None,
     key_file: KeyFile = None,
     s3_endpoint: S3Endpoint = None,
+    s3_profile: S3Profile = None,
+    like: Annotated[str | None, typer.Option(
+        help="Share the key material, chunk size, compression and encryption of this repository, so that "
+             "`vmkeep copy` moves chunks between them as stored (never decrypted)", show_default=False)] = None,
+    like_passphrase_file: Annotated[Path | None, typer.Option(
+        help="Passphrase of the --like repository (else the one of this repository)", show_default=False)] = None,
+    like_key_file: Annotated[Path | None, typer.Option(help="Key file of the --like repository")] = None,
+    like_s3_profile: Annotated[str | None, typer.Option(help="AWS profile reaching the --like repository")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create a repository. The passphrase comes from VMKEEP_PASSPHRASE or --passphrase-file."""
-    backend = open_backend(repo, s3_endpoint=s3_endpoint, immutable_days=immutable_days)
+    credentials = Credentials.from_env(passphrase_file, key_file)
+    source = None
+    if like is not None:
+        source = open_read_only(like, Credentials(read_passphrase(like_passphrase_file) if like_passphrase_file
+                                                  else credentials.passphrase, like_key_file),
+                                s3_endpoint, like_s3_profile)
+    backend = open_backend(repo, s3_endpoint=s3_endpoint, immutable_days=immutable_days, s3_profile=s3_profile)
     ensure = getattr(backend, "ensure_bucket", None)
     if ensure is not None:
         ensure()
-    r = Repository.init(
-        backend, chunk_size=parse_size(chunk_size), compression=compression, encrypt=encrypt,
-        credentials=Credentials.from_env(passphrase_file, key_file), immutable_days=immutable_days,
-    )
+    if source is not None:
+        r = Repository.init_like(backend, source, credentials=credentials, immutable_days=immutable_days)
+    else:
+        r = Repository.init(backend, chunk_size=parse_size(chunk_size), compression=compression, encrypt=encrypt,
+                            credentials=credentials, immutable_days=immutable_days)
     result = {"repository": backend.url, "id": r.config.repo_id, "encryption": r.config.encryption["mode"],
-              "chunk_size": r.chunk_size, "immutable_days": immutable_days}
+              "chunk_size": r.chunk_size, "immutable_days": immutable_days, "keys_of": like}
     if json_out:
         emit_json(result)
     else:
         out_console.print(f"created repository {backend.url} (encryption: {result['encryption']}, "
-                          f"chunks: {human(r.chunk_size)})")
+                          f"chunks: {human(r.chunk_size)}" + (f", keys shared with {like}" if like else "") + ")")
         if key_file is not None:
             out_console.print(f"[bold]keep {key_file} safe: without it nothing can be restored[/bold]")
 

@@ -117,13 +117,15 @@ class RepoConfig:
 
     @classmethod
     def create(
-        cls, chunk_size: int, compression: int, encrypt: bool, credentials: Credentials, immutable_days: int
+        cls, chunk_size: int, compression: int, encrypt: bool, credentials: Credentials, immutable_days: int,
+        secret: bytes | None = None,
     ) -> tuple[RepoConfig, bytes]:
-        """A new config (not yet authenticated: see :meth:`authenticate`) and its master secret.
-        A key file named in ``credentials`` is written."""
+        """A new config (not yet authenticated: see :meth:`authenticate`) and its master secret:
+        ``secret`` when given (a repository sharing another's keys), else a new one. A key file
+        named in ``credentials`` is written."""
         if chunk_size not in CHUNK_SIZES:
             raise UsageError("chunk size must be 1M, 2M, 4M or 8M")
-        secret = crypto.new_secret()
+        secret = secret or crypto.new_secret()
         repo_id = uuid.uuid4().hex
         encryption: dict[str, Any]
         if not encrypt:

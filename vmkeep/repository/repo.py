@@ -62,10 +62,11 @@ def chunk_key(chunk_id: bytes) -> str:
 
 
 class Repository:
-    def __init__(self, backend: Backend, config: RepoConfig, keys: RepositoryKeys) -> None:
+    def __init__(self, backend: Backend, config: RepoConfig, keys: RepositoryKeys, secret: bytes) -> None:
         self.backend = backend
         self.config = config
         self.keys = keys
+        self.secret = secret  # the master secret: only for a repository made to share these keys
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -78,18 +79,32 @@ class Repository:
         encrypt: bool,
         credentials: Credentials,
         immutable_days: int = 0,
+        secret: bytes | None = None,
     ) -> Repository:
+        """A new repository; ``secret``: the master secret of one it is to share keys with (see
+        :meth:`init_like`), else a new one."""
         if immutable_days and not backend.supports_immutability:
             raise UsageError("--immutable-days needs an S3 repository (it relies on S3 Object Lock)")
         backend.immutable_days = immutable_days
         if backend.stat(CONFIG_KEY) is not None:
             raise UsageError(f"{backend.url} is already a vmkeep repository")
-        config, secret = RepoConfig.create(chunk_size, compression, encrypt, credentials, immutable_days)
+        config, secret = RepoConfig.create(chunk_size, compression, encrypt, credentials, immutable_days, secret)
         keys = RepositoryKeys.derive(secret, encrypt)
         config.sign(keys)
         if not backend.put(CONFIG_KEY, config.to_json(), if_absent=True, durable=True):
             raise UsageError(f"{backend.url} is already a vmkeep repository")
-        return cls(backend, config, keys)
+        return cls(backend, config, keys, secret)
+
+    @classmethod
+    def init_like(cls, backend: Backend, like: Repository, *, credentials: Credentials,
+                  immutable_days: int = 0) -> Repository:
+        """A repository sharing ``like``'s key material, chunk size, compression and encryption: the
+        same plaintext has the same chunk id and stored form in both, so a backup copy between them
+        moves chunks as they are stored, never decrypted. Its own id, credentials (the same secret
+        wrapped with its own passphrase or key file) and retention."""
+        return cls.init(backend, chunk_size=like.config.chunk_size, compression=like.config.compression,
+                        encrypt=like.config.encrypted, credentials=credentials, immutable_days=immutable_days,
+                        secret=like.secret)
 
     @classmethod
     def open(cls, backend: Backend, credentials: Credentials,
@@ -111,7 +126,7 @@ class Repository:
         if config.authenticate(keys, secret, credentials, backend.url):
             _store_upgraded(backend, config)
         backend.immutable_days = config.immutable_days
-        return cls(backend, config, keys)
+        return cls(backend, config, keys, secret)
 
     def close(self) -> None:
         self.backend.close()
@@ -219,6 +234,13 @@ class Repository:
             if newest:
                 return max(newest, key=_creation)
         return None
+
+    def load_point(self, name: str, point_id: str) -> Manifest | None:
+        """The point ``point_id`` of ``name`` read directly (one request), None when it is not there."""
+        try:
+            return self._read_manifest(manifest_key(check_name(name), point_id))
+        except ObjectMissing:
+            return None
 
     def find_point(self, name: str, point: str | None = None) -> Manifest:
         """The point ``point`` of ``name`` (an id, a unique id prefix, or None/'latest')."""

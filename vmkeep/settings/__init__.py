@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 PREFIX = "VMKEEP_"
 # set by vmkeep for the --script of `vmkeep verify-boot` (the sandbox VM's name and libvirt URI)
 FOR_CHILDREN = ("VMKEEP_VERIFY_VM", "VMKEEP_VERIFY_URI")
-QuickField = Literal["passphrase", "s3_endpoint"]
-QUICK_FIELDS: tuple[QuickField, ...] = ("passphrase", "s3_endpoint")
+QuickField = Literal["passphrase", "target_passphrase", "s3_endpoint"]
+QUICK_FIELDS: tuple[QuickField, ...] = ("passphrase", "target_passphrase", "s3_endpoint")
 
 
 def env_name(field: str) -> str:

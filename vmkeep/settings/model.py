@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     passphrase: SecretStr | None = Field(default=None, description=(
         "Passphrase of an encrypted repository, when no --passphrase-file is given (also how nbdkit's point "
         "plugin gets it)"))
+    target_passphrase: SecretStr | None = Field(default=None, description=(
+        "Passphrase of the target repository of `vmkeep copy`, when no --target-passphrase-file is given (else "
+        "the source's passphrase)"))
     s3_endpoint: str | None = Field(default=None, description=(
         "S3 endpoint URL of s3:// repositories, when no --s3-endpoint is given (else AWS_ENDPOINT_URL)"))
     # hypervisors

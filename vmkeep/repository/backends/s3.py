@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, ProfileNotFound
 
 from vmkeep.errors import BackendError, ObjectMissing, UsageError
 from vmkeep.repository.backends.base import Backend, Data, ObjectInfo, check_key
@@ -42,7 +42,7 @@ class S3Backend(Backend):
     supports_immutability = True
 
     def __init__(self, url: str, *, endpoint: str | None = None, workers: int = 16,
-                 immutable_days: int = 0) -> None:
+                 immutable_days: int = 0, profile: str | None = None) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise UsageError(f"{url!r} is not an S3 location: use s3://BUCKET/PREFIX")
@@ -51,7 +51,12 @@ class S3Backend(Backend):
         self.prefix = parsed.path.strip("/")
         self.immutable_days = immutable_days
         self.endpoint = endpoint
-        self.client = boto3.client(
+        try:
+            session = boto3.session.Session(profile_name=profile) if profile else boto3.session.Session()
+        except ProfileNotFound as exc:
+            raise UsageError(f"the S3 profile {profile!r} is not in the AWS credentials or config file "
+                             "(AWS_SHARED_CREDENTIALS_FILE, ~/.aws/credentials); add it or name another") from exc
+        self.client = session.client(
             "s3",
             endpoint_url=endpoint,
             config=Config(
@@ -62,8 +67,8 @@ class S3Backend(Backend):
                 s3={"addressing_style": "path"},
             ),
         )
-        log.debug("S3 client for %s: endpoint %s, %d connections, up to 4 attempts per request", url,
-                  endpoint or "AWS default", max(workers * 2, 10))
+        log.debug("S3 client for %s: endpoint %s, profile %s, %d connections, up to 4 attempts per request", url,
+                  endpoint or "AWS default", profile or "default", max(workers * 2, 10))
 
     def _key(self, key: str, *, prefix: bool = False) -> str:
         key = check_key(key, prefix=prefix)
