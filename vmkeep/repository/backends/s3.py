@@ -94,8 +94,16 @@ class S3Backend(Backend):
                 raise BackendError(
                     f"the bucket {self.bucket!r} does not exist; create it or run `vmkeep repo init`"
                 ) from exc
+            message = str(exc.response.get("Error", {}).get("Message", ""))
+            if "object lock" in message.lower() or "retention" in message.lower():
+                raise BackendError(
+                    f"S3 refused {what} on {self.url} because of Object Lock ({code}: {message}); an object under "
+                    "retention cannot be deleted or replaced before its date, and an immutable repository needs a "
+                    "bucket made with Object Lock enabled (as `vmkeep repo init --immutable-days` makes it)"
+                ) from exc
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise BackendError(f"S3 refused {what} on {self.url}: {code}; check the credentials") from exc
+                raise BackendError(f"S3 refused {what} on {self.url}: {code}; check the credentials (for two "
+                                   "repositories with different identities: --s3-profile)") from exc
             raise BackendError(f"S3 failed {what} on {self.url}: {code or exc}") from exc
         except BotoCoreError as exc:
             log.debug("S3 %s on %s: %s", what, self.url, exc)
