@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from vmkeep.engine.throttle import Throttle
 from vmkeep.engine.vm import config_context
-from vmkeep.errors import ObjectCorrupt, ObjectMissing, PointNotFound, UsageError
+from vmkeep.errors import BackendError, ObjectCorrupt, ObjectMissing, PointNotFound, UsageError
 from vmkeep.pipeline import bounded_map
 from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.chunks import check_stored
@@ -238,15 +238,20 @@ def copy_points(source: Repository, target: Repository, points: Iterable[Manifes
             report.points_present.append(label)
             continue
         base = _Base(source, target, manifest.name, present[manifest.name])
-        with WriterSession(target.backend, protects=base.protects):
-            base.check_kept(target)
-            copier = _PointCopy(source, target, mode, base, report, progress, pacer, workers)
-            disks = {disk: copier.disk(manifest, disk, entry) for disk, entry in manifest.disks.items()}
-            copied = _target_manifest(source, target, manifest, mode, disks)
-            if verify:
-                target.backend.flush()
-                _verify(target, copied, workers)
-            target.commit_point(copied)
+        try:
+            with WriterSession(target.backend, protects=base.protects):
+                base.check_kept(target)
+                copier = _PointCopy(source, target, mode, base, report, progress, pacer, workers)
+                disks = {disk: copier.disk(manifest, disk, entry) for disk, entry in manifest.disks.items()}
+                copied = _target_manifest(source, target, manifest, mode, disks)
+                if verify:
+                    target.backend.flush()
+                    _verify(target, copied, workers)
+                target.commit_point(copied)
+        except BackendError as exc:  # the storage's own message names the object, not the repository
+            raise BackendError(f"copying {label} from {source.backend.url} into {target.backend.url}: {exc} "
+                               f"({label} is not visible in the target; run the copy again: only what is "
+                               "missing travels)") from exc
         present[manifest.name].add(manifest.point_id)
         report.points_copied.append(label)
         report.bytes_logical += manifest.logical_size
