@@ -114,7 +114,16 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     data = tmp_path_factory.mktemp("seaweed")
     config = data / "s3.json"
     config.write_text(json.dumps({"identities": [{"name": "vmkeep", "credentials": [
-        {"accessKey": S3_USER, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        {"accessKey": S3_USER, "secretKey": S3_SECRET}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]},
+        # tests/test_copy_s3.py's pull mode: the primary site may only use its own bucket, the
+        # offsite only its own, and the offsite's copy reads the primary's bucket as `reader`
+        {"name": "primary", "credentials": [{"accessKey": "vmkeep-primary", "secretKey": "primary-secret"}],
+         "actions": ["Read:vmkeep-copy-primary", "Write:vmkeep-copy-primary", "List:vmkeep-copy-primary"]},
+        {"name": "reader", "credentials": [{"accessKey": "vmkeep-reader", "secretKey": "reader-secret"}],
+         "actions": ["Read:vmkeep-copy-primary", "List:vmkeep-copy-primary"]},
+        {"name": "offsite", "credentials": [{"accessKey": "vmkeep-offsite", "secretKey": "offsite-secret"}],
+         "actions": ["Read:vmkeep-copy-offsite", "Write:vmkeep-copy-offsite", "List:vmkeep-copy-offsite",
+                     "PutObjectRetention:vmkeep-copy-offsite"]}]}))
     s3_port = free_port()
     # Every listener gets an explicit free port (SeaweedFS would otherwise take fixed defaults).
     ports = {opt: free_port() for opt in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
