@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "instant-restore": ("recovery_cmds", "instant_restore_cmd", False),
     "verify-boot": ("recovery_cmds", "verify_boot_cmd", False),
     "demo": ("demo", "demo_cmd", False),
+    "replicate": ("replica_cmds", "replicate_cmd", False),
+    "failover": ("replica_cmds", "failover_cmd", False),
+    "failback": ("replica_cmds", "failback_cmd", False),
+    "replicas": ("replica_cmds", "replicas_cmd", False),
 }
 ROOT_OPTIONS_WITH_VALUE = ("--server", "--ca-file")
 

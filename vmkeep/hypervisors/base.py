@@ -13,7 +13,7 @@ describes both directions for a new connector.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,3 +198,75 @@ class RestoreChoices(Protocol):
     def restore_choices(self) -> dict[str, list[str]]:
         """``networks`` (always), and ``hosts`` and ``folders`` where the hypervisor has them:
         each the names ``place`` takes, sorted."""
+
+
+# what a replica is doing, as its own metadata records it
+ReplicaState = Literal["seeding", "updating", "standby", "failed-over", "diverged"]
+
+
+@dataclass
+class ReplicaInfo:
+    """A replica VM as its own metadata on its host describes it: that record travels with the
+    VM (a catalog lost, a proxy reinstalled), so it is the truth about what the disks hold."""
+
+    name: str
+    source: str  # the VM it replicates
+    repository: str  # id of the repository its points come from
+    point: str  # the point its disks equal while ``standby``
+    state: ReplicaState
+    disks: dict[str, int]  # disk → size in bytes
+    updated: str = ""  # when the record last changed (UTC, ISO 8601)
+    running: bool = False
+    paths: dict[str, str] = field(default_factory=dict)  # disk → where it lives on the host
+
+
+class DiskPatch(Protocol):
+    """An existing disk of a shut-off VM, written in place at offsets and read back: a replica's
+    being brought up to date, or an original receiving a failback."""
+
+    size: int
+    sequential: bool  # writes must come in ascending offsets from one thread (an upload stream)
+
+    def write(self, data: bytes, offset: int) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros (it was data before)."""
+
+    def scan(self, slot_size: int) -> Iterator[tuple[int, bytes | None]]:
+        """Each ``slot_size`` slot in order: (offset, its bytes), or None where it is all hole."""
+
+
+class Replicas(Protocol):
+    """The replicas one host holds (see ``ReplicaHost``)."""
+
+    def list(self) -> list[ReplicaInfo]: ...
+
+    def get(self, name: str) -> ReplicaInfo | None:
+        """None when no VM has that name; refuses a VM of that name that is not a replica."""
+
+    def create(self, config: dict[str, Any], info: ReplicaInfo, *, storage: str | None,
+               network: str | None) -> None:
+        """Define the replica powered off from a point's configuration (a new identity, as a
+        restore as new), with empty sparse disks of ``info.disks``' sizes and ``info`` as its
+        metadata. Refuses a taken name or disk before making anything."""
+
+    def remove(self, name: str) -> None:
+        """Power off and remove a replica and its disks."""
+
+    def mark(self, name: str, *, state: ReplicaState, point: str | None = None) -> ReplicaInfo:
+        """Record a new state (and point) in the replica's metadata."""
+
+    def start(self, name: str, *, network: str | None) -> None:
+        """Start the replica, its interfaces first moved to ``network`` (DISCONNECTED: none)."""
+
+    def disks(self, vm: str) -> AbstractContextManager[dict[str, DiskPatch]]:
+        """The disks of shut-off VM ``vm`` (a replica or any other) to write in place; refuses a
+        running VM, or disks it cannot write where they are."""
+
+
+@runtime_checkable
+class ReplicaHost(Protocol):
+    """An optional capability: keep powered-off replicas of VMs on this hypervisor, updated in
+    place from restore points (vmkeep.engine.replica)."""
+
+    def replicas(self) -> Replicas: ...

@@ -38,6 +38,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import (
 )
 from vmkeep.hypervisors.libvirt.inventory import list_vms
 from vmkeep.hypervisors.libvirt.point_in_time import point_in_time
+from vmkeep.hypervisors.libvirt.replica import LibvirtReplicas
 from vmkeep.hypervisors.libvirt.restore import LibvirtRestore
 from vmkeep.progress import Progress
 
@@ -81,6 +82,10 @@ class LibvirtConnector:
 
     def wait_heartbeat(self, name: str, *, timeout: float, marker: str | None = None) -> bool:
         return boot_check.wait_heartbeat(self, name, timeout=timeout, marker=marker)
+
+    def replicas(self) -> LibvirtReplicas:
+        """The ReplicaHost capability: powered-off replicas kept on this host (replica.py)."""
+        return LibvirtReplicas(self)
 
     def close(self) -> None:
         self.connection.close()
