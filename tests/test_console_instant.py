@@ -21,7 +21,7 @@ from tests.conftest import MiB, fresh_cli
 from tests.console_support import AUDITOR, audit_actions, form_login, log_in, shoot
 from tests.test_console_scenario import agent_answers
 from tests.test_recovery import cleanup
-from tests.test_scale_out import start_proxy, stop, wait_for
+from tests.test_scale_out import local_host_and_proxy, stop, wait_for
 from tests.test_server import Server
 from vmkeep.engine import instant
 from vmkeep.hypervisors.libvirt.instant import OVERLAYS
@@ -51,15 +51,7 @@ def lab(console_master: Server, console_api: httpx.Client, tmp_path_factory: pyt
         assert result["ok"], result
         assert console_api.post("/api/repositories", json={"name": "main", "location": repo, "passphrase":
                                                            cli.env["VMKEEP_PASSPHRASE"]}).status_code == 201
-        assert console_api.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
-                                                          "uri": LOCAL_URI}).status_code == 201
-        assert console_api.post("/api/hypervisors/local/discover").status_code == 200
-        assert console_api.put("/api/hypervisors/local/restore-locations",
-                               json={"locations": [str(folder)]}).status_code == 200
-        token = console_api.post("/api/tokens", json={"name": "proxy"}).json()["token"]
-        proxy = start_proxy(console_master, token, "p1")
-        wait_for("proxy p1 up", lambda: any(p["name"] == "p1" and p["up"]
-                                            for p in console_api.get("/api/proxies").json()), timeout=60)
+        proxy = local_host_and_proxy(console_master, console_api, folder)
         yield Lab(guest, result["point"], folder)
     finally:
         if proxy is not None:

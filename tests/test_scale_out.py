@@ -19,6 +19,7 @@ from tests import bare_vm
 from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, qemu_img_compare
 from tests.test_server import ADMIN_PASSWORD, Server, launch, server  # noqa: F401 - the server fixture
+from vmkeep.lab import LOCAL_URI
 from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
 from vmkeep.lab.postgres import lab_network_url
 from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
@@ -74,6 +75,19 @@ def master_with_repository(master: Server, cli: Cli, tmp_path: Path,
     assert admin.post("/api/hypervisors", json={"name": "local", "kind": "libvirt",
                                                 "uri": uri}).status_code == 201
     return admin, repo
+
+
+def local_host_and_proxy(master: Server, api: httpx.Client, locations: Path, name: str = "p1") -> subprocess.Popen[str]:
+    """The local libvirt host registered as ``local`` and discovered, restores allowed under
+    ``locations``, and a proxy ``name`` on this host, up."""
+    assert api.post("/api/hypervisors", json={"name": "local", "kind": "libvirt", "uri": LOCAL_URI}).status_code == 201
+    assert api.post("/api/hypervisors/local/discover").status_code == 200
+    assert api.put("/api/hypervisors/local/restore-locations",
+                   json={"locations": [str(locations)]}).status_code == 200
+    proxy = start_proxy(master, api.post("/api/tokens", json={"name": name}).json()["token"], name)
+    wait_for(f"proxy {name} up", lambda: any(p["name"] == name and p["up"] for p in api.get("/api/proxies").json()),
+             timeout=60)
+    return proxy
 
 
 def wait_for(what: str, check, timeout: float = 120):  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from vmkeep.hypervisors.base import Connector, HypervisorError, NbdTls
 from vmkeep.hypervisors.connect import KINDS, kind_of, open_connector, uses_stored_password
 from vmkeep.jobs.keys import open_secret
 from vmkeep.repository.backends import open_backend
+from vmkeep.repository.backends.readonly import ReadOnlyBackend
 from vmkeep.repository.config import Credentials
 from vmkeep.repository.repo import Repository
 
@@ -33,14 +34,16 @@ def passphrase_context(name: str) -> str:
     return f"repository {name}"
 
 
-def open_registered(record: RegisteredRepository) -> Repository:
+def open_registered(record: RegisteredRepository, *, read_only: bool = False) -> Repository:
     """Open the repository the catalog registered, refusing one whose id or encryption differs
-    from what was recorded then (before it is unlocked or written to)."""
+    from what was recorded then (before it is unlocked or written to); ``read_only``: every write
+    refused (the source of a copy)."""
     passphrase = (open_secret(record.passphrase_sealed, passphrase_context(record.name)).encode()
                   if record.passphrase_sealed else None)
     log.debug("opening repository %s at %s (%s)", record.name, record.location,
               "stored passphrase" if passphrase else "no passphrase")
-    return Repository.open(open_backend(record.location, s3_endpoint=record.s3_endpoint), Credentials(passphrase),
+    backend = open_backend(record.location, s3_endpoint=record.s3_endpoint)
+    return Repository.open(ReadOnlyBackend(backend) if read_only else backend, Credentials(passphrase),
                            expect=lambda config: check_pinned(record, config))
 
 

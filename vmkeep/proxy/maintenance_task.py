@@ -1,5 +1,6 @@
 """The task a proxy runs for a repository's maintenance started through the server: verify, prune,
-GC, or a usage measurement (per-name unique and shared bytes).
+GC, a usage measurement (per-name unique and shared bytes), or a backup copy into another
+repository (vmkeep.proxy.copy_task).
 
 Each calls the repository's own code (``vmkeep.repository.verify/prune/gc/info``, what ``vmkeep
 repo verify|prune|gc|info`` run) and writes its report into the run's row; the catalog's restore
@@ -16,19 +17,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from procrastinate import JobContext
-from sqlalchemy import delete, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
-from vmkeep.catalog.models import MaintenanceRun, RestorePointRecord
+from vmkeep.catalog.models import MaintenanceRun
 from vmkeep.jobs.queue import tasks
 from vmkeep.jobs.registered import open_registered
 from vmkeep.jobs.status import ACTIVE, JobStatus
+from vmkeep.proxy.copy_task import copy_run
 from vmkeep.proxy.progress import RowProgress
+from vmkeep.proxy.retention import prune_points
 from vmkeep.proxy.work import MaintenanceOrder, maintenance_order
 from vmkeep.repository.gc import collect
 from vmkeep.repository.info import repository_info
-from vmkeep.repository.points import Manifest
-from vmkeep.repository.prune import RetentionPolicy, prune
 from vmkeep.repository.repo import Repository
 from vmkeep.repository.verify import verify
 
@@ -65,7 +65,7 @@ def run_maintenance(sessions: sessionmaker[Session], proxy: str, run_id: int) ->
         repo = None
         try:
             try:
-                repo = open_registered(order.repository)
+                repo = open_registered(order.repository, read_only=order.kind == "copy")  # a copy's source
             except Exception as exc:
                 raise RuntimeError(f"proxy {proxy} cannot open repository {order.repository.name} at "
                                    f"{order.repository.location}: {exc}") from exc
@@ -99,46 +99,6 @@ def perform(session: Session, repo: Repository, order: MaintenanceOrder, rows: R
         return repository_info(repo).as_dict()
     if order.kind == "prune":
         return prune_points(session, repo, order)
+    if order.kind == "copy":
+        return copy_run(session, repo, order, rows)
     raise ValueError(f"unknown maintenance {order.kind!r}")
-
-
-def prune_points(session: Session, repo: Repository, order: MaintenanceOrder) -> dict[str, Any]:
-    """Per name, the points its policies' retention removes (a dry run only lists them), with the
-    bytes their removal frees once GC runs; the catalog's rows of removed points go too."""
-    dry_run = bool(order.params.get("dry_run", True))
-    confirm: dict[str, list[str]] | None = order.params.get("confirm")
-    names: dict[str, Any] = {}
-    chosen: list[Manifest] = []
-    for name, counts in sorted(order.params.get("retention", {}).items()):
-        selected = prune(repo, RetentionPolicy.from_counts(counts), name, dry_run=True).get(name)
-        if selected is None:
-            continue  # no point of that name any more
-        remove = selected.remove
-        if confirm is not None:  # only what the confirmed dry run showed
-            remove = [m for m in remove if m.point_id in confirm.get(name, [])]
-        names[name] = {"keep": selected.keep, "remove": [m.point_id for m in remove], "retention": counts}
-        chosen += remove
-    frees = freed_by(repo, chosen)
-    if not dry_run and chosen:
-        repo.delete_points(chosen)
-        keys = [(m.name, m.point_id) for m in chosen]
-        session.execute(delete(RestorePointRecord).where(
-            RestorePointRecord.repository_id == order.repository.id,
-            tuple_(RestorePointRecord.name, RestorePointRecord.point_id).in_(keys)))
-    return {"dry_run": dry_run, "names": names, "points_removed": len(chosen), "frees_bytes": frees,
-            "unmanaged": order.params.get("unmanaged", [])}
-
-
-def freed_by(repo: Repository, removed: list[Manifest]) -> int:
-    """Stored bytes of the chunks only ``removed`` use: what GC frees once they are gone."""
-    if not removed:
-        return 0
-    gone = {(m.name, m.point_id) for m in removed}
-    dropped: set[bytes] = set()
-    kept: set[bytes] = set()
-    for m in repo.list_points():
-        into = dropped if (m.name, m.point_id) in gone else kept
-        for disk in m.disks:
-            into |= repo.load_index(m, disk).chunk_ids()
-    only = {c.hex() for c in dropped - kept}
-    return sum(o.size for o in repo.backend.list("chunks/") if o.key.rsplit("/", 1)[1] in only)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,12 @@ from vmkeep.engine.throttle import throttled
 from vmkeep.engine.vm import restore_vm_as, restore_vm_overwrite
 from vmkeep.errors import UsageError
 from vmkeep.jobs.queue import tasks
-from vmkeep.jobs.registered import connector_for, open_registered
+from vmkeep.jobs.registered import connector_for
 from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.progress import Progress
 from vmkeep.proxy.instant_steps import instant_step
 from vmkeep.proxy.progress import RowProgress
+from vmkeep.proxy.restore_source import Source, open_source
 from vmkeep.proxy.work import RestoreOrder, restore_order
 from vmkeep.repository.repo import Repository
 
@@ -53,12 +55,16 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
         job.status, job.proxy, job.attempts, job.error = JobStatus.RUNNING, proxy, job.attempts + 1, None
         session.commit()
         log.info("restore started (%s, attempt %d)", job.mode, job.attempts, extra=context)
+        source = None
         try:
-            repo = open_registered(order.repository)
+            source = open_source(order, job.vm_name, job.point_id, prefer=job.source_repository)
+            note_source(job, order, source)
+            session.commit()
             # progress lands through another connection: closed before this session writes the row
             rows = RowProgress(sessions, restore_id, RestoreJob)
             try:
-                name, disks, status = perform(repo, order, job, throttled(rows, max_rate))
+                name, disks, status = perform(source.repo, replace(order, repository=source.record), job,
+                                              throttled(rows, max_rate))
             finally:
                 rows.close()
             job.status, job.disks = status, disks
@@ -69,9 +75,21 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
             job.error = str(exc)
             log.warning("restore failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG), extra=context)
         finally:
+            if source is not None:
+                source.repo.close()
             if job.status != INSTANT:
                 job.finished = datetime.now(UTC)
             session.commit()
+
+
+def note_source(job: RestoreJob, order: RestoreOrder, source: Source) -> None:
+    """Record the repository the point is read from; a copy used instead of the restore's own
+    repository is a warning that says why."""
+    job.source_repository = source.record.name
+    if source.record.id != order.repository.id and not any(source.record.name in w for w in job.warnings):
+        job.warnings = [*job.warnings, f"restored from the copy in repository {source.record.name}: "
+                                       f"{'; '.join(source.passed_over) or order.repository.name + ' holds no copy'}"]
+        log.warning("%s", job.warnings[-1], extra={"restore": job.id, "vm": job.vm_name})
 
 
 def perform(repo: Repository, order: RestoreOrder, job: RestoreJob,

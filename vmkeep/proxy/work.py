@@ -61,13 +61,17 @@ class BackupOrder:
 class MaintenanceOrder:
     kind: str
     params: dict[str, Any]
-    repository: RepositoryOrder
+    repository: RepositoryOrder  # a copy's source
+    target: RepositoryOrder | None = None  # a copy's target (migration 0019's view)
 
 
 @dataclass(frozen=True)
 class RestoreOrder:
     hypervisor: HypervisorOrder
     repository: RepositoryOrder
+    # every repository the catalog holds the point in that the restore may read, its own first
+    # (migration 0019's view): the copies a restore falls back on when its own repository fails
+    sources: tuple[RepositoryOrder, ...] = ()
 
 
 def _hypervisor(row: Any) -> HypervisorOrder:
@@ -96,7 +100,9 @@ def restore_order(session: Session, restore_id: int) -> RestoreOrder | None:
     if row is None:
         log.info("restore %s is no longer to do", restore_id)
         return None
-    return RestoreOrder(_hypervisor(row), _repository(row))
+    sources = session.execute(text("SELECT * FROM proxy_restore_sources WHERE restore_id = :id "
+                                   "ORDER BY is_primary DESC, repository_id"), {"id": restore_id}).all()
+    return RestoreOrder(_hypervisor(row), _repository(row), tuple(_repository(s) for s in sources))
 
 
 def maintenance_order(session: Session, run_id: int) -> MaintenanceOrder | None:
@@ -105,4 +111,8 @@ def maintenance_order(session: Session, run_id: int) -> MaintenanceOrder | None:
     if row is None:
         log.info("maintenance run %s is no longer to do", run_id)
         return None
-    return MaintenanceOrder(row.kind, row.params or {}, _repository(row))
+    target = None
+    if row.kind == "copy":
+        found = session.execute(text("SELECT * FROM proxy_copy_work WHERE run_id = :id"), {"id": run_id}).first()
+        target = _repository(found) if found is not None else None
+    return MaintenanceOrder(row.kind, row.params or {}, _repository(row), target)

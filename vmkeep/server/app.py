@@ -37,6 +37,7 @@ from vmkeep.server import (
 )
 from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
 from vmkeep.server.console import install as install_console
+from vmkeep.server.copies import copy_after_backups, run_due_copies
 from vmkeep.server.dispatch import dispatch_waiting, rescue_queued, rescue_stalled
 from vmkeep.server.endpoints import EndpointPolicy, Network
 from vmkeep.server.login_guard import LoginGuard
@@ -79,7 +80,7 @@ STALLED_AFTER_SECONDS = 8.0  # a proxy worker silent this long is dead; its task
 
 async def rescue_loop(app: FastAPI) -> None:
     """The master's own work, for as long as it runs: move the tasks of proxies that died, start
-    scheduled runs, send run notices, refresh inventories."""
+    scheduled runs and the copies of ended or scheduled ones, send run notices, refresh inventories."""
     while True:
         await asyncio.sleep(RESCUE_EVERY_SECONDS)
         try:
@@ -89,6 +90,8 @@ async def rescue_loop(app: FastAPI) -> None:
                 await rescue_maintenance(session, app.state.queue, STALLED_AFTER_SECONDS)
                 await dispatch_waiting(session, app.state.queue)
                 await run_due_policies(session, app.state.queue, datetime.now(UTC))
+                await copy_after_backups(session, app.state.queue)
+                await run_due_copies(session, app.state.queue, datetime.now(UTC))
                 await notify_finished(session, app.state.mailer, app.state.endpoints)
             await discover_due(app.state.sessions, datetime.now(UTC))
         except Exception:  # a database hiccup must not end the loop

@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import RepositoryRecord, RestorePointRecord, User
+from vmkeep.catalog.queries import held_earlier
 from vmkeep.engine.files import DANGEROUS_BITS, Entry, FileRestoreError, shown
 from vmkeep.errors import UsageError, VmkeepError
 from vmkeep.server import audit
@@ -48,18 +49,25 @@ def sessions_of(request: Request) -> FileSessions:
     return manager
 
 
-def point_ref(record: RestorePointRecord) -> PointRef:
-    r = record.repository
+def registered(r: RepositoryRecord) -> RegisteredRepo:
+    return RegisteredRepo(r.name, r.location, r.repo_id, r.encrypted, r.s3_endpoint, r.passphrase_sealed)
+
+
+def point_ref(session: Session, record: RestorePointRecord) -> PointRef:
+    """The point as a file session opens it: from its row's repository, else from a copy."""
+    copies = session.scalars(select(RepositoryRecord).join(RestorePointRecord).where(
+        RestorePointRecord.name == record.name, RestorePointRecord.point_id == record.point_id,
+        RestorePointRecord.id != record.id).order_by(RestorePointRecord.id))
     return PointRef(record.id, record.name, record.point_id, record.created, tuple(sorted(record.disks)),
-                    RegisteredRepo(r.name, r.location, r.repo_id, r.encrypted, r.s3_endpoint, r.passphrase_sealed))
+                    registered(record.repository), tuple(registered(r) for r in copies))
 
 
 def find_point(session: Session, ref: str) -> PointRef:
-    """A point by its id (``20261205T010203Z-a1b2c3``, unique across the catalog in practice) or
-    the catalog row's number; 404 / 409 otherwise."""
+    """A point by its id (``20261205T010203Z-a1b2c3``, unique across the catalog in practice: its
+    copies in other repositories are the same point) or the catalog row's number; 404 / 409 otherwise."""
     query = select(RestorePointRecord).join(RepositoryRecord)
     query = query.where(RestorePointRecord.id == int(ref)) if ref.isdigit() and len(ref) < 18 else \
-        query.where(RestorePointRecord.point_id == ref)
+        query.where(RestorePointRecord.point_id == ref, ~held_earlier())
     found = list(session.scalars(query.limit(2)))
     if not found:
         raise HTTPException(404, f"no restore point {ref} in the catalog")
@@ -67,14 +75,14 @@ def find_point(session: Session, ref: str) -> PointRef:
         raise HTTPException(409, f"point {ref} is in more than one repository ({found[0].repository.name}, "
                                  f"{found[1].repository.name}): name it by its catalog number "
                                  f"({found[0].id}, {found[1].id})")
-    return point_ref(found[0])
+    return point_ref(session, found[0])
 
 
 def newest_points(session: Session, vm: str, count: int) -> list[PointRef]:
-    """The VM's newest ``count`` points, newest first (served by the name/created index)."""
-    rows = session.scalars(select(RestorePointRecord).where(RestorePointRecord.name == vm)
+    """The VM's newest ``count`` points, newest first (served by the name/created index), each once."""
+    rows = session.scalars(select(RestorePointRecord).where(RestorePointRecord.name == vm, ~held_earlier())
                            .order_by(RestorePointRecord.created.desc()).limit(count))
-    return [point_ref(r) for r in rows]
+    return [point_ref(session, r) for r in rows]
 
 
 async def check_reachable(request: Request, point: PointRef) -> None:

@@ -69,6 +69,7 @@ class PointRef:
     created: datetime
     disks: tuple[str, ...]
     repo: RegisteredRepo
+    copies: tuple[RegisteredRepo, ...] = ()  # other repositories holding the same point (backup copies)
 
     @property
     def label(self) -> str:
@@ -79,17 +80,35 @@ def open_point(stack: ExitStack, point: PointRef) -> PointFilesystems:
     """The point's disks in one appliance, entered into ``stack``. The repository is opened first
     as the catalog registered it (pinned id and encryption, sealed passphrase), so a repository that
     is gone or replaced is reported as such; the passphrase reaches the exports in a private file
-    removed once they are serving."""
-    open_registered(point.repo)
+    removed once they are serving. When it cannot be opened, a copy of the point in another
+    repository is."""
+    repo = readable(point)
     with tempfile.TemporaryDirectory(prefix="vmkeep-files-") as tmp:
         secret = None
-        if point.repo.passphrase_sealed:
+        if repo.passphrase_sealed:
             secret = Path(tmp) / "passphrase"
             secret.touch(mode=0o600)
-            secret.write_text(open_secret(point.repo.passphrase_sealed, passphrase_context(point.repo.name)))
-        specs = [PointSpec(point.repo.location, point.vm, point.point_id, disk, point.repo.s3_endpoint, None,
-                           str(secret) if secret else None, plain=not point.repo.encrypted) for disk in point.disks]
+            secret.write_text(open_secret(repo.passphrase_sealed, passphrase_context(repo.name)))
+        specs = [PointSpec(repo.location, point.vm, point.point_id, disk, repo.s3_endpoint, None,
+                           str(secret) if secret else None, plain=not repo.encrypted) for disk in point.disks]
         return stack.enter_context(open_point_filesystems(specs))
+
+
+def readable(point: PointRef) -> RegisteredRepo:
+    """The point's repository if it opens, else the first of its copies that does (the first
+    failure raised when none does)."""
+    first: Exception | None = None
+    for repo in (point.repo, *point.copies):
+        try:
+            open_registered(repo).close()
+            if repo is not point.repo:
+                log.warning("%s: repository %s cannot be opened (%s): reading its copy in %s", point.label,
+                            point.repo.name, first, repo.name)
+            return repo
+        except VmkeepError as exc:
+            first = first or exc
+    assert first is not None
+    raise first
 
 
 Key = tuple[str, int]  # (user name, point row id)

@@ -11,10 +11,11 @@ repository through a view of runs in progress, writes progress and the report in
 a prune deletes the catalog's rows of the points it removed. No proxy up: refused with a reason,
 nothing queued. A proxy that cannot open the repository fails the run and the error says so.
 
-Prune follows the policies that back up into the repository: a name is under a policy's retention
-when the policy's runs backed it up or its VM names or globs pick it; several policies on one name
-keep what any of them keeps (each count's largest, which keeps exactly the union). Names no policy
-covers are left alone and listed.
+Prune follows the policies that back up into the repository, and the copy targets copying into it
+(each with its own retention): a name is under a policy's retention when the policy's runs backed
+it up or its VM names or globs pick it; several retentions on one name keep what any of them keeps
+(each count's largest, which keeps exactly the union). Names none covers are left alone and listed.
+Backup copies (vmkeep.server.copies) are runs of kind "copy" with a target repository.
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from fastapi import Request
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Job, JobVM, MaintenanceRun, Policy, Proxy, RepositoryRecord, RestorePointRecord
+from vmkeep.catalog.models import (
+    CopyTarget,
+    Job,
+    JobVM,
+    MaintenanceRun,
+    Policy,
+    Proxy,
+    RepositoryRecord,
+    RestorePointRecord,
+)
 from vmkeep.jobs.queue import MAINTENANCE_TASK, queue_name
 from vmkeep.jobs.status import ACTIVE, JobStatus
 from vmkeep.repository.prune import PERIODS, RetentionPolicy
@@ -60,25 +70,32 @@ def maintenance_proxy(session: Session, exclude: set[str] | None = None) -> Prox
 
 
 def retention_plan(session: Session, record: RepositoryRecord) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """Per name the catalog holds in ``record``, the retention its policies give it (merged), and
-    the names no policy's retention covers (left alone)."""
-    policies = [p for p in session.scalars(select(Policy).where(Policy.repository_id == record.id)
-                                           .order_by(Policy.name))
-                if p.retention and not RetentionPolicy.from_counts(p.retention).is_empty()]
+    """Per name the catalog holds in ``record``, the retention its policies give it (merged): the
+    retention of the policies backing up into it and of the copy targets copying into it (each
+    target's own), and the names no such retention covers (left alone)."""
+    rules = [(p, p.retention) for p in session.scalars(select(Policy).where(Policy.repository_id == record.id)
+                                                       .order_by(Policy.name))]
+    rules += [(t.policy, t.retention) for t in session.scalars(
+        select(CopyTarget).where(CopyTarget.repository_id == record.id).order_by(CopyTarget.id))]
+    rules = [(p, counts) for p, counts in rules if counts and not RetentionPolicy.from_counts(counts).is_empty()]
     names = list(session.scalars(select(RestorePointRecord.name).where(
         RestorePointRecord.repository_id == record.id).distinct().order_by(RestorePointRecord.name)))
     plan: dict[str, dict[str, int]] = {}
-    for policy in policies:
-        ran = set(session.scalars(select(JobVM.vm_name).join(Job).where(Job.policy_id == policy.id).distinct()))
-        rules = policy.selection
-        for name in names:
-            picked = name in rules.get("vms", []) or any(fnmatch.fnmatchcase(name, g) for g in rules.get("globs", []))
-            if name in ran or picked:
-                merged = plan.setdefault(name, {})
-                for count in COUNTS:
-                    merged[count] = max(merged.get(count, 0), int(policy.retention.get(count, 0)))
-    plan = {n: {k: v for k, v in counts.items() if v} for n, counts in plan.items()}
+    for policy, counts in rules:
+        for name in covered(session, policy, names):
+            merged = plan.setdefault(name, {})
+            for count in COUNTS:
+                merged[count] = max(merged.get(count, 0), int(counts.get(count, 0)))
+    plan = {n: {k: v for k, v in merged.items() if v} for n, merged in plan.items()}
     return plan, [n for n in names if n not in plan]
+
+
+def covered(session: Session, policy: Policy, names: list[str]) -> list[str]:
+    """Those of ``names`` that are the policy's: its runs backed them up, or its VM names or globs pick them."""
+    ran = set(session.scalars(select(JobVM.vm_name).join(Job).where(Job.policy_id == policy.id).distinct()))
+    rules = policy.selection
+    return [name for name in names if name in ran or name in rules.get("vms", [])
+            or any(fnmatch.fnmatchcase(name, g) for g in rules.get("globs", []))]
 
 
 async def start_maintenance(session: Session, queue: procrastinate.App, request: Request | None, user: str,
@@ -94,27 +111,38 @@ async def start_maintenance(session: Session, queue: procrastinate.App, request:
     if kind == "prune":
         plan, unmanaged = retention_plan(session, record)
         if not plan:
-            raise MaintenanceRefused(409, f"no policy that backs up into {repository} has a retention covering "
-                                          "its points: set a retention on the policy (it decides what prune "
-                                          "removes)")
+            raise MaintenanceRefused(409, f"no policy that backs up or copies into {repository} has a retention "
+                                          "covering its points: set a retention on the policy or its copy target "
+                                          "(it decides what prune removes)")
         params.update(retention=plan, unmanaged=unmanaged)
     going = session.scalar(select(MaintenanceRun.id).where(
         MaintenanceRun.repository_id == record.id, MaintenanceRun.kind == kind,
         MaintenanceRun.status.in_(ACTIVE)).limit(1))
     if going is not None:
         raise MaintenanceRefused(409, f"a {kind} of {repository} is under way (run {going}): wait for it to end")
-    proxy = maintenance_proxy(session)
-    if proxy is None:
-        raise MaintenanceRefused(409, "no proxy is up to run it: repository maintenance runs on a proxy (proxies "
-                                      "reach the repositories); start one with `vmkeep proxy`")
-    run = MaintenanceRun(repository_id=record.id, repository_name=record.name, kind=kind, params=params,
-                         requested_by=user, proxy=proxy.name, status=JobStatus.QUEUED.value)
-    session.add(run)
-    session.flush()
-    detail = {"run": run.id, "proxy": proxy.name}
+    detail: dict[str, Any] = {}
     if kind == "prune":
         detail.update(dry_run=bool(params.get("dry_run", True)), confirms=params.get("confirms"))
-    audit.record(session, request, user, f"repository-{kind}", repository, **detail)
+    return await queue_run(session, queue, request, user, record, kind, params, detail=detail)
+
+
+async def queue_run(session: Session, queue: procrastinate.App, request: Request | None, user: str,
+                    record: RepositoryRecord, kind: str, params: dict[str, Any], *,
+                    target: RepositoryRecord | None = None, detail: dict[str, Any] | None = None) -> MaintenanceRun:
+    """Record, audit and put on the least-loaded live proxy's queue one run of ``kind`` on
+    ``record`` (a copy's source, ``target`` its target); refused (409) when no proxy is up."""
+    proxy = maintenance_proxy(session)
+    if proxy is None:
+        raise MaintenanceRefused(409, "no proxy is up to run it: repository maintenance and copies run on a proxy "
+                                      "(proxies reach the repositories); start one with `vmkeep proxy`")
+    run = MaintenanceRun(repository_id=record.id, repository_name=record.name, kind=kind, params=params,
+                         requested_by=user, proxy=proxy.name, status=JobStatus.QUEUED.value,
+                         target_repository_id=target.id if target else None,
+                         target_repository_name=target.name if target else None)
+    session.add(run)
+    session.flush()
+    audit.record(session, request, user, f"repository-{kind}", record.name, run=run.id, proxy=proxy.name,
+                 **({"to": target.name} if target else {}), **(detail or {}))
     session.commit()  # before the task exists: a proxy that takes it at once must find its row
     try:
         run.task_id = await queue.configure_task(MAINTENANCE_TASK, queue=queue_name(proxy.name)).defer_async(
@@ -125,7 +153,7 @@ async def start_maintenance(session: Session, queue: procrastinate.App, request:
         session.commit()
         raise MaintenanceRefused(503, f"{run.error}; try again") from exc
     session.commit()
-    log.info("%s of repository %s queued on proxy %s (run %d, by %s)", kind, repository, proxy.name, run.id, user)
+    log.info("%s of repository %s queued on proxy %s (run %d, by %s)", kind, record.name, proxy.name, run.id, user)
     return run
 
 
@@ -174,7 +202,8 @@ def latest_runs(session: Session, repository_ids: list[int]) -> dict[int, Latest
 
 def run_out(run: MaintenanceRun) -> dict[str, Any]:
     """A run as the API shows it."""
-    return {"id": run.id, "repository": run.repository_name, "kind": run.kind, "requested_by": run.requested_by,
+    return {"id": run.id, "repository": run.repository_name, "target": run.target_repository_name,
+            "kind": run.kind, "requested_by": run.requested_by,
             "proxy": run.proxy, "status": run.status, "attempts": run.attempts, "params": run.params,
             "progress_bytes": run.progress_bytes, "total_bytes": run.total_bytes, "result": run.result,
             "error": run.error, "created": _at(run.created), "started": _at(run.started),

@@ -8,6 +8,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import (
+    CopyTarget,
     Hypervisor,
     Job,
     JobVM,
@@ -238,8 +239,8 @@ async def rebuild_repository(name: str, request: Request, user: User = Depends(r
 
 
 def _repository_users(session: Session, r: RepositoryRecord) -> list[str]:
-    """What keeps ``r`` in the catalog: the policies that back up into it, their runs still going,
-    the restores from it and its maintenance runs under way."""
+    """What keeps ``r`` in the catalog: the policies that back up or copy into it, their runs still
+    going, the restores from it and its maintenance runs (copies into it too) under way."""
     policies = list(session.scalars(select(Policy.name).where(Policy.repository_id == r.id).order_by(Policy.name)))
     runs = list(session.scalars(select(Job.id).join(Policy).where(Policy.repository_id == r.id,
                                                                   Job.finished.is_(None)).order_by(Job.id)))
@@ -248,7 +249,14 @@ def _repository_users(session: Session, r: RepositoryRecord) -> list[str]:
     upkeep = list(session.scalars(select(MaintenanceRun.id).where(MaintenanceRun.repository_id == r.id,
                                                                   MaintenanceRun.status.in_(ACTIVE))
                                   .order_by(MaintenanceRun.id)))
+    copying = list(session.scalars(select(Policy.name).join(CopyTarget, CopyTarget.policy_id == Policy.id)
+                                   .where(CopyTarget.repository_id == r.id).order_by(Policy.name)))
+    upkeep += list(session.scalars(select(MaintenanceRun.id).where(MaintenanceRun.target_repository_id == r.id,
+                                                                   MaintenanceRun.status.in_(ACTIVE))
+                                   .order_by(MaintenanceRun.id)))
     reasons = []
+    if copying:
+        reasons.append(f"policies {', '.join(copying)} copy into it (remove it from their copy targets)")
     if upkeep:
         reasons.append(f"maintenance runs {', '.join(map(str, upkeep))} are under way (wait for them to end)")
     if runs:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Job, JobVM, JobVMLog, Policy, RepositoryRecord, User
+from vmkeep.catalog.models import AFTER_BACKUP, CopyTarget, Job, JobVM, JobVMLog, Policy, RepositoryRecord, User
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisors.base import parse_transports
 from vmkeep.jobs.settle import settle_job
@@ -30,6 +30,20 @@ JobId = Annotated[int, FastPath(ge=1, le=2**31 - 1)]
 # a negative count would keep nothing, so every point would be deleted
 Retention = dict[Literal["last", "hourly", "daily", "weekly", "monthly", "yearly"],
                  Annotated[int, Field(ge=0, strict=True)]]
+
+
+class CopyTargetIn(BaseModel):
+    repository: str = Field(max_length=200, description="a registered repository other than the policy's")
+    when: str = Field(default=AFTER_BACKUP, min_length=1, max_length=100,
+                      description="after-backup: each run's new points, right after its backups; or a cron "
+                                  "schedule (every point of the policy's VMs the target lacks)")
+    retention: Retention = Field(default_factory=dict, description="the target's own, as a policy's: counts 0 "
+                                                                   "or more, e.g. {\"last\": 30, \"monthly\": 12}")
+
+
+class CopyTargetOut(CopyTargetIn):
+    retention: dict[str, int]  # type: ignore[assignment]
+    next_run: datetime | None
 
 
 class PolicyIn(BaseModel):
@@ -57,10 +71,14 @@ class PolicyIn(BaseModel):
                                                          "the VM's host) and wait for its heartbeat")
     notify_webhook: str | None = Field(default=None, pattern=r"^https?://", max_length=2000)
     notify_email: list[str] = Field(default_factory=list, max_length=50)
+    copy_targets: list[CopyTargetIn] | None = Field(
+        default=None, max_length=20, description="other repositories the policy's points are copied to, each with "
+                                                 "its schedule and retention; none: unchanged (a new policy: none)")
 
 
 class PolicyOut(PolicyIn):
     retention: dict[str, int]  # type: ignore[assignment]  # as stored: one saved before the checks still lists
+    copy_targets: list[CopyTargetOut]  # type: ignore[assignment]
     next_run: datetime | None
     created: datetime
 
@@ -107,7 +125,9 @@ def _policy_out(p: Policy) -> PolicyOut:
                      nbd_tls=p.nbd_tls, max_per_host=p.max_per_host, max_per_datastore=p.max_per_datastore,
                      max_per_proxy=p.max_per_proxy, verify_after=p.verify_after, verify_boot=p.verify_boot,
                      created=p.created,
-                     notify_webhook=p.notify_webhook, notify_email=p.notify_email or [], next_run=p.next_run)
+                     notify_webhook=p.notify_webhook, notify_email=p.notify_email or [], next_run=p.next_run,
+                     copy_targets=[CopyTargetOut(repository=t.repository.name, when=t.schedule, retention=t.retention,
+                                                 next_run=t.next_run) for t in p.copy_targets])
 
 
 def _job_out(job: Job) -> JobOut:
@@ -153,6 +173,7 @@ def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: Endpoint
         raise PolicyRefused(exc.status_code, str(exc.detail), "notify_webhook") from None
     if any("@" not in a for a in body.notify_email):
         raise PolicyRefused(400, "notify_email holds addresses like ops@example.com", "notify_email")
+    targets = None if body.copy_targets is None else _copy_targets(session, body.copy_targets, repo)
     if body.schedule != policy.schedule or policy.next_run is None:
         policy.next_run = first_run
     policy.name, policy.repository_id, policy.schedule, policy.retention = (body.name, repo.id, body.schedule,
@@ -165,6 +186,55 @@ def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: Endpoint
     policy.verify_boot, policy.nbd_tls = body.verify_boot, body.nbd_tls
     policy.selection = {"vms": body.vms, "globs": body.globs, "hypervisor": body.hypervisor, "hosts": body.hosts,
                         "tags": body.tags, "folders": body.folders}
+    if targets is not None:
+        _set_copy_targets(policy, targets)
+
+
+def _copy_targets(session: Session, targets: list[CopyTargetIn],
+                  own: RepositoryRecord) -> list[tuple[RepositoryRecord, CopyTargetIn]]:
+    """Each copy target's repository, checked with its schedule and retention; 422 naming the
+    target that does not hold (nothing is changed)."""
+    found: list[tuple[RepositoryRecord, CopyTargetIn]] = []
+    for t in targets:
+        record = session.scalar(select(RepositoryRecord).where(RepositoryRecord.name == t.repository))
+        if record is None:
+            raise PolicyRefused(422, f"copy target {t.repository}: no repository {t.repository}; register it first "
+                                     "(POST /api/repositories), then name it as a copy target", "copy_targets")
+        if record.id == own.id:
+            raise PolicyRefused(422, f"copy target {t.repository} is the policy's own repository: a copy goes to "
+                                     "another repository", "copy_targets")
+        if any(r.id == record.id for r, _ in found):
+            raise PolicyRefused(422, f"copy target {t.repository} is named twice: give each repository once",
+                                "copy_targets")
+        try:
+            RetentionPolicy.from_counts({str(k): v for k, v in t.retention.items()})
+            if t.when != AFTER_BACKUP:
+                next_run(t.when, datetime.now(UTC))
+        except VmkeepError as exc:
+            raise PolicyRefused(422, f"copy target {t.repository}: when is {AFTER_BACKUP!r} or a cron schedule, "
+                                     f"and a retention of counts: {exc}", "copy_targets") from None
+        found.append((record, t))
+    return found
+
+
+def _set_copy_targets(policy: Policy, targets: list[tuple[RepositoryRecord, CopyTargetIn]]) -> None:
+    """The policy's copy targets as given: a target kept keeps its next run unless its schedule changed."""
+    existing = {t.repository_id: t for t in policy.copy_targets}
+    kept = []
+    for record, t in targets:
+        row = existing.get(record.id) or CopyTarget(repository_id=record.id, repository=record, next_run=None)
+        if row.schedule != t.when or (row.next_run is None and t.when != AFTER_BACKUP):
+            row.next_run = None if t.when == AFTER_BACKUP else next_run(t.when, datetime.now(UTC))
+        row.schedule, row.retention = t.when, {str(k): v for k, v in t.retention.items()}
+        kept.append(row)
+    policy.copy_targets = kept
+
+
+def _targets_detail(body: PolicyIn) -> dict[str, Any]:
+    """The copy targets a change sets, for its audit entry."""
+    if body.copy_targets is None:
+        return {}
+    return {"copy_targets": [{"repository": t.repository, "when": t.when} for t in body.copy_targets]}
 
 
 def _policy_named(session: Session, name: str) -> Policy:
@@ -183,7 +253,7 @@ def create_policy_as(session: Session, request: Request, user: str, body: Policy
     policy = Policy(next_run=None)
     _apply(session, policy, body, request.app.state.endpoints)
     session.add(policy)
-    audit.record(session, request, user, "policy-create", body.name)
+    audit.record(session, request, user, "policy-create", body.name, **_targets_detail(body))
     session.commit()
     session.refresh(policy)
     return policy
@@ -195,7 +265,7 @@ def change_policy_as(session: Session, request: Request, user: str, name: str, b
         raise PolicyRefused(400, f"the body names policy {body.name}, the path {name}: a policy keeps its name",
                             "name")
     _apply(session, policy, body, request.app.state.endpoints)
-    audit.record(session, request, user, "policy-change", name)
+    audit.record(session, request, user, "policy-change", name, **_targets_detail(body))
     session.commit()
     session.refresh(policy)
     return policy

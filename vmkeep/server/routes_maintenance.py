@@ -1,5 +1,5 @@
-"""Repository maintenance through the API: start a verify, prune (dry run by default), GC or usage
-measurement on a proxy, and follow the runs (vmkeep.server.maintenance)."""
+"""Repository maintenance through the API: start a verify, prune (dry run by default), GC, usage
+measurement or backup copy on a proxy, and follow the runs (vmkeep.server.maintenance, copies)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import MaintenanceRun, User
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
+from vmkeep.server.copies import start_copy
 from vmkeep.server.maintenance import MaintenanceRefused, confirm_prune, run_out, start_maintenance
 
 router = APIRouter(prefix="/api")
@@ -21,6 +22,7 @@ router = APIRouter(prefix="/api")
 class MaintenanceOut(BaseModel):
     id: int
     repository: str
+    target: str | None = Field(None, description="a copy's target repository (the source is repository)")
     kind: str
     requested_by: str
     proxy: str | None
@@ -41,6 +43,14 @@ class PruneIn(BaseModel):
                                             "that frees")
     confirm: int | None = Field(None, ge=1, description="a finished dry run's id: remove exactly what it listed "
                                                         "(still removed by the retention now)")
+
+
+class CopyIn(BaseModel):
+    target: str = Field(max_length=200, description="the registered repository the points are copied into")
+    names: str | None = Field(None, max_length=200, description="a glob over point names (all by default)")
+    point: str | None = Field(None, max_length=64, description="one point: its id or a unique id prefix")
+    latest: int | None = Field(None, ge=1, le=100_000, description="the newest N points per name")
+    verify: bool = Field(False, description="re-read and decode every chunk the copy wrote or used in the target")
 
 
 def _started(run: MaintenanceRun) -> MaintenanceOut:
@@ -91,6 +101,21 @@ async def prune_repository(name: str, request: Request, body: PruneIn | None = N
             raise HTTPException(refused.status, str(refused)) from None
         return _started(run)
     return await _start(request, session, user, name, "prune", {"dry_run": body.dry_run})
+
+
+@router.post("/repositories/{name}/copy", response_model=MaintenanceOut, status_code=202, tags=["repositories"])
+async def copy_repository(name: str, body: CopyIn, request: Request,
+                          user: User = Depends(require(*CHANGE_INVENTORY)),
+                          session: Session = Depends(get_session)) -> MaintenanceOut:
+    """Copy restore points of this repository into another, on a proxy: only what the target lacks
+    travels; the copies join the catalog (GET /api/points lists where each point exists). Follow
+    it at GET /api/maintenance/{id}."""
+    try:
+        return _started(await start_copy(session, request.app.state.queue, request, user.name, name, body.target,
+                                         names=body.names, point=body.point, latest=body.latest,
+                                         verify=body.verify))
+    except MaintenanceRefused as refused:
+        raise HTTPException(refused.status, str(refused)) from None
 
 
 @router.get("/maintenance", response_model=list[MaintenanceOut], tags=["repositories"])

@@ -16,11 +16,13 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.models import (
     Hypervisor,
     Proxy,
+    RepositoryRecord,
     RestoreJob,
     RestorePointRecord,
     User,
     VirtualMachine,
 )
+from vmkeep.catalog.queries import held_earlier
 from vmkeep.hypervisors.connect import restores_need_the_host
 from vmkeep.jobs.status import ACTIVE, INSTANT, JobStatus
 from vmkeep.server import audit
@@ -38,6 +40,10 @@ PLACE_NAME = r"^[^\x00-\x1f\x7f]+$"  # a hypervisor's own names (vSphere's hold 
 class RestoreIn(BaseModel):
     vm: str = Field(pattern=NAME)
     point: str | None = Field(default=None, max_length=64, description="a point id or unique prefix; latest if none")
+    repository: str | None = Field(default=None, max_length=200,
+                                   description="read the point from this repository only (one of its copies, say); "
+                                               "none: from the repository that holds it first, else from a "
+                                               "healthy copy (GET /api/points lists where each point exists)")
     hypervisor: str = Field(max_length=200, description="where the VM is defined, or the file written")
     mode: Literal["as-new", "overwrite", "disk-file", "instant"] | None = Field(
         default=None, description="as-new (as_name), overwrite, disk-file (disk, file, storage: one disk to a "
@@ -81,6 +87,8 @@ class RestoreOut(BaseModel):
     folder: str | None
     hypervisor: str
     repository: str
+    restored_from: str | None = Field(None, description="the repository the proxy read the point from: "
+                                                        "repository's, or a copy's when that failed to open")
     proxy: str | None
     status: str
     attempts: int
@@ -97,7 +105,8 @@ def _out(r: RestoreJob) -> RestoreOut:
     return RestoreOut(id=r.id, requested_by=r.requested_by, vm=r.vm_name, point=r.point_id, mode=r.mode, step=r.step,
                       new_name=r.new_name, disk=r.disk, format=r.format, storage=r.storage,
                       network=r.network, host=r.host, folder=r.folder,
-                      hypervisor=r.hypervisor_name, repository=r.repository_name, proxy=r.proxy,
+                      hypervisor=r.hypervisor_name, repository=r.repository_name,
+                      restored_from=r.source_repository, proxy=r.proxy,
                       status=r.status, attempts=r.attempts, progress_bytes=r.progress_bytes,
                       total_bytes=r.total_bytes, warnings=r.warnings, error=r.error, disks=r.disks,
                       created=r.created, finished=r.finished)
@@ -165,13 +174,15 @@ async def begin_restore(session: Session, request: Request, user: User, body: Re
                      storage=body.storage if mode != "overwrite" else None,
                      disk=body.disk if disk_file else None, format=body.format if disk_file else None,
                      start_vm=mode == "instant" or (body.start and mode == "as-new"), proxy=proxy.name,
-                     step="start" if mode == "instant" else None, status=JobStatus.QUEUED)
+                     step="start" if mode == "instant" else None, status=JobStatus.QUEUED,
+                     use_copies=body.repository is None)
     job.network, job.host, job.folder = body.network, body.host, body.folder
     session.add(job)
     details = ({"disk": body.disk, "file": f"{body.storage}/{body.file}", "format": body.format} if disk_file
                else {"as_name": body.as_name, "overwrite": mode == "overwrite",
                      **{f: getattr(body, f) for f in placed}})
-    audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id, mode=mode, **details)
+    audit.record(session, request, user.name, "restore-start", body.vm, point=point.point_id, mode=mode,
+                 repository=point.repository.name, **details)
     session.commit()
     job.task_id = await defer_restore(request.app.state.queue, proxy, job)
     session.commit()
@@ -193,11 +204,20 @@ def _check_file_fields(body: RestoreIn) -> None:
 
 def _point(session: Session, body: RestoreIn, mode: str) -> RestorePointRecord:
     """The catalog's point the restore asks for; a whole-VM restore needs a VM's point, a disk-file
-    restore a disk that point has."""
+    restore a disk that point has. Of a point with copies, the row of the repository asked for, else
+    the one cataloged first (the proxy falls back on the copies when it cannot read that one)."""
     query = select(RestorePointRecord).where(RestorePointRecord.name == body.vm)
+    if body.repository is not None:
+        query = query.join(RepositoryRecord).where(RepositoryRecord.name == body.repository)
+    else:
+        query = query.where(~held_earlier())
     if body.point:
         query = query.where(RestorePointRecord.point_id.startswith(body.point, autoescape=True))
     points = list(session.scalars(query.order_by(RestorePointRecord.created.desc()).limit(2)))
+    if not points and body.repository is not None:
+        raise RestoreRefused(404, f"repository {body.repository} holds no restore point of {body.vm} matching "
+                                  f"{body.point or 'latest'} (GET /api/points?vm={body.vm} lists where each is)",
+                             "repository")
     if not points or (body.point and len(points) > 1 and points[0].point_id != body.point):
         raise RestoreRefused(404, f"no single restore point of {body.vm} matches {body.point or 'latest'}", "point")
     point = points[0]

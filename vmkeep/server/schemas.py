@@ -155,7 +155,8 @@ class PointOut(BaseModel):
     stored_bytes: int | None
     duration_seconds: float | None
     disks: dict[str, Any]
-    repository: str
+    repository: str  # the one that held it first (its backup's)
+    repositories: list[str]  # every repository holding it: the original and its copies
 
 
 class AuditVerifyOut(BaseModel):

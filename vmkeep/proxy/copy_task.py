@@ -1,0 +1,84 @@
+"""A backup copy run on a proxy: the points the master chose, from the run's repository (opened
+read-only) into its target (vmkeep.engine.copy), then the target's own retention.
+
+The copied points' catalog rows for the target are written in the session of the run's outcome,
+so the catalog lists a copy exactly when its run succeeded; points the target already had are
+(re)cataloged too (a copy made outside the server shows up). Which points: ``params["points"]``
+("name@point_id", a policy's new or missing points, chosen by the master from the catalog), or
+``names`` (a glob) with ``point`` or ``latest`` as ``vmkeep copy`` takes them. ``retention``
+(counts per name, the master's plan for the target) prunes the target afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.rebuild import upsert_points
+from vmkeep.engine.copy import choose_points, copy_points
+from vmkeep.jobs.registered import open_registered
+from vmkeep.progress import Progress
+from vmkeep.proxy.retention import prune_points
+from vmkeep.proxy.work import MaintenanceOrder
+from vmkeep.repository.points import Manifest
+from vmkeep.repository.repo import Repository
+
+log = logging.getLogger(__name__)
+
+
+class CopyFailed(Exception):
+    """A copy that could not be done, with what to do about it."""
+
+
+def copy_run(session: Session, source: Repository, order: MaintenanceOrder, progress: Progress) -> dict[str, Any]:
+    """Copy, catalog and prune as the order says; the run's result (the engine's report, the
+    points asked for that the source no longer has, the target's prune)."""
+    target_order = order.target
+    if target_order is None:
+        raise CopyFailed(f"the copy's target repository was removed from the catalog before the run started: "
+                         f"register it again, or start a copy of {order.repository.name} to another one")
+    try:
+        target = open_registered(target_order)
+    except Exception as exc:
+        raise CopyFailed(f"cannot open the copy's target repository {target_order.name} at "
+                         f"{target_order.location}: {exc}; make it reachable from this proxy (or fix its "
+                         "registration), then start the copy again: only what it lacks travels") from exc
+    try:
+        points, missing = chosen(source, order.params)
+        log.info("copying %d points of %s to %s", len(points), order.repository.name, target_order.name)
+        try:
+            report = copy_points(source, target, points, verify=bool(order.params.get("verify")), progress=progress)
+        except Exception as exc:
+            raise CopyFailed(f"copying from {order.repository.name} to {target_order.name} failed: {exc} (points "
+                             "copied before this stay; running the copy again sends only what the target "
+                             "lacks)") from exc
+        if points:
+            upsert_points(session, target_order.id, points)
+        result: dict[str, Any] = {**report.as_dict(), "missing": missing}
+        retention = order.params.get("retention")
+        if retention:
+            prune_order = MaintenanceOrder("prune", {"dry_run": False, "retention": retention}, target_order)
+            result["prune"] = prune_points(session, target, prune_order)
+        log.info("copy to %s: %d copied, %d present, %d bytes sent (%s)", target_order.name,
+                 len(report.points_copied), len(report.points_present), report.bytes_sent, report.mode)
+        return result
+    finally:
+        target.close()
+
+
+def chosen(source: Repository, params: dict[str, Any]) -> tuple[list[Manifest], list[str]]:
+    """The source's manifests the run asks for, oldest first, and the "name@point_id" asked for by
+    name that the source no longer has (pruned since the master chose them: nothing to copy)."""
+    wanted: list[str] | None = params.get("points")
+    if wanted is None:
+        return choose_points(source, names=params.get("names"), point=params.get("point"),
+                             latest=params.get("latest")), []
+    by_name: dict[str, set[str]] = {}
+    for key in wanted:
+        name, _, point_id = key.partition("@")
+        by_name.setdefault(name, set()).add(point_id)
+    found = [m for name in sorted(by_name) for m in source.list_points(name) if m.point_id in by_name[name]]
+    have = {f"{m.name}@{m.point_id}" for m in found}
+    return sorted(found, key=lambda m: m.created), [k for k in wanted if k not in have]
