@@ -22,6 +22,7 @@ from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
 
 REMOTE_URI = f"qemu+tls://{PROXY_NETWORK_GATEWAY}/system"
 LOCAL_URI = bare_vm.URI
+NS = "https://vmkeep.dev/xmlns/replica/1"  # where a replica keeps its record in its domain metadata
 SLOT = 4 * MiB  # the repository's chunk size: what a replica update writes per changed slot
 
 
@@ -165,4 +166,16 @@ def test_local_replica_and_refusals(lab: Lab, tmp_path: Path) -> None:
     lab.backup()
     second = lab.cli.json("replicate", vm.name, "--to", LOCAL_URI, "--repo", lab.repo, "--name", local)
     assert second["mode"] == "incremental" and second["bytes_written"] == 2 * SLOT and second["extents"] == 2
+    assert qemu_img_compare(at, disk)
+
+    # an update that died half-way (its metadata says so, one slot holds garbage): the next run
+    # reads the disk back and rewrites that slot alone
+    with disk.open("r+b") as f:
+        f.seek(3 * SLOT + 5000)
+        f.write(b"half-written" * 1000)
+    record = bare_vm.virsh("metadata", local, NS, "--config").strip()
+    bare_vm.virsh("metadata", local, NS, "--config", "--key", "vmkeep-replica", "--set",
+                  record.replace('state="standby"', 'state="updating"'))
+    third = lab.cli.json("replicate", vm.name, "--to", LOCAL_URI, "--repo", lab.repo, "--name", local)
+    assert third["mode"] == "compare" and third["bytes_written"] == SLOT and third["bytes_read_back"] > 0, third
     assert qemu_img_compare(at, disk)

@@ -182,7 +182,7 @@ def failover(connector: Connector, vm: str, *, name: str | None = None, network:
         raise UsageError(f"the replica {info.name} is incomplete (an update of it was interrupted): run vmkeep "
                          "replicate again first")
     previous = info.state
-    replicas.mark(info.name, state="failed-over")
+    marked = replicas.mark(info.name, state="failed-over")  # first: a replica that ran is never taken as standby
     try:
         replicas.start(info.name, network=network)
     except BaseException:
@@ -190,7 +190,8 @@ def failover(connector: Connector, vm: str, *, name: str | None = None, network:
         raise
     log.info("failed over %s to its replica %s on %s (point %s)", vm, info.name, connector.uri, info.point,
              extra={"vm": vm})
-    return replicas.mark(info.name, state="failed-over")
+    marked.running = True
+    return marked
 
 
 def _existing(replicas: Replicas, vm: str, name: str | None, connector: Connector) -> ReplicaInfo:
