@@ -93,8 +93,12 @@ def copy_cmd(
     there are skipped, a point appears there only once complete, and an interrupted copy resumes."""
     credentials = Credentials.from_env(passphrase_file, key_file)
     src = open_read_only(source, credentials, s3_endpoint, s3_profile)
-    dst = open_target(target, source, target_passphrase_file, target_key_file, credentials,
-                      target_s3_endpoint or s3_endpoint, target_s3_profile)
+    try:
+        dst = open_target(target, source, target_passphrase_file, target_key_file, credentials,
+                          target_s3_endpoint or s3_endpoint, target_s3_profile)
+    except BaseException:
+        src.close()
+        raise
     try:
         points = choose_points(src, names=name, point=point, latest=latest)
         report = copy_points(src, dst, points, workers=workers, max_rate=max_rate, verify=verify,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 
 from vmkeep.engine.throttle import Throttle
 from vmkeep.engine.vm import config_context
-from vmkeep.errors import BackendError, ObjectCorrupt, ObjectMissing, PointNotFound, UsageError
+from vmkeep.errors import BackendError, ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
 from vmkeep.pipeline import bounded_map
 from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.chunks import check_stored
@@ -118,6 +118,17 @@ class _Base:
         log.debug("copy of %s dedups against %s@%s in %s (%d chunks)", name, name, newest.point_id,
                   target.backend.url, len(self.ids))
 
+    @classmethod
+    def of(cls, source: Repository, target: Repository, name: str, present: set[str]) -> _Base:
+        """The base, or none when it cannot be read: it only spares requests, so a damaged or
+        vanished base point costs a touch per chunk, not the copy."""
+        try:
+            return cls(source, target, name, present)
+        except RepositoryError as exc:
+            log.warning("copying %s into %s without skipping its newest point's chunks: %s", name,
+                        target.backend.url, exc)
+            return cls(source, target, name, set())
+
     @property
     def protects(self) -> list[str]:
         return [e.index_key for e in self.point.disks.values()] if self.point else []
@@ -149,8 +160,11 @@ class _PointCopy:
     def chunk(self, item: tuple[bytes, int]) -> _Moved:
         """Runs in a worker: source chunk ``item`` (id, plaintext size) made present in the target."""
         cid, size = item
-        known = self.known.get(cid) or self.base.ids.get(cid)
+        if cid in self.known:
+            return _Moved(self.known[cid], 0, 0)
+        known = self.base.ids.get(cid)
         if known is not None:
+            self.target.backend.retain(chunk_key(known))  # an immutable copy keeps it as long as this point
             return _Moved(known, 0, 0)
         if self.mode == RAW:
             if self.target.backend.touch(chunk_key(cid)):
@@ -169,7 +183,7 @@ class _PointCopy:
 
     def disk(self, manifest: Manifest, disk: str, entry: DiskEntry) -> DiskEntry:
         """Copy one disk's chunks, then its index; the entry for the target's manifest."""
-        index = self.source.load_index(manifest, disk)
+        index, stored_index = self.source.load_index_data(manifest, disk)
         items = {cid: index.slot_length(slot) for slot, cid in index.nonzero()}
         task = self.progress.task(f"copy {manifest.name}@{manifest.point_id} {disk}", sum(items.values()))
 
@@ -186,7 +200,7 @@ class _PointCopy:
         finally:
             task.finish()
         if self.mode == RAW:
-            self.target.backend.put(entry.index_key, self.source.backend.get(entry.index_key))  # MAC checked above
+            self.target.backend.put(entry.index_key, stored_index)
             return entry
         out = DiskIndex.empty(index.size, index.chunk_size)
         for slot, cid in index.nonzero():
@@ -237,7 +251,7 @@ def copy_points(source: Repository, target: Repository, points: Iterable[Manifes
         if manifest.point_id in present[manifest.name]:
             report.points_present.append(label)
             continue
-        base = _Base(source, target, manifest.name, present[manifest.name])
+        base = _Base.of(source, target, manifest.name, present[manifest.name])
         try:
             with WriterSession(target.backend, protects=base.protects):
                 base.check_kept(target)

@@ -259,6 +259,11 @@ class Repository:
         return matches[0]
 
     def load_index(self, manifest: Manifest, disk: str) -> DiskIndex:
+        return self.load_index_data(manifest, disk)[0]
+
+    def load_index_data(self, manifest: Manifest, disk: str) -> tuple[DiskIndex, bytes]:
+        """The index of ``disk`` in ``manifest`` and its bytes as stored, once its MAC is checked
+        (a copy between repositories sharing keys stores those same bytes)."""
         entry = manifest.disks.get(disk)
         if entry is None:
             raise PointNotFound(
@@ -275,7 +280,7 @@ class Repository:
         index = DiskIndex.decode(data, what)
         if index.size != entry.size or index.chunk_size != manifest.chunk_size:
             raise ObjectCorrupt(f"{what} does not match its manifest")
-        return index
+        return index, data
 
     def write_index(self, key: str, index: DiskIndex) -> str:
         """Store an index object and return its MAC for the manifest."""

@@ -79,6 +79,11 @@ class Backend(ABC):
     def touch(self, key: str) -> bool:
         """Set the object's mtime to now (it is in use); False when it does not exist."""
 
+    def retain(self, key: str) -> None:
+        """Keep ``key`` under retention for :attr:`immutable_days` from now: a new restore point
+        refers to it, so it must stay as long as that point's own objects. Nothing to do where
+        nothing is locked."""
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove an object; absent objects are not an error."""

@@ -134,9 +134,7 @@ class S3Backend(Backend):
         kwargs: dict[str, Any] = {"Key": self._key(key), "Body": body}
         if if_absent:
             kwargs["IfNoneMatch"] = "*"
-        if self.immutable_days and key.startswith(LOCKED_PREFIXES):
-            kwargs["ObjectLockMode"] = "COMPLIANCE"
-            kwargs["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.immutable_days)
+        kwargs.update(self._lock(key))
         try:
             self._call(f"writing {key}", self.client.put_object, **kwargs)
         except ClientError as exc:
@@ -186,18 +184,35 @@ class S3Backend(Backend):
             return None
         return ObjectInfo(key, int(head["ContentLength"]), head["LastModified"].timestamp())
 
+    def _lock(self, key: str) -> dict[str, Any]:
+        """The Object Lock arguments of a write of ``key`` (none unless the repository is immutable)."""
+        if not self.immutable_days or not key.startswith(LOCKED_PREFIXES):
+            return {}
+        return {"ObjectLockMode": "COMPLIANCE",
+                "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=self.immutable_days)}
+
     def touch(self, key: str) -> bool:
+        """The copy onto itself is a new version on an immutable repository: it gets the full
+        retention, as a fresh write would."""
         try:
             self._call(
                 f"refreshing {key}", self.client.copy_object, Key=self._key(key),
                 CopySource={"Bucket": self.bucket, "Key": self._key(key)},
-                MetadataDirective="REPLACE", Metadata={"vmkeep-touched": str(time.time())},
+                MetadataDirective="REPLACE", Metadata={"vmkeep-touched": str(time.time())}, **self._lock(key),
             )
             return True
         except ClientError as exc:
             if _code(exc) not in _MISSING:
                 log.warning("S3 cannot refresh %s (%s): taken as missing", key, _code(exc))
             return False
+
+    def retain(self, key: str) -> None:
+        """Extend the current version's COMPLIANCE retention to the full term from now (S3 allows
+        extending, never shortening, it)."""
+        lock = self._lock(key)
+        if lock:
+            self._call(f"extending the retention of {key}", self.client.put_object_retention, Key=self._key(key),
+                       Retention={"Mode": "COMPLIANCE", "RetainUntilDate": lock["ObjectLockRetainUntilDate"]})
 
     def delete(self, key: str) -> None:
         """Remove an object; on an immutable repository every version whose retention has ended."""
