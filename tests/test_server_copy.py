@@ -1,6 +1,7 @@
 """Backup copies through the server, with a real proxy and a bare VM: a policy copies each run's
 new point into a second repository right after its backups, the target's own retention prunes
-only the target, a copy starts on demand, the catalog lists where each point exists, and once
+only the target, a cron target copies what the target lacks when due, a copy starts on demand
+(the client command), the catalog and the console list where each point exists, and once
 the policy's repository is deleted from the disk a restore through the server reads the copy,
 bit for bit. A copy target naming an unknown repository is refused and changes nothing.
 
@@ -12,17 +13,20 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests import bare_vm
 from tests.bare_vm import BareVM
-from tests.conftest import MiB, fresh_cli, qemu_img_compare
+from tests.conftest import Cli, MiB, fresh_cli, qemu_img_compare
+from tests.console_support import form_login
 from tests.test_scale_out import local_host_and_proxy, run_to_end, stop, wait_for
-from tests.test_server import Server
+from tests.test_server import ADMIN_PASSWORD, Server
 
 
 @dataclass
@@ -76,30 +80,51 @@ def where(api: httpx.Client, vm: str) -> dict[str, list[str]]:
     return {p["point_id"]: p["repositories"] for p in api.get("/api/points", params={"vm": vm}).json()}
 
 
-def test_a_copy_target_naming_an_unknown_repository_is_refused(console_api: httpx.Client, lab: Lab) -> None:
+def client_cli(master: Server) -> Cli:
+    """The command as a client of ``master``, logged in as the admin."""
+    cli = fresh_cli()
+    cli.env.update(VMKEEP_SERVER=master.url, VMKEEP_TOKEN=master.login("admin", ADMIN_PASSWORD))
+    return cli
+
+
+def console_page(master: Server, path: str) -> str:
+    """A console page as the admin sees it."""
+    console = form_login(master)
+    try:
+        reply = console.get(path)
+        assert reply.status_code == 200, reply.text
+        return reply.text
+    finally:
+        console.close()
+
+
+def test_a_copy_target_naming_an_unknown_repository_is_refused(console_master: Server, console_api: httpx.Client,
+                                                               lab: Lab) -> None:
     policy = {"name": "nightly", "repository": "main", "vms": [lab.vm.name], "transports": "hotadd"}
     refused = console_api.post("/api/policies", json={**policy, "copy_targets": [{"repository": "nowhere"}]})
     assert refused.status_code == 422 and "no repository nowhere" in refused.json()["detail"], refused.text
     assert console_api.get("/api/policies").json() == []
     own = console_api.post("/api/policies", json={**policy, "copy_targets": [{"repository": "main"}]})
     assert own.status_code == 422 and "own repository" in own.json()["detail"], own.text
-    created = console_api.post("/api/policies", json={**policy, "copy_targets": [
-        {"repository": "offsite", "retention": {"last": 1}}]})
-    assert created.status_code == 201, created.text
+    assert console_api.post("/api/policies", json=policy).status_code == 201
+    changed = client_cli(console_master).json("policy", "copy-to", "nightly", "offsite", "--keep-last", "1")
     before = console_api.get("/api/policies").json()
+    assert changed["copy_targets"] == before[0]["copy_targets"]
     assert before[0]["copy_targets"] == [{"repository": "offsite", "when": "after-backup", "retention": {"last": 1},
                                           "next_run": None}]
     for bad in ({"repository": "nowhere"}, {"repository": "offsite", "when": "every night"}):
         reply = console_api.put("/api/policies/nightly", json={**policy, "copy_targets": [bad]})
         assert reply.status_code == 422 and "copy target" in reply.json()["detail"], reply.text
     assert console_api.get("/api/policies").json() == before  # nothing changed
+    page = console_page(console_master, "/policies")
+    assert "copies to offsite (after each backup; last 1)" in page
     unknown = console_api.post("/api/repositories/main/copy", json={"target": "nowhere"})
     assert unknown.status_code == 404 and "nowhere" in unknown.json()["detail"]
     assert copies(console_api) == []
 
 
 def test_copies_after_backup_pruned_by_their_own_retention_and_restored_when_the_primary_is_gone(
-        console_api: httpx.Client, lab: Lab) -> None:
+        console_master: Server, console_api: httpx.Client, lab: Lab) -> None:
     vm = lab.vm.name
     first = run_to_end(console_api, "nightly", {vm: "queued"})[vm]["point_id"]
     run = copy_ended(console_api, 1)
@@ -119,12 +144,28 @@ def test_copies_after_backup_pruned_by_their_own_retention_and_restored_when_the
     assert sorted(p.stem for p in (lab.offsite / "points" / vm).glob("*.json")) == [second]
     assert len(list((lab.main / "points" / vm).glob("*.json"))) == 2
 
-    # on demand: the pruned point back into the target (only its own chunks travel)
-    started = console_api.post("/api/repositories/main/copy", json={"target": "offsite", "point": first[:-2]})
-    assert started.status_code == 202 and started.json()["status"] == "queued", started.text
+    # on a cron: what the target lacks (the pruned point) travels, then its retention prunes it again
+    changed = client_cli(console_master).json("policy", "copy-to", "nightly", "offsite", "--when", "0 3 * * *",
+                                              "--keep-last", "1")
+    assert changed["copy_targets"][0]["next_run"], changed
+    engine = create_engine(console_master.database)
+    with engine.begin() as conn:  # its time has come
+        conn.execute(text("UPDATE policy_copy_targets SET next_run = now() - interval '1 minute'"))
+    engine.dispose()
     run = copy_ended(console_api, 3)
+    assert run["result"]["points_copied"] == [f"{vm}@{first}"] and run["requested_by"] == "schedule", run
+    assert run["result"]["prune"]["names"][vm]["remove"] == [first], run
+    assert where(console_api, vm) == {second: ["main", "offsite"], first: ["main"]}
+    due = console_api.get("/api/policies").json()[0]["copy_targets"][0]["next_run"]
+    assert datetime.fromisoformat(due) > datetime.now(UTC), due  # its next time, set before the copy went
+
+    # on demand: the pruned point back into the target (only its own chunks travel)
+    run = client_cli(console_master).json("repository", "copy", "main", "offsite", "--point", first[:-2])
+    assert run == copy_ended(console_api, 4)
     assert run["result"]["points_copied"] == [f"{vm}@{first}"] and "prune" not in run["result"], run
     assert where(console_api, vm) == {second: ["main", "offsite"], first: ["main", "offsite"]}
+    page = console_page(console_master, f"/points/vm/{vm}")
+    assert page.count('data-label="Copies">offsite</td>') == 2
 
     # the policy's repository is lost entirely: the restore reads the copy
     shutil.rmtree(lab.main)

@@ -160,9 +160,10 @@ def server_points(ctx: typer.Context, name: str | None, json_out: bool) -> None:
     if not server_options(ctx)[0]:
         raise UsageError("give --repo REPO to list a repository's points, or --server URL for a server's catalog")
     show_list(ctx, "/api/points", "points", json_out,
-              ("VM", "point", "created", "mode", "transport", "stored", "repository"),
+              ("VM", "point", "created", "mode", "transport", "stored", "repositories"),
               lambda p: (p["name"], p["point_id"], p["created"][:19], p["mode"] or "", p["transport"] or "",
-                         human(p["stored_bytes"] or 0), p["repository"]), params={"vm": name})
+                         human(p["stored_bytes"] or 0), ", ".join(p.get("repositories") or [p["repository"]])),
+              params={"vm": name})
 
 
 def follow(api: ApiClient, path: str, run: dict[str, Any], label: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
@@ -199,6 +200,8 @@ def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: s
     if json_out:
         emit_json(job)
     elif job["status"] == "succeeded":
-        out_console.print(f"restored {vm}@{job['point']} → {job['new_name'] or vm} (by proxy {job['proxy']})")
+        copy = job.get("restored_from")
+        out_console.print(f"restored {vm}@{job['point']} → {job['new_name'] or vm} (by proxy {job['proxy']}"
+                          + (f", from the copy in {copy}" if copy and copy != job["repository"] else "") + ")")
     if job["status"] != "succeeded":
         raise VmkeepError(f"the restore failed on proxy {job['proxy']}: {job['error']}")

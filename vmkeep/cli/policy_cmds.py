@@ -11,6 +11,7 @@ from rich.live import Live
 from vmkeep.cli.client_cmds import client, job_table, show_list
 from vmkeep.cli.common import JsonOpt
 from vmkeep.cli.output import emit_json, out_console
+from vmkeep.client import ApiClient
 from vmkeep.errors import VmkeepError
 
 policy_app = typer.Typer(help="Backup policies on the server.", no_args_is_help=True)
@@ -98,10 +99,8 @@ def policy_update_cmd(
 
     Runs under way keep their VMs, the next run uses the new settings."""
     api = client(ctx)
-    current = next((p for p in api.call("GET", "/api/policies") if p["name"] == name), None)
-    if current is None:
-        raise VmkeepError(f"no policy {name} on {api.server}: see `vmkeep --server {api.server} policy list`")
-    body = _body(current, {"last": keep_last, "daily": keep_daily, "weekly": keep_weekly, "monthly": keep_monthly},
+    body = _body(_current(api, name), {"last": keep_last, "daily": keep_daily, "weekly": keep_weekly,
+                                       "monthly": keep_monthly},
                  repository=repository, vms=vms, globs=globs, hypervisor=hypervisor, schedule=schedule,
                  full_every=full_every, transports=transports, quiesce=quiesce, max_per_host=max_per_host,
                  max_per_datastore=max_per_datastore, max_per_proxy=max_per_proxy, verify_after=verify_after,
@@ -112,6 +111,44 @@ def policy_update_cmd(
     else:
         out_console.print(f"policy {name} updated" + (f", next run {changed['next_run']}" if changed["next_run"]
                                                        else ""))
+
+
+def _current(api: ApiClient, name: str) -> dict[str, Any]:
+    """The policy as the server has it."""
+    current = next((p for p in api.call("GET", "/api/policies") if p["name"] == name), None)
+    if current is None:
+        raise VmkeepError(f"no policy {name} on {api.server}: see `vmkeep --server {api.server} policy list`")
+    return dict(current)
+
+
+@policy_app.command("copy-to")
+def policy_copy_to_cmd(
+    ctx: typer.Context, name: Name,
+    repository: Annotated[str, typer.Argument(help="Registered repository the points are copied into")],
+    when: Annotated[str, typer.Option(help="after-backup (each run's new points) or a cron schedule, UTC")]
+    = "after-backup",
+    keep_last: Keep = None, keep_daily: Keep = None, keep_weekly: Keep = None, keep_monthly: Keep = None,
+    keep_yearly: Keep = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Stop copying there (the copies made stay)")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Copy the policy's points into another repository (after each run's backups, or on a cron),
+    kept there by their own retention (--keep-*; none: every copy is kept). Given again, it
+    replaces that target's settings."""
+    api = client(ctx)
+    current = _current(api, name)
+    targets = [{k: t[k] for k in ("repository", "when", "retention")} for t in current["copy_targets"]
+               if t["repository"] != repository]
+    if not remove:
+        keep = {"last": keep_last, "daily": keep_daily, "weekly": keep_weekly, "monthly": keep_monthly,
+                "yearly": keep_yearly}
+        targets.append({"repository": repository, "when": when, "retention": {k: v for k, v in keep.items() if v}})
+    changed = api.call("PUT", f"/api/policies/{name}", json={**_body(current, {}), "copy_targets": targets})
+    if json_out:
+        emit_json(changed)
+    else:
+        out_console.print(f"policy {name} copies to: " + (", ".join(
+            f"{t['repository']} ({t['when']})" for t in changed["copy_targets"]) or "nowhere"))
 
 
 @policy_app.command("run")
@@ -136,9 +173,11 @@ def policy_run_cmd(ctx: typer.Context, name: Name,
 @policy_app.command("list")
 def policy_list_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """The policies: what they back up, where, when they run next."""
-    show_list(ctx, "/api/policies", "policies", json_out, ("name", "repository", "VMs", "schedule", "next run", "keep"),
+    show_list(ctx, "/api/policies", "policies", json_out,
+              ("name", "repository", "VMs", "schedule", "next run", "keep", "copies to"),
               lambda p: (p["name"], p["repository"], ", ".join(p["vms"] + p["globs"]) or "all", p["schedule"] or "",
-                         (p["next_run"] or "")[:19], ", ".join(f"{k} {v}" for k, v in p["retention"].items())))
+                         (p["next_run"] or "")[:19], ", ".join(f"{k} {v}" for k, v in p["retention"].items()),
+                         ", ".join(t["repository"] for t in p.get("copy_targets", []))))
 
 
 @policy_app.command("delete")

@@ -147,3 +147,24 @@ def repository_gc_cmd(ctx: typer.Context, name: Name, json_out: JsonOpt = False)
         r = run["result"]
         out_console.print(f"run {run['id']}: freed {human(r['bytes_freed'])} in {r['chunks_deleted']} chunks "
                           f"({r['chunks_live']} live, {r['chunks_kept_recent']} kept for running backups)")
+
+
+@repository_app.command("copy")
+def repository_copy_cmd(
+    ctx: typer.Context, name: Name,
+    target: Annotated[str, typer.Argument(help="The registered repository to copy into")],
+    names: Annotated[str | None, typer.Option("--name", help="Only points whose name matches this glob")] = None,
+    point: Annotated[str | None, typer.Option(help="Only this point (id or unique id prefix)")] = None,
+    latest: Annotated[int | None, typer.Option(min=1, help="Only the newest N points of each name")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read what the copy wrote in the target")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Have a proxy copy restore points of this repository into another; only what the target lacks
+    travels, and the catalog lists the copies (`vmkeep --server URL points`)."""
+    run = _maintained(ctx, name, "copy", json_out, {"target": target, "names": names, "point": point,
+                                                    "latest": latest, "verify": verify})
+    if not json_out:
+        r = run["result"]
+        out_console.print(f"run {run['id']}: {len(r['points_copied'])} points copied into {target} "
+                          f"({human(r['bytes_sent'])} sent, {r['mode']}), {len(r['points_present'])} there already"
+                          + (f"; no longer in {name}: {', '.join(r['missing'])}" if r.get("missing") else ""))

@@ -21,7 +21,7 @@ from vmkeep.engine.copy import choose_points, copy_points
 from vmkeep.jobs.registered import open_registered
 from vmkeep.progress import Progress
 from vmkeep.proxy.retention import prune_points
-from vmkeep.proxy.work import MaintenanceOrder
+from vmkeep.proxy.work import MaintenanceOrder, RepositoryOrder
 from vmkeep.repository.points import Manifest
 from vmkeep.repository.repo import Repository
 
@@ -59,13 +59,27 @@ def copy_run(session: Session, source: Repository, order: MaintenanceOrder, prog
         result: dict[str, Any] = {**report.as_dict(), "missing": missing}
         retention = order.params.get("retention")
         if retention:
-            prune_order = MaintenanceOrder("prune", {"dry_run": False, "retention": retention}, target_order)
-            result["prune"] = prune_points(session, target, prune_order)
+            result.update(prune_target(session, target, target_order, retention))
         log.info("copy to %s: %d copied, %d present, %d bytes sent (%s)", target_order.name,
                  len(report.points_copied), len(report.points_present), report.bytes_sent, report.mode)
         return result
     finally:
         target.close()
+
+
+def prune_target(session: Session, target: Repository, record: RepositoryOrder,
+                 retention: dict[str, Any]) -> dict[str, Any]:
+    """The target's retention applied after the copy: ``{"prune": report}``, or ``{"prune_error":
+    what to do}`` when it fails (Object Lock refusing a deletion, say): the copy itself stands."""
+    try:
+        with session.begin_nested():  # its catalog deletions go back with it, the copied rows stay
+            return {"prune": prune_points(session, target, MaintenanceOrder(
+                "prune", {"dry_run": False, "retention": retention}, record))}
+    except Exception as exc:  # noqa: BLE001 - reported in the run's result; the copy succeeded
+        log.warning("prune of %s after the copy failed: %s", record.name, exc)
+        return {"prune_error": f"the copy succeeded, but pruning {record.name} by its retention failed: {exc}; "
+                               f"prune it later (POST /api/repositories/{record.name}/prune), then rebuild its "
+                               "catalog if points went"}
 
 
 def chosen(source: Repository, params: dict[str, Any]) -> tuple[list[Manifest], list[str]]:

@@ -114,7 +114,7 @@ async def policy_copy(session: Session, queue: procrastinate.App, target: CopyTa
     """Queue one policy copy with the target's retention plan; a copy that cannot start is
     recorded as a failed run saying why (1 when queued, else 0)."""
     policy, dst = target.policy, target.repository
-    plan, _ = retention_plan(session, dst)
+    plan, _ = retention_plan(session, dst, {p.partition("@")[0] for p in points})
     try:
         await start_copy(session, queue, None, SCHEDULER, policy.repository.name, dst.name, points=points,
                          retention=plan, detail={"policy": policy.name, "job": job})

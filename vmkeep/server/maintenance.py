@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -69,17 +70,19 @@ def maintenance_proxy(session: Session, exclude: set[str] | None = None) -> Prox
     return min(up, key=lambda p: (loads.get(p.name, 0), p.name)) if up else None
 
 
-def retention_plan(session: Session, record: RepositoryRecord) -> tuple[dict[str, dict[str, int]], list[str]]:
-    """Per name the catalog holds in ``record``, the retention its policies give it (merged): the
-    retention of the policies backing up into it and of the copy targets copying into it (each
-    target's own), and the names no such retention covers (left alone)."""
+def retention_plan(session: Session, record: RepositoryRecord,
+                   arriving: Iterable[str] = ()) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """Per name the catalog holds in ``record`` (and the names of points ``arriving``: a copy's),
+    the retention its policies give it (merged): the retention of the policies backing up into it
+    and of the copy targets copying into it (each target's own), and the names no such retention
+    covers (left alone)."""
     rules = [(p, p.retention) for p in session.scalars(select(Policy).where(Policy.repository_id == record.id)
                                                        .order_by(Policy.name))]
     rules += [(t.policy, t.retention) for t in session.scalars(
         select(CopyTarget).where(CopyTarget.repository_id == record.id).order_by(CopyTarget.id))]
     rules = [(p, counts) for p, counts in rules if counts and not RetentionPolicy.from_counts(counts).is_empty()]
-    names = list(session.scalars(select(RestorePointRecord.name).where(
-        RestorePointRecord.repository_id == record.id).distinct().order_by(RestorePointRecord.name)))
+    names = sorted(set(session.scalars(select(RestorePointRecord.name).where(
+        RestorePointRecord.repository_id == record.id).distinct())) | set(arriving))
     plan: dict[str, dict[str, int]] = {}
     for policy, counts in rules:
         for name in covered(session, policy, names):

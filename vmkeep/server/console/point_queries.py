@@ -7,7 +7,7 @@ shown name's count and newest point from ``ix_restore_points_name_created``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,12 +15,12 @@ from sqlalchemy import distinct, func, select, text
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.models import JobVM, NewestPoint, RepositoryRecord, RestoreJob, RestorePointRecord
-from vmkeep.catalog.queries import glob_to_like
+from vmkeep.catalog.queries import glob_to_like, held_earlier, point_repositories
 from vmkeep.server.console.paging import Paging
 
 # newest_points (kept by triggers, migration 0016) has a row per name and repository: the names,
 # their newest point and repositories come from its ~10,000 rows; only the page's names are counted
-# in restore_points (an index range each).
+# in restore_points (an index range each; a point and its copies in other repositories count once).
 NAMES = text("""
 WITH per_name AS (
     SELECT name, max(created) AS newest, count(*) AS repositories FROM newest_points
@@ -30,9 +30,9 @@ WITH per_name AS (
 )
 SELECT shown.name, shown.total, shown.newest, shown.repositories, s.points, latest.kind, r.name AS repository
 FROM shown
-CROSS JOIN LATERAL (SELECT count(*) AS points FROM restore_points WHERE name = shown.name) s
+CROSS JOIN LATERAL (SELECT count(DISTINCT point_id) AS points FROM restore_points WHERE name = shown.name) s
 CROSS JOIN LATERAL (SELECT kind, repository_id FROM restore_points WHERE name = shown.name
-                    ORDER BY created DESC LIMIT 1) latest
+                    ORDER BY created DESC, id LIMIT 1) latest
 JOIN repositories r ON r.id = latest.repository_id
 ORDER BY shown.name
 """)
@@ -58,6 +58,7 @@ class TimelinePoint:
     repository: str
     verified: bool | None  # None: not asked for, or made outside a policy run
     boot_check: dict[str, Any] | None
+    copies: list[str] = field(default_factory=list)  # the other repositories holding it (backup copies)
 
     @property
     def booted(self) -> bool | None:
@@ -77,18 +78,22 @@ def names_with_points(session: Session, search: str, paging: Paging) -> list[Nam
 
 
 def timeline(session: Session, name: str, paging: Paging) -> list[TimelinePoint]:
-    """One page of a name's points, newest first, each with its backup's verify and boot check."""
+    """One page of a name's points, newest first, each once (in the repository that held it first,
+    with its copies), with its backup's verify and boot check."""
     paging.total = session.scalar(select(func.count()).select_from(RestorePointRecord)
-                                  .where(RestorePointRecord.name == name)) or 0
+                                  .where(RestorePointRecord.name == name, ~held_earlier())) or 0
     rows = session.execute(
         select(RestorePointRecord, RepositoryRecord.name).join(RepositoryRecord)
-        .where(RestorePointRecord.name == name)
+        .where(RestorePointRecord.name == name, ~held_earlier())
         .order_by(RestorePointRecord.created.desc(), RestorePointRecord.id.desc())
         .offset(paging.offset).limit(paging.per_page)).all()
     # the backups of that name (ix_job_vms_vm_name), not a scan of every backup
     made = {v.point_id: v for v in session.scalars(select(JobVM).where(
         JobVM.vm_name == name, JobVM.point_id.in_([p.point_id for p, _ in rows])))}
-    return [TimelinePoint(p, repository, *_checks(made.get(p.point_id))) for p, repository in rows]
+    where = point_repositories(session, [(p.name, p.point_id) for p, _ in rows])
+    return [TimelinePoint(p, repository, *_checks(made.get(p.point_id)),
+                          copies=[r for r in where.get((p.name, p.point_id), []) if r != repository])
+            for p, repository in rows]
 
 
 def _checks(made: JobVM | None) -> tuple[bool | None, dict[str, Any] | None]:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Hypervisor, Job, Policy, RepositoryRecord
+from vmkeep.catalog.models import AFTER_BACKUP, Hypervisor, Job, Policy, RepositoryRecord
 from vmkeep.catalog.models import VirtualMachine as VM
 from vmkeep.errors import VmkeepError
 from vmkeep.server.console.paging import Paging
@@ -179,6 +179,12 @@ class PolicyRow:
     retention: str
     selected: int
     last_job: Job | None
+    copies: list[str]  # its copy targets, each with its schedule and retention
+
+
+def copies_text(policy: Policy) -> list[str]:
+    return [f"{t.repository.name} ({'after each backup' if t.schedule == AFTER_BACKUP else t.schedule}; "
+            f"{retention_text(t.retention)})" for t in policy.copy_targets]
 
 
 def policy_rows(session: Session, paging: Paging) -> list[PolicyRow]:
@@ -189,7 +195,7 @@ def policy_rows(session: Session, paging: Paging) -> list[PolicyRow]:
     newest = select(func.max(Job.id)).where(Job.policy_id.in_([p.id for p in policies])).group_by(Job.policy_id)
     jobs = {j.policy_id: j for j in session.scalars(select(Job).where(Job.id.in_(newest)))}
     return [PolicyRow(p, selection_text(p.selection), retention_text(p.retention), selected_count(session, p.selection),
-                      jobs.get(p.id)) for p in policies]
+                      jobs.get(p.id), copies_text(p)) for p in policies]
 
 
 def choices(session: Session) -> dict[str, list[str]]:
