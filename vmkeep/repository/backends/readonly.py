@@ -19,7 +19,16 @@ class ReadOnlyBackend(Backend):
     def __init__(self, inner: Backend) -> None:
         self.inner = inner
         self.url = inner.url
-        self.immutable_days = inner.immutable_days
+
+    @property
+    def immutable_days(self) -> int:
+        return self.inner.immutable_days
+
+    @immutable_days.setter
+    def immutable_days(self, days: int) -> None:
+        """Repository.open learns the retention from the config: the inner backend must know it,
+        since an S3 read of an immutable repository falls back to the locked versions."""
+        self.inner.immutable_days = days
 
     def _refuse(self, what: str, key: str) -> BackendError:
         return BackendError(f"{self.url} is opened read-only (the source of a copy): {what} {key} refused")
