@@ -81,6 +81,10 @@ def test_offsite_under_object_lock_and_back(s3_source: Source, seaweed: str, tmp
     assert visible_points(cli, offsite) == every
     assert cli.json("repo", "verify", offsite)["ok"]
 
+    # An attacker hides every chunk behind a delete marker: the locked versions still copy back.
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix="offsite/chunks/")["Contents"]:
+        s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="offsite/chunks/")
     back = tmp_path / "back"  # the offsite copied back to a new local repository
     cli.run("repo", "init", str(back), "--like", offsite)
     home = cli.json("copy", offsite, str(back))
