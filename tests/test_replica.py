@@ -7,7 +7,10 @@ namespace, so every byte goes through libvirt volume uploads and downloads; the 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import subprocess
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +20,14 @@ import pytest
 from tests import bare_vm
 from tests.bare_vm import BareVM
 from tests.conftest import VMKEEP, Cli, MiB, fresh_cli, qemu_img_compare
+from vmkeep.engine.replica_sync import write_slots
+from vmkeep.errors import UsageError
+from vmkeep.hypervisors.libvirt.replica import _replica_xml, check_pool
+from vmkeep.hypervisors.libvirt.replica_disks import FileDisk, volume_stamp
 from vmkeep.lab.netns import create_proxy_network, destroy_proxy_network
 from vmkeep.lab.tls import PROXY_NETWORK_GATEWAY
+from vmkeep.repository.index import DiskIndex
+from vmkeep.repository.repo import Repository
 
 REMOTE_URI = f"qemu+tls://{PROXY_NETWORK_GATEWAY}/system"
 LOCAL_URI = bare_vm.URI
@@ -28,7 +37,8 @@ SLOT = 4 * MiB  # the repository's chunk size: what a replica update writes per 
 
 @dataclass
 class Lab:
-    vm: BareVM
+    vm: BareVM  # vda (qcow2, written); vdb read-only (raw, 1 MiB of data); vdc shareable (skipped by backup)
+    readonly: Path  # vdb's image
     repo: str
     proxy: list[str]  # runs a command in the other network namespace
     storage: Path
@@ -57,13 +67,23 @@ class Lab:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     proxy = create_proxy_network()
+    readonly = bare_vm.IMAGES / f"vmkeep-t-ro-{secrets.token_hex(3)}.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(readonly), str(4 * MiB)], check=True)
+    subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P 0x61 {MiB} {MiB}", str(readonly)], check=True,
+                   capture_output=True)
+    vdb = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/><source file='{readonly}'/>"
+           "<target dev='vdb' bus='virtio'/><readonly/></disk>")
     try:
-        with bare_vm.running({"vda": (64 * MiB, "qcow2")}) as vm:
+        vm = bare_vm.create({"vda": (64 * MiB, "qcow2"), "vdc": (4 * MiB, "raw")}, shareable=("vdc",), devices=vdb)
+        try:
             cli = fresh_cli()
             repo = str(tmp_path_factory.mktemp("replica") / "repo")
             cli.run("repo", "init", repo, "--encrypt")
-            yield Lab(vm, repo, proxy, bare_vm.IMAGES / vm.name / "replicas", cli)
+            yield Lab(vm, readonly, repo, proxy, bare_vm.IMAGES / vm.name / "replicas", cli)
+        finally:
+            bare_vm.destroy(vm)
     finally:
+        readonly.unlink(missing_ok=True)
         destroy_proxy_network()
 
 
@@ -82,10 +102,15 @@ def test_replica_follows_points_fails_over_and_back(lab: Lab, tmp_path: Path) ->
     lab.backup()
 
     full = json.loads(lab.replicate("--storage", str(lab.storage), "--network", "none", "--json").stdout)
-    assert full["mode"] == "full" and full["bytes_written"] == 3 * SLOT and full["extents"] == 2, full
+    # vda's three slots, and vdb's one: a read-only disk is in the point, and so in the replica
+    assert full["mode"] == "full" and full["bytes_written"] == 4 * SLOT and full["extents"] == 3, full
     assert state(replica) == "shut off" and qemu_img_compare(at, disk)
+    assert qemu_img_compare(lab.readonly, lab.storage / f"{replica}-vdb.raw")
     assert disk.stat().st_blocks * 512 <= 3 * SLOT + MiB  # the holes stayed holes
-    assert "<interface" not in bare_vm.virsh("dumpxml", replica)  # --network none
+    xml = bare_vm.virsh("dumpxml", replica)
+    assert "<interface" not in xml  # --network none
+    targets = [t.get("dev") for t in ET.fromstring(xml).iter("target") if t.get("dev", "").startswith("vd")]
+    assert sorted(targets) == ["vda", "vdb"] and str(lab.vm.disks["vdc"]) not in xml  # the shareable disk left out
     assert lab.replicas()[replica]["state"] == "standby"
 
     # three incrementals: the replica gets exactly the slots that changed, zeroed ones included
@@ -108,6 +133,16 @@ def test_replica_follows_points_fails_over_and_back(lab: Lab, tmp_path: Path) ->
         assert qemu_img_compare(at, disk), f"replica differs from point {point}"
     assert json.loads(lab.replicate("--json").stdout)["mode"] == "unchanged"
 
+    # a standby replica written outside vmkeep (its record still says standby): the next run sees
+    # its disk's stamp changed (here through the volume's timestamps) and compares
+    scribble(disk, 9 * SLOT)
+    touched = json.loads(lab.replicate("--json").stdout)
+    assert touched["mode"] == "compare" and touched["bytes_written"] == SLOT and touched["extents"] == 1, touched
+    assert qemu_img_compare(at, disk) and json.loads(lab.replicate("--json").stdout)["mode"] == "unchanged"
+
+    # the original keeps running after its last point (slot 14: no point has it), then is lost
+    vm.write("vda", 56 * MiB, MiB, 0x3A)
+
     # failover: the replica starts; it is not updated while it runs
     lab.remote("failover", vm.name, "--to", REMOTE_URI, "--network", "none")
     assert state(replica) == "running" and lab.replicas()[replica]["state"] == "failed-over"
@@ -121,10 +156,12 @@ def test_replica_follows_points_fails_over_and_back(lab: Lab, tmp_path: Path) ->
     assert "running" in refused.stderr and f"VM {vm.name}" in refused.stderr  # the original must be off too
     assert lab.replicas()[replica]["state"] == "failed-over"
 
-    # failback: only the slot the replica changed goes into the original
+    # failback: the original becomes the replica, whatever it held: the slot the replica changed
+    # (7) and the one the original wrote after its point (14, back to the replica's zeros) go in
     bare_vm.virsh("destroy", vm.name)
     back = lab.cli.json("failback", vm.name, "--to", LOCAL_URI, "--repo", lab.repo)
-    assert back["bytes_written"] == SLOT and back["extents"] == 1 and back["bytes_read_back"] > 0, back
+    assert back["bytes_written"] == 2 * SLOT and back["extents"] == 2 and back["bytes_zeroed"] == SLOT, back
+    assert back["bytes_read_back"] >= 2 * 3 * SLOT, back  # both disks read (their data slots at least)
     assert qemu_img_compare(vm.disks["vda"], disk)
     assert lab.replicas()[replica]["state"] == "diverged"
 
@@ -134,7 +171,9 @@ def test_replica_follows_points_fails_over_and_back(lab: Lab, tmp_path: Path) ->
     vm.write("vda", 50 * MiB, MiB, 0x41)  # slot 12
     at = vm.snapshot("vda", tmp_path / "after.qcow2")
     after = lab.backup()
-    assert after["mode"] == "incremental" and after["bytes_read"] == SLOT + MiB, after
+    # vda: slots 7 and 14 of the failback and the new MiB; vdb (read-only) is read whole, as allocated
+    read_only = lab.readonly.stat().st_blocks * 512
+    assert after["mode"] == "incremental" and after["bytes_read"] == 2 * SLOT + MiB + read_only, after
     restored = tmp_path / "after-restored.qcow2"
     lab.cli.run("restore", vm.name, "--repo", lab.repo, "--disk", "vda", "--output", str(restored))
     assert qemu_img_compare(at, restored)
@@ -179,3 +218,62 @@ def test_local_replica_and_refusals(lab: Lab, tmp_path: Path) -> None:
     third = lab.cli.json("replicate", vm.name, "--to", LOCAL_URI, "--repo", lab.repo, "--name", local)
     assert third["mode"] == "compare" and third["bytes_written"] == SLOT and third["bytes_read_back"] > 0, third
     assert qemu_img_compare(at, disk)
+
+    # a standby replica written outside vmkeep keeps its record: its file's stamp tells, and the
+    # next run (same point) compares and repairs the slot instead of finding nothing to do
+    scribble(disk, 6 * SLOT)
+    fourth = lab.cli.json("replicate", vm.name, "--to", LOCAL_URI, "--repo", lab.repo, "--name", local)
+    assert fourth["mode"] == "compare" and fourth["bytes_written"] == SLOT, fourth
+    assert qemu_img_compare(at, disk)
+    # booted and stopped outside vmkeep (a bare VM writes nothing): a compare pass that writes nothing
+    bare_vm.virsh("start", local)
+    bare_vm.virsh("destroy", local)
+    fifth = lab.cli.json("replicate", vm.name, "--to", LOCAL_URI, "--repo", lab.repo, "--name", local)
+    assert fifth["mode"] == "compare" and fifth["bytes_written"] == 0, fifth
+    assert lab.cli.json("replicate", vm.name, "--to", LOCAL_URI, "--repo", lab.repo, "--name", local)["mode"] == \
+        "unchanged"
+
+
+def scribble(disk: Path, offset: int) -> None:
+    """Write into a replica's disk file behind vmkeep's back."""
+    with disk.open("r+b") as f:
+        f.seek(offset + 5000)
+        f.write(b"outside" * 1000)
+
+
+def test_replica_configuration_and_pools() -> None:
+    """Disks the point does not hold are left out of the replica's configuration (they would name
+    the original host's shared image or LUN); pools whose new volumes may hold old data are refused."""
+    xml = ("<domain><name>web</name><devices>"
+           "<disk type='file' device='disk'><driver type='qcow2'/><source file='/i/web.qcow2'/><target dev='vda'/>"
+           "</disk><disk type='file' device='disk'><driver type='raw'/><source file='/i/ro.raw'/><target dev='vdb'/>"
+           "<readonly/></disk><disk type='file' device='disk'><source file='/i/shared.raw'/><target dev='vdc'/>"
+           "<shareable/></disk><disk type='block' device='lun'><source dev='/dev/sdz'/><target dev='sda'/></disk>"
+           "<disk type='file' device='cdrom'><target dev='hdc'/></disk></devices></domain>")
+    out = ET.fromstring(_replica_xml(xml, "web-replica", {"vda": Path("/r/a.raw"), "vdb": Path("/r/b.raw")}, None))
+    disks = {d.find("target").get("dev"): d for d in out.iter("disk")}  # type: ignore[union-attr]
+    assert list(disks) == ["vda", "vdb", "hdc"]
+    assert disks["vdb"].find("readonly") is not None and disks["vdb"].find("source").get("file") == "/r/b.raw"  # type: ignore[union-attr]
+    assert {d.find("driver").get("type") for t, d in disks.items() if t != "hdc"} == {"raw"}  # type: ignore[union-attr]
+
+    for kind in ("logical", "iscsi", "disk", "rbd"):
+        with pytest.raises(UsageError, match=f"type '{kind}'.*give --storage a pool of type dir, fs, netfs"):
+            check_pool("vg0", f"<pool type='{kind}'><name>vg0</name><target><path>/dev/vg0</path></target></pool>",
+                       "dr-host")
+    for kind in ("dir", "fs", "netfs"):
+        check_pool("p", f"<pool type='{kind}'><name>p</name><target><path>/p</path></target></pool>", "dr-host")
+
+    # libvirt writes a volume's times as SECONDS[.NANOSECONDS]: the same stamp as a local stat's
+    vol = ("<volume><capacity unit='bytes'>67108864</capacity><target><timestamps><atime>1.5</atime>"
+           "<mtime>1700000000.000001200</mtime><ctime>1700000001</ctime></timestamps></target></volume>")
+    assert volume_stamp(vol) == f"67108864:{1700000000 * 10**9 + 1200}:{1700000001 * 10**9}"
+
+
+def test_zeroed_slots_counted_in_one_thread(tmp_path: Path) -> None:
+    """A local file is zeroed by the workers; the count of zeroed bytes is kept by the caller alone."""
+    slots, size = 2000, 4096
+    with (tmp_path / "disk.raw").open("w+b") as f:
+        os.ftruncate(f.fileno(), slots * size)
+        stats = write_slots(Repository.__new__(Repository), DiskIndex.empty(slots * size, size),
+                            FileDisk(f.fileno(), slots * size), list(range(slots)), workers=8)
+    assert stats.bytes_zeroed == stats.bytes_written == slots * size and stats.extents == 1

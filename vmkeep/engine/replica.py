@@ -8,7 +8,8 @@ state, so every step knows what the disks are without any other record:
 - ``seeding``/``updating``: a write was interrupted; the next replicate reads the disks back
   and writes what differs from the point (a compare pass).
 - ``standby``: the disks are the point; the next replicate writes the slots whose chunk ids
-  differ between that point's index and the new one's.
+  differ between that point's index and the new one's. Unless the host says the disks changed
+  since (``touched``: the replica was started or written outside vmkeep): then a compare pass.
 - ``failed-over``: it was started; it has changes of its own, which failback copies back.
 - ``diverged``: failed back; its disks are the point plus its own changes, so the next
   replicate makes a compare pass.
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vmkeep.engine.backup import DEFAULT_WORKERS
-from vmkeep.engine.replica_sync import SyncStats, changed_slots, differing_slots, extents, write_slots
+from vmkeep.engine.replica_sync import SyncStats, changed_slots, differing_slots, disk_index, extents, write_slots
 from vmkeep.engine.vm import disk_sizes, vm_config
 from vmkeep.errors import UsageError
 from vmkeep.hypervisors.base import Connector, DiskPatch, ReplicaHost, ReplicaInfo, Replicas
@@ -111,7 +112,7 @@ def _first_copy(repo: Repository, replicas: Replicas, manifest: Manifest, name: 
     replicas.create(vm_config(repo, manifest), info, storage=storage, network=network)
     report = ReplicaReport(manifest.name, name, "", "full", manifest.point_id)
     try:
-        with replicas.disks(name) as disks:
+        with replicas.disks(name, manifest.disks) as disks:
             for disk in manifest.disks:
                 index = repo.load_index(manifest, disk)
                 slots = [slot for slot, _cid in index.nonzero()]
@@ -141,18 +142,16 @@ def _update(repo: Repository, replicas: Replicas, manifest: Manifest, info: Repl
                          f"{_sizes(disk_sizes(manifest))}): remove the replica (virsh undefine {name} "
                          "--remove-all-storage) and replicate again")
     report = ReplicaReport(manifest.name, name, "", "incremental", manifest.point_id, previous_point=info.point)
-    if info.state == "standby" and info.point == manifest.point_id:
+    faithful = info.state == "standby" and not info.touched
+    if faithful and info.point == manifest.point_id:
         report.mode = "unchanged"
         return report
-    previous = repo.load_point(manifest.name, info.point) if info.state == "standby" else None
+    previous = repo.load_point(manifest.name, info.point) if faithful else None
     if previous is None:
         report.mode = "compare"
-        report.notes.append(f"replica state {info.state}: its disks were read back and compared with the point"
-                            if info.state != "standby" else
-                            f"point {info.point} the replica held is gone from the repository: its disks were read "
-                            "back and compared with the new point")
+        report.notes.append(_why_compare(info))
     replicas.mark(name, state="updating")  # a write that dies half-way is found out by the next run
-    with replicas.disks(name) as disks:
+    with replicas.disks(name, manifest.disks) as disks:
         for disk in manifest.disks:
             index = repo.load_index(manifest, disk)
             label = f"replica {disk}"
@@ -166,6 +165,16 @@ def _update(repo: Repository, replicas: Replicas, manifest: Manifest, info: Repl
             report.take(stats)
     replicas.mark(name, state="standby", point=manifest.point_id)
     return report
+
+
+def _why_compare(info: ReplicaInfo) -> str:
+    if info.state != "standby":
+        return f"replica state {info.state}: its disks were read back and compared with the point"
+    if info.touched:
+        return ("the replica's disks changed since it was left standby (started or written outside vmkeep): they "
+                "were read back and compared with the point")
+    return (f"point {info.point} the replica held is gone from the repository: its disks were read back and "
+            "compared with the new point")
 
 
 def _sizes(disks: dict[str, int]) -> str:
@@ -206,14 +215,15 @@ def _existing(replicas: Replicas, vm: str, name: str | None, connector: Connecto
 
 def failback(repo: Repository, connector: Connector, original: Connector, vm: str, *, name: str | None = None,
              workers: int = DEFAULT_WORKERS, progress: Progress | None = None) -> ReplicaReport:
-    """Copy what the failed-over replica changed since its point into the original VM's disks.
+    """Make the original VM's disks what the failed-over replica's disks hold.
 
     Both must be shut off: the replica, so that what is copied is what its guest last wrote (a
     running guest keeps writing, and a forced power-off loses what it has not flushed); the
-    original, whose disks are written in place. The replica's disks are read back and hashed slot
-    by slot; only the slots that differ from the point's index are written to the original. The
-    original must still be at that point: when the repository has a newer point of it, it was
-    running after the failover's point, and is refused.
+    original, whose disks are written in place. Neither is assumed to be at the replica's point
+    (the original may have run after its last backup, or after a newer one): both are read and
+    each slot hashed with the repository's chunk-id key, and every slot where the replica differs
+    from the original is written, so the original ends equal to the replica whatever it held.
+    Disks the replica only reads (read-only) are left alone: its guest cannot have changed them.
     """
     started = time.monotonic()
     replicas = replicas_of(connector)
@@ -226,29 +236,24 @@ def failback(repo: Repository, connector: Connector, original: Connector, vm: st
         raise UsageError(f"the replica {info.name} is running: shut it down from inside its guest (or virsh -c "
                          f"{connector.uri} shutdown {info.name}) and run failback again; it copies what is on its "
                          "disks, and a running guest still writes")
-    manifest = repo.load_point(vm, info.point)
-    if manifest is None:
-        raise UsageError(f"point {info.point} of {vm}, which the replica started from, is gone from the repository: "
-                         "failback cannot tell what the replica changed")
+    report = ReplicaReport(vm, info.name, connector.uri, "failback", info.point)
     latest = repo.latest_point(vm)
-    if latest is not None and latest.point_id != manifest.point_id:
-        raise UsageError(f"{vm} has a newer point ({latest.point_id}) than the replica's ({info.point}): the original "
-                         f"changed after it. Put it back to that point first (vmkeep restore {vm}@{info.point} "
-                         "--overwrite), then fail back")
-    report = ReplicaReport(vm, info.name, connector.uri, "failback", manifest.point_id)
-    with replicas.disks(info.name) as source, replicas_of(original).disks(vm) as target:
-        missing = sorted(set(manifest.disks) - set(target))
-        if missing:
-            raise UsageError(f"{vm} on {original.uri} has no disk {', '.join(missing)} of point {info.point}")
-        for disk in manifest.disks:
-            if target[disk].size != manifest.disks[disk].size:
-                raise UsageError(f"disk {disk} of {vm} is {target[disk].size} bytes, the point's "
-                                 f"{manifest.disks[disk].size}: it is not the VM the replica came from")
-            index = repo.load_index(manifest, disk)
+    if latest is not None and latest.point_id != info.point:
+        report.notes.append(f"{vm} has a newer point ({latest.point_id}) than the replica's ({info.point}): what the "
+                            f"original held since is replaced by the replica's (point {latest.point_id} keeps it)")
+    with replicas.disks(info.name, info.disks, writable_only=True) as source, \
+            replicas_of(original).disks(vm, list(source)) as target:
+        for disk in source:
+            if target[disk].size != source[disk].size:
+                raise UsageError(f"disk {disk} of {vm} is {target[disk].size} bytes, the replica's "
+                                 f"{source[disk].size}: it is not the VM the replica came from")
             stats = SyncStats()
+            held, read = disk_index(repo, target[disk], repo.chunk_size, workers=workers, progress=progress,
+                                    label=f"read {vm} {disk}")
             slots, stats.bytes_read_back = differing_slots(
-                repo, index, source[disk], workers=workers, progress=progress, label=f"failback {disk}",
-                found=_copier(target[disk], index.chunk_size, index.slot_length, stats))
+                repo, held, source[disk], workers=workers, progress=progress, label=f"failback {disk}",
+                found=_copier(target[disk], held.chunk_size, held.slot_length, stats))
+            stats.bytes_read_back += read
             stats.slots, stats.extents = len(slots), extents(slots)
             report.take(stats)
     replicas.mark(info.name, state="diverged")
@@ -260,7 +265,7 @@ def failback(repo: Repository, connector: Connector, original: Connector, vm: st
 
 def _copier(target: DiskPatch, chunk_size: int, slot_length: Callable[[int], int],
             stats: SyncStats) -> Callable[[int, bytes | None], None]:
-    """Writes each differing slot found on the replica into the original (in offset order)."""
+    """Writes each slot where the replica differs from the original into it (in offset order)."""
     def copy(slot: int, data: bytes | None) -> None:
         length = slot_length(slot)
         if data is None:

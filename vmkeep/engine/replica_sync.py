@@ -63,17 +63,19 @@ def write_slots(repo: Repository, index: DiskIndex, disk: DiskPatch, slots: list
         cid = index.get(slot)
         return None if cid == ZERO_ID else repo.load_chunk(cid, index.slot_length(slot))
 
-    def put(slot: int, data: bytes | None) -> None:
-        offset, length = slot * index.chunk_size, index.slot_length(slot)
+    def put(slot: int, data: bytes | None) -> None:  # in the workers (FileDisk): no counting here
+        offset = slot * index.chunk_size
         if data is None:
-            disk.zero(offset, length)
-            stats.bytes_zeroed += length
+            disk.zero(offset, index.slot_length(slot))
         else:
             disk.write(data, offset)
 
-    def count(slot: int, _result: object) -> None:
-        stats.bytes_written += index.slot_length(slot)
-        task.advance(index.slot_length(slot))
+    def count(slot: int, _result: object) -> None:  # in the caller's thread: the only one that counts
+        length = index.slot_length(slot)
+        stats.bytes_written += length
+        if index.get(slot) == ZERO_ID:
+            stats.bytes_zeroed += length
+        task.advance(length)
 
     def put_in_order(slot: int, data: bytes | None) -> None:
         put(slot, data)
@@ -97,28 +99,50 @@ def differing_slots(repo: Repository, index: DiskIndex, disk: DiskPatch, *, work
     """Read ``disk`` back and hash each slot: the slots (ascending) whose content is not the one
     ``index`` names, and the bytes read. ``found`` gets each such slot with the disk's bytes
     there (None: all zero) as it is found, in order."""
+    differ: list[int] = []
+
+    def compare(slot: int, cid: bytes, data: bytes | None) -> None:
+        if cid != index.get(slot):
+            differ.append(slot)
+            if found is not None:
+                found(slot, None if cid == ZERO_ID else data)
+
+    read = _hash_slots(repo, disk, index, compare, workers=workers, progress=progress, label=label)
+    return differ, read
+
+
+def disk_index(repo: Repository, disk: DiskPatch, chunk_size: int, *, workers: int, progress: Progress | None = None,
+               label: str = "read") -> tuple[DiskIndex, int]:
+    """What ``disk`` holds now as an index (each slot read and named as a backup would name it),
+    and the bytes read: a disk whose content no point describes, compared slot by slot with another."""
+    index = DiskIndex.empty(disk.size, chunk_size)
+    read = _hash_slots(repo, disk, index, lambda slot, cid, _data: index.put(slot, cid), workers=workers,
+                       progress=progress, label=label)
+    return index, read
+
+
+def _hash_slots(repo: Repository, disk: DiskPatch, index: DiskIndex, each: Callable[[int, bytes, bytes | None], None],
+                *, workers: int, progress: Progress | None, label: str) -> int:
+    """Read ``disk`` in ``index``'s slots, name each with the repository's chunk-id key (the
+    workers hash), and give ``each`` (slot, id, bytes) in order; the bytes read."""
     zeros = bytes(index.chunk_size)
     task = (progress or NoProgress()).task(label, index.size)
-    differ: list[int] = []
     read = 0
 
     def ident(item: tuple[int, bytes | None]) -> bytes:
         data = item[1]
         return ZERO_ID if data is None or data == zeros[:len(data)] else repo.keys.chunk_id(data)
 
-    def compare(item: tuple[int, bytes | None], cid: bytes) -> None:
+    def seen(item: tuple[int, bytes | None], cid: bytes) -> None:
         nonlocal read
         offset, data = item
         slot = offset // index.chunk_size
         read += 0 if data is None else len(data)
         task.advance(index.slot_length(slot))
-        if cid != index.get(slot):
-            differ.append(slot)
-            if found is not None:
-                found(slot, None if cid == ZERO_ID else data)
+        each(slot, cid, data)
 
     try:
-        ordered_map(ident, disk.scan(index.chunk_size), workers, compare)
+        ordered_map(ident, disk.scan(index.chunk_size), workers, seen)
     finally:
         task.finish()
-    return differ, read
+    return read

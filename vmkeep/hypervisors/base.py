@@ -13,7 +13,7 @@ describes both directions for a new connector.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +218,7 @@ class ReplicaInfo:
     updated: str = ""  # when the record last changed (UTC, ISO 8601)
     running: bool = False
     paths: dict[str, str] = field(default_factory=dict)  # disk → where it lives on the host
+    touched: bool = False  # standby, but its disks changed since (started outside vmkeep): not the point
 
 
 class DiskPatch(Protocol):
@@ -259,9 +260,11 @@ class Replicas(Protocol):
     def start(self, name: str, *, network: str | None) -> None:
         """Start the replica, its interfaces first moved to ``network`` (DISCONNECTED: none)."""
 
-    def disks(self, vm: str) -> AbstractContextManager[dict[str, DiskPatch]]:
-        """The disks of shut-off VM ``vm`` (a replica or any other) to write in place; refuses a
-        running VM, or disks it cannot write where they are."""
+    def disks(self, vm: str, names: Collection[str], *,
+              writable_only: bool = False) -> AbstractContextManager[dict[str, DiskPatch]]:
+        """Disks ``names`` of shut-off VM ``vm`` (a replica or any other) to write in place (with
+        ``writable_only``, those the VM only reads are left out); refuses a running VM, a name it
+        lacks, or disks it cannot write where they are."""
 
 
 @runtime_checkable

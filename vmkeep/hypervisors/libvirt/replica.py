@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from vmkeep.hypervisors.libvirt.domain_xml import (
     renamed_copy,
     without_network,
 )
-from vmkeep.hypervisors.libvirt.replica_disks import open_disks
+from vmkeep.hypervisors.libvirt.replica_disks import disk_stamps, open_disks
 from vmkeep.hypervisors.libvirt.restore import check_config, check_network, placement
 from vmkeep.hypervisors.libvirt.upload import _volume_xml as volume_xml
 from vmkeep.hypervisors.libvirt.upload import pool_for
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "raw"
+FILE_POOLS = ("dir", "fs", "netfs")  # pools of files: a new volume is a sparse file, all zeros
 
 
 class LibvirtReplicas:
@@ -75,10 +76,17 @@ class LibvirtReplicas:
         dom = self._lookup(name)
         if dom is None:
             return None
-        info = replica_meta.read(dom)
-        if info is None:
+        found = replica_meta.read_record(dom)
+        if found is None:
             raise UsageError(f"a VM named {name!r} exists on {self.connector.host} and is not a vmkeep replica: it is "
                              "left alone; choose another --name")
+        info, stamps = found
+        if info.state == "standby" and not info.running:
+            now = disk_stamps(self.conn, self.connector.is_local, info.paths)
+            info.touched = now != stamps
+            if info.touched:
+                log.warning("the disks of replica %s changed since it was left standby (%s, now %s): started or "
+                            "written outside vmkeep", name, stamps, now)
         return info
 
     def create(self, config: dict[str, Any], info: ReplicaInfo, *, storage: str | None,
@@ -92,6 +100,8 @@ class LibvirtReplicas:
         if self._lookup(info.name) is not None:
             raise UsageError(f"a VM named {info.name!r} already exists on {self.connector.host}; choose another --name")
         directory, pool = placement(self.connector, config, info.name, storage)
+        if pool is not None:
+            check_pool(pool.name(), pool.XMLDesc(0), self.connector.host)
         paths = {disk: directory / f"{info.name}-{disk}.{FORMAT}" for disk in info.disks}
         xml = replica_meta.with_record(_replica_xml(config["domain_xml"], info.name, paths, network), info)
         if self.connector.is_local:
@@ -147,7 +157,9 @@ class LibvirtReplicas:
             raise HypervisorError(f"the replica {name} is gone from {self.connector.host}")
         info.state = state
         info.point = point or info.point
-        replica_meta.write(dom, info)
+        # standby: the disks as left now, to tell at the next run whether anything wrote them since
+        stamps = disk_stamps(self.conn, self.connector.is_local, info.paths) if state == "standby" else None
+        replica_meta.write(dom, info, stamps)
         log.info("replica %s on %s: %s at point %s", name, self.connector.host, state, info.point)
         return info
 
@@ -167,18 +179,38 @@ class LibvirtReplicas:
         log.info("started replica %s on %s%s", name, self.connector.host,
                  f" (network {network})" if network else "")
 
-    def disks(self, vm: str) -> AbstractContextManager[dict[str, DiskPatch]]:
-        return open_disks(self.conn, self.connector.host, self.connector.is_local, vm)
+    def disks(self, vm: str, names: Collection[str], *,
+              writable_only: bool = False) -> AbstractContextManager[dict[str, DiskPatch]]:
+        return open_disks(self.conn, self.connector.host, self.connector.is_local, vm, names,
+                          writable_only=writable_only)
+
+
+def check_pool(name: str, xml: str, host: str) -> None:
+    """Refuse a pool whose new volumes may not read as zeros (a logical volume, an iSCSI LUN, a
+    disk partition hold what was there before): the first copy writes only the point's non-zero
+    slots, and would leave that stale data in the replica."""
+    kind = ET.fromstring(xml).get("type", "")
+    if kind not in FILE_POOLS:
+        raise UsageError(f"storage pool {name} on {host} is of type {kind!r}: a new volume there is not known to "
+                         "read as zeros, and a replica's first copy writes only the point's data; give --storage a "
+                         f"pool of type {', '.join(FILE_POOLS)} or a directory")
 
 
 def _replica_xml(xml: str, name: str, paths: Mapping[str, PurePath], network: str | None) -> str:
     """The point's configuration as the replica: a new identity (as a restore as new), its disks
-    the raw images, its interfaces on ``network`` (DISCONNECTED: none; None: as the original's)."""
+    the raw images, its interfaces on ``network`` (DISCONNECTED: none; None: as the original's).
+    A disk the point does not hold (shareable, a passthrough LUN, an empty drive) is left out: it
+    would name the original host's device or image (CD-ROM and floppy drives stay)."""
     root = ET.fromstring(renamed_copy(xml, name, {d: str(p) for d, p in paths.items()}))
-    for target, disk in disk_elements(root):
+    devices = root.find("devices")
+    for target, disk in list(disk_elements(root)):
         driver = disk.find("driver")
-        if target in paths and driver is not None:
-            driver.set("type", FORMAT)
+        if target in paths:
+            if driver is not None:
+                driver.set("type", FORMAT)
+        elif disk.get("device", "disk") not in ("cdrom", "floppy") and devices is not None:
+            log.info("disk %s is not in the point: left out of replica %s", target, name)
+            devices.remove(disk)
     xml = ET.tostring(root, encoding="unicode")
     if network == DISCONNECTED:
         return without_network(xml)

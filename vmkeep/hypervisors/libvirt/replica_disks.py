@@ -15,7 +15,8 @@ import ctypes
 import errno
 import logging
 import os
-from collections.abc import Iterator
+import xml.etree.ElementTree as ET
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -175,19 +176,29 @@ class VolumeDisk:
 
 
 @contextmanager
-def open_disks(conn: libvirt.virConnect, host: str, is_local: bool, vm: str) -> Iterator[dict[str, DiskPatch]]:
-    """The disks of shut-off VM ``vm`` to patch in place; refuses a running VM."""
+def open_disks(conn: libvirt.virConnect, host: str, is_local: bool, vm: str, names: Collection[str], *,
+               writable_only: bool = False) -> Iterator[dict[str, DiskPatch]]:
+    """Disks ``names`` of shut-off VM ``vm`` to patch in place, and no other (a shared or
+    passthrough disk of the VM is never opened); refuses a running VM or a name it lacks. A
+    read-only disk is opened too (a replica's copy of one is written by vmkeep, not by its guest),
+    unless ``writable_only``."""
     try:
         dom = conn.lookupByName(vm)
         if dom.isActive():
             raise HypervisorError(f"VM {vm} on {host} is running: shut it down first (virsh shutdown {vm}); its "
                                   "disks are written in place only while it is off")
-        specs = [s for s in disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)) if s.source and not s.readonly]
+        specs = {s.target: s for s in disk_specs(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))}
     except libvirt.libvirtError as exc:
         raise HypervisorError(f"cannot look at VM {vm} on {host}: {exc.get_error_message()}") from exc
+    lacking = [name for name in names if name not in specs or not specs[name].source]
+    if lacking:
+        raise HypervisorError(f"VM {vm} on {host} has no disk {', '.join(sorted(lacking))} with an image (it has "
+                              f"{', '.join(sorted(t for t, s in specs.items() if s.source)) or 'none'}): it is not the "
+                              "VM the replica came from, or its disks changed; see virsh dumpxml " + vm)
+    chosen = [specs[name] for name in names if not (writable_only and specs[name].readonly)]
     with ExitStack() as stack:
         opened: dict[str, DiskPatch] = {}
-        for spec in specs:
+        for spec in chosen:
             if is_local:
                 opened[spec.target] = stack.enter_context(_local_disk(Path(spec.source), spec.format))
             elif spec.format != "raw":
@@ -239,3 +250,41 @@ def _volume_disk(conn: libvirt.virConnect, path: PurePosixPath) -> Iterator[Disk
         except BaseException:
             disk.abort()
             raise
+
+
+def disk_stamps(conn: libvirt.virConnect, is_local: bool, paths: Mapping[str, str]) -> dict[str, str]:
+    """Each disk file's ``size:mtime_ns:ctime_ns`` now: any write to it (or a VM started on it,
+    whose disks libvirt relabels) changes them. Another host's come from the volume's
+    ``<timestamps>`` (libvirt stats the file for them), in the same form as a local stat's."""
+    stamps: dict[str, str] = {}
+    for disk, source in paths.items():
+        if is_local:
+            try:
+                st = os.stat(source)
+            except OSError as exc:  # gone or unreadable: not as left (opening it says why)
+                stamps[disk] = f"unknown ({exc.strerror})"
+                continue
+            stamps[disk] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+            continue
+        path = PurePosixPath(source)
+        with pool_for(conn, path.parent, pools.covering(conn, path.parent)) as pool:
+            try:
+                xml = pool.storageVolLookupByName(path.name).XMLDesc(0)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"cannot look at {path} on {conn.getHostname()}: "
+                                      f"{exc.get_error_message()}") from exc
+        stamps[disk] = volume_stamp(xml)
+    log.debug("replica disk stamps: %s", stamps)
+    return stamps
+
+
+def volume_stamp(xml: str) -> str:
+    """``size:mtime_ns:ctime_ns`` of a volume's XML (libvirt writes ``SECONDS[.NANOSECONDS]``)."""
+    root = ET.fromstring(xml)
+
+    def ns(which: str) -> int:
+        text = root.findtext(f"./target/timestamps/{which}") or "0"
+        seconds, _, fraction = text.strip().partition(".")
+        return int(seconds) * 10**9 + int(fraction.ljust(9, "0")[:9] or 0)
+
+    return f"{root.findtext('capacity', '0').strip()}:{ns('mtime')}:{ns('ctime')}"
