@@ -48,6 +48,7 @@ MATRIX: dict[tuple[str, str], set[str] | None] = {
     ("POST", "/api/repositories/{name}/prune"): CHANGE,
     ("POST", "/api/repositories/{name}/gc"): CHANGE,
     ("POST", "/api/repositories/{name}/usage"): CHANGE,
+    ("POST", "/api/repositories/{name}/copy"): CHANGE,
     ("GET", "/api/maintenance"): PEOPLE,
     ("GET", "/api/maintenance/{run_id}"): PEOPLE,
     ("GET", "/api/points"): PEOPLE,

@@ -73,7 +73,7 @@ STORED = {"name": "apps", "repository": "main", "vms": ["db-1"], "globs": ["app-
           "retention": {"last": 7, "daily": 14, "monthly": 6}, "full_every": 10, "transports": "nbd",
           "quiesce": "required", "nbd_tls": "auto", "max_per_host": 2, "max_per_datastore": 3, "max_per_proxy": 4,
           "verify_after": True, "verify_boot": True, "notify_webhook": "http://127.0.0.1:9/hook",
-          "notify_email": ["ops@example.com", "night@example.com"]}
+          "notify_email": ["ops@example.com", "night@example.com"], "copy_targets": []}
 
 
 def changes(api: httpx.Client) -> list[tuple[str, str]]:

@@ -132,6 +132,8 @@ def test_copies_after_backup_pruned_by_their_own_retention_and_restored_when_the
     assert run["result"]["points_copied"] == [f"{vm}@{first}"] and run["result"]["bytes_sent"] > 0, run
     assert run["progress_bytes"] and run["progress_bytes"] == run["total_bytes"], run
     assert where(console_api, vm) == {first: ["main", "offsite"]}
+    page = console_page(console_master, f"/maintenance/{run['id']}")
+    assert "Copy to offsite" in page and "1 points copied, 0 there already" in page and f"{vm}@{first}" in page
 
     lab.vm.write("vda", 8 * MiB, 4 * MiB, 0x42)
     at_backup = lab.vm.snapshot("vda", lab.folder / "at-second-backup.qcow2")

@@ -53,7 +53,8 @@ class RunView:
     @property
     def title(self) -> str:
         return {"verify": "Verify", "gc": "Garbage collection", "usage": "Usage measurement",
-                "prune": "Prune dry run" if self.dry_run else "Prune"}.get(self.run.kind, self.run.kind)
+                "prune": "Prune dry run" if self.dry_run else "Prune",
+                "copy": f"Copy to {self.run.target_repository_name}"}.get(self.run.kind, self.run.kind)
 
     @property
     def damaged(self) -> bool:
@@ -82,6 +83,12 @@ class RunView:
                     f"{ibytes(result.get('frees_bytes'))} once garbage is collected")
         if r.kind == "usage":
             return f"dedup {result.get('dedup_ratio', 1):.2f}×, compression {result.get('compression_ratio', 1):.2f}×"
+        if r.kind == "copy":
+            pruned = (result.get("prune") or {}).get("points_removed")
+            return (f"{len(result.get('points_copied', []))} points copied, {len(result.get('points_present', []))} "
+                    f"there already, {ibytes(result.get('bytes_sent'))} sent ({result.get('mode')})"
+                    + (f"; {pruned} pruned by the target's retention" if pruned else "")
+                    + (f"; {result['prune_error']}" if result.get("prune_error") else ""))
         return r.status
 
 
@@ -263,4 +270,5 @@ def runs_page(request: Request, who: Visitor = Depends(person), session: Session
                                                 .offset(p.offset).limit(p.per_page))]
     names = list(session.scalars(select(RepositoryRecord.name).order_by(RepositoryRecord.name)))
     return screen(request, who, "maintenance.html", "repositories",
-                  {"runs": runs, "p": p, "repository": repository, "kind": kind, "kinds": KINDS, "names": names})
+                  {"runs": runs, "p": p, "repository": repository, "kind": kind, "kinds": (*KINDS, "copy"),
+                   "names": names})
