@@ -115,6 +115,8 @@ def test_a_copy_target_naming_an_unknown_repository_is_refused(console_master: S
     for bad in ({"repository": "nowhere"}, {"repository": "offsite", "when": "every night"}):
         reply = console_api.put("/api/policies/nightly", json={**policy, "copy_targets": [bad]})
         assert reply.status_code == 422 and "copy target" in reply.json()["detail"], reply.text
+    moved = console_api.put("/api/policies/nightly", json={**policy, "repository": "offsite"})  # into its copy
+    assert moved.status_code == 422 and "copy target" in moved.json()["detail"], moved.text
     assert console_api.get("/api/policies").json() == before  # nothing changed
     page = console_page(console_master, "/policies")
     assert "copies to offsite (after each backup; last 1)" in page
@@ -181,3 +183,4 @@ def test_copies_after_backup_pruned_by_their_own_retention_and_restored_when_the
     assert (done["point"], done["repository"], done["restored_from"]) == (second, "main", "offsite"), done
     assert any("copy in repository offsite" in w and "main" in w for w in done["warnings"]), done
     assert qemu_img_compare(at_backup, Path(done["disks"]["vda"]))
+    assert "read from its copy in offsite" in console_page(console_master, f"/restores/{done['id']}")

@@ -174,6 +174,10 @@ def _apply(session: Session, policy: Policy, body: PolicyIn, endpoints: Endpoint
     if any("@" not in a for a in body.notify_email):
         raise PolicyRefused(400, "notify_email holds addresses like ops@example.com", "notify_email")
     targets = None if body.copy_targets is None else _copy_targets(session, body.copy_targets, repo)
+    if targets is None and any(t.repository_id == repo.id for t in policy.copy_targets):
+        raise PolicyRefused(422, f"{repo.name} is a copy target of the policy: a policy does not copy into its own "
+                                 "repository; take it off the copy targets (copy_targets) in the same change",
+                            "repository")
     if body.schedule != policy.schedule or policy.next_run is None:
         policy.next_run = first_run
     policy.name, policy.repository_id, policy.schedule, policy.retention = (body.name, repo.id, body.schedule,
