@@ -90,7 +90,7 @@ def failover_cmd(
 
 
 def failback_cmd(
-    vm: Annotated[str, typer.Argument(help="The original VM (shut off) to copy the replica's changes into")],
+    vm: Annotated[str, typer.Argument(help="The original VM (shut off), made equal to its replica")],
     to: ToOpt,
     repo: RepoOpt,
     host: Annotated[str, typer.Option("--host", help="The original VM's libvirt host")] = "qemu:///system",
@@ -102,8 +102,8 @@ def failback_cmd(
     s3_endpoint: S3Endpoint = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Copy what the failed-over replica changed since its point into the original VM; both must be
-    shut off. The replica becomes a standby again with the next replicate."""
+    """Make the original VM's disks equal to the failed-over replica's (both read, the slots that
+    differ written); both must be shut off. The replica becomes a standby again with the next replicate."""
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
     with _connected(to, insecure) as connector, _connected(host, insecure) as original:
         report = failback(r, connector, original, vm, name=name, workers=workers,
