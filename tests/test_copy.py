@@ -279,6 +279,12 @@ def test_refusals_say_what_to_do_and_change_nothing(source: Source, tmp_path: Pa
     refused(cli.run("copy", str(source.repo), str(own_keys), ok=False), str(own_keys), "passphrase")
     assert tree(own_keys) == kept
 
+    unencrypted = tmp_path / "unencrypted"  # the backups would lie there in plain text
+    cli.run("repo", "init", str(unencrypted), env={"VMKEEP_PASSPHRASE": ""})
+    plain_kept = tree(unencrypted)
+    refused(cli.run("copy", str(source.repo), str(unencrypted), ok=False), "plain text", "--like")
+    assert tree(unencrypted) == plain_kept
+
     plain_dir = tmp_path / "not-a-repo"
     plain_dir.mkdir()
     refused(cli.run("copy", str(plain_dir), str(own_keys), ok=False, env={"VMKEEP_TARGET_PASSPHRASE": "x"}),

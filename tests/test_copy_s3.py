@@ -5,6 +5,7 @@ primary cannot touch the offsite's bucket."""
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,28 @@ def test_pull_mode(s3_source: Source, profiles: Cli, seaweed: str, tmp_path: Pat
     assert proc.returncode != 0 and "AccessDenied" in proc.stderr, proc.stderr
     assert visible_points(cli, offsite, env=as_offsite) == labels
     assert cli.json("repo", "verify", offsite, env=as_offsite)["ok"]
+
+
+def test_an_immutable_copy_keeps_reused_chunks_as_long_as_the_new_point(s3_source: Source, seaweed: str) -> None:
+    """A later point reuses chunks an earlier copy wrote: their retention is extended to the new
+    point's, so the offsite never holds a locked manifest whose chunks could be deleted sooner."""
+    cli = s3_source.cli
+    bucket = f"vmkeep-{secrets.token_hex(4)}"
+    offsite = f"s3://{bucket}/offsite"
+    cli.run("repo", "init", offsite, "--like", str(s3_source.repo), "--immutable-days", "1")
+    first, second = s3_source.labels()
+    cli.json("copy", str(s3_source.repo), offsite, "--point", first.split("@")[1])
+    s3 = _s3(seaweed)
+
+    def retained() -> dict[str, Any]:
+        return {o["Key"]: s3.head_object(Bucket=bucket, Key=o["Key"])["ObjectLockRetainUntilDate"]
+                for o in s3.list_objects_v2(Bucket=bucket, Prefix="offsite/chunks/")["Contents"]}
+
+    before = retained()
+    time.sleep(1.1)  # S3 keeps retention dates to the second
+    report = cli.json("copy", str(s3_source.repo), offsite)
+    assert report["points_copied"] == [second] and report["chunks_sent"] == 1
+    after = retained()
+    extended = [key for key in before if after[key] > before[key]]
+    # the second point shares every chunk of the first but the one its 1 MiB write replaced
+    assert len(extended) == len(before) - 1, (before, after)

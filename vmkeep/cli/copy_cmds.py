@@ -72,7 +72,8 @@ def copy_cmd(
     name: Annotated[str | None, typer.Option(help="Only names matching this glob (e.g. 'web-*')")] = None,
     point: Annotated[str | None, typer.Option(help="Only this point (id or unique id prefix)")] = None,
     latest: Annotated[int | None, typer.Option(min=0, help="Only the newest N points of each name")] = None,
-    max_rate: Annotated[float | None, typer.Option(min=0.1, help="Write at most this many MiB/s to the target")] = None,
+    max_rate: Annotated[float | None, typer.Option(
+        min=0.1, help="Move at most this many MiB/s (read from the source, written to the target)")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="Read every copied point back from the target and "
                                                           "check it before committing it")] = False,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Chunks moved at once")] = DEFAULT_WORKERS,

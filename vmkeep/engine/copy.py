@@ -29,7 +29,7 @@ from vmkeep.engine.vm import config_context
 from vmkeep.errors import BackendError, ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
 from vmkeep.pipeline import bounded_map
 from vmkeep.progress import NoProgress, Progress
-from vmkeep.repository.chunks import check_stored
+from vmkeep.repository.chunks import check_stored, decode_chunk
 from vmkeep.repository.index import ZERO_ID, DiskIndex
 from vmkeep.repository.points import DiskEntry, Manifest
 from vmkeep.repository.repo import Repository, chunk_key
@@ -94,6 +94,11 @@ def _check_pair(source: Repository, target: Repository) -> str:
             f"{target.backend.url} uses {target.config.chunk_size >> 20} MiB chunks and {source.backend.url} "
             f"{source.config.chunk_size >> 20} MiB: copy into a repository made with `vmkeep repo init TARGET "
             f"--like {source.backend.url}` (or --chunk-size {source.config.chunk_size >> 20}M)")
+    if source.config.encrypted and not target.config.encrypted:
+        raise UsageError(
+            f"{source.backend.url} is encrypted and {target.backend.url} is not: the copy would keep the backups "
+            f"in plain text there; copy into a repository made with `vmkeep repo init TARGET --like "
+            f"{source.backend.url}` (or --encrypt)")
     return RAW if source.keys == target.keys else REENCRYPT
 
 
@@ -174,11 +179,12 @@ class _PointCopy:
             moved = _Moved(cid, len(stored), len(stored) if self.target.backend.put(chunk_key(cid), stored,
                                                                                      if_absent=True) else 0)
         else:
-            plaintext = self.source.load_chunk(cid, size)
+            stored = self.source.backend.get(chunk_key(cid))
+            plaintext = decode_chunk(self.source.keys, cid, stored, size)
             new_id = self.target.keys.chunk_id(plaintext)
-            moved = _Moved(new_id, size, self.target.store_chunk(new_id, plaintext))
-        if moved.sent and self.pacer is not None:
-            self.pacer.pace(moved.sent)
+            moved = _Moved(new_id, len(stored), self.target.store_chunk(new_id, plaintext))
+        if self.pacer is not None:  # what crossed the link: read from the source, or written to the target
+            self.pacer.pace(max(moved.read, moved.sent))
         return moved
 
     def disk(self, manifest: Manifest, disk: str, entry: DiskEntry) -> DiskEntry:
@@ -235,8 +241,9 @@ def _verify(target: Repository, manifest: Manifest, workers: int) -> None:
 def copy_points(source: Repository, target: Repository, points: Iterable[Manifest], *,
                 workers: int = DEFAULT_WORKERS, max_rate: float | None = None, verify: bool = False,
                 progress: Progress | None = None) -> CopyReport:
-    """Copy ``points`` (oldest first) from ``source`` into ``target``; ``max_rate``: MiB/s written
-    to the target at most; ``verify``: read each point back from the target before committing it."""
+    """Copy ``points`` (oldest first) from ``source`` into ``target``; ``max_rate``: MiB/s read
+    from the source or written to the target at most; ``verify``: read each point back from the
+    target before committing it."""
     started = time.monotonic()
     mode = _check_pair(source, target)
     report = CopyReport(mode=mode, verified=verify)
