@@ -1,9 +1,13 @@
 """Backup copies through the server, with a real proxy and a bare VM: a policy copies each run's
 new point into a second repository right after its backups, the target's own retention prunes
-only the target, a cron target copies what the target lacks when due, a copy starts on demand
-(the client command), the catalog and the console list where each point exists, and once
-the policy's repository is deleted from the disk a restore through the server reads the copy,
-bit for bit. A copy target naming an unknown repository is refused and changes nothing.
+only the target, a cron target sends nothing its retention would prune again, a copy starts on
+demand (the client command; refused while one is going), the catalog and the console list where
+each point exists; an after-backup target that missed copies (unusable, then failing part-way,
+what arrived still cataloged) catches up with the next one, which waits for a copy under way. A
+restore through the server reads the copy when the primary's index of the point is damaged, the
+primary when only another point's manifest is (--from-repository), and the copy, bit for bit,
+once the policy's repository is deleted from the disk. A copy target naming an unknown
+repository is refused and changes nothing.
 
 One master, proxy and VM for the module (heavy: run under ``flock /tmp/vmkeep-heavy.lock``).
 """
@@ -11,8 +15,10 @@ One master, proxy and VM for the module (heavy: run under ``flock /tmp/vmkeep-he
 from __future__ import annotations
 
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,8 @@ class Lab:
     main: Path
     offsite: Path
     folder: Path
+    points: dict[str, str] = field(default_factory=dict)  # label -> point id, across the tests
+    images: dict[str, Path] = field(default_factory=dict)  # label -> the disk as it was backed up
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +75,42 @@ def copies(api: httpx.Client) -> list[dict[str, Any]]:
     return list(api.get("/api/maintenance", params={"kind": "copy"}).json())
 
 
-def copy_ended(api: httpx.Client, count: int) -> dict[str, Any]:
-    """The newest copy run once there are ``count`` and it has ended; it must have succeeded."""
+def copy_ended(api: httpx.Client, count: int, status: str = "succeeded") -> dict[str, Any]:
+    """The newest copy run once there are ``count`` and it has ended, with ``status``."""
     run = wait_for(f"copy run {count}", lambda: len(runs := copies(api)) >= count and runs[0]["finished"]
                    and runs[0], timeout=120)
-    assert len(copies(api)) == count and run["status"] == "succeeded", run["error"]
+    assert len(copies(api)) == count and run["status"] == status, run["error"]
     return dict(run)
+
+
+def sql(master: Server, statement: str, **params: Any) -> Any:
+    """One statement on the master's catalog; its first value, if it returns rows."""
+    engine = create_engine(master.database)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params)
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
+def flip(path: Path, at: int = 64) -> None:
+    """Damage a stored object: a few bytes inverted."""
+    data = bytearray(path.read_bytes())
+    data[at:at + 4] = bytes(b ^ 0xFF for b in data[at:at + 4])
+    path.write_bytes(bytes(data))
+
+
+def restored(api: httpx.Client, lab: Lab, body: dict[str, Any]) -> dict[str, Any]:
+    """A restore through the server as a new VM on the local host, followed to its end."""
+    reply = api.post("/api/restores", json={"vm": lab.vm.name, "hypervisor": "local",
+                                            "storage": str(lab.folder / "restored"), "start": False, **body})
+    assert reply.status_code == 202, reply.text
+    lab.vm.extra.append(body["as_name"])
+    done = wait_for("the restore", lambda: (r := api.get(f"/api/restores/{reply.json()['id']}").json())[
+        "finished"] and r, timeout=120)
+    assert done["status"] == "succeeded", done
+    return dict(done)
 
 
 def where(api: httpx.Client, vm: str) -> dict[str, list[str]]:
@@ -148,39 +186,106 @@ def test_copies_after_backup_pruned_by_their_own_retention_and_restored_when_the
     assert sorted(p.stem for p in (lab.offsite / "points" / vm).glob("*.json")) == [second]
     assert len(list((lab.main / "points" / vm).glob("*.json"))) == 2
 
-    # on a cron: what the target lacks (the pruned point) travels, then its retention prunes it again
+    lab.points.update(first=first, second=second)
+    lab.images["second"] = at_backup
+
+    # on a cron: the target lacks the pruned point, but its retention would prune it again: not sent
     changed = client_cli(console_master).json("policy", "copy-to", "nightly", "offsite", "--when", "0 3 * * *",
                                               "--keep-last", "1")
     assert changed["copy_targets"][0]["next_run"], changed
-    engine = create_engine(console_master.database)
-    with engine.begin() as conn:  # its time has come
-        conn.execute(text("UPDATE policy_copy_targets SET next_run = now() - interval '1 minute'"))
-    engine.dispose()
-    run = copy_ended(console_api, 3)
-    assert run["result"]["points_copied"] == [f"{vm}@{first}"] and run["requested_by"] == "schedule", run
-    assert run["result"]["prune"]["names"][vm]["remove"] == [first], run
+    sql(console_master, "UPDATE policy_copy_targets SET next_run = now() - interval '1 minute'")  # its time came
+    due = wait_for("the cron's next time", lambda: datetime.fromisoformat(
+        d := console_api.get("/api/policies").json()[0]["copy_targets"][0]["next_run"]) > datetime.now(UTC) and d)
+    time.sleep(1)  # a copy would be queued right after its next time is set
+    assert len(copies(console_api)) == 2, copies(console_api)[0]
     assert where(console_api, vm) == {second: ["main", "offsite"], first: ["main"]}
-    due = console_api.get("/api/policies").json()[0]["copy_targets"][0]["next_run"]
-    assert datetime.fromisoformat(due) > datetime.now(UTC), due  # its next time, set before the copy went
+    assert sorted(p.stem for p in (lab.offsite / "points" / vm).glob("*.json")) == [second], due
 
     # on demand: the pruned point back into the target (only its own chunks travel)
     run = client_cli(console_master).json("repository", "copy", "main", "offsite", "--point", first[:-2])
-    assert run == copy_ended(console_api, 4)
+    assert run == copy_ended(console_api, 3)
     assert run["result"]["points_copied"] == [f"{vm}@{first}"] and "prune" not in run["result"], run
     assert where(console_api, vm) == {second: ["main", "offsite"], first: ["main", "offsite"]}
     page = console_page(console_master, f"/points/vm/{vm}")
     assert page.count('data-label="Copies">offsite</td>') == 2
 
+
+
+def test_an_after_backup_target_catches_up_on_what_it_missed(console_master: Server, console_api: httpx.Client,
+                                                             lab: Lab) -> None:
+    vm = lab.vm.name
+    client_cli(console_master).json("policy", "copy-to", "nightly", "offsite", "--keep-last", "4")  # after-backup
+    # the target cannot be opened for one run: the copy fails saying so, nothing is cataloged
+    config = lab.offsite / "config.json"
+    config.rename(lab.folder / "offsite-config.json")
+    try:
+        third = run_to_end(console_api, "nightly", {vm: "queued"})[vm]["point_id"]
+        run = copy_ended(console_api, 4, "failed")
+        assert "cannot open the copy's target repository offsite" in run["error"], run
+    finally:
+        (lab.folder / "offsite-config.json").rename(config)
+    assert where(console_api, vm)[third] == ["main"]
+
+    # the next copy sends the missed point too, then fails part-way: what arrived is cataloged
+    lab.vm.write("vda", 20 * MiB, 4 * MiB, 0x43)  # chunks the target lacks: their directory refuses them
+    chunk_dirs = [lab.offsite / "chunks", *(p for p in (lab.offsite / "chunks").iterdir() if p.is_dir())]
+    subprocess.run(["chattr", "+i", *map(str, chunk_dirs)], check=True)
+    try:
+        fourth = run_to_end(console_api, "nightly", {vm: "queued"})[vm]["point_id"]
+        run = copy_ended(console_api, 5, "failed")
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, chunk_dirs)], check=True)
+    assert f"{vm}@{fourth}" in run["error"] and "1 points copied before this stay" in run["error"], run["error"]
+    assert run["params"]["points"] == [f"{vm}@{third}", f"{vm}@{fourth}"], run["params"]
+    assert where(console_api, vm)[third] == ["main", "offsite"] and where(console_api, vm)[fourth] == ["main"]
+
+    # one copy per source and target: on demand refused, a policy's waits for the one going
+    going = sql(console_master, "INSERT INTO maintenance_runs (repository_id, repository_name, kind, params, "
+                "requested_by, status, target_repository_id, target_repository_name) SELECT s.id, s.name, 'copy', "
+                "'{}', 'test', 'running', t.id, t.name FROM repositories s, repositories t WHERE s.name = 'main' "
+                "AND t.name = 'offsite' RETURNING id")
+    try:
+        refused = console_api.post("/api/repositories/main/copy", json={"target": "offsite"})
+        assert refused.status_code == 409 and "already going" in refused.json()["detail"], refused.text
+        lab.vm.write("vda", 28 * MiB, 2 * MiB, 0x44)
+        lab.images["fifth"] = lab.vm.snapshot("vda", lab.folder / "at-fifth-backup.qcow2")
+        fifth = run_to_end(console_api, "nightly", {vm: "queued"})[vm]["point_id"]
+        wait_for("the copy target marked due", lambda: console_api.get("/api/policies").json()[0]["copy_targets"][0][
+            "next_run"])
+        assert len(copies(console_api)) == 6  # the five and the one going: nothing queued
+    finally:
+        sql(console_master, "DELETE FROM maintenance_runs WHERE id = :id", id=going)
+    run = copy_ended(console_api, 6)
+    assert run["result"]["points_copied"] == [f"{vm}@{fourth}", f"{vm}@{fifth}"], run
+    assert run["result"]["prune"]["names"][vm]["remove"] == [lab.points["first"]], run
+    assert console_api.get("/api/policies").json()[0]["copy_targets"][0]["next_run"] is None
+    assert all(where(console_api, vm)[p] == ["main", "offsite"] for p in (third, fourth, fifth))
+    lab.points.update(third=third, fifth=fifth)
+
+
+def test_restores_read_a_healthy_copy_of_the_point(console_master: Server, console_api: httpx.Client,
+                                                   lab: Lab) -> None:
+    vm, points = lab.vm.name, lab.points
+    # the primary's index of the point is damaged (its manifest reads fine): the copy is read
+    flip(next((lab.main / "indexes" / vm / points["second"]).glob("*.idx")))
+    done = restored(console_api, lab, {"as_name": f"{vm}-i", "point": points["second"]})
+    assert (done["point"], done["repository"], done["restored_from"]) == (points["second"], "main", "offsite"), done
+    assert any("offsite" in w and "main" in w for w in done["warnings"]), done
+    assert qemu_img_compare(lab.images["second"], Path(done["disks"]["vda"]))
+
+    # another point's manifest damaged in the primary: this point is still read from there, when asked
+    flip(lab.main / "points" / vm / f"{points['third']}.json", at=8)
+    cli = client_cli(console_master)
+    out = cli.json("restore", f"{vm}@{points['fifth']}", "--hypervisor", "local", "--as", f"{vm}-m", "--storage",
+                   str(lab.folder / "restored"), "--no-start", "--from-repository", "main")
+    lab.vm.extra.append(f"{vm}-m")
+    assert (out["status"], out["restored_from"]) == ("succeeded", "main"), out
+    assert qemu_img_compare(lab.images["fifth"], Path(out["disks"]["vda"]))
+
     # the policy's repository is lost entirely: the restore reads the copy
     shutil.rmtree(lab.main)
-    restore = console_api.post("/api/restores", json={"vm": vm, "hypervisor": "local", "as_name": f"{vm}-c",
-                                                      "storage": str(lab.folder / "restored"), "start": False})
-    assert restore.status_code == 202, restore.text
-    lab.vm.extra.append(f"{vm}-c")
-    done = wait_for("the restore", lambda: (r := console_api.get(f"/api/restores/{restore.json()['id']}").json())[
-        "finished"] and r, timeout=120)
-    assert done["status"] == "succeeded", done
-    assert (done["point"], done["repository"], done["restored_from"]) == (second, "main", "offsite"), done
+    done = restored(console_api, lab, {"as_name": f"{vm}-c"})
+    assert (done["point"], done["repository"], done["restored_from"]) == (points["fifth"], "main", "offsite"), done
     assert any("copy in repository offsite" in w and "main" in w for w in done["warnings"]), done
-    assert qemu_img_compare(at_backup, Path(done["disks"]["vda"]))
+    assert qemu_img_compare(lab.images["fifth"], Path(done["disks"]["vda"]))
     assert "read from its copy in offsite" in console_page(console_master, f"/restores/{done['id']}")

@@ -181,9 +181,9 @@ def follow(api: ApiClient, path: str, run: dict[str, Any], label: Callable[[dict
 
 def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: str | None, as_name: str | None,
                    overwrite: bool, disk: str | None, storage: str | None, start: bool, json_out: bool,
-                   place: dict[str, str] | None = None) -> None:
+                   place: dict[str, str] | None = None, repository: str | None = None) -> None:
     """`vmkeep --server URL restore VM[@POINT] --hypervisor H --as NEW|--overwrite`, followed to its end;
-    ``place``: --network, --esx-host (the API's host), --folder of a new VM."""
+    ``place``: --network, --esx-host (the API's host), --folder of a new VM; ``repository``: read only it."""
     if not server_options(ctx)[0]:
         raise UsageError("give --repo REPO to restore here, or --server URL to have a proxy do it")
     if disk is not None:
@@ -193,7 +193,7 @@ def server_restore(ctx: typer.Context, vm: str, point: str | None, hypervisor: s
     api = client(ctx)
     job = api.call("POST", "/api/restores", json={"vm": vm, "point": point, "hypervisor": hypervisor,
                                                   "as_name": as_name, "overwrite": overwrite, "storage": storage,
-                                                  "start": start, **(place or {})})
+                                                  "start": start, "repository": repository, **(place or {})})
     # the proxy reports bytes written into the restore's row every second
     job = follow(api, f"/api/restores/{job['id']}", job,
                  lambda j: f"restoring {vm}@{j['point']}" + (f" on {j['proxy']}" if j["proxy"] else ""))

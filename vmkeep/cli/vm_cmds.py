@@ -142,6 +142,9 @@ def restore_cmd(
     insecure: InsecureOpt = False,
     hypervisor: Annotated[str | None, typer.Option(help="With --server: the registered hypervisor to restore "
                                                    "onto")] = None,
+    from_repository: Annotated[str | None, typer.Option(
+        "--from-repository", help="With --server: read the point from this registered repository only (one of "
+                                  "its copies, say); default: its own, else a healthy copy")] = None,
     as_name: Annotated[str | None, typer.Option("--as", help="Restore as a new VM with this name")] = None,
     storage: Annotated[str | None, typer.Option(help="Where the new VM's disks go: a storage pool or a directory "
                                                      "(libvirt; default: the original's pool), a datastore "
@@ -171,8 +174,12 @@ def restore_cmd(
 
         server_restore(ctx, vm, point, hypervisor, as_name, overwrite, disk, storage,
                        start, json_out, place={k: v for k, v in (("host", esx_host), ("folder", folder),
-                                                                ("network", network)) if v})
+                                                                ("network", network)) if v},
+                       repository=from_repository)
         return
+    if from_repository is not None:
+        raise UsageError("--from-repository chooses a registered repository through --server; here --repo "
+                         "is the repository read")
     r = open_repository(repo, passphrase_file, key_file, s3_endpoint)
     progress = RichProgress(not json_out)
     started = time.monotonic()

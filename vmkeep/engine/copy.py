@@ -26,7 +26,15 @@ from dataclasses import dataclass, field, replace
 
 from vmkeep.engine.throttle import Throttle
 from vmkeep.engine.vm import config_context
-from vmkeep.errors import BackendError, ObjectCorrupt, ObjectMissing, PointNotFound, RepositoryError, UsageError
+from vmkeep.errors import (
+    BackendError,
+    ObjectCorrupt,
+    ObjectMissing,
+    PointNotFound,
+    RepositoryError,
+    UsageError,
+    VmkeepError,
+)
 from vmkeep.pipeline import bounded_map
 from vmkeep.progress import NoProgress, Progress
 from vmkeep.repository.chunks import check_stored, decode_chunk
@@ -56,6 +64,17 @@ class CopyReport:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+class CopyFailed(VmkeepError):
+    """A copy that stopped part-way: the cause's message and exit code, and in ``report`` the points
+    that did arrive before it (complete and visible in the target), so a caller keeping a catalog
+    can list them."""
+
+    def __init__(self, cause: VmkeepError, report: CopyReport) -> None:
+        super().__init__(str(cause))
+        self.report = report
+        self.exit_code = cause.exit_code
 
 
 def choose_points(source: Repository, *, names: str | None = None, point: str | None = None,
@@ -251,31 +270,35 @@ def copy_points(source: Repository, target: Repository, points: Iterable[Manifes
     pacer = Throttle(NoProgress(), max_rate * (1 << 20)) if max_rate else None
     present: dict[str, set[str]] = {}
     log.info("copying %s into %s (%s)", source.backend.url, target.backend.url, mode)
-    for manifest in points:
-        label = f"{manifest.name}@{manifest.point_id}"
-        if manifest.name not in present:
-            present[manifest.name] = set(target.point_ids(manifest.name))
-        if manifest.point_id in present[manifest.name]:
-            report.points_present.append(label)
-            continue
-        base = _Base.of(source, target, manifest.name, present[manifest.name])
-        try:
-            with WriterSession(target.backend, protects=base.protects):
-                base.check_kept(target)
-                copier = _PointCopy(source, target, mode, base, report, progress, pacer, workers)
-                disks = {disk: copier.disk(manifest, disk, entry) for disk, entry in manifest.disks.items()}
-                copied = _target_manifest(source, target, manifest, mode, disks)
-                if verify:
-                    target.backend.flush()
-                    _verify(target, copied, workers)
-                target.commit_point(copied)
-        except BackendError as exc:  # the storage's own message names the object, not the repository
-            raise BackendError(f"copying {label} from {source.backend.url} into {target.backend.url}: {exc} "
-                               f"({label} is not visible in the target; run the copy again: only what is "
-                               "missing travels)") from exc
-        present[manifest.name].add(manifest.point_id)
-        report.points_copied.append(label)
-        report.bytes_logical += manifest.logical_size
-        log.info("copied %s into %s", label, target.backend.url)
+    try:
+        for manifest in points:
+            label = f"{manifest.name}@{manifest.point_id}"
+            if manifest.name not in present:
+                present[manifest.name] = set(target.point_ids(manifest.name))
+            if manifest.point_id in present[manifest.name]:
+                report.points_present.append(label)
+                continue
+            base = _Base.of(source, target, manifest.name, present[manifest.name])
+            try:
+                with WriterSession(target.backend, protects=base.protects):
+                    base.check_kept(target)
+                    copier = _PointCopy(source, target, mode, base, report, progress, pacer, workers)
+                    disks = {disk: copier.disk(manifest, disk, entry) for disk, entry in manifest.disks.items()}
+                    copied = _target_manifest(source, target, manifest, mode, disks)
+                    if verify:
+                        target.backend.flush()
+                        _verify(target, copied, workers)
+                    target.commit_point(copied)
+            except BackendError as exc:  # the storage's own message names the object, not the repository
+                raise BackendError(f"copying {label} from {source.backend.url} into {target.backend.url}: {exc} "
+                                   f"({label} is not visible in the target; run the copy again: only what is "
+                                   "missing travels)") from exc
+            present[manifest.name].add(manifest.point_id)
+            report.points_copied.append(label)
+            report.bytes_logical += manifest.logical_size
+            log.info("copied %s into %s", label, target.backend.url)
+    except VmkeepError as exc:  # what arrived is in the report: a catalog can list it
+        report.seconds = round(time.monotonic() - started, 3)
+        raise CopyFailed(exc, report) from exc
     report.seconds = round(time.monotonic() - started, 3)
     return report

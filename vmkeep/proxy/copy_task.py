@@ -2,9 +2,13 @@
 read-only) into its target (vmkeep.engine.copy), then the target's own retention.
 
 The copied points' catalog rows for the target are written in the session of the run's outcome,
-so the catalog lists a copy exactly when its run succeeded; points the target already had are
-(re)cataloged too (a copy made outside the server shows up). Which points: ``params["points"]``
-("name@point_id", a policy's new or missing points, chosen by the master from the catalog), or
+so the catalog lists a copy exactly when it is in the target; points the target already had are
+(re)cataloged too (a copy made outside the server shows up). A run failing part-way still catalogs
+the points that arrived before the failure (committed before the failure is recorded: the task
+rolls back what a failed run did), or the master would send them again and never list them.
+
+Which points: ``params["points"]`` ("name@point_id", the policy's points the target lacks and its
+retention would keep, chosen by the master from the catalog), or
 ``names`` (a glob) with ``point`` or ``latest`` as ``vmkeep copy`` takes them. ``retention``
 (counts per name, the master's plan for the target) prunes the target afterwards.
 """
@@ -17,7 +21,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.rebuild import upsert_points
-from vmkeep.engine.copy import choose_points, copy_points
+from vmkeep.engine.copy import CopyFailed, choose_points, copy_points
 from vmkeep.jobs.registered import open_registered
 from vmkeep.progress import Progress
 from vmkeep.proxy.retention import prune_points
@@ -28,7 +32,7 @@ from vmkeep.repository.repo import Repository
 log = logging.getLogger(__name__)
 
 
-class CopyFailed(Exception):
+class CopyRunFailed(Exception):
     """A copy that could not be done, with what to do about it."""
 
 
@@ -37,12 +41,12 @@ def copy_run(session: Session, source: Repository, order: MaintenanceOrder, prog
     points asked for that the source no longer has, the target's prune)."""
     target_order = order.target
     if target_order is None:
-        raise CopyFailed(f"the copy's target repository was removed from the catalog before the run started: "
+        raise CopyRunFailed(f"the copy's target repository was removed from the catalog before the run started: "
                          f"register it again, or start a copy of {order.repository.name} to another one")
     try:
         target = open_registered(target_order)
     except Exception as exc:
-        raise CopyFailed(f"cannot open the copy's target repository {target_order.name} at "
+        raise CopyRunFailed(f"cannot open the copy's target repository {target_order.name} at "
                          f"{target_order.location}: {exc}; make it reachable from this proxy (or fix its "
                          "registration), then start the copy again: only what it lacks travels") from exc
     try:
@@ -51,9 +55,10 @@ def copy_run(session: Session, source: Repository, order: MaintenanceOrder, prog
         try:
             report = copy_points(source, target, points, verify=bool(order.params.get("verify")), progress=progress)
         except Exception as exc:
-            raise CopyFailed(f"copying from {order.repository.name} to {target_order.name} failed: {exc} (points "
-                             "copied before this stay; running the copy again sends only what the target "
-                             "lacks)") from exc
+            arrived = catalog_arrived(session, target_order, points, exc)
+            raise CopyRunFailed(f"copying from {order.repository.name} to {target_order.name} failed: {exc} "
+                                f"({arrived} points copied before this stay and are cataloged; running the copy "
+                                "again sends only what the target lacks)") from exc
         if points:
             upsert_points(session, target_order.id, points)
         result: dict[str, Any] = {**report.as_dict(), "missing": missing}
@@ -65,6 +70,20 @@ def copy_run(session: Session, source: Repository, order: MaintenanceOrder, prog
         return result
     finally:
         target.close()
+
+
+def catalog_arrived(session: Session, target: RepositoryOrder, points: list[Manifest], failure: Exception) -> int:
+    """The points a failed copy did put in the target (and those it found there), cataloged for
+    the target and committed now; how many."""
+    if not isinstance(failure, CopyFailed):
+        return 0
+    done = set(failure.report.points_copied) | set(failure.report.points_present)
+    arrived = [m for m in points if f"{m.name}@{m.point_id}" in done]
+    if arrived:
+        upsert_points(session, target.id, arrived)
+        session.commit()
+        log.info("copy to %s failed after %d points: cataloged them", target.name, len(arrived))
+    return len(arrived)
 
 
 def prune_target(session: Session, target: Repository, record: RepositoryOrder,

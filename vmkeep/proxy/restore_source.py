@@ -1,8 +1,10 @@
 """Which repository a restore reads its point from: its own, else a copy of the point in another
 repository (migration 0019's ``proxy_restore_sources``), the first that opens and holds the point.
 
-A repository deleted, unreachable, replaced or missing the point's manifest fails here, before
-anything is written to the hypervisor; the next one is tried. A later step of an instant
+A repository deleted, unreachable, replaced, missing the point's manifest or holding a damaged
+one, or an index of its disks missing or damaged (MAC checked) fails here, before anything is
+written to the hypervisor; the next one is tried. Only that point is read (its manifest by its id,
+not a listing of the VM's points): another point's damage does not pass a repository over. A later step of an instant
 recovery prefers the repository its start used.
 """
 
@@ -11,9 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from vmkeep.errors import VmkeepError
+from vmkeep.errors import PointNotFound, VmkeepError
 from vmkeep.jobs.registered import open_registered
 from vmkeep.proxy.work import RepositoryOrder, RestoreOrder
+from vmkeep.repository.points import Manifest
 from vmkeep.repository.repo import Repository
 
 log = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ def open_source(order: RestoreOrder, vm: str, point_id: str, prefer: str | None 
         repo = None
         try:
             repo = open_registered(candidate)
-            repo.find_point(vm, point_id)
+            readable_point(repo, vm, point_id)
         except Exception as exc:  # noqa: BLE001 - any failure of this one: the next copy is tried
             if repo is not None:
                 repo.close()
@@ -52,3 +55,14 @@ def open_source(order: RestoreOrder, vm: str, point_id: str, prefer: str | None 
     raise NoSource(f"no repository holding {vm}@{point_id} can be read ({'; '.join(passed_over)}): make one of "
                    "them reachable again (or register a copy of it and rebuild its catalog), or restore another "
                    "point")
+
+
+def readable_point(repo: Repository, vm: str, point_id: str) -> Manifest:
+    """The point's manifest, once it and each of its disks' indexes have been read and checked
+    (PointNotFound when the repository does not hold it)."""
+    manifest = repo.load_point(vm, point_id)
+    if manifest is None:
+        raise PointNotFound(f"it holds no point {vm}@{point_id}")
+    for disk in manifest.disks:
+        repo.load_index(manifest, disk)
+    return manifest

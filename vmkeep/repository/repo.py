@@ -249,6 +249,10 @@ class Repository:
             if latest is None:
                 raise _no_points(name)
             return latest
+        if point_stamp(point) is not None:  # a whole id is read directly: other points' damage is no matter
+            direct = self.load_point(name, point)
+            if direct is not None:
+                return direct
         points = self.list_points(name)
         if not points:
             raise _no_points(name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vmkeep.engine.files import GuestFiles, PointFilesystems, open_point_filesystems
 from vmkeep.engine.mount import PointSpec
-from vmkeep.errors import VmkeepError
+from vmkeep.errors import PointNotFound, VmkeepError
 from vmkeep.jobs.keys import open_secret
 from vmkeep.jobs.registered import open_registered, passphrase_context
 
@@ -95,17 +95,27 @@ def open_point(stack: ExitStack, point: PointRef) -> PointFilesystems:
 
 
 def readable(point: PointRef) -> RegisteredRepo:
-    """The point's repository if it opens, else the first of its copies that does (the first
-    failure raised when none does)."""
+    """The point's repository if it opens and holds the point readable (its manifest and the
+    indexes of its disks, MAC checked), else the first of its copies that does (the first failure
+    raised when none does)."""
     first: Exception | None = None
     for repo in (point.repo, *point.copies):
         try:
-            open_registered(repo).close()
+            opened = open_registered(repo)
+            try:
+                manifest = opened.load_point(point.vm, point.point_id)
+                if manifest is None:
+                    raise PointNotFound(f"repository {repo.name} holds no point {point.label}")
+                for disk in point.disks:
+                    opened.load_index(manifest, disk)
+            finally:
+                opened.close()
             if repo is not point.repo:
-                log.warning("%s: repository %s cannot be opened (%s): reading its copy in %s", point.label,
+                log.warning("%s: repository %s cannot be used (%s): reading its copy in %s", point.label,
                             point.repo.name, first, repo.name)
             return repo
         except VmkeepError as exc:
+            log.info("%s: repository %s cannot be used: %s", point.label, repo.name, exc)
             first = first or exc
     assert first is not None
     raise first
