@@ -13,7 +13,7 @@ from tests.conftest import Cli, MiB
 from vmkeep.catalog.models import Base
 from vmkeep.lab.images import Segment
 
-HEAD = "0019"  # the newest migration
+HEAD = "0020"  # the newest migration
 
 
 def backed_up(cli: Cli, make_disk: Callable[..., Path], repo: str, names: list[str]) -> None:

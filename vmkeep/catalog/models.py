@@ -438,3 +438,7 @@ class NewestPoint(Base):
     repository_id: Mapped[int] = mapped_column(ForeignKey("repositories.id", ondelete="CASCADE"), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+# the replica tables (migration 0020) live in their own module, on this Base: imported here so
+# that whoever reads Base.metadata (Alembic, the schema test) sees them
+from vmkeep.catalog import replica_models as _replica_models  # noqa: E402,F401

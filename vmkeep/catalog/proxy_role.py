@@ -8,8 +8,9 @@ restore rows still in progress (a trigger keeps ended rows the master's), closes
 writes the catalog's restore points (new backups, retention, prunes) and adds its backups' log
 lines; it runs repository maintenance (verify, prune, GC) the same way (migration 0015), and backup
 copies: the target repository of a copy through a view, the copied points' rows written for the
-target, a restore's copies of its point through another view (migration 0019). It cannot put work
-on the queue.
+target, a restore's copies of its point through another view (migration 0019); and VM replica
+syncs: the replica's row, its host's login and repository through a view, the sync's outcome
+written into the row (migration 0020). It cannot put work on the queue.
 
 ``vmkeep db upgrade`` creates the role and (re)states every grant, so the grants follow the
 schema. The catalog's own login needs CREATEROLE for that.
@@ -37,7 +38,8 @@ QUEUE = {
     "procrastinate_workers": "SELECT, INSERT, UPDATE, DELETE",
 }
 READ = ("alembic_version", "jobs", "job_vms", "restore_jobs", "proxies", "proxy_backup_work", "proxy_restore_work",
-        "maintenance_runs", "proxy_maintenance_work", "proxy_copy_work", "proxy_restore_sources")
+        "maintenance_runs", "proxy_maintenance_work", "proxy_copy_work", "proxy_restore_sources", "replicas",
+        "proxy_replica_work")
 OUTCOME = {  # the columns a proxy writes: status, outcome, progress
     "job_vms": ("proxy", "status", "attempts", "mode", "mode_reason", "transport", "read_bytes", "stored_bytes",
                 "progress_bytes", "total_bytes", "duration_seconds", "point_id", "verified", "disks", "boot_check",
@@ -47,6 +49,8 @@ OUTCOME = {  # the columns a proxy writes: status, outcome, progress
     "jobs": ("status", "finished"),
     "maintenance_runs": ("proxy", "status", "attempts", "progress_bytes", "total_bytes", "result", "error", "started",
                          "finished"),
+    "replicas": ("proxy", "status", "attempts", "state", "point_id", "mode", "bytes_written", "progress_bytes",
+                 "total_bytes", "error", "updated"),
 }
 POINTS = "restore_points"  # cataloged after each backup, pruned by the policy's retention
 LOG_LINES = "job_vm_logs"  # a backup's log lines, added while it runs (never read back or changed)

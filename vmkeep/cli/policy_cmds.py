@@ -1,4 +1,5 @@
-"""`vmkeep --server URL policy create|update|run|list|delete`: backup policies on the server."""
+"""`vmkeep --server URL policy create|update|run|list|delete|copy-to|replicate-to|replicas`: backup policies on
+the server."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Annotated, Any
 import typer
 from rich.live import Live
 
-from vmkeep.cli.client_cmds import client, job_table, show_list
+from vmkeep.cli.client_cmds import client, job_table, say, show_list
 from vmkeep.cli.common import JsonOpt
 from vmkeep.cli.output import emit_json, out_console
 from vmkeep.client import ApiClient
-from vmkeep.errors import VmkeepError
+from vmkeep.errors import UsageError, VmkeepError
 
 policy_app = typer.Typer(help="Backup policies on the server.", no_args_is_help=True)
 
@@ -149,6 +150,42 @@ def policy_copy_to_cmd(
     else:
         out_console.print(f"policy {name} copies to: " + (", ".join(
             f"{t['repository']} ({t['when']})" for t in changed["copy_targets"]) or "nowhere"))
+
+
+@policy_app.command("replicate-to")
+def policy_replicate_to_cmd(
+    ctx: typer.Context, name: Name,
+    hypervisor: Annotated[str | None, typer.Argument(help="Registered libvirt hypervisor the replicas are kept on")]
+    = None,
+    storage: Annotated[str | None, typer.Option(help="Where new replicas' disks go on the host (inside its restore "
+                                                     "locations), or a pool")] = None,
+    network: Annotated[str | None, typer.Option(help="The replicas' network; 'none': no interfaces")] = None,
+    replica_name: Annotated[str, typer.Option("--name", help="Each replica VM's name, {vm} the VM's")] = "{vm}-replica",
+    remove: Annotated[bool, typer.Option("--remove", help="Stop keeping replicas (the replica VMs stay)")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Keep a powered-off replica of each of the policy's VMs on a libvirt host, brought to each
+    run's new point by writing only what changed (vmkeep failover/failback start and copy back)."""
+    if not remove and hypervisor is None:
+        raise UsageError("name the hypervisor the replicas are kept on, or give --remove")
+    body = {"hypervisor": None} if remove else {"hypervisor": hypervisor, "storage": storage, "network": network,
+                                                "name": replica_name}
+    changed = client(ctx).call("PUT", f"/api/policies/{name}/replica", json=body)
+    say(json_out, changed, f"policy {name} keeps replicas on {changed['hypervisor']}" if changed["hypervisor"]
+        else f"policy {name} keeps no replicas")
+
+
+@policy_app.command("replicas")
+def policy_replicas_cmd(ctx: typer.Context,
+                        name: Annotated[str | None, typer.Argument(help="Only this policy's replicas")] = None,
+                        vm: Annotated[str | None, typer.Option(help="Only this VM's replicas")] = None,
+                        json_out: JsonOpt = False) -> None:
+    """The replicas the server keeps: where, at which point, in which state, and their last sync."""
+    show_list(ctx, "/api/replicas", "replicas", json_out,
+              ("VM", "replica", "host", "point", "state", "last sync", "written"),
+              lambda r: (r["vm"], r["replica"], r["hypervisor"], r["point"] or "", r["state"] or "",
+                         r["status"] + (f": {r['error']}" if r["error"] else ""), str(r["bytes_written"] or 0)),
+              params={"policy": name, "vm": vm})
 
 
 @policy_app.command("run")

@@ -9,6 +9,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.models import JobVM, MaintenanceRun, RestoreJob
+from vmkeep.catalog.replica_models import Replica
 from vmkeep.progress import Task
 
 FLUSH_SECONDS = 1.0
@@ -31,7 +32,7 @@ class RowProgress:
     backup's or restore's row; worker threads only add to counters, one thread writes them out."""
 
     def __init__(self, sessions: sessionmaker[Session], row_id: int,
-                 table: type[JobVM] | type[RestoreJob] | type[MaintenanceRun] = JobVM) -> None:
+                 table: type[JobVM] | type[RestoreJob] | type[MaintenanceRun] | type[Replica] = JobVM) -> None:
         self.sessions, self.row_id, self.table = sessions, row_id, table
         self.lock = threading.Lock()
         self.done = self.total = 0

@@ -14,7 +14,7 @@ from vmkeep.catalog.db import sessions
 from vmkeep.client import server_verify
 from vmkeep.errors import VmkeepError
 from vmkeep.jobs.queue import make_app, queue_name
-from vmkeep.proxy import backup_task, maintenance_task, restore_task  # noqa: F401 - their tasks go on the queue's blueprint
+from vmkeep.proxy import backup_task, maintenance_task, replica_task, restore_task  # noqa: F401 - their tasks go on the queue's blueprint
 
 HEARTBEAT_SECONDS = 3.0
 WORKER_HEARTBEAT_SECONDS = 2.0  # procrastinate's own, which the master's rescue loop watches

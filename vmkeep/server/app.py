@@ -33,6 +33,7 @@ from vmkeep.server import (
     routes_jobs,
     routes_maintenance,
     routes_proxies,
+    routes_replicas,
     routes_restore,
 )
 from vmkeep.server.auth import TOKEN_MAX_DAYS, get_session
@@ -43,6 +44,7 @@ from vmkeep.server.endpoints import EndpointPolicy, Network
 from vmkeep.server.login_guard import LoginGuard
 from vmkeep.server.maintenance import rescue_maintenance
 from vmkeep.server.notify import Mailer
+from vmkeep.server.replicas import replicate_after_backups
 from vmkeep.server.request_log import RequestLog
 from vmkeep.server.request_size import RequestSizeLimit
 from vmkeep.server.schedule import discover_due, notify_finished, run_due_policies
@@ -91,6 +93,7 @@ async def rescue_loop(app: FastAPI) -> None:
                 await dispatch_waiting(session, app.state.queue)
                 await run_due_policies(session, app.state.queue, datetime.now(UTC))
                 await copy_after_backups(session, app.state.queue)
+                await replicate_after_backups(session, app.state.queue)
                 await run_due_copies(session, app.state.queue, datetime.now(UTC))
                 await notify_finished(session, app.state.mailer, app.state.endpoints)
             await discover_due(app.state.sessions, datetime.now(UTC))
@@ -137,6 +140,7 @@ def create_app(database_url: str, mailer: Mailer | None = None, proxy_database_u
     app.include_router(routes_restore.router)
     routes_files.install(app)  # file-level restore, its sessions closed with the server
     app.include_router(routes_maintenance.router)
+    app.include_router(routes_replicas.router)
     app.add_exception_handler(RequestValidationError, validation_failed)
     install_console(app)  # the web console at /, its files at /static
 
