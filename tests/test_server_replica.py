@@ -1,7 +1,8 @@
 """VM replicas through the server, with a real proxy and a bare VM: a policy with a replica target
 gets, after each run, a powered-off replica of its VM on the target libvirt host at the run's
 point (the catalog lists it standby there; its disk equals the VM's disk at backup time by
-qemu-img compare), and the next run writes only the slot that changed. A target naming an
+qemu-img compare), and the next run writes only the slot that changed; the console's policies
+page lists it. A target naming an
 unknown hypervisor, one that cannot hold replicas, storage outside the restore locations or a
 bad name is refused and changes nothing. The replica host is the lab's libvirtd (the VM's own:
 the replica is a second VM there).
@@ -24,7 +25,7 @@ from tests.bare_vm import BareVM
 from tests.conftest import MiB, fresh_cli, qemu_img_compare
 from tests.test_scale_out import local_host_and_proxy, run_to_end, stop, wait_for
 from tests.test_server import Server
-from tests.test_server_copy import client_cli
+from tests.test_server_copy import client_cli, console_page
 
 SLOT = 4 * MiB  # the repository's chunk size: what a replica update writes per changed slot
 
@@ -126,6 +127,9 @@ def test_the_replica_follows_each_run_writing_only_what_changed(console_master: 
     assert bare_vm.virsh("domstate", lab.replica).strip() == "shut off"
     assert qemu_img_compare(at_second, disk)
 
+    page = console_page(console_master, "/policies")
+    shown = page[page.index(f'data-replica="{lab.replica}"'):]
+    assert "<h2 id=\"replicas\">Replicas</h2>" in page and second in shown and "standby" in shown, shown[:800]
     listed = admin.json("policy", "replicas", "mirror")["replicas"]
     assert [(r["vm"], r["point"], r["state"]) for r in listed] == [(vm.name, second, "standby")]
     assert admin.json("policy", "replicate-to", "mirror", "--remove")["hypervisor"] is None

@@ -22,11 +22,11 @@ import procrastinate
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.models import Hypervisor, Job, Policy
+from vmkeep.catalog.models import Hypervisor, Job, Policy, Proxy
 from vmkeep.catalog.replica_models import NAME_PATTERN, Replica, ReplicaTarget
 from vmkeep.jobs.queue import queue_name
 from vmkeep.jobs.status import ACTIVE, JobStatus
-from vmkeep.server.dispatch import restore_proxy
+from vmkeep.server.dispatch import proxy_up, restore_proxy
 from vmkeep.server.restore_locations import storage_allowed
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ def set_target(session: Session, policy: Policy, hypervisor: str, *, storage: st
     return target
 
 
+def _proxy_alive(session: Session, name: str | None) -> bool:
+    found = session.scalar(select(Proxy).where(Proxy.name == name)) if name else None
+    return found is not None and proxy_up(found)
+
+
 def target_of(session: Session, policy: Policy) -> ReplicaTarget | None:
     return session.scalar(select(ReplicaTarget).where(ReplicaTarget.policy_id == policy.id))
 
@@ -86,6 +91,11 @@ def target_out(policy: Policy, target: ReplicaTarget | None) -> dict[str, Any]:
         return {"policy": policy.name, "hypervisor": None, "storage": None, "network": None, "name": None}
     return {"policy": policy.name, "hypervisor": target.hypervisor.name, "storage": target.storage,
             "network": target.network, "name": target.name_pattern}
+
+
+def recent_replicas(session: Session, limit: int = 200) -> list[Replica]:
+    """The replicas the console shows, the most recently synced first."""
+    return list(session.scalars(select(Replica).order_by(Replica.updated.desc(), Replica.id).limit(limit)))
 
 
 def replica_out(row: Replica) -> dict[str, Any]:
@@ -122,8 +132,14 @@ async def queue_sync(session: Session, queue: procrastinate.App, target: Replica
     row = session.scalar(select(Replica).where(Replica.hypervisor_id == target.hypervisor_id,
                                                Replica.replica_name == name))
     if row is not None and row.status in ACTIVE:
-        log.info("replica %s of %s: a sync is under way; point %s waits for the next run", name, vm, point)
-        return 0
+        if _proxy_alive(session, row.proxy):
+            log.info("replica %s of %s: a sync is under way; point %s waits for the next run", name, vm, point)
+            return 0
+        # its proxy stopped: the sync is given up (still waiting: taken off the queue) and queued again;
+        # a write it left half-done is found by the replica's "updating" state and repaired (a compare pass)
+        log.warning("replica %s of %s: proxy %s went down during its sync; queued again", name, vm, row.proxy)
+        if row.task_id is not None:
+            await queue.job_manager.cancel_job_by_id_async(row.task_id)
     policy = target.policy
     fields: dict[str, Any] = {
         "vm_name": vm, "policy_id": policy.id, "policy_name": policy.name, "repository_id": policy.repository_id,
@@ -148,7 +164,7 @@ async def queue_sync(session: Session, queue: procrastinate.App, target: Replica
         return 0
     row.proxy = proxy.name
     session.commit()
-    task = queue.configure_task(REPLICA_TASK, queue=queue_name(proxy.name), lock=f"replica:{row.id}")
+    task = queue.configure_task(REPLICA_TASK, queue=queue_name(proxy.name))  # one at a time: the row's status
     row.task_id = await task.defer_async(replica_id=row.id)
     session.commit()
     log.info("replica %s of %s to point %s queued on proxy %s", name, vm, point, proxy.name,

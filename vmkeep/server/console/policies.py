@@ -32,6 +32,7 @@ from vmkeep.server.console.policy_form import (
 )
 from vmkeep.server.console.render import page, screen
 from vmkeep.server.console.session import Refused, Visitor, changing, form_fields, person
+from vmkeep.server.replicas import recent_replicas
 from vmkeep.server.routes_jobs import (
     PolicyRefused,
     change_policy_as,
@@ -87,7 +88,8 @@ def form_page(request: Request, who: Visitor, session: Session, fields: dict[str
 def list_page(request: Request, who: Visitor = Depends(person), session: Session = Depends(get_session),
               p: Paging = Depends(paging), saved: str = "", deleted: str = "") -> Response:
     return screen(request, who, "policies.html", ACTIVE, {"rows": policy_rows(session, p), "paging": p,
-                                                          "saved": saved, "deleted": deleted, **choices(session)})
+                                                          "saved": saved, "deleted": deleted, **choices(session),
+                                                          "replicas": recent_replicas(session)})
 
 
 @router.get("/policies/preview")
