@@ -64,6 +64,7 @@ MATRIX: dict[tuple[str, str], set[str] | None] = {
     ("GET", "/api/policies/{name}/replica"): PEOPLE,
     ("PUT", "/api/policies/{name}/replica"): CHANGE,
     ("GET", "/api/replicas"): PEOPLE,
+    ("POST", "/api/replicas/{vm}/failover"): CHANGE,
     ("GET", "/api/jobs"): PEOPLE,
     ("GET", "/api/jobs/{job_id}"): PEOPLE,
     ("GET", "/api/jobs/{job_id}/log"): PEOPLE,

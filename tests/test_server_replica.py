@@ -2,7 +2,7 @@
 gets, after each run, a powered-off replica of its VM on the target libvirt host at the run's
 point (the catalog lists it standby there; its disk equals the VM's disk at backup time by
 qemu-img compare), and the next run writes only the slot that changed; the console's policies
-page lists it. A target naming an
+page lists it. A failover through the API starts it; later syncs are refused until a failback. A target naming an
 unknown hypervisor, one that cannot hold replicas, storage outside the restore locations or a
 bad name is refused and changes nothing. The replica host is the lab's libvirtd (the VM's own:
 the replica is a second VM there).
@@ -132,5 +132,19 @@ def test_the_replica_follows_each_run_writing_only_what_changed(console_master: 
     assert "<h2 id=\"replicas\">Replicas</h2>" in page and second in shown and "standby" in shown, shown[:800]
     listed = admin.json("policy", "replicas", "mirror")["replicas"]
     assert [(r["vm"], r["point"], r["state"]) for r in listed] == [(vm.name, second, "standby")]
+
+    # failover through the API: the replica starts on its host; it is not synced again until a failback
+    started = console_api.post(f"/api/replicas/{vm.name}/failover", json={"network": "none"})
+    assert started.status_code == 202 and started.json()["action"] == "failover", started.text
+    row = wait_for("the failover", lambda: (r := console_api.get("/api/replicas").json()[0])["status"] in (
+        "succeeded", "failed") and r)
+    assert (row["status"], row["state"], row["point"]) == ("succeeded", "failed-over", second), row
+    assert bare_vm.virsh("domstate", lab.replica).strip() == "running"
+    again = console_api.post(f"/api/replicas/{vm.name}/failover", json={})
+    assert again.status_code == 409 and "failed-over" in again.json()["detail"], again.text
+    third = run_to_end(console_api, "mirror", {vm.name: "queued"})[vm.name]["point_id"]
+    row = wait_for("the refused sync", lambda: (r := console_api.get("/api/replicas").json()[0])[
+        "pending_point"] == third and r["status"] == "failed" and r, timeout=60)
+    assert "failback" in row["error"] and (row["point"], row["state"]) == (second, "failed-over"), row
     assert admin.json("policy", "replicate-to", "mirror", "--remove")["hypervisor"] is None
     assert console_api.get("/api/replicas").json()[0]["point"] == second  # the replica stays, and its record

@@ -39,7 +39,8 @@ class ReplicaTarget(Base):
 
 class Replica(Base):
     """One VM's replica on one host: its state and point after the last sync (``state``, as the
-    replica's record on the host said), and that sync's outcome (``status``, ``error``, bytes)."""
+    replica's record on the host said), and that sync's outcome (``status``, ``error``, bytes);
+    ``action`` says what the proxy is to do: a sync, or a failover (start the replica)."""
 
     __tablename__ = "replicas"
     __table_args__ = (UniqueConstraint("hypervisor_id", "replica_name"), Index("ix_replicas_vm_name", "vm_name"))
@@ -59,6 +60,8 @@ class Replica(Base):
     pending_point: Mapped[str | None] = mapped_column(String(64))  # what the queued sync brings it to
     state: Mapped[str | None] = mapped_column(String(20))  # seeding, updating, standby, failed-over, diverged
     status: Mapped[str] = mapped_column(String(20))  # the last sync: queued, running, succeeded, failed
+    action: Mapped[str] = mapped_column(String(20), default="sync", server_default="sync")  # or failover
+    failover_network: Mapped[str | None] = mapped_column(String(200))  # a failover's: the replica's NICs on it
     mode: Mapped[str | None] = mapped_column(String(20))  # full, incremental, compare, unchanged
     bytes_written: Mapped[int | None] = mapped_column(BigInteger)  # by the last sync
     job_id: Mapped[int | None]  # the policy run whose point the last sync took

@@ -1,6 +1,7 @@
 """The task a proxy runs to bring a VM's replica to the point of its policy's newest run
 (vmkeep.server.replicas queues it): vmkeep.engine.replica's replicate on the target hypervisor,
-from the policy's repository opened read-only; the outcome goes into the replica's row.
+from the policy's repository opened read-only; or, asked through the API, its failover (start
+the replica). The outcome goes into the replica's row.
 
 The proxy reads the row's order through migration 0020's view (the target hypervisor's sealed
 login and the repository's sealed passphrase, which only the master key opens) and writes only the
@@ -20,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.catalog.replica_models import Replica
-from vmkeep.engine.replica import replicas_of, replicate
+from vmkeep.engine.replica import failover, replicas_of, replicate
 from vmkeep.engine.throttle import throttled
 from vmkeep.hypervisors.base import Connector
 from vmkeep.jobs.queue import tasks
@@ -40,6 +41,8 @@ class ReplicaOrder:
     point: str | None
     storage: str | None
     network: str | None
+    action: str  # sync or failover
+    failover_network: str | None
     hypervisor: HypervisorOrder
     repository: RepositoryOrder
 
@@ -49,8 +52,8 @@ def replica_order(session: Session, replica_id: int) -> ReplicaOrder | None:
     row = session.execute(text("SELECT * FROM proxy_replica_work WHERE replica_id = :id"), {"id": replica_id}).first()
     if row is None:
         return None
-    return ReplicaOrder(row.vm_name, row.replica_name, row.pending_point, row.storage, row.network, _hypervisor(row),
-                        _repository(row))
+    return ReplicaOrder(row.vm_name, row.replica_name, row.pending_point, row.storage, row.network, row.action,
+                        row.failover_network, _hypervisor(row), _repository(row))
 
 
 @tasks.task(name="replicate_vm", pass_context=True)
@@ -82,8 +85,13 @@ def run_replica(sessions: sessionmaker[Session], proxy: str, replica_id: int, ma
         repo: Repository | None = None
         connector: Connector | None = None
         try:
-            repo = open_registered(order.repository, read_only=True)
             connector = connector_for(order.hypervisor)
+            if order.action == "failover":
+                info = failover(connector, order.vm_name, name=order.replica_name, network=order.failover_network)
+                row.status = JobStatus.SUCCEEDED.value
+                log.info("replica %s started (point %s)", order.replica_name, info.point, extra=context)
+                return
+            repo = open_registered(order.repository, read_only=True)
             rows = RowProgress(sessions, replica_id, Replica)  # its own connection, closed before this one writes
             try:
                 report = replicate(repo, connector, order.vm_name, point=order.point, name=order.replica_name,
@@ -96,7 +104,7 @@ def run_replica(sessions: sessionmaker[Session], proxy: str, replica_id: int, ma
                      extra=context)
         except Exception as exc:  # recorded for the user; the task itself ends cleanly
             row.status, row.error = JobStatus.FAILED.value, str(exc)[:4000] or type(exc).__name__
-            log.warning("replica %s of %s failed: %s", order.replica_name, order.vm_name, exc,
+            log.warning("%s of replica %s of %s failed: %s", order.action, order.replica_name, order.vm_name, exc,
                         exc_info=log.isEnabledFor(logging.DEBUG), extra=context)
         finally:
             if connector is not None:

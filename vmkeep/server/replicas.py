@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 REPLICA_TASK = "vmkeep:replicate_vm"  # vmkeep.proxy.replica_task registers it
 REPLICA_KIND = "libvirt"  # the hypervisors that hold replicas (vmkeep.hypervisors.base.ReplicaHost)
+SYNC, FAILOVER = "sync", "failover"  # what a replica's row asks its proxy to do
 PATTERN = re.compile(r"^[A-Za-z0-9._{}-]{1,200}$")
 
 
@@ -102,9 +103,9 @@ def replica_out(row: Replica) -> dict[str, Any]:
     return {"id": row.id, "vm": row.vm_name, "replica": row.replica_name, "policy": row.policy_name,
             "hypervisor": row.hypervisor_name, "repository": row.repository_name, "point": row.point_id,
             "pending_point": row.pending_point, "state": row.state, "status": row.status, "mode": row.mode,
-            "bytes_written": row.bytes_written, "job": row.job_id, "proxy": row.proxy, "attempts": row.attempts,
-            "progress_bytes": row.progress_bytes, "total_bytes": row.total_bytes, "storage": row.storage,
-            "network": row.network, "error": row.error, "updated": row.updated}
+            "bytes_written": row.bytes_written, "job": row.job_id, "action": row.action, "proxy": row.proxy,
+            "attempts": row.attempts, "progress_bytes": row.progress_bytes, "total_bytes": row.total_bytes,
+            "storage": row.storage, "network": row.network, "error": row.error, "updated": row.updated}
 
 
 async def replicate_after_backups(session: Session, queue: procrastinate.App) -> int:
@@ -145,7 +146,7 @@ async def queue_sync(session: Session, queue: procrastinate.App, target: Replica
         "vm_name": vm, "policy_id": policy.id, "policy_name": policy.name, "repository_id": policy.repository_id,
         "repository_name": policy.repository.name, "storage": target.storage, "network": target.network,
         "pending_point": point, "job_id": job.id, "status": JobStatus.QUEUED.value, "error": None, "attempts": 0,
-        "progress_bytes": None, "total_bytes": None}
+        "progress_bytes": None, "total_bytes": None, "action": SYNC, "failover_network": None}
     if row is None:  # every column set before it is added: a lazy load's autoflush would write it half-made
         row = Replica(hypervisor_id=target.hypervisor_id, hypervisor_name=target.hypervisor.name, replica_name=name,
                       **fields)
@@ -162,11 +163,59 @@ async def queue_sync(session: Session, queue: procrastinate.App, target: Replica
         log.warning("replica %s of %s not synced: %s", name, vm, row.error)
         session.commit()
         return 0
-    row.proxy = proxy.name
-    session.commit()
-    task = queue.configure_task(REPLICA_TASK, queue=queue_name(proxy.name))  # one at a time: the row's status
-    row.task_id = await task.defer_async(replica_id=row.id)
-    session.commit()
+    await _defer(session, queue, row, proxy)
     log.info("replica %s of %s to point %s queued on proxy %s", name, vm, point, proxy.name,
              extra={"vm": vm, "proxy": proxy.name})
     return 1
+
+
+async def _defer(session: Session, queue: procrastinate.App, row: Replica, proxy: Proxy) -> None:
+    """Put the row's action on ``proxy``'s queue (one at a time per replica: its row's status)."""
+    row.proxy = proxy.name
+    session.commit()
+    row.task_id = await queue.configure_task(REPLICA_TASK, queue=queue_name(proxy.name)).defer_async(
+        replica_id=row.id)
+    session.commit()
+
+
+def failover_row(session: Session, vm: str, hypervisor: str | None) -> Replica:
+    """The replica of ``vm`` a failover starts (on ``hypervisor`` when it has several); refused
+    (404, 409) when there is none, or it is not a complete standby nobody is writing."""
+    query = select(Replica).where(Replica.vm_name == vm)
+    if hypervisor is not None:
+        query = query.where(Replica.hypervisor_name == hypervisor)
+    rows = list(session.scalars(query.order_by(Replica.id)))
+    where = f" on {hypervisor}" if hypervisor else ""
+    if not rows:
+        raise ReplicaRefused(404, f"no replica of {vm}{where} in the catalog: see GET /api/replicas")
+    if len(rows) > 1:
+        raise ReplicaRefused(409, f"{vm} has replicas on {', '.join(r.hypervisor_name for r in rows)}: name the "
+                                  "hypervisor whose replica to start")
+    row = rows[0]
+    if row.hypervisor_id is None:
+        raise ReplicaRefused(409, f"the hypervisor {row.hypervisor_name} of {row.replica_name} was removed: register "
+                                  f"it again, or start the replica there with vmkeep failover {vm} --to URI")
+    if row.status in ACTIVE and _proxy_alive(session, row.proxy):
+        raise ReplicaRefused(409, f"a {row.action} of {row.replica_name} is under way: wait for it to end")
+    if row.state not in ("standby", "diverged"):
+        raise ReplicaRefused(409, f"the replica {row.replica_name} is {row.state or 'not made yet'}: only a complete "
+                                  "replica (standby) is started; run the policy again to complete it, or fail back "
+                                  "first (vmkeep failback) when it was failed over")
+    return row
+
+
+async def start_failover(session: Session, queue: procrastinate.App, row: Replica, network: str | None) -> Replica:
+    """Queue the start of the replica on a proxy on its host (:func:`failover_row` chose it);
+    the caller has audited it. Refused (409) when no such proxy is up, nothing changed."""
+    hypervisor = session.get(Hypervisor, row.hypervisor_id)
+    assert hypervisor is not None
+    proxy = restore_proxy(session, hypervisor)
+    if proxy is None:
+        raise ReplicaRefused(409, f"no proxy is up on a host of hypervisor {hypervisor.name} to start the replica: "
+                                  "start `vmkeep proxy` there, or run vmkeep failover on the host")
+    row.action, row.failover_network, row.status, row.error, row.attempts = FAILOVER, network, JobStatus.QUEUED, None, 0
+    row.updated = datetime.now(UTC)
+    await _defer(session, queue, row, proxy)
+    log.info("failover of %s to its replica %s queued on proxy %s", row.vm_name, row.replica_name, proxy.name,
+             extra={"vm": row.vm_name, "proxy": proxy.name})
+    return row

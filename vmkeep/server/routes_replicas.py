@@ -1,8 +1,9 @@
 """VM replicas through the API: a policy's replica target (set, replaced, removed) and the
 replicas the master keeps, with their state, point and host (vmkeep.server.replicas).
 
-Failover and failback stay commands run where the hosts are (``vmkeep failover``, ``vmkeep
-failback``): both start or overwrite VMs, and failback needs the original shut off on its host.
+A failover (start a standby replica) runs on a proxy on the replica's host, as a sync does.
+Failback stays the command run where the hosts are (``vmkeep failback``): it overwrites the
+original's disks, which must be shut off, reading both hosts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from vmkeep.catalog.models import Policy, User
 from vmkeep.catalog.replica_models import NAME_PATTERN, Replica
 from vmkeep.server import audit
 from vmkeep.server.auth import CHANGE_INVENTORY, EVERYONE, get_session, require
-from vmkeep.server.replicas import ReplicaRefused, replica_out, set_target, target_of, target_out
+from vmkeep.server.replicas import (
+    ReplicaRefused,
+    failover_row,
+    replica_out,
+    set_target,
+    start_failover,
+    target_of,
+    target_out,
+)
 
 router = APIRouter(prefix="/api")
 PLAIN = r"^[^\x00-\x1f\x7f]+$"
@@ -58,6 +67,7 @@ class ReplicaOut(BaseModel):
                                           "failed-over or diverged")
     status: str = Field(description="its last sync: queued, running, succeeded or failed")
     mode: str | None
+    action: str = Field(description="what the row's last task was: sync or failover")
     bytes_written: int | None
     job: int | None
     proxy: str | None
@@ -118,3 +128,28 @@ def list_replicas(vm: str | None = Query(None, max_length=200), policy: str | No
     if policy is not None:
         query = query.where(Replica.policy_name == policy)
     return [ReplicaOut(**replica_out(row)) for row in session.scalars(query)]
+
+
+class FailoverIn(BaseModel):
+    hypervisor: str | None = Field(None, max_length=200, pattern=PLAIN,
+                                   description="whose replica to start, when the VM has replicas on several")
+    network: str | None = Field(None, max_length=200, pattern=PLAIN,
+                                description="the network the replica's interfaces go on; 'none': unplugged "
+                                            "(default: as it was made)")
+
+
+@router.post("/replicas/{vm}/failover", response_model=ReplicaOut, status_code=202, tags=["replicas"])
+async def failover_replica(vm: str, request: Request, body: FailoverIn | None = None,
+                           user: User = Depends(require(*CHANGE_INVENTORY)),
+                           session: Session = Depends(get_session)) -> ReplicaOut:
+    """Start the standby replica of ``vm`` on its host (the original should be off: both would be
+    on the network); its row's state becomes failed-over, and syncs stop until a failback."""
+    body = body or FailoverIn(hypervisor=None, network=None)
+    try:
+        row = failover_row(session, vm, body.hypervisor)
+        audit.record(session, request, user.name, "replica-failover", vm, replica=row.replica_name,
+                     hypervisor=row.hypervisor_name, point=row.point_id, network=body.network)
+        return ReplicaOut(**replica_out(await start_failover(session, request.app.state.queue, row, body.network)))
+    except ReplicaRefused as refused:
+        session.rollback()
+        raise HTTPException(refused.status, str(refused)) from None

@@ -1,9 +1,10 @@
 """VM replicas through the server: a policy's replica target (a registered libvirt hypervisor,
 storage, network, name pattern) and a row per replica with its state, point and last sync.
 
-A proxy does each sync: it reads its replica's row, and through a view with its owner's rights
-(as 0010/0015/0019) the target hypervisor's sealed login and the policy repository's sealed
-passphrase; it writes only the outcome columns of the row (proxy_role grants them).
+A proxy does each sync (and each failover asked through the API): it reads its replica's row,
+and through a view with its owner's rights (as 0010/0015/0019) the target hypervisor's sealed
+login and the policy repository's sealed passphrase; it writes only the outcome columns of the
+row (proxy_role grants them).
 
 Revision ID: 0020
 Revises: 0019
@@ -20,6 +21,7 @@ depends_on = None
 REPLICA_WORK = """
 CREATE VIEW proxy_replica_work WITH (security_barrier = true) AS
 SELECT rp.id AS replica_id, rp.vm_name, rp.replica_name, rp.pending_point, rp.storage, rp.network,
+       rp.action, rp.failover_network,
        h.name AS hypervisor, h.kind AS hypervisor_kind, h.uri AS hypervisor_uri, h.username AS hypervisor_username,
        h.secret_sealed AS hypervisor_secret_sealed, h.allow_plain_tcp, h.allow_unsafe_options,
        r.id AS repository_id, r.name AS repository, r.location AS repository_location,
@@ -64,6 +66,8 @@ def upgrade() -> None:
         sa.Column('pending_point', sa.String(length=64), nullable=True),
         sa.Column('state', sa.String(length=20), nullable=True),
         sa.Column('status', sa.String(length=20), nullable=False),
+        sa.Column('action', sa.String(length=20), nullable=False, server_default='sync'),
+        sa.Column('failover_network', sa.String(length=200), nullable=True),
         sa.Column('mode', sa.String(length=20), nullable=True),
         sa.Column('bytes_written', sa.BigInteger(), nullable=True),
         sa.Column('job_id', sa.Integer(), nullable=True),
