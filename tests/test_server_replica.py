@@ -148,3 +148,11 @@ def test_the_replica_follows_each_run_writing_only_what_changed(console_master: 
     assert "failback" in row["error"] and (row["point"], row["state"]) == (second, "failed-over"), row
     assert admin.json("policy", "replicate-to", "mirror", "--remove")["hypervisor"] is None
     assert console_api.get("/api/replicas").json()[0]["point"] == second  # the replica stays, and its record
+    # a policy with a target is deleted with it; its replicas' records stay (the VMs are on their host)
+    assert console_api.put("/api/policies/mirror/replica", json={"hypervisor": "local"}).status_code == 200
+    assert console_api.delete("/api/policies/mirror").status_code == 204
+    kept = console_api.get("/api/replicas").json()
+    assert [(r["vm"], r["policy"], r["point"], r["state"]) for r in kept] == [(vm.name, "mirror", second,
+                                                                               "failed-over")], kept
+    audit = [e["action"] for e in console_api.get("/api/audit", params={"limit": 100}).json()]
+    assert audit.count("policy-replica") == 3 and "replica-failover" in audit, audit
