@@ -4,7 +4,8 @@ storage, network, name pattern) and a row per replica with its state, point and 
 A proxy does each sync (and each failover asked through the API): it reads its replica's row,
 and through a view with its owner's rights (as 0010/0015/0019) the target hypervisor's sealed
 login and the policy repository's sealed passphrase; it writes only the outcome columns of the
-row (proxy_role grants them).
+row (proxy_role grants them), and moves it forward only (0011's trigger: an ended sync is the
+master's).
 
 Revision ID: 0020
 Revises: 0019
@@ -86,9 +87,12 @@ def upgrade() -> None:
     )
     op.create_index('ix_replicas_vm_name', 'replicas', ['vm_name'])
     op.execute(REPLICA_WORK)
+    op.execute("CREATE TRIGGER replicas_forward_only BEFORE UPDATE ON replicas "
+               "FOR EACH ROW EXECUTE FUNCTION vmkeep_forward_only()")
 
 
 def downgrade() -> None:
+    op.execute("DROP TRIGGER replicas_forward_only ON replicas")
     op.execute("DROP VIEW proxy_replica_work")
     op.drop_index('ix_replicas_vm_name', table_name='replicas')
     op.drop_table('replicas')
