@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests import bare_vm
 from tests.bare_vm import BareVM
@@ -126,6 +127,16 @@ def test_the_replica_follows_each_run_writing_only_what_changed(console_master: 
     assert row["job"] and row["error"] is None, row
     assert bare_vm.virsh("domstate", lab.replica).strip() == "shut off"
     assert qemu_img_compare(at_second, disk)
+
+    # a sync left "running" by a proxy that is gone does not block the replica: the next run queues it again
+    engine = create_engine(console_master.database)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE replicas SET status = 'running', proxy = 'gone'"))
+    engine.dispose()
+    unchanged = run_to_end(console_api, "mirror", {vm.name: "queued"})[vm.name]["point_id"]
+    row = synced(console_api, vm.name, unchanged)
+    assert (row["point"], row["mode"], row["bytes_written"], row["proxy"]) == (unchanged, "incremental", 0, "p1"), row
+    second = unchanged  # the replica's point from here on (the same disk content as the second)
 
     page = console_page(console_master, "/policies")
     shown = page[page.index(f'data-replica="{lab.replica}"'):]
