@@ -213,8 +213,8 @@ class Policy(Base):
 
 class CopyTarget(Base):
     """Another repository a policy's points are copied to (migration 0019): right after each run's
-    backups (``schedule`` "after-backup", that run's new points) or on a cron (every point of the
-    policy's VMs the target lacks), kept there by the target's own retention."""
+    backups (``schedule`` "after-backup") or on a cron; either sends every point of the policy's VMs
+    the target lacks and its own retention keeps, and that retention prunes the target."""
 
     __tablename__ = "policy_copy_targets"
     __table_args__ = (UniqueConstraint("policy_id", "repository_id"),

@@ -126,7 +126,7 @@ def _current(api: ApiClient, name: str) -> dict[str, Any]:
 def policy_copy_to_cmd(
     ctx: typer.Context, name: Name,
     repository: Annotated[str, typer.Argument(help="Registered repository the points are copied into")],
-    when: Annotated[str, typer.Option(help="after-backup (each run's new points) or a cron schedule, UTC")]
+    when: Annotated[str, typer.Option(help="after-backup (right after each run) or a cron schedule, UTC")]
     = "after-backup",
     keep_last: Keep = None, keep_daily: Keep = None, keep_weekly: Keep = None, keep_monthly: Keep = None,
     keep_yearly: Keep = None,

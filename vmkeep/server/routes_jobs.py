@@ -35,8 +35,8 @@ Retention = dict[Literal["last", "hourly", "daily", "weekly", "monthly", "yearly
 class CopyTargetIn(BaseModel):
     repository: str = Field(max_length=200, description="a registered repository other than the policy's")
     when: str = Field(default=AFTER_BACKUP, min_length=1, max_length=100,
-                      description="after-backup: each run's new points, right after its backups; or a cron "
-                                  "schedule (every point of the policy's VMs the target lacks)")
+                      description="after-backup: right after each run's backups; or a cron schedule. Either "
+                                  "sends the points of the policy's VMs the target lacks and its retention keeps")
     retention: Retention = Field(default_factory=dict, description="the target's own, as a policy's: counts 0 "
                                                                    "or more, e.g. {\"last\": 30, \"monthly\": 12}")
 
