@@ -36,24 +36,26 @@ class CopyRunFailed(Exception):
     """A copy that could not be done, with what to do about it."""
 
 
-def copy_run(session: Session, source: Repository, order: MaintenanceOrder, progress: Progress) -> dict[str, Any]:
+def copy_run(session: Session, source: Repository, order: MaintenanceOrder, progress: Progress,
+             max_rate: float | None = None) -> dict[str, Any]:
     """Copy, catalog and prune as the order says; the run's result (the engine's report, the
-    points asked for that the source no longer has, the target's prune)."""
+    points asked for that the source no longer has, the target's prune). ``max_rate``: MiB/s."""
     target_order = order.target
     if target_order is None:
         raise CopyRunFailed(f"the copy's target repository was removed from the catalog before the run started: "
-                         f"register it again, or start a copy of {order.repository.name} to another one")
+                            f"register it again, or start a copy of {order.repository.name} to another one")
     try:
         target = open_registered(target_order)
     except Exception as exc:
         raise CopyRunFailed(f"cannot open the copy's target repository {target_order.name} at "
-                         f"{target_order.location}: {exc}; make it reachable from this proxy (or fix its "
-                         "registration), then start the copy again: only what it lacks travels") from exc
+                            f"{target_order.location}: {exc}; make it reachable from this proxy (or fix its "
+                            "registration), then start the copy again: only what it lacks travels") from exc
     try:
         points, missing = chosen(source, order.params)
         log.info("copying %d points of %s to %s", len(points), order.repository.name, target_order.name)
         try:
-            report = copy_points(source, target, points, verify=bool(order.params.get("verify")), progress=progress)
+            report = copy_points(source, target, points, verify=bool(order.params.get("verify")), progress=progress,
+                                 max_rate=max_rate)
         except Exception as exc:
             arrived = catalog_arrived(session, target_order, points, exc)
             raise CopyRunFailed(f"copying from {order.repository.name} to {target_order.name} failed: {exc} "

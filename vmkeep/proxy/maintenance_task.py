@@ -38,11 +38,12 @@ log = logging.getLogger(__name__)
 @tasks.task(name="maintain_repository", pass_context=True)
 def maintain_repository_task(context: JobContext, run_id: int) -> None:
     state: dict[str, Any] = context.additional_context
-    run_maintenance(state["sessions"], state["proxy"], run_id)
+    run_maintenance(state["sessions"], state["proxy"], run_id, state.get("max_rate"))
 
 
-def run_maintenance(sessions: sessionmaker[Session], proxy: str, run_id: int) -> None:
-    """Do what the run's row asks; its report (or the reason it failed) goes back into the row."""
+def run_maintenance(sessions: sessionmaker[Session], proxy: str, run_id: int, max_rate: float | None = None) -> None:
+    """Do what the run's row asks; its report (or the reason it failed) goes back into the row.
+    ``max_rate``: the proxy's --max-rate, which a copy keeps to like a backup."""
     with sessions() as session:
         run = session.get(MaintenanceRun, run_id)
         order = maintenance_order(session, run_id)
@@ -72,7 +73,7 @@ def run_maintenance(sessions: sessionmaker[Session], proxy: str, run_id: int) ->
             # progress lands through another connection: closed before this session writes the row
             rows = RowProgress(sessions, run_id, MaintenanceRun)
             try:
-                result = perform(session, repo, order, rows)
+                result = perform(session, repo, order, rows, max_rate)
             finally:
                 rows.close()
             run.result, run.status = result, JobStatus.SUCCEEDED
@@ -89,7 +90,8 @@ def run_maintenance(sessions: sessionmaker[Session], proxy: str, run_id: int) ->
             session.commit()
 
 
-def perform(session: Session, repo: Repository, order: MaintenanceOrder, rows: RowProgress) -> dict[str, Any]:
+def perform(session: Session, repo: Repository, order: MaintenanceOrder, rows: RowProgress,
+            max_rate: float | None = None) -> dict[str, Any]:
     """One kind of maintenance; its report as the row keeps it."""
     if order.kind == "verify":
         return verify(repo, progress=rows).as_dict()
@@ -100,5 +102,5 @@ def perform(session: Session, repo: Repository, order: MaintenanceOrder, rows: R
     if order.kind == "prune":
         return prune_points(session, repo, order)
     if order.kind == "copy":
-        return copy_run(session, repo, order, rows)
+        return copy_run(session, repo, order, rows, max_rate)
     raise ValueError(f"unknown maintenance {order.kind!r}")
