@@ -43,7 +43,10 @@ class Replica(Base):
     ``action`` says what the proxy is to do: a sync, or a failover (start the replica)."""
 
     __tablename__ = "replicas"
-    __table_args__ = (UniqueConstraint("hypervisor_id", "replica_name"), Index("ix_replicas_vm_name", "vm_name"))
+    # a replica name is one VM's on its host; two VMs' rows naming one replica VM (set_target refuses
+    # it, a policy's selection may grow into it) both show, the second's sync failing with why
+    __table_args__ = (UniqueConstraint("hypervisor_id", "replica_name", "vm_name"),
+                      Index("ix_replicas_vm_name", "vm_name"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     vm_name: Mapped[str] = mapped_column(String(200))
@@ -58,7 +61,8 @@ class Replica(Base):
     network: Mapped[str | None] = mapped_column(String(200))
     point_id: Mapped[str | None] = mapped_column(String(64))  # what its disks hold (standby)
     pending_point: Mapped[str | None] = mapped_column(String(64))  # what the queued sync brings it to
-    state: Mapped[str | None] = mapped_column(String(20))  # seeding, updating, standby, failed-over, diverged
+    # seeding, updating, standby, failed-over, diverged; absent: none of the VM's on the host
+    state: Mapped[str | None] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(20))  # the last sync: queued, running, succeeded, failed
     action: Mapped[str] = mapped_column(String(20), default="sync", server_default="sync")  # or failover
     failover_network: Mapped[str | None] = mapped_column(String(200))  # a failover's: the replica's NICs on it
@@ -67,7 +71,7 @@ class Replica(Base):
     job_id: Mapped[int | None]  # the policy run whose point the last sync took
     proxy: Mapped[str | None] = mapped_column(String(100))
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
-    task_id: Mapped[int | None] = mapped_column(BigInteger)
+    task_id: Mapped[int | None] = mapped_column(BigInteger)  # the current task: only it records an outcome
     progress_bytes: Mapped[int | None] = mapped_column(BigInteger)  # live, while it runs
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(String(4000))

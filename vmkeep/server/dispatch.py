@@ -286,7 +286,9 @@ async def rescue_stalled(session: Session, queue: procrastinate.App, heartbeat_s
         session.commit()
         await queue.job_manager.retry_job(task, queue=queue_name(proxy.name))
         moved += 1
-    return moved
+    # replica tasks (their module builds on this one, hence imported here)
+    from vmkeep.server.replica_rescue import rescue_replicas
+    return moved + await rescue_replicas(session, queue, heartbeat_seconds)
 
 
 def restore_proxy(session: Session, hypervisor: Hypervisor, exclude: set[str] | None = None, *,

@@ -3,9 +3,9 @@ storage, network, name pattern) and a row per replica with its state, point and 
 
 A proxy does each sync (and each failover asked through the API): it reads its replica's row,
 and through a view with its owner's rights (as 0010/0015/0019) the target hypervisor's sealed
-login and the policy repository's sealed passphrase; it writes only the outcome columns of the
-row (proxy_role grants them), and moves it forward only (0011's trigger: an ended sync is the
-master's).
+login and, for a sync only, the policy repository's sealed passphrase; it writes only the outcome
+columns of the row (proxy_role grants them), and moves it forward only (0011's trigger: an ended
+sync is the master's).
 
 Revision ID: 0020
 Revises: 0019
@@ -19,10 +19,12 @@ down_revision = '0019'
 branch_labels = None
 depends_on = None
 
+# the repository (its sealed passphrase) only for a sync: a failover reads no repository, and
+# works when the policy's repository is gone (the primary site lost)
 REPLICA_WORK = """
 CREATE VIEW proxy_replica_work WITH (security_barrier = true) AS
-SELECT rp.id AS replica_id, rp.vm_name, rp.replica_name, rp.pending_point, rp.storage, rp.network,
-       rp.action, rp.failover_network,
+SELECT rp.id AS replica_id, rp.task_id, rp.vm_name, rp.replica_name, rp.policy_name, rp.pending_point, rp.storage,
+       rp.network, rp.action, rp.failover_network,
        h.name AS hypervisor, h.kind AS hypervisor_kind, h.uri AS hypervisor_uri, h.username AS hypervisor_username,
        h.secret_sealed AS hypervisor_secret_sealed, h.allow_plain_tcp, h.allow_unsafe_options,
        r.id AS repository_id, r.name AS repository, r.location AS repository_location,
@@ -30,7 +32,7 @@ SELECT rp.id AS replica_id, rp.vm_name, rp.replica_name, rp.pending_point, rp.st
        r.repo_id AS repository_repo_id, r.encrypted AS repository_encrypted
 FROM replicas rp
 JOIN hypervisors h ON h.id = rp.hypervisor_id
-JOIN repositories r ON r.id = rp.repository_id
+LEFT JOIN repositories r ON r.id = rp.repository_id AND rp.action = 'sync'
 WHERE rp.status IN ('queued', 'running')
 """
 
@@ -83,7 +85,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(['hypervisor_id'], ['hypervisors.id'], ondelete='SET NULL'),
         sa.ForeignKeyConstraint(['repository_id'], ['repositories.id'], ondelete='SET NULL'),
         sa.PrimaryKeyConstraint('id'),
-        sa.UniqueConstraint('hypervisor_id', 'replica_name'),
+        sa.UniqueConstraint('hypervisor_id', 'replica_name', 'vm_name'),
     )
     op.create_index('ix_replicas_vm_name', 'replicas', ['vm_name'])
     op.execute(REPLICA_WORK)
