@@ -58,9 +58,9 @@ def copy_run(session: Session, source: Repository, order: MaintenanceOrder, prog
                                  max_rate=max_rate)
         except Exception as exc:
             arrived = catalog_arrived(session, target_order, points, exc)
+            kept = f"{arrived} points copied before this stay and are cataloged; " if arrived else ""
             raise CopyRunFailed(f"copying from {order.repository.name} to {target_order.name} failed: {exc} "
-                                f"({arrived} points copied before this stay and are cataloged; running the copy "
-                                "again sends only what the target lacks)") from exc
+                                f"({kept}running the copy again sends only what the target lacks)") from exc
         if points:
             upsert_points(session, target_order.id, points)
         result: dict[str, Any] = {**report.as_dict(), "missing": missing}
@@ -81,10 +81,17 @@ def catalog_arrived(session: Session, target: RepositoryOrder, points: list[Mani
         return 0
     done = set(failure.report.points_copied) | set(failure.report.points_present)
     arrived = [m for m in points if f"{m.name}@{m.point_id}" in done]
-    if arrived:
+    if not arrived:
+        return 0
+    try:
         upsert_points(session, target.id, arrived)
         session.commit()
-        log.info("copy to %s failed after %d points: cataloged them", target.name, len(arrived))
+    except Exception as exc:  # noqa: BLE001 - the copy's own failure is what the run reports
+        session.rollback()
+        log.warning("copy to %s failed after %d points, which could not be cataloged (%s): `vmkeep repository "
+                    "rebuild %s` (with --server) catalogs them", target.name, len(arrived), exc, target.name)
+        return 0
+    log.info("copy to %s failed after %d points: cataloged them", target.name, len(arrived))
     return len(arrived)
 
 

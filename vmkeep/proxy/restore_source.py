@@ -33,16 +33,18 @@ class Source:
     passed_over: list[str]  # the repositories tried first, each with why it could not be used
 
 
-def open_source(order: RestoreOrder, vm: str, point_id: str, prefer: str | None = None) -> Source:
+def open_source(order: RestoreOrder, vm: str, point_id: str, prefer: str | None = None,
+                disk: str | None = None) -> Source:
     """The first healthy repository of ``order.sources`` (the restore's own first; ``prefer``
-    before all) that holds ``vm@point_id``."""
+    before all) that holds ``vm@point_id`` (its disk ``disk`` only, for a restore of one disk:
+    another disk's damage does not stop it)."""
     candidates = sorted(order.sources or (order.repository,), key=lambda c: c.name != prefer)
     passed_over: list[str] = []
     for candidate in candidates:
         repo = None
         try:
             repo = open_registered(candidate)
-            readable_point(repo, vm, point_id)
+            readable_point(repo, vm, point_id, disk)
         except Exception as exc:  # noqa: BLE001 - any failure of this one: the next copy is tried
             if repo is not None:
                 repo.close()
@@ -57,12 +59,12 @@ def open_source(order: RestoreOrder, vm: str, point_id: str, prefer: str | None 
                    "point")
 
 
-def readable_point(repo: Repository, vm: str, point_id: str) -> Manifest:
-    """The point's manifest, once it and each of its disks' indexes have been read and checked
-    (PointNotFound when the repository does not hold it)."""
+def readable_point(repo: Repository, vm: str, point_id: str, disk: str | None = None) -> Manifest:
+    """The point's manifest, once it and the indexes of its disks (or of ``disk`` alone) have been
+    read and checked (PointNotFound when the repository does not hold it)."""
     manifest = repo.load_point(vm, point_id)
     if manifest is None:
         raise PointNotFound(f"it holds no point {vm}@{point_id}")
-    for disk in manifest.disks:
-        repo.load_index(manifest, disk)
+    for name in manifest.disks if disk is None else [disk]:
+        repo.load_index(manifest, name)
     return manifest

@@ -57,7 +57,8 @@ def run_restore(sessions: sessionmaker[Session], proxy: str, restore_id: int, ma
         log.info("restore started (%s, attempt %d)", job.mode, job.attempts, extra=context)
         source = None
         try:
-            source = open_source(order, job.vm_name, job.point_id, prefer=job.source_repository)
+            source = open_source(order, job.vm_name, job.point_id, prefer=job.source_repository,
+                                 disk=job.disk if job.mode == "disk-file" else None)
             note_source(job, order, source)
             session.commit()
             # progress lands through another connection: closed before this session writes the row

@@ -147,7 +147,9 @@ def kept_by(plan: dict[str, dict[str, int]], rows: list[tuple[str, str, datetime
     by_name: dict[str, list[Manifest]] = {}
     for name, point_id, created in rows:
         if name in plan:
-            by_name.setdefault(name, []).append(Manifest(name, point_id, created.isoformat(), None, {}, 0))
+            # in UTC, as the manifests the prune reads: days and weeks must begin where they begin there
+            by_name.setdefault(name, []).append(Manifest(name, point_id, created.astimezone(UTC).isoformat(),
+                                                         None, {}, 0))
     return {(name, point_id) for name, points in by_name.items()
             for point_id in retained(points, RetentionPolicy.from_counts(plan[name])).keep}
 
