@@ -76,7 +76,7 @@ class CatalogCollector:
         yield from (vms, points, used)
 
 
-RESCUE_EVERY_SECONDS = 3.0
+RESCUE_EVERY_SECONDS = 1.0  # a few indexed queries: a run's copies, replica syncs and moves start at once
 STALLED_AFTER_SECONDS = 8.0  # a proxy worker silent this long is dead; its tasks move
 
 
