@@ -126,32 +126,33 @@ class _Base:
     of its source chunks is, known with no request. The copy's writer session protects its
     indexes, so garbage collection of the target keeps those chunks while the copy relies on them."""
 
-    def __init__(self, source: Repository, target: Repository, name: str, present: set[str]) -> None:
-        self.ids: dict[bytes, bytes] = {}  # source chunk id -> target chunk id
-        self.point: Manifest | None = None
-        newest = target.latest_point(name) if present else None
-        theirs = source.load_point(name, newest.point_id) if newest is not None else None
-        if newest is None or theirs is None:
-            return
-        for disk in newest.disks.keys() & theirs.disks.keys():
-            mine, other = target.load_index(newest, disk), source.load_index(theirs, disk)
-            if mine.slots == other.slots:
-                self.ids.update((other.get(slot), mine.get(slot)) for slot in range(mine.slots))
+    def __init__(self, point: Manifest | None = None, ids: dict[bytes, bytes] | None = None) -> None:
+        self.point = point
+        self.ids = ids or {}  # source chunk id -> target chunk id
         self.ids.pop(ZERO_ID, None)
-        self.point = newest
-        log.debug("copy of %s dedups against %s@%s in %s (%d chunks)", name, name, newest.point_id,
-                  target.backend.url, len(self.ids))
 
     @classmethod
     def of(cls, source: Repository, target: Repository, name: str, present: set[str]) -> _Base:
-        """The base, or none when it cannot be read: it only spares requests, so a damaged or
-        vanished base point costs a touch per chunk, not the copy."""
+        """The target's newest point of ``name`` as a base, read from both repositories; none when
+        it cannot be read: it only spares requests, so a damaged or vanished base point costs a
+        touch per chunk, not the copy."""
         try:
-            return cls(source, target, name, present)
+            newest = target.latest_point(name) if present else None
+            theirs = source.load_point(name, newest.point_id) if newest is not None else None
+            if newest is None or theirs is None:
+                return cls()
+            ids: dict[bytes, bytes] = {}
+            for disk in newest.disks.keys() & theirs.disks.keys():
+                mine, other = target.load_index(newest, disk), source.load_index(theirs, disk)
+                if mine.slots == other.slots:
+                    ids.update((other.get(slot), mine.get(slot)) for slot in range(mine.slots))
         except RepositoryError as exc:
             log.warning("copying %s into %s without skipping its newest point's chunks: %s", name,
                         target.backend.url, exc)
-            return cls(source, target, name, set())
+            return cls()
+        log.debug("copy of %s dedups against %s@%s in %s (%d chunks)", name, name, newest.point_id,
+                  target.backend.url, len(ids))
+        return cls(newest, ids)
 
     @property
     def protects(self) -> list[str]:
@@ -269,6 +270,7 @@ def copy_points(source: Repository, target: Repository, points: Iterable[Manifes
     progress = progress or NoProgress()
     pacer = Throttle(NoProgress(), max_rate * (1 << 20)) if max_rate else None
     present: dict[str, set[str]] = {}
+    bases: dict[str, _Base] = {}
     log.info("copying %s into %s (%s)", source.backend.url, target.backend.url, mode)
     try:
         for manifest in points:
@@ -278,7 +280,8 @@ def copy_points(source: Repository, target: Repository, points: Iterable[Manifes
             if manifest.point_id in present[manifest.name]:
                 report.points_present.append(label)
                 continue
-            base = _Base.of(source, target, manifest.name, present[manifest.name])
+            # the point this run copied last is the next one's base: its chunks are known already
+            base = bases.pop(manifest.name, None) or _Base.of(source, target, manifest.name, present[manifest.name])
             try:
                 with WriterSession(target.backend, protects=base.protects):
                     base.check_kept(target)
@@ -294,6 +297,7 @@ def copy_points(source: Repository, target: Repository, points: Iterable[Manifes
                                    f"({label} is not visible in the target; run the copy again: only what is "
                                    "missing travels)") from exc
             present[manifest.name].add(manifest.point_id)
+            bases[manifest.name] = _Base(copied, dict(copier.known))
             report.points_copied.append(label)
             report.bytes_logical += manifest.logical_size
             log.info("copied %s into %s", label, target.backend.url)
